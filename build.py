@@ -1,0 +1,143 @@
+"""Builds an engine directory from a Hugging Face ChatGLM2 checkpoint, or from
+dummy weights when --model_dir is left out (TensorRT-LLM's build.py flags)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from glm_engine import GlmEngineError
+from glm_engine.cli import LOG_LEVELS, run_tool, setup_logging
+from glm_engine.config import CHATGLM2_6B, DTYPES, ROPE_RATIO_MODES, BuildConfig, ModelConfig
+from glm_engine.engine import save_engine
+from glm_engine.tokenizer import TOKENIZER_FILES, ChatGLMTokenizer
+from weight import dummy_weights, load_hf_config, load_hf_weights
+
+logger = logging.getLogger("build")
+
+# Flags of the original example that later issues implement; refused until then.
+NOT_YET = {
+    "use_gpt_attention_plugin": "fused attention kernels", "use_gemm_plugin": "the tuned GEMM path",
+    "use_layernorm_plugin": "the fused RMSNorm kernel", "enable_context_fmha": "context FMHA",
+    "enable_context_fmha_fp32_acc": "context FMHA", "use_weight_only": "weight-only quantization",
+    "use_inflight_batching": "in-flight batching", "paged_kv_cache": "the paged KV cache",
+    "remove_input_padding": "packed inputs", "tokens_per_block": "the paged KV cache",
+    "parallel_build": "tensor parallelism",
+}
+# Dummy-shape flag -> ChatGLM2 config.json field.
+SHAPE_FLAGS = {"n_layer": "num_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+               "multi_query_group_num": "multi_query_group_num", "inter_size": "ffn_hidden_size",
+               "vocab_size": "padded_vocab_size"}
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model_dir", type=str, default=None,
+                        help="Hugging Face ChatGLM2/ChatGLM3 checkpoint; leave out for dummy weights")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float16")
+    parser.add_argument("--output_dir", type=str, default="trtModel", help="where the engine is written")
+    parser.add_argument("--max_batch_size", type=int, default=8)
+    parser.add_argument("--max_input_len", type=int, default=1024)
+    parser.add_argument("--max_output_len", type=int, default=1024)
+    parser.add_argument("--random_seed", type=int, default=None, help="seed of dummy weights")
+    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info")
+    parser.add_argument("--tokenizer_dir", type=str, default=None,
+                        help="copy this tokenizer into the engine (default: the checkpoint's, if any)")
+    parser.add_argument("--rope_ratio_mode", choices=ROPE_RATIO_MODES, default=None,
+                        help="how a checkpoint's rope_ratio applies (default: positions for ChatGLM2-32k, "
+                             "base otherwise)")
+    for flag, field in SHAPE_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=int, default=None,
+                            help=f"dummy engines: {field} (default {CHATGLM2_6B[field]})")
+    parser.add_argument("--world_size", type=int, default=1)
+    parser.add_argument("--parallel_build", action="store_true", default=None)
+    for plugin in ("use_gpt_attention_plugin", "use_gemm_plugin", "use_layernorm_plugin"):
+        parser.add_argument(f"--{plugin}", nargs="?", const="float16", default=None, choices=list(DTYPES))
+    for switch in ("enable_context_fmha", "enable_context_fmha_fp32_acc", "use_weight_only",
+                   "use_inflight_batching", "paged_kv_cache", "remove_input_padding"):
+        parser.add_argument(f"--{switch}", action="store_true", default=None)
+    parser.add_argument("--weight_only_precision", choices=["int8", "int4"], default=None)
+    parser.add_argument("--tokens_per_block", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def check_supported(args: argparse.Namespace) -> None:
+    """Refuses, by name, every flag this engine does not implement yet."""
+    for flag, feature in NOT_YET.items():
+        if getattr(args, flag) is not None:
+            raise GlmEngineError(f"--{flag} is not supported yet ({feature} is not built); build without it")
+    if args.weight_only_precision is not None:
+        raise GlmEngineError("--weight_only_precision is not supported yet (weight-only quantization is "
+                             "not built); build without it")
+    if args.world_size != 1:
+        raise GlmEngineError(f"--world_size {args.world_size} is not supported yet (tensor parallelism is "
+                             "not built); use --world_size 1")
+
+
+def dummy_model_config(args: argparse.Namespace) -> ModelConfig:
+    hf_config = dict(CHATGLM2_6B)
+    for flag, field in SHAPE_FLAGS.items():
+        if getattr(args, flag) is not None:
+            hf_config[field] = getattr(args, flag)
+    if args.n_embd is not None or args.n_head is not None:
+        if hf_config["hidden_size"] % hf_config["num_attention_heads"]:
+            raise GlmEngineError(f"--n_embd {hf_config['hidden_size']} must be a multiple of --n_head "
+                                 f"{hf_config['num_attention_heads']}")
+        hf_config["kv_channels"] = hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    return ModelConfig.from_hf_config(hf_config)
+
+
+def tokenizer_files(directory: Path | None, vocab_size: int) -> list[Path]:
+    """The tokenizer files to copy into the engine, checked to fit the model's vocabulary."""
+    if directory is None or not (directory / "tokenizer.model").is_file():
+        return []
+    tokenizer = ChatGLMTokenizer.from_dir(directory)
+    if tokenizer.vocab_size > vocab_size:
+        raise GlmEngineError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens, more than "
+                             f"the model's vocabulary of {vocab_size}")
+    return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+
+
+def build(args: argparse.Namespace) -> Path:
+    """Converts weights and writes the engine; returns its directory."""
+    check_supported(args)
+    build_config = BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
+                               max_input_len=args.max_input_len, max_output_len=args.max_output_len,
+                               random_seed=args.random_seed, world_size=args.world_size)
+    tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else None
+    if tokenizer_dir is not None and not (tokenizer_dir / "tokenizer.model").is_file():
+        raise GlmEngineError(f"--tokenizer_dir {tokenizer_dir} holds no tokenizer.model")
+    if args.model_dir is None:
+        if args.rope_ratio_mode is not None:
+            raise GlmEngineError("--rope_ratio_mode applies to a checkpoint's rope_ratio; dummy engines "
+                                 "have none")
+        model_config = dummy_model_config(args)
+        logger.info("no --model_dir: building with dummy weights (seed %s)", args.random_seed)
+        weights = dummy_weights(model_config, build_config.torch_dtype, args.random_seed, progress=True)
+    else:
+        given = [f"--{flag}" for flag in SHAPE_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise GlmEngineError(f"{given[0]} sets a dummy engine's shape; a checkpoint's shape comes from "
+                                 "its config.json, so drop it or drop --model_dir")
+        if args.random_seed is not None:
+            raise GlmEngineError("--random_seed seeds dummy weights; it has no effect with --model_dir")
+        model_config = ModelConfig.from_hf_config(load_hf_config(args.model_dir), args.rope_ratio_mode)
+        weights = load_hf_weights(args.model_dir, model_config, build_config.torch_dtype, progress=True)
+        tokenizer_dir = tokenizer_dir or Path(args.model_dir)
+    files = tokenizer_files(tokenizer_dir, model_config.vocab_size)
+    flags = {key: value for key, value in vars(args).items() if key != "log_level"}
+    return save_engine(args.output_dir, model_config, build_config, [weights], files, flags)
+
+
+def main() -> None:
+    args = parse_arguments()
+    setup_logging(args.log_level)
+    start = time.perf_counter()
+    engine_dir = build(args)
+    logger.info("engine written to %s in %.1f s", engine_dir, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    run_tool(main)

@@ -1,0 +1,213 @@
+"""ModelConfig (the network's shape, read from a ChatGLM2/ChatGLM3 config.json)
+and BuildConfig (the build flags an engine was made with)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from glm_engine import GlmEngineError
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# ChatGLM2-6B's shape (DESIGN.md §3): the default for dummy engines.
+CHATGLM2_6B = {
+    "model_type": "chatglm",
+    "num_layers": 28,
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "kv_channels": 128,
+    "multi_query_attention": True,
+    "multi_query_group_num": 2,
+    "ffn_hidden_size": 13696,
+    "padded_vocab_size": 65024,
+    "seq_length": 32768,
+    "layernorm_epsilon": 1e-5,
+    "rmsnorm": True,
+    "add_qkv_bias": True,
+    "add_bias_linear": False,
+    "apply_residual_connection_post_layernorm": False,
+    "post_layer_norm": True,
+    "original_rope": True,
+    "fp32_residual_connection": False,
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+# Fields whose other values describe a network model.py does not compute.
+_REQUIRED_VALUES = {
+    "rmsnorm": True,
+    "apply_residual_connection_post_layernorm": False,
+    "add_bias_linear": False,
+    "post_layer_norm": True,
+    "original_rope": True,
+    "fp32_residual_connection": False,
+    "tie_word_embeddings": False,
+}
+_REQUIRED_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "kv_channels",
+                    "ffn_hidden_size", "padded_vocab_size")
+
+ROPE_RATIO_MODES = ("positions", "base")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ChatGLM2 network's shape and constants."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    kv_channels: int  # head dimension
+    multi_query_group_num: int  # number of K/V heads
+    ffn_hidden_size: int
+    vocab_size: int  # padded_vocab_size
+    seq_length: int
+    layernorm_epsilon: float = 1e-5
+    add_qkv_bias: bool = True
+    # Long-context checkpoints (ChatGLM2-6B-32k, ChatGLM3-6B-32k, GLM-4) set
+    # rope_ratio; public code applies it two ways: ChatGLM2-6B-32k divides the
+    # positions by it ("positions"), ChatGLM3-6B-32k and GLM-4 multiply the
+    # rotary base by it ("base").
+    rope_ratio: float = 1.0
+    rope_ratio_mode: str = "positions"
+    rope_base: float = 10000.0
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "kv_channels",
+                     "multi_query_group_num", "ffn_hidden_size", "vocab_size", "seq_length"):
+            if getattr(self, name) <= 0:
+                raise GlmEngineError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.multi_query_group_num:
+            raise GlmEngineError(
+                f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"multi_query_group_num ({self.multi_query_group_num})")
+        if self.kv_channels % 4:
+            raise GlmEngineError(f"model config: kv_channels ({self.kv_channels}) must be a multiple of 4 "
+                                 "(rotary acts on pairs in the first half of each head)")
+        if self.rope_ratio_mode not in ROPE_RATIO_MODES:
+            raise GlmEngineError(f"model config: rope_ratio_mode must be one of {ROPE_RATIO_MODES}, "
+                                 f"got {self.rope_ratio_mode!r}")
+        if self.rope_ratio <= 0:
+            raise GlmEngineError(f"model config: rope_ratio must be positive, got {self.rope_ratio}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.kv_channels
+
+    @property
+    def kv_size(self) -> int:
+        return self.multi_query_group_num * self.kv_channels
+
+    @property
+    def qkv_size(self) -> int:
+        return self.q_size + 2 * self.kv_size
+
+    @property
+    def rotary_dim(self) -> int:
+        """ChatGLM2 rotates the first half of each head."""
+        return self.kv_channels // 2
+
+    @property
+    def rotary_base(self) -> float:
+        if self.rope_ratio_mode == "base":
+            return self.rope_base * self.rope_ratio
+        return self.rope_base
+
+    @property
+    def position_scale(self) -> float:
+        """Factor the positions are multiplied by before the rotary angles."""
+        return 1.0 / self.rope_ratio if self.rope_ratio_mode == "positions" else 1.0
+
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any], rope_ratio_mode: str | None = None) -> "ModelConfig":
+        """Reads a ChatGLM2/ChatGLM3 `config.json`; refuses, with the reason, a
+        config this network cannot compute."""
+        model_type = hf_config.get("model_type")
+        if model_type != "chatglm":
+            raise GlmEngineError(f"config.json has model_type {model_type!r}; only ChatGLM2/ChatGLM3 "
+                                 "checkpoints (model_type 'chatglm') are supported")
+        for name in _REQUIRED_FIELDS:
+            if name not in hf_config:
+                raise GlmEngineError(f"config.json lacks {name!r}: not a ChatGLM2/ChatGLM3 checkpoint "
+                                     "(ChatGLM-6B v1 is not supported)")
+        for name, required in _REQUIRED_VALUES.items():
+            value = hf_config.get(name, CHATGLM2_6B[name])
+            if bool(value) != required:
+                raise GlmEngineError(f"config.json sets {name}={value!r}; this engine computes only "
+                                     f"ChatGLM2's {name}={required}")
+        heads = hf_config["num_attention_heads"]
+        groups = hf_config.get("multi_query_group_num", heads) if hf_config.get(
+            "multi_query_attention", False) else heads
+        return cls(
+            num_layers=hf_config["num_layers"],
+            hidden_size=hf_config["hidden_size"],
+            num_attention_heads=heads,
+            kv_channels=hf_config["kv_channels"],
+            multi_query_group_num=groups,
+            ffn_hidden_size=hf_config["ffn_hidden_size"],
+            vocab_size=hf_config["padded_vocab_size"],
+            seq_length=hf_config.get("seq_length", 32768),
+            layernorm_epsilon=hf_config.get("layernorm_epsilon", 1e-5),
+            add_qkv_bias=bool(hf_config.get("add_qkv_bias", True)),
+            rope_ratio=float(hf_config.get("rope_ratio", 1.0)),
+            rope_ratio_mode=rope_ratio_mode or default_rope_ratio_mode(hf_config),
+            eos_token_id=_first_id(hf_config.get("eos_token_id", 2)),
+            pad_token_id=_first_id(hf_config.get("pad_token_id", 0)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        return cls(**values)
+
+
+def default_rope_ratio_mode(hf_config: dict[str, Any]) -> str:
+    """ChatGLM2-6B-32k scales positions; ChatGLM3 and GLM-4 scale the base."""
+    name = str(hf_config.get("_name_or_path", "")).lower()
+    return "positions" if "chatglm2" in name else "base" if "rope_ratio" in hf_config else "positions"
+
+
+def _first_id(value: int | list[int]) -> int:
+    return value[0] if isinstance(value, list) else int(value)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """The build flags that change the engine (DESIGN.md §5)."""
+
+    dtype: str = "float16"
+    max_batch_size: int = 8
+    max_input_len: int = 1024
+    max_output_len: int = 1024
+    random_seed: int | None = None  # dummy weights only
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise GlmEngineError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_batch_size", "max_input_len", "max_output_len", "world_size"):
+            if getattr(self, name) <= 0:
+                raise GlmEngineError(f"--{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def max_sequence_len(self) -> int:
+        return self.max_input_len + self.max_output_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "BuildConfig":
+        return cls(**values)

@@ -1,0 +1,1 @@
+"""Runtime: KV cache, attention batch addressing, sampling and the generation session."""

@@ -1,0 +1,56 @@
+"""Token selection: greedy (top_k 1), or sampling with temperature, top_k and
+top_p from a seeded generator. top_p 0 (the default, as in TensorRT-LLM) or 1
+means no nucleus filtering."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from glm_engine import GlmEngineError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to choose each new token and when to stop."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 1
+    top_p: float = 0.0
+    random_seed: int | None = None
+    end_id: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise GlmEngineError(f"max_output_len must be at least 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise GlmEngineError(f"temperature must be positive, got {self.temperature}; use --top_k 1 "
+                                 "for greedy decoding")
+        if self.top_k < 0:
+            raise GlmEngineError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise GlmEngineError(f"top_p must be within [0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+    """One token id per row of float32 logits [B, vocab]."""
+    if config.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / config.temperature
+    if config.top_k > 1:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked before it already reach top_p.
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= config.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

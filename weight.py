@@ -148,14 +148,17 @@ def load_hf_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dty
 def dummy_weights(config: ModelConfig, dtype: torch.dtype, seed: int | None,
                   progress: bool = False) -> dict[str, torch.Tensor]:
     """Seeded random weights with the network's shapes: norms near 1, matrices
-    with std 0.02, so that activations stay in range through every layer."""
+    with std 1/sqrt(fan_in), so that every layer contributes at any model size
+    and activations stay in range."""
     generator = torch.Generator().manual_seed(0 if seed is None else seed)
     weights = {}
     shapes = expected_shapes(config)
     for name, shape in tqdm(shapes.items(), desc="Generating dummy weights", disable=not progress):
         if name.endswith("layernorm.weight"):
             values = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        elif name == "word_embeddings.weight" or name.endswith(".bias"):
+            values = torch.randn(shape, generator=generator) * (1.0 if "embeddings" in name else 0.1)
         else:
-            values = 0.02 * torch.randn(shape, generator=generator)
+            values = torch.randn(shape, generator=generator) / shape[1] ** 0.5
         weights[name] = values.to(dtype)
     return weights

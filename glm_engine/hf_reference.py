@@ -88,3 +88,20 @@ def load_hf_reference(model_dir: str | Path, dtype: torch.dtype, device: torch.d
         return model.to(device).eval()
     config = config or ModelConfig.from_hf_config(load_hf_config(model_dir))
     return build_glm_model(config, load_hf_weights(model_dir, config, dtype), device)
+
+
+@torch.inference_mode()
+def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, pad_id: int) -> list[list[int]]:
+    """Greedy outputs of the Hugging Face model for a batch (left-padded, with its
+    attention mask), each cut before the first end token."""
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                               max_new_tokens=max_new_tokens, eos_token_id=end_id, pad_token_id=pad_id,
+                               num_beams=1, top_k=None, top_p=None, temperature=None)
+    outputs = []
+    for row in generated[:, width:].tolist():
+        outputs.append(row[:row.index(end_id)] if end_id in row else row)
+    return outputs

@@ -1,0 +1,192 @@
+"""Measures an engine: start-up, prefill latency, decode latency and throughput
+and peak GPU memory at given batch sizes, with transformers' GlmForCausalLM
+on the same weights as the baseline (--hf), and the engine's logit error
+against GlmForCausalLM in float32 (--accuracy). Prints a table; --output_json
+keeps the numbers with the card, date, command and versions."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import transformers
+
+from glm_engine.cli import run_tool
+from glm_engine.engine import load_engine
+from glm_engine.hf_reference import build_glm_model
+from glm_engine.runtime.sampling import SamplingConfig
+from glm_engine.runtime.session import Session, resolve_device
+
+NEVER_ENDS = -1  # end_id no token equals: every run generates exactly output_len tokens
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--engine_dir", type=str, required=True)
+    parser.add_argument("--batch_size", type=int, nargs="+", default=[1])
+    parser.add_argument("--input_len", type=int, default=1024)
+    parser.add_argument("--output_len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median kept)")
+    parser.add_argument("--hf", action="store_true",
+                        help="also measure GlmForCausalLM (eager) on the same weights")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="relative error of the engine's logits against GlmForCausalLM in float32")
+    parser.add_argument("--output_json", type=str, default=None)
+    parser.add_argument("--device", type=str, default=None)
+    return parser.parse_args(argv)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `run` after one warm-up, the device synchronized."""
+    run()
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        run()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_prompts(batch_size: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, min(vocab_size, 60000), (batch_size, length), generator=generator).tolist()
+
+
+def measure_engine(session: Session, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
+    """Prefill ms (one new token) and decode ms per step (the rest of output_len)."""
+    def generate(tokens: int) -> list[list[int]]:
+        return session.generate(prompts, SamplingConfig(max_new_tokens=tokens, end_id=NEVER_ENDS))
+
+    prefill = median_seconds(lambda: generate(1), repeats)
+    total = median_seconds(lambda: generate(output_len), repeats)
+    return timing_row(len(prompts), prefill, total, output_len)
+
+
+def measure_hf(model, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
+    input_ids = torch.tensor(prompts, device=next(model.parameters()).device)
+
+    @torch.inference_mode()
+    def generate(tokens: int):
+        return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                              max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0,
+                              top_k=None, top_p=None, temperature=None)
+
+    prefill = median_seconds(lambda: generate(1), repeats)
+    total = median_seconds(lambda: generate(output_len), repeats)
+    return timing_row(len(prompts), prefill, total, output_len)
+
+
+def timing_row(batch_size: int, prefill: float, total: float, output_len: int) -> dict:
+    decode_ms = 1000 * (total - prefill) / max(1, output_len - 1)
+    return {"batch_size": batch_size, "prefill_ms": 1000 * prefill, "decode_ms_per_step": decode_ms,
+            "decode_tokens_per_s": 1000 * batch_size / decode_ms if decode_ms > 0 else float("nan")}
+
+
+@torch.inference_mode()
+def logits_error(session: Session, hf_fp32, prompt: list[int]) -> float:
+    """||engine - reference|| / ||reference|| over the logits at every position."""
+    ours = session.prompt_logits(prompt)
+    reference = hf_fp32(torch.tensor([prompt], device=ours.device)).logits[0].float()
+    return ((ours - reference).norm() / reference.norm()).item()
+
+
+def environment(device: torch.device) -> dict:
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"card": card, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'side':<14}{'batch':>6}{'prefill ms':>12}{'decode ms/step':>16}{'tok/s':>10}{'peak GiB':>10}")
+    for row in rows:
+        print(f"{row['side']:<14}{row['batch_size']:>6}{row['prefill_ms']:>12.2f}"
+              f"{row['decode_ms_per_step']:>16.2f}{row['decode_tokens_per_s']:>10.1f}{row['peak_gib']:>10.2f}")
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def engine_rows(session: Session, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rows = []
+    for batch_size in args.batch_size:
+        reset_peak(device)
+        prompts = random_prompts(batch_size, args.input_len, session.model_config.vocab_size)
+        row = measure_engine(session, prompts, args.output_len, args.repeats)
+        rows.append({"side": "glm_engine", **row, "peak_gib": peak_gib(device)})
+    return rows
+
+
+def hf_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """GlmForCausalLM, eager attention, in the engine's dtype and with its weights."""
+    engine = load_engine(args.engine_dir, "cpu")
+    model = build_glm_model(engine.model_config, engine.weights, device, attn_implementation="eager")
+    del engine
+    rows = []
+    for batch_size in args.batch_size:
+        reset_peak(device)
+        prompts = random_prompts(batch_size, args.input_len, model.config.vocab_size)
+        row = measure_hf(model, prompts, args.output_len, args.repeats)
+        rows.append({"side": "hf_eager", **row, "peak_gib": peak_gib(device)})
+    return rows
+
+
+def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -> float:
+    engine = load_engine(args.engine_dir, "cpu")
+    weights = {name: tensor.float() for name, tensor in engine.weights.items()}
+    del engine
+    hf_fp32 = build_glm_model(session.model_config, weights, device, attn_implementation="eager")
+    del weights
+    prompt = random_prompts(1, min(args.input_len, 256), session.model_config.vocab_size, seed=1)[0]
+    return logits_error(session, hf_fp32, prompt)
+
+
+def main() -> None:
+    args = parse_arguments()
+    device = resolve_device(args.device)
+    result = {"environment": environment(device), "engine_dir": args.engine_dir,
+              "input_len": args.input_len, "output_len": args.output_len}
+    synchronize()
+    start = time.perf_counter()
+    session = Session(args.engine_dir, device)
+    synchronize()
+    result["startup_s"] = time.perf_counter() - start
+    rows = engine_rows(session, args, device)
+    if args.accuracy:
+        result["logits_relative_error_vs_hf_fp32"] = accuracy(session, args, device)
+    del session
+    if args.hf:
+        rows += hf_rows(args, device)
+    result["rows"] = rows
+    print_table(rows)
+    print(f"start-up {result['startup_s']:.2f} s")
+    if args.accuracy:
+        print(f"logits relative error vs GlmForCausalLM fp32: {result['logits_relative_error_vs_hf_fp32']:.3e}")
+    if args.output_json:
+        with open(args.output_json, "w") as stream:
+            json.dump(result, stream, indent=2)
+
+
+if __name__ == "__main__":
+    run_tool(main)

@@ -1,0 +1,73 @@
+"""cnn_dailymail articles for summarize.py: from a local file or directory
+(`--dataset_path`), or ccdv/cnn_dailymail 3.0.0 through `datasets`."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from glm_engine import GlmEngineError
+
+HUB_DATASET = ("ccdv/cnn_dailymail", "3.0.0")
+
+
+def _read_records(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if suffix == ".json":
+        records = json.loads(path.read_text())
+        return records if isinstance(records, list) else records.get("test", records.get("data", []))
+    if suffix == ".csv":
+        with open(path, newline="") as stream:
+            return list(csv.DictReader(stream))
+    if suffix == ".parquet":
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_table(path).to_pylist()
+    raise GlmEngineError(f"--dataset_path {path}: unknown format {suffix!r}; use .json, .jsonl, .csv, "
+                         ".parquet or a datasets save_to_disk directory")
+
+
+def _read_saved_dataset(path: Path) -> list[dict]:
+    import datasets
+
+    saved = datasets.load_from_disk(str(path))
+    if isinstance(saved, datasets.DatasetDict):
+        if "test" not in saved:
+            raise GlmEngineError(f"--dataset_path {path} has splits {list(saved)}, no 'test' split")
+        saved = saved["test"]
+    return saved.to_list()
+
+
+def _read_hub_dataset() -> list[dict]:
+    try:
+        import datasets
+
+        return datasets.load_dataset(*HUB_DATASET, split="test").to_list()
+    except Exception as error:  # noqa: BLE001 - offline, missing package or hub error alike
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise GlmEngineError(f"cannot load {HUB_DATASET[0]} {HUB_DATASET[1]} from the Hugging Face hub "
+                             f"({first_line}); pass --dataset_path with a local copy "
+                             "(json/jsonl/csv/parquet or a save_to_disk directory)") from None
+
+
+def load_articles(dataset_path: str | None) -> list[dict]:
+    """Records with 'article' and 'highlights', in dataset order."""
+    if dataset_path is None:
+        records = _read_hub_dataset()
+    else:
+        path = Path(dataset_path)
+        if not path.exists():
+            raise GlmEngineError(f"--dataset_path {path}: no such file or directory")
+        try:
+            records = _read_saved_dataset(path) if path.is_dir() else _read_records(path)
+        except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
+            raise GlmEngineError(f"--dataset_path {path} cannot be parsed ({error})") from None
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or not {"article", "highlights"} <= record.keys():
+            raise GlmEngineError(f"--dataset_path record {index} lacks 'article' and 'highlights'")
+    if not records:
+        raise GlmEngineError("the dataset holds no article")
+    return records

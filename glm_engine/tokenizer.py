@@ -1,0 +1,229 @@
+"""ChatGLM2 / ChatGLM3 tokenizer built directly on SentencePiece.
+
+The checkpoint's own ``tokenization_chatglm.py`` is never imported or run:
+the layout it implements is small enough to restate here.  Token ids are the
+SentencePiece pieces first, then a handful of special tokens appended after
+the SentencePiece vocabulary (see DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+
+from glm_engine import GlmEngineError
+
+__all__ = [
+    "CHATGLM2_SPECIAL_TOKENS",
+    "CHATGLM3_ROLE_TOKENS",
+    "TOKENIZER_FILES",
+    "ChatGLMTokenizer",
+    "TokenizerError",
+    "train_sentencepiece",
+]
+
+# Order matters: ids are assigned consecutively after the SentencePiece pieces.
+CHATGLM2_SPECIAL_TOKENS: tuple[str, ...] = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+CHATGLM3_ROLE_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+
+# Files an engine copies from a checkpoint directory so it can tokenize on its
+# own.  Deliberately no ``*.py``: code shipped with a download is never run.
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+FLAVORS: tuple[str, ...] = ("chatglm2", "chatglm3")
+
+# What SentencePiece itself prints for an unknown piece; reused for ids that
+# fall outside the vocabulary so the output looks like ordinary sp output.
+UNKNOWN_MARK = "\u2047"
+
+
+class TokenizerError(GlmEngineError, ValueError):
+    """A tokenizer directory or its files are missing or unusable."""
+
+
+def _detect_flavor(model_dir: Path) -> str:
+    """Guess chatglm2 or chatglm3 from ``tokenizer_config.json``, if any.
+
+    ChatGLM3 checkpoints list their role tokens in that file or name the
+    model in ``name_or_path``; ChatGLM2 checkpoints do neither.
+    """
+    config_path = model_dir / "tokenizer_config.json"
+    if not config_path.is_file():
+        return "chatglm2"
+    text = config_path.read_text(encoding="utf-8")
+    if "<|user|>" in text:
+        return "chatglm3"
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError:
+        return "chatglm2"
+    if isinstance(config, dict):
+        for key in ("name_or_path", "_name_or_path"):
+            value = config.get(key)
+            if isinstance(value, str) and "chatglm3" in value.lower():
+                return "chatglm3"
+    return "chatglm2"
+
+
+class ChatGLMTokenizer:
+    """Tokenizer of ChatGLM2-6B and ChatGLM3-6B.
+
+    Attributes:
+        flavor: ``"chatglm2"`` or ``"chatglm3"``.
+        vocab_size: SentencePiece pieces plus the appended special tokens.
+        pad_token_id: the SentencePiece unknown id (0), as ChatGLM2 pads with ``<unk>``.
+        bos_token_id: ``<s>`` (1).
+        eos_token_id: ``</s>`` (2), the end-of-text token.
+        special_token_ids: name -> id of every appended special token.
+    """
+
+    def __init__(self, sp_model: spm.SentencePieceProcessor, flavor: str = "chatglm2") -> None:
+        """Wrap a loaded SentencePiece model; prefer :meth:`from_dir`."""
+        if flavor not in FLAVORS:
+            raise TokenizerError(f"unknown tokenizer flavor {flavor!r}; use one of {', '.join(FLAVORS)}")
+        self.sp_model = sp_model
+        self.flavor = flavor
+        self.sp_size: int = sp_model.get_piece_size()
+        self.pad_token_id: int = sp_model.unk_id()
+        self.bos_token_id: int = sp_model.bos_id()
+        self.eos_token_id: int = sp_model.eos_id()
+
+        names = CHATGLM2_SPECIAL_TOKENS + (CHATGLM3_ROLE_TOKENS if flavor == "chatglm3" else ())
+        self.special_token_ids: dict[str, int] = {name: self.sp_size + i for i, name in enumerate(names)}
+        self.vocab_size: int = self.sp_size + len(names)
+
+        # Ids that decode() renders as nothing, like the HF tokenizer with
+        # skip_special_tokens=True (pad is the unk id there, so unk goes too).
+        self._silent_ids = frozenset(self.special_token_ids.values()) | {
+            self.pad_token_id,
+            self.bos_token_id,
+            self.eos_token_id,
+        }
+
+    @classmethod
+    def from_dir(cls, path: str | Path, flavor: str | None = None) -> ChatGLMTokenizer:
+        """Load ``tokenizer.model`` from a checkpoint or engine directory.
+
+        ``flavor`` forces ``"chatglm2"`` or ``"chatglm3"``; ``None`` detects it
+        from ``tokenizer_config.json``.  Raises :class:`TokenizerError` when the
+        directory or model file is missing.
+        """
+        model_dir = Path(path)
+        if not model_dir.is_dir():
+            raise TokenizerError(
+                f"tokenizer directory {model_dir} does not exist; pass the checkpoint directory holding tokenizer.model"
+            )
+        model_file = model_dir / "tokenizer.model"
+        if not model_file.is_file():
+            raise TokenizerError(
+                f"no tokenizer.model in {model_dir}; copy it from the ChatGLM2 checkpoint into that directory"
+            )
+        sp_model = spm.SentencePieceProcessor()
+        try:
+            sp_model.load(str(model_file))
+        except (OSError, RuntimeError) as err:
+            raise TokenizerError(
+                f"{model_file} is not a SentencePiece model ({err}); re-copy it from the checkpoint"
+            ) from err
+        return cls(sp_model, flavor if flavor is not None else _detect_flavor(model_dir))
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_prefix: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``add_prefix`` they start with ``[gMASK] sop``.
+
+        Every ChatGLM2 prompt carries that prefix; the HF tokenizer adds it by
+        default, so this does too.
+        """
+        ids = self.sp_model.encode(text, out_type=int)
+        if add_prefix:
+            ids = [self.special_token_ids["[gMASK]"], self.special_token_ids["sop"], *ids]
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids`` with special tokens, bos, eos and pad (``<unk>``, 0) dropped.
+
+        This matches ChatGLM2's HF tokenizer with ``skip_special_tokens=True``.
+        An id outside ``[0, vocab_size)`` is rendered as SentencePiece's unknown
+        mark ``" ⁇ "`` instead of raising, so engines with random weights and a
+        model vocabulary larger than the tokenizer's can still print something.
+        """
+        pieces: list[int] = []
+        for token_id in ids:
+            token_id = int(token_id)
+            if token_id < 0 or token_id >= self.vocab_size:
+                # sp renders its unknown id as " ⁇ "; the unk id itself is
+                # pad and gets dropped above, so only these ids reach it.
+                pieces.append(self.sp_model.unk_id())
+            elif token_id not in self._silent_ids:
+                pieces.append(token_id)
+        return self.sp_model.decode(pieces)
+
+    @staticmethod
+    def chat_prompt(query: str) -> str:
+        """ChatGLM2's single-round chat prompt for ``query``."""
+        return f"[Round 1]\n\n问：{query}\n\n答："
+
+
+def train_sentencepiece(
+    texts: list[str],
+    output_dir: str | Path,
+    vocab_size: int = 1000,
+    flavor: str = "chatglm2",
+) -> Path:
+    """Train a tiny BPE SentencePiece model laid out like ChatGLM2's; return ``output_dir``.
+
+    Writes ``output_dir/tokenizer.model`` (and, for ``flavor="chatglm3"``, a
+    ``tokenizer_config.json`` naming ``chatglm3-tiny`` so detection works).
+    Byte fallback makes every text encodable, Chinese included.  Pieces are
+    ``<unk>``=0, ``<s>``=1, ``</s>``=2 with no pad piece; ``vocab_size`` counts
+    SentencePiece pieces only (the special tokens come on top) and is an upper
+    bound when the texts are too few to fill it.  Training is single-threaded,
+    unshuffled and seeded, so the same inputs give byte-identical files; it
+    sets SentencePiece's process-wide random seed.
+    """
+    if flavor not in FLAVORS:
+        raise TokenizerError(f"unknown tokenizer flavor {flavor!r}; use one of {', '.join(FLAVORS)}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # One line per sentence: the trainer silently skips over-long sentences,
+    # and news articles are paragraphs joined by newlines.
+    sentences = [line for text in texts for line in text.splitlines() if line.strip()]
+    if not sentences:
+        raise TokenizerError("train_sentencepiece needs at least one non-empty text")
+
+    spm.set_random_generator_seed(0)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        # A small corpus may not yield vocab_size pieces; take what it gives.
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        # Identity normalization keeps decode(encode(text)) == text.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        input_sentence_size=0,
+        max_sentence_length=1 << 16,
+        minloglevel=2,
+    )
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    if flavor == "chatglm3":
+        config = {"name_or_path": "chatglm3-tiny", "tokenizer_class": "ChatGLMTokenizer"}
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out

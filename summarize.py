@@ -1,0 +1,186 @@
+"""Summarizes cnn_dailymail articles with the engine and, with --test_hf, with
+the Hugging Face model; reports ROUGE, latency and how often the two agree
+token for token (TensorRT-LLM's summarize.py flags and output)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rouge_score import rouge_scorer
+from tqdm import tqdm
+
+from glm_engine import GlmEngineError
+from glm_engine.cli import LOG_LEVELS, run_tool, setup_logging
+from glm_engine.dataset import load_articles
+from glm_engine.config import ModelConfig
+from glm_engine.engine import load_engine, read_engine_config
+from glm_engine.hf_reference import build_glm_model, hf_generate, load_hf_reference
+from glm_engine.runtime.sampling import SamplingConfig
+from glm_engine.runtime.session import Session, resolve_device
+from glm_engine.tokenizer import ChatGLMTokenizer
+
+logger = logging.getLogger("summarize")
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+HF_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--engine_dir", type=str, default="trtModel")
+    parser.add_argument("--hf_model_location", type=str, default=None,
+                        help="Hugging Face checkpoint for --test_hf (default: the engine's own weights)")
+    parser.add_argument("--tokenizer", type=str, default=None,
+                        help="tokenizer directory (default: --hf_model_location, else the engine directory)")
+    parser.add_argument("--test_hf", action="store_true")
+    parser.add_argument("--test_trt_llm", "--test_engine", dest="test_engine", action="store_true", default=True)
+    parser.add_argument("--no_test_trt_llm", "--no_test_engine", dest="test_engine", action="store_false")
+    parser.add_argument("--data_type", choices=list(HF_DTYPES), default="fp16", help="Hugging Face side dtype")
+    parser.add_argument("--dataset_path", type=str, default=None,
+                        help="local cnn_dailymail file (json/jsonl/csv/parquet) or save_to_disk directory")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--max_ite", type=int, default=20)
+    parser.add_argument("--output_len", type=int, default=100)
+    parser.add_argument("--max_input_len", type=int, default=800)
+    parser.add_argument("--check_accuracy", action="store_true")
+    parser.add_argument("--tensorrt_llm_rouge1_threshold", "--rouge1_threshold", dest="rouge1_threshold",
+                        type=float, default=15.0)
+    parser.add_argument("--hf_trust_remote_code", action="store_true",
+                        help="run the checkpoint's own modeling code for the HF side instead of GlmForCausalLM")
+    parser.add_argument("--device", type=str, default=None)
+    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info")
+    return parser.parse_args(argv)
+
+
+def summarize_prompt(article: str, tokenizer: ChatGLMTokenizer, max_input_len: int) -> list[int]:
+    """`article TL;DR:` (stripped, " n't" -> "n't"), keeping its last tokens so that
+    the prompt with its `[gMASK] sop` prefix fits in max_input_len."""
+    text = (article + " TL;DR: ").strip().replace(" n't", "n't")
+    prefix = tokenizer.encode("", add_prefix=True)
+    body = tokenizer.encode(text, add_prefix=False)
+    return prefix + body[-(max_input_len - len(prefix)):]
+
+
+@dataclass
+class SideResult:
+    """One side's outputs (ids and text) and its generation time."""
+
+    name: str
+    output_ids: list[list[int]] = field(default_factory=list)
+    summaries: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def rouge_scores(summaries: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE F-measure x 100 over the articles (rouge_score, stemming on)."""
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    for summary, reference in zip(summaries, references):
+        for key, score in scorer.score(reference, summary).items():
+            totals[key] += score.fmeasure
+    return {key: 100.0 * total / len(summaries) for key, total in totals.items()}
+
+
+def agreement(first: list[list[int]], second: list[list[int]]) -> tuple[float, float | None]:
+    """Exact-match rate of two sides' outputs, and the mean index of the first
+    differing token over the outputs that differ (None when all match)."""
+    divergences = []
+    for a, b in zip(first, second):
+        if a != b:
+            divergences.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+    exact = 1.0 - len(divergences) / len(first)
+    return exact, (sum(divergences) / len(divergences) if divergences else None)
+
+
+def run_side(side: SideResult, generate, batches: list[list[list[int]]], tokenizer: ChatGLMTokenizer) -> None:
+    """Generates every batch with `generate`, timing only the generation."""
+    for prompts in tqdm(batches, desc=f"{side.name} summarizing", unit="batch"):
+        start = time.perf_counter()
+        outputs = generate(prompts)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        side.seconds += time.perf_counter() - start
+        side.output_ids += outputs
+        side.summaries += [tokenizer.decode(ids).strip() for ids in outputs]
+
+
+def load_tokenizer(args: argparse.Namespace) -> ChatGLMTokenizer:
+    candidates = [args.tokenizer] if args.tokenizer else [args.hf_model_location, args.engine_dir]
+    for directory in filter(None, candidates):
+        if (Path(directory) / "tokenizer.model").is_file():
+            return ChatGLMTokenizer.from_dir(directory)
+    raise GlmEngineError(f"no tokenizer.model in {' or '.join(filter(None, candidates))}; pass --tokenizer")
+
+
+def hf_model(args: argparse.Namespace, device: torch.device):
+    """The Hugging Face side: the checkpoint given, or GlmForCausalLM with the engine's weights."""
+    dtype = HF_DTYPES[args.data_type]
+    if args.hf_model_location:
+        model_config = ModelConfig.from_dict(read_engine_config(args.engine_dir)["model"])
+        return load_hf_reference(args.hf_model_location, dtype, device, model_config, args.hf_trust_remote_code)
+    if args.hf_trust_remote_code:
+        raise GlmEngineError("--hf_trust_remote_code needs --hf_model_location")
+    engine = load_engine(args.engine_dir, "cpu")
+    logger.info("no --hf_model_location: the Hugging Face side is GlmForCausalLM with the engine's weights")
+    weights = {name: tensor.to(dtype) for name, tensor in engine.weights.items()}
+    return build_glm_model(engine.model_config, weights, device)
+
+
+def print_side(side: SideResult, references: list[str]) -> dict[str, float]:
+    scores = rouge_scores(side.summaries, references)
+    print(f"{side.name} (total latency: {side.seconds:.3f} sec)")
+    for key in ROUGE_KEYS:
+        print(f"  {key} : {scores[key]:.4f}")
+    return scores
+
+
+def main() -> None:
+    args = parse_arguments()
+    setup_logging(args.log_level)
+    if not (args.test_engine or args.test_hf):
+        raise GlmEngineError("nothing to test: --no_test_trt_llm without --test_hf")
+    if args.check_accuracy and not args.test_engine:
+        raise GlmEngineError("--check_accuracy checks the engine's ROUGE; drop --no_test_trt_llm")
+    if args.batch_size < 1 or args.max_ite < 1 or args.output_len < 1 or args.max_input_len < 3:
+        raise GlmEngineError("--batch_size, --max_ite and --output_len must be positive, --max_input_len >= 3")
+    tokenizer = load_tokenizer(args)
+    records = load_articles(args.dataset_path)[: args.batch_size * args.max_ite]
+    prompts = [summarize_prompt(r["article"], tokenizer, args.max_input_len) for r in records]
+    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    references = [r["highlights"] for r in records]
+    device = resolve_device(args.device)
+    sides = []
+    if args.test_engine:
+        session = Session(args.engine_dir, device)
+        for batch in batches:
+            session.check_request(batch, args.output_len)
+        sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=session.model_config.eos_token_id)
+        sides.append(SideResult("glm_engine"))
+        run_side(sides[-1], lambda batch: session.generate(batch, sampling), batches, tokenizer)
+        del session
+    if args.test_hf:
+        model = hf_model(args, device)
+        end_id, pad_id = model.config.eos_token_id, model.config.pad_token_id
+        end_id = end_id[0] if isinstance(end_id, list) else end_id
+        sides.append(SideResult("Hugging Face"))
+        run_side(sides[-1], lambda batch: hf_generate(model, batch, args.output_len, end_id, pad_id),
+                 batches, tokenizer)
+    scores = [print_side(side, references) for side in sides]
+    if len(sides) == 2:
+        exact, divergence = agreement(sides[0].output_ids, sides[1].output_ids)
+        where = "n/a" if divergence is None else f"{divergence:.1f}"
+        print(f"Token agreement: {100 * exact:.1f}% of outputs identical; mean first divergence at token {where}")
+    if args.check_accuracy:
+        if scores[0]["rouge1"] < args.rouge1_threshold:
+            raise GlmEngineError(f"accuracy check failed: rouge1 {scores[0]['rouge1']:.4f} < threshold "
+                                 f"{args.rouge1_threshold}")
+        print(f"accuracy check passed: rouge1 {scores[0]['rouge1']:.4f} >= {args.rouge1_threshold}")
+
+
+if __name__ == "__main__":
+    run_tool(main)

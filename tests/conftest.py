@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -55,3 +56,46 @@ def tiny_checkpoint_factory(
 # ---------------------------------------------------------------------------
 # End of tiny tokenizer and tiny checkpoints
 # ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Engines and the command-line tools
+# ---------------------------------------------------------------------------
+
+# A tiny dummy engine's shape: the tiny checkpoint's, as build.py flags.
+TINY_SHAPE_FLAGS = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--multi_query_group_num", "2",
+                    "--inter_size", "96", "--vocab_size", "1024"]
+
+
+def run_tool(script: str, *args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Runs one of the repository's tools as a user would, on the CPU."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, str(REPO_ROOT / script), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd or REPO_ROOT, timeout=600)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    """A failed tool: non-zero exit, no traceback, one `error:` line naming `fragment`."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """A function ``(*build_flags) -> engine dir`` that runs build.py once per flag set."""
+    built: dict[tuple, Path] = {}
+
+    def make(*flags: object) -> Path:
+        key = tuple(map(str, flags))
+        if key not in built:
+            output_dir = tmp_path_factory.mktemp("engine") / "engine"
+            result = run_tool("build.py", "--output_dir", output_dir, "--log_level", "error", *key)
+            assert result.returncode == 0, result.stderr
+            built[key] = output_dir
+        return built[key]
+
+    return make

@@ -20,7 +20,7 @@ class SamplingConfig:
     top_k: int = 1
     top_p: float = 0.0
     random_seed: int | None = None
-    end_id: int = 2
+    end_id: int = 2  # -1: no token ends a sequence
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

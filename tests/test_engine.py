@@ -1,0 +1,103 @@
+"""The engine directory: round trip, checksums, format version, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from glm_engine import GlmEngineError
+from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.engine import ENGINE_FORMAT_VERSION, load_engine, save_engine
+from weight import dummy_weights
+
+CONFIG = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, kv_channels=8,
+                     multi_query_group_num=1, ffn_hidden_size=24, vocab_size=32, seq_length=64)
+
+
+def write(output_dir, seed: int = 0, tokenizer_files=()):
+    weights = dummy_weights(CONFIG, torch.float16, seed)
+    save_engine(output_dir, CONFIG, BuildConfig(max_batch_size=2), [weights], list(tokenizer_files),
+                {"dtype": "float16"})
+    return weights
+
+
+def test_round_trip(tmp_path, tiny_tokenizer_dir):
+    weights = write(tmp_path / "engine", tokenizer_files=[tiny_tokenizer_dir / "tokenizer.model"])
+    engine = load_engine(tmp_path / "engine")
+    assert engine.model_config == CONFIG and engine.build_config.max_batch_size == 2
+    assert all(torch.equal(engine.weights[name], weights[name]) for name in weights)
+    assert engine.has_tokenizer
+    config = json.loads((tmp_path / "engine" / "config.json").read_text())
+    assert config["format_version"] == ENGINE_FORMAT_VERSION
+    assert {"torch", "device", "glm_engine"} <= config["built_with"].keys()
+    assert len(config["checksums"]["rank0.safetensors"]["sha256"]) == 64
+
+
+def test_corrupted_weights_never_load(tmp_path):
+    write(tmp_path / "engine")
+    path = tmp_path / "engine" / "rank0.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(GlmEngineError, match="fails its sha256 check"):
+        load_engine(tmp_path / "engine")
+
+
+def test_truncated_weights_never_load(tmp_path):
+    write(tmp_path / "engine")
+    path = tmp_path / "engine" / "rank0.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(GlmEngineError, match="corrupted or truncated"):
+        load_engine(tmp_path / "engine")
+
+
+def test_other_format_version_is_refused(tmp_path):
+    write(tmp_path / "engine")
+    path = tmp_path / "engine" / "config.json"
+    config = json.loads(path.read_text())
+    config["format_version"] = ENGINE_FORMAT_VERSION + 1
+    path.write_text(json.dumps(config))
+    with pytest.raises(GlmEngineError, match=f"format version {ENGINE_FORMAT_VERSION + 1}"):
+        load_engine(tmp_path / "engine")
+
+
+def test_not_an_engine(tmp_path):
+    with pytest.raises(GlmEngineError, match="is not an engine directory"):
+        load_engine(tmp_path)
+
+
+def test_rebuild_replaces_the_engine(tmp_path):
+    write(tmp_path / "engine", seed=1)
+    weights = write(tmp_path / "engine", seed=2)
+    engine = load_engine(tmp_path / "engine")
+    assert torch.equal(engine.weights["output_layer.weight"], weights["output_layer.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    weights = dummy_weights(CONFIG, torch.float16, 0)
+    weights["bad"] = "not a tensor"
+    with pytest.raises(Exception):
+        save_engine(tmp_path / "engine", CONFIG, BuildConfig(), [weights], [], {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rebuild_keeps_the_old_engine(tmp_path):
+    old = write(tmp_path / "engine", seed=3)
+    weights = dummy_weights(CONFIG, torch.float16, 4)
+    weights["bad"] = "not a tensor"
+    with pytest.raises(Exception):
+        save_engine(tmp_path / "engine", CONFIG, BuildConfig(), [weights], [], {})
+    assert torch.equal(load_engine(tmp_path / "engine").weights["output_layer.weight"], old["output_layer.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+def test_directory_that_is_not_an_engine_is_not_replaced(tmp_path):
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "notes.txt").write_text("mine")
+    with pytest.raises(GlmEngineError, match="exists and is not an engine"):
+        write(tmp_path / "engine")
+    assert (tmp_path / "engine" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]

@@ -1,0 +1,97 @@
+"""The generation session: limits, stopping, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm_engine import GlmEngineError
+from glm_engine.runtime.sampling import SamplingConfig, sample
+from glm_engine.runtime.session import Session
+from conftest import TINY_SHAPE_FLAGS
+
+
+@pytest.fixture(scope="module")
+def session(tiny_engine_factory) -> Session:
+    engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_batch_size", "3",
+                                     "--max_input_len", "16", "--max_output_len", "12", "--random_seed", "5")
+    return Session(engine_dir, "cpu")
+
+
+PROMPTS = [[5, 6, 7], [100, 200, 300, 400, 500], [9]]
+
+
+def test_greedy_is_deterministic_and_runs_to_max_output_len(session):
+    sampling = SamplingConfig(max_new_tokens=12, end_id=-1)  # -1: no end token
+    first = session.generate(PROMPTS, sampling)
+    assert first == session.generate(PROMPTS, sampling)
+    assert [len(output) for output in first] == [12, 12, 12]
+
+
+def test_stops_at_the_end_token_and_leaves_it_out(session):
+    greedy = session.generate(PROMPTS, SamplingConfig(max_new_tokens=12))
+    end_id = greedy[1][3]
+    outputs = session.generate(PROMPTS, SamplingConfig(max_new_tokens=12, end_id=end_id))
+    assert outputs[1] == greedy[1][:greedy[1].index(end_id)]
+    for output, full in zip(outputs, greedy):
+        assert end_id not in output
+        assert output == full[:len(output)]
+
+
+def test_a_batch_gives_each_prompt_its_own_output(session):
+    batched = session.generate(PROMPTS, SamplingConfig(max_new_tokens=8))
+    alone = [session.generate([prompt], SamplingConfig(max_new_tokens=8))[0] for prompt in PROMPTS]
+    assert batched == alone
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(session):
+    def run(seed):
+        return session.generate(PROMPTS, SamplingConfig(max_new_tokens=12, top_k=0, temperature=1.5,
+                                                        random_seed=seed))
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert run(1) != session.generate(PROMPTS, SamplingConfig(max_new_tokens=12))
+
+
+def test_streaming_yields_what_generate_returns(session):
+    sampling = SamplingConfig(max_new_tokens=6)
+    streamed = [[] for _ in PROMPTS]
+    for step in session.generate_stream(PROMPTS, sampling):
+        assert len(step) <= len(PROMPTS)
+        for index, token in step:
+            streamed[index].append(token)
+    assert streamed == session.generate(PROMPTS, sampling)
+
+
+def test_top_k_and_top_p_keep_only_the_best_tokens():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0, -2.0]]).repeat(200, 1)
+    generator = torch.Generator().manual_seed(0)
+    top2 = sample(logits, SamplingConfig(max_new_tokens=1, top_k=2), generator)
+    assert set(top2.tolist()) == {1, 2}
+    # Softmax mass of token 1 is about 0.71: top_p 0.5 keeps it alone, 0.8 adds token 2.
+    assert set(sample(logits, SamplingConfig(max_new_tokens=1, top_k=0, top_p=0.5), generator).tolist()) == {1}
+    assert set(sample(logits, SamplingConfig(max_new_tokens=1, top_k=0, top_p=0.8), generator).tolist()) == {1, 2}
+    assert sample(logits, SamplingConfig(max_new_tokens=1), generator).tolist() == [1] * 200
+
+
+@pytest.mark.parametrize("prompts, max_new, message", [
+    ([[1]] * 4, 4, "exceed the engine's max_batch_size 3"),
+    ([list(range(3, 20))], 4, "17 tokens, over the engine's max_input_len 16"),
+    ([[5], []], 4, "prompt 1 is empty"),
+    ([[5, 1024]], 4, "token id 1024, outside the vocabulary"),
+    ([[5, -1]], 4, "token id -1"),
+    ([[5]], 13, "exceeds the engine's max_output_len 12"),
+    ([], 4, "no prompts"),
+])
+def test_requests_outside_the_engine_limits_are_refused(session, prompts, max_new, message):
+    with pytest.raises(GlmEngineError, match=message):
+        session.generate(prompts, SamplingConfig(max_new_tokens=max_new))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"max_new_tokens": 0}, "at least 1"), ({"temperature": 0.0}, "temperature must be positive"),
+    ({"top_k": -1}, "top_k must be >= 0"), ({"top_p": 1.5}, r"top_p must be within \[0, 1\]"),
+])
+def test_bad_sampling_settings_are_refused(fields, message):
+    with pytest.raises(GlmEngineError, match=message):
+        SamplingConfig(**{"max_new_tokens": 4, **fields})

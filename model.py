@@ -37,22 +37,19 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, config.qkv_size, bias=config.add_qkv_bias)
         self.dense = nn.Linear(config.q_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, batch: AttentionBatch,
+                kv_cache: KVCache) -> torch.Tensor:
         config = self.config
-        qkv = self.query_key_value(hidden)
-        query, key, value = qkv.split([config.q_size, config.kv_size, config.kv_size], dim=-1)
-        query = query.view(-1, config.num_attention_heads, config.kv_channels)
-        key = key.view(-1, config.multi_query_group_num, config.kv_channels)
-        value = value.view(-1, config.multi_query_group_num, config.kv_channels)
-        cos, sin = rotary
-        query = reference.apply_rotary(query, cos, sin)
-        key = reference.apply_rotary(key, cos, sin)
+        heads, groups, head_dim = config.num_attention_heads, config.multi_query_group_num, config.kv_channels
+        qkv = self.query_key_value(hidden).view(-1, heads + 2 * groups, head_dim)
+        # Query and key heads rotate together: one rotary pass instead of two.
+        query_key = reference.apply_rotary(qkv[:, :heads + groups], rotary)
+        query, key, value = query_key[:, :heads], query_key[:, heads:], qkv[:, heads + groups:]
         kv_cache.write(self.layer_index, batch.slot_mapping, key, value)
         context = reference.paged_attention(
             query, kv_cache.keys[self.layer_index], kv_cache.values[self.layer_index],
-            batch.query_index, batch.query_positions, batch.key_slots, batch.context_lengths,
-            scale=1.0 / math.sqrt(config.kv_channels))
+            batch.query_index, batch.output_rows, batch.key_slots, batch.attention_bias,
+            scale=1.0 / math.sqrt(head_dim))
         return self.dense(context.flatten(1))
 
 
@@ -76,8 +73,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, batch: AttentionBatch,
+                kv_cache: KVCache) -> torch.Tensor:
         hidden = hidden + self.self_attention(self.input_layernorm(hidden), rotary, batch, kv_cache)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
@@ -98,8 +95,8 @@ class ChatGLM2Model(nn.Module):
         """Hidden states [N, hidden_size] of N packed new tokens, after the final norm;
         writes their K/V into `kv_cache`."""
         config = self.config
-        rotary = reference.rotary_cos_sin(batch.positions, config.rotary_dim, config.rotary_base,
-                                          config.position_scale)
+        rotary = reference.rotary_frequencies(batch.positions, config.rotary_dim, config.rotary_base,
+                                              config.position_scale)
         hidden = self.word_embeddings(input_ids)
         for layer in self.layers:
             hidden = layer(hidden, rotary, batch, kv_cache)

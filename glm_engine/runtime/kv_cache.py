@@ -34,9 +34,9 @@ class AttentionBatch:
     positions: torch.Tensor  # [N] absolute position of each new token
     slot_mapping: torch.Tensor  # [N] cache slot each new token's K/V is written to
     query_index: torch.Tensor  # [B, T] packed index of each sequence's new tokens (padded)
-    query_positions: torch.Tensor  # [B, T] their positions, -1 for padding
+    output_rows: torch.Tensor  # [N] row of each packed token in the flattened [B * T] grid
     key_slots: torch.Tensor  # [B, L] cache slot of every key position (padded)
-    context_lengths: torch.Tensor  # [B] keys per sequence once the new tokens are in
+    attention_bias: torch.Tensor  # [B, T, L] float32: 0 where attending is allowed, -inf elsewhere
     last_token_index: torch.Tensor  # [B] packed index of each sequence's last new token
 
 
@@ -45,24 +45,31 @@ def make_attention_batch(block_tables: list[list[int]], cached_lengths: list[int
                          device: torch.device) -> AttentionBatch:
     """Addresses for one forward step: sequence i has `cached_lengths[i]` tokens in
     the cache already and `new_token_counts[i]` new tokens packed after those of
-    sequence i-1."""
-    positions, slots, query_index, query_positions, key_slots, last = [], [], [], [], [], []
-    max_new = max(new_token_counts)
-    max_keys = max(c + n for c, n in zip(cached_lengths, new_token_counts))
-    start = 0
-    for table, cached, new in zip(block_tables, cached_lengths, new_token_counts):
-        seq_slots = [table[p // block_size] * block_size + p % block_size for p in range(cached + new)]
-        positions += range(cached, cached + new)
-        slots += seq_slots[cached:]
-        query_index.append([start + min(t, new - 1) for t in range(max_new)])
-        query_positions.append([cached + t if t < new else -1 for t in range(max_new)])
-        key_slots.append(seq_slots + [seq_slots[-1]] * (max_keys - len(seq_slots)))
-        start += new
-        last.append(start - 1)
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    sequence i-1. Built on the CPU, then moved to `device`."""
+    cached = torch.tensor(cached_lengths)
+    new = torch.tensor(new_token_counts)
+    total = cached + new
+    max_new, max_keys = int(new.max()), int(total.max())
+    widest = max(map(len, block_tables))
+    tables = torch.tensor([table + [table[-1]] * (widest - len(table)) for table in block_tables])
+    starts = torch.cumsum(new, 0) - new
+
+    # Key positions past a sequence's end repeat its last position.
+    key_positions = torch.minimum(torch.arange(max_keys)[None, :], total[:, None] - 1)
+    key_slots = tables.gather(1, key_positions // block_size) * block_size + key_positions % block_size
+    steps = torch.arange(max_new)[None, :]
+    valid = steps < new[:, None]
+    query_positions = cached[:, None] + torch.minimum(steps, new[:, None] - 1)
+    query_index = starts[:, None] + torch.minimum(steps, new[:, None] - 1)
+    allowed = (torch.arange(max_keys)[None, None, :] <= query_positions[:, :, None]) & valid[:, :, None]
+    allowed[:, :, 0] |= ~valid  # padding rows attend to key 0 only, so they stay finite
+    attention_bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    to_device = lambda tensor: tensor.to(device, non_blocking=True)  # noqa: E731
     return AttentionBatch(
-        positions=as_tensor(positions), slot_mapping=as_tensor(slots),
-        query_index=as_tensor(query_index), query_positions=as_tensor(query_positions),
-        key_slots=as_tensor(key_slots),
-        context_lengths=as_tensor([c + n for c, n in zip(cached_lengths, new_token_counts)]),
-        last_token_index=as_tensor(last))
+        positions=to_device(query_positions[valid]),
+        slot_mapping=to_device(key_slots.gather(1, query_positions)[valid]),
+        query_index=to_device(query_index),
+        output_rows=to_device(torch.arange(len(new) * max_new).view(len(new), max_new)[valid]),
+        key_slots=to_device(key_slots),
+        attention_bias=to_device(attention_bias),
+        last_token_index=to_device(starts + new - 1))

@@ -52,8 +52,10 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     query_index: [B, T] index into the N packed queries (padding repeats a valid index).
     output_rows: [N] row of each packed query in the flattened [B * T] grid.
     key_slots: [B, L] cache slot of each key position (padding repeats a valid slot).
-    attention_bias: [B, T, L] float32, 0 where query t may attend to key l, -inf elsewhere.
-    The products run in the cache dtype and the softmax in float32, as ChatGLM2 does.
+    attention_bias: [B, T, L] in the cache dtype, 0 where query t may attend to key l, -inf elsewhere.
+    The products run in the cache dtype; the softmax accumulates in float32 (PyTorch's
+    softmax does for half types) and writes the cache dtype, sparing a float32 copy
+    of the scores.
     Returns [N, heads, D].
     """
     batch, max_queries = query_index.shape
@@ -65,8 +67,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     q = (q * scale).view(batch, max_queries, groups, heads // groups, head_dim)
     k = key_cache[key_slots]  # [B, L, G, D]
     v = value_cache[key_slots]
-    scores = torch.einsum("btgqd,blgd->bgqtl", q, k) + attention_bias[:, None, None]
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    scores = torch.einsum("btgqd,blgd->bgqtl", q, k).add_(attention_bias[:, None, None])
+    probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bgqtl,blgd->btgqd", probs, v).reshape(batch, max_queries, heads, head_dim)
     if one_token_each:
         return out.view(batch, heads, head_dim)

@@ -36,16 +36,17 @@ class AttentionBatch:
     query_index: torch.Tensor  # [B, T] packed index of each sequence's new tokens (padded)
     output_rows: torch.Tensor  # [N] row of each packed token in the flattened [B * T] grid
     key_slots: torch.Tensor  # [B, L] cache slot of every key position (padded)
-    attention_bias: torch.Tensor  # [B, T, L] float32: 0 where attending is allowed, -inf elsewhere
+    attention_bias: torch.Tensor  # [B, T, L] model dtype: 0 where attending is allowed, -inf elsewhere
     last_token_index: torch.Tensor  # [B] packed index of each sequence's last new token
 
 
 def make_attention_batch(block_tables: list[list[int]], cached_lengths: list[int],
-                         new_token_counts: list[int], block_size: int,
-                         device: torch.device) -> AttentionBatch:
+                         new_token_counts: list[int], block_size: int, device: torch.device,
+                         dtype: torch.dtype = torch.float32) -> AttentionBatch:
     """Addresses for one forward step: sequence i has `cached_lengths[i]` tokens in
     the cache already and `new_token_counts[i]` new tokens packed after those of
-    sequence i-1. Built on the CPU, then moved to `device`."""
+    sequence i-1. Built on the CPU, then moved to `device`; the attention bias is
+    in `dtype`, the model's, so that scores plus bias stay in that dtype."""
     cached = torch.tensor(cached_lengths)
     new = torch.tensor(new_token_counts)
     total = cached + new
@@ -61,9 +62,6 @@ def make_attention_batch(block_tables: list[list[int]], cached_lengths: list[int
     valid = steps < new[:, None]
     query_positions = cached[:, None] + torch.minimum(steps, new[:, None] - 1)
     query_index = starts[:, None] + torch.minimum(steps, new[:, None] - 1)
-    allowed = (torch.arange(max_keys)[None, None, :] <= query_positions[:, :, None]) & valid[:, :, None]
-    allowed[:, :, 0] |= ~valid  # padding rows attend to key 0 only, so they stay finite
-    attention_bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
     to_device = lambda tensor: tensor.to(device, non_blocking=True)  # noqa: E731
     return AttentionBatch(
         positions=to_device(query_positions[valid]),
@@ -71,5 +69,16 @@ def make_attention_batch(block_tables: list[list[int]], cached_lengths: list[int
         query_index=to_device(query_index),
         output_rows=to_device(torch.arange(len(new) * max_new).view(len(new), max_new)[valid]),
         key_slots=to_device(key_slots),
-        attention_bias=to_device(attention_bias),
+        attention_bias=causal_bias(to_device(query_positions), to_device(valid), max_keys, dtype),
         last_token_index=to_device(starts + new - 1))
+
+
+def causal_bias(query_positions: torch.Tensor, valid: torch.Tensor, max_keys: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, L] bias in `dtype`, built on the queries' device (it is large in prefill):
+    0 where key l <= the query's position, -inf elsewhere; padding rows see key 0 only,
+    so that their softmax stays finite."""
+    key_range = torch.arange(max_keys, device=query_positions.device)
+    allowed = (key_range <= query_positions[:, :, None]) & valid[:, :, None]
+    allowed[:, :, 0] |= ~valid
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))

@@ -76,7 +76,8 @@ class Session:
         """Float32 logits [len(prompt), vocab] at every position of one prompt."""
         self.check_request([prompt], 1)
         cache = self._new_cache(1, len(prompt))
-        batch = make_attention_batch([[0]], [0], [len(prompt)], len(prompt), self.device)
+        batch = make_attention_batch([[0]], [0], [len(prompt)], len(prompt), self.device,
+                                     self.build_config.torch_dtype)
         input_ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
         return self.model.logits(self.model(input_ids, batch, cache))
 
@@ -99,7 +100,8 @@ class Session:
         new_tokens = [list(prompt) for prompt in prompts]
         while active:
             batch = make_attention_batch([[i] for i in active], [cached[i] for i in active],
-                                         [len(new_tokens[i]) for i in active], block_size, self.device)
+                                         [len(new_tokens[i]) for i in active], block_size, self.device,
+                                         self.build_config.torch_dtype)
             input_ids = torch.tensor([t for i in active for t in new_tokens[i]], dtype=torch.long,
                                      device=self.device)
             hidden = self.model(input_ids, batch, cache)

@@ -1,0 +1,47 @@
+"""Profiles one batched prefill of the engine and of GlmForCausalLM (eager) at
+ChatGLM2-6B shape with random fp16 weights made on the GPU; prints the kernels
+that take the most time on each side. Usage: profile_prefill.py [batch] [tokens]"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from glm_engine.config import CHATGLM2_6B, BuildConfig, ModelConfig  # noqa: E402
+from glm_engine.engine import Engine  # noqa: E402
+from glm_engine.hf_reference import build_glm_model  # noqa: E402
+from glm_engine.runtime.sampling import SamplingConfig  # noqa: E402
+from glm_engine.runtime.session import Session  # noqa: E402
+from weight import expected_shapes  # noqa: E402
+
+
+def main() -> None:
+    batch, tokens = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (8, 1024)
+    config = ModelConfig.from_hf_config(CHATGLM2_6B)
+    weights = {name: torch.randn(shape, device="cuda", dtype=torch.float16) / (shape[-1] ** 0.5 if len(shape) > 1
+               else 1.0) for name, shape in expected_shapes(config).items()}
+    prompts = torch.randint(3, 60000, (batch, tokens)).tolist()
+    session = Session(Engine(Path("."), config, BuildConfig(max_batch_size=batch), dict(weights), False), "cuda")
+    sampling = SamplingConfig(max_new_tokens=1, end_id=-1)
+    hf = build_glm_model(config, weights, "cuda", attn_implementation="eager")
+    input_ids = torch.tensor(prompts, device="cuda")
+    sides = {"glm_engine": lambda: session.generate(prompts, sampling),
+             "hf_eager": lambda: hf(input_ids=input_ids, logits_to_keep=1)}
+    for name, run in sides.items():
+        with torch.inference_mode():
+            run()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+                run()
+                torch.cuda.synchronize()
+        print(f"==== {name}: batch {batch} x {tokens} tokens")
+        print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import safetensors
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import glm_engine
 from glm_engine import GlmEngineError
@@ -51,16 +51,61 @@ def _chunk_digest(path: Path, offset: int) -> str:
         return hashlib.sha256(stream.read(CHECKSUM_CHUNK_BYTES)).hexdigest()
 
 
-def file_checksums(path: Path) -> dict:
-    """sha256 of the whole file (what `sha256sum` prints) and of each chunk."""
-    whole = hashlib.sha256()
-    chunks = []
-    with open(path, "rb") as stream:
-        while block := stream.read(CHECKSUM_CHUNK_BYTES):
-            whole.update(block)
-            chunks.append(hashlib.sha256(block).hexdigest())
-    return {"size": path.stat().st_size, "sha256": whole.hexdigest(),
-            "chunk_bytes": CHECKSUM_CHUNK_BYTES, "chunk_sha256": chunks}
+class _HashingWriter:
+    """Writes a file while computing its sha256 and that of each chunk, so the
+    weights are written and checksummed in one pass."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.size = 0
+        self.whole = hashlib.sha256()
+        self.chunk = hashlib.sha256()
+        self.chunks: list[str] = []
+
+    def write(self, data: memoryview | bytes) -> None:
+        data = memoryview(data).cast("B")
+        self.stream.write(data)
+        self.whole.update(data)
+        while len(data):
+            room = CHECKSUM_CHUNK_BYTES - self.size % CHECKSUM_CHUNK_BYTES
+            self.chunk.update(data[:room])
+            self.size += min(room, len(data))
+            if self.size % CHECKSUM_CHUNK_BYTES == 0:
+                self.chunks.append(self.chunk.hexdigest())
+                self.chunk = hashlib.sha256()
+            data = data[room:]
+
+    def checksums(self) -> dict:
+        chunks = self.chunks + ([self.chunk.hexdigest()] if self.size % CHECKSUM_CHUNK_BYTES else [])
+        return {"size": self.size, "sha256": self.whole.hexdigest(), "chunk_bytes": CHECKSUM_CHUNK_BYTES,
+                "chunk_sha256": chunks}
+
+
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int8: "I8",
+                       torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
+    """Writes `tensors` in the safetensors format one tensor at a time (no second
+    copy of the weights in memory) and returns the file's checksums."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which engines do not store")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as stream:
+        writer = _HashingWriter(stream)
+        writer.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
+        for tensor in tensors.values():
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            writer.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+    return writer.checksums()
 
 
 def verify_checksums(path: Path, expected: dict) -> None:
@@ -96,8 +141,8 @@ def save_engine(output_dir: str | Path, model_config: ModelConfig, build_config:
         checksums = {}
         for rank, weights in enumerate(rank_weights):
             name = weights_file_name(rank)
-            save_file(weights, staging / name, metadata={"format_version": str(ENGINE_FORMAT_VERSION)})
-            checksums[name] = file_checksums(staging / name)
+            checksums[name] = write_safetensors(staging / name, weights,
+                                                {"format_version": str(ENGINE_FORMAT_VERSION)})
         for path in tokenizer_files:
             shutil.copy2(path, staging / path.name)
         config = {"format_version": ENGINE_FORMAT_VERSION, "model": model_config.to_dict(),

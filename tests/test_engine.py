@@ -101,3 +101,26 @@ def test_directory_that_is_not_an_engine_is_not_replaced(tmp_path):
         write(tmp_path / "engine")
     assert (tmp_path / "engine" / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 1 << 20])
+def test_weights_file_is_standard_safetensors_with_true_checksums(tmp_path, monkeypatch, chunk_bytes):
+    """The streaming writer's file loads with the safetensors library, and its
+    recorded sha256 values are those of the bytes on disk."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from glm_engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CHECKSUM_CHUNK_BYTES", chunk_bytes)
+    tensors = {"half": torch.randn(3, 5).half(), "brain": torch.randn(7).bfloat16(),
+               "int": torch.arange(-4, 4, dtype=torch.int8), "empty": torch.zeros(0, 4)}
+    checksums = engine_module.write_safetensors(tmp_path / "w.safetensors", tensors, {"k": "v"})
+    loaded = load_file(tmp_path / "w.safetensors")
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+    data = (tmp_path / "w.safetensors").read_bytes()
+    assert checksums["size"] == len(data)
+    assert checksums["sha256"] == hashlib.sha256(data).hexdigest()
+    assert checksums["chunk_sha256"] == [hashlib.sha256(data[i:i + chunk_bytes]).hexdigest()
+                                         for i in range(0, len(data), chunk_bytes)]

@@ -128,13 +128,14 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def engine_rows(session: Session, args: argparse.Namespace, device: torch.device) -> list[dict]:
+def measured_rows(side: str, measure: Callable[[list[list[int]]], dict], vocab_size: int,
+                  args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """One row per batch size: `measure(prompts)` timings and the peak memory during them."""
     rows = []
     for batch_size in args.batch_size:
         reset_peak(device)
-        prompts = random_prompts(batch_size, args.input_len, session.model_config.vocab_size)
-        row = measure_engine(session, prompts, args.output_len, args.repeats)
-        rows.append({"side": "glm_engine", **row, "peak_gib": peak_gib(device)})
+        row = measure(random_prompts(batch_size, args.input_len, vocab_size))
+        rows.append({"side": side, **row, "peak_gib": peak_gib(device)})
     return rows
 
 
@@ -143,13 +144,8 @@ def hf_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     engine = load_engine(args.engine_dir, "cpu")
     model = build_glm_model(engine.model_config, engine.weights, device, attn_implementation="eager")
     del engine
-    rows = []
-    for batch_size in args.batch_size:
-        reset_peak(device)
-        prompts = random_prompts(batch_size, args.input_len, model.config.vocab_size)
-        row = measure_hf(model, prompts, args.output_len, args.repeats)
-        rows.append({"side": "hf_eager", **row, "peak_gib": peak_gib(device)})
-    return rows
+    return measured_rows("hf_eager", lambda prompts: measure_hf(model, prompts, args.output_len, args.repeats),
+                         model.config.vocab_size, args, device)
 
 
 def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -> float:
@@ -172,7 +168,9 @@ def main() -> None:
     session = Session(args.engine_dir, device)
     synchronize()
     result["startup_s"] = time.perf_counter() - start
-    rows = engine_rows(session, args, device)
+    rows = measured_rows("glm_engine", lambda prompts: measure_engine(session, prompts, args.output_len,
+                                                                      args.repeats),
+                         session.model_config.vocab_size, args, device)
     if args.accuracy:
         result["logits_relative_error_vs_hf_fp32"] = accuracy(session, args, device)
     del session

@@ -84,7 +84,6 @@ def main() -> None:
     sampling = SamplingConfig(max_new_tokens=args.max_output_len or session.build_config.max_output_len,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               random_seed=args.random_seed, end_id=session.model_config.eos_token_id)
-    session.check_request(prompts, sampling.max_new_tokens)
     if args.streaming:
         outputs = stream_outputs(session, prompts, sampling, tokenizer)
     else:

@@ -157,7 +157,7 @@ def main() -> None:
     sides = []
     if args.test_engine:
         session = Session(args.engine_dir, device)
-        for batch in batches:
+        for batch in batches:  # every batch checked before the first is generated
             session.check_request(batch, args.output_len)
         sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=session.model_config.eos_token_id)
         sides.append(SideResult("glm_engine"))

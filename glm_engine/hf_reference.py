@@ -58,6 +58,7 @@ def build_glm_model(config: ModelConfig, weights: dict[str, torch.Tensor], devic
                     attn_implementation: str = "sdpa"):
     """GlmForCausalLM on `device` with exactly these weights, in their dtype."""
     from transformers import GlmForCausalLM
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
     dtype = weights["word_embeddings.weight"].dtype
     hf_config = glm_config(config)
@@ -65,8 +66,8 @@ def build_glm_model(config: ModelConfig, weights: dict[str, torch.Tensor], devic
     with torch.device("meta"):
         model = GlmForCausalLM(hf_config)
     model.load_state_dict(glm_state_dict(config, weights), strict=True, assign=True)
-    # Non-persistent buffers (rotary inv_freq) were made on meta; make them again.
-    model.model.rotary_emb.__init__(hf_config)
+    # The rotary module's buffers are not in the state dict and were made on meta.
+    model.model.rotary_emb = GlmRotaryEmbedding(config=hf_config)
     return model.to(device=device, dtype=dtype).eval()
 
 

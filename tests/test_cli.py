@@ -191,3 +191,18 @@ def test_bad_prompts_are_refused(dummy_engine, tmp_path, csv_text, flags, messag
 def test_dummy_engine_without_tokenizer_needs_token_ids(tiny_engine_factory):
     result = run_tool("run.py", "--engine_dir", tiny_engine_factory(*TINY_SHAPE_FLAGS, "--max_input_len", "8"))
     assert_one_line_error(result, "pass --tokenizer_dir")
+
+
+def test_benchmark_measures_engine_and_hf_on_the_same_weights(tiny_engine_factory, tmp_path):
+    engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_input_len", "16",
+                                     "--max_output_len", "8")
+    result = run_tool("benchmark.py", "--engine_dir", engine_dir, "--batch_size", "1", "2", "--input_len", "16",
+                      "--output_len", "4", "--repeats", "1", "--hf", "--accuracy", "--device", "cpu",
+                      "--output_json", tmp_path / "result.json")
+    assert result.returncode == 0, result.stderr
+    measured = json.loads((tmp_path / "result.json").read_text())
+    assert [(row["side"], row["batch_size"]) for row in measured["rows"]] == [
+        ("glm_engine", 1), ("glm_engine", 2), ("hf_eager", 1), ("hf_eager", 2)]
+    assert all(row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0 for row in measured["rows"])
+    assert measured["logits_relative_error_vs_hf_fp32"] < 1e-5
+    assert {"card", "date", "command", "torch"} <= measured["environment"].keys()

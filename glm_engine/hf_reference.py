@@ -82,7 +82,7 @@ def load_hf_reference(model_dir: str | Path, dtype: torch.dtype, device: torch.d
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, torch_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype)
         except Exception as error:  # noqa: BLE001 - remote code fails in many ways on new transformers
             raise GlmEngineError(f"the checkpoint's own modeling code failed to load ({error}); "
                                  "drop --hf_trust_remote_code to use GlmForCausalLM") from None

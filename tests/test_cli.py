@@ -206,3 +206,34 @@ def test_benchmark_measures_engine_and_hf_on_the_same_weights(tiny_engine_factor
     assert all(row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0 for row in measured["rows"])
     assert measured["logits_relative_error_vs_hf_fp32"] < 1e-5
     assert {"card", "date", "command", "torch"} <= measured["environment"].keys()
+
+
+def test_random_seed_decides_the_dummy_weights(tiny_engine_factory):
+    def sha(seed):
+        engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--max_input_len", "9", "--random_seed", seed)
+        return json.loads((engine_dir / "config.json").read_text())["checksums"]["rank0.safetensors"]["sha256"]
+
+    first = sha(1)
+    assert first == json.loads((tiny_engine_factory(*TINY_SHAPE_FLAGS, "--max_input_len", "9", "--random_seed", 1)
+                                / "config.json").read_text())["checksums"]["rank0.safetensors"]["sha256"]
+    assert first != sha(2)
+
+
+def test_run_with_a_tokenizer_given_apart_from_the_engine(tiny_engine_factory, tiny_tokenizer_dir):
+    engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--max_input_len", "32")
+    result = run_tool("run.py", "--engine_dir", engine_dir, "--tokenizer_dir", tiny_tokenizer_dir,
+                      "--max_output_len", "4", "--input_text", "Hello there")
+    assert result.returncode == 0, result.stderr
+    assert "\tHello there" in result.stdout
+
+
+def test_summarize_against_the_checkpoint_given(tiny_checkpoint_factory, tmp_path):
+    model_dir = tiny_checkpoint_factory("safetensors", seed=23)
+    build = run_tool("build.py", "--model_dir", model_dir, "--dtype", "float32", "--output_dir",
+                     tmp_path / "engine", *LIMITS)
+    assert build.returncode == 0, build.stderr
+    result = run_tool("summarize.py", "--engine_dir", tmp_path / "engine", "--hf_model_location", model_dir,
+                      "--dataset_path", SAMPLE, "--test_hf", "--data_type", "fp32", "--batch_size", "3",
+                      "--max_ite", "1", "--output_len", "12", "--max_input_len", "64")
+    assert result.returncode == 0, result.stderr
+    assert "Token agreement: 100.0% of outputs identical" in result.stdout

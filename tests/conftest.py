@@ -13,6 +13,10 @@ import torch
 
 # Make `import glm_engine...` and `import checkpoints` work even when pytest
 # is started without pytest.ini (for example from another directory).
+# Triton kernels run in Triton's interpreter on machines without a GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 for _path in (str(REPO_ROOT), str(TESTS_DIR), str(REPO_ROOT / "scripts")):

@@ -16,6 +16,14 @@ def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return (weight * normed).to(hidden.dtype)
 
 
+def add_rms_norm(branch: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + branch), residual + branch); without a branch, (rms_norm(residual), residual)."""
+    if branch is not None:
+        residual = residual + branch
+    return rms_norm(residual, weight, eps), residual
+
+
 def rotary_frequencies(positions: torch.Tensor, rotary_dim: int, base: float,
                        position_scale: float = 1.0) -> torch.Tensor:
     """exp(i * angle) [N, rotary_dim // 2] (complex64) of ChatGLM2's rotary angles

@@ -1,0 +1,127 @@
+"""Each Triton kernel against its plain-PyTorch reference on fresh random
+inputs of several shapes, ragged lengths and block sizes. On the CPU the
+kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from glm_engine.kernels import reference
+from glm_engine.runtime.kv_cache import make_attention_batch
+
+decode_attention_module = pytest.importorskip("glm_engine.kernels.decode_attention")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations():
+    """torch.empty fills new tensors with NaN, so an output element a kernel does not write fails."""
+    import torch.utils.deterministic
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def shuffled_block_tables(lengths: list[int], block_size: int, rng: random.Random) -> tuple[list[list[int]], int]:
+    counts = [-(-length // block_size) for length in lengths]
+    blocks = list(range(sum(counts) + 3))  # a few blocks nobody owns
+    rng.shuffle(blocks)
+    tables, start = [], 0
+    for count in counts:
+        tables.append(blocks[start:start + count])
+        start += count
+    return tables, len(blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads, groups, head_dim, block_size, lengths", [
+    (4, 2, 16, 4, [1, 7, 30]),
+    (8, 2, 32, 16, [65, 3, 130, 16]),
+    (32, 2, 128, 64, [200]),
+    (6, 3, 24, 8, [9, 40]),
+])
+def test_decode_attention_matches_reference(dtype, heads, groups, head_dim, block_size, lengths):
+    rng = random.Random(heads * 1000 + block_size)
+    torch.manual_seed(rng.randrange(1 << 30))
+    tables, num_blocks = shuffled_block_tables(lengths, block_size, rng)
+    key_cache = torch.randn(num_blocks * block_size, groups, head_dim, dtype=dtype, device=DEVICE)
+    value_cache = torch.randn_like(key_cache)
+    query = torch.randn(len(lengths), heads, head_dim, dtype=dtype, device=DEVICE)
+    batch = make_attention_batch(tables, [n - 1 for n in lengths], [1] * len(lengths), block_size, DEVICE, dtype)
+    expected = reference.paged_attention(query.float(), key_cache.float(), value_cache.float(),
+                                         batch.query_index, batch.output_rows, batch.key_slots,
+                                         batch.attention_bias.float(), head_dim ** -0.5)
+    width = max(map(len, tables))
+    table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
+    context = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    for num_splits in (None, 1, 3):
+        out = torch.full_like(query, float("nan"))  # an element the kernel misses stays NaN
+        decode_attention_module.decode_attention(query, key_cache, value_cache, table_tensor, context, block_size,
+                                                 head_dim ** -0.5, max(lengths) + 5, num_splits, out=out)
+        assert relative_error(out, expected) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+norm_module = pytest.importorskip("glm_engine.kernels.norm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows, hidden, with_branch", [(1, 64, True), (5, 100, True), (3, 4096, False)])
+def test_add_rms_norm_matches_reference(dtype, rows, hidden, with_branch):
+    residual = torch.randn(rows, hidden, dtype=dtype, device=DEVICE)
+    branch = torch.randn_like(residual) if with_branch else None
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    expected_normed, expected_residual = reference.add_rms_norm(
+        None if branch is None else branch.double(), residual.double(), weight.double(), 1e-5)
+    normed, updated = norm_module.add_rms_norm(branch, residual, weight, 1e-5)
+    bound = 1e-6 if dtype == torch.float32 else 1e-3 if dtype == torch.float16 else 8e-3
+    assert relative_error(normed, expected_normed) < bound
+    assert relative_error(updated, expected_residual) < bound
+    assert not normed.isnan().any() and not updated.isnan().any()
+
+
+rotary_kv_module = pytest.importorskip("glm_engine.kernels.rotary_kv")
+swiglu_module = pytest.importorskip("glm_engine.kernels.swiglu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens, heads, groups, head_dim, position_scale", [
+    (1, 4, 2, 16, 1.0), (7, 8, 2, 32, 0.25), (3, 32, 2, 128, 1.0), (5, 6, 3, 24, 1.0)])
+def test_rotary_kv_write_matches_reference(dtype, tokens, heads, groups, head_dim, position_scale):
+    num_slots = 40
+    qkv = torch.randn(tokens, (heads + 2 * groups) * head_dim, dtype=dtype, device=DEVICE)
+    positions = torch.randint(0, 5000, (tokens,), device=DEVICE)
+    slots = torch.randperm(num_slots, device=DEVICE)[:tokens]
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float32, device=DEVICE)
+                                  / (head_dim // 2)))
+    key_cache = torch.full((num_slots, groups, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    value_cache = torch.full_like(key_cache, float("nan"))
+    query = rotary_kv_module.rotary_kv_write(qkv, positions, inv_freq, position_scale, slots, key_cache,
+                                             value_cache, heads)
+    frequencies = reference.rotary_frequencies(positions, head_dim // 2, 10000.0, position_scale)
+    heads_view = qkv.double().view(tokens, heads + 2 * groups, head_dim)
+    rotated = reference.apply_rotary(heads_view[:, :heads + groups].float(), frequencies).double()
+    bound = 1e-6 if dtype == torch.float32 else 1e-3 if dtype == torch.float16 else 8e-3
+    assert relative_error(query, rotated[:, :heads]) < bound
+    assert relative_error(key_cache[slots], rotated[:, heads:]) < bound
+    assert torch.equal(value_cache[slots], qkv.view(tokens, heads + 2 * groups, head_dim)[:, heads + groups:])
+    untouched = torch.ones(num_slots, dtype=torch.bool, device=DEVICE)
+    untouched[slots] = False
+    assert key_cache[untouched].isnan().all() and value_cache[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows, width", [(1, 96), (4, 1000), (2, 13696)])
+def test_swiglu_matches_reference(dtype, rows, width):
+    gate_up = torch.randn(rows, 2 * width, dtype=dtype, device=DEVICE)
+    bound = 1e-6 if dtype == torch.float32 else 1e-3 if dtype == torch.float16 else 8e-3
+    assert relative_error(swiglu_module.swiglu(gate_up), reference.swiglu(gate_up.double())) < bound

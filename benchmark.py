@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from glm_engine.cli import run_tool
-from glm_engine.engine import load_engine
+from glm_engine.engine import load_engine, read_engine_config
 from glm_engine.hf_reference import build_glm_model
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import Session, resolve_device
@@ -38,6 +38,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also measure GlmForCausalLM (eager) on the same weights")
     parser.add_argument("--accuracy", action="store_true",
                         help="relative error of the engine's logits against GlmForCausalLM in float32")
+    parser.add_argument("--no_cuda_graphs", action="store_true", help="decode eagerly even with the attention plugin")
     parser.add_argument("--output_json", type=str, default=None)
     parser.add_argument("--device", type=str, default=None)
     return parser.parse_args(argv)
@@ -162,10 +163,11 @@ def main() -> None:
     args = parse_arguments()
     device = resolve_device(args.device)
     result = {"environment": environment(device), "engine_dir": args.engine_dir,
+              "build": read_engine_config(args.engine_dir)["build"], "cuda_graphs": not args.no_cuda_graphs,
               "input_len": args.input_len, "output_len": args.output_len}
     synchronize()
     start = time.perf_counter()
-    session = Session(args.engine_dir, device)
+    session = Session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs)
     synchronize()
     result["startup_s"] = time.perf_counter() - start
     rows = measured_rows("glm_engine", lambda prompts: measure_engine(session, prompts, args.output_len,

@@ -2,7 +2,9 @@
 streams and the block-addressed KV cache. Any size, float32/float16/bfloat16.
 
 Parameter names are the engine's runtime layout (fused query_key_value, fused
-dense_h_to_4h); weight.py maps Hugging Face checkpoints onto them."""
+dense_h_to_4h); weight.py maps Hugging Face checkpoints onto them. The build
+flags choose the ops: plain PyTorch (glm_engine.kernels.reference) or the
+Triton kernels ("plugins") that compute the same functions."""
 
 from __future__ import annotations
 
@@ -11,105 +13,150 @@ import math
 import torch
 from torch import nn
 
-from glm_engine.config import ModelConfig
+from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.kernels import reference
 from glm_engine.runtime.kv_cache import AttentionBatch, KVCache
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    """RMSNorm that also adds a branch into the residual stream first;
+    `fused` runs both in one Triton kernel (--use_layernorm_plugin)."""
+
+    def __init__(self, size: int, eps: float, fused: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
+        self.fused = fused
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return reference.rms_norm(hidden, self.weight, self.eps)
+    def forward(self, branch: torch.Tensor | None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized residual + branch, residual + branch)."""
+        if self.fused:
+            from glm_engine.kernels.norm import add_rms_norm
+
+            return add_rms_norm(branch, residual, self.weight, self.eps)
+        return reference.add_rms_norm(branch, residual, self.weight, self.eps)
 
 
 class SelfAttention(nn.Module):
     """Fused QKV projection, rotary on the first half of each head, grouped
-    (multi-query) causal attention through the KV cache, output projection."""
+    (multi-query) causal attention through the KV cache, output projection.
+    With --use_gpt_attention_plugin, rotary and the cache write are one kernel
+    and decode steps use the paged decode-attention kernel."""
 
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, plugin: bool) -> None:
         super().__init__()
         self.config = config
         self.layer_index = layer_index
+        self.plugin = plugin
         self.query_key_value = nn.Linear(config.hidden_size, config.qkv_size, bias=config.add_qkv_bias)
         self.dense = nn.Linear(config.q_size, config.hidden_size, bias=False)
 
     def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, batch: AttentionBatch,
                 kv_cache: KVCache) -> torch.Tensor:
+        """`rotary`: the rotary frequencies, inv_freq [rotary_dim // 2] for the plugin,
+        exp(i * angle) per token (reference.rotary_frequencies) otherwise."""
         config = self.config
         heads, groups, head_dim = config.num_attention_heads, config.multi_query_group_num, config.kv_channels
-        qkv = self.query_key_value(hidden).view(-1, heads + 2 * groups, head_dim)
-        # Query and key heads rotate together: one rotary pass instead of two.
-        query_key = reference.apply_rotary(qkv[:, :heads + groups], rotary)
-        query, key, value = query_key[:, :heads], query_key[:, heads:], qkv[:, heads + groups:]
-        kv_cache.write(self.layer_index, batch.slot_mapping, key, value)
-        context = reference.paged_attention(
-            query, kv_cache.keys[self.layer_index], kv_cache.values[self.layer_index],
-            batch.query_index, batch.output_rows, batch.key_slots, batch.attention_bias,
-            scale=1.0 / math.sqrt(head_dim))
+        keys, values = kv_cache.keys[self.layer_index], kv_cache.values[self.layer_index]
+        scale = 1.0 / math.sqrt(head_dim)
+        qkv = self.query_key_value(hidden)
+        if self.plugin:
+            from glm_engine.kernels.decode_attention import decode_attention
+            from glm_engine.kernels.rotary_kv import rotary_kv_write
+
+            query = rotary_kv_write(qkv, batch.positions, rotary, config.position_scale, batch.slot_mapping,
+                                    keys, values, heads)
+            if batch.decode:
+                context = decode_attention(query, keys, values, batch.block_tables, batch.context_lengths,
+                                           kv_cache.block_size, scale, batch.max_context)
+                return self.dense(context.flatten(1))
+        else:
+            qkv = qkv.view(-1, heads + 2 * groups, head_dim)
+            # Query and key heads rotate together: one rotary pass instead of two.
+            query_key = reference.apply_rotary(qkv[:, :heads + groups], rotary)
+            query = query_key[:, :heads]
+            kv_cache.write(self.layer_index, batch.slot_mapping, query_key[:, heads:], qkv[:, heads + groups:])
+        # The context phase stays unfused until context FMHA lands.
+        context = reference.paged_attention(query, keys, values, batch.query_index, batch.output_rows,
+                                            batch.key_slots, batch.attention_bias, scale)
         return self.dense(context.flatten(1))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, fused_swiglu: bool) -> None:
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+        self.fused_swiglu = fused_swiglu
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(reference.swiglu(self.dense_h_to_4h(hidden)))
+        gate_up = self.dense_h_to_4h(hidden)
+        if self.fused_swiglu:
+            from glm_engine.kernels.swiglu import swiglu
+
+            return self.dense_4h_to_h(swiglu(gate_up))
+        return self.dense_4h_to_h(reference.swiglu(gate_up))
 
 
 class DecoderLayer(nn.Module):
-    """h = x + Attn(RMSNorm(x)); y = h + MLP(RMSNorm(h))."""
+    """h = x + Attn(RMSNorm(x)); y = h + MLP(RMSNorm(h)). It takes RMSNorm(x) and x,
+    and returns RMSNorm'(y) and y, where RMSNorm' is the next layer's input norm
+    (or the final norm): each residual add is fused with the norm after it."""
 
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, build: BuildConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
-        self.self_attention = SelfAttention(config, layer_index)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
-        self.mlp = MLP(config)
+        fused = build.use_layernorm_plugin is not None
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, fused)
+        self.self_attention = SelfAttention(config, layer_index, build.use_gpt_attention_plugin is not None)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, fused)
+        self.mlp = MLP(config, fused)
 
-    def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, batch: AttentionBatch,
-                kv_cache: KVCache) -> torch.Tensor:
-        hidden = hidden + self.self_attention(self.input_layernorm(hidden), rotary, batch, kv_cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, normed: torch.Tensor, residual: torch.Tensor, next_norm: RMSNorm, rotary: torch.Tensor,
+                batch: AttentionBatch, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        attention = self.self_attention(normed, rotary, batch, kv_cache)
+        normed, residual = self.post_attention_layernorm(attention, residual)
+        return next_norm(self.mlp(normed), residual)
 
 
 class ChatGLM2Model(nn.Module):
     """Embedding, decoder layers, final RMSNorm and the (untied) output layer."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, build: BuildConfig) -> None:
         super().__init__()
         self.config = config
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, build) for i in range(config.num_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon,
+                                       build.use_layernorm_plugin is not None)
         self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", reference.rotary_inv_freq(config.rotary_dim, config.rotary_base),
+                             persistent=False)
         self.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
         """Hidden states [N, hidden_size] of N packed new tokens, after the final norm;
         writes their K/V into `kv_cache`."""
-        config = self.config
-        rotary = reference.rotary_frequencies(batch.positions, config.rotary_dim, config.rotary_base,
-                                              config.position_scale)
-        hidden = self.word_embeddings(input_ids)
-        for layer in self.layers:
-            hidden = layer(hidden, rotary, batch, kv_cache)
-        return self.final_layernorm(hidden)
+        residual = self.word_embeddings(input_ids)
+        rotary = self.inv_freq
+        if not self.layers[0].self_attention.plugin:  # angles once per step, not per layer
+            rotary = reference.rotary_frequencies(batch.positions, self.inv_freq, self.config.position_scale)
+        normed, residual = self.layers[0].input_layernorm(None, residual)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.final_layernorm]
+        for layer, next_norm in zip(self.layers, next_norms):
+            normed, residual = layer(normed, residual, next_norm, rotary, batch, kv_cache)
+        return normed
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab_size] of the given hidden states."""
         return self.output_layer(hidden).float()
 
 
-def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device) -> ChatGLM2Model:
-    """A ChatGLM2Model on `device` holding exactly `weights` (runtime-layout names)."""
+def build_model(config: ModelConfig, build: BuildConfig, weights: dict[str, torch.Tensor],
+                device: torch.device) -> ChatGLM2Model:
+    """A ChatGLM2Model on `device` holding exactly `weights` (runtime-layout names),
+    with the ops the build flags chose."""
     with torch.device("meta"):
-        network = ChatGLM2Model(config)
+        network = ChatGLM2Model(config, build)
     network.load_state_dict(weights, strict=True, assign=True)
+    network.inv_freq = reference.rotary_inv_freq(config.rotary_dim, config.rotary_base)
     return network.to(device).eval()

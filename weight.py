@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,16 +151,22 @@ def dummy_weights(config: ModelConfig, dtype: torch.dtype, seed: int | None,
                   progress: bool = False) -> dict[str, torch.Tensor]:
     """Seeded random weights with the network's shapes: norms near 1, matrices
     with std 1/sqrt(fan_in), so that every layer contributes at any model size
-    and activations stay in range."""
-    generator = torch.Generator().manual_seed(0 if seed is None else seed)
-    weights = {}
+    and activations stay in range. Each tensor has its own generator, so they
+    are made in parallel threads and do not depend on the device or thread count."""
     shapes = expected_shapes(config)
-    for name, shape in tqdm(shapes.items(), desc="Generating dummy weights", disable=not progress):
+
+    def make(index: int, name: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed((0 if seed is None else seed) * 1_000_003 + index)
+        shape = shapes[name]
         if name.endswith("layernorm.weight"):
             values = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         elif name == "word_embeddings.weight" or name.endswith(".bias"):
             values = torch.randn(shape, generator=generator) * (1.0 if "embeddings" in name else 0.1)
         else:
             values = torch.randn(shape, generator=generator) / shape[1] ** 0.5
-        weights[name] = values.to(dtype)
-    return weights
+        return values.to(dtype)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        futures = {name: pool.submit(make, index, name) for index, name in enumerate(shapes)}
+        return {name: future.result() for name, future in tqdm(futures.items(), desc="Generating dummy weights",
+                                                              disable=not progress)}

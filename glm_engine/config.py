@@ -189,10 +189,18 @@ class BuildConfig:
     max_output_len: int = 1024
     random_seed: int | None = None  # dummy weights only
     world_size: int = 1
+    # Plugins, as in TensorRT-LLM: the dtype they compute in, or None when off.
+    use_gpt_attention_plugin: str | None = None
+    use_layernorm_plugin: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise GlmEngineError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for plugin in ("use_gpt_attention_plugin", "use_layernorm_plugin"):
+            value = getattr(self, plugin)
+            if value is not None and value != self.dtype:
+                raise GlmEngineError(f"--{plugin} {value} with --dtype {self.dtype}: the kernels compute in the "
+                                     f"engine's dtype; pass --{plugin} {self.dtype}")
         for name in ("max_batch_size", "max_input_len", "max_output_len", "world_size"):
             if getattr(self, name) <= 0:
                 raise GlmEngineError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -200,6 +208,10 @@ class BuildConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def uses_triton(self) -> bool:
+        return self.use_gpt_attention_plugin is not None or self.use_layernorm_plugin is not None
 
     @property
     def max_sequence_len(self) -> int:

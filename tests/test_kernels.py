@@ -107,7 +107,7 @@ def test_rotary_kv_write_matches_reference(dtype, tokens, heads, groups, head_di
     value_cache = torch.full_like(key_cache, float("nan"))
     query = rotary_kv_module.rotary_kv_write(qkv, positions, inv_freq, position_scale, slots, key_cache,
                                              value_cache, heads)
-    frequencies = reference.rotary_frequencies(positions, head_dim // 2, 10000.0, position_scale)
+    frequencies = reference.rotary_frequencies(positions, inv_freq, position_scale)
     heads_view = qkv.double().view(tokens, heads + 2 * groups, head_dim)
     rotated = reference.apply_rotary(heads_view[:, :heads + groups].float(), frequencies).double()
     bound = 1e-6 if dtype == torch.float32 else 1e-3 if dtype == torch.float16 else 8e-3

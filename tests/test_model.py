@@ -142,7 +142,7 @@ def test_rope_ratio_mode_defaults():
 
 def test_rotary_pairs_are_interleaved_on_the_first_half():
     x = torch.randn(3, 2, 8)
-    frequencies = reference.rotary_frequencies(torch.tensor([0, 1, 5]), rotary_dim=4, base=10000.0)
+    frequencies = reference.rotary_frequencies(torch.tensor([0, 1, 5]), reference.rotary_inv_freq(4, 10000.0))
     out = reference.apply_rotary(x, frequencies)
     assert torch.equal(out[..., 4:], x[..., 4:])
     assert torch.allclose(out[0], x[0])  # position 0: no rotation

@@ -24,12 +24,14 @@ def add_rms_norm(branch: torch.Tensor | None, residual: torch.Tensor, weight: to
     return rms_norm(residual, weight, eps), residual
 
 
-def rotary_frequencies(positions: torch.Tensor, rotary_dim: int, base: float,
-                       position_scale: float = 1.0) -> torch.Tensor:
-    """exp(i * angle) [N, rotary_dim // 2] (complex64) of ChatGLM2's rotary angles
-    theta_j = base^(-2j / rotary_dim) at `positions * position_scale`."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=positions.device) / rotary_dim
-    inv_freq = 1.0 / (base ** exponents)
+def rotary_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
+    """ChatGLM2's rotary frequencies theta_j = base^(-2j / rotary_dim), float32 [rotary_dim // 2]."""
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+
+
+def rotary_frequencies(positions: torch.Tensor, inv_freq: torch.Tensor, position_scale: float = 1.0) -> torch.Tensor:
+    """exp(i * angle) [N, rotary_dim // 2] (complex64) of the rotary angles
+    `positions * position_scale * inv_freq`."""
     angles = (positions.float() * position_scale)[:, None] * inv_freq[None, :]
     return torch.polar(torch.ones_like(angles), angles)
 

@@ -38,15 +38,20 @@ class AttentionBatch:
     key_slots: torch.Tensor  # [B, L] cache slot of every key position (padded)
     attention_bias: torch.Tensor  # [B, T, L] model dtype: 0 where attending is allowed, -inf elsewhere
     last_token_index: torch.Tensor  # [B] packed index of each sequence's last new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32, for the paged kernels
+    context_lengths: torch.Tensor  # [B] int32, keys per sequence once the new tokens are in
+    max_context: int  # bound on context_lengths, which sizes the decode kernel's splits
+    decode: bool  # one new token per sequence
 
 
 def make_attention_batch(block_tables: list[list[int]], cached_lengths: list[int],
                          new_token_counts: list[int], block_size: int, device: torch.device,
-                         dtype: torch.dtype = torch.float32) -> AttentionBatch:
+                         dtype: torch.dtype = torch.float32, max_context: int | None = None) -> AttentionBatch:
     """Addresses for one forward step: sequence i has `cached_lengths[i]` tokens in
     the cache already and `new_token_counts[i]` new tokens packed after those of
     sequence i-1. Built on the CPU, then moved to `device`; the attention bias is
-    in `dtype`, the model's, so that scores plus bias stay in that dtype."""
+    in `dtype`, the model's, so that scores plus bias stay in that dtype.
+    `max_context` (default: the longest context of this step) bounds every context."""
     cached = torch.tensor(cached_lengths)
     new = torch.tensor(new_token_counts)
     total = cached + new
@@ -70,7 +75,11 @@ def make_attention_batch(block_tables: list[list[int]], cached_lengths: list[int
         output_rows=to_device(torch.arange(len(new) * max_new).view(len(new), max_new)[valid]),
         key_slots=to_device(key_slots),
         attention_bias=causal_bias(to_device(query_positions), to_device(valid), max_keys, dtype),
-        last_token_index=to_device(starts + new - 1))
+        last_token_index=to_device(starts + new - 1),
+        block_tables=to_device(tables.to(torch.int32)),
+        context_lengths=to_device(total.to(torch.int32)),
+        max_context=max_context or max_keys,
+        decode=max_new == 1)
 
 
 def causal_bias(query_positions: torch.Tensor, valid: torch.Tensor, max_keys: int,

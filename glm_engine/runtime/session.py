@@ -4,6 +4,7 @@ runs prefill then decode steps over packed sequences, samples and stops."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,18 +32,41 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+# Tokens per KV-cache block. Each batch row owns a fixed run of blocks until the
+# paged-cache issue brings a block manager and --tokens_per_block.
+TOKENS_PER_BLOCK = 64
+
+
 class Session:
     """Generates for batches of tokenized prompts with one loaded engine."""
 
-    def __init__(self, engine: Engine | str | Path, device: str | torch.device | None = None) -> None:
+    def __init__(self, engine: Engine | str | Path, device: str | torch.device | None = None,
+                 cuda_graphs: bool = True) -> None:
         self.device = resolve_device(str(device) if device is not None else None)
         if not isinstance(engine, Engine):
             engine = load_engine(engine, self.device)
         self.engine = engine
-        self.model_config = engine.model_config
-        self.build_config = engine.build_config
-        self.model = build_model(engine.model_config, engine.weights, self.device)
+        self.model_config = config = engine.model_config
+        self.build_config = build = engine.build_config
+        if build.uses_triton and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise GlmEngineError("this engine was built with plugins (Triton kernels), which need a CUDA GPU; "
+                                 "run it on cuda, or set TRITON_INTERPRET=1 to interpret them on the CPU (slow)")
+        self.model = build_model(config, build, engine.weights, self.device)
         engine.weights = {}  # the model holds them now
+        self.blocks_per_row = -(-build.max_sequence_len // TOKENS_PER_BLOCK)
+        # One run of blocks per batch row, and a last block that padded graph rows write to.
+        self.scratch_block = build.max_batch_size * self.blocks_per_row
+        self.kv_cache = KVCache(config.num_layers, self.scratch_block + 1, TOKENS_PER_BLOCK,
+                                config.multi_query_group_num, config.kv_channels, build.torch_dtype, self.device)
+        self.decode_graphs = None
+        if cuda_graphs and self.device.type == "cuda" and build.use_gpt_attention_plugin is not None:
+            from glm_engine.runtime.cuda_graphs import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(self)
+
+    def block_table(self, row: int) -> list[int]:
+        """The cache blocks of batch row `row`."""
+        return list(range(row * self.blocks_per_row, (row + 1) * self.blocks_per_row))
 
     def check_request(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """Raises GlmEngineError when a request breaks the engine's limits."""
@@ -66,46 +90,51 @@ class Session:
                 raise GlmEngineError(f"prompt {index} holds token id {bad[0]}, outside the vocabulary "
                                      f"[0, {vocab})")
 
-    def _new_cache(self, num_sequences: int, tokens_per_sequence: int) -> KVCache:
-        config = self.model_config
-        return KVCache(config.num_layers, num_sequences, tokens_per_sequence, config.multi_query_group_num,
-                       config.kv_channels, self.build_config.torch_dtype, self.device)
+    def forward(self, rows: list[int], cached: list[int], new_tokens: list[list[int]]) -> torch.Tensor:
+        """Eager forward of the new tokens of batch rows `rows` (with `cached` tokens
+        already in their cache); float32 logits [len(rows), vocab] of each row's last token."""
+        batch = make_attention_batch([self.block_table(row) for row in rows], cached, list(map(len, new_tokens)),
+                                     TOKENS_PER_BLOCK, self.device, self.build_config.torch_dtype,
+                                     self.build_config.max_sequence_len)
+        input_ids = torch.tensor([token for tokens in new_tokens for token in tokens], device=self.device)
+        return self.model.logits(self.model(input_ids, batch, self.kv_cache)[batch.last_token_index])
 
     @torch.inference_mode()
     def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
         """Float32 logits [len(prompt), vocab] at every position of one prompt."""
         self.check_request([prompt], 1)
-        cache = self._new_cache(1, len(prompt))
-        batch = make_attention_batch([[0]], [0], [len(prompt)], len(prompt), self.device,
-                                     self.build_config.torch_dtype)
+        batch = make_attention_batch([self.block_table(0)], [0], [len(prompt)], TOKENS_PER_BLOCK, self.device,
+                                     self.build_config.torch_dtype, self.build_config.max_sequence_len)
         input_ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        return self.model.logits(self.model(input_ids, batch, cache))
+        return self.model.logits(self.model(input_ids, batch, self.kv_cache))
+
+    def _next_tokens(self, rows: list[int], cached: list[int], new_tokens: list[list[int]],
+                     sampling: SamplingConfig, generator: torch.Generator) -> list[int]:
+        """One step: a captured decode graph when every row has one new token, else eager."""
+        if self.decode_graphs is not None and all(len(tokens) == 1 for tokens in new_tokens):
+            logits, greedy = self.decode_graphs.run(rows, cached, [tokens[0] for tokens in new_tokens])
+            return greedy.tolist() if sampling.greedy else sample(logits, sampling, generator).tolist()
+        return sample(self.forward(rows, cached, new_tokens), sampling, generator).tolist()
 
     @torch.inference_mode()
     def generate_stream(self, prompts: list[list[int]],
                         sampling: SamplingConfig) -> Iterator[list[tuple[int, int]]]:
         """Yields, after each step, the (prompt index, token) pairs it produced; a
-        sequence stops at `sampling.end_id` (not yielded) or after max_new_tokens."""
+        sequence stops at `sampling.end_id` (not yielded) or after max_new_tokens.
+        Prompt i uses batch row i of the cache."""
         self.check_request(prompts, sampling.max_new_tokens)
         generator = torch.Generator(device=self.device)
         if sampling.random_seed is None:
             generator.seed()
         else:
             generator.manual_seed(sampling.random_seed)
-        block_size = max(map(len, prompts)) + sampling.max_new_tokens
-        cache = self._new_cache(len(prompts), block_size)
         cached = [0] * len(prompts)
         produced = [0] * len(prompts)
         active = list(range(len(prompts)))
         new_tokens = [list(prompt) for prompt in prompts]
         while active:
-            batch = make_attention_batch([[i] for i in active], [cached[i] for i in active],
-                                         [len(new_tokens[i]) for i in active], block_size, self.device,
-                                         self.build_config.torch_dtype)
-            input_ids = torch.tensor([t for i in active for t in new_tokens[i]], dtype=torch.long,
-                                     device=self.device)
-            hidden = self.model(input_ids, batch, cache)
-            chosen = sample(self.model.logits(hidden[batch.last_token_index]), sampling, generator).tolist()
+            chosen = self._next_tokens(active, [cached[i] for i in active], [new_tokens[i] for i in active],
+                                       sampling, generator)
             step, still_active = [], []
             for i, token in zip(active, chosen):
                 cached[i] += len(new_tokens[i])

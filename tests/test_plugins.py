@@ -1,0 +1,79 @@
+"""Engines built with the plugin flags run the Triton kernels (interpreted on
+the CPU) and compute what the reference path computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import glm_engine.kernels.decode_attention as decode_attention_module
+import glm_engine.kernels.norm as norm_module
+import glm_engine.kernels.rotary_kv as rotary_kv_module
+import glm_engine.kernels.swiglu as swiglu_module
+from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
+from glm_engine import GlmEngineError
+from glm_engine.runtime.sampling import SamplingConfig
+from glm_engine.runtime.session import Session
+from test_model import build_engine, random_prompt, relative_error
+
+PLUGINS = {"attention": ["--use_gpt_attention_plugin"], "layernorm": ["--use_layernorm_plugin"],
+           "both": ["--use_gpt_attention_plugin", "--use_layernorm_plugin"]}
+
+
+def with_dtype(flags: list[str], dtype: str) -> list[str]:
+    return [part for flag in flags for part in (flag, dtype)]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls of each Triton kernel wrapper; the real kernel still runs."""
+    calls: dict[str, int] = {}
+    for module, name in [(decode_attention_module, "decode_attention"), (rotary_kv_module, "rotary_kv_write"),
+                         (norm_module, "add_rms_norm"), (swiglu_module, "swiglu")]:
+        original = getattr(module, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("plugins", list(PLUGINS))
+def test_plugin_engine_greedy_equals_reference_engine(tiny_checkpoint_factory, tmp_path, plugins, kernel_calls):
+    model_dir = tiny_checkpoint_factory("safetensors", seed=31)
+    reference_session = build_engine(model_dir, tmp_path / "reference")
+    plugin_session = build_engine(model_dir, tmp_path / "plugin", "float32", *with_dtype(PLUGINS[plugins],
+                                                                                         "float32"))
+    prompts = [random_prompt(length, seed) for seed, length in enumerate([5, 12, 1])]
+    sampling = SamplingConfig(max_new_tokens=10, end_id=-1)
+    assert plugin_session.generate(prompts, sampling) == reference_session.generate(prompts, sampling)
+    prompt = random_prompt(20, 9)
+    assert relative_error(plugin_session.prompt_logits(prompt), reference_session.prompt_logits(prompt)) < 1e-5
+    expected = {"attention": {"decode_attention", "rotary_kv_write"}, "layernorm": {"add_rms_norm", "swiglu"}}
+    used = set().union(*(expected[name] for name in expected if plugins in (name, "both")))
+    assert set(kernel_calls) == used
+
+
+def test_half_precision_plugin_engine_is_close_to_reference(tiny_checkpoint_factory, tmp_path):
+    model_dir = tiny_checkpoint_factory("safetensors", seed=32)
+    reference_session = build_engine(model_dir, tmp_path / "reference", "float16")
+    plugin_session = build_engine(model_dir, tmp_path / "plugin", "float16",
+                                  *with_dtype(PLUGINS["both"], "float16"))
+    prompt = random_prompt(20, 3)
+    assert relative_error(plugin_session.prompt_logits(prompt), reference_session.prompt_logits(prompt)) < 3e-3
+
+
+def test_plugin_dtype_must_match_the_engine_dtype(tmp_path):
+    result = run_tool("build.py", "--output_dir", tmp_path / "engine", *TINY_SHAPE_FLAGS, "--dtype", "float16",
+                      "--use_gpt_attention_plugin", "float32")
+    assert_one_line_error(result, "--use_gpt_attention_plugin float32 with --dtype float16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plugin_engine_on_cpu_needs_the_interpreter(tiny_engine_factory, monkeypatch):
+    engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--max_input_len", "8", "--use_gpt_attention_plugin")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(GlmEngineError, match="need a CUDA GPU"):
+        Session(engine_dir, "cpu")

@@ -9,10 +9,13 @@ import random
 import pytest
 import torch
 
+import glm_engine.kernels.decode_attention as decode_attention_module
+import glm_engine.kernels.norm as norm_module
+import glm_engine.kernels.rotary_kv as rotary_kv_module
+import glm_engine.kernels.swiglu as swiglu_module
 from glm_engine.kernels import reference
 from glm_engine.runtime.kv_cache import make_attention_batch
 
-decode_attention_module = pytest.importorskip("glm_engine.kernels.decode_attention")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -71,7 +74,6 @@ def test_decode_attention_matches_reference(dtype, heads, groups, head_dim, bloc
         assert relative_error(out, expected) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
-norm_module = pytest.importorskip("glm_engine.kernels.norm")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -89,8 +91,6 @@ def test_add_rms_norm_matches_reference(dtype, rows, hidden, with_branch):
     assert not normed.isnan().any() and not updated.isnan().any()
 
 
-rotary_kv_module = pytest.importorskip("glm_engine.kernels.rotary_kv")
-swiglu_module = pytest.importorskip("glm_engine.kernels.swiglu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -23,6 +23,7 @@ from glm_engine.engine import load_engine, read_engine_config
 from glm_engine.hf_reference import build_glm_model
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import Session, resolve_device
+from weight import dequantize_weights
 
 NEVER_ENDS = -1  # end_id no token equals: every run generates exactly output_len tokens
 
@@ -68,13 +69,25 @@ def random_prompts(batch_size: int, length: int, vocab_size: int, seed: int = 0)
 
 
 def measure_engine(session: Session, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
-    """Prefill ms (one new token) and decode ms per step (the rest of output_len)."""
-    def generate(tokens: int) -> list[list[int]]:
-        return session.generate(prompts, SamplingConfig(max_new_tokens=tokens, end_id=NEVER_ENDS))
-
-    prefill = median_seconds(lambda: generate(1), repeats)
-    total = median_seconds(lambda: generate(output_len), repeats)
-    return timing_row(len(prompts), prefill, total, output_len)
+    """Prefill ms (until the first token is out) and decode ms per step (the rest),
+    timed on the token stream itself; medians of `repeats` runs after a warm-up."""
+    sampling = SamplingConfig(max_new_tokens=output_len, end_id=NEVER_ENDS)
+    prefills, decodes = [], []
+    for run in range(repeats + 1):
+        synchronize()
+        start = time.perf_counter()
+        stream = session.generate_stream(prompts, sampling)
+        next(stream)  # each step's tokens reach the host before it is yielded
+        first = time.perf_counter()
+        for _ in stream:
+            pass
+        end = time.perf_counter()
+        if run:  # run 0 warms up
+            prefills.append(first - start)
+            decodes.append((end - first) / max(1, output_len - 1))
+    prefill, decode = statistics.median(prefills), statistics.median(decodes)
+    return {"batch_size": len(prompts), "prefill_ms": 1000 * prefill, "decode_ms_per_step": 1000 * decode,
+            "decode_tokens_per_s": len(prompts) / decode}
 
 
 def measure_hf(model, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
@@ -151,7 +164,7 @@ def hf_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -> float:
     engine = load_engine(args.engine_dir, "cpu")
-    weights = {name: tensor.float() for name, tensor in engine.weights.items()}
+    weights = {name: tensor.float() for name, tensor in dequantize_weights(engine.weights, torch.float32).items()}
     del engine
     hf_fp32 = build_glm_model(session.model_config, weights, device, attn_implementation="eager")
     del weights

@@ -13,14 +13,13 @@ from glm_engine.cli import LOG_LEVELS, run_tool, setup_logging
 from glm_engine.config import CHATGLM2_6B, DTYPES, ROPE_RATIO_MODES, BuildConfig, ModelConfig
 from glm_engine.engine import save_engine
 from glm_engine.tokenizer import TOKENIZER_FILES, ChatGLMTokenizer
-from weight import dummy_weights, load_hf_config, load_hf_weights
+from weight import dummy_weights, load_hf_config, load_hf_weights, quantize_weights
 
 logger = logging.getLogger("build")
 
 # Flags of the original example that later issues implement; refused until then.
 NOT_YET = {
-    "use_gemm_plugin": "the tuned GEMM path", "enable_context_fmha": "context FMHA",
-    "enable_context_fmha_fp32_acc": "context FMHA", "use_weight_only": "weight-only quantization",
+    "enable_context_fmha": "context FMHA", "enable_context_fmha_fp32_acc": "context FMHA",
     "use_inflight_batching": "in-flight batching", "paged_kv_cache": "the paged KV cache",
     "remove_input_padding": "packed inputs", "tokens_per_block": "the paged KV cache",
     "parallel_build": "tensor parallelism",
@@ -67,9 +66,9 @@ def check_supported(args: argparse.Namespace) -> None:
     for flag, feature in NOT_YET.items():
         if getattr(args, flag) is not None:
             raise GlmEngineError(f"--{flag} is not supported yet ({feature} is not built); build without it")
-    if args.weight_only_precision is not None:
-        raise GlmEngineError("--weight_only_precision is not supported yet (weight-only quantization is "
-                             "not built); build without it")
+    if args.weight_only_precision is not None and not args.use_weight_only:
+        raise GlmEngineError("--weight_only_precision applies to --use_weight_only; add --use_weight_only or "
+                             "drop it")
     if args.world_size != 1:
         raise GlmEngineError(f"--world_size {args.world_size} is not supported yet (tensor parallelism is "
                              "not built); use --world_size 1")
@@ -80,7 +79,7 @@ def check_triton() -> None:
         import triton  # noqa: F401
     except ImportError:
         raise GlmEngineError("the plugins are Triton kernels and triton is not installed; pip install triton, "
-                             "or build without --use_gpt_attention_plugin/--use_layernorm_plugin") from None
+                             "or build without the plugin and weight-only flags") from None
 
 
 def dummy_model_config(args: argparse.Namespace) -> ModelConfig:
@@ -114,7 +113,10 @@ def build(args: argparse.Namespace) -> Path:
                                max_input_len=args.max_input_len, max_output_len=args.max_output_len,
                                random_seed=args.random_seed, world_size=args.world_size,
                                use_gpt_attention_plugin=args.use_gpt_attention_plugin,
-                               use_layernorm_plugin=args.use_layernorm_plugin)
+                               use_layernorm_plugin=args.use_layernorm_plugin,
+                               use_gemm_plugin=args.use_gemm_plugin,
+                               weight_only_precision=(args.weight_only_precision or "int8") if args.use_weight_only
+                               else None)
     if build_config.uses_triton:
         check_triton()
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else None
@@ -137,6 +139,8 @@ def build(args: argparse.Namespace) -> Path:
         model_config = ModelConfig.from_hf_config(load_hf_config(args.model_dir), args.rope_ratio_mode)
         weights = load_hf_weights(args.model_dir, model_config, build_config.torch_dtype, progress=True)
         tokenizer_dir = tokenizer_dir or Path(args.model_dir)
+    if build_config.weight_only_precision is not None:
+        weights = quantize_weights(weights, model_config, build_config.weight_only_precision, progress=True)
     files = tokenizer_files(tokenizer_dir, model_config.vocab_size)
     flags = {key: value for key, value in vars(args).items() if key != "log_level"}
     return save_engine(args.output_dir, model_config, build_config, [weights], files, flags)

@@ -37,19 +37,48 @@ class RMSNorm(nn.Module):
         return reference.add_rms_norm(branch, residual, self.weight, self.eps)
 
 
+class DecoderLinear(nn.Module):
+    """A linear layer of a decoder layer: weight [out, in] in the model dtype, or
+    int8 / packed int4 with per-output-channel `weight_scales` (--use_weight_only).
+    Decode-sized inputs (at most 16 rows) go through the Triton skinny-GEMM kernel
+    when the layer is quantized or --use_gemm_plugin is on; larger ones through
+    cuBLAS, on the dequantized weight when quantized."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, build: BuildConfig) -> None:
+        super().__init__()
+        self.quant_bits = {"int8": 8, "int4": 4}.get(build.weight_only_precision, 0)
+        packed_in = in_features // 2 if self.quant_bits == 4 else in_features
+        self.weight = nn.Parameter(torch.empty(out_features, packed_in), requires_grad=False)
+        self.weight_scales = nn.Parameter(torch.empty(out_features), requires_grad=False) \
+            if self.quant_bits else None
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.skinny_kernel = self.quant_bits != 0 or build.use_gemm_plugin is not None
+        self.dtype = build.torch_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from glm_engine.kernels import gemv
+
+        if self.skinny_kernel and x.shape[0] <= gemv.MAX_ROWS:
+            return gemv.gemv(x, self.weight, self.bias, self.weight_scales, self.quant_bits)
+        weight = self.weight
+        if self.quant_bits:
+            weight = reference.dequantize(weight, self.weight_scales, self.quant_bits, self.dtype)
+        return reference.linear(x, weight, self.bias)
+
+
 class SelfAttention(nn.Module):
     """Fused QKV projection, rotary on the first half of each head, grouped
     (multi-query) causal attention through the KV cache, output projection.
     With --use_gpt_attention_plugin, rotary and the cache write are one kernel
     and decode steps use the paged decode-attention kernel."""
 
-    def __init__(self, config: ModelConfig, layer_index: int, plugin: bool) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, build: BuildConfig) -> None:
         super().__init__()
         self.config = config
         self.layer_index = layer_index
-        self.plugin = plugin
-        self.query_key_value = nn.Linear(config.hidden_size, config.qkv_size, bias=config.add_qkv_bias)
-        self.dense = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.plugin = build.use_gpt_attention_plugin is not None
+        self.query_key_value = DecoderLinear(config.hidden_size, config.qkv_size, config.add_qkv_bias, build)
+        self.dense = DecoderLinear(config.q_size, config.hidden_size, False, build)
 
     def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, batch: AttentionBatch,
                 kv_cache: KVCache) -> torch.Tensor:
@@ -83,11 +112,11 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, fused_swiglu: bool) -> None:
+    def __init__(self, config: ModelConfig, build: BuildConfig) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
-        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
-        self.fused_swiglu = fused_swiglu
+        self.dense_h_to_4h = DecoderLinear(config.hidden_size, 2 * config.ffn_hidden_size, False, build)
+        self.dense_4h_to_h = DecoderLinear(config.ffn_hidden_size, config.hidden_size, False, build)
+        self.fused_swiglu = build.use_layernorm_plugin is not None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         gate_up = self.dense_h_to_4h(hidden)
@@ -107,9 +136,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         fused = build.use_layernorm_plugin is not None
         self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, fused)
-        self.self_attention = SelfAttention(config, layer_index, build.use_gpt_attention_plugin is not None)
+        self.self_attention = SelfAttention(config, layer_index, build)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, fused)
-        self.mlp = MLP(config, fused)
+        self.mlp = MLP(config, build)
 
     def forward(self, normed: torch.Tensor, residual: torch.Tensor, next_norm: RMSNorm, rotary: torch.Tensor,
                 batch: AttentionBatch, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:

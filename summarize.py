@@ -23,6 +23,7 @@ from glm_engine.hf_reference import build_glm_model, hf_generate, load_hf_refere
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import Session, resolve_device
 from glm_engine.tokenizer import ChatGLMTokenizer
+from weight import dequantize_weights
 
 logger = logging.getLogger("summarize")
 
@@ -127,7 +128,7 @@ def hf_model(args: argparse.Namespace, device: torch.device):
         raise GlmEngineError("--hf_trust_remote_code needs --hf_model_location")
     engine = load_engine(args.engine_dir, "cpu")
     logger.info("no --hf_model_location: the Hugging Face side is GlmForCausalLM with the engine's weights")
-    weights = {name: tensor.to(dtype) for name, tensor in engine.weights.items()}
+    weights = {name: tensor.to(dtype) for name, tensor in dequantize_weights(engine.weights, dtype).items()}
     return build_glm_model(engine.model_config, weights, device)
 
 

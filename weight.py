@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
+from glm_engine.kernels import reference
 
 logger = logging.getLogger(__name__)
 
@@ -170,3 +171,37 @@ def dummy_weights(config: ModelConfig, dtype: torch.dtype, seed: int | None,
         futures = {name: pool.submit(make, index, name) for index, name in enumerate(shapes)}
         return {name: future.result() for name, future in tqdm(futures.items(), desc="Generating dummy weights",
                                                               disable=not progress)}
+
+
+QUANTIZED_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                     "mlp.dense_4h_to_h")
+
+
+def quantize_weights(weights: dict[str, torch.Tensor], config: ModelConfig, precision: str,
+                     progress: bool = False) -> dict[str, torch.Tensor]:
+    """Weight-only quantization of every decoder-layer linear weight (int8, or int4
+    packed two per byte) with float32 per-output-channel `weight_scales`; the
+    embedding, norms, biases and output layer stay as they are."""
+    bits = {"int8": 8, "int4": 4}[precision]
+    if bits == 4 and config.hidden_size % 2 + config.q_size % 2 + config.ffn_hidden_size % 2:
+        raise GlmEngineError("int4 weight-only needs even input sizes (hidden, heads * kv_channels, ffn)")
+    names = [f"layers.{i}.{linear}.weight" for i in range(config.num_layers) for linear in QUANTIZED_LINEARS]
+    for name in tqdm(names, desc=f"Quantizing to {precision}", disable=not progress):
+        weights[name], weights[name + "_scales"] = reference.quantize_per_channel(weights[name], bits)
+    return weights
+
+
+def dequantize_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Weights with every quantized linear replaced by the dense weight it stands for
+    (int4 is recognized by its halved input width); others unchanged."""
+    dense = {}
+    for name, tensor in weights.items():
+        if name.endswith("_scales"):
+            continue
+        scales = weights.get(name + "_scales")
+        if scales is None:
+            dense[name] = tensor
+        else:
+            bits = 4 if tensor.dtype == torch.uint8 else 8
+            dense[name] = reference.dequantize(tensor, scales, bits, dtype)
+    return dense

@@ -192,11 +192,15 @@ class BuildConfig:
     # Plugins, as in TensorRT-LLM: the dtype they compute in, or None when off.
     use_gpt_attention_plugin: str | None = None
     use_layernorm_plugin: str | None = None
+    use_gemm_plugin: str | None = None
+    weight_only_precision: str | None = None  # int8 or int4 with --use_weight_only, None without
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise GlmEngineError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for plugin in ("use_gpt_attention_plugin", "use_layernorm_plugin"):
+        if self.weight_only_precision not in (None, "int8", "int4"):
+            raise GlmEngineError(f"--weight_only_precision must be int8 or int4, got {self.weight_only_precision!r}")
+        for plugin in ("use_gpt_attention_plugin", "use_layernorm_plugin", "use_gemm_plugin"):
             value = getattr(self, plugin)
             if value is not None and value != self.dtype:
                 raise GlmEngineError(f"--{plugin} {value} with --dtype {self.dtype}: the kernels compute in the "
@@ -211,7 +215,8 @@ class BuildConfig:
 
     @property
     def uses_triton(self) -> bool:
-        return self.use_gpt_attention_plugin is not None or self.use_layernorm_plugin is not None
+        return any(value is not None for value in (self.use_gpt_attention_plugin, self.use_layernorm_plugin,
+                                                    self.use_gemm_plugin, self.weight_only_precision))
 
     @property
     def max_sequence_len(self) -> int:

@@ -56,11 +56,15 @@ def glm_state_dict(config: ModelConfig, weights: dict[str, torch.Tensor]) -> dic
 
 def build_glm_model(config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device | str,
                     attn_implementation: str = "sdpa"):
-    """GlmForCausalLM on `device` with exactly these weights, in their dtype."""
+    """GlmForCausalLM on `device` with exactly these weights, in their dtype
+    (weight-only quantized linears dequantized to it)."""
     from transformers import GlmForCausalLM
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
+    from weight import dequantize_weights
+
     dtype = weights["word_embeddings.weight"].dtype
+    weights = dequantize_weights(weights, dtype)
     hf_config = glm_config(config)
     hf_config._attn_implementation = attn_implementation
     with torch.device("meta"):

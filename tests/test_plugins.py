@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import glm_engine.kernels.decode_attention as decode_attention_module
+import glm_engine.kernels.gemv as gemv_module
 import glm_engine.kernels.norm as norm_module
 import glm_engine.kernels.rotary_kv as rotary_kv_module
 import glm_engine.kernels.swiglu as swiglu_module
@@ -17,7 +18,8 @@ from glm_engine.runtime.session import Session
 from test_model import build_engine, random_prompt, relative_error
 
 PLUGINS = {"attention": ["--use_gpt_attention_plugin"], "layernorm": ["--use_layernorm_plugin"],
-           "both": ["--use_gpt_attention_plugin", "--use_layernorm_plugin"]}
+           "gemm": ["--use_gemm_plugin"],
+           "all": ["--use_gpt_attention_plugin", "--use_layernorm_plugin", "--use_gemm_plugin"]}
 
 
 def with_dtype(flags: list[str], dtype: str) -> list[str]:
@@ -29,7 +31,7 @@ def kernel_calls(monkeypatch):
     """Counts the calls of each Triton kernel wrapper; the real kernel still runs."""
     calls: dict[str, int] = {}
     for module, name in [(decode_attention_module, "decode_attention"), (rotary_kv_module, "rotary_kv_write"),
-                         (norm_module, "add_rms_norm"), (swiglu_module, "swiglu")]:
+                         (norm_module, "add_rms_norm"), (swiglu_module, "swiglu"), (gemv_module, "gemv")]:
         original = getattr(module, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
@@ -51,8 +53,9 @@ def test_plugin_engine_greedy_equals_reference_engine(tiny_checkpoint_factory, t
     assert plugin_session.generate(prompts, sampling) == reference_session.generate(prompts, sampling)
     prompt = random_prompt(20, 9)
     assert relative_error(plugin_session.prompt_logits(prompt), reference_session.prompt_logits(prompt)) < 1e-5
-    expected = {"attention": {"decode_attention", "rotary_kv_write"}, "layernorm": {"add_rms_norm", "swiglu"}}
-    used = set().union(*(expected[name] for name in expected if plugins in (name, "both")))
+    expected = {"attention": {"decode_attention", "rotary_kv_write"}, "layernorm": {"add_rms_norm", "swiglu"},
+                "gemm": {"gemv"}}
+    used = set().union(*(expected[name] for name in expected if plugins in (name, "all")))
     assert set(kernel_calls) == used
 
 
@@ -60,7 +63,7 @@ def test_half_precision_plugin_engine_is_close_to_reference(tiny_checkpoint_fact
     model_dir = tiny_checkpoint_factory("safetensors", seed=32)
     reference_session = build_engine(model_dir, tmp_path / "reference", "float16")
     plugin_session = build_engine(model_dir, tmp_path / "plugin", "float16",
-                                  *with_dtype(PLUGINS["both"], "float16"))
+                                  *with_dtype(PLUGINS["all"], "float16"))
     prompt = random_prompt(20, 3)
     assert relative_error(plugin_session.prompt_logits(prompt), reference_session.prompt_logits(prompt)) < 3e-3
 
@@ -77,3 +80,42 @@ def test_plugin_engine_on_cpu_needs_the_interpreter(tiny_engine_factory, monkeyp
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(GlmEngineError, match="need a CUDA GPU"):
         Session(engine_dir, "cpu")
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_weight_only_engine_equals_reference_network_on_dequantized_weights(tiny_checkpoint_factory, tmp_path,
+                                                                           precision, kernel_calls):
+    """The quantized engine's greedy tokens are those of the unquantized network run on the
+    quantized-then-dequantized weights; its file stores 1 (int8) or 1/2 (int4) byte per weight."""
+    import build as build_tool
+    from glm_engine.config import BuildConfig
+    from glm_engine.engine import Engine, load_engine
+    from weight import dequantize_weights
+
+    model_dir = tiny_checkpoint_factory("safetensors", seed=33)
+    quantized = build_engine(model_dir, tmp_path / precision, "float32", "--use_weight_only",
+                             "--weight_only_precision", precision)
+    engine = load_engine(tmp_path / precision)
+    dense = dequantize_weights(engine.weights, torch.float32)
+    oracle_session = Session(Engine(tmp_path, engine.model_config, BuildConfig(dtype="float32", max_input_len=64,
+                                                                              max_output_len=32), dense, False), "cpu")
+    prompts = [random_prompt(length, seed) for seed, length in enumerate([6, 19, 2])]
+    sampling = SamplingConfig(max_new_tokens=16, end_id=-1)
+    assert quantized.generate(prompts, sampling) == oracle_session.generate(prompts, sampling)
+    assert kernel_calls.get("gemv", 0) > 0
+    plain = build_tool.build(build_tool.parse_arguments(["--model_dir", str(model_dir), "--dtype", "float32",
+                                                         "--output_dir", str(tmp_path / "plain")]))
+    saved = 0  # float32 bytes minus quantized bytes and scales, over every decoder linear
+    for name, tensor in engine.weights.items():
+        if name + "_scales" in engine.weights:
+            assert tensor.dtype == (torch.int8 if precision == "int8" else torch.uint8)
+            rows, columns = dense[name].shape
+            saved += rows * columns * 4 - tensor.numel() - rows * 4
+    shrink = (plain / "rank0.safetensors").stat().st_size - (tmp_path / precision / "rank0.safetensors").stat().st_size
+    assert abs(shrink - saved) < 8192  # the rest is the safetensors header
+
+
+def test_weight_only_precision_needs_use_weight_only(tmp_path):
+    result = run_tool("build.py", "--output_dir", tmp_path / "engine", *TINY_SHAPE_FLAGS,
+                      "--weight_only_precision", "int4")
+    assert_one_line_error(result, "--weight_only_precision applies to --use_weight_only")

@@ -50,12 +50,16 @@ def _gemv_kernel(x, weight, weight_scales, bias, out, rows, N: tl.constexpr, K: 
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         weight_scales: torch.Tensor | None = None, quant_bits: int = 0,
-         block_n: int = 16, block_k: int = 512, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+         weight_scales: torch.Tensor | None = None, quant_bits: int = 0, block_n: int = 32,
+         block_k: int | None = None, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
     """x [M <= 16, K] @ W^T -> [M, N] in x's dtype. W: [N, K] in x's dtype (quant_bits 0),
-    int8 [N, K] (8) or packed uint8 [N, K // 2] (4) with `weight_scales` [N]."""
+    int8 [N, K] (8) or packed uint8 [N, K // 2] (4) with `weight_scales` [N].
+    Default blocks: the fastest of scripts/tune_gemv.py on an H100 (docs/PERFORMANCE.md):
+    256 weights of K per step, 512 for large fp16 matrices."""
     rows, k = x.shape
     n = weight.shape[0]
+    if block_k is None:
+        block_k = 512 if quant_bits == 0 and n * k >= 50_000_000 else 256
     if rows > MAX_ROWS:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {rows}")
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)

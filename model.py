@@ -42,7 +42,7 @@ class DecoderLinear(nn.Module):
     int8 / packed int4 with per-output-channel `weight_scales` (--use_weight_only).
     Decode-sized inputs (at most 16 rows) go through the Triton skinny-GEMM kernel
     when the layer is quantized or --use_gemm_plugin is on; larger ones through
-    cuBLAS, on the dequantized weight when quantized."""
+    cuBLAS, on the weight dequantized by a Triton kernel when quantized."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, build: BuildConfig) -> None:
         super().__init__()
@@ -56,13 +56,13 @@ class DecoderLinear(nn.Module):
         self.dtype = build.torch_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from glm_engine.kernels import gemv
+        from glm_engine.kernels import dequantize, gemv
 
         if self.skinny_kernel and x.shape[0] <= gemv.MAX_ROWS:
             return gemv.gemv(x, self.weight, self.bias, self.weight_scales, self.quant_bits)
         weight = self.weight
         if self.quant_bits:
-            weight = reference.dequantize(weight, self.weight_scales, self.quant_bits, self.dtype)
+            weight = dequantize.dequantize(weight, self.weight_scales, self.quant_bits, self.dtype)
         return reference.linear(x, weight, self.bias)
 
 

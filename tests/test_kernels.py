@@ -165,3 +165,19 @@ def test_gemv_matches_reference(dtype, bits, rows, n, k, with_bias):
     bound = 1e-6 if dtype == torch.float32 else 2e-3 if dtype == torch.float16 else 1e-2
     assert out.shape == (rows, n) and out.dtype == dtype
     assert relative_error(out, expected) < bound
+
+
+import glm_engine.kernels.dequantize as dequantize_module  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n, k", [(3, 64), (17, 2050), (5, 4096)])
+def test_dequantize_matches_reference(dtype, bits, n, k):
+    quantized, scales = reference.quantize_per_channel(torch.randn(n, k, device=DEVICE), bits)
+    out = dequantize_module.dequantize(quantized, scales, bits, dtype)
+    expected = reference.dequantize(quantized, scales, bits, dtype)
+    if dtype == torch.bfloat16:  # Triton's interpreter truncates to bfloat16 where torch rounds: one ulp
+        assert ((out.float() - expected.float()).abs() <= expected.float().abs() * 2 ** -7).all()
+    else:
+        assert torch.equal(out, expected)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from glm_engine.runtime.kv_cache import AttentionBatch
+from glm_engine.runtime.kv_cache import AttentionBatch, row_block_table
 
 if TYPE_CHECKING:
     from glm_engine.runtime.session import Session
@@ -50,7 +50,7 @@ class _Graph:
             logits = session_model.logits(session_model(self.input_ids, batch, cache))
             return logits, logits.argmax(dim=-1)
 
-        self._fill_padding(session, 0)
+        self.fill_padding(0, session.scratch_block, cache.block_size)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: compiles the kernels, settles cuBLAS workspaces
@@ -61,12 +61,11 @@ class _Graph:
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits, self.greedy = step()
 
-    def _fill_padding(self, session: Session, first: int) -> None:
+    def fill_padding(self, first: int, scratch: int, block_size: int) -> None:
         """Rows from `first` on: one token at position 0 of the scratch block."""
-        scratch = session.scratch_block
         self.input_ids[first:] = 0
         self.addresses[first:, 0] = 0
-        self.addresses[first:, 1] = scratch * session.kv_cache.block_size
+        self.addresses[first:, 1] = scratch * block_size
         self.addresses[first:, 2] = 1
         self.addresses[first:, 3:] = scratch
 
@@ -75,7 +74,10 @@ class DecodeGraphs:
     """The decode-step graphs of a session, one per batch-size bucket."""
 
     def __init__(self, session: Session) -> None:
-        self.session = session
+        # No reference back to the session: a cycle would keep the weights alive after it is dropped.
+        self.blocks_per_row = session.blocks_per_row
+        self.block_size = session.kv_cache.block_size
+        self.scratch_block = session.scratch_block
         self.graphs: dict[int, _Graph] = {}
         pool = None
         for size in sorted(batch_buckets(session.build_config.max_batch_size), reverse=True):
@@ -84,17 +86,16 @@ class DecodeGraphs:
 
     def run(self, rows: list[int], cached: list[int], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 logits [n, vocab] and greedy tokens [n] for one new token per row."""
-        session = self.session
         count = len(rows)
         graph = self.graphs[min(size for size in self.graphs if size >= count)]
-        block_size = session.kv_cache.block_size
+        block_size = self.block_size
         addresses = []
         for row, position in zip(rows, cached):
-            table = session.block_table(row)
+            table = row_block_table(row, self.blocks_per_row)
             slot = table[position // block_size] * block_size + position % block_size
             addresses.append([position, slot, position + 1] + table)
         graph.input_ids[:count].copy_(torch.tensor(tokens), non_blocking=True)
         graph.addresses[:count].copy_(torch.tensor(addresses), non_blocking=True)
-        graph._fill_padding(session, count)
+        graph.fill_padding(count, self.scratch_block, block_size)
         graph.graph.replay()
         return graph.logits[:count], graph.greedy[:count]

@@ -27,6 +27,11 @@ class KVCache:
         self.values[layer].index_copy_(0, slot_mapping, value)
 
 
+def row_block_table(row: int, blocks_per_row: int) -> list[int]:
+    """The cache blocks of batch row `row` when each row owns a fixed run of blocks."""
+    return list(range(row * blocks_per_row, (row + 1) * blocks_per_row))
+
+
 @dataclass
 class AttentionBatch:
     """Where the N packed new tokens of B sequences sit, in the stream and in the cache."""

@@ -12,7 +12,7 @@ import torch
 
 from glm_engine import GlmEngineError
 from glm_engine.engine import Engine, load_engine
-from glm_engine.runtime.kv_cache import KVCache, make_attention_batch
+from glm_engine.runtime.kv_cache import KVCache, make_attention_batch, row_block_table
 from glm_engine.runtime.sampling import SamplingConfig, sample
 from model import build_model
 
@@ -66,7 +66,7 @@ class Session:
 
     def block_table(self, row: int) -> list[int]:
         """The cache blocks of batch row `row`."""
-        return list(range(row * self.blocks_per_row, (row + 1) * self.blocks_per_row))
+        return row_block_table(row, self.blocks_per_row)
 
     def check_request(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """Raises GlmEngineError when a request breaks the engine's limits."""

@@ -99,8 +99,7 @@ def test_summarize_offline_without_dataset_path(dummy_engine):
 
 
 @pytest.mark.parametrize("flags", [[f"--{flag}"] if flag not in ("tokens_per_block",) else [f"--{flag}", "32"]
-                                   for flag in NOT_YET] + [["--weight_only_precision", "int4"],
-                                                           ["--world_size", "2"]])
+                                   for flag in NOT_YET] + [["--world_size", "2"]])
 def test_flags_not_built_yet_are_refused(tmp_path, flags):
     result = run_tool("build.py", "--output_dir", tmp_path / "engine", *TINY_SHAPE_FLAGS, *flags)
     assert_one_line_error(result, flags[0])

@@ -3,11 +3,7 @@
 # checks agreement, then benchmarks both (graphs on and off) with HF eager as
 # the baseline of the same run. Results in $OUT.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; WORK=/tmp/glm_work; mkdir -p "$OUT" "$WORK"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-step() { echo "=== $*"; "$@" 2>&1 | grep -v "it/s\]" | tee -a "$OUT/log.txt"; echo "=== exit ${PIPESTATUS[0]}"; }
+source "$(dirname "$0")/gpu_common.sh"
 COMMON=(--dtype float16 --max_batch_size 8 --max_input_len 1024 --max_output_len 1024 --random_seed 0 --log_level warning)
 step python3 build.py --output_dir "$WORK/ref" "${COMMON[@]}"
 step python3 build.py --output_dir "$WORK/plug" "${COMMON[@]}" --use_gpt_attention_plugin float16 --use_layernorm_plugin float16

@@ -181,3 +181,35 @@ def test_dequantize_matches_reference(dtype, bits, n, k):
         assert ((out.float() - expected.float()).abs() <= expected.float().abs() * 2 ** -7).all()
     else:
         assert torch.equal(out, expected)
+
+
+import glm_engine.kernels.context_attention as context_attention_module  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype, fp16_accumulation", [(torch.float32, False), (torch.float16, False),
+                                                      (torch.float16, True)])
+@pytest.mark.parametrize("heads, groups, head_dim, block_size, cached, new", [
+    (4, 2, 16, 4, [0, 0, 0], [1, 7, 30]),
+    (8, 2, 32, 16, [0, 5, 40], [70, 3, 9]),
+    (6, 3, 24, 8, [3], [21]),
+])
+def test_context_attention_matches_reference(dtype, fp16_accumulation, heads, groups, head_dim, block_size,
+                                             cached, new):
+    rng = random.Random(sum(new) * 31 + block_size)
+    torch.manual_seed(rng.randrange(1 << 30))
+    lengths = [c + n for c, n in zip(cached, new)]
+    tables, num_blocks = shuffled_block_tables(lengths, block_size, rng)
+    key_cache = torch.randn(num_blocks * block_size, groups, head_dim, dtype=dtype, device=DEVICE)
+    value_cache = torch.randn_like(key_cache)
+    query = torch.randn(sum(new), heads, head_dim, dtype=dtype, device=DEVICE)
+    batch = make_attention_batch(tables, cached, new, block_size, DEVICE, torch.float32)
+    expected = reference.paged_attention(query.float(), key_cache.float(), value_cache.float(), batch.query_index,
+                                         batch.output_rows, batch.key_slots, batch.attention_bias,
+                                         head_dim ** -0.5)
+    width = max(map(len, tables))
+    table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
+    as_int = lambda values: torch.tensor(values, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    out = context_attention_module.context_attention(query, key_cache, value_cache, table_tensor, as_int(cached),
+                                                     as_int(new), block_size, head_dim ** -0.5, fp16_accumulation)
+    bound = 1e-5 if dtype == torch.float32 else 3e-3
+    assert relative_error(out, expected) < bound

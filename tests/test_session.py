@@ -95,3 +95,13 @@ def test_requests_outside_the_engine_limits_are_refused(session, prompts, max_ne
 def test_bad_sampling_settings_are_refused(fields, message):
     with pytest.raises(GlmEngineError, match=message):
         SamplingConfig(**{"max_new_tokens": 4, **fields})
+
+
+def test_decode_graph_buckets_cover_every_batch_size():
+    from glm_engine.runtime.cuda_graphs import batch_buckets
+
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    for size in range(1, 13):
+        assert min(bucket for bucket in batch_buckets(12) if bucket >= size) - size < max(size, 4)

@@ -1,0 +1,87 @@
+"""Causal flash attention for the context phase ("context FMHA") in Triton:
+the packed new tokens of each sequence attend to the keys before them, the
+sequence's cached ones included, read through its block table. Softmax runs
+online in float32; the P.V accumulator is float32, or float16 as in
+TensorRT-LLM's --enable_context_fmha (its fp32-acc variant keeps float32).
+
+Not wired to --enable_context_fmha yet: checked against the reference in
+Triton's interpreter only; it is enabled once measured on the GPU.
+Reference: `reference.paged_attention`."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _context_attention_kernel(query, key_cache, value_cache, block_tables, query_starts, new_counts, cached_counts,
+                              out, scale, stride_table, HEADS: tl.constexpr, GROUPS: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP16_ACC: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    tile, sequence, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    new = tl.load(new_counts + sequence)
+    if tile * BLOCK_M < new:
+        cached = tl.load(cached_counts + sequence)
+        start = tl.load(query_starts + sequence)
+        group = head // (HEADS // GROUPS)
+        steps = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        step_ok = steps < new
+        positions = cached + steps
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_DIM
+        rows = (start + steps).to(tl.int64)
+        q = tl.load(query + (rows * HEADS + head)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=step_ok[:, None] & dim_ok[None, :], other=0.0)
+        running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        running_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float16 if FP16_ACC else tl.float32)
+        last_key = cached + tl.minimum((tile + 1) * BLOCK_M, new)  # keys this tile may see
+        for key_start in range(0, last_key, BLOCK_N):
+            keys = key_start + tl.arange(0, BLOCK_N)
+            key_ok = keys < last_key
+            blocks = tl.load(block_tables + sequence * stride_table + keys // BLOCK_SIZE, mask=key_ok, other=0)
+            slots = blocks.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE
+            offsets = (slots * GROUPS + group)[:, None] * HEAD_DIM + dims[None, :]
+            k = tl.load(key_cache + offsets, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            allowed = (keys[None, :] <= positions[:, None]) & key_ok[None, :]
+            scores = tl.where(allowed, scores, float("-inf"))
+            tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            tile_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)  # rows with no key yet
+            probs = tl.exp(scores - tile_max[:, None])
+            correction = tl.exp(running_max - tile_max)
+            running_sum = running_sum * correction + tl.sum(probs, axis=1)
+            v = tl.load(value_cache + offsets, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+            if FP16_ACC:
+                acc = acc * correction[:, None].to(tl.float16) + tl.dot(probs.to(v.dtype), v, out_dtype=tl.float16)
+            else:
+                acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+            running_max = tile_max
+        result = acc.to(tl.float32) / running_sum[:, None]
+        tl.store(out + (rows * HEADS + head)[:, None] * HEAD_DIM + dims[None, :], result.to(out.dtype.element_ty),
+                 mask=step_ok[:, None] & dim_ok[None, :])
+
+
+def context_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_tables: torch.Tensor, cached_counts: torch.Tensor, new_counts: torch.Tensor,
+                      block_size: int, scale: float, fp16_accumulation: bool) -> torch.Tensor:
+    """Causal attention of the packed new tokens [N, heads, D] of B sequences
+    (sequence i: `new_counts[i]` tokens after `cached_counts[i]` cached ones, its
+    K/V already written to the cache). Returns [N, heads, D]."""
+    tokens, heads, head_dim = query.shape
+    groups = key_cache.shape[1]
+    batch = new_counts.shape[0]
+    query_starts = (torch.cumsum(new_counts, 0) - new_counts).to(torch.int32)
+    out = torch.empty_like(query)
+    block_m = 16 if tokens <= 64 else 64
+    grid = (triton.cdiv(int(new_counts.max()), block_m), batch, heads)
+    _context_attention_kernel[grid](
+        query.contiguous(), key_cache, value_cache, block_tables, query_starts, new_counts, cached_counts, out,
+        scale, block_tables.stride(0), HEADS=heads, GROUPS=groups, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        FP16_ACC=fp16_accumulation and query.dtype == torch.float16,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+    return out

@@ -56,13 +56,17 @@ class DecoderLinear(nn.Module):
         self.dtype = build.torch_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from glm_engine.kernels import dequantize, gemv
+        # Kernel modules import triton: only layers that use them import them.
+        if self.skinny_kernel:
+            from glm_engine.kernels import gemv
 
-        if self.skinny_kernel and x.shape[0] <= gemv.MAX_ROWS:
-            return gemv.gemv(x, self.weight, self.bias, self.weight_scales, self.quant_bits)
+            if x.shape[0] <= gemv.MAX_ROWS:
+                return gemv.gemv(x, self.weight, self.bias, self.weight_scales, self.quant_bits)
         weight = self.weight
         if self.quant_bits:
-            weight = dequantize.dequantize(weight, self.weight_scales, self.quant_bits, self.dtype)
+            from glm_engine.kernels.dequantize import dequantize
+
+            weight = dequantize(weight, self.weight_scales, self.quant_bits, self.dtype)
         return reference.linear(x, weight, self.bias)
 
 

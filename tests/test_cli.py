@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -237,3 +238,20 @@ def test_summarize_against_the_checkpoint_given(tiny_checkpoint_factory, tmp_pat
                       "--max_ite", "1", "--output_len", "12", "--max_input_len", "64")
     assert result.returncode == 0, result.stderr
     assert "Token agreement: 100.0% of outputs identical" in result.stdout
+
+
+def test_plain_engines_run_without_triton(tiny_engine_factory, tmp_path):
+    """Triton is needed only by plugin and weight-only engines."""
+    import subprocess
+    import sys
+
+    engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--max_input_len", "8")
+    (tmp_path / "p.csv").write_text("5,6,7\n")
+    script = ("import sys, runpy; sys.modules['triton'] = None; "
+              f"sys.argv = ['run.py', '--engine_dir', {str(engine_dir)!r}, '--input_tokens', "
+              f"{str(tmp_path / 'p.csv')!r}, '--max_output_len', '3']; "
+              f"runpy.run_path({str(REPO_ROOT / 'run.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr
+    assert "Output --->" in result.stdout

@@ -2,7 +2,8 @@
 and peak GPU memory at given batch sizes, with transformers' GlmForCausalLM
 on the same weights as the baseline (--hf), and the engine's logit error
 against GlmForCausalLM in float32 (--accuracy). Prints a table; --output_json
-keeps the numbers with the card, date, command and versions."""
+keeps the numbers with the card, date, command and versions; --plot draws
+decode tokens/s against batch size."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 import transformers
+from transformers.generation.streamers import BaseStreamer
 
 from glm_engine.cli import run_tool
 from glm_engine.engine import load_engine, read_engine_config
@@ -41,6 +43,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="relative error of the engine's logits against GlmForCausalLM in float32")
     parser.add_argument("--no_cuda_graphs", action="store_true", help="decode eagerly even with the attention plugin")
     parser.add_argument("--output_json", type=str, default=None)
+    parser.add_argument("--plot", type=str, default=None, help="PNG of decode tokens/s against batch size")
     parser.add_argument("--device", type=str, default=None)
     return parser.parse_args(argv)
 
@@ -50,64 +53,73 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `run` after one warm-up, the device synchronized."""
-    run()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        run()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def random_prompts(batch_size: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, min(vocab_size, 60000), (batch_size, length), generator=generator).tolist()
 
 
-def measure_engine(session: Session, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
-    """Prefill ms (until the first token is out) and decode ms per step (the rest),
-    timed on the token stream itself; medians of `repeats` runs after a warm-up."""
-    sampling = SamplingConfig(max_new_tokens=output_len, end_id=NEVER_ENDS)
+def timed_runs(run: Callable[[Callable[[], None]], None], batch_size: int, output_len: int, repeats: int) -> dict:
+    """Prefill ms (until the first new token is on the host) and decode ms per step
+    (the rest, over output_len - 1 steps): medians of `repeats` runs after a warm-up.
+    `run(first_token_out)` generates output_len tokens and calls first_token_out once."""
     prefills, decodes = [], []
-    for run in range(repeats + 1):
+    for attempt in range(repeats + 1):
+        marks = []
         synchronize()
         start = time.perf_counter()
+        run(lambda: marks.append(time.perf_counter()))
+        synchronize()
+        end = time.perf_counter()
+        if attempt:  # attempt 0 warms up
+            prefills.append(marks[0] - start)
+            decodes.append((end - marks[0]) / max(1, output_len - 1))
+    prefill, decode = statistics.median(prefills), statistics.median(decodes)
+    return {"batch_size": batch_size, "prefill_ms": 1000 * prefill, "decode_ms_per_step": 1000 * decode,
+            "decode_tokens_per_s": batch_size / decode}
+
+
+def measure_engine(session: Session, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
+    """The engine's token stream: each step's tokens reach the host before it is yielded."""
+    sampling = SamplingConfig(max_new_tokens=output_len, end_id=NEVER_ENDS)
+
+    def run(first_token_out: Callable[[], None]) -> None:
         stream = session.generate_stream(prompts, sampling)
-        next(stream)  # each step's tokens reach the host before it is yielded
-        first = time.perf_counter()
+        next(stream)
+        first_token_out()
         for _ in stream:
             pass
-        end = time.perf_counter()
-        if run:  # run 0 warms up
-            prefills.append(first - start)
-            decodes.append((end - first) / max(1, output_len - 1))
-    prefill, decode = statistics.median(prefills), statistics.median(decodes)
-    return {"batch_size": len(prompts), "prefill_ms": 1000 * prefill, "decode_ms_per_step": 1000 * decode,
-            "decode_tokens_per_s": len(prompts) / decode}
+
+    return timed_runs(run, len(prompts), output_len, repeats)
+
+
+class _FirstTokenStreamer(BaseStreamer):
+    """Calls back when generate() pushes its first new tokens (the prompt comes first)."""
+
+    def __init__(self, first_token_out: Callable[[], None]) -> None:
+        self.first_token_out = first_token_out
+        self.pushes = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.pushes += 1
+        if self.pushes == 2:
+            value.cpu()  # waits for the token, as the engine's stream does
+            self.first_token_out()
+
+    def end(self) -> None:
+        pass
 
 
 def measure_hf(model, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
+    """GlmForCausalLM.generate (greedy, exactly output_len tokens), timed like the engine."""
     input_ids = torch.tensor(prompts, device=next(model.parameters()).device)
 
     @torch.inference_mode()
-    def generate(tokens: int):
-        return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                              max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0,
-                              top_k=None, top_p=None, temperature=None)
+    def run(first_token_out: Callable[[], None]) -> None:
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                       max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0, top_k=None,
+                       top_p=None, temperature=None, streamer=_FirstTokenStreamer(first_token_out))
 
-    prefill = median_seconds(lambda: generate(1), repeats)
-    total = median_seconds(lambda: generate(output_len), repeats)
-    return timing_row(len(prompts), prefill, total, output_len)
-
-
-def timing_row(batch_size: int, prefill: float, total: float, output_len: int) -> dict:
-    decode_ms = 1000 * (total - prefill) / max(1, output_len - 1)
-    return {"batch_size": batch_size, "prefill_ms": 1000 * prefill, "decode_ms_per_step": decode_ms,
-            "decode_tokens_per_s": 1000 * batch_size / decode_ms if decode_ms > 0 else float("nan")}
+    return timed_runs(run, len(prompts), output_len, repeats)
 
 
 @torch.inference_mode()
@@ -172,6 +184,26 @@ def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -
     return logits_error(session, hf_fp32, prompt)
 
 
+def plot_throughput(rows: list[dict], environment: dict, path: str) -> None:
+    """Decode tokens/s against batch size, one line per side, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    for side in dict.fromkeys(row["side"] for row in rows):
+        points = [(row["batch_size"], row["decode_tokens_per_s"]) for row in rows if row["side"] == side]
+        axes.plot(*zip(*points), marker="o", label=side)
+    axes.set_xlabel("batch size")
+    axes.set_ylabel("decode tokens/s")
+    axes.set_title(f"{environment['card']}, {environment['date']}", fontsize=9)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
 def main() -> None:
     args = parse_arguments()
     device = resolve_device(args.device)
@@ -196,6 +228,8 @@ def main() -> None:
     print(f"start-up {result['startup_s']:.2f} s")
     if args.accuracy:
         print(f"logits relative error vs GlmForCausalLM fp32: {result['logits_relative_error_vs_hf_fp32']:.3e}")
+    if args.plot:
+        plot_throughput(rows, result["environment"], args.plot)
     if args.output_json:
         with open(args.output_json, "w") as stream:
             json.dump(result, stream, indent=2)

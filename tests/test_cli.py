@@ -198,8 +198,9 @@ def test_benchmark_measures_engine_and_hf_on_the_same_weights(tiny_engine_factor
                                      "--max_output_len", "24")
     result = run_tool("benchmark.py", "--engine_dir", engine_dir, "--batch_size", "1", "2", "--input_len", "16",
                       "--output_len", "24", "--repeats", "1", "--hf", "--accuracy", "--device", "cpu",
-                      "--output_json", tmp_path / "result.json")
+                      "--output_json", tmp_path / "result.json", "--plot", tmp_path / "throughput.png")
     assert result.returncode == 0, result.stderr
+    assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     measured = json.loads((tmp_path / "result.json").read_text())
     assert [(row["side"], row["batch_size"]) for row in measured["rows"]] == [
         ("glm_engine", 1), ("glm_engine", 2), ("hf_eager", 1), ("hf_eager", 2)]

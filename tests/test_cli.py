@@ -256,3 +256,16 @@ def test_plain_engines_run_without_triton(tiny_engine_factory, tmp_path):
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr
     assert "Output --->" in result.stdout
+
+
+def test_summarize_plugin_weight_only_engine_against_hf_on_its_dequantized_weights(tiny_engine_factory,
+                                                                                   tiny_tokenizer_dir):
+    engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, *LIMITS, "--dtype", "float32", "--tokenizer_dir",
+                                     tiny_tokenizer_dir, "--use_gpt_attention_plugin", "float32",
+                                     "--use_layernorm_plugin", "float32", "--use_weight_only",
+                                     "--weight_only_precision", "int4")
+    result = run_tool("summarize.py", "--engine_dir", engine_dir, "--dataset_path", SAMPLE, "--test_hf",
+                      "--data_type", "fp32", "--batch_size", "2", "--max_ite", "1", "--output_len", "8",
+                      "--max_input_len", "64")
+    assert result.returncode == 0, result.stderr
+    assert "Token agreement: 100.0% of outputs identical" in result.stdout

@@ -34,7 +34,10 @@ def row_block_table(row: int, blocks_per_row: int) -> list[int]:
 
 @dataclass
 class AttentionBatch:
-    """Where the N packed new tokens of B sequences sit, in the stream and in the cache."""
+    """Where the N packed new tokens of B sequences sit, in the stream and in the cache.
+    The reference attention reads query_index .. attention_bias; the plugin's decode
+    kernel reads block_tables and context_lengths, so a captured decode graph sets
+    the reference fields to None."""
 
     positions: torch.Tensor  # [N] absolute position of each new token
     slot_mapping: torch.Tensor  # [N] cache slot each new token's K/V is written to

@@ -10,8 +10,9 @@ PY=.venv/bin/python
 OUT=demo_output
 $PY scripts/make_demo_tokenizer.py "$OUT/tokenizer" >/dev/null
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "CUDA GPU found: dummy ChatGLM2-6B engine, float16"
-  SHAPE=(--dtype float16)
+  echo "CUDA GPU found: dummy ChatGLM2-6B engine, float16, with the plugins (Triton kernels, CUDA graphs)"
+  SHAPE=(--dtype float16 --use_gpt_attention_plugin float16 --use_layernorm_plugin float16
+         --use_gemm_plugin float16)
   HF_DTYPE=fp16
 else
   echo "No CUDA GPU: tiny dummy engine (2 layers, hidden 256), float32, on the CPU"

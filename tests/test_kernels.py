@@ -213,3 +213,28 @@ def test_context_attention_matches_reference(dtype, fp16_accumulation, heads, gr
                                                      as_int(new), block_size, head_dim ** -0.5, fp16_accumulation)
     bound = 1e-5 if dtype == torch.float32 else 3e-3
     assert relative_error(out, expected) < bound
+
+
+def test_kernels_take_strided_index_tensors():
+    """Positions, slots, block tables and context lengths may be columns of one
+    larger tensor, as in the decode graphs' static input block."""
+    heads, groups, head_dim, block_size = 4, 2, 16, 4
+    tokens = 3
+    qkv = torch.randn(tokens, (heads + 2 * groups) * head_dim, device=DEVICE)
+    inv_freq = reference.rotary_inv_freq(head_dim // 2, 10000.0).to(DEVICE)
+    # Columns: position, slot, context length, then a block table of 4 blocks.
+    addresses = torch.tensor([[5, 9, 6, 2, 0, 1, 3], [0, 30, 1, 7, 6, 5, 4], [2, 12, 3, 3, 2, 1, 0]], device=DEVICE)
+    caches = [torch.zeros(8 * block_size, groups, head_dim, device=DEVICE) for _ in range(2)]
+    expected_caches = [cache.clone() for cache in caches]
+    query = rotary_kv_module.rotary_kv_write(qkv, addresses[:, 0], inv_freq, 1.0, addresses[:, 1], *caches, heads)
+    expected = rotary_kv_module.rotary_kv_write(qkv, addresses[:, 0].clone(), inv_freq, 1.0,
+                                                addresses[:, 1].clone(), *expected_caches, heads)
+    assert torch.equal(query, expected)
+    assert all(torch.equal(a, b) for a, b in zip(caches, expected_caches))
+    tables, contexts = addresses[:, 3:].to(torch.int32), addresses[:, 2].to(torch.int32)
+    strided = torch.zeros(tokens, 5, dtype=torch.int32, device=DEVICE)
+    strided[:, 0], strided[:, 1:] = contexts, tables
+    out = decode_attention_module.decode_attention(query, *caches, strided[:, 1:], strided[:, 0], block_size,
+                                                   0.25, 16)
+    assert torch.equal(out, decode_attention_module.decode_attention(query, *caches, tables.clone(),
+                                                                     contexts.clone(), block_size, 0.25, 16))

@@ -105,6 +105,8 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     partial_max = torch.empty(batch, heads, splits, dtype=torch.float32, device=query.device)
     partial_sum = torch.empty_like(partial_max)
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    # The kernel indexes its inputs densely; strided views are copied first.
+    block_tables, context_lengths = block_tables.contiguous(), context_lengths.contiguous()
     _split_kernel[(batch, groups, splits)](
         query.contiguous(), key_cache, value_cache, block_tables, context_lengths, partial_out, partial_max,
         partial_sum, scale, block_tables.stride(0), tokens_per_split,

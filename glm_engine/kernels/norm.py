@@ -32,6 +32,8 @@ def add_rms_norm(branch: torch.Tensor | None, residual: torch.Tensor, weight: to
     """(RMSNorm(residual + branch) * weight, residual + branch); without a branch,
     (RMSNorm(residual) * weight, residual). Rows of [N, hidden]."""
     rows, hidden = residual.shape
+    residual = residual.contiguous()
+    branch = None if branch is None else branch.contiguous()
     normed = torch.empty_like(residual)
     updated = torch.empty_like(residual) if branch is not None else residual
     _add_rms_norm_kernel[(rows,)](branch if branch is not None else residual, residual, weight, normed, updated,

@@ -53,8 +53,10 @@ def rotary_kv_write(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.
     groups, head_dim = key_cache.shape[1], key_cache.shape[2]
     query = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     rot_half = inv_freq.shape[0]
+    # The kernel indexes positions and slots densely; a strided view (a column of
+    # a graph's static input block) is copied first (inside the graph when captured).
     _rotary_kv_kernel[(tokens, heads + 2 * groups)](
-        qkv.contiguous(), positions, inv_freq, slot_mapping, query, key_cache, value_cache, position_scale,
+        qkv.contiguous(), positions.contiguous(), inv_freq.contiguous(), slot_mapping.contiguous(), query, key_cache, value_cache, position_scale,
         HEADS=heads, GROUPS=groups, HEAD_DIM=head_dim, ROT_HALF=rot_half, BLOCK_R=triton.next_power_of_2(rot_half),
         BLOCK_P=max(1, triton.next_power_of_2(head_dim - 2 * rot_half)))
     return query

@@ -32,7 +32,8 @@ class _Graph:
         device, build = session.device, session.build_config
         self.size = size
         self.input_ids = torch.zeros(size, dtype=torch.long, device=device)
-        # Columns: position, slot, context length; then the block table.
+        # Columns: position, slot, context length; then the block table. One host-to-device
+        # copy per step fills it; the kernels get contiguous copies made inside the graph.
         self.addresses = torch.zeros(size, 3 + session.blocks_per_row, dtype=torch.int64, device=device)
         positions, slots, contexts = self.addresses[:, 0], self.addresses[:, 1], self.addresses[:, 2]
         self.block_tables = torch.zeros(size, session.blocks_per_row, dtype=torch.int32, device=device)

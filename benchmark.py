@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import statistics
@@ -215,9 +216,8 @@ def main() -> None:
     session = Session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs)
     synchronize()
     result["startup_s"] = time.perf_counter() - start
-    rows = measured_rows("glm_engine", lambda prompts: measure_engine(session, prompts, args.output_len,
-                                                                      args.repeats),
-                         session.model_config.vocab_size, args, device)
+    measure = functools.partial(measure_engine, session, output_len=args.output_len, repeats=args.repeats)
+    rows = measured_rows("glm_engine", measure, session.model_config.vocab_size, args, device)
     if args.accuracy:
         result["logits_relative_error_vs_hf_fp32"] = accuracy(session, args, device)
     del session

@@ -4,7 +4,6 @@ ChatGLM2-6B run.py flags and output)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from glm_engine.prompts import clean_response, read_token_csv, write_token_csv
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import Session
 from glm_engine.tokenizer import ChatGLMTokenizer
-
-logger = logging.getLogger("run")
 
 DEFAULT_INPUT_TEXT = "续写：北京市教育资源丰富"
 

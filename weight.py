@@ -6,7 +6,6 @@ came with the checkpoint."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
@@ -19,8 +18,6 @@ from tqdm import tqdm
 from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
 from glm_engine.kernels import reference
-
-logger = logging.getLogger(__name__)
 
 # Index file, single file, in order of preference.
 _CHECKPOINT_LAYOUTS = (

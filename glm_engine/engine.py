@@ -38,7 +38,6 @@ class Engine:
     model_config: ModelConfig
     build_config: BuildConfig
     weights: dict[str, torch.Tensor]
-    has_tokenizer: bool
 
 
 def weights_file_name(rank: int) -> str:
@@ -211,5 +210,4 @@ def load_engine(engine_dir: str | Path, device: torch.device | str = "cpu", rank
     path = engine_dir / weights_file_name(rank)
     verify_checksums(path, expected)
     weights = load_file(path, device=str(device))
-    has_tokenizer = (engine_dir / "tokenizer.model").is_file()
-    return Engine(engine_dir, model_config, build_config, weights, has_tokenizer)
+    return Engine(engine_dir, model_config, build_config, weights)

@@ -36,11 +36,6 @@ TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.model", "tokenizer_config.json", 
 
 FLAVORS: tuple[str, ...] = ("chatglm2", "chatglm3")
 
-# What SentencePiece itself prints for an unknown piece; reused for ids that
-# fall outside the vocabulary so the output looks like ordinary sp output.
-UNKNOWN_MARK = "\u2047"
-
-
 class TokenizerError(GlmEngineError, ValueError):
     """A tokenizer directory or its files are missing or unusable."""
 

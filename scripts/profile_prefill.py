@@ -26,7 +26,7 @@ def main() -> None:
     weights = {name: torch.randn(shape, device="cuda", dtype=torch.float16) / (shape[-1] ** 0.5 if len(shape) > 1
                else 1.0) for name, shape in expected_shapes(config).items()}
     prompts = torch.randint(3, 60000, (batch, tokens)).tolist()
-    session = Session(Engine(Path("."), config, BuildConfig(max_batch_size=batch), dict(weights), False), "cuda")
+    session = Session(Engine(Path("."), config, BuildConfig(max_batch_size=batch), dict(weights)), "cuda")
     sampling = SamplingConfig(max_new_tokens=1, end_id=-1)
     hf = build_glm_model(config, weights, "cuda", attn_implementation="eager")
     input_ids = torch.tensor(prompts, device="cuda")

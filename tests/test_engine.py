@@ -28,7 +28,7 @@ def test_round_trip(tmp_path, tiny_tokenizer_dir):
     engine = load_engine(tmp_path / "engine")
     assert engine.model_config == CONFIG and engine.build_config.max_batch_size == 2
     assert all(torch.equal(engine.weights[name], weights[name]) for name in weights)
-    assert engine.has_tokenizer
+    assert (tmp_path / "engine" / "tokenizer.model").is_file()
     config = json.loads((tmp_path / "engine" / "config.json").read_text())
     assert config["format_version"] == ENGINE_FORMAT_VERSION
     assert {"torch", "device", "glm_engine"} <= config["built_with"].keys()

@@ -98,7 +98,7 @@ def test_weight_only_engine_equals_reference_network_on_dequantized_weights(tiny
     engine = load_engine(tmp_path / precision)
     dense = dequantize_weights(engine.weights, torch.float32)
     oracle_session = Session(Engine(tmp_path, engine.model_config, BuildConfig(dtype="float32", max_input_len=64,
-                                                                              max_output_len=32), dense, False), "cpu")
+                                                                              max_output_len=32), dense), "cpu")
     prompts = [random_prompt(length, seed) for seed, length in enumerate([6, 19, 2])]
     sampling = SamplingConfig(max_new_tokens=16, end_id=-1)
     assert quantized.generate(prompts, sampling) == oracle_session.generate(prompts, sampling)
@@ -119,3 +119,21 @@ def test_weight_only_precision_needs_use_weight_only(tmp_path):
     result = run_tool("build.py", "--output_dir", tmp_path / "engine", *TINY_SHAPE_FLAGS,
                       "--weight_only_precision", "int4")
     assert_one_line_error(result, "--weight_only_precision applies to --use_weight_only")
+
+
+def test_decode_graph_inputs_give_the_eager_step(tiny_checkpoint_factory, tmp_path):
+    """The graphs' static-input step (run eagerly on the CPU) equals the eager decode
+    step for several rows of different lengths, a padded bucket included."""
+    from glm_engine.runtime.cuda_graphs import DecodeGraphs
+
+    session = build_engine(tiny_checkpoint_factory("safetensors", seed=34), tmp_path / "engine", "float32",
+                           *with_dtype(PLUGINS["attention"], "float32"))
+    graphs = DecodeGraphs(session)
+    prompts = [random_prompt(length, seed) for seed, length in enumerate([3, 70, 11])]  # bucket 4: one padding row
+    rows, cached = [0, 1, 2], [len(p) - 1 for p in prompts]
+    for count in (3, 1):
+        session.forward(rows[:count], [0] * count, [p[:-1] for p in prompts[:count]])
+        logits, greedy = graphs.run(rows[:count], cached[:count], [p[-1] for p in prompts[:count]])
+        eager = session.forward(rows[:count], cached[:count], [[p[-1]] for p in prompts[:count]])
+        assert relative_error(logits, eager) < 1e-5
+        assert torch.equal(greedy, eager.argmax(-1))

@@ -28,30 +28,34 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 class _Graph:
     """One captured decode step for `size` rows and its static tensors."""
 
-    def __init__(self, session: Session, size: int, pool) -> None:
+    def __init__(self, session: Session, size: int, padding_row: list[int], pool) -> None:
         device, build = session.device, session.build_config
-        self.size = size
-        self.input_ids = torch.zeros(size, dtype=torch.long, device=device)
-        # Columns: position, slot, context length; then the block table. One host-to-device
-        # copy per step fills it; the kernels get contiguous copies made inside the graph.
-        self.addresses = torch.zeros(size, 3 + session.blocks_per_row, dtype=torch.int64, device=device)
-        positions, slots, contexts = self.addresses[:, 0], self.addresses[:, 1], self.addresses[:, 2]
-        self.block_tables = torch.zeros(size, session.blocks_per_row, dtype=torch.int32, device=device)
+        # Columns: token, position, slot, context length, then the block table: one
+        # host-to-device copy per step fills it, padding rows included. The kernels
+        # get dense copies of the columns, made inside the graph.
+        self.inputs = torch.tensor([padding_row] * size, dtype=torch.int64, device=device)
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
+        self.slots = torch.zeros(size, dtype=torch.int64, device=device)
         self.context_lengths = torch.zeros(size, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(size, session.blocks_per_row, dtype=torch.int32, device=device)
         batch = AttentionBatch(
-            positions=positions, slot_mapping=slots, query_index=None, output_rows=None, key_slots=None,
+            positions=self.positions, slot_mapping=self.slots, query_index=None, output_rows=None, key_slots=None,
             attention_bias=None, last_token_index=None, block_tables=self.block_tables,
             context_lengths=self.context_lengths, max_context=build.max_sequence_len, decode=True)
-        self.contexts = contexts
-        session_model, cache = session.model, session.kv_cache
+        model, cache = session.model, session.kv_cache
 
         def step() -> tuple[torch.Tensor, torch.Tensor]:
-            self.block_tables.copy_(self.addresses[:, 3:])
-            self.context_lengths.copy_(self.contexts)
-            logits = session_model.logits(session_model(self.input_ids, batch, cache))
+            for column, target in enumerate((self.input_ids, self.positions, self.slots, self.context_lengths)):
+                target.copy_(self.inputs[:, column])
+            self.block_tables.copy_(self.inputs[:, 4:])
+            logits = model.logits(model(self.input_ids, batch, cache))
             return logits, logits.argmax(dim=-1)
 
-        self.fill_padding(0, session.scratch_block, cache.block_size)
+        self.step = step
+        if device.type != "cuda":  # no graphs off the GPU: replay runs the same step eagerly
+            self.graph = None
+            return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: compiles the kernels, settles cuBLAS workspaces
@@ -62,41 +66,41 @@ class _Graph:
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits, self.greedy = step()
 
-    def fill_padding(self, first: int, scratch: int, block_size: int) -> None:
-        """Rows from `first` on: one token at position 0 of the scratch block."""
-        self.input_ids[first:] = 0
-        self.addresses[first:, 0] = 0
-        self.addresses[first:, 1] = scratch * block_size
-        self.addresses[first:, 2] = 1
-        self.addresses[first:, 3:] = scratch
+    def replay(self) -> None:
+        if self.graph is None:
+            self.logits, self.greedy = self.step()
+        else:
+            self.graph.replay()
 
 
 class DecodeGraphs:
-    """The decode-step graphs of a session, one per batch-size bucket."""
+    """The decode-step graphs of a session, one per batch-size bucket. Off the GPU
+    the same static-input step runs eagerly, so its plumbing is testable on the CPU."""
 
     def __init__(self, session: Session) -> None:
         # No reference back to the session: a cycle would keep the weights alive after it is dropped.
         self.blocks_per_row = session.blocks_per_row
         self.block_size = session.kv_cache.block_size
-        self.scratch_block = session.scratch_block
+        scratch = session.scratch_block
+        # A padding row: token 0 at position 0 of the scratch block.
+        self.padding_row = [0, 0, scratch * self.block_size, 1] + [scratch] * self.blocks_per_row
         self.graphs: dict[int, _Graph] = {}
         pool = None
         for size in sorted(batch_buckets(session.build_config.max_batch_size), reverse=True):
-            self.graphs[size] = _Graph(session, size, pool)
-            pool = self.graphs[size].graph.pool()
+            self.graphs[size] = _Graph(session, size, self.padding_row, pool)
+            pool = self.graphs[size].graph.pool() if self.graphs[size].graph is not None else None
 
     def run(self, rows: list[int], cached: list[int], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 logits [n, vocab] and greedy tokens [n] for one new token per row."""
         count = len(rows)
         graph = self.graphs[min(size for size in self.graphs if size >= count)]
         block_size = self.block_size
-        addresses = []
-        for row, position in zip(rows, cached):
+        inputs = []
+        for row, position, token in zip(rows, cached, tokens):
             table = row_block_table(row, self.blocks_per_row)
             slot = table[position // block_size] * block_size + position % block_size
-            addresses.append([position, slot, position + 1] + table)
-        graph.input_ids[:count].copy_(torch.tensor(tokens), non_blocking=True)
-        graph.addresses[:count].copy_(torch.tensor(addresses), non_blocking=True)
-        graph.fill_padding(count, self.scratch_block, block_size)
-        graph.graph.replay()
+            inputs.append([token, position, slot, position + 1] + table)
+        inputs += [self.padding_row] * (len(graph.inputs) - count)
+        graph.inputs.copy_(torch.tensor(inputs), non_blocking=True)
+        graph.replay()
         return graph.logits[:count], graph.greedy[:count]

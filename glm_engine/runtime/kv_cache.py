@@ -16,7 +16,6 @@ class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, groups: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.block_size = block_size
-        self.num_blocks = num_blocks
         shape = (num_layers, num_blocks * block_size, groups, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)

@@ -3,7 +3,6 @@ runs prefill then decode steps over packed sequences, samples and stops."""
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +14,6 @@ from glm_engine.engine import Engine, load_engine
 from glm_engine.runtime.kv_cache import KVCache, make_attention_batch, row_block_table
 from glm_engine.runtime.sampling import SamplingConfig, sample
 from model import build_model
-
-logger = logging.getLogger(__name__)
-
 
 def resolve_device(name: str | None) -> torch.device:
     """`name`, or CUDA when available and the CPU otherwise."""

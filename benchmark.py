@@ -21,6 +21,7 @@ import torch
 import transformers
 from transformers.generation.streamers import BaseStreamer
 
+from glm_engine import GlmEngineError
 from glm_engine.cli import run_tool
 from glm_engine.engine import load_engine, read_engine_config
 from glm_engine.hf_reference import build_glm_model
@@ -42,6 +43,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also measure GlmForCausalLM (eager) on the same weights")
     parser.add_argument("--accuracy", action="store_true",
                         help="relative error of the engine's logits against GlmForCausalLM in float32")
+    parser.add_argument("--reference_engine_dir", type=str, default=None,
+                        help="--accuracy: take the float32 reference's weights from this engine (e.g. the "
+                             "unquantized one, to see quantization drift); default: the measured engine's, "
+                             "dequantized")
     parser.add_argument("--no_cuda_graphs", action="store_true", help="decode eagerly even with the attention plugin")
     parser.add_argument("--output_json", type=str, default=None)
     parser.add_argument("--plot", type=str, default=None, help="PNG of decode tokens/s against batch size")
@@ -176,7 +181,10 @@ def hf_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 
 def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -> float:
-    engine = load_engine(args.engine_dir, "cpu")
+    engine = load_engine(args.reference_engine_dir or args.engine_dir, "cpu")
+    if engine.model_config != session.model_config:
+        raise GlmEngineError(f"--reference_engine_dir {args.reference_engine_dir} holds another model shape; "
+                             "give an engine built from the same weights")
     weights = {name: tensor.float() for name, tensor in dequantize_weights(engine.weights, torch.float32).items()}
     del engine
     hf_fp32 = build_glm_model(session.model_config, weights, device, attn_implementation="eager")
@@ -216,16 +224,20 @@ def main() -> None:
     session = Session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs)
     synchronize()
     result["startup_s"] = time.perf_counter() - start
+    result["startup_stages_s"] = session.startup_seconds
     measure = functools.partial(measure_engine, session, output_len=args.output_len, repeats=args.repeats)
     rows = measured_rows("glm_engine", measure, session.model_config.vocab_size, args, device)
     if args.accuracy:
         result["logits_relative_error_vs_hf_fp32"] = accuracy(session, args, device)
+        result["accuracy_reference_engine_dir"] = args.reference_engine_dir or args.engine_dir
+    session_stages = session.startup_seconds
     del session
     if args.hf:
         rows += hf_rows(args, device)
     result["rows"] = rows
     print_table(rows)
-    print(f"start-up {result['startup_s']:.2f} s")
+    stages = ", ".join(f"{name} {seconds:.2f}" for name, seconds in session_stages.items())
+    print(f"start-up {result['startup_s']:.2f} s ({stages})")
     if args.accuracy:
         print(f"logits relative error vs GlmForCausalLM fp32: {result['logits_relative_error_vs_hf_fp32']:.3e}")
     if args.plot:

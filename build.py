@@ -19,7 +19,6 @@ logger = logging.getLogger("build")
 
 # Flags of the original example that later issues implement; refused until then.
 NOT_YET = {
-    "enable_context_fmha": "context FMHA", "enable_context_fmha_fp32_acc": "context FMHA",
     "use_inflight_batching": "in-flight batching", "paged_kv_cache": "the paged KV cache",
     "remove_input_padding": "packed inputs", "tokens_per_block": "the paged KV cache",
     "parallel_build": "tensor parallelism",
@@ -74,6 +73,13 @@ def check_supported(args: argparse.Namespace) -> None:
                              "not built); use --world_size 1")
 
 
+def context_fmha(args: argparse.Namespace) -> str | None:
+    """TensorRT-LLM's reading of the two flags: fp32 accumulation wins when both are given."""
+    if args.enable_context_fmha_fp32_acc:
+        return "enabled_with_fp32_acc"
+    return "enabled" if args.enable_context_fmha else None
+
+
 def check_triton() -> None:
     try:
         import triton  # noqa: F401
@@ -116,7 +122,8 @@ def build(args: argparse.Namespace) -> Path:
                                use_layernorm_plugin=args.use_layernorm_plugin,
                                use_gemm_plugin=args.use_gemm_plugin,
                                weight_only_precision=(args.weight_only_precision or "int8") if args.use_weight_only
-                               else None)
+                               else None,
+                               context_fmha=context_fmha(args))
     if build_config.uses_triton:
         check_triton()
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else None

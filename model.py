@@ -81,6 +81,7 @@ class SelfAttention(nn.Module):
         self.config = config
         self.layer_index = layer_index
         self.plugin = build.use_gpt_attention_plugin is not None
+        self.context_fmha = build.context_fmha
         self.query_key_value = DecoderLinear(config.hidden_size, config.qkv_size, config.add_qkv_bias, build)
         self.dense = DecoderLinear(config.q_size, config.hidden_size, False, build)
 
@@ -103,13 +104,20 @@ class SelfAttention(nn.Module):
                 context = decode_attention(query, keys, values, batch.block_tables, batch.context_lengths,
                                            kv_cache.block_size, scale, batch.max_context)
                 return self.dense(context.flatten(1))
+            if self.context_fmha is not None:
+                from glm_engine.kernels.context_attention import context_attention
+
+                context = context_attention(query, keys, values, batch.block_tables, batch.context_lengths,
+                                            batch.new_token_counts, batch.last_token_index, batch.max_new_tokens,
+                                            kv_cache.block_size, scale, self.context_fmha == "enabled")
+                return self.dense(context.flatten(1))
         else:
             qkv = qkv.view(-1, heads + 2 * groups, head_dim)
             # Query and key heads rotate together: one rotary pass instead of two.
             query_key = reference.apply_rotary(qkv[:, :heads + groups], rotary)
             query = query_key[:, :heads]
             kv_cache.write(self.layer_index, batch.slot_mapping, query_key[:, heads:], qkv[:, heads + groups:])
-        # The context phase stays unfused until context FMHA lands.
+        # Without context FMHA the context phase runs the unfused reference.
         context = reference.paged_attention(query, keys, values, batch.query_index, batch.output_rows,
                                             batch.key_slots, batch.attention_bias, scale)
         return self.dense(context.flatten(1))

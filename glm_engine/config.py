@@ -194,6 +194,9 @@ class BuildConfig:
     use_layernorm_plugin: str | None = None
     use_gemm_plugin: str | None = None
     weight_only_precision: str | None = None  # int8 or int4 with --use_weight_only, None without
+    # Context FMHA as TensorRT-LLM names it: "enabled" (float16 accumulation of P.V
+    # in float16 engines), "enabled_with_fp32_acc", or None (the unfused reference).
+    context_fmha: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -205,6 +208,11 @@ class BuildConfig:
             if value is not None and value != self.dtype:
                 raise GlmEngineError(f"--{plugin} {value} with --dtype {self.dtype}: the kernels compute in the "
                                      f"engine's dtype; pass --{plugin} {self.dtype}")
+        if self.context_fmha not in (None, "enabled", "enabled_with_fp32_acc"):
+            raise GlmEngineError(f"context_fmha must be enabled or enabled_with_fp32_acc, got {self.context_fmha!r}")
+        if self.context_fmha is not None and self.use_gpt_attention_plugin is None:
+            raise GlmEngineError("context FMHA runs inside the GPT attention plugin; add --use_gpt_attention_plugin "
+                                 f"{self.dtype} or drop --enable_context_fmha")
         for name in ("max_batch_size", "max_input_len", "max_output_len", "world_size"):
             if getattr(self, name) <= 0:
                 raise GlmEngineError(f"--{name} must be positive, got {getattr(self, name)}")

@@ -146,9 +146,11 @@ def test_quantization_round_trip(bits):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [0, 8, 4])
-@pytest.mark.parametrize("rows, n, k, with_bias", [(1, 48, 64, True), (3, 100, 96, False), (16, 32, 256, True)])
-def test_gemv_matches_reference(dtype, bits, rows, n, k, with_bias):
-    if dtype == torch.bfloat16 and DEVICE.type == "cpu":
+@pytest.mark.parametrize("rows, n, k, with_bias, use_dot, split_k", [
+    (1, 48, 64, True, False, 1), (2, 20, 192, False, False, 3), (3, 100, 96, False, True, 1),
+    (16, 32, 256, True, True, 2), (1, 40, 128, True, True, 4), (4, 24, 96, True, False, 2)])
+def test_gemv_matches_reference(dtype, bits, rows, n, k, with_bias, use_dot, split_k):
+    if dtype == torch.bfloat16 and DEVICE.type == "cpu" and use_dot:
         pytest.skip("Triton's interpreter computes tl.dot on bfloat16 wrongly (checked: errors of 1e10 on "
                     "16x16 inputs); bfloat16 is checked on the GPU")
     x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
@@ -157,10 +159,10 @@ def test_gemv_matches_reference(dtype, bits, rows, n, k, with_bias):
     if bits:
         quantized, scales = reference.quantize_per_channel(weight, bits)
         dense = reference.dequantize(quantized, scales, bits, torch.float64)
-        out = gemv_module.gemv(x, quantized, bias, scales, bits, block_n=16, block_k=64)
     else:
-        dense = weight.to(dtype).double()
-        out = gemv_module.gemv(x, weight.to(dtype), bias, block_n=16, block_k=64)
+        quantized, scales, dense = weight.to(dtype), None, weight.to(dtype).double()
+    config = gemv_module.GemvConfig(block_n=16, block_k=32, split_k=split_k)
+    out = gemv_module.gemv(x, quantized, bias, scales, bits, config, use_dot)
     expected = reference.linear(x.double(), dense, None if bias is None else bias.double())
     bound = 1e-6 if dtype == torch.float32 else 2e-3 if dtype == torch.float16 else 1e-2
     assert out.shape == (rows, n) and out.dtype == dtype
@@ -188,13 +190,14 @@ import glm_engine.kernels.context_attention as context_attention_module  # noqa:
 
 @pytest.mark.parametrize("dtype, fp16_accumulation", [(torch.float32, False), (torch.float16, False),
                                                       (torch.float16, True)])
-@pytest.mark.parametrize("heads, groups, head_dim, block_size, cached, new", [
-    (4, 2, 16, 4, [0, 0, 0], [1, 7, 30]),
-    (8, 2, 32, 16, [0, 5, 40], [70, 3, 9]),
-    (6, 3, 24, 8, [3], [21]),
+@pytest.mark.parametrize("heads, groups, head_dim, block_size, cached, new, block_m, block_n", [
+    (4, 2, 16, 4, [0, 0, 0], [1, 7, 30], None, 32),
+    (8, 2, 32, 16, [0, 5, 40], [70, 3, 9], None, 64),
+    (6, 3, 24, 8, [3], [21], 16, 16),
+    (4, 1, 16, 8, [0, 9, 2, 0], [1, 1, 40, 2], 32, 64),
 ])
 def test_context_attention_matches_reference(dtype, fp16_accumulation, heads, groups, head_dim, block_size,
-                                             cached, new):
+                                             cached, new, block_m, block_n):
     rng = random.Random(sum(new) * 31 + block_size)
     torch.manual_seed(rng.randrange(1 << 30))
     lengths = [c + n for c, n in zip(cached, new)]
@@ -209,8 +212,9 @@ def test_context_attention_matches_reference(dtype, fp16_accumulation, heads, gr
     width = max(map(len, tables))
     table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
     as_int = lambda values: torch.tensor(values, dtype=torch.int32, device=DEVICE)  # noqa: E731
-    out = context_attention_module.context_attention(query, key_cache, value_cache, table_tensor, as_int(cached),
-                                                     as_int(new), block_size, head_dim ** -0.5, fp16_accumulation)
+    out = context_attention_module.context_attention(
+        query, key_cache, value_cache, table_tensor, as_int(lengths), as_int(new), batch.last_token_index,
+        max(new), block_size, head_dim ** -0.5, fp16_accumulation, block_m=block_m, block_n=block_n)
     bound = 1e-5 if dtype == torch.float32 else 3e-3
     assert relative_error(out, expected) < bound
 

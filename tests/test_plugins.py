@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import glm_engine.kernels.context_attention as context_attention_module
 import glm_engine.kernels.decode_attention as decode_attention_module
 import glm_engine.kernels.gemv as gemv_module
 import glm_engine.kernels.norm as norm_module
@@ -19,11 +20,13 @@ from test_model import build_engine, random_prompt, relative_error
 
 PLUGINS = {"attention": ["--use_gpt_attention_plugin"], "layernorm": ["--use_layernorm_plugin"],
            "gemm": ["--use_gemm_plugin"],
-           "all": ["--use_gpt_attention_plugin", "--use_layernorm_plugin", "--use_gemm_plugin"]}
+           "all": ["--use_gpt_attention_plugin", "--use_layernorm_plugin", "--use_gemm_plugin"],
+           "context_fmha": ["--use_gpt_attention_plugin", "--enable_context_fmha"]}
+SWITCHES = {"--enable_context_fmha", "--enable_context_fmha_fp32_acc"}  # flags that take no dtype
 
 
 def with_dtype(flags: list[str], dtype: str) -> list[str]:
-    return [part for flag in flags for part in (flag, dtype)]
+    return [part for flag in flags for part in ((flag,) if flag in SWITCHES else (flag, dtype))]
 
 
 @pytest.fixture
@@ -31,6 +34,7 @@ def kernel_calls(monkeypatch):
     """Counts the calls of each Triton kernel wrapper; the real kernel still runs."""
     calls: dict[str, int] = {}
     for module, name in [(decode_attention_module, "decode_attention"), (rotary_kv_module, "rotary_kv_write"),
+                         (context_attention_module, "context_attention"),
                          (norm_module, "add_rms_norm"), (swiglu_module, "swiglu"), (gemv_module, "gemv")]:
         original = getattr(module, name)
 
@@ -54,8 +58,10 @@ def test_plugin_engine_greedy_equals_reference_engine(tiny_checkpoint_factory, t
     prompt = random_prompt(20, 9)
     assert relative_error(plugin_session.prompt_logits(prompt), reference_session.prompt_logits(prompt)) < 1e-5
     expected = {"attention": {"decode_attention", "rotary_kv_write"}, "layernorm": {"add_rms_norm", "swiglu"},
-                "gemm": {"gemv"}}
-    used = set().union(*(expected[name] for name in expected if plugins in (name, "all")))
+                "gemm": {"gemv"}, "context_fmha": {"decode_attention", "rotary_kv_write", "context_attention"}}
+    all_plugins = {"attention", "layernorm", "gemm"}
+    used = set().union(*(expected[name] for name in expected
+                         if name == plugins or (plugins == "all" and name in all_plugins)))
     assert set(kernel_calls) == used
 
 
@@ -66,6 +72,33 @@ def test_half_precision_plugin_engine_is_close_to_reference(tiny_checkpoint_fact
                                   *with_dtype(PLUGINS["all"], "float16"))
     prompt = random_prompt(20, 3)
     assert relative_error(plugin_session.prompt_logits(prompt), reference_session.prompt_logits(prompt)) < 3e-3
+
+
+@pytest.mark.parametrize("flag, fp16_accumulation", [("--enable_context_fmha", True),
+                                                     ("--enable_context_fmha_fp32_acc", False)])
+def test_context_fmha_accumulates_as_its_flag_says(tiny_checkpoint_factory, tmp_path, monkeypatch, flag,
+                                                   fp16_accumulation):
+    model_dir = tiny_checkpoint_factory("safetensors", seed=35)
+    reference_session = build_engine(model_dir, tmp_path / "reference", "float16")
+    fmha_session = build_engine(model_dir, tmp_path / "fmha", "float16", "--use_gpt_attention_plugin", "float16",
+                                flag)
+    seen = []
+    original = context_attention_module.context_attention
+
+    def spy(*args, **kwargs):
+        seen.append(args[10])  # fp16_accumulation
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(context_attention_module, "context_attention", spy)
+    prompt = random_prompt(40, 4)
+    assert relative_error(fmha_session.prompt_logits(prompt), reference_session.prompt_logits(prompt)) < 3e-3
+    assert seen and set(seen) == {fp16_accumulation}
+
+
+def test_context_fmha_needs_the_attention_plugin(tmp_path):
+    result = run_tool("build.py", "--output_dir", tmp_path / "engine", *TINY_SHAPE_FLAGS, "--enable_context_fmha")
+    assert_one_line_error(result, "context FMHA runs inside the GPT attention plugin")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plugin_dtype_must_match_the_engine_dtype(tmp_path):

@@ -4,8 +4,6 @@ sequence's cached ones included, read through its block table. Softmax runs
 online in float32; the P.V accumulator is float32, or float16 as in
 TensorRT-LLM's --enable_context_fmha (its fp32-acc variant keeps float32).
 
-Not wired to --enable_context_fmha yet: checked against the reference in
-Triton's interpreter only; it is enabled once measured on the GPU.
 Reference: `reference.paged_attention`."""
 
 from __future__ import annotations
@@ -16,7 +14,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _context_attention_kernel(query, key_cache, value_cache, block_tables, query_starts, new_counts, cached_counts,
+def _context_attention_kernel(query, key_cache, value_cache, block_tables, last_token_index, new_counts,
+                              context_lengths,
                               out, scale, stride_table, HEADS: tl.constexpr, GROUPS: tl.constexpr,
                               HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP16_ACC: tl.constexpr,
@@ -24,8 +23,8 @@ def _context_attention_kernel(query, key_cache, value_cache, block_tables, query
     tile, sequence, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     new = tl.load(new_counts + sequence)
     if tile * BLOCK_M < new:
-        cached = tl.load(cached_counts + sequence)
-        start = tl.load(query_starts + sequence)
+        cached = tl.load(context_lengths + sequence) - new
+        start = tl.load(last_token_index + sequence) - new + 1
         group = head // (HEADS // GROUPS)
         steps = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         step_ok = steps < new
@@ -66,22 +65,28 @@ def _context_attention_kernel(query, key_cache, value_cache, block_tables, query
 
 
 def context_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                      block_tables: torch.Tensor, cached_counts: torch.Tensor, new_counts: torch.Tensor,
-                      block_size: int, scale: float, fp16_accumulation: bool) -> torch.Tensor:
-    """Causal attention of the packed new tokens [N, heads, D] of B sequences
-    (sequence i: `new_counts[i]` tokens after `cached_counts[i]` cached ones, its
-    K/V already written to the cache). Returns [N, heads, D]."""
+                      block_tables: torch.Tensor, context_lengths: torch.Tensor, new_counts: torch.Tensor,
+                      last_token_index: torch.Tensor, max_new: int, block_size: int, scale: float,
+                      fp16_accumulation: bool, block_m: int | None = None, block_n: int = 64,
+                      num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Causal attention of the packed new tokens [N, heads, D] of B sequences:
+    sequence i has `new_counts[i]` new tokens ending at packed index
+    `last_token_index[i]`, after `context_lengths[i] - new_counts[i]` cached ones; its
+    K/V (new tokens included) are already in the cache. `max_new` bounds new_counts.
+    Returns [N, heads, D]. Block sizes default to the tuned ones (docs/PERFORMANCE.md)."""
     tokens, heads, head_dim = query.shape
     groups = key_cache.shape[1]
     batch = new_counts.shape[0]
-    query_starts = (torch.cumsum(new_counts, 0) - new_counts).to(torch.int32)
     out = torch.empty_like(query)
-    block_m = 16 if tokens <= 64 else 64
-    grid = (triton.cdiv(int(new_counts.max()), block_m), batch, heads)
+    if block_m is None:
+        block_m = 16 if max_new <= 16 else 64
+    grid = (triton.cdiv(max_new, block_m), batch, heads)
+    block_tables, context_lengths = block_tables.contiguous(), context_lengths.contiguous()
     _context_attention_kernel[grid](
-        query.contiguous(), key_cache, value_cache, block_tables, query_starts, new_counts, cached_counts, out,
-        scale, block_tables.stride(0), HEADS=heads, GROUPS=groups, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        query.contiguous(), key_cache, value_cache, block_tables, last_token_index.contiguous(),
+        new_counts.contiguous(), context_lengths, out, scale, block_tables.stride(0), HEADS=heads, GROUPS=groups,
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         FP16_ACC=fp16_accumulation and query.dtype == torch.float16,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     return out

@@ -1,8 +1,15 @@
 """Skinny GEMM ("gemm plugin" and weight-only GEMM) in Triton for decode steps:
 y[M, N] = x[M, K] @ W[N, K]^T (+ bias) with few rows M, where the time is the
-weight stream. Each program owns BLOCK_N output columns and walks all of K, so
-every weight byte is read once; W may be the model dtype, or int8 / packed
-int4 with one scale per output channel, dequantized in registers.
+weight stream. W may be the model dtype, or int8 / packed int4 with one scale
+per output channel, dequantized in registers.
+
+Each program owns BLOCK_N output columns and one of SPLIT_K slices of K, so
+every weight byte is read once; with SPLIT_K > 1 the programs write float32
+partial sums and a second kernel adds them (no atomics: results do not depend
+on the order programs finish). Splitting K gives small matrices enough
+programs to keep every SM streaming. For one or two rows the products are
+plain FMAs on CUDA cores (no tensor-core layout shuffles, which cost more than
+they save on int4/int8 weights); for more rows, tl.dot on rows padded to 16.
 
 int4 packing: byte k//2 of a row holds weight k (even k) in its low nibble and
 weight k+1 in its high nibble, as two's-complement 4-bit values.
@@ -10,62 +17,136 @@ Reference: `reference.linear` on the dequantized weight."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 16  # the kernel pads x to 16 rows for tl.dot; more rows go to cuBLAS
+MAX_ROWS = 16  # the dot path pads x to 16 rows; more rows go to cuBLAS
+MAX_FMA_ROWS = 2  # at most this many rows take the FMA path
+
+
+class GemvConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
 
 
 @triton.jit
-def _gemv_kernel(x, weight, weight_scales, bias, out, rows, N: tl.constexpr, K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _load_weight_tile(weight, columns, column_ok, start, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] weights (int8, float or, for int4, int8 holding -8..7) from K offset `start`."""
+    if QUANT == 4:
+        half = start // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(weight + columns[:, None] * (K // 2) + half[None, :],
+                         mask=column_ok[:, None] & (half < K // 2)[None, :], other=0).to(tl.int8)
+        low = (packed << 4) >> 4  # sign-extend the low nibble
+        high = packed >> 4
+        return tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+    ks = start + tl.arange(0, BLOCK_K)
+    return tl.load(weight + columns[:, None] * K + ks[None, :], mask=column_ok[:, None] & (ks < K)[None, :],
+                   other=0)
+
+
+@triton.jit
+def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.constexpr, K: tl.constexpr,
+                 K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
                  PRECISION: tl.constexpr):
     columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     column_ok = columns < N
-    row_ids = tl.arange(0, 16)
+    split = tl.program_id(1)
+    row_ids = tl.arange(0, BLOCK_M)
     row_ok = row_ids < rows
-    acc = tl.zeros([16, BLOCK_N], tl.float32)
-    for start in range(0, K, BLOCK_K):
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    else:
+        # Elementwise accumulation; one reduction over K at the end instead of one per step.
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    for start in range(split * K_PER_SPLIT, split * K_PER_SPLIT + K_PER_SPLIT, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        xs = tl.load(x + row_ids[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if QUANT == 4:
-            half = start // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(weight + columns[:, None] * (K // 2) + half[None, :],
-                             mask=column_ok[:, None] & (half < K // 2)[None, :], other=0).to(tl.int8)
-            low = (packed << 4) >> 4  # sign-extend the low nibble
-            high = packed >> 4
-            w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K)).to(xs.dtype)
+        xs = tl.load(x + row_ids[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+        w = _load_weight_tile(weight, columns, column_ok, start, K, BLOCK_N, BLOCK_K, QUANT)
+        if USE_DOT:
+            acc += tl.dot(xs, tl.trans(w.to(xs.dtype)), input_precision=PRECISION)
         else:
-            w = tl.load(weight + columns[:, None] * K + ks[None, :], mask=column_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(xs.dtype)
-        acc += tl.dot(xs, tl.trans(w), input_precision=PRECISION)
-    if QUANT != 0:
-        acc *= tl.load(weight_scales + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
+            acc3 += xs.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
+    mask = row_ok[:, None] & column_ok[None, :]
+    if SPLIT_K == 1:  # the whole K here: finish in place, no epilogue kernel
+        if QUANT != 0:
+            acc *= tl.load(weight_scales + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out + row_ids[:, None] * N + columns[None, :], acc.to(out.dtype.element_ty), mask=mask)
+    else:
+        tl.store(partial + (split * rows + row_ids)[:, None] * N + columns[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _epilogue_kernel(partial, weight_scales, bias, out, total, N: tl.constexpr, SPLIT_K: tl.constexpr,
+                     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out = (sum of the SPLIT_K partial sums) * scale + bias, in out's dtype."""
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = index < total
+    acc = tl.zeros([BLOCK], tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(partial + split * total + index, mask=ok, other=0.0)
+    columns = index % N
+    if HAS_SCALES:
+        acc *= tl.load(weight_scales + columns, mask=ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out + row_ids[:, None] * N + columns[None, :], acc.to(out.dtype.element_ty),
-             mask=row_ok[:, None] & column_ok[None, :])
+        acc += tl.load(bias + columns, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out + index, acc.to(out.dtype.element_ty), mask=ok)
+
+
+def default_config(rows: int, n: int, k: int, quant_bits: int) -> GemvConfig:
+    """Blocks for a shape, from scripts/tune_gemv.py on an H100 (docs/PERFORMANCE.md):
+    enough programs (columns x K slices) for several per SM, K slices of at least
+    two steps."""
+    if rows <= MAX_FMA_ROWS:
+        block_n, block_k = (8, 256) if quant_bits == 4 else (8, 512) if quant_bits == 8 else (4, 512)
+    else:
+        block_n, block_k = 32, 256
+    split_k = 1
+    while triton.cdiv(n, block_n) * split_k < 1024 and k // (split_k * 2) >= 2 * block_k:
+        split_k *= 2
+    return GemvConfig(block_n, block_k, split_k)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         weight_scales: torch.Tensor | None = None, quant_bits: int = 0, block_n: int = 32,
-         block_k: int | None = None, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+         weight_scales: torch.Tensor | None = None, quant_bits: int = 0,
+         config: GemvConfig | None = None, use_dot: bool | None = None) -> torch.Tensor:
     """x [M <= 16, K] @ W^T -> [M, N] in x's dtype. W: [N, K] in x's dtype (quant_bits 0),
     int8 [N, K] (8) or packed uint8 [N, K // 2] (4) with `weight_scales` [N].
-    Default blocks: the fastest of scripts/tune_gemv.py on an H100 (docs/PERFORMANCE.md):
-    256 weights of K per step, 512 for large fp16 matrices."""
+    `config` and `use_dot` (default: FMA for at most MAX_FMA_ROWS rows) override the
+    tuned choice; tests use them to cover every path."""
     rows, k = x.shape
     n = weight.shape[0]
-    if block_k is None:
-        block_k = 512 if quant_bits == 0 and n * k >= 50_000_000 else 256
     if rows > MAX_ROWS:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {rows}")
+    if use_dot is None:
+        use_dot = rows > MAX_FMA_ROWS
+    config = config or default_config(rows, n, k, quant_bits)
+    block_k = min(config.block_k, max(32, triton.next_power_of_2(k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    block_k = min(block_k, max(32, triton.next_power_of_2(k)))
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x.contiguous(), weight, weight_scales, bias, out, rows, N=n, K=k, BLOCK_N=block_n, BLOCK_K=block_k,
-        QUANT=quant_bits, HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages)
+    partial = torch.empty(split_k, rows, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    _gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
+        x.contiguous(), weight, weight_scales, bias, out, partial, rows, N=n, K=k, K_PER_SPLIT=k_per_split,
+        BLOCK_M=16 if use_dot else triton.next_power_of_2(rows), BLOCK_N=config.block_n, BLOCK_K=block_k,
+        QUANT=quant_bits, HAS_BIAS=bias is not None, SPLIT_K=split_k, USE_DOT=use_dot,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=config.num_warps,
+        num_stages=config.num_stages)
+    if split_k == 1:
+        return out
+    block = 1024
+    _epilogue_kernel[(triton.cdiv(rows * n, block),)](
+        partial, weight_scales, bias, out, rows * n, N=n, SPLIT_K=split_k, HAS_SCALES=weight_scales is not None,
+        HAS_BIAS=bias is not None, BLOCK=block)
     return out

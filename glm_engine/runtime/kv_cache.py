@@ -34,31 +34,36 @@ def row_block_table(row: int, blocks_per_row: int) -> list[int]:
 @dataclass
 class AttentionBatch:
     """Where the N packed new tokens of B sequences sit, in the stream and in the cache.
-    The reference attention reads query_index .. attention_bias; the plugin's decode
-    kernel reads block_tables and context_lengths, so a captured decode graph sets
-    the reference fields to None."""
+    The reference attention reads query_index .. attention_bias; the plugin's kernels
+    read block_tables, context_lengths and new_token_counts, so steps that only run
+    those (a captured decode graph, context FMHA) leave the reference fields None."""
 
     positions: torch.Tensor  # [N] absolute position of each new token
     slot_mapping: torch.Tensor  # [N] cache slot each new token's K/V is written to
-    query_index: torch.Tensor  # [B, T] packed index of each sequence's new tokens (padded)
-    output_rows: torch.Tensor  # [N] row of each packed token in the flattened [B * T] grid
-    key_slots: torch.Tensor  # [B, L] cache slot of every key position (padded)
-    attention_bias: torch.Tensor  # [B, T, L] model dtype: 0 where attending is allowed, -inf elsewhere
-    last_token_index: torch.Tensor  # [B] packed index of each sequence's last new token
+    query_index: torch.Tensor | None  # [B, T] packed index of each sequence's new tokens (padded)
+    output_rows: torch.Tensor | None  # [N] row of each packed token in the flattened [B * T] grid
+    key_slots: torch.Tensor | None  # [B, L] cache slot of every key position (padded)
+    attention_bias: torch.Tensor | None  # [B, T, L] model dtype: 0 where attending is allowed, -inf elsewhere
+    last_token_index: torch.Tensor | None  # [B] packed index of each sequence's last new token
     block_tables: torch.Tensor  # [B, max_blocks] int32, for the paged kernels
     context_lengths: torch.Tensor  # [B] int32, keys per sequence once the new tokens are in
     max_context: int  # bound on context_lengths, which sizes the decode kernel's splits
     decode: bool  # one new token per sequence
+    new_token_counts: torch.Tensor | None = None  # [B] int32, for context FMHA
+    max_new_tokens: int = 1  # the largest of new_token_counts
 
 
 def make_attention_batch(block_tables: list[list[int]], cached_lengths: list[int],
                          new_token_counts: list[int], block_size: int, device: torch.device,
-                         dtype: torch.dtype = torch.float32, max_context: int | None = None) -> AttentionBatch:
+                         dtype: torch.dtype = torch.float32, max_context: int | None = None,
+                         reference_fields: bool = True) -> AttentionBatch:
     """Addresses for one forward step: sequence i has `cached_lengths[i]` tokens in
     the cache already and `new_token_counts[i]` new tokens packed after those of
     sequence i-1. Built on the CPU, then moved to `device`; the attention bias is
     in `dtype`, the model's, so that scores plus bias stay in that dtype.
-    `max_context` (default: the longest context of this step) bounds every context."""
+    `max_context` (default: the longest context of this step) bounds every context.
+    Without `reference_fields` the reference attention's inputs (key slots, bias:
+    the large ones in prefill) are not built."""
     cached = torch.tensor(cached_lengths)
     new = torch.tensor(new_token_counts)
     total = cached + new
@@ -78,15 +83,19 @@ def make_attention_batch(block_tables: list[list[int]], cached_lengths: list[int
     return AttentionBatch(
         positions=to_device(query_positions[valid]),
         slot_mapping=to_device(key_slots.gather(1, query_positions)[valid]),
-        query_index=to_device(query_index),
-        output_rows=to_device(torch.arange(len(new) * max_new).view(len(new), max_new)[valid]),
-        key_slots=to_device(key_slots),
-        attention_bias=causal_bias(to_device(query_positions), to_device(valid), max_keys, dtype),
+        query_index=to_device(query_index) if reference_fields else None,
+        output_rows=to_device(torch.arange(len(new) * max_new).view(len(new), max_new)[valid])
+        if reference_fields else None,
+        key_slots=to_device(key_slots) if reference_fields else None,
+        attention_bias=causal_bias(to_device(query_positions), to_device(valid), max_keys, dtype)
+        if reference_fields else None,
         last_token_index=to_device(starts + new - 1),
         block_tables=to_device(tables.to(torch.int32)),
         context_lengths=to_device(total.to(torch.int32)),
         max_context=max_context or max_keys,
-        decode=max_new == 1)
+        decode=max_new == 1,
+        new_token_counts=to_device(new.to(torch.int32)),
+        max_new_tokens=max_new)
 
 
 def causal_bias(query_positions: torch.Tensor, valid: torch.Tensor, max_keys: int,

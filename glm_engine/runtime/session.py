@@ -4,6 +4,7 @@ runs prefill then decode steps over packed sequences, samples and stops."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from glm_engine import GlmEngineError
 from glm_engine.engine import Engine, load_engine
-from glm_engine.runtime.kv_cache import KVCache, make_attention_batch, row_block_table
+from glm_engine.runtime.kv_cache import AttentionBatch, KVCache, make_attention_batch, row_block_table
 from glm_engine.runtime.sampling import SamplingConfig, sample
 from model import build_model
 
@@ -39,8 +40,10 @@ class Session:
     def __init__(self, engine: Engine | str | Path, device: str | torch.device | None = None,
                  cuda_graphs: bool = True) -> None:
         self.device = resolve_device(str(device) if device is not None else None)
+        start = time.perf_counter()
         if not isinstance(engine, Engine):
             engine = load_engine(engine, self.device)
+        loaded = time.perf_counter()
         self.engine = engine
         self.model_config = config = engine.model_config
         self.build_config = build = engine.build_config
@@ -55,10 +58,14 @@ class Session:
         self.kv_cache = KVCache(config.num_layers, self.scratch_block + 1, TOKENS_PER_BLOCK,
                                 config.multi_query_group_num, config.kv_channels, build.torch_dtype, self.device)
         self.decode_graphs = None
+        built = time.perf_counter()
         if cuda_graphs and self.device.type == "cuda" and build.use_gpt_attention_plugin is not None:
             from glm_engine.runtime.cuda_graphs import DecodeGraphs
 
             self.decode_graphs = DecodeGraphs(self)
+        # Seconds per start-up stage, for benchmark.py (a lazy CUDA-graph capture would hide in the first step).
+        self.startup_seconds = {"load_engine": loaded - start, "build_model": built - loaded,
+                                "capture_graphs": time.perf_counter() - built}
 
     def block_table(self, row: int) -> list[int]:
         """The cache blocks of batch row `row`."""
@@ -86,12 +93,19 @@ class Session:
                 raise GlmEngineError(f"prompt {index} holds token id {bad[0]}, outside the vocabulary "
                                      f"[0, {vocab})")
 
+    def attention_batch(self, block_tables: list[list[int]], cached: list[int],
+                        new_token_counts: list[int]) -> AttentionBatch:
+        """Cache addresses of one step; the reference attention's inputs only when it runs."""
+        build = self.build_config
+        plugin_only = build.use_gpt_attention_plugin is not None and (
+            build.context_fmha is not None or max(new_token_counts) == 1)
+        return make_attention_batch(block_tables, cached, new_token_counts, TOKENS_PER_BLOCK, self.device,
+                                    build.torch_dtype, build.max_sequence_len, reference_fields=not plugin_only)
+
     def forward(self, rows: list[int], cached: list[int], new_tokens: list[list[int]]) -> torch.Tensor:
         """Eager forward of the new tokens of batch rows `rows` (with `cached` tokens
         already in their cache); float32 logits [len(rows), vocab] of each row's last token."""
-        batch = make_attention_batch([self.block_table(row) for row in rows], cached, list(map(len, new_tokens)),
-                                     TOKENS_PER_BLOCK, self.device, self.build_config.torch_dtype,
-                                     self.build_config.max_sequence_len)
+        batch = self.attention_batch([self.block_table(row) for row in rows], cached, list(map(len, new_tokens)))
         input_ids = torch.tensor([token for tokens in new_tokens for token in tokens], device=self.device)
         return self.model.logits(self.model(input_ids, batch, self.kv_cache)[batch.last_token_index])
 
@@ -99,8 +113,7 @@ class Session:
     def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
         """Float32 logits [len(prompt), vocab] at every position of one prompt."""
         self.check_request([prompt], 1)
-        batch = make_attention_batch([self.block_table(0)], [0], [len(prompt)], TOKENS_PER_BLOCK, self.device,
-                                     self.build_config.torch_dtype, self.build_config.max_sequence_len)
+        batch = self.attention_batch([self.block_table(0)], [0], [len(prompt)])
         input_ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
         return self.model.logits(self.model(input_ids, batch, self.kv_cache))
 

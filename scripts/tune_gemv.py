@@ -42,7 +42,7 @@ def tune(rows: int, results: list[dict]) -> None:
         weight = torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5
         x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
         cublas_ms = bench(lambda: torch.nn.functional.linear(x, weight))
-        print(f"{name} {n}x{k} rows {rows}: cuBLAS {cublas_ms * 1e3:.1f} us = {n * k * 2 / cublas_ms / 1e9:.0f} GB/s")
+        print(f"{name} {n}x{k} rows {rows}: cuBLAS {cublas_ms * 1e3:.1f} us = {n * k * 2 / cublas_ms / 1e9:.2f} TB/s")
         for bits in (0, 8, 4):
             stored, scales = (weight, None) if bits == 0 else reference.quantize_per_channel(weight, bits)
             nbytes = stored.numel() * stored.element_size()
@@ -59,10 +59,10 @@ def tune(rows: int, results: list[dict]) -> None:
                                 "config": list(config), "us": ms * 1e3, "gb_s": nbytes / ms / 1e6, "error": error})
             best = min(timed, key=lambda item: item[0])
             default_ms = bench(lambda: gemv(x, stored, None, scales, bits))
-            print(f"  bits {bits}: best {best[0] * 1e3:.1f} us = {nbytes / best[0] / 1e9:.0f} GB/s "
+            print(f"  bits {bits}: best {best[0] * 1e3:.1f} us = {nbytes / best[0] / 1e9:.2f} TB/s "
                   f"{'dot' if best[1] else 'fma'} {tuple(best[2])} (rel err {best[3]:.1e}); default "
                   f"{tuple(default_config(rows, n, k, bits))} {default_ms * 1e3:.1f} us = "
-                  f"{nbytes / default_ms / 1e9:.0f} GB/s")
+                  f"{nbytes / default_ms / 1e9:.2f} TB/s")
 
 
 def main() -> None:

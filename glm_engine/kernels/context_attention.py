@@ -12,14 +12,45 @@ import torch
 import triton
 import triton.language as tl
 
+LOG2_E = 1.4426950408889634  # the kernel's exponentials are base 2
+
+
+@triton.jit
+def _attend_key_tile(q, acc, running_max, running_sum, key_start, last_key, positions, key_cache, value_cache,
+                     table_row, group, dims, dim_ok, qk_scale, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                     FP16_ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over keys key_start .. key_start + BLOCK_N (base-2 exponentials;
+    qk_scale includes log2(e)). Only tiles that reach the diagonal apply the causal mask."""
+    keys = key_start + tl.arange(0, BLOCK_N)
+    key_ok = keys < last_key
+    blocks = tl.load(table_row + keys // BLOCK_SIZE, mask=key_ok, other=0)
+    slots = blocks.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE
+    offsets = (slots * GROUPS + group)[:, None] * HEAD_DIM + dims[None, :]
+    k = tl.load(key_cache + offsets, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if CAUSAL_MASK:
+        allowed = (keys[None, :] <= positions[:, None]) & key_ok[None, :]
+        scores = tl.where(allowed, scores, float("-inf"))
+    tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    tile_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)  # rows with no key yet
+    probs = tl.exp2(scores - tile_max[:, None])
+    correction = tl.exp2(running_max - tile_max)
+    running_sum = running_sum * correction + tl.sum(probs, axis=1)
+    v = tl.load(value_cache + offsets, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+    if FP16_ACC:
+        acc = acc * correction[:, None].to(tl.float16) + tl.dot(probs.to(v.dtype), v, out_dtype=tl.float16)
+    else:
+        acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+    return acc, tile_max, running_sum
+
 
 @triton.jit
 def _context_attention_kernel(query, key_cache, value_cache, block_tables, last_token_index, new_counts,
-                              context_lengths,
-                              out, scale, stride_table, HEADS: tl.constexpr, GROUPS: tl.constexpr,
-                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP16_ACC: tl.constexpr,
-                              PRECISION: tl.constexpr):
+                              context_lengths, out, qk_scale, stride_table, HEADS: tl.constexpr,
+                              GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                              FP16_ACC: tl.constexpr, PRECISION: tl.constexpr):
     tile, sequence, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     new = tl.load(new_counts + sequence)
     if tile * BLOCK_M < new:
@@ -37,28 +68,20 @@ def _context_attention_kernel(query, key_cache, value_cache, block_tables, last_
         running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float16 if FP16_ACC else tl.float32)
+        table_row = block_tables + sequence * stride_table
+        # Keys before the tile's first query are visible to all its rows: no mask there.
+        unmasked_end = (cached + tile * BLOCK_M) // BLOCK_N * BLOCK_N
         last_key = cached + tl.minimum((tile + 1) * BLOCK_M, new)  # keys this tile may see
-        for key_start in range(0, last_key, BLOCK_N):
-            keys = key_start + tl.arange(0, BLOCK_N)
-            key_ok = keys < last_key
-            blocks = tl.load(block_tables + sequence * stride_table + keys // BLOCK_SIZE, mask=key_ok, other=0)
-            slots = blocks.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE
-            offsets = (slots * GROUPS + group)[:, None] * HEAD_DIM + dims[None, :]
-            k = tl.load(key_cache + offsets, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            allowed = (keys[None, :] <= positions[:, None]) & key_ok[None, :]
-            scores = tl.where(allowed, scores, float("-inf"))
-            tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            tile_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)  # rows with no key yet
-            probs = tl.exp(scores - tile_max[:, None])
-            correction = tl.exp(running_max - tile_max)
-            running_sum = running_sum * correction + tl.sum(probs, axis=1)
-            v = tl.load(value_cache + offsets, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-            if FP16_ACC:
-                acc = acc * correction[:, None].to(tl.float16) + tl.dot(probs.to(v.dtype), v, out_dtype=tl.float16)
-            else:
-                acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
-            running_max = tile_max
+        for key_start in range(0, unmasked_end, BLOCK_N):
+            acc, running_max, running_sum = _attend_key_tile(
+                q, acc, running_max, running_sum, key_start, last_key, positions, key_cache, value_cache,
+                table_row, group, dims, dim_ok, qk_scale, GROUPS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, FP16_ACC,
+                PRECISION)
+        for key_start in range(unmasked_end, last_key, BLOCK_N):
+            acc, running_max, running_sum = _attend_key_tile(
+                q, acc, running_max, running_sum, key_start, last_key, positions, key_cache, value_cache,
+                table_row, group, dims, dim_ok, qk_scale, GROUPS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, FP16_ACC,
+                PRECISION)
         result = acc.to(tl.float32) / running_sum[:, None]
         tl.store(out + (rows * HEADS + head)[:, None] * HEAD_DIM + dims[None, :], result.to(out.dtype.element_ty),
                  mask=step_ok[:, None] & dim_ok[None, :])
@@ -84,7 +107,7 @@ def context_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     block_tables, context_lengths = block_tables.contiguous(), context_lengths.contiguous()
     _context_attention_kernel[grid](
         query.contiguous(), key_cache, value_cache, block_tables, last_token_index.contiguous(),
-        new_counts.contiguous(), context_lengths, out, scale, block_tables.stride(0), HEADS=heads, GROUPS=groups,
+        new_counts.contiguous(), context_lengths, out, scale * LOG2_E, block_tables.stride(0), HEADS=heads, GROUPS=groups,
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         FP16_ACC=fp16_accumulation and query.dtype == torch.float16,

@@ -38,17 +38,19 @@ class GemvConfig(NamedTuple):
 @triton.jit
 def _load_weight_tile(weight, columns, column_ok, start, K: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] weights (int8, float or, for int4, int8 holding -8..7) from K offset `start`."""
+    """[BLOCK_N, BLOCK_K] weights (float, int8, or for int4 int8 holding -8..7) from K offset `start`."""
     if QUANT == 4:
         half = start // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(weight + columns[:, None] * (K // 2) + half[None, :],
                          mask=column_ok[:, None] & (half < K // 2)[None, :], other=0).to(tl.int8)
         low = (packed << 4) >> 4  # sign-extend the low nibble
         high = packed >> 4
-        return tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
-    ks = start + tl.arange(0, BLOCK_K)
-    return tl.load(weight + columns[:, None] * K + ks[None, :], mask=column_ok[:, None] & (ks < K)[None, :],
-                   other=0)
+        tile = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+    else:
+        ks = start + tl.arange(0, BLOCK_K)
+        tile = tl.load(weight + columns[:, None] * K + ks[None, :], mask=column_ok[:, None] & (ks < K)[None, :],
+                       other=0)
+    return tile
 
 
 @triton.jit

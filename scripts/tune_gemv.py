@@ -26,12 +26,12 @@ from glm_engine.kernels.gemv import MAX_FMA_ROWS, GemvConfig, default_config, ge
 SHAPES = {"qkv": (4608, 4096), "dense": (4096, 4096), "up": (27392, 4096), "down": (4096, 13696)}
 
 
-def candidates(rows: int) -> list[tuple[bool, GemvConfig]]:
-    """(use_dot, config) pairs worth timing for this many rows."""
+def candidates(rows: int) -> list[GemvConfig]:
+    """Configs worth timing for this many rows."""
     configs = []
     if rows <= MAX_FMA_ROWS:
-        configs += [(False, GemvConfig(n, k, s)) for n, k, s in itertools.product([4, 8, 16], [256, 512], [1, 2, 4])]
-    configs += [(True, GemvConfig(n, k, s)) for n, k, s in itertools.product([16, 32], [256, 512], [1, 2, 4])]
+        configs += [GemvConfig(n, k, s, False) for n, k, s in itertools.product([4, 8, 16], [256, 512], [1, 2, 4])]
+    configs += [GemvConfig(n, k, s, True) for n, k, s in itertools.product([16, 32], [256, 512], [1, 2, 4])]
     return configs
 
 
@@ -55,7 +55,7 @@ def graph_us(calls: list) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * len(calls))
 
 
-def tune(rows: int, results: list[dict]) -> None:
+def tune(rows: int, bits_list: list[int], results: list[dict]) -> None:
     torch.manual_seed(0)
     for name, (n, k) in SHAPES.items():
         weight = torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5
@@ -64,26 +64,25 @@ def tune(rows: int, results: list[dict]) -> None:
         cublas_us = graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in copies])
         print(f"{name} {n}x{k} rows {rows}: cuBLAS {cublas_us:.1f} us = {n * k * 2 / cublas_us / 1e6:.2f} TB/s")
         del copies
-        for bits in (0, 8, 4):
+        for bits in bits_list:
             stored, scales = (weight, None) if bits == 0 else reference.quantize_per_channel(weight, bits)
             nbytes = stored.numel() * stored.element_size()
             stored_copies = [stored] + [stored.clone() for _ in range(max(1, -(-256_000_000 // nbytes)) - 1)]
             expected = reference.linear(x.float(), reference.dequantize(stored, scales, bits, torch.float32)
                                         if bits else weight.float())
             timed = []
-            for use_dot, config in candidates(rows):
-                error = ((gemv(x, stored, None, scales, bits, config, use_dot).float() - expected).norm()
+            for config in candidates(rows):
+                error = ((gemv(x, stored, None, scales, bits, config).float() - expected).norm()
                          / expected.norm()).item()
-                us = graph_us([lambda w=w, use_dot=use_dot, config=config: gemv(x, w, None, scales, bits, config,
-                                                                                  use_dot)
+                us = graph_us([lambda w=w, config=config: gemv(x, w, None, scales, bits, config)
                                for w in stored_copies])
-                timed.append((us, use_dot, config, error))
-                results.append({"rows": rows, "shape": name, "bits": bits, "use_dot": use_dot,
-                                "config": list(config), "us": us, "tb_s": nbytes / us / 1e6, "error": error})
+                timed.append((us, config, error))
+                results.append({"rows": rows, "shape": name, "bits": bits, "config": list(config), "us": us,
+                                "tb_s": nbytes / us / 1e6, "error": error})
             best = min(timed, key=lambda item: item[0])
             default_us = graph_us([lambda w=w: gemv(x, w, None, scales, bits) for w in stored_copies])
             print(f"  bits {bits}: best {best[0]:.1f} us = {nbytes / best[0] / 1e6:.2f} TB/s "
-                  f"{'dot' if best[1] else 'fma'} {tuple(best[2])} (rel err {best[3]:.1e}); default "
+                  f"{tuple(best[1])} (rel err {best[2]:.1e}); default "
                   f"{tuple(default_config(rows, n, k, bits))} {default_us:.1f} us = "
                   f"{nbytes / default_us / 1e6:.2f} TB/s")
             del stored_copies
@@ -92,11 +91,12 @@ def tune(rows: int, results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("rows", type=int, nargs="+")
+    parser.add_argument("--bits", type=int, nargs="+", default=[0, 8, 4], help="weight kinds to time")
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args()
     results: list[dict] = []
     for rows in args.rows:
-        tune(rows, results)
+        tune(rows, args.bits, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -161,8 +161,8 @@ def test_gemv_matches_reference(dtype, bits, rows, n, k, with_bias, use_dot, spl
         dense = reference.dequantize(quantized, scales, bits, torch.float64)
     else:
         quantized, scales, dense = weight.to(dtype), None, weight.to(dtype).double()
-    config = gemv_module.GemvConfig(block_n=16, block_k=32, split_k=split_k)
-    out = gemv_module.gemv(x, quantized, bias, scales, bits, config, use_dot)
+    config = gemv_module.GemvConfig(block_n=16, block_k=32, split_k=split_k, use_dot=use_dot)
+    out = gemv_module.gemv(x, quantized, bias, scales, bits, config)
     expected = reference.linear(x.double(), dense, None if bias is None else bias.double())
     bound = 1e-6 if dtype == torch.float32 else 2e-3 if dtype == torch.float16 else 1e-2
     assert out.shape == (rows, n) and out.dtype == dtype

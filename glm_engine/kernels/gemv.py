@@ -7,9 +7,9 @@ Each program owns BLOCK_N output columns and one of SPLIT_K slices of K, so
 every weight byte is read once; with SPLIT_K > 1 the programs write float32
 partial sums and a second kernel adds them (no atomics: results do not depend
 on the order programs finish). Splitting K gives small matrices enough
-programs to keep every SM streaming. For one or two rows the products are
-plain FMAs on CUDA cores (no tensor-core layout shuffles, which cost more than
-they save on int4/int8 weights); for more rows, tl.dot on rows padded to 16.
+programs to keep every SM streaming. For one or two rows the products can be
+plain FMAs on CUDA cores (no tensor-core layout shuffles); otherwise tl.dot on
+rows padded to 16. `default_config` holds the measured choice per shape.
 
 int4 packing: byte k//2 of a row holds weight k (even k) in its low nibble and
 weight k+1 in its high nibble, as two's-complement 4-bit values.
@@ -31,26 +31,9 @@ class GemvConfig(NamedTuple):
     block_n: int
     block_k: int
     split_k: int
+    use_dot: bool
     num_warps: int = 4
     num_stages: int = 3
-
-
-@triton.jit
-def _load_weight_tile(weight, columns, column_ok, start, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] weights (float, int8, or for int4 int8 holding -8..7) from K offset `start`."""
-    if QUANT == 4:
-        half = start // 2 + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(weight + columns[:, None] * (K // 2) + half[None, :],
-                         mask=column_ok[:, None] & (half < K // 2)[None, :], other=0).to(tl.int8)
-        low = (packed << 4) >> 4  # sign-extend the low nibble
-        high = packed >> 4
-        tile = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
-    else:
-        ks = start + tl.arange(0, BLOCK_K)
-        tile = tl.load(weight + columns[:, None] * K + ks[None, :], mask=column_ok[:, None] & (ks < K)[None, :],
-                       other=0)
-    return tile
 
 
 @triton.jit
@@ -63,19 +46,41 @@ def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.const
     split = tl.program_id(1)
     row_ids = tl.arange(0, BLOCK_M)
     row_ok = row_ids < rows
+    # int4: the low and high nibbles multiply the even and odd elements of x, each
+    # as its own product of K/2 (no interleaving of the unpacked halves in registers).
+    STEP: tl.constexpr = BLOCK_K // 2 if QUANT == 4 else BLOCK_K
     if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     else:
         # Elementwise accumulation; one reduction over K at the end instead of one per step.
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, STEP], tl.float32)
     for start in range(split * K_PER_SPLIT, split * K_PER_SPLIT + K_PER_SPLIT, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        xs = tl.load(x + row_ids[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
-        w = _load_weight_tile(weight, columns, column_ok, start, K, BLOCK_N, BLOCK_K, QUANT)
-        if USE_DOT:
-            acc += tl.dot(xs, tl.trans(w.to(xs.dtype)), input_precision=PRECISION)
+        if QUANT == 4:
+            half = start // 2 + tl.arange(0, STEP)
+            half_ok = half < K // 2
+            packed = tl.load(weight + columns[:, None] * (K // 2) + half[None, :],
+                             mask=column_ok[:, None] & half_ok[None, :], other=0).to(tl.int8)
+            low = (packed << 4) >> 4  # sign-extend the low nibble
+            high = packed >> 4
+            x_mask = row_ok[:, None] & half_ok[None, :]
+            x_even = tl.load(x + row_ids[:, None] * K + 2 * half[None, :], mask=x_mask, other=0.0)
+            x_odd = tl.load(x + row_ids[:, None] * K + 2 * half[None, :] + 1, mask=x_mask, other=0.0)
+            if USE_DOT:
+                acc += tl.dot(x_even, tl.trans(low.to(x_even.dtype)), input_precision=PRECISION)
+                acc += tl.dot(x_odd, tl.trans(high.to(x_odd.dtype)), input_precision=PRECISION)
+            else:
+                acc3 += x_even.to(tl.float32)[:, None, :] * low.to(tl.float32)[None, :, :]
+                acc3 += x_odd.to(tl.float32)[:, None, :] * high.to(tl.float32)[None, :, :]
         else:
-            acc3 += xs.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            ks = start + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            xs = tl.load(x + row_ids[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(weight + columns[:, None] * K + ks[None, :], mask=column_ok[:, None] & k_ok[None, :],
+                        other=0)
+            if USE_DOT:
+                acc += tl.dot(xs, tl.trans(w.to(xs.dtype)), input_precision=PRECISION)
+            else:
+                acc3 += xs.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     if not USE_DOT:
         acc = tl.sum(acc3, axis=2)
     mask = row_ok[:, None] & column_ok[None, :]
@@ -107,32 +112,27 @@ def _epilogue_kernel(partial, weight_scales, bias, out, total, N: tl.constexpr, 
 
 
 def default_config(rows: int, n: int, k: int, quant_bits: int) -> GemvConfig:
-    """Blocks for a shape, from scripts/tune_gemv.py on an H100 (docs/PERFORMANCE.md):
-    enough programs (columns x K slices) for several per SM, K slices of at least
-    two steps."""
-    if rows <= MAX_FMA_ROWS:
-        block_n, block_k = (8, 256) if quant_bits == 4 else (8, 512) if quant_bits == 8 else (4, 512)
-    else:
-        block_n, block_k = 32, 256
-    split_k = 1
-    while triton.cdiv(n, block_n) * split_k < 1024 and k // (split_k * 2) >= 2 * block_k:
-        split_k *= 2
-    return GemvConfig(block_n, block_k, split_k)
+    """The fastest choice of scripts/tune_gemv.py on an H100 (timed inside CUDA graphs,
+    docs/PERFORMANCE.md): FMA with narrow column blocks for one or two rows on fp16
+    weights and on small quantized matrices; tl.dot with K split 4 (int8) or 2 (int4)
+    on the large quantized ones and for more rows."""
+    if rows <= MAX_FMA_ROWS and (quant_bits == 0 or n * k < 20_000_000):
+        return GemvConfig(4, 512, 1, use_dot=False)
+    if quant_bits == 0:
+        return GemvConfig(32, 512, 1, use_dot=True)
+    return GemvConfig(32, 256, 4 if quant_bits == 8 else 2, use_dot=True)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          weight_scales: torch.Tensor | None = None, quant_bits: int = 0,
-         config: GemvConfig | None = None, use_dot: bool | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None) -> torch.Tensor:
     """x [M <= 16, K] @ W^T -> [M, N] in x's dtype. W: [N, K] in x's dtype (quant_bits 0),
     int8 [N, K] (8) or packed uint8 [N, K // 2] (4) with `weight_scales` [N].
-    `config` and `use_dot` (default: FMA for at most MAX_FMA_ROWS rows) override the
-    tuned choice; tests use them to cover every path."""
+    `config` overrides the tuned choice (tests use it to cover every path)."""
     rows, k = x.shape
     n = weight.shape[0]
     if rows > MAX_ROWS:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {rows}")
-    if use_dot is None:
-        use_dot = rows > MAX_FMA_ROWS
     config = config or default_config(rows, n, k, quant_bits)
     block_k = min(config.block_k, max(32, triton.next_power_of_2(k)))
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), block_k) * block_k
@@ -141,8 +141,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     partial = torch.empty(split_k, rows, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     _gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x.contiguous(), weight, weight_scales, bias, out, partial, rows, N=n, K=k, K_PER_SPLIT=k_per_split,
-        BLOCK_M=16 if use_dot else triton.next_power_of_2(rows), BLOCK_N=config.block_n, BLOCK_K=block_k,
-        QUANT=quant_bits, HAS_BIAS=bias is not None, SPLIT_K=split_k, USE_DOT=use_dot,
+        BLOCK_M=16 if config.use_dot else triton.next_power_of_2(rows), BLOCK_N=config.block_n, BLOCK_K=block_k,
+        QUANT=quant_bits, HAS_BIAS=bias is not None, SPLIT_K=split_k, USE_DOT=config.use_dot,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=config.num_warps,
         num_stages=config.num_stages)
     if split_k == 1:

@@ -10,7 +10,7 @@ step python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels.py -k "gemv 
 COMMON=(--dtype float16 --max_batch_size 8 --max_input_len 2048 --max_output_len 512 --random_seed 0 --log_level warning)
 PLUG=(--use_gpt_attention_plugin float16 --use_layernorm_plugin float16)
 B=(--batch_size 1 8 --input_len 1024 --output_len 64)
-t() { local s=$(date +%s.%N); "$@"; echo "took $(echo "$(date +%s.%N) - $s" | bc) s: ${*: -1}" | tee -a "$OUT/log.txt"; }
+t() { local s=$SECONDS; "$@"; echo "took $((SECONDS - s)) s: ${*: -1}" | tee -a "$OUT/log.txt"; }
 t step python3 build.py --output_dir $WORK/ref "${COMMON[@]}"
 t step python3 build.py --output_dir $WORK/all "${COMMON[@]}" "${PLUG[@]}" --use_gemm_plugin float16 --enable_context_fmha_fp32_acc
 step python3 scripts/check_plugins_gpu.py $WORK/ref $WORK/all

@@ -19,8 +19,6 @@ logger = logging.getLogger("build")
 
 # Flags of the original example that later issues implement; refused until then.
 NOT_YET = {
-    "use_inflight_batching": "in-flight batching", "paged_kv_cache": "the paged KV cache",
-    "remove_input_padding": "packed inputs", "tokens_per_block": "the paged KV cache",
     "parallel_build": "tensor parallelism",
 }
 # Dummy-shape flag -> ChatGLM2 config.json field.
@@ -68,6 +66,8 @@ def check_supported(args: argparse.Namespace) -> None:
     if args.weight_only_precision is not None and not args.use_weight_only:
         raise GlmEngineError("--weight_only_precision applies to --use_weight_only; add --use_weight_only or "
                              "drop it")
+    if args.tokens_per_block is not None and not (args.paged_kv_cache or args.use_inflight_batching):
+        raise GlmEngineError("--tokens_per_block sets the paged KV cache's block size; add --paged_kv_cache")
     if args.world_size != 1:
         raise GlmEngineError(f"--world_size {args.world_size} is not supported yet (tensor parallelism is "
                              "not built); use --world_size 1")
@@ -78,6 +78,26 @@ def context_fmha(args: argparse.Namespace) -> str | None:
     if args.enable_context_fmha_fp32_acc:
         return "enabled_with_fp32_acc"
     return "enabled" if args.enable_context_fmha else None
+
+
+def serving_flags(args: argparse.Namespace) -> dict:
+    """As in TensorRT-LLM, --use_inflight_batching turns on the attention plugin (in
+    --dtype), the paged KV cache and packed inputs; here also fp32-accumulating context
+    FMHA, since its steps mix prompts and generated tokens, which the unfused attention
+    would pad into one [sequences, longest prompt, longest context] score tensor."""
+    flags = {"paged_kv_cache": bool(args.paged_kv_cache), "remove_input_padding": bool(args.remove_input_padding),
+             "use_inflight_batching": bool(args.use_inflight_batching)}
+    if args.tokens_per_block is not None:
+        flags["tokens_per_block"] = args.tokens_per_block
+    if args.use_inflight_batching:
+        flags.update(paged_kv_cache=True, remove_input_padding=True)
+        if args.use_gpt_attention_plugin is None:
+            args.use_gpt_attention_plugin = args.dtype
+            logger.info("--use_inflight_batching: turning on --use_gpt_attention_plugin %s", args.dtype)
+        if not (args.enable_context_fmha or args.enable_context_fmha_fp32_acc):
+            args.enable_context_fmha_fp32_acc = True
+            logger.info("--use_inflight_batching: turning on --enable_context_fmha_fp32_acc")
+    return flags
 
 
 def check_triton() -> None:
@@ -115,6 +135,7 @@ def tokenizer_files(directory: Path | None, vocab_size: int) -> list[Path]:
 def build(args: argparse.Namespace) -> Path:
     """Converts weights and writes the engine; returns its directory."""
     check_supported(args)
+    serving = serving_flags(args)  # may turn on the attention plugin and context FMHA
     build_config = BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
                                max_input_len=args.max_input_len, max_output_len=args.max_output_len,
                                random_seed=args.random_seed, world_size=args.world_size,
@@ -123,7 +144,7 @@ def build(args: argparse.Namespace) -> Path:
                                use_gemm_plugin=args.use_gemm_plugin,
                                weight_only_precision=(args.weight_only_precision or "int8") if args.use_weight_only
                                else None,
-                               context_fmha=context_fmha(args))
+                               context_fmha=context_fmha(args), **serving)
     if build_config.uses_triton:
         check_triton()
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else None

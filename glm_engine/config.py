@@ -197,6 +197,12 @@ class BuildConfig:
     # Context FMHA as TensorRT-LLM names it: "enabled" (float16 accumulation of P.V
     # in float16 engines), "enabled_with_fp32_acc", or None (the unfused reference).
     context_fmha: str | None = None
+    # Serving (issue 4). Without paged_kv_cache the pool holds a full sequence per
+    # batch row; with it, the pool is sized at run time and shared by all sequences.
+    paged_kv_cache: bool = False
+    tokens_per_block: int = 64
+    remove_input_padding: bool = False  # pack prompts into one stream instead of padding to the longest
+    use_inflight_batching: bool = False  # the tools feed requests through the scheduler's queue
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -213,6 +219,12 @@ class BuildConfig:
         if self.context_fmha is not None and self.use_gpt_attention_plugin is None:
             raise GlmEngineError("context FMHA runs inside the GPT attention plugin; add --use_gpt_attention_plugin "
                                  f"{self.dtype} or drop --enable_context_fmha")
+        if self.tokens_per_block < 1 or self.tokens_per_block & (self.tokens_per_block - 1):
+            raise GlmEngineError(f"--tokens_per_block must be a power of two, got {self.tokens_per_block}")
+        if self.use_inflight_batching and not (self.paged_kv_cache and self.remove_input_padding
+                                               and self.use_gpt_attention_plugin):
+            raise GlmEngineError("in-flight batching needs the attention plugin, the paged KV cache and packed "
+                                 "inputs; build with --use_inflight_batching alone to turn them all on")
         for name in ("max_batch_size", "max_input_len", "max_output_len", "world_size"):
             if getattr(self, name) <= 0:
                 raise GlmEngineError(f"--{name} must be positive, got {getattr(self, name)}")

@@ -41,16 +41,18 @@ def main() -> None:
         prefill = session.prompt_logits(prompt)
         agree = (prefill.argmax(-1) == truth.argmax(-1)).float().mean().item()
         print(f"{directory}: prefill logits rel err {relative(prefill, truth):.3e}, argmax agreement {agree:.3f}")
+        table: list[int] = []
+        session.block_manager.grow(table, len(prompt))
         for mode in ("graph", "eager"):
             if mode == "graph" and session.decode_graphs is None:
                 continue
             errors, matches = [], 0
             for k in steps:
-                session.forward([0], [0], [prompt[:k]])
+                session.forward([table], [0], [prompt[:k]])
                 if mode == "graph":
-                    logits, _ = session.decode_graphs.run([0], [k], [prompt[k]])
+                    logits, _ = session.decode_graphs.run([table], [k], [prompt[k]])
                 else:
-                    logits = session.forward([0], [k], [[prompt[k]]])
+                    logits = session.forward([table], [k], [[prompt[k]]])
                 errors.append(relative(logits[0], truth[k]))
                 matches += int(logits[0].argmax() == truth[k].argmax())
             print(f"  decode ({mode}) at {len(steps)} positions: rel err mean {sum(errors) / len(errors):.3e}, "

@@ -163,10 +163,13 @@ def test_decode_graph_inputs_give_the_eager_step(tiny_checkpoint_factory, tmp_pa
                            *with_dtype(PLUGINS["attention"], "float32"))
     graphs = DecodeGraphs(session)
     prompts = [random_prompt(length, seed) for seed, length in enumerate([3, 70, 11])]  # bucket 4: one padding row
-    rows, cached = [0, 1, 2], [len(p) - 1 for p in prompts]
+    cached = [len(p) - 1 for p in prompts]
+    tables = [[], [], []]
+    for table, prompt in zip(tables, prompts):
+        assert session.block_manager.grow(table, len(prompt))
     for count in (3, 1):
-        session.forward(rows[:count], [0] * count, [p[:-1] for p in prompts[:count]])
-        logits, greedy = graphs.run(rows[:count], cached[:count], [p[-1] for p in prompts[:count]])
-        eager = session.forward(rows[:count], cached[:count], [[p[-1]] for p in prompts[:count]])
+        session.forward(tables[:count], [0] * count, [p[:-1] for p in prompts[:count]])
+        logits, greedy = graphs.run(tables[:count], cached[:count], [p[-1] for p in prompts[:count]])
+        eager = session.forward(tables[:count], cached[:count], [[p[-1]] for p in prompts[:count]])
         assert relative_error(logits, eager) < 1e-5
         assert torch.equal(greedy, eager.argmax(-1))

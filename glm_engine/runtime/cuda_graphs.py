@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from glm_engine.runtime.kv_cache import AttentionBatch, row_block_table
+from glm_engine.runtime.kv_cache import AttentionBatch
 
 if TYPE_CHECKING:
     from glm_engine.runtime.session import Session
@@ -38,7 +38,7 @@ class _Graph:
         self.positions = torch.zeros(size, dtype=torch.int64, device=device)
         self.slots = torch.zeros(size, dtype=torch.int64, device=device)
         self.context_lengths = torch.zeros(size, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(size, session.blocks_per_row, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(size, session.blocks_per_sequence, dtype=torch.int32, device=device)
         batch = AttentionBatch(
             positions=self.positions, slot_mapping=self.slots, query_index=None, output_rows=None, key_slots=None,
             attention_bias=None, last_token_index=None, block_tables=self.block_tables,
@@ -79,27 +79,28 @@ class DecodeGraphs:
 
     def __init__(self, session: Session) -> None:
         # No reference back to the session: a cycle would keep the weights alive after it is dropped.
-        self.blocks_per_row = session.blocks_per_row
+        self.blocks_per_sequence = session.blocks_per_sequence
         self.block_size = session.kv_cache.block_size
-        scratch = session.scratch_block
+        self.scratch = scratch = session.scratch_block
         # A padding row: token 0 at position 0 of the scratch block.
-        self.padding_row = [0, 0, scratch * self.block_size, 1] + [scratch] * self.blocks_per_row
+        self.padding_row = [0, 0, scratch * self.block_size, 1] + [scratch] * self.blocks_per_sequence
         self.graphs: dict[int, _Graph] = {}
         pool = None
         for size in sorted(batch_buckets(session.build_config.max_batch_size), reverse=True):
             self.graphs[size] = _Graph(session, size, self.padding_row, pool)
             pool = self.graphs[size].graph.pool() if self.graphs[size].graph is not None else None
 
-    def run(self, rows: list[int], cached: list[int], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 logits [n, vocab] and greedy tokens [n] for one new token per row."""
-        count = len(rows)
+    def run(self, block_tables: list[list[int]], cached: list[int],
+            tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits [n, vocab] and greedy tokens [n] for one new token per sequence
+        (`cached` tokens already in its blocks `block_tables`)."""
+        count = len(block_tables)
         graph = self.graphs[min(size for size in self.graphs if size >= count)]
-        block_size = self.block_size
+        block_size, width = self.block_size, self.blocks_per_sequence
         inputs = []
-        for row, position, token in zip(rows, cached, tokens):
-            table = row_block_table(row, self.blocks_per_row)
+        for table, position, token in zip(block_tables, cached, tokens):
             slot = table[position // block_size] * block_size + position % block_size
-            inputs.append([token, position, slot, position + 1] + table)
+            inputs.append([token, position, slot, position + 1] + table + [self.scratch] * (width - len(table)))
         inputs += [self.padding_row] * (len(graph.inputs) - count)
         graph.inputs.copy_(torch.tensor(inputs), non_blocking=True)
         graph.replay()

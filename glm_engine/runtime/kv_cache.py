@@ -1,6 +1,6 @@
-"""The KV cache: one pool of fixed-size blocks per layer, addressed through
-per-sequence block tables. A contiguous cache is the case of one block per
-sequence, which is what the session uses until paged KV cache lands."""
+"""The KV cache: one pool of fixed-size blocks for all layers, addressed through
+per-sequence block tables (runtime/block_manager.py hands the blocks out), and
+the addresses of one forward step's packed tokens in it."""
 
 from __future__ import annotations
 
@@ -20,15 +20,14 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
 
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Stores key/value [N, groups, head_dim] of N new tokens at their slots."""
         self.keys[layer].index_copy_(0, slot_mapping, key)
         self.values[layer].index_copy_(0, slot_mapping, value)
-
-
-def row_block_table(row: int, blocks_per_row: int) -> list[int]:
-    """The cache blocks of batch row `row` when each row owns a fixed run of blocks."""
-    return list(range(row * blocks_per_row, (row + 1) * blocks_per_row))
 
 
 @dataclass

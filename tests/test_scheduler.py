@@ -1,0 +1,153 @@
+"""In-flight batching over the paged KV cache: outputs equal each prompt run
+alone, preemption changes no token and leaks no block, limits are refused,
+seeded sampling does not depend on the batch, and the serving flags change
+what runs."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+
+from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
+from glm_engine import GlmEngineError
+from glm_engine.engine import read_engine_config
+from glm_engine.runtime.sampling import SamplingConfig
+from glm_engine.runtime.scheduler import Scheduler
+from glm_engine.runtime.session import Session
+
+VOCAB = 1024
+
+
+def mixed_prompts(count: int, seed: int, longest: int = 30) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(1, longest))] for _ in range(count)]
+
+
+def run_all(session: Session, prompts: list[list[int]], samplings: list[SamplingConfig],
+            max_in_flight: int) -> tuple[list[list[int]], Scheduler]:
+    scheduler = Scheduler(session, max_in_flight)
+    for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+        scheduler.add(index, prompt, sampling)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = []
+    while scheduler.has_work:
+        step = scheduler.step()
+        for index, token in step.tokens:
+            outputs[index].append(token)
+        finished += step.finished
+    assert sorted(finished) == list(range(len(prompts)))  # every request ends, once
+    return outputs, scheduler
+
+
+@pytest.fixture(scope="module")
+def paged_engine(tiny_engine_factory):
+    """A reference-path (no Triton) float32 engine with a paged cache of 4-token blocks."""
+    return tiny_engine_factory(*TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_batch_size", "4",
+                               "--max_input_len", "32", "--max_output_len", "16", "--paged_kv_cache",
+                               "--remove_input_padding", "--tokens_per_block", "4", "--random_seed", "5")
+
+
+def test_preempting_inflight_batching_gives_each_prompt_its_alone_tokens(paged_engine, caplog):
+    prompts = mixed_prompts(14, seed=1)
+    sampling = SamplingConfig(max_new_tokens=16, end_id=-1)
+    with caplog.at_level(logging.INFO, logger="session"):
+        small = Session(paged_engine, "cpu", max_tokens_in_paged_kv_cache=96)  # 24 blocks: room for ~2 sequences
+    assert "KV cache: 24 blocks of 4 tokens = 96 tokens" in caplog.text
+    outputs, scheduler = run_all(small, prompts, [sampling] * len(prompts), max_in_flight=4)
+    assert scheduler.preemptions > 0
+    assert small.block_manager.free_blocks == small.block_manager.num_blocks  # no leak
+    roomy = Session(paged_engine, "cpu")
+    alone = [roomy.generate_requests([prompt], [sampling])[0] for prompt in prompts]
+    assert outputs == alone
+
+
+def test_inflight_batching_engine_with_plugins_matches_alone(tiny_engine_factory):
+    """--use_inflight_batching turns on the attention plugin, context FMHA, paging and
+    packing; its mixed prefill/decode steps run the Triton kernels (interpreted here)."""
+    engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_batch_size", "3",
+                                     "--max_input_len", "24", "--max_output_len", "8", "--use_inflight_batching",
+                                     "--tokens_per_block", "8", "--random_seed", "6")
+    build = read_engine_config(engine_dir)["build"]
+    assert build["use_gpt_attention_plugin"] == "float32" and build["context_fmha"] == "enabled_with_fp32_acc"
+    assert build["paged_kv_cache"] and build["remove_input_padding"] and build["tokens_per_block"] == 8
+    session = Session(engine_dir, "cpu", max_tokens_in_paged_kv_cache=64)
+    prompts = mixed_prompts(5, seed=2, longest=20)
+    sampling = SamplingConfig(max_new_tokens=8, end_id=-1)
+    outputs, scheduler = run_all(session, prompts, [sampling] * len(prompts), max_in_flight=3)
+    assert scheduler.preemptions > 0
+    assert outputs == [session.generate_requests([prompt], [sampling])[0] for prompt in prompts]
+    assert session.block_manager.free_blocks == session.block_manager.num_blocks
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(paged_engine):
+    session = Session(paged_engine, "cpu")
+    prompts = mixed_prompts(6, seed=3)
+    samplings = [SamplingConfig(max_new_tokens=12, top_k=0, temperature=1.3, random_seed=100 + i, end_id=-1)
+                 for i in range(len(prompts))]
+    together = session.generate_requests(prompts, samplings, max_in_flight=4)
+    alone = [session.generate_requests([prompt], [sampling])[0] for prompt, sampling in zip(prompts, samplings)]
+    assert together == alone
+    reseeded = [SamplingConfig(max_new_tokens=12, top_k=0, temperature=1.3, random_seed=7, end_id=-1)] * 6
+    assert session.generate_requests(prompts, reseeded) != together
+
+
+def test_a_stream_stopped_early_frees_its_blocks(paged_engine):
+    session = Session(paged_engine, "cpu")
+    stream = session.stream_requests(mixed_prompts(6, seed=4), [SamplingConfig(max_new_tokens=10, end_id=-1)] * 6)
+    next(stream)
+    next(stream)
+    assert session.block_manager.free_blocks < session.block_manager.num_blocks
+    stream.close()
+    assert session.block_manager.free_blocks == session.block_manager.num_blocks
+
+
+def test_requests_beyond_the_limits_are_refused(paged_engine):
+    session = Session(paged_engine, "cpu", max_tokens_in_paged_kv_cache=32)
+    sampling = SamplingConfig(max_new_tokens=16, end_id=-1)
+    with pytest.raises(GlmEngineError, match="over the engine's max_input_len 32"):
+        session.generate_requests([[5] * 33], [sampling])
+    with pytest.raises(GlmEngineError, match="more than the pool's 32"):
+        session.generate_requests([[5] * 20], [sampling])
+    with pytest.raises(GlmEngineError, match="exceeds the engine's max_output_len 16"):
+        session.generate_requests([[5]], [SamplingConfig(max_new_tokens=17)])
+    assert session.block_manager.free_blocks == session.block_manager.num_blocks
+
+
+def test_remove_input_padding_packs_what_padding_would_compute(tiny_engine_factory, monkeypatch):
+    prompts = mixed_prompts(3, seed=5)
+    sampling = SamplingConfig(max_new_tokens=6, end_id=-1)
+    results = {}
+    for flag in ([], ["--remove_input_padding"]):
+        engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_input_len", "32",
+                                         "--max_output_len", "8", "--random_seed", "7", *flag)
+        session = Session(engine_dir, "cpu")
+        forwarded = []
+        original = session.forward
+
+        def spy(block_tables, cached, new_tokens, logit_rows=None, _original=original, _seen=forwarded):
+            _seen.append(sum(map(len, new_tokens)))
+            return _original(block_tables, cached, new_tokens, logit_rows)
+
+        monkeypatch.setattr(session, "forward", spy)
+        results[bool(flag)] = (session.generate(prompts, sampling), forwarded[0])
+    assert results[False][0] == results[True][0]
+    assert results[True][1] == sum(map(len, prompts))
+    assert results[False][1] == len(prompts) * max(map(len, prompts))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tokens_per_block", "16"], "--tokens_per_block sets the paged KV cache's block size"),
+    (["--paged_kv_cache", "--tokens_per_block", "12"], "--tokens_per_block must be a power of two"),
+])
+def test_bad_serving_flags_are_refused(tmp_path, flags, message):
+    result = run_tool("build.py", "--output_dir", tmp_path / "engine", *TINY_SHAPE_FLAGS, *flags)
+    assert_one_line_error(result, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pool_size_flags_need_a_paged_engine(tiny_engine_factory):
+    engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--max_input_len", "8")
+    with pytest.raises(GlmEngineError, match="this engine was built without --paged_kv_cache"):
+        Session(engine_dir, "cpu", max_tokens_in_paged_kv_cache=64)

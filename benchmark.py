@@ -1,9 +1,18 @@
-"""Measures an engine: start-up, prefill latency, decode latency and throughput
-and peak GPU memory at given batch sizes, with transformers' GlmForCausalLM
-on the same weights as the baseline (--hf), and the engine's logit error
-against GlmForCausalLM in float32 (--accuracy). Prints a table; --output_json
-keeps the numbers with the card, date, command and versions; --plot draws
-decode tokens/s against batch size."""
+"""Measures an engine, with transformers' GlmForCausalLM (eager) on the same
+weights as the baseline of the same run (--hf).
+
+--mode latency (default): start-up, prefill latency, decode latency and
+throughput and peak GPU memory at given batch sizes, and the engine's logit
+error against GlmForCausalLM in float32 (--accuracy).
+--mode throughput: --num_requests requests with input lengths drawn uniformly
+from --input_len_range, --output_len tokens each, all submitted at once to the
+in-flight batching scheduler; output tokens/s, TTFT and TPOT percentiles. HF
+runs static batches of --hf_batch_size on --hf_num_requests of them.
+--mode rate: the same requests arriving as a Poisson process of
+--request_rate requests/s.
+
+Prints a table; --output_json keeps the numbers with the card, date, command and
+versions; --plot draws decode tokens/s against batch size (latency mode)."""
 
 from __future__ import annotations
 
@@ -22,10 +31,11 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 
 from glm_engine import GlmEngineError
-from glm_engine.cli import run_tool
+from glm_engine.cli import add_kv_cache_arguments, kv_cache_options, run_tool
 from glm_engine.engine import load_engine, read_engine_config
 from glm_engine.hf_reference import build_glm_model
 from glm_engine.runtime.sampling import SamplingConfig
+from glm_engine.runtime.scheduler import Scheduler
 from glm_engine.runtime.session import Session, resolve_device
 from weight import dequantize_weights
 
@@ -51,6 +61,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_json", type=str, default=None)
     parser.add_argument("--plot", type=str, default=None, help="PNG of decode tokens/s against batch size")
     parser.add_argument("--device", type=str, default=None)
+    parser.add_argument("--mode", choices=["latency", "throughput", "rate"], default="latency")
+    parser.add_argument("--num_requests", type=int, default=512)
+    parser.add_argument("--input_len_range", type=int, nargs=2, default=[400, 800], metavar=("MIN", "MAX"))
+    parser.add_argument("--request_rate", type=float, default=None, help="rate mode: requests per second")
+    parser.add_argument("--max_in_flight", type=int, default=None, help="default: the engine's max_batch_size")
+    parser.add_argument("--hf_batch_size", type=int, default=32)
+    parser.add_argument("--hf_num_requests", type=int, default=128)
+    add_kv_cache_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -213,15 +231,135 @@ def plot_throughput(rows: list[dict], environment: dict, path: str) -> None:
     pyplot.close(figure)
 
 
+def serving_requests(args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
+    """--num_requests random prompts, lengths uniform over --input_len_range (seeded)."""
+    low, high = args.input_len_range
+    if not 1 <= low <= high:
+        raise GlmEngineError(f"--input_len_range {low} {high}: need 1 <= MIN <= MAX")
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(low, high + 1, (args.num_requests,), generator=generator).tolist()
+    return [torch.randint(3, min(vocab_size, 60000), (n,), generator=generator).tolist() for n in lengths]
+
+
+def percentiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+    pick = lambda share: ordered[min(len(ordered) - 1, int(share * len(ordered)))]  # noqa: E731
+    return {"p50": pick(0.50), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
+
+
+def run_serving(session: Session, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+    """Feeds the requests to the scheduler (all at once, or at Poisson arrival times)
+    and records when each one's tokens reach the host."""
+    sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS)
+    scheduler = Scheduler(session, args.max_in_flight)
+    arrivals = [0.0] * len(prompts)
+    if args.mode == "rate":
+        uniform = torch.rand(len(prompts), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        arrivals = torch.cumsum(-torch.log1p(-uniform) / args.request_rate, 0).tolist()  # exponential gaps
+    first_token, finish, produced = [None] * len(prompts), [None] * len(prompts), [0] * len(prompts)
+    submitted = steps = 0
+    synchronize()
+    start = time.perf_counter()
+    while submitted < len(prompts) or scheduler.has_work:
+        now = time.perf_counter() - start
+        while submitted < len(prompts) and arrivals[submitted] <= now:
+            scheduler.add(submitted, prompts[submitted], sampling)
+            submitted += 1
+        if not scheduler.has_work:
+            time.sleep(max(0.0, arrivals[submitted] - now))
+            continue
+        step = scheduler.step()
+        steps += 1
+        now = time.perf_counter() - start
+        for index, _ in step.tokens:
+            produced[index] += 1
+            if first_token[index] is None:
+                first_token[index] = now
+        for index in step.finished:
+            finish[index] = now
+    elapsed = time.perf_counter() - start
+    if None in finish or sum(produced) != len(prompts) * args.output_len:
+        raise GlmEngineError("a request was lost or cut short")  # the scheduler's contract
+    ttft = [first - arrival for first, arrival in zip(first_token, arrivals)]
+    tpot = [(end - first) / max(1, count - 1) for end, first, count in zip(finish, first_token, produced)]
+    manager = session.block_manager
+    return {"side": "glm_engine", "requests": len(prompts), "seconds": elapsed,
+            "output_tokens_per_s": sum(produced) / elapsed, "steps": steps, "preemptions": scheduler.preemptions,
+            "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
+            "kv_pool_tokens": manager.num_blocks * manager.block_size, "blocks_free_at_end": manager.free_blocks,
+            "blocks_total": manager.num_blocks}
+
+
+def hf_static_throughput(args: argparse.Namespace, prompts: list[list[int]], device: torch.device) -> dict:
+    """GlmForCausalLM.generate on static batches of --hf_batch_size (left-padded),
+    exactly --output_len new tokens each, over the first --hf_num_requests prompts."""
+    engine = load_engine(args.engine_dir, "cpu")
+    model = build_glm_model(engine.model_config, dequantize_weights(engine.weights, engine.build_config.torch_dtype),
+                            device, attn_implementation="eager")
+    del engine
+    chosen = prompts[:args.hf_num_requests]
+    synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for first in range(0, len(chosen), args.hf_batch_size):
+            batch = chosen[first:first + args.hf_batch_size]
+            width = max(map(len, batch))
+            input_ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=args.output_len,
+                           min_new_tokens=args.output_len, pad_token_id=0, top_k=None, top_p=None,
+                           temperature=None)
+    synchronize()
+    elapsed = time.perf_counter() - start
+    return {"side": "hf_eager_static", "requests": len(chosen), "batch_size": args.hf_batch_size,
+            "seconds": elapsed, "output_tokens_per_s": len(chosen) * args.output_len / elapsed}
+
+
+def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -> None:
+    """--mode throughput / rate."""
+    if args.mode == "rate" and (args.request_rate is None or args.request_rate <= 0):
+        raise GlmEngineError("--mode rate needs a positive --request_rate")
+    session = Session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))
+    prompts = serving_requests(args, session.model_config.vocab_size)
+    for index, prompt in enumerate(prompts):  # refuse before any work
+        session.check_prompt(index, prompt, args.output_len)
+    result.update(num_requests=args.num_requests, input_len_range=args.input_len_range,
+                  request_rate=args.request_rate, mode=args.mode)
+    reset_peak(device)
+    rows = [run_serving(session, prompts, args)]
+    rows[0]["peak_gib"] = peak_gib(device)
+    del session
+    if args.hf:
+        reset_peak(device)
+        rows.append(hf_static_throughput(args, prompts, device))
+        rows[-1]["peak_gib"] = peak_gib(device)
+    result["rows"] = rows
+    for row in rows:
+        line = (f"{row['side']:<16} {row['requests']:>5} requests in {row['seconds']:8.2f} s: "
+                f"{row['output_tokens_per_s']:9.1f} output tok/s, peak {row['peak_gib']:.2f} GiB")
+        if "ttft_s" in row:
+            line += (f"; TTFT p50 {row['ttft_s']['p50'] * 1e3:.0f} ms p99 {row['ttft_s']['p99'] * 1e3:.0f} ms, "
+                     f"TPOT p50 {row['tpot_s']['p50'] * 1e3:.1f} ms p99 {row['tpot_s']['p99'] * 1e3:.1f} ms, "
+                     f"{row['preemptions']} preemptions, KV pool {row['kv_pool_tokens']} tokens, "
+                     f"{row['blocks_free_at_end']}/{row['blocks_total']} blocks free at the end")
+        print(line)
+
+
 def main() -> None:
     args = parse_arguments()
     device = resolve_device(args.device)
     result = {"environment": environment(device), "engine_dir": args.engine_dir,
               "build": read_engine_config(args.engine_dir)["build"], "cuda_graphs": not args.no_cuda_graphs,
               "input_len": args.input_len, "output_len": args.output_len}
+    if args.mode != "latency":
+        serving_main(args, device, result)
+        if args.output_json:
+            with open(args.output_json, "w") as stream:
+                json.dump(result, stream, indent=2)
+        return
     synchronize()
     start = time.perf_counter()
-    session = Session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs)
+    session = Session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))
     synchronize()
     result["startup_s"] = time.perf_counter() - start
     result["startup_stages_s"] = session.startup_seconds

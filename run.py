@@ -1,5 +1,6 @@
 """Generates text with an engine for one or more prompts (TensorRT-LLM's
-ChatGLM2-6B run.py flags and output)."""
+ChatGLM2-6B run.py flags and output). Engines built with --use_inflight_batching
+take any number of prompts, max_batch_size of them in flight at a time."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from pathlib import Path
 
 from glm_engine import GlmEngineError
-from glm_engine.cli import LOG_LEVELS, run_tool, setup_logging
+from glm_engine.cli import LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, run_tool, setup_logging
 from glm_engine.engine import read_engine_config
 from glm_engine.prompts import clean_response, read_token_csv, write_token_csv
 from glm_engine.runtime.sampling import SamplingConfig
@@ -35,6 +36,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streaming", action="store_true", help="print tokens as they are generated")
     parser.add_argument("--device", type=str, default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="error")
+    add_kv_cache_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -52,8 +54,8 @@ def stream_outputs(session: Session, prompts: list[list[int]], sampling: Samplin
                    tokenizer: ChatGLMTokenizer | None) -> list[list[int]]:
     """Generates while printing each prompt's new text (or ids) as it comes."""
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in session.generate_stream(prompts, sampling):
-        for index, token in step:
+    for step in session.stream_requests(prompts, [sampling] * len(prompts)):
+        for index, token in step.tokens:
             before = tokenizer.decode(outputs[index]) if tokenizer else ""
             outputs[index].append(token)
             piece = tokenizer.decode(outputs[index])[len(before):] if tokenizer else f"{token} "
@@ -77,14 +79,16 @@ def main() -> None:
         if not all(text.strip() for text in texts):
             raise GlmEngineError("--input_text holds an empty prompt")
         prompts = [tokenizer.encode(text) for text in texts]
-    session = Session(args.engine_dir, args.device)
+    session = Session(args.engine_dir, args.device, **kv_cache_options(args))
     sampling = SamplingConfig(max_new_tokens=args.max_output_len or session.build_config.max_output_len,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               random_seed=args.random_seed, end_id=session.model_config.eos_token_id)
+    if not session.build_config.use_inflight_batching:  # a static batch: all prompts at once
+        session.check_request(prompts, sampling.max_new_tokens)
     if args.streaming:
         outputs = stream_outputs(session, prompts, sampling, tokenizer)
     else:
-        outputs = session.generate(prompts, sampling)
+        outputs = session.generate_requests(prompts, [sampling] * len(prompts))
     for text, output in zip(texts, outputs):
         print("\nInput --->\n\t" + text)
         response = tokenizer.decode(output) if tokenizer else ",".join(map(str, output))

@@ -15,7 +15,7 @@ from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 from glm_engine import GlmEngineError
-from glm_engine.cli import LOG_LEVELS, run_tool, setup_logging
+from glm_engine.cli import LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, run_tool, setup_logging
 from glm_engine.dataset import load_articles
 from glm_engine.config import ModelConfig
 from glm_engine.engine import load_engine, read_engine_config
@@ -55,6 +55,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run the checkpoint's own modeling code for the HF side instead of GlmForCausalLM")
     parser.add_argument("--device", type=str, default=None)
     parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info")
+    add_kv_cache_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -157,12 +158,20 @@ def main() -> None:
     device = resolve_device(args.device)
     sides = []
     if args.test_engine:
-        session = Session(args.engine_dir, device)
+        session = Session(args.engine_dir, device, **kv_cache_options(args))
+        inflight = session.build_config.use_inflight_batching
         for batch in batches:  # every batch checked before the first is generated
-            session.check_request(batch, args.output_len)
+            for index, prompt in enumerate(batch) if inflight else []:
+                session.check_prompt(index, prompt, args.output_len)
+            if not inflight:
+                session.check_request(batch, args.output_len)
         sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=session.model_config.eos_token_id)
         sides.append(SideResult("glm_engine"))
-        run_side(sides[-1], lambda batch: session.generate(batch, sampling), batches, tokenizer)
+        if inflight:  # all articles queued, batch_size in flight
+            run_side(sides[-1], lambda batch: session.generate_requests(batch, [sampling] * len(batch),
+                                                                        args.batch_size), [prompts], tokenizer)
+        else:
+            run_side(sides[-1], lambda batch: session.generate(batch, sampling), batches, tokenizer)
         del session
     if args.test_hf:
         model = hf_model(args, device)

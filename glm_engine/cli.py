@@ -3,6 +3,7 @@ into one-line messages."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -28,3 +29,17 @@ def run_tool(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def add_kv_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run-time sizing of a paged KV cache (engines built with --paged_kv_cache)."""
+    parser.add_argument("--kv_cache_free_gpu_mem_fraction", type=float, default=None,
+                        help="share of the GPU memory free after loading that the KV pool takes (default 0.9)")
+    parser.add_argument("--max_tokens_in_paged_kv_cache", type=int, default=None,
+                        help="size the KV pool in tokens instead")
+
+
+def kv_cache_options(args: argparse.Namespace) -> dict:
+    """Session keyword arguments from add_kv_cache_arguments' flags."""
+    return {"kv_cache_free_gpu_mem_fraction": args.kv_cache_free_gpu_mem_fraction,
+            "max_tokens_in_paged_kv_cache": args.max_tokens_in_paged_kv_cache}

@@ -5,6 +5,7 @@ what runs."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 
@@ -151,3 +152,40 @@ def test_pool_size_flags_need_a_paged_engine(tiny_engine_factory):
     engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--max_input_len", "8")
     with pytest.raises(GlmEngineError, match="this engine was built without --paged_kv_cache"):
         Session(engine_dir, "cpu", max_tokens_in_paged_kv_cache=64)
+
+
+@pytest.mark.parametrize("mode", ["throughput", "rate"])
+def test_benchmark_serving_modes_complete_every_request(paged_engine, tmp_path, mode):
+    result = run_tool("benchmark.py", "--engine_dir", paged_engine, "--mode", mode, "--num_requests", "9",
+                      "--input_len_range", "3", "20", "--output_len", "5", "--request_rate", "200",
+                      "--max_tokens_in_paged_kv_cache", "64", "--hf", "--hf_num_requests", "4", "--hf_batch_size",
+                      "2", "--device", "cpu", "--output_json", tmp_path / "serving.json")
+    assert result.returncode == 0, result.stderr
+    engine_row, hf_row = json.loads((tmp_path / "serving.json").read_text())["rows"]
+    assert engine_row["requests"] == 9 and engine_row["output_tokens_per_s"] > 0
+    assert engine_row["blocks_free_at_end"] == engine_row["blocks_total"] == 16
+    assert engine_row["ttft_s"]["p99"] >= engine_row["ttft_s"]["p50"] > 0
+    assert hf_row["side"] == "hf_eager_static" and hf_row["requests"] == 4
+    assert "output tok/s" in result.stdout
+
+
+def test_run_py_on_an_inflight_engine_takes_more_prompts_than_max_batch_size(paged_engine, tmp_path):
+    """A paged engine without --use_inflight_batching refuses 6 prompts (max_batch_size 4);
+    one with it queues them and gives each its alone tokens."""
+    prompts = mixed_prompts(6, seed=8)
+    (tmp_path / "prompts.csv").write_text("\n".join(",".join(map(str, p)) for p in prompts) + "\n")
+    refused = run_tool("run.py", "--engine_dir", paged_engine, "--input_tokens", tmp_path / "prompts.csv",
+                       "--max_output_len", "4", "--device", "cpu")
+    assert_one_line_error(refused, "6 prompts exceed the engine's max_batch_size 4")
+    engine_dir = tmp_path / "inflight"
+    built = run_tool("build.py", "--output_dir", engine_dir, *TINY_SHAPE_FLAGS, "--dtype", "float32",
+                     "--max_batch_size", "2", "--max_input_len", "32", "--max_output_len", "8",
+                     "--use_inflight_batching", "--random_seed", "5", "--log_level", "error")
+    assert built.returncode == 0, built.stderr
+    result = run_tool("run.py", "--engine_dir", engine_dir, "--input_tokens", tmp_path / "prompts.csv",
+                      "--max_output_len", "4", "--device", "cpu", "--output_csv", tmp_path / "out.csv")
+    assert result.returncode == 0, result.stderr
+    written = [list(map(int, line.split(","))) for line in (tmp_path / "out.csv").read_text().split()]
+    session = Session(engine_dir, "cpu")
+    sampling = SamplingConfig(max_new_tokens=4, end_id=session.model_config.eos_token_id)
+    assert written == [session.generate_requests([prompt], [sampling])[0] for prompt in prompts]

@@ -42,6 +42,16 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def uncached_tokens(self) -> list[int]:
+        """The tokens whose K/V are not in the cache yet (without copying the prompt in decode)."""
+        if self.cached >= len(self.prompt):
+            return self.output[self.cached - len(self.prompt):]
+        return self.tokens[self.cached:]
+
 
 @dataclass
 class StepResult:
@@ -87,7 +97,7 @@ class Scheduler:
         budget = self.tokens_per_step
         while self.waiting and len(self.running) < self.max_in_flight:
             sequence = self.waiting[0]
-            tokens = len(sequence.tokens)
+            tokens = sequence.length
             if tokens > budget and budget < self.tokens_per_step:
                 break  # a long prompt waits for a step of its own
             # Room for the prompt and the first generated token, so it is not preempted at once.
@@ -111,7 +121,7 @@ class Scheduler:
         index = 0
         while index < len(self.running):
             sequence = self.running[index]
-            if manager.grow(sequence.block_table, len(sequence.tokens)):
+            if manager.grow(sequence.block_table, sequence.length):
                 index += 1
             elif self._preempt_newest() is sequence:
                 break  # it was the newest: everything before it has its slot
@@ -123,7 +133,7 @@ class Scheduler:
         if not self.running:
             raise GlmEngineError("no request fits the KV cache pool")  # add() rules this out
         running = self.running
-        new_tokens = [sequence.tokens[sequence.cached:] for sequence in running]
+        new_tokens = [sequence.uncached_tokens() for sequence in running]
         logits, greedy = self.session.run_step([sequence.block_table for sequence in running],
                                                [sequence.cached for sequence in running], new_tokens)
         greedy = greedy.tolist()  # one device-to-host copy for the whole step

@@ -66,6 +66,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input_len_range", type=int, nargs=2, default=[400, 800], metavar=("MIN", "MAX"))
     parser.add_argument("--request_rate", type=float, default=None, help="rate mode: requests per second")
     parser.add_argument("--max_in_flight", type=int, default=None, help="default: the engine's max_batch_size")
+    parser.add_argument("--max_tokens_per_step", type=int, default=None,
+                        help="prompt tokens the scheduler admits per step (default 8192)")
     parser.add_argument("--hf_batch_size", type=int, default=32)
     parser.add_argument("--hf_num_requests", type=int, default=128)
     add_kv_cache_arguments(parser)
@@ -251,7 +253,10 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
     """Feeds the requests to the scheduler (all at once, or at Poisson arrival times)
     and records when each one's tokens reach the host."""
     sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS)
-    scheduler = Scheduler(session, args.max_in_flight)
+    scheduler = Scheduler(session, args.max_in_flight, args.max_tokens_per_step)
+    # Where the time goes: steps that carry prompt tokens, and decode-only steps.
+    split = {"prefill_steps": {"count": 0, "seconds": 0.0, "tokens": 0},
+             "decode_steps": {"count": 0, "seconds": 0.0, "tokens": 0}}
     arrivals = [0.0] * len(prompts)
     if args.mode == "rate":
         uniform = torch.rand(len(prompts), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -270,7 +275,11 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
             continue
         step = scheduler.step()
         steps += 1
-        now = time.perf_counter() - start
+        before, now = now, time.perf_counter() - start
+        kind = split["decode_steps" if step.forwarded_tokens == step.sequences else "prefill_steps"]
+        kind["count"] += 1
+        kind["seconds"] += now - before
+        kind["tokens"] += step.forwarded_tokens
         for index, _ in step.tokens:
             produced[index] += 1
             if first_token[index] is None:
@@ -287,7 +296,7 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
             "output_tokens_per_s": sum(produced) / elapsed, "steps": steps, "preemptions": scheduler.preemptions,
             "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
             "kv_pool_tokens": manager.num_blocks * manager.block_size, "blocks_free_at_end": manager.free_blocks,
-            "blocks_total": manager.num_blocks}
+            "blocks_total": manager.num_blocks, **split}
 
 
 def hf_static_throughput(args: argparse.Namespace, prompts: list[list[int]], device: torch.device) -> dict:
@@ -342,6 +351,10 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
                      f"TPOT p50 {row['tpot_s']['p50'] * 1e3:.1f} ms p99 {row['tpot_s']['p99'] * 1e3:.1f} ms, "
                      f"{row['preemptions']} preemptions, KV pool {row['kv_pool_tokens']} tokens, "
                      f"{row['blocks_free_at_end']}/{row['blocks_total']} blocks free at the end")
+            for kind in ("prefill_steps", "decode_steps"):
+                part = row[kind]
+                line += (f"\n  {kind}: {part['count']} steps, {part['seconds']:.2f} s, {part['tokens']} tokens "
+                         f"({part['tokens'] / max(part['seconds'], 1e-9):.0f} tok/s)")
         print(line)
 
 

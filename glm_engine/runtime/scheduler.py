@@ -57,17 +57,19 @@ class Sequence:
 class StepResult:
     tokens: list[tuple[int, int]]  # (request index, new token); end tokens are not reported
     finished: list[int]  # request indices that finished in this step
+    sequences: int = 0  # sequences in the step's forward
+    forwarded_tokens: int = 0  # tokens in the step's forward (prompt tokens included)
 
 
 class Scheduler:
     """Runs requests on a session with at most `max_in_flight` sequences per step."""
 
     def __init__(self, session: Session, max_in_flight: int | None = None,
-                 tokens_per_step: int = DEFAULT_TOKENS_PER_STEP) -> None:
+                 tokens_per_step: int | None = None) -> None:
         build = session.build_config
         self.session = session
         self.max_in_flight = min(max_in_flight or build.max_batch_size, build.max_batch_size)
-        self.tokens_per_step = tokens_per_step
+        self.tokens_per_step = tokens_per_step or DEFAULT_TOKENS_PER_STEP
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -137,7 +139,7 @@ class Scheduler:
         logits, greedy = self.session.run_step([sequence.block_table for sequence in running],
                                                [sequence.cached for sequence in running], new_tokens)
         greedy = greedy.tolist()  # one device-to-host copy for the whole step
-        result = StepResult([], [])
+        result = StepResult([], [], len(running), sum(map(len, new_tokens)))
         still_running = []
         for row, (sequence, tokens) in enumerate(zip(running, new_tokens)):
             sequence.cached += len(tokens)

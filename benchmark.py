@@ -67,7 +67,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--request_rate", type=float, default=None, help="rate mode: requests per second")
     parser.add_argument("--max_in_flight", type=int, default=None, help="default: the engine's max_batch_size")
     parser.add_argument("--max_tokens_per_step", type=int, default=None,
-                        help="prompt tokens the scheduler admits per step (default 8192)")
+                        help="prompt tokens the scheduler admits per step (default 16384)")
     parser.add_argument("--hf_batch_size", type=int, default=32)
     parser.add_argument("--hf_num_requests", type=int, default=128)
     add_kv_cache_arguments(parser)

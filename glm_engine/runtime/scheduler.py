@@ -23,7 +23,7 @@ from glm_engine.runtime.sampling import SamplingConfig, sample
 if TYPE_CHECKING:
     from glm_engine.runtime.session import Session
 
-DEFAULT_TOKENS_PER_STEP = 8192  # prompt tokens admitted per step (a longer prompt still runs alone)
+DEFAULT_TOKENS_PER_STEP = 16384  # prompt tokens admitted per step (a longer prompt still runs alone); 8192 measured 25% slower
 
 
 @dataclass

@@ -17,6 +17,27 @@ from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.kernels import reference
 from glm_engine.runtime.kv_cache import AttentionBatch, KVCache
 
+# Parameters are created without storage and replaced by the engine's tensors in
+# build_model. (A `with torch.device("meta")` block instead routes every factory call
+# through torch._refs, whose first use imports torch._dynamo: seconds of start-up.)
+UNLOADED = torch.device("meta")
+
+
+class Table(nn.Module):
+    """A weight [rows, columns] read as an embedding table (`embed`) or a bias-free linear
+    layer (`forward`). Not nn.Embedding / nn.Linear: their random initialization, wasted
+    on weights that are replaced, imports torch._dynamo, seconds of start-up."""
+
+    def __init__(self, rows: int, columns: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, columns, device=UNLOADED), requires_grad=False)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(token_ids, self.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden, self.weight)
+
 
 class RMSNorm(nn.Module):
     """RMSNorm that also adds a branch into the residual stream first;
@@ -24,7 +45,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, size: int, eps: float, fused: bool) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(size, device=UNLOADED), requires_grad=False)
         self.eps = eps
         self.fused = fused
 
@@ -48,10 +69,10 @@ class DecoderLinear(nn.Module):
         super().__init__()
         self.quant_bits = {"int8": 8, "int4": 4}.get(build.weight_only_precision, 0)
         packed_in = in_features // 2 if self.quant_bits == 4 else in_features
-        self.weight = nn.Parameter(torch.empty(out_features, packed_in), requires_grad=False)
-        self.weight_scales = nn.Parameter(torch.empty(out_features), requires_grad=False) \
+        self.weight = nn.Parameter(torch.empty(out_features, packed_in, device=UNLOADED), requires_grad=False)
+        self.weight_scales = nn.Parameter(torch.empty(out_features, device=UNLOADED), requires_grad=False) \
             if self.quant_bits else None
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.bias = nn.Parameter(torch.empty(out_features, device=UNLOADED), requires_grad=False) if bias else None
         self.skinny_kernel = self.quant_bits != 0 or build.use_gemm_plugin is not None
         self.dtype = build.torch_dtype
 
@@ -165,11 +186,11 @@ class ChatGLM2Model(nn.Module):
     def __init__(self, config: ModelConfig, build: BuildConfig) -> None:
         super().__init__()
         self.config = config
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings = Table(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, build) for i in range(config.num_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon,
                                        build.use_layernorm_plugin is not None)
-        self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.output_layer = Table(config.vocab_size, config.hidden_size)
         self.register_buffer("inv_freq", reference.rotary_inv_freq(config.rotary_dim, config.rotary_base),
                              persistent=False)
         self.requires_grad_(False)
@@ -177,7 +198,7 @@ class ChatGLM2Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
         """Hidden states [N, hidden_size] of N packed new tokens, after the final norm;
         writes their K/V into `kv_cache`."""
-        residual = self.word_embeddings(input_ids)
+        residual = self.word_embeddings.embed(input_ids)
         rotary = self.inv_freq
         if not self.layers[0].self_attention.plugin:  # angles once per step, not per layer
             rotary = reference.rotary_frequencies(batch.positions, self.inv_freq, self.config.position_scale)
@@ -196,8 +217,6 @@ def build_model(config: ModelConfig, build: BuildConfig, weights: dict[str, torc
                 device: torch.device) -> ChatGLM2Model:
     """A ChatGLM2Model on `device` holding exactly `weights` (runtime-layout names),
     with the ops the build flags chose."""
-    with torch.device("meta"):
-        network = ChatGLM2Model(config, build)
+    network = ChatGLM2Model(config, build)
     network.load_state_dict(weights, strict=True, assign=True)
-    network.inv_freq = reference.rotary_inv_freq(config.rotary_dim, config.rotary_base)
     return network.to(device).eval()

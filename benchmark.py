@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import gc
 import json
 import platform
 import statistics
@@ -175,6 +176,8 @@ def peak_gib(device: torch.device) -> float:
 
 
 def reset_peak(device: torch.device) -> None:
+    """Frees what earlier measurements left (reference cycles included) and restarts the peak."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -382,7 +385,8 @@ def main() -> None:
         result["logits_relative_error_vs_hf_fp32"] = accuracy(session, args, device)
         result["accuracy_reference_engine_dir"] = args.reference_engine_dir or args.engine_dir
     session_stages = session.startup_seconds
-    del session
+    del session, measure  # `measure` holds the session too: free its weights before HF loads
+    reset_peak(device)
     if args.hf:
         rows += hf_rows(args, device)
     result["rows"] = rows

@@ -8,9 +8,7 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh"
 WORK=/dev/shm/glm; mkdir -p $WORK
 t() { local s=$SECONDS; "$@"; echo "took $((SECONDS - s)) s: $2 $3" | tee -a "$OUT/log.txt"; }
-t step python3 build.py --output_dir $WORK/ifb --dtype float16 --max_batch_size 256 --max_input_len 1024 \
-  --max_output_len 512 --random_seed 0 --log_level warning --use_inflight_batching --use_layernorm_plugin float16 \
-  --use_gemm_plugin float16
+t build_inflight_engine $WORK/ifb
 t step python3 benchmark.py --engine_dir $WORK/ifb --mode throughput --num_requests 512 --input_len_range 400 800 \
   --output_len 100 --hf --hf_num_requests 128 --hf_batch_size 32 --output_json "$OUT/throughput.json"
 t step python3 benchmark.py --engine_dir $WORK/ifb --mode rate --request_rate 40 --num_requests 1000 \

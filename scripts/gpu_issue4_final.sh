@@ -4,8 +4,6 @@
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh"
 WORK=/dev/shm/glm; mkdir -p $WORK
-step python3 build.py --output_dir $WORK/ifb --dtype float16 --max_batch_size 256 --max_input_len 1024 \
-  --max_output_len 512 --random_seed 0 --log_level warning --use_inflight_batching --use_layernorm_plugin float16 \
-  --use_gemm_plugin float16
+build_inflight_engine $WORK/ifb
 step python3 benchmark.py --engine_dir $WORK/ifb --mode throughput --num_requests 512 --input_len_range 400 800 \
   --output_len 100 --hf --hf_num_requests 128 --hf_batch_size 32 --output_json "$OUT/throughput_final.json"

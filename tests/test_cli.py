@@ -269,3 +269,20 @@ def test_summarize_plugin_weight_only_engine_against_hf_on_its_dequantized_weigh
                       "--max_input_len", "64")
     assert result.returncode == 0, result.stderr
     assert "Token agreement: 100.0% of outputs identical" in result.stdout
+
+
+def test_benchmark_accuracy_reference_engine_dir_sets_the_reference_weights(tiny_engine_factory, tmp_path):
+    flags = [*TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_input_len", "16", "--max_output_len", "4"]
+    engine_dir = tiny_engine_factory(*flags, "--random_seed", "1")
+    other_weights = tiny_engine_factory(*flags, "--random_seed", "2")
+    result = run_tool("benchmark.py", "--engine_dir", engine_dir, "--batch_size", "1", "--input_len", "16",
+                      "--output_len", "2", "--repeats", "1", "--accuracy", "--reference_engine_dir", other_weights,
+                      "--device", "cpu", "--output_json", tmp_path / "result.json")
+    assert result.returncode == 0, result.stderr
+    measured = json.loads((tmp_path / "result.json").read_text())
+    assert measured["logits_relative_error_vs_hf_fp32"] > 1e-2  # other weights: far from this engine
+    other_shape = tiny_engine_factory(*TINY_SHAPE_FLAGS[:-2], "--vocab_size", "512", "--max_input_len", "16")
+    result = run_tool("benchmark.py", "--engine_dir", engine_dir, "--batch_size", "1", "--input_len", "16",
+                      "--output_len", "2", "--repeats", "1", "--accuracy", "--reference_engine_dir", other_shape,
+                      "--device", "cpu")
+    assert_one_line_error(result, "holds another model shape")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 
 import pytest
 
@@ -189,3 +190,32 @@ def test_run_py_on_an_inflight_engine_takes_more_prompts_than_max_batch_size(pag
     session = Session(engine_dir, "cpu")
     sampling = SamplingConfig(max_new_tokens=4, end_id=session.model_config.eos_token_id)
     assert written == [session.generate_requests([prompt], [sampling])[0] for prompt in prompts]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"kv_cache_free_gpu_mem_fraction": 0.5}, "on the CPU use --max_tokens_in_paged_kv_cache"),
+    ({"kv_cache_free_gpu_mem_fraction": 1.5}, "must be within (0, 1]"),
+    ({"max_tokens_in_paged_kv_cache": 3}, "under one block of 4 tokens"),
+])
+def test_bad_pool_sizes_are_refused(paged_engine, options, message):
+    with pytest.raises(GlmEngineError, match=re.escape(message)):
+        Session(paged_engine, "cpu", **options)
+
+
+def test_scheduler_limits_must_be_positive(paged_engine):
+    session = Session(paged_engine, "cpu")
+    for options in ({"max_in_flight": 0}, {"tokens_per_step": 0}):
+        with pytest.raises(GlmEngineError, match="must be at least 1"):
+            Scheduler(session, **options)
+
+
+def test_max_tokens_per_step_bounds_the_prompts_admitted_per_step(paged_engine, tmp_path):
+    steps = {}
+    for budget in ("1", "1000"):
+        result = run_tool("benchmark.py", "--engine_dir", paged_engine, "--mode", "throughput", "--num_requests",
+                          "6", "--input_len_range", "3", "10", "--output_len", "3", "--max_tokens_per_step", budget,
+                          "--device", "cpu", "--output_json", tmp_path / f"{budget}.json")
+        assert result.returncode == 0, result.stderr
+        steps[budget] = json.loads((tmp_path / f"{budget}.json").read_text())["rows"][0]["prefill_steps"]["count"]
+    assert steps["1"] == 6  # a prompt over the budget runs alone: one per step
+    assert steps["1000"] < 6

@@ -42,7 +42,7 @@ class _Graph:
         batch = AttentionBatch(
             positions=self.positions, slot_mapping=self.slots, query_index=None, output_rows=None, key_slots=None,
             attention_bias=None, last_token_index=None, block_tables=self.block_tables,
-            context_lengths=self.context_lengths, max_context=build.max_sequence_len, decode=True)
+            context_lengths=self.context_lengths, max_context=build.max_sequence_len)
         model, cache = session.model, session.kv_cache
 
         def step() -> tuple[torch.Tensor, torch.Tensor]:

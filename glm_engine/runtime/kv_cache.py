@@ -47,9 +47,13 @@ class AttentionBatch:
     block_tables: torch.Tensor  # [B, max_blocks] int32, for the paged kernels
     context_lengths: torch.Tensor  # [B] int32, keys per sequence once the new tokens are in
     max_context: int  # bound on context_lengths, which sizes the decode kernel's splits
-    decode: bool  # one new token per sequence
     new_token_counts: torch.Tensor | None = None  # [B] int32, for context FMHA
     max_new_tokens: int = 1  # the largest of new_token_counts
+
+    @property
+    def decode(self) -> bool:
+        """One new token per sequence."""
+        return self.max_new_tokens == 1
 
 
 def make_attention_batch(block_tables: list[list[int]], cached_lengths: list[int],
@@ -92,7 +96,6 @@ def make_attention_batch(block_tables: list[list[int]], cached_lengths: list[int
         block_tables=to_device(tables.to(torch.int32)),
         context_lengths=to_device(total.to(torch.int32)),
         max_context=max_context or max_keys,
-        decode=max_new == 1,
         new_token_counts=to_device(new.to(torch.int32)),
         max_new_tokens=max_new)
 

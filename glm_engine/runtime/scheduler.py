@@ -67,6 +67,9 @@ class Scheduler:
     def __init__(self, session: Session, max_in_flight: int | None = None,
                  tokens_per_step: int | None = None) -> None:
         build = session.build_config
+        for name, value in (("--max_in_flight", max_in_flight), ("--max_tokens_per_step", tokens_per_step)):
+            if value is not None and value < 1:
+                raise GlmEngineError(f"{name} must be at least 1, got {value}")
         self.session = session
         self.max_in_flight = min(max_in_flight or build.max_batch_size, build.max_batch_size)
         self.tokens_per_step = tokens_per_step or DEFAULT_TOKENS_PER_STEP

@@ -40,7 +40,7 @@ def resolve_device(name: str | None) -> torch.device:
 class Session:
     """Generates with one loaded engine: static batches (`generate`) or any number of
     requests under in-flight batching (`generate_requests`), both through the scheduler
-    over one paged KV cache."""
+    over one block-addressed KV cache."""
 
     def __init__(self, engine: Engine | str | Path, device: str | torch.device | None = None,
                  cuda_graphs: bool = True, kv_cache_free_gpu_mem_fraction: float | None = None,
@@ -123,11 +123,8 @@ class Session:
         batch = self.attention_batch(block_tables, cached, list(map(len, new_tokens)))
         input_ids = torch.tensor([token for tokens in new_tokens for token in tokens], device=self.device)
         rows = batch.last_token_index
-        if logit_rows is not None:
-            starts = [0]
-            for tokens in new_tokens[:-1]:
-                starts.append(starts[-1] + len(tokens))
-            rows = torch.tensor([start + row for start, row in zip(starts, logit_rows)], device=self.device)
+        if logit_rows is not None:  # sequence i's token logit_rows[i], counted from its first new token
+            rows = rows - batch.new_token_counts + 1 + torch.tensor(logit_rows, device=self.device)
         return self.model.logits(self.model(input_ids, batch, self.kv_cache)[rows])
 
     def run_step(self, block_tables: list[list[int]], cached: list[int],
@@ -214,7 +211,7 @@ def kv_pool_blocks(build: BuildConfig, config: ModelConfig, device: torch.device
                    free_fraction: float | None, max_tokens: int | None) -> int:
     """Blocks of the KV pool. Without --paged_kv_cache: a full sequence per batch row.
     Paged: `max_tokens` tokens when given, else `free_fraction` (default 0.9) of the GPU
-    memory free now (on the CPU, as without paging)."""
+    memory free now (on the CPU, as without paging; `free_fraction` is refused there)."""
     given = [name for name, value in (("--kv_cache_free_gpu_mem_fraction", free_fraction),
                                       ("--max_tokens_in_paged_kv_cache", max_tokens)) if value is not None]
     if not build.paged_kv_cache:
@@ -231,6 +228,9 @@ def kv_pool_blocks(build: BuildConfig, config: ModelConfig, device: torch.device
     if free_fraction is not None and not 0.0 < free_fraction <= 1.0:
         raise GlmEngineError(f"--kv_cache_free_gpu_mem_fraction must be within (0, 1], got {free_fraction}")
     if device.type != "cuda":
+        if free_fraction is not None:
+            raise GlmEngineError("--kv_cache_free_gpu_mem_fraction sizes the pool from free GPU memory; on the "
+                                 "CPU use --max_tokens_in_paged_kv_cache")
         return build.max_batch_size * blocks_per_sequence
     bytes_per_block = (2 * config.num_layers * block_size * config.multi_query_group_num * config.kv_channels
                        * build.torch_dtype.itemsize)

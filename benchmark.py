@@ -38,7 +38,7 @@ from glm_engine.hf_reference import build_glm_model
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.scheduler import Scheduler
 from glm_engine.runtime.session import Session, resolve_device
-from weight import dequantize_weights
+from glm_engine.quantization import dequantize_weights
 
 NEVER_ENDS = -1  # end_id no token equals: every run generates exactly output_len tokens
 

@@ -8,12 +8,19 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from glm_engine import GlmEngineError
 from glm_engine.cli import LOG_LEVELS, run_tool, setup_logging
 from glm_engine.config import CHATGLM2_6B, DTYPES, ROPE_RATIO_MODES, BuildConfig, ModelConfig
 from glm_engine.engine import save_engine
+from glm_engine.engine_dir import check_output_dir, restore_interrupted_build
+from glm_engine.layout import parameter_bytes
+from glm_engine.memory import check_fits
+from glm_engine.quantization import quantize_weights
+from glm_engine.source_files import file_inside
 from glm_engine.tokenizer import TOKENIZER_FILES, ChatGLMTokenizer
-from weight import dummy_weights, load_hf_config, load_hf_weights, quantize_weights
+from weight import dummy_weights, load_hf_config, load_hf_weights
 
 logger = logging.getLogger("build")
 
@@ -100,18 +107,12 @@ def serving_flags(args: argparse.Namespace) -> dict:
     return flags
 
 
-def check_triton() -> None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        raise GlmEngineError("the plugins are Triton kernels and triton is not installed; pip install triton, "
-                             "or build without the plugin and weight-only flags") from None
-
-
 def dummy_model_config(args: argparse.Namespace) -> ModelConfig:
     hf_config = dict(CHATGLM2_6B)
     for flag, field in SHAPE_FLAGS.items():
         if getattr(args, flag) is not None:
+            if getattr(args, flag) < 1:
+                raise GlmEngineError(f"--{flag} must be positive, got {getattr(args, flag)}")
             hf_config[field] = getattr(args, flag)
     if args.n_embd is not None or args.n_head is not None:
         if hf_config["hidden_size"] % hf_config["num_attention_heads"]:
@@ -122,56 +123,80 @@ def dummy_model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def tokenizer_files(directory: Path | None, vocab_size: int) -> list[Path]:
-    """The tokenizer files to copy into the engine, checked to fit the model's vocabulary."""
-    if directory is None or not (directory / "tokenizer.model").is_file():
+    """The tokenizer files to copy into the engine (regular files inside `directory`
+    only), checked to fit the model's vocabulary."""
+    if directory is None or file_inside(directory, "tokenizer.model", "tokenizer file") is None:
         return []
+    files = [file_inside(directory, name, "tokenizer file") for name in TOKENIZER_FILES]
     tokenizer = ChatGLMTokenizer.from_dir(directory)
     if tokenizer.vocab_size > vocab_size:
         raise GlmEngineError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens, more than "
                              f"the model's vocabulary of {vocab_size}")
-    return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    return [path for path in files if path is not None]
 
 
-def build(args: argparse.Namespace) -> Path:
-    """Converts weights and writes the engine; returns its directory."""
-    check_supported(args)
+def source_dirs(args: argparse.Namespace) -> dict[str, Path]:
+    """The directories the build reads, which it must never write into or replace."""
+    return {f"--{flag}": Path(getattr(args, flag)) for flag in ("model_dir", "tokenizer_dir")
+            if getattr(args, flag)}
+
+
+def build_config_of(args: argparse.Namespace) -> BuildConfig:
     serving = serving_flags(args)  # may turn on the attention plugin and context FMHA
-    build_config = BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
-                               max_input_len=args.max_input_len, max_output_len=args.max_output_len,
-                               random_seed=args.random_seed, world_size=args.world_size,
-                               use_gpt_attention_plugin=args.use_gpt_attention_plugin,
-                               use_layernorm_plugin=args.use_layernorm_plugin,
-                               use_gemm_plugin=args.use_gemm_plugin,
-                               weight_only_precision=(args.weight_only_precision or "int8") if args.use_weight_only
-                               else None,
-                               context_fmha=context_fmha(args), **serving)
-    if build_config.uses_triton:
-        check_triton()
-    tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else None
-    if tokenizer_dir is not None and not (tokenizer_dir / "tokenizer.model").is_file():
-        raise GlmEngineError(f"--tokenizer_dir {tokenizer_dir} holds no tokenizer.model")
+    return BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
+                       max_output_len=args.max_output_len, random_seed=args.random_seed,
+                       world_size=args.world_size, use_gpt_attention_plugin=args.use_gpt_attention_plugin,
+                       use_layernorm_plugin=args.use_layernorm_plugin, use_gemm_plugin=args.use_gemm_plugin,
+                       weight_only_precision=(args.weight_only_precision or "int8") if args.use_weight_only
+                       else None, context_fmha=context_fmha(args), **serving)
+
+
+def model_config_of(args: argparse.Namespace) -> ModelConfig:
+    """The dummy shape from the flags, or the checkpoint's config.json."""
     if args.model_dir is None:
         if args.rope_ratio_mode is not None:
             raise GlmEngineError("--rope_ratio_mode applies to a checkpoint's rope_ratio; dummy engines "
                                  "have none")
-        model_config = dummy_model_config(args)
+        return dummy_model_config(args)
+    given = [f"--{flag}" for flag in SHAPE_FLAGS if getattr(args, flag) is not None]
+    if given:
+        raise GlmEngineError(f"{given[0]} sets a dummy engine's shape; a checkpoint's shape comes from "
+                             "its config.json, so drop it or drop --model_dir")
+    if args.random_seed is not None:
+        raise GlmEngineError("--random_seed seeds dummy weights; it has no effect with --model_dir")
+    return ModelConfig.from_hf_config(load_hf_config(args.model_dir), args.rope_ratio_mode)
+
+
+def build(args: argparse.Namespace) -> Path:
+    """Checks every input, converts the weights and writes the engine; returns its directory."""
+    check_supported(args)
+    output_dir, sources = Path(args.output_dir), source_dirs(args)
+    check_output_dir(output_dir, sources)  # checked again when the engine moves in
+    build_config = build_config_of(args)
+    model_config = model_config_of(args)
+    check_weights_fit(model_config, build_config)
+    tokenizer_dir = Path(args.tokenizer_dir or args.model_dir) if (args.tokenizer_dir or args.model_dir) else None
+    if args.tokenizer_dir and file_inside(tokenizer_dir, "tokenizer.model", "tokenizer file") is None:
+        raise GlmEngineError(f"--tokenizer_dir {tokenizer_dir} holds no tokenizer.model")
+    files = tokenizer_files(tokenizer_dir, model_config.vocab_size)
+    restore_interrupted_build(output_dir.resolve())  # the old engine stays usable if this build fails
+    if args.model_dir is None:
         logger.info("no --model_dir: building with dummy weights (seed %s)", args.random_seed)
         weights = dummy_weights(model_config, build_config.torch_dtype, args.random_seed, progress=True)
     else:
-        given = [f"--{flag}" for flag in SHAPE_FLAGS if getattr(args, flag) is not None]
-        if given:
-            raise GlmEngineError(f"{given[0]} sets a dummy engine's shape; a checkpoint's shape comes from "
-                                 "its config.json, so drop it or drop --model_dir")
-        if args.random_seed is not None:
-            raise GlmEngineError("--random_seed seeds dummy weights; it has no effect with --model_dir")
-        model_config = ModelConfig.from_hf_config(load_hf_config(args.model_dir), args.rope_ratio_mode)
         weights = load_hf_weights(args.model_dir, model_config, build_config.torch_dtype, progress=True)
-        tokenizer_dir = tokenizer_dir or Path(args.model_dir)
     if build_config.weight_only_precision is not None:
         weights = quantize_weights(weights, model_config, build_config.weight_only_precision, progress=True)
-    files = tokenizer_files(tokenizer_dir, model_config.vocab_size)
     flags = {key: value for key, value in vars(args).items() if key != "log_level"}
-    return save_engine(args.output_dir, model_config, build_config, [weights], files, flags)
+    return save_engine(output_dir, model_config, build_config, [weights], files, flags, sources)
+
+
+def check_weights_fit(model_config: ModelConfig, build_config: BuildConfig) -> None:
+    """The weights are converted in host memory: refuse a shape that cannot fit."""
+    check_fits(f"the engine's weights ({model_config.num_layers} layers, hidden size "
+               f"{model_config.hidden_size}, vocabulary {model_config.vocab_size}, {build_config.dtype})",
+               parameter_bytes(model_config, build_config), torch.device("cpu"),
+               "choose a smaller shape or --dtype, or build on a machine with more memory")
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from glm_engine.hf_reference import build_glm_model, hf_generate, load_hf_refere
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import Session, resolve_device
 from glm_engine.tokenizer import ChatGLMTokenizer
-from weight import dequantize_weights
+from glm_engine.quantization import dequantize_weights
 
 logger = logging.getLogger("summarize")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,8 @@ from tqdm import tqdm
 
 from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
-from glm_engine.kernels import reference
+from glm_engine.layout import weight_shapes
+from glm_engine.source_files import file_inside
 
 # Index file, single file, in order of preference.
 _CHECKPOINT_LAYOUTS = (
@@ -38,41 +40,62 @@ def load_hf_config(model_dir: str | Path) -> dict:
     if not path.is_file():
         raise GlmEngineError(f"{path} not found: --model_dir must hold a ChatGLM2 checkpoint's config.json")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise GlmEngineError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise GlmEngineError(f"{path} holds a JSON {type(config).__name__}, not the object of a model config")
+    return config
 
 
 def checkpoint_shards(model_dir: str | Path) -> list[Path]:
-    """The weight files of a checkpoint: the shards its index names, or its single file."""
+    """The weight files of a checkpoint: the shards its index names, or its single file;
+    each a regular file inside the checkpoint directory."""
     model_dir = Path(model_dir)
     for index_name, single_name in _CHECKPOINT_LAYOUTS:
         index_path = model_dir / index_name
         if index_path.is_file():
             try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise GlmEngineError(f"{index_path} is not a valid index ({error})") from None
-            shards = [model_dir / name for name in dict.fromkeys(weight_map.values())]
-            for shard in shards:
-                if not shard.is_file():
-                    raise GlmEngineError(f"{shard} is named in {index_name} but missing")
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+                raise GlmEngineError(f"{index_path} is not a valid index ({type(error).__name__}: {error})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+                raise GlmEngineError(f"{index_path}: weight_map must map tensor names to shard file names")
+            shards = []
+            for name in dict.fromkeys(weight_map.values()):
+                shard = file_inside(model_dir, name, "weights file")
+                if shard is None:
+                    raise GlmEngineError(f"{model_dir / name} is named in {index_name} but missing")
+                shards.append(shard)
             return shards
-        if (model_dir / single_name).is_file():
-            return [model_dir / single_name]
+        single = file_inside(model_dir, single_name, "weights file")
+        if single is not None:
+            return [single]
     raise GlmEngineError(f"no weights in {model_dir}: expected model.safetensors(.index.json) or "
                          "pytorch_model.bin(.index.json)")
 
 
 def read_shard(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one shard, on the CPU."""
+    """All tensors of one shard, on the CPU. Pickled .bin files are read with
+    weights_only=True: anything but tensors is refused, never run."""
     try:
         if path.suffix == ".safetensors":
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+            tensors = load_file(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error) or "can still be loaded" in str(error):
+            raise GlmEngineError(f"cannot read weights file {path}: it holds pickled objects other than "
+                                 "tensors, which are not loaded because unpickling them could run code; "
+                                 "convert the checkpoint to safetensors with the code that made it") from None
+        raise GlmEngineError(f"cannot read weights file {path}: not a PyTorch or safetensors weights file "
+                             "(damaged or truncated?)") from None
     except Exception as error:  # noqa: BLE001 - any parse failure means an unreadable file
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise GlmEngineError(f"cannot read weights file {path}: {message}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise GlmEngineError(f"weights file {path} does not hold a dict of named tensors")
+    return tensors
 
 
 def iter_checkpoint_tensors(model_dir: str | Path, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
@@ -82,24 +105,6 @@ def iter_checkpoint_tensors(model_dir: str | Path, progress: bool = False) -> It
         tensors = read_shard(shard)
         yield from tensors.items()
         del tensors
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Runtime-layout parameter name -> shape."""
-    shapes = {"word_embeddings.weight": (config.vocab_size, config.hidden_size),
-              "final_layernorm.weight": (config.hidden_size,),
-              "output_layer.weight": (config.vocab_size, config.hidden_size)}
-    for i in range(config.num_layers):
-        prefix = f"layers.{i}."
-        shapes[prefix + "input_layernorm.weight"] = (config.hidden_size,)
-        shapes[prefix + "self_attention.query_key_value.weight"] = (config.qkv_size, config.hidden_size)
-        if config.add_qkv_bias:
-            shapes[prefix + "self_attention.query_key_value.bias"] = (config.qkv_size,)
-        shapes[prefix + "self_attention.dense.weight"] = (config.hidden_size, config.q_size)
-        shapes[prefix + "post_attention_layernorm.weight"] = (config.hidden_size,)
-        shapes[prefix + "mlp.dense_h_to_4h.weight"] = (2 * config.ffn_hidden_size, config.hidden_size)
-        shapes[prefix + "mlp.dense_4h_to_h.weight"] = (config.hidden_size, config.ffn_hidden_size)
-    return shapes
 
 
 def runtime_name(hf_name: str) -> str:
@@ -122,7 +127,7 @@ def load_hf_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dty
                     progress: bool = False) -> dict[str, torch.Tensor]:
     """Runtime-layout weights in `dtype` from a checkpoint; every expected tensor
     must be there with its shape, and nothing else."""
-    shapes = expected_shapes(config)
+    shapes = weight_shapes(config)
     weights: dict[str, torch.Tensor] = {}
     for name, tensor in iter_checkpoint_tensors(model_dir, progress):
         if name in _IGNORED:
@@ -137,7 +142,11 @@ def load_hf_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dty
         if not tensor.is_floating_point():
             raise GlmEngineError(f"tensor {name!r} has dtype {tensor.dtype}; expected floating-point "
                                  "weights (quantized checkpoints are not supported)")
-        weights[target] = tensor.to(dtype).contiguous()
+        weights[target] = converted = tensor.to(dtype).contiguous()
+        if not torch.isfinite(converted).all():
+            where = "holds NaN or Inf" if not torch.isfinite(tensor).all() else f"overflows {dtype} (Inf)"
+            raise GlmEngineError(f"tensor {name!r} in {model_dir} {where}; the checkpoint is damaged or "
+                                 "needs a wider --dtype")
     missing = [name for name in shapes if name not in weights]
     if missing:
         raise GlmEngineError(f"tensor {hf_name(missing[0])!r} missing from {model_dir} "
@@ -151,10 +160,10 @@ def dummy_weights(config: ModelConfig, dtype: torch.dtype, seed: int | None,
     with std 1/sqrt(fan_in), so that every layer contributes at any model size
     and activations stay in range. Each tensor has its own generator, so they
     are made in parallel threads and do not depend on the device or thread count."""
-    shapes = expected_shapes(config)
+    shapes = weight_shapes(config)
 
     def make(index: int, name: str) -> torch.Tensor:
-        generator = torch.Generator().manual_seed((0 if seed is None else seed) * 1_000_003 + index)
+        generator = torch.Generator().manual_seed(((0 if seed is None else seed) * 1_000_003 + index) % 2**64)
         shape = shapes[name]
         if name.endswith("layernorm.weight"):
             values = 1.0 + 0.1 * torch.randn(shape, generator=generator)
@@ -168,37 +177,3 @@ def dummy_weights(config: ModelConfig, dtype: torch.dtype, seed: int | None,
         futures = {name: pool.submit(make, index, name) for index, name in enumerate(shapes)}
         return {name: future.result() for name, future in tqdm(futures.items(), desc="Generating dummy weights",
                                                               disable=not progress)}
-
-
-QUANTIZED_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
-                     "mlp.dense_4h_to_h")
-
-
-def quantize_weights(weights: dict[str, torch.Tensor], config: ModelConfig, precision: str,
-                     progress: bool = False) -> dict[str, torch.Tensor]:
-    """Weight-only quantization of every decoder-layer linear weight (int8, or int4
-    packed two per byte) with float32 per-output-channel `weight_scales`; the
-    embedding, norms, biases and output layer stay as they are."""
-    bits = {"int8": 8, "int4": 4}[precision]
-    if bits == 4 and config.hidden_size % 2 + config.q_size % 2 + config.ffn_hidden_size % 2:
-        raise GlmEngineError("int4 weight-only needs even input sizes (hidden, heads * kv_channels, ffn)")
-    names = [f"layers.{i}.{linear}.weight" for i in range(config.num_layers) for linear in QUANTIZED_LINEARS]
-    for name in tqdm(names, desc=f"Quantizing to {precision}", disable=not progress):
-        weights[name], weights[name + "_scales"] = reference.quantize_per_channel(weights[name], bits)
-    return weights
-
-
-def dequantize_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Weights with every quantized linear replaced by the dense weight it stands for
-    (int4 is recognized by its halved input width); others unchanged."""
-    dense = {}
-    for name, tensor in weights.items():
-        if name.endswith("_scales"):
-            continue
-        scales = weights.get(name + "_scales")
-        if scales is None:
-            dense[name] = tensor
-        else:
-            bits = 4 if tensor.dtype == torch.uint8 else 8
-            dense[name] = reference.dequantize(tensor, scales, bits, dtype)
-    return dense

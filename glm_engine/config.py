@@ -4,6 +4,7 @@ and BuildConfig (the build flags an engine was made with)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from glm_engine import GlmEngineError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-# ChatGLM2-6B's shape (DESIGN.md §3): the default for dummy engines.
+# ChatGLM2-6B's shape: the default for dummy engines.
 CHATGLM2_6B = {
     "model_type": "chatglm",
     "num_layers": 28,
@@ -52,6 +53,27 @@ _REQUIRED_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "kv_chan
                     "ffn_hidden_size", "padded_vocab_size")
 
 ROPE_RATIO_MODES = ("positions", "base")
+MAX_SEED = 2**64 - 1  # seeds are unsigned 64-bit, as TensorRT-LLM's
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_field_types(owner: str, config: Any, integers: tuple[str, ...], numbers: tuple[str, ...] = (),
+                      flags: tuple[str, ...] = ()) -> None:
+    """Raises GlmEngineError naming the first field of the wrong type: integers must be
+    ints (64.0 is refused), numbers finite ints or floats, flags true or false."""
+    for names, check, kind in ((integers, is_integer, "an integer"), (numbers, is_finite_number, "a finite number"),
+                               (flags, lambda value: isinstance(value, bool), "true or false")):
+        for name in names:
+            value = getattr(config, name)
+            if not check(value):
+                raise GlmEngineError(f"{owner}: {name} must be {kind}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -79,8 +101,11 @@ class ModelConfig:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "kv_channels",
-                     "multi_query_group_num", "ffn_hidden_size", "vocab_size", "seq_length"):
+        sizes = ("num_layers", "hidden_size", "num_attention_heads", "kv_channels", "multi_query_group_num",
+                 "ffn_hidden_size", "vocab_size", "seq_length")
+        check_field_types("model config", self, sizes + ("eos_token_id", "pad_token_id"),
+                          ("layernorm_epsilon", "rope_ratio", "rope_base"), ("add_qkv_bias",))
+        for name in sizes:
             if getattr(self, name) <= 0:
                 raise GlmEngineError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.multi_query_group_num:
@@ -93,8 +118,9 @@ class ModelConfig:
         if self.rope_ratio_mode not in ROPE_RATIO_MODES:
             raise GlmEngineError(f"model config: rope_ratio_mode must be one of {ROPE_RATIO_MODES}, "
                                  f"got {self.rope_ratio_mode!r}")
-        if self.rope_ratio <= 0:
-            raise GlmEngineError(f"model config: rope_ratio must be positive, got {self.rope_ratio}")
+        for name in ("rope_ratio", "rope_base", "layernorm_epsilon"):
+            if getattr(self, name) <= 0:
+                raise GlmEngineError(f"model config: {name} must be positive, got {getattr(self, name)}")
 
     @property
     def q_size(self) -> int:
@@ -138,12 +164,16 @@ class ModelConfig:
                                      "(ChatGLM-6B v1 is not supported)")
         for name, required in _REQUIRED_VALUES.items():
             value = hf_config.get(name, CHATGLM2_6B[name])
-            if bool(value) != required:
+            if not isinstance(value, bool):
+                raise GlmEngineError(f"config.json: {name} must be true or false, got {value!r}")
+            if value != required:
                 raise GlmEngineError(f"config.json sets {name}={value!r}; this engine computes only "
                                      f"ChatGLM2's {name}={required}")
         heads = hf_config["num_attention_heads"]
-        groups = hf_config.get("multi_query_group_num", heads) if hf_config.get(
-            "multi_query_attention", False) else heads
+        multi_query = hf_config.get("multi_query_attention", False)
+        if not isinstance(multi_query, bool):
+            raise GlmEngineError(f"config.json: multi_query_attention must be true or false, got {multi_query!r}")
+        groups = hf_config.get("multi_query_group_num", heads) if multi_query else heads
         return cls(
             num_layers=hf_config["num_layers"],
             hidden_size=hf_config["hidden_size"],
@@ -154,8 +184,8 @@ class ModelConfig:
             vocab_size=hf_config["padded_vocab_size"],
             seq_length=hf_config.get("seq_length", 32768),
             layernorm_epsilon=hf_config.get("layernorm_epsilon", 1e-5),
-            add_qkv_bias=bool(hf_config.get("add_qkv_bias", True)),
-            rope_ratio=float(hf_config.get("rope_ratio", 1.0)),
+            add_qkv_bias=hf_config.get("add_qkv_bias", True),
+            rope_ratio=hf_config.get("rope_ratio", 1.0),
             rope_ratio_mode=rope_ratio_mode or default_rope_ratio_mode(hf_config),
             eos_token_id=_first_id(hf_config.get("eos_token_id", 2)),
             pad_token_id=_first_id(hf_config.get("pad_token_id", 0)),
@@ -166,7 +196,19 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        return cls(**values)
+        return cls(**_dataclass_fields(cls, values, "model"))
+
+
+def _dataclass_fields(cls: type, values: Any, section: str) -> dict[str, Any]:
+    """`values` checked to hold exactly the fields of `cls`, which then check their types."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    if not isinstance(values, dict):
+        raise GlmEngineError(f"the engine's {section} config is a {type(values).__name__}, not an object")
+    unknown, missing = sorted(set(values) - names), sorted(names - set(values))
+    if unknown or missing:
+        what = f"unknown field {unknown[0]!r}" if unknown else f"no field {missing[0]!r}"
+        raise GlmEngineError(f"the engine's {section} config has {what}")
+    return values
 
 
 def default_rope_ratio_mode(hf_config: dict[str, Any]) -> str:
@@ -175,13 +217,14 @@ def default_rope_ratio_mode(hf_config: dict[str, Any]) -> str:
     return "positions" if "chatglm2" in name else "base" if "rope_ratio" in hf_config else "positions"
 
 
-def _first_id(value: int | list[int]) -> int:
-    return value[0] if isinstance(value, list) else int(value)
+def _first_id(value: Any) -> Any:
+    """A token id, or the first of a list of them (ChatGLM3 lists several end ids)."""
+    return value[0] if isinstance(value, list) and value else value
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """The build flags that change the engine (DESIGN.md §5)."""
+    """The build flags that change the engine."""
 
     dtype: str = "float16"
     max_batch_size: int = 8
@@ -205,7 +248,12 @@ class BuildConfig:
     use_inflight_batching: bool = False  # the tools feed requests through the scheduler's queue
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
+        check_field_types("build config", self, ("max_batch_size", "max_input_len", "max_output_len",
+                                                 "world_size", "tokens_per_block"),
+                          flags=("paged_kv_cache", "remove_input_padding", "use_inflight_batching"))
+        if self.random_seed is not None and not (is_integer(self.random_seed) and 0 <= self.random_seed <= MAX_SEED):
+            raise GlmEngineError(f"--random_seed must be an integer in [0, 2**64), got {self.random_seed!r}")
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise GlmEngineError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.weight_only_precision not in (None, "int8", "int4"):
             raise GlmEngineError(f"--weight_only_precision must be int8 or int4, got {self.weight_only_precision!r}")
@@ -247,4 +295,4 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "BuildConfig":
-        return cls(**values)
+        return cls(**_dataclass_fields(cls, values, "build"))

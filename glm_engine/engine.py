@@ -1,7 +1,7 @@
-"""The engine directory (DESIGN.md §4): config.json (format version, model
-config, build flags, versions, device, checksums), rank{r}.safetensors in the
-runtime layout, and the tokenizer files. Written to a temporary directory and
-renamed into place, so a crashed build never leaves a half engine."""
+"""The engine directory: config.json (format marker and version, model config,
+build flags, versions, device, checksums of every other file and of itself),
+rank{r}.safetensors in the runtime layout, and the tokenizer files. Loading checks
+it as a whole before any tensor is used; engine_dir.py says how it is put in place."""
 
 from __future__ import annotations
 
@@ -10,21 +10,24 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import glm_engine
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.engine_dir import (CONFIG_NAME, ENGINE_MARKER, clean_stale_staging, hidden_old_engines,
+                                   move_into_place, staging_dir)
+from glm_engine.layout import engine_tensor_specs
 
-ENGINE_FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
+# 2: the format marker, and checksums of config.json and the tokenizer files.
+ENGINE_FORMAT_VERSION = 2
 # Checksums are kept per chunk too, so that loading verifies chunks in parallel
 # threads (hashlib releases the GIL) instead of one sequential pass over 12 GB.
 CHECKSUM_CHUNK_BYTES = 64 << 20
@@ -50,20 +53,17 @@ def _chunk_digest(path: Path, offset: int) -> str:
         return hashlib.sha256(stream.read(CHECKSUM_CHUNK_BYTES)).hexdigest()
 
 
-class _HashingWriter:
-    """Writes a file while computing its sha256 and that of each chunk, so the
-    weights are written and checksummed in one pass."""
+class _Checksums:
+    """sha256 of a file and of each of its chunks, computed from the bytes as they pass."""
 
-    def __init__(self, stream) -> None:
-        self.stream = stream
+    def __init__(self) -> None:
         self.size = 0
         self.whole = hashlib.sha256()
         self.chunk = hashlib.sha256()
         self.chunks: list[str] = []
 
-    def write(self, data: memoryview | bytes) -> None:
+    def update(self, data: memoryview | bytes) -> None:
         data = memoryview(data).cast("B")
-        self.stream.write(data)
         self.whole.update(data)
         while len(data):
             room = CHECKSUM_CHUNK_BYTES - self.size % CHECKSUM_CHUNK_BYTES
@@ -74,10 +74,26 @@ class _HashingWriter:
                 self.chunk = hashlib.sha256()
             data = data[room:]
 
-    def checksums(self) -> dict:
+    def result(self) -> dict:
         chunks = self.chunks + ([self.chunk.hexdigest()] if self.size % CHECKSUM_CHUNK_BYTES else [])
         return {"size": self.size, "sha256": self.whole.hexdigest(), "chunk_bytes": CHECKSUM_CHUNK_BYTES,
                 "chunk_sha256": chunks}
+
+
+def file_checksums(path: Path) -> dict:
+    """The checksums verify_checksums expects of `path`."""
+    checksums = _Checksums()
+    with open(path, "rb") as stream:
+        while data := stream.read(CHECKSUM_CHUNK_BYTES):
+            checksums.update(data)
+    return checksums.result()
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of config.json's content other than this digest (canonical JSON)."""
+    content = {key: value for key, value in config.items() if key != "config_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=False).encode()).hexdigest()
 
 
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int8: "I8",
@@ -98,13 +114,17 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         offset += size
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the format aligns the data to 8 bytes
+    checksums = _Checksums()
     with open(path, "wb") as stream:
-        writer = _HashingWriter(stream)
-        writer.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
+        for data in [len(header_bytes).to_bytes(8, "little") + header_bytes]:
+            stream.write(data)
+            checksums.update(data)
         for tensor in tensors.values():
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-            writer.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
-    return writer.checksums()
+            data = flat.view(torch.uint8).numpy().data if flat.numel() else b""
+            stream.write(data)
+            checksums.update(data)
+    return checksums.result()
 
 
 def verify_checksums(path: Path, expected: dict) -> None:
@@ -130,30 +150,29 @@ def _environment() -> dict:
 
 def save_engine(output_dir: str | Path, model_config: ModelConfig, build_config: BuildConfig,
                 rank_weights: list[dict[str, torch.Tensor]], tokenizer_files: list[Path],
-                build_flags: dict) -> Path:
-    """Writes the engine into a temporary sibling directory, then renames it onto
-    `output_dir` (replacing an engine already there)."""
+                build_flags: dict, sources: dict[str, Path] | None = None) -> Path:
+    """Writes the engine into a staging directory beside `output_dir`, then renames it
+    into place, replacing only what engine_dir.check_output_dir allows; `sources`
+    (flag -> directory read by the build) are never replaced or written into."""
     output_dir = Path(output_dir).resolve()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.building-", dir=output_dir.parent))
-    try:
+    with staging_dir(output_dir) as staging:
         checksums = {}
         for rank, weights in enumerate(rank_weights):
             name = weights_file_name(rank)
             checksums[name] = write_safetensors(staging / name, weights,
                                                 {"format_version": str(ENGINE_FORMAT_VERSION)})
         for path in tokenizer_files:
-            shutil.copy2(path, staging / path.name)
-        config = {"format_version": ENGINE_FORMAT_VERSION, "model": model_config.to_dict(),
-                  "build": build_config.to_dict(), "build_flags": build_flags,
+            shutil.copyfile(path, staging / path.name)
+            checksums[path.name] = file_checksums(staging / path.name)
+        config = {"format": ENGINE_MARKER, "format_version": ENGINE_FORMAT_VERSION,
+                  "model": model_config.to_dict(), "build": build_config.to_dict(), "build_flags": build_flags,
                   "tokenizer_files": [path.name for path in tokenizer_files],
                   "built_with": _environment(), "checksums": checksums}
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        config["config_sha256"] = config_digest(config)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
         _apply_umask(staging)
-        _move_into_place(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        move_into_place(staging, output_dir, sources or {})
     return output_dir
 
 
@@ -166,48 +185,81 @@ def _apply_umask(directory: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
-def _move_into_place(staging: Path, output_dir: Path) -> None:
-    if output_dir.exists() and not (output_dir / CONFIG_NAME).is_file() and any(output_dir.iterdir()):
-        raise GlmEngineError(f"--output_dir {output_dir} exists and is not an engine; choose another "
-                             "directory or empty it")
-    old = None
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        output_dir.rename(old)
-    staging.rename(output_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _missing_engine_error(engine_dir: Path) -> GlmEngineError:
+    hidden = hidden_old_engines(engine_dir) if engine_dir.parent.is_dir() else []
+    if hidden and not engine_dir.exists():
+        return GlmEngineError(f"no engine at {engine_dir}: a build was interrupted while replacing it and left "
+                              f"the previous engine at {hidden[0]}; run build.py again (it restores that "
+                              f"engine first) or move it back: mv {hidden[0]} {engine_dir}")
+    return GlmEngineError(f"{engine_dir} is not an engine directory (no {CONFIG_NAME}); build one "
+                          "with build.py --output_dir")
 
 
 def read_engine_config(engine_dir: str | Path) -> dict:
-    """The engine's config.json, checked for its format version."""
+    """The engine's config.json, checked for its marker, format version and checksum,
+    with the tokenizer files it lists verified."""
     engine_dir = Path(engine_dir)
     path = engine_dir / CONFIG_NAME
     if not path.is_file():
-        raise GlmEngineError(f"{engine_dir} is not an engine directory (no {CONFIG_NAME}); build one "
-                             "with build.py --output_dir")
+        raise _missing_engine_error(engine_dir)
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise GlmEngineError(f"{path} is not valid JSON ({error}); rebuild the engine") from None
-    version = config.get("format_version") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or config.get("format") != ENGINE_MARKER:
+        version = config.get("format_version") if isinstance(config, dict) else None
+        if version == 1:
+            raise GlmEngineError(f"engine {engine_dir} has format version 1, this glm_engine reads version "
+                                 f"{ENGINE_FORMAT_VERSION}; rebuild it with this build.py")
+        raise GlmEngineError(f"{engine_dir} is not an engine built by build.py (its {CONFIG_NAME} lacks the "
+                             f"\"format\": \"{ENGINE_MARKER}\" marker); build one with build.py --output_dir")
+    version = config.get("format_version")
     if version != ENGINE_FORMAT_VERSION:
         raise GlmEngineError(f"engine {engine_dir} has format version {version!r}, this glm_engine reads "
                              f"version {ENGINE_FORMAT_VERSION}; rebuild it with this build.py")
+    if config.get("config_sha256") != config_digest(config):
+        raise GlmEngineError(f"{path} fails its sha256 check: it was edited or damaged after the build; "
+                             "rebuild the engine with build.py")
+    for name in config["tokenizer_files"]:
+        verify_checksums(engine_dir / name, config["checksums"][name])
     return config
 
 
-def load_engine(engine_dir: str | Path, device: torch.device | str = "cpu", rank: int = 0) -> Engine:
-    """Loads one rank of an engine onto `device` after verifying its checksums."""
-    engine_dir = Path(engine_dir)
-    config = read_engine_config(engine_dir)
+def _check_tensor_specs(path: Path, model_config: ModelConfig, build_config: BuildConfig) -> None:
+    """The weights file holds exactly the tensors, shapes and dtypes the configs imply
+    (read from its header; no tensor is loaded)."""
+    expected = {name: (list(shape), _SAFETENSORS_DTYPES[dtype])
+                for name, (shape, dtype) in engine_tensor_specs(model_config, build_config).items()}
     try:
-        model_config = ModelConfig.from_dict(config["model"])
-        build_config = BuildConfig.from_dict(config["build"])
-        expected = config["checksums"][weights_file_name(rank)]
-    except (KeyError, TypeError) as error:
-        raise GlmEngineError(f"{engine_dir / CONFIG_NAME} lacks {error}; rebuild the engine") from None
-    path = engine_dir / weights_file_name(rank)
-    verify_checksums(path, expected)
+        with safe_open(path, framework="pt") as weights:
+            found = {name: (weights.get_slice(name).get_shape(), weights.get_slice(name).get_dtype())
+                     for name in weights.keys()}
+    except Exception as error:  # noqa: BLE001 - any header failure means a damaged file
+        raise GlmEngineError(f"engine file {path} cannot be read ({error}); rebuild the engine") from None
+    for name in sorted(set(expected) | set(found)):
+        if expected.get(name) != found.get(name):
+            have = "absent" if name not in found else f"{found[name][1]} {found[name][0]}"
+            want = "no such tensor" if name not in expected else f"{expected[name][1]} {expected[name][0]}"
+            raise GlmEngineError(f"engine {path.parent}: tensor {name!r} is {have} but its config.json implies "
+                                 f"{want}; the engine's files do not belong together: rebuild it")
+
+
+def load_engine(engine_dir: str | Path, device: torch.device | str = "cpu", rank: int = 0) -> Engine:
+    """Loads one rank of an engine onto `device` after checking it as a whole: config
+    checksum, file checksums, configs against the weights' names, shapes and dtypes."""
+    engine_dir = Path(engine_dir)
+    if engine_dir.parent.is_dir():
+        clean_stale_staging(engine_dir.resolve())
+    config = read_engine_config(engine_dir)
+    model_config = ModelConfig.from_dict(config.get("model"))
+    build_config = BuildConfig.from_dict(config.get("build"))
+    name = weights_file_name(rank)
+    if name not in config["checksums"]:
+        raise GlmEngineError(f"engine {engine_dir} has no {name}; rebuild it")
+    path = engine_dir / name
+    if not path.is_file():
+        raise GlmEngineError(f"engine file {path} is missing; rebuild the engine with build.py")
+    verify_checksums(path, config["checksums"][name])
+    _check_tensor_specs(path, model_config, build_config)
     weights = load_file(path, device=str(device))
     return Engine(engine_dir, model_config, build_config, weights)

@@ -11,6 +11,7 @@ import torch
 
 from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
+from glm_engine.quantization import dequantize_weights
 
 
 def glm_config(config: ModelConfig):
@@ -60,8 +61,6 @@ def build_glm_model(config: ModelConfig, weights: dict[str, torch.Tensor], devic
     (weight-only quantized linears dequantized to it)."""
     from transformers import GlmForCausalLM
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
-
-    from weight import dequantize_weights
 
     dtype = weights["word_embeddings.weight"].dtype
     weights = dequantize_weights(weights, dtype)

@@ -17,14 +17,14 @@ from glm_engine.engine import Engine  # noqa: E402
 from glm_engine.hf_reference import build_glm_model  # noqa: E402
 from glm_engine.runtime.sampling import SamplingConfig  # noqa: E402
 from glm_engine.runtime.session import Session  # noqa: E402
-from weight import expected_shapes  # noqa: E402
+from glm_engine.layout import weight_shapes  # noqa: E402
 
 
 def main() -> None:
     batch, tokens = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (8, 1024)
     config = ModelConfig.from_hf_config(CHATGLM2_6B)
     weights = {name: torch.randn(shape, device="cuda", dtype=torch.float16) / (shape[-1] ** 0.5 if len(shape) > 1
-               else 1.0) for name, shape in expected_shapes(config).items()}
+               else 1.0) for name, shape in weight_shapes(config).items()}
     prompts = torch.randint(3, 60000, (batch, tokens)).tolist()
     session = Session(Engine(Path("."), config, BuildConfig(max_batch_size=batch), dict(weights)), "cuda")
     sampling = SamplingConfig(max_new_tokens=1, end_id=-1)

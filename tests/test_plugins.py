@@ -123,7 +123,7 @@ def test_weight_only_engine_equals_reference_network_on_dequantized_weights(tiny
     import build as build_tool
     from glm_engine.config import BuildConfig
     from glm_engine.engine import Engine, load_engine
-    from weight import dequantize_weights
+    from glm_engine.quantization import dequantize_weights
 
     model_dir = tiny_checkpoint_factory("safetensors", seed=33)
     quantized = build_engine(model_dir, tmp_path / precision, "float32", "--use_weight_only",

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from checkpoints import CHECKPOINT_FORMATS
 from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
-from weight import dummy_weights, expected_shapes, load_hf_config, load_hf_weights
+from glm_engine.layout import weight_shapes
+from weight import dummy_weights, load_hf_config, load_hf_weights
 
 
 def model_config(model_dir) -> ModelConfig:
@@ -24,7 +25,7 @@ def test_every_checkpoint_layout_gives_the_same_weights(tiny_checkpoint_factory)
     for fmt in CHECKPOINT_FORMATS:
         model_dir = tiny_checkpoint_factory(fmt, seed=11)
         loaded.append(load_hf_weights(model_dir, model_config(model_dir), torch.float32))
-    assert set(loaded[0]) == set(expected_shapes(model_config(model_dir)))
+    assert set(loaded[0]) == set(weight_shapes(model_config(model_dir)))
     for weights in loaded[1:]:
         assert weights.keys() == loaded[0].keys()
         assert all(torch.equal(weights[name], loaded[0][name]) for name in weights)
@@ -127,4 +128,4 @@ def test_dummy_weights_are_seeded():
     first, again, other = (dummy_weights(config, torch.float16, seed) for seed in (1, 1, 2))
     assert all(torch.equal(first[name], again[name]) for name in first)
     assert not torch.equal(first["output_layer.weight"], other["output_layer.weight"])
-    assert {name: tuple(t.shape) for name, t in first.items()} == expected_shapes(config)
+    assert {name: tuple(t.shape) for name, t in first.items()} == weight_shapes(config)

@@ -4,6 +4,7 @@ prefill and decode forwards, CUDA-graph decode steps) until every request stops.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -15,6 +16,8 @@ import torch
 from glm_engine import GlmEngineError
 from glm_engine.engine import Engine, load_engine
 from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.memory import check_fits
+from glm_engine.quantization import dequantize_weights
 from glm_engine.runtime.block_manager import BlockManager
 from glm_engine.runtime.kv_cache import AttentionBatch, KVCache, make_attention_batch
 from glm_engine.runtime.sampling import SamplingConfig
@@ -25,16 +28,43 @@ logger = logging.getLogger("session")
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """`name`, or CUDA when available and the CPU otherwise."""
+    """`name` (cpu, cuda or cuda:N), or CUDA when available and the CPU otherwise."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise GlmEngineError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    except (RuntimeError, ValueError):
+        raise GlmEngineError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise GlmEngineError(f"--device {name!r}: engines run on cpu or cuda (cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GlmEngineError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GlmEngineError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def runs_kernels(build: BuildConfig, device: torch.device) -> bool:
+    """Whether the engine's Triton kernels run: on a GPU, or on the CPU under Triton's
+    interpreter (TRITON_INTERPRET=1, for the kernel tests); otherwise the reference
+    ops compute the same network on the CPU."""
+    return build.uses_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def reference_ops(build: BuildConfig) -> BuildConfig:
+    """The build flags with every kernel choice off: what the model computes with when
+    the kernels cannot run (the engine's own flags still rule sizes and scheduling)."""
+    return dataclasses.replace(build, use_gpt_attention_plugin=None, use_layernorm_plugin=None,
+                               use_gemm_plugin=None, context_fmha=None, weight_only_precision=None,
+                               use_inflight_batching=False)
+
+
+def check_triton() -> None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise GlmEngineError("this engine's plugins are Triton kernels and triton is not installed; "
+                             "pip install triton, or run on the CPU (--device cpu)") from None
 
 
 class Session:
@@ -53,10 +83,18 @@ class Session:
         self.engine = engine
         self.model_config = config = engine.model_config
         self.build_config = build = engine.build_config
-        if build.uses_triton and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise GlmEngineError("this engine was built with plugins (Triton kernels), which need a CUDA GPU; "
-                                 "run it on cuda, or set TRITON_INTERPRET=1 to interpret them on the CPU (slow)")
-        self.model = build_model(config, build, engine.weights, self.device)
+        # The flags the network computes with: the engine's, or the reference ops where
+        # its Triton kernels cannot run (weight-only layers dequantized once, here).
+        self.ops_config = build
+        if runs_kernels(build, self.device):
+            check_triton()
+        elif build.uses_triton:
+            logger.info("the engine's plugins are Triton kernels, which need a GPU: running the reference ops on "
+                        "the %s%s", self.device, ", weight-only layers dequantized to " + build.dtype
+                        if build.weight_only_precision else "")
+            self.ops_config = reference_ops(build)
+            engine.weights = dequantize_weights(engine.weights, build.torch_dtype)
+        self.model = build_model(config, self.ops_config, engine.weights, self.device)
         engine.weights = {}  # the model holds them now
         block_size = build.tokens_per_block
         self.blocks_per_sequence = -(-build.max_sequence_len // block_size)
@@ -65,6 +103,11 @@ class Session:
         self.block_manager = BlockManager(num_blocks, block_size)
         # The last block takes the K/V of padding: graph padding rows and padded prompts.
         self.scratch_block = num_blocks
+        block_bytes = (2 * config.num_layers * block_size * config.multi_query_group_num * config.kv_channels
+                       * build.torch_dtype.itemsize)
+        check_fits(f"the KV cache ({num_blocks + 1} blocks of {block_size} tokens)", (num_blocks + 1) * block_bytes,
+                   self.device, "rebuild with smaller --max_batch_size / --max_input_len / --max_output_len, or "
+                   "use a paged engine with --max_tokens_in_paged_kv_cache")
         self.kv_cache = KVCache(config.num_layers, num_blocks + 1, block_size, config.multi_query_group_num,
                                 config.kv_channels, build.torch_dtype, self.device)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)%s", num_blocks, block_size,
@@ -72,7 +115,7 @@ class Session:
                     ", paged" if build.paged_kv_cache else ", a full sequence per batch row")
         self.decode_graphs = None
         built = time.perf_counter()
-        if cuda_graphs and self.device.type == "cuda" and build.use_gpt_attention_plugin is not None:
+        if cuda_graphs and self.device.type == "cuda" and self.ops_config.use_gpt_attention_plugin is not None:
             from glm_engine.runtime.cuda_graphs import DecodeGraphs
 
             self.decode_graphs = DecodeGraphs(self)
@@ -109,7 +152,7 @@ class Session:
     def attention_batch(self, block_tables: list[list[int]], cached: list[int],
                         new_token_counts: list[int]) -> AttentionBatch:
         """Cache addresses of one step; the reference attention's inputs only when it runs."""
-        build = self.build_config
+        build = self.ops_config
         plugin_only = build.use_gpt_attention_plugin is not None and (
             build.context_fmha is not None or max(new_token_counts) == 1)
         return make_attention_batch(block_tables, cached, new_token_counts, build.tokens_per_block, self.device,

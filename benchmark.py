@@ -21,6 +21,7 @@ import datetime
 import functools
 import gc
 import json
+import math
 import platform
 import statistics
 import sys
@@ -33,7 +34,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from glm_engine import GlmEngineError
 from glm_engine.cli import add_kv_cache_arguments, kv_cache_options, run_tool
-from glm_engine.engine import load_engine, read_engine_config
+from glm_engine.engine import engine_configs, load_engine, read_engine_config
+from glm_engine.output_file import check_output_file, output_stream
 from glm_engine.hf_reference import build_glm_model
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.scheduler import Scheduler
@@ -204,10 +206,7 @@ def hf_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 
 def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -> float:
-    engine = load_engine(args.reference_engine_dir or args.engine_dir, "cpu")
-    if engine.model_config != session.model_config:
-        raise GlmEngineError(f"--reference_engine_dir {args.reference_engine_dir} holds another model shape; "
-                             "give an engine built from the same weights")
+    engine = load_engine(args.reference_engine_dir or args.engine_dir, "cpu")  # shape checked up front
     weights = {name: tensor.float() for name, tensor in dequantize_weights(engine.weights, torch.float32).items()}
     del engine
     hf_fp32 = build_glm_model(session.model_config, weights, device, attn_implementation="eager")
@@ -232,15 +231,14 @@ def plot_throughput(rows: list[dict], environment: dict, path: str) -> None:
     axes.set_title(f"{environment['card']}, {environment['date']}", fontsize=9)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with output_stream(path, "--plot", binary=True) as stream:
+        figure.savefig(stream, format="png", dpi=120)
     pyplot.close(figure)
 
 
 def serving_requests(args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
     """--num_requests random prompts, lengths uniform over --input_len_range (seeded)."""
     low, high = args.input_len_range
-    if not 1 <= low <= high:
-        raise GlmEngineError(f"--input_len_range {low} {high}: need 1 <= MIN <= MAX")
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(low, high + 1, (args.num_requests,), generator=generator).tolist()
     return [torch.randint(3, min(vocab_size, 60000), (n,), generator=generator).tolist() for n in lengths]
@@ -329,8 +327,6 @@ def hf_static_throughput(args: argparse.Namespace, prompts: list[list[int]], dev
 
 def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -> None:
     """--mode throughput / rate."""
-    if args.mode == "rate" and (args.request_rate is None or args.request_rate <= 0):
-        raise GlmEngineError("--mode rate needs a positive --request_rate")
     session = Session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))
     prompts = serving_requests(args, session.model_config.vocab_size)
     for index, prompt in enumerate(prompts):  # refuse before any work
@@ -361,17 +357,61 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
         print(line)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every flag checked before any measurement, against the engine's limits too."""
+    counts = {"--input_len": args.input_len, "--output_len": args.output_len, "--repeats": args.repeats,
+              "--num_requests": args.num_requests, "--hf_batch_size": args.hf_batch_size,
+              "--hf_num_requests": args.hf_num_requests, "--max_in_flight": args.max_in_flight,
+              "--max_tokens_per_step": args.max_tokens_per_step,
+              **{"--batch_size": size for size in args.batch_size if size < 1}}
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            raise GlmEngineError(f"{flag} must be at least 1, got {value}")
+    low, high = args.input_len_range
+    if not 1 <= low <= high:
+        raise GlmEngineError(f"--input_len_range {low} {high}: need 1 <= MIN <= MAX")
+    if args.mode == "rate" and (args.request_rate is None or not 0 < args.request_rate < math.inf):
+        raise GlmEngineError(f"--mode rate needs a positive, finite --request_rate, got {args.request_rate}")
+    if args.mode != "rate" and args.request_rate is not None:
+        raise GlmEngineError("--request_rate sets the arrival rate of --mode rate; add --mode rate or drop it")
+    if args.reference_engine_dir and not args.accuracy:
+        raise GlmEngineError("--reference_engine_dir sets the weights of --accuracy's reference; add --accuracy")
+    if args.mode != "latency" and (args.plot or args.accuracy):
+        raise GlmEngineError(f"--{'plot' if args.plot else 'accuracy'} applies to --mode latency")
+    for flag, path in (("--output_json", args.output_json), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, flag)
+    model_config, build = engine_configs(args.engine_dir)
+    if args.reference_engine_dir and engine_configs(args.reference_engine_dir)[0] != model_config:
+        raise GlmEngineError(f"--reference_engine_dir {args.reference_engine_dir} holds another model shape; "
+                             "give an engine built from the same weights")
+    longest = args.input_len if args.mode == "latency" else high
+    limits = [("--output_len", args.output_len, build.max_output_len, "max_output_len"),
+              ("--input_len" if args.mode == "latency" else "--input_len_range MAX", longest, build.max_input_len,
+               "max_input_len")]
+    if args.mode == "latency":
+        limits.append(("--batch_size", max(args.batch_size), build.max_batch_size, "max_batch_size"))
+    for flag, value, limit, name in limits:
+        if value > limit:
+            raise GlmEngineError(f"{flag} {value} exceeds the engine's {name} {limit}")
+
+
+def write_json(result: dict, path: str) -> None:
+    with output_stream(path, "--output_json") as stream:
+        json.dump(result, stream, indent=2)
+
+
 def main() -> None:
     args = parse_arguments()
     device = resolve_device(args.device)
+    check_arguments(args)
     result = {"environment": environment(device), "engine_dir": args.engine_dir,
               "build": read_engine_config(args.engine_dir)["build"], "cuda_graphs": not args.no_cuda_graphs,
               "input_len": args.input_len, "output_len": args.output_len}
     if args.mode != "latency":
         serving_main(args, device, result)
         if args.output_json:
-            with open(args.output_json, "w") as stream:
-                json.dump(result, stream, indent=2)
+            write_json(result, args.output_json)
         return
     synchronize()
     start = time.perf_counter()
@@ -398,8 +438,7 @@ def main() -> None:
     if args.plot:
         plot_throughput(rows, result["environment"], args.plot)
     if args.output_json:
-        with open(args.output_json, "w") as stream:
-            json.dump(result, stream, indent=2)
+        write_json(result, args.output_json)
 
 
 if __name__ == "__main__":

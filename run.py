@@ -10,10 +10,11 @@ from pathlib import Path
 
 from glm_engine import GlmEngineError
 from glm_engine.cli import LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, run_tool, setup_logging
-from glm_engine.engine import read_engine_config
+from glm_engine.engine import engine_configs
+from glm_engine.output_file import check_output_file
 from glm_engine.prompts import clean_response, read_token_csv, write_token_csv
 from glm_engine.runtime.sampling import SamplingConfig
-from glm_engine.runtime.session import Session
+from glm_engine.runtime.session import Session, resolve_device
 from glm_engine.tokenizer import ChatGLMTokenizer
 
 DEFAULT_INPUT_TEXT = "续写：北京市教育资源丰富"
@@ -69,7 +70,13 @@ def stream_outputs(session: Session, prompts: list[list[int]], sampling: Samplin
 def main() -> None:
     args = parse_arguments()
     setup_logging(args.log_level)
-    read_engine_config(args.engine_dir)  # a clear error before any other work
+    if args.output_csv:
+        check_output_file(args.output_csv, "--output_csv")
+    device = resolve_device(args.device)
+    model_config, build_config = engine_configs(args.engine_dir)  # a clear error before any other work
+    sampling = SamplingConfig(max_new_tokens=build_config.max_output_len if args.max_output_len is None
+                              else args.max_output_len, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, random_seed=args.random_seed, end_id=model_config.eos_token_id)
     tokenizer = load_tokenizer(args, required=args.input_tokens is None)
     if args.input_tokens is not None:
         prompts = read_token_csv(args.input_tokens)
@@ -79,10 +86,7 @@ def main() -> None:
         if not all(text.strip() for text in texts):
             raise GlmEngineError("--input_text holds an empty prompt")
         prompts = [tokenizer.encode(text) for text in texts]
-    session = Session(args.engine_dir, args.device, **kv_cache_options(args))
-    sampling = SamplingConfig(max_new_tokens=args.max_output_len or session.build_config.max_output_len,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              random_seed=args.random_seed, end_id=session.model_config.eos_token_id)
+    session = Session(args.engine_dir, device, **kv_cache_options(args))
     if not session.build_config.use_inflight_batching:  # a static batch: all prompts at once
         session.check_request(prompts, sampling.max_new_tokens)
     if args.streaming:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,8 +126,6 @@ def hf_model(args: argparse.Namespace, device: torch.device):
     if args.hf_model_location:
         model_config = ModelConfig.from_dict(read_engine_config(args.engine_dir)["model"])
         return load_hf_reference(args.hf_model_location, dtype, device, model_config, args.hf_trust_remote_code)
-    if args.hf_trust_remote_code:
-        raise GlmEngineError("--hf_trust_remote_code needs --hf_model_location")
     engine = load_engine(args.engine_dir, "cpu")
     logger.info("no --hf_model_location: the Hugging Face side is GlmForCausalLM with the engine's weights")
     weights = {name: tensor.to(dtype) for name, tensor in dequantize_weights(engine.weights, dtype).items()}
@@ -150,12 +149,17 @@ def main() -> None:
         raise GlmEngineError("--check_accuracy checks the engine's ROUGE; drop --no_test_trt_llm")
     if args.batch_size < 1 or args.max_ite < 1 or args.output_len < 1 or args.max_input_len < 3:
         raise GlmEngineError("--batch_size, --max_ite and --output_len must be positive, --max_input_len >= 3")
+    if not math.isfinite(args.rouge1_threshold):
+        raise GlmEngineError(f"--rouge1_threshold must be a finite number, got {args.rouge1_threshold}")
+    if args.hf_trust_remote_code and not args.hf_model_location:
+        raise GlmEngineError("--hf_trust_remote_code runs a checkpoint's own code: it needs --hf_model_location")
+    device = resolve_device(args.device)
+    read_engine_config(args.engine_dir)  # a clear error before any other work
     tokenizer = load_tokenizer(args)
     records = load_articles(args.dataset_path)[: args.batch_size * args.max_ite]
     prompts = [summarize_prompt(r["article"], tokenizer, args.max_input_len) for r in records]
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     references = [r["highlights"] for r in records]
-    device = resolve_device(args.device)
     sides = []
     if args.test_engine:
         session = Session(args.engine_dir, device, **kv_cache_options(args))

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
+
+import torch
 
 from glm_engine import GlmEngineError
 
@@ -19,16 +22,38 @@ def setup_logging(level: str) -> None:
                         datefmt="%H:%M:%S")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (staging directories,
+    temporary files) runs as it does for Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def run_tool(main: Callable[[], None]) -> None:
-    """Runs a tool's main; a GlmEngineError becomes `prog: error: message` and exit status 1."""
+    """Runs a tool's main; a GlmEngineError becomes `prog: error: message` and exit status 1,
+    running out of memory a one-line error too, SIGTERM and Ctrl-C a clean exit."""
+    prog = sys.argv[0].rsplit("/", 1)[-1]
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except GlmEngineError as error:
-        print(f"{sys.argv[0].rsplit('/', 1)[-1]}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except (MemoryError, torch.cuda.OutOfMemoryError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"{prog}: error: out of memory ({reason}); use a smaller batch, shorter sequences or a "
+              "smaller engine", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_kv_cache_arguments(parser: argparse.ArgumentParser) -> None:

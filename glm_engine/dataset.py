@@ -12,28 +12,47 @@ from glm_engine import GlmEngineError
 HUB_DATASET = ("ccdv/cnn_dailymail", "3.0.0")
 
 
-def _read_records(path: Path) -> list[dict]:
+def _read_records(path: Path) -> list:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if suffix == ".json":
-        records = json.loads(path.read_text())
-        return records if isinstance(records, list) else records.get("test", records.get("data", []))
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(records, dict):
+            records = records.get("test", records.get("data"))
+        if not isinstance(records, list):
+            raise GlmEngineError(f"--dataset_path {path}: expected a JSON list of records (or an object with "
+                                 "a 'test' or 'data' list)")
+        return records
     if suffix == ".csv":
-        with open(path, newline="") as stream:
+        with open(path, newline="", encoding="utf-8") as stream:
             return list(csv.DictReader(stream))
     if suffix == ".parquet":
-        import pyarrow.parquet
-
-        return pyarrow.parquet.read_table(path).to_pylist()
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            raise GlmEngineError(f"--dataset_path {path}: reading parquet needs pyarrow (pip install "
+                                 "pyarrow), or give json/jsonl/csv") from None
+        try:
+            return pyarrow.parquet.read_table(path).to_pylist()
+        except pyarrow.ArrowException as error:
+            raise GlmEngineError(f"--dataset_path {path} is not a parquet file ({error})") from None
     raise GlmEngineError(f"--dataset_path {path}: unknown format {suffix!r}; use .json, .jsonl, .csv, "
                          ".parquet or a datasets save_to_disk directory")
 
 
-def _read_saved_dataset(path: Path) -> list[dict]:
-    import datasets
-
-    saved = datasets.load_from_disk(str(path))
+def _read_saved_dataset(path: Path) -> list:
+    try:
+        import datasets
+    except ImportError:
+        raise GlmEngineError(f"--dataset_path {path} is a directory: reading a save_to_disk dataset needs the "
+                             "datasets package (pip install datasets), or give a json/jsonl/csv file") from None
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise GlmEngineError(f"--dataset_path {path} is not a datasets save_to_disk directory "
+                             f"({first_line})") from None
     if isinstance(saved, datasets.DatasetDict):
         if "test" not in saved:
             raise GlmEngineError(f"--dataset_path {path} has splits {list(saved)}, no 'test' split")
@@ -65,9 +84,13 @@ def load_articles(dataset_path: str | None) -> list[dict]:
             records = _read_saved_dataset(path) if path.is_dir() else _read_records(path)
         except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
             raise GlmEngineError(f"--dataset_path {path} cannot be parsed ({error})") from None
+        except OSError as error:
+            raise GlmEngineError(f"--dataset_path {path}: {error.strerror}") from None
     for index, record in enumerate(records):
         if not isinstance(record, dict) or not {"article", "highlights"} <= record.keys():
             raise GlmEngineError(f"--dataset_path record {index} lacks 'article' and 'highlights'")
+        if not all(isinstance(record[key], str) for key in ("article", "highlights")):
+            raise GlmEngineError(f"--dataset_path record {index}: 'article' and 'highlights' must be text")
     if not records:
         raise GlmEngineError("the dataset holds no article")
     return records

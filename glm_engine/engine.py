@@ -244,6 +244,12 @@ def _check_tensor_specs(path: Path, model_config: ModelConfig, build_config: Bui
                                  f"{want}; the engine's files do not belong together: rebuild it")
 
 
+def engine_configs(engine_dir: str | Path) -> tuple[ModelConfig, BuildConfig]:
+    """The model and build configs of an engine (its config.json checked as a whole)."""
+    config = read_engine_config(engine_dir)
+    return ModelConfig.from_dict(config.get("model")), BuildConfig.from_dict(config.get("build"))
+
+
 def load_engine(engine_dir: str | Path, device: torch.device | str = "cpu", rank: int = 0) -> Engine:
     """Loads one rank of an engine onto `device` after checking it as a whole: config
     checksum, file checksums, configs against the weights' names, shapes and dtypes."""
@@ -251,8 +257,7 @@ def load_engine(engine_dir: str | Path, device: torch.device | str = "cpu", rank
     if engine_dir.parent.is_dir():
         clean_stale_staging(engine_dir.resolve())
     config = read_engine_config(engine_dir)
-    model_config = ModelConfig.from_dict(config.get("model"))
-    build_config = BuildConfig.from_dict(config.get("build"))
+    model_config, build_config = engine_configs(engine_dir)
     name = weights_file_name(rank)
     if name not in config["checksums"]:
         raise GlmEngineError(f"engine {engine_dir} has no {name}; rebuild it")

@@ -4,51 +4,54 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 import re
-import tempfile
 from pathlib import Path
 
 from glm_engine import GlmEngineError
+from glm_engine.output_file import output_stream
 
 # ASCII punctuation next to a CJK character becomes its full-width form.
 _FULL_WIDTH = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？"))
 
 
 def read_token_csv(path: str | Path) -> list[list[int]]:
-    """Prompts from a CSV file: one prompt per line, comma-separated token ids."""
+    """Prompts from a CSV file (or a pipe): one prompt per line, comma-separated token ids."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise GlmEngineError(f"--input_tokens {path}: no such file")
+    if path.is_dir():
+        raise GlmEngineError(f"--input_tokens {path} is a directory; give a CSV file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise GlmEngineError(f"--input_tokens {path} is not UTF-8 text (byte {error.start}); give a CSV file "
+                             "of token ids") from None
+    except OSError as error:
+        raise GlmEngineError(f"--input_tokens {path}: {error.strerror}") from None
     prompts = []
-    with open(path, newline="") as stream:
-        for line_number, row in enumerate(csv.reader(stream), start=1):
-            cells = [cell.strip() for cell in row]
-            if not any(cells):
-                raise GlmEngineError(f"{path} line {line_number}: empty prompt")
-            try:
-                prompts.append([int(cell) for cell in cells])
-            except ValueError:
-                bad = next(cell for cell in cells if not cell.lstrip("-").isdigit())
-                raise GlmEngineError(f"{path} line {line_number}: {bad!r} is not a token id; each line "
-                                     "must be comma-separated integers") from None
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as error:
+        raise GlmEngineError(f"--input_tokens {path} is not a CSV file ({error})") from None
+    for line_number, row in enumerate(rows, start=1):
+        cells = [cell.strip() for cell in row]
+        if not any(cells):
+            raise GlmEngineError(f"{path} line {line_number}: empty prompt")
+        bad = next((cell for cell in cells if not re.fullmatch(r"-?[0-9]+", cell)), None)
+        if bad is not None:
+            raise GlmEngineError(f"{path} line {line_number}: {bad!r} is not a token id; each line "
+                                 "must be comma-separated integers")
+        prompts.append([int(cell) for cell in cells])
     if not prompts:
         raise GlmEngineError(f"--input_tokens {path} holds no prompt")
     return prompts
 
 
 def write_token_csv(path: str | Path, rows: list[list[int]]) -> None:
-    """Writes one line of comma-separated ids per row, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            csv.writer(stream, lineterminator="\n").writerows(rows)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    """Writes one line of comma-separated ids per row (output_file.output_stream)."""
+    with output_stream(path, "--output_csv") as stream:
+        csv.writer(stream, lineterminator="\n").writerows(rows)
 
 
 def clean_response(text: str) -> str:

@@ -49,7 +49,10 @@ def _detect_flavor(model_dir: Path) -> str:
     config_path = model_dir / "tokenizer_config.json"
     if not config_path.is_file():
         return "chatglm2"
-    text = config_path.read_text(encoding="utf-8")
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TokenizerError(f"{config_path} is not UTF-8 text; re-copy it from the checkpoint") from None
     if "<|user|>" in text:
         return "chatglm3"
     try:
@@ -135,6 +138,10 @@ class ChatGLMTokenizer:
         Every ChatGLM2 prompt carries that prefix; the HF tokenizer adds it by
         default, so this does too.
         """
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TokenizerError("the text holds bytes that are not UTF-8; give UTF-8 text") from None
         ids = self.sp_model.encode(text, out_type=int)
         if add_prefix:
             ids = [self.special_token_ids["[gMASK]"], self.special_token_ids["sop"], *ids]

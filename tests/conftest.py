@@ -71,10 +71,16 @@ TINY_SHAPE_FLAGS = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--mult
                     "--inter_size", "96", "--vocab_size", "1024"]
 
 
-def run_tool(script: str, *args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Runs one of the repository's tools as a user would, on the CPU."""
+def run_tool(script: str, *args: object, cwd: Path | None = None,
+             triton_interpreter: bool = False) -> subprocess.CompletedProcess:
+    """Runs one of the repository's tools as a user would, on the CPU: engines with
+    Triton kernels run the reference ops there, unless `triton_interpreter` runs the
+    kernels in Triton's interpreter (slow; the kernels have their own tests)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    if triton_interpreter:
+        env["TRITON_INTERPRET"] = "1"
     command = [sys.executable, str(REPO_ROOT / script), *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd or REPO_ROOT, timeout=600)
 

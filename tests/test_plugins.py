@@ -108,11 +108,38 @@ def test_plugin_dtype_must_match_the_engine_dtype(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_plugin_engine_on_cpu_needs_the_interpreter(tiny_engine_factory, monkeypatch):
-    engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--max_input_len", "8", "--use_gpt_attention_plugin")
+@pytest.mark.parametrize("flags", [
+    ["--use_weight_only", "--weight_only_precision", "int8"],
+    ["--use_weight_only", "--weight_only_precision", "int4", *with_dtype(PLUGINS["all"], "float32")],
+    ["--use_inflight_batching", "--use_weight_only", "--weight_only_precision", "int4"],
+], ids=["int8", "int4_all_plugins", "inflight_int4"])
+def test_kernel_engines_run_the_reference_ops_on_the_cpu(tiny_checkpoint_factory, tmp_path, monkeypatch, caplog,
+                                                         kernel_calls, flags):
+    """Without a GPU or Triton's interpreter, plugin, weight-only and in-flight engines
+    give the greedy tokens of the network on their dequantized weights, with no kernel."""
+    import logging
+
+    import build as build_tool
+    from glm_engine.config import BuildConfig
+    from glm_engine.engine import Engine, load_engine
+    from glm_engine.quantization import dequantize_weights
+
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(GlmEngineError, match="need a CUDA GPU"):
-        Session(engine_dir, "cpu")
+    model_dir = tiny_checkpoint_factory("safetensors", seed=35)
+    engine_dir = build_tool.build(build_tool.parse_arguments(
+        ["--model_dir", str(model_dir), "--output_dir", str(tmp_path / "engine"), "--dtype", "float32",
+         "--max_input_len", "64", "--max_output_len", "32", *flags]))
+    with caplog.at_level(logging.INFO, logger="session"):
+        session = Session(engine_dir, "cpu")
+    assert "running the reference ops on the cpu, weight-only layers dequantized" in caplog.text
+    engine = load_engine(engine_dir)
+    oracle = Session(Engine(tmp_path, engine.model_config, BuildConfig(dtype="float32", max_input_len=64,
+                                                                       max_output_len=32),
+                            dequantize_weights(engine.weights, torch.float32)), "cpu")
+    prompts = [random_prompt(length, seed) for seed, length in enumerate([6, 19, 2])]
+    sampling = SamplingConfig(max_new_tokens=16, end_id=-1)
+    assert session.generate_requests(prompts, [sampling] * 3) == oracle.generate(prompts, sampling)
+    assert kernel_calls == {}
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

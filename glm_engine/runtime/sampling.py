@@ -4,11 +4,13 @@ means no nucleus filtering."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from glm_engine import GlmEngineError
+from glm_engine.config import MAX_SEED
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,10 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise GlmEngineError(f"max_output_len must be at least 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature):
+            raise GlmEngineError(f"temperature must be a finite number, got {self.temperature}")
+        if self.random_seed is not None and not 0 <= self.random_seed <= MAX_SEED:
+            raise GlmEngineError(f"random_seed must be within [0, 2**64), got {self.random_seed}")
         if self.temperature <= 0:
             raise GlmEngineError(f"temperature must be positive, got {self.temperature}; use --top_k 1 "
                                  "for greedy decoding")

@@ -25,12 +25,12 @@ def file_inside(directory: Path, name: str, what: str) -> Path | None:
     None when there is no such file; GlmEngineError when the name or a link leads
     outside, or to something that is not a regular file."""
     path = directory / name
-    if not path.exists() and not path.is_symlink():
-        return None
     resolved = path.resolve()
     if not resolved.is_relative_to(source_root(directory)):
         raise GlmEngineError(f"{what} {name!r} in {directory} resolves outside it (to {resolved}); "
                              "refusing to read it: replace the link with the file itself")
+    if not path.exists() and not path.is_symlink():
+        return None
     if not resolved.is_file():
         raise GlmEngineError(f"{what} {path} is not a regular file")
     return path

@@ -100,14 +100,14 @@ class Session:
         self.blocks_per_sequence = -(-build.max_sequence_len // block_size)
         num_blocks = kv_pool_blocks(build, config, self.device, self.blocks_per_sequence,
                                     kv_cache_free_gpu_mem_fraction, max_tokens_in_paged_kv_cache)
-        self.block_manager = BlockManager(num_blocks, block_size)
-        # The last block takes the K/V of padding: graph padding rows and padded prompts.
-        self.scratch_block = num_blocks
         block_bytes = (2 * config.num_layers * block_size * config.multi_query_group_num * config.kv_channels
                        * build.torch_dtype.itemsize)
         check_fits(f"the KV cache ({num_blocks + 1} blocks of {block_size} tokens)", (num_blocks + 1) * block_bytes,
-                   self.device, "rebuild with smaller --max_batch_size / --max_input_len / --max_output_len, or "
-                   "use a paged engine with --max_tokens_in_paged_kv_cache")
+                   self.device, "lower --max_tokens_in_paged_kv_cache, or rebuild with a smaller --max_batch_size, "
+                   "--max_input_len or --max_output_len")
+        self.block_manager = BlockManager(num_blocks, block_size)
+        # The last block takes the K/V of padding: graph padding rows and padded prompts.
+        self.scratch_block = num_blocks
         self.kv_cache = KVCache(config.num_layers, num_blocks + 1, block_size, config.multi_query_group_num,
                                 config.kv_channels, build.torch_dtype, self.device)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)%s", num_blocks, block_size,

@@ -116,14 +116,14 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     header_bytes += b" " * (-len(header_bytes) % 8)  # the format aligns the data to 8 bytes
     checksums = _Checksums()
     with open(path, "wb") as stream:
-        for data in [len(header_bytes).to_bytes(8, "little") + header_bytes]:
+        def emit(data: memoryview | bytes) -> None:  # written and checksummed in one pass
             stream.write(data)
             checksums.update(data)
+
+        emit(len(header_bytes).to_bytes(8, "little") + header_bytes)
         for tensor in tensors.values():
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-            data = flat.view(torch.uint8).numpy().data if flat.numel() else b""
-            stream.write(data)
-            checksums.update(data)
+            emit(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
     return checksums.result()
 
 

@@ -43,6 +43,7 @@ from glm_engine.runtime.session import Session, resolve_device
 from glm_engine.quantization import dequantize_weights
 
 NEVER_ENDS = -1  # end_id no token equals: every run generates exactly output_len tokens
+MIN_REQUEST_RATE = 1e-6  # requests/s; slower arrivals would be spread over decades
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -370,16 +371,17 @@ def check_arguments(args: argparse.Namespace) -> None:
     low, high = args.input_len_range
     if not 1 <= low <= high:
         raise GlmEngineError(f"--input_len_range {low} {high}: need 1 <= MIN <= MAX")
-    if args.mode == "rate" and (args.request_rate is None or not 0 < args.request_rate < math.inf):
-        raise GlmEngineError(f"--mode rate needs a positive, finite --request_rate, got {args.request_rate}")
+    if args.mode == "rate" and (args.request_rate is None or not MIN_REQUEST_RATE <= args.request_rate < math.inf):
+        raise GlmEngineError(f"--mode rate needs a finite --request_rate of at least {MIN_REQUEST_RATE} "
+                             f"requests/s, got {args.request_rate}")
     if args.mode != "rate" and args.request_rate is not None:
         raise GlmEngineError("--request_rate sets the arrival rate of --mode rate; add --mode rate or drop it")
     if args.reference_engine_dir and not args.accuracy:
         raise GlmEngineError("--reference_engine_dir sets the weights of --accuracy's reference; add --accuracy")
-    if args.mode != "latency" and (args.plot or args.accuracy):
-        raise GlmEngineError(f"--{'plot' if args.plot else 'accuracy'} applies to --mode latency")
+    if args.mode != "latency" and (args.plot is not None or args.accuracy):
+        raise GlmEngineError(f"--{'accuracy' if args.accuracy else 'plot'} applies to --mode latency")
     for flag, path in (("--output_json", args.output_json), ("--plot", args.plot)):
-        if path:
+        if path is not None:
             check_output_file(path, flag)
     model_config, build = engine_configs(args.engine_dir)
     if args.reference_engine_dir and engine_configs(args.reference_engine_dir)[0] != model_config:
@@ -410,7 +412,7 @@ def main() -> None:
               "input_len": args.input_len, "output_len": args.output_len}
     if args.mode != "latency":
         serving_main(args, device, result)
-        if args.output_json:
+        if args.output_json is not None:
             write_json(result, args.output_json)
         return
     synchronize()
@@ -435,9 +437,9 @@ def main() -> None:
     print(f"start-up {result['startup_s']:.2f} s ({stages})")
     if args.accuracy:
         print(f"logits relative error vs GlmForCausalLM fp32: {result['logits_relative_error_vs_hf_fp32']:.3e}")
-    if args.plot:
+    if args.plot is not None:
         plot_throughput(rows, result["environment"], args.plot)
-    if args.output_json:
+    if args.output_json is not None:
         write_json(result, args.output_json)
 
 

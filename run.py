@@ -24,7 +24,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--engine_dir", type=str, default="trtModel")
     parser.add_argument("--tokenizer_dir", type=str, default=None, help="default: the engine directory")
-    parser.add_argument("--input_text", type=str, nargs="+", default=[DEFAULT_INPUT_TEXT])
+    parser.add_argument("--input_text", type=str, nargs="+", default=None,
+                        help=f"prompts (default: {DEFAULT_INPUT_TEXT})")
     parser.add_argument("--input_tokens", type=str, default=None,
                         help="CSV file, one prompt of token ids per line, used exactly as given")
     parser.add_argument("--max_output_len", type=int, default=None, help="default: the engine's")
@@ -70,7 +71,9 @@ def stream_outputs(session: Session, prompts: list[list[int]], sampling: Samplin
 def main() -> None:
     args = parse_arguments()
     setup_logging(args.log_level)
-    if args.output_csv:
+    if args.input_tokens is not None and args.input_text is not None:
+        raise GlmEngineError("give the prompts as --input_text or as --input_tokens, not both")
+    if args.output_csv is not None:
         check_output_file(args.output_csv, "--output_csv")
     device = resolve_device(args.device)
     model_config, build_config = engine_configs(args.engine_dir)  # a clear error before any other work
@@ -82,7 +85,7 @@ def main() -> None:
         prompts = read_token_csv(args.input_tokens)
         texts = [tokenizer.decode(p) if tokenizer else ",".join(map(str, p)) for p in prompts]
     else:
-        texts = args.input_text
+        texts = args.input_text or [DEFAULT_INPUT_TEXT]
         if not all(text.strip() for text in texts):
             raise GlmEngineError("--input_text holds an empty prompt")
         prompts = [tokenizer.encode(text) for text in texts]
@@ -97,7 +100,7 @@ def main() -> None:
         print("\nInput --->\n\t" + text)
         response = tokenizer.decode(output) if tokenizer else ",".join(map(str, output))
         print("\nOutput --->\n\t" + clean_response(response))
-    if args.output_csv:
+    if args.output_csv is not None:
         write_token_csv(args.output_csv, outputs)
     sys.stdout.flush()
 

@@ -151,6 +151,9 @@ def main() -> None:
         raise GlmEngineError("--batch_size, --max_ite and --output_len must be positive, --max_input_len >= 3")
     if not math.isfinite(args.rouge1_threshold):
         raise GlmEngineError(f"--rouge1_threshold must be a finite number, got {args.rouge1_threshold}")
+    if args.hf_model_location is not None and not Path(args.hf_model_location).is_dir():
+        raise GlmEngineError(f"--hf_model_location {args.hf_model_location} is not a directory; point it at the "
+                             "Hugging Face checkpoint the engine was built from")
     if args.hf_trust_remote_code and not args.hf_model_location:
         raise GlmEngineError("--hf_trust_remote_code runs a checkpoint's own code: it needs --hf_model_location")
     device = resolve_device(args.device)

@@ -41,8 +41,8 @@ def load_hf_config(model_dir: str | Path) -> dict:
         raise GlmEngineError(f"{path} not found: --model_dir must hold a ChatGLM2 checkpoint's config.json")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise GlmEngineError(f"{path} is not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise GlmEngineError(f"{path} is not valid JSON ({str(error)[:200]})") from None
     if not isinstance(config, dict):
         raise GlmEngineError(f"{path} holds a JSON {type(config).__name__}, not the object of a model config")
     return config
@@ -57,7 +57,7 @@ def checkpoint_shards(model_dir: str | Path) -> list[Path]:
         if index_path.is_file():
             try:
                 weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            except (ValueError, RecursionError, KeyError, TypeError) as error:
                 raise GlmEngineError(f"{index_path} is not a valid index ({type(error).__name__}: {error})") from None
             if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
                 raise GlmEngineError(f"{index_path}: weight_map must map tensor names to shard file names")
@@ -93,7 +93,8 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
     except Exception as error:  # noqa: BLE001 - any parse failure means an unreadable file
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise GlmEngineError(f"cannot read weights file {path}: {message}") from None
-    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+    if not isinstance(tensors, dict) or not all(isinstance(name, str) and isinstance(tensor, torch.Tensor)
+                                                for name, tensor in tensors.items()):
         raise GlmEngineError(f"weights file {path} does not hold a dict of named tensors")
     return tensors
 
@@ -133,6 +134,8 @@ def load_hf_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dty
         if name in _IGNORED:
             continue
         target = runtime_name(name)
+        if target in weights:
+            raise GlmEngineError(f"tensor {name!r} appears twice in {model_dir}; remove the extra copy")
         if target not in shapes:
             raise GlmEngineError(f"unexpected tensor {name!r} in {model_dir}: not part of a ChatGLM2 "
                                  "network with this config.json")

@@ -39,7 +39,7 @@ def run_tool(main: Callable[[], None]) -> None:
     try:
         main()
     except GlmEngineError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}".replace("\n", "\\n"), file=sys.stderr)
         sys.exit(1)
     except (MemoryError, torch.cuda.OutOfMemoryError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__

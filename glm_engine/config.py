@@ -54,6 +54,7 @@ _REQUIRED_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "kv_chan
 
 ROPE_RATIO_MODES = ("positions", "base")
 MAX_SEED = 2**64 - 1  # seeds are unsigned 64-bit, as TensorRT-LLM's
+MAX_SEQUENCE_LEN = 2**31 - 1  # context lengths and block indices are int32 in the kernels
 
 
 def is_integer(value: Any) -> bool:
@@ -118,6 +119,10 @@ class ModelConfig:
         if self.rope_ratio_mode not in ROPE_RATIO_MODES:
             raise GlmEngineError(f"model config: rope_ratio_mode must be one of {ROPE_RATIO_MODES}, "
                                  f"got {self.rope_ratio_mode!r}")
+        for name in ("eos_token_id", "pad_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise GlmEngineError(f"model config: {name} {getattr(self, name)} is outside the vocabulary "
+                                     f"[0, {self.vocab_size})")
         for name in ("rope_ratio", "rope_base", "layernorm_epsilon"):
             if getattr(self, name) <= 0:
                 raise GlmEngineError(f"model config: {name} must be positive, got {getattr(self, name)}")
@@ -276,6 +281,10 @@ class BuildConfig:
         for name in ("max_batch_size", "max_input_len", "max_output_len", "world_size"):
             if getattr(self, name) <= 0:
                 raise GlmEngineError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.max_sequence_len > MAX_SEQUENCE_LEN or self.tokens_per_block > MAX_SEQUENCE_LEN:
+            raise GlmEngineError(f"--max_input_len + --max_output_len ({self.max_sequence_len}) and "
+                                 f"--tokens_per_block must stay under 2**31: the kernels count a sequence's "
+                                 "tokens in 32-bit integers")
 
     @property
     def torch_dtype(self) -> torch.dtype:

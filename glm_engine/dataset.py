@@ -82,8 +82,8 @@ def load_articles(dataset_path: str | None) -> list[dict]:
             raise GlmEngineError(f"--dataset_path {path}: no such file or directory")
         try:
             records = _read_saved_dataset(path) if path.is_dir() else _read_records(path)
-        except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
-            raise GlmEngineError(f"--dataset_path {path} cannot be parsed ({error})") from None
+        except (ValueError, RecursionError, csv.Error) as error:  # JSON, UTF-8, int digit limit, nesting
+            raise GlmEngineError(f"--dataset_path {path} cannot be parsed ({str(error)[:200]})") from None
         except OSError as error:
             raise GlmEngineError(f"--dataset_path {path}: {error.strerror}") from None
     for index, record in enumerate(records):

@@ -204,8 +204,8 @@ def read_engine_config(engine_dir: str | Path) -> dict:
         raise _missing_engine_error(engine_dir)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise GlmEngineError(f"{path} is not valid JSON ({error}); rebuild the engine") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise GlmEngineError(f"{path} is not valid JSON ({str(error)[:200]}); rebuild the engine") from None
     if not isinstance(config, dict) or config.get("format") != ENGINE_MARKER:
         version = config.get("format_version") if isinstance(config, dict) else None
         if version == 1:

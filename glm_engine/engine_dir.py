@@ -41,7 +41,7 @@ def engine_files(directory: Path) -> set[str] | None:
     tokenizer files), or None when `directory` holds no such engine."""
     try:
         config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(config, dict):
         return None

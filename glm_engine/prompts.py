@@ -38,9 +38,9 @@ def read_token_csv(path: str | Path) -> list[list[int]]:
         cells = [cell.strip() for cell in row]
         if not any(cells):
             raise GlmEngineError(f"{path} line {line_number}: empty prompt")
-        bad = next((cell for cell in cells if not re.fullmatch(r"-?[0-9]+", cell)), None)
+        bad = next((cell for cell in cells if not re.fullmatch(r"-?[0-9]{1,100}", cell)), None)
         if bad is not None:
-            raise GlmEngineError(f"{path} line {line_number}: {bad!r} is not a token id; each line "
+            raise GlmEngineError(f"{path} line {line_number}: {bad[:40]!r} is not a token id; each line "
                                  "must be comma-separated integers")
         prompts.append([int(cell) for cell in cells])
     if not prompts:

@@ -57,7 +57,7 @@ def _detect_flavor(model_dir: Path) -> str:
         return "chatglm3"
     try:
         config = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return "chatglm2"
     if isinstance(config, dict):
         for key in ("name_or_path", "_name_or_path"):

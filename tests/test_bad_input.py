@@ -54,9 +54,22 @@ def bad_checkpoints(root: Path, good: Path) -> None:
                                ("layers_huge", "num_layers", 10**9), ("epsilon_text", "layernorm_epsilon", "x"),
                                ("eos_text", "eos_token_id", "2"), ("eos_empty", "eos_token_id", []),
                                ("rope_text", "rope_ratio", "big"), ("mqa_text", "multi_query_attention", "yes"),
-                               ("vocab_huge", "padded_vocab_size", 10**13)]:
+                               ("vocab_huge", "padded_vocab_size", 10**13), ("eos_huge", "eos_token_id", 10**6)]:
         edit_json(variant(f"config_{name}") / "config.json", lambda config: {**config, field: value})
     write(variant("config_list") / "config.json", "[1, 2]")
+    write(variant("config_long_digits") / "config.json", '{"num_layers": ' + "9" * 5000 + "}")
+    (variant("bin_int_key") / "model.safetensors").unlink()
+    torch.save({5: torch.zeros(2)}, root / "bin_int_key" / "pytorch_model.bin")
+    twice = variant("tensor_twice")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(twice / "model.safetensors")
+    save_file({"transformer.output_layer.weight": state["transformer.output_layer.weight"] + 1},
+              twice / "model-00002-of-00002.safetensors")
+    (twice / "model.safetensors").rename(twice / "model-00001-of-00002.safetensors")
+    write(twice / "model.safetensors.index.json", json.dumps({"weight_map": {
+        **{name: "model-00001-of-00002.safetensors" for name in state},
+        "transformer.output_layer.weight": "model-00002-of-00002.safetensors"}}))
     write(variant("config_empty") / "config.json", "")
     write(variant("config_not_utf8") / "config.json", b'{"model_type": "\xff\xfe"}')
     shutil.rmtree(variant("config_dir") / "config.json", ignore_errors=True)
@@ -76,8 +89,6 @@ def bad_checkpoints(root: Path, good: Path) -> None:
     write(variant("tokenizer_garbage") / "tokenizer.model", b"not a sentencepiece model")
     secret = write(root / "secret.txt", "password\n")
     (variant("tokenizer_link_outside") / "special_tokens_map.json").symlink_to(secret)
-    from safetensors.torch import load_file, save_file
-
     state = load_file(good / "model.safetensors")
     state["transformer.encoder.layers.0.self_attention.dense.weight"][1, 1] = float("inf")
     save_file(state, variant("weights_inf") / "model.safetensors")
@@ -125,6 +136,9 @@ def workspace(tmp_path_factory, tiny_engine_factory, tiny_tokenizer_dir, tiny_ch
     write(files / "empty.csv", "")
     write(files / "blank_line.csv", "5\n\n6\n")
     write(files / "huge_field.csv", "5" * 200_000 + "\n")
+    write(files / "long_digits.csv", "5," + "7" * 5000 + "\n")
+    write(files / "long_digits.jsonl", '{"article": "a", "highlights": "b", "n": ' + "7" * 5000 + "}\n")
+    write(files / "deep.json", "[" * 100_000 + "]" * 100_000)
     write(files / "articles.jsonl", json.dumps(GOOD_ARTICLE) + "\n")
     write(files / "long_articles.jsonl", (REPO_ROOT / "data" / "cnn_dailymail_sample.jsonl").read_text())
     write(files / "not_utf8.jsonl", b'{"article": "\xff", "highlights": "x"}\n')
@@ -181,6 +195,9 @@ CASES = [
     ("build.py", "--n_embd 66 --n_head 4 --output_dir {w}/new", "must be a multiple of --n_head"),
     ("build.py", "--max_batch_size 0 --output_dir {w}/new", "--max_batch_size must be positive"),
     ("build.py", "--max_input_len -1 --output_dir {w}/new", "--max_input_len must be positive"),
+    ("build.py", "--max_input_len 1000000000000 --output_dir {w}/new", "must stay under 2**31"),
+    ("build.py", "--paged_kv_cache --tokens_per_block 1099511627776 --output_dir {w}/new", "must stay under 2**31"),
+    ("build.py", "--vocab_size 2 --output_dir {w}/new", "eos_token_id 2 is outside the vocabulary [0, 2)"),
     ("build.py", "--world_size 2 --output_dir {w}/new", "--world_size 2 is not supported yet"),
     ("build.py", "--parallel_build --output_dir {w}/new", "--parallel_build is not supported yet"),
     ("build.py", "--weight_only_precision int4 --output_dir {w}/new", "applies to --use_weight_only"),
@@ -226,6 +243,12 @@ CASES = [
     ("build.py", "--model_dir {w}/bad_checkpoint/config_mqa_text --output_dir {w}/new",
      "multi_query_attention must be true or false"),
     ("build.py", "--model_dir {w}/bad_checkpoint/config_list --output_dir {w}/new", "holds a JSON list"),
+    ("build.py", "--model_dir {w}/bad_checkpoint/config_long_digits --output_dir {w}/new", "is not valid JSON"),
+    ("build.py", "--model_dir {w}/bad_checkpoint/config_eos_huge --output_dir {w}/new",
+     "eos_token_id 1000000 is outside the vocabulary"),
+    ("build.py", "--model_dir {w}/bad_checkpoint/bin_int_key --output_dir {w}/new", "a dict of named tensors"),
+    ("build.py", "--model_dir {w}/bad_checkpoint/tensor_twice --output_dir {w}/new", "appears twice"),
+    ("build.py", "--model_dir '{w}/new\nline' --output_dir {w}/new", "is not a directory"),
     ("build.py", "--model_dir {w}/bad_checkpoint/config_empty --output_dir {w}/new", "is not valid JSON"),
     ("build.py", "--model_dir {w}/bad_checkpoint/config_not_utf8 --output_dir {w}/new", "is not valid JSON"),
     ("build.py", "--model_dir {w}/bad_checkpoint/config_dir --output_dir {w}/new", "config.json not found"),
@@ -286,6 +309,12 @@ CASES = [
     ("run.py", "--engine_dir {w}/engine --output_csv {w}/nowhere/out.csv", "does not exist; create it first"),
     ("run.py", "--engine_dir {w}/engine --output_csv {w}/files/not_a_dir/out.csv", "Not a directory"),
     ("run.py", "--engine_dir {w}/engine --input_text", "expected at least one argument"),
+    ("run.py", "--engine_dir {w}/engine --input_text hi --input_tokens {w}/files/prompts.csv", "not both"),
+    ("run.py", "--engine_dir {w}/engine --output_csv ''", "is a directory"),
+    ("run.py", "--engine_dir {w}/engine --input_tokens {w}/files/long_digits.csv", "is not a token id"),
+    ("run.py", "--engine_dir '{w}/new\nline'", "is not an engine directory"),
+    ("run.py", "--engine_dir {w}/paged_engine --input_tokens {w}/files/prompts.csv --max_output_len 8 "
+               "--max_tokens_in_paged_kv_cache 16", "under one block of 64 tokens"),
     ("run.py", "--engine_dir {w}/engine --input_text ''", "--input_text holds an empty prompt"),
     ("run.py", "--engine_dir {w}/engine --input_text \udcff\udcfe", "not UTF-8"),
     ("run.py", "--engine_dir {w}/engine --tokenizer_dir {w}/files", "no tokenizer.model"),
@@ -314,6 +343,10 @@ CASES = [
     ("summarize.py", "--engine_dir {w}/engine --dataset_path {w}/files/none.jsonl", "no such file or directory"),
     ("summarize.py", "--engine_dir {w}/engine --dataset_path {w}/files/not_utf8.jsonl", "cannot be parsed"),
     ("summarize.py", "--engine_dir {w}/engine --dataset_path {w}/files/not_json.jsonl", "cannot be parsed"),
+    ("summarize.py", "--engine_dir {w}/engine --dataset_path {w}/files/long_digits.jsonl", "cannot be parsed"),
+    ("summarize.py", "--engine_dir {w}/engine --dataset_path {w}/files/deep.json", "cannot be parsed"),
+    ("summarize.py", "--engine_dir {w}/engine --test_hf --hf_model_location {w}/nowhere --dataset_path "
+                     "{w}/files/articles.jsonl", "--hf_model_location"),
     ("summarize.py", "--engine_dir {w}/engine --dataset_path {w}/files/number_rows.jsonl",
      "record 0 lacks 'article' and 'highlights'"),
     ("summarize.py", "--engine_dir {w}/engine --dataset_path {w}/files/number_article.jsonl", "must be text"),
@@ -340,11 +373,13 @@ CASES = [
     ("benchmark.py", "--engine_dir {w}/engine --mode throughput --num_requests 0", "--num_requests must be at"),
     ("benchmark.py", "--engine_dir {w}/engine --hf_batch_size 0", "--hf_batch_size must be at least 1"),
     ("benchmark.py", "--engine_dir {w}/engine --max_in_flight 0", "--max_in_flight must be at least 1"),
-    ("benchmark.py", "--engine_dir {w}/engine --mode rate --request_rate nan", "positive, finite --request_rate"),
-    ("benchmark.py", "--engine_dir {w}/engine --mode rate --request_rate inf", "positive, finite --request_rate"),
-    ("benchmark.py", "--engine_dir {w}/engine --mode rate --request_rate 0", "positive, finite --request_rate"),
-    ("benchmark.py", "--engine_dir {w}/engine --mode rate", "positive, finite --request_rate, got None"),
+    ("benchmark.py", "--engine_dir {w}/engine --mode rate --request_rate nan", "needs a finite --request_rate of at least"),
+    ("benchmark.py", "--engine_dir {w}/engine --mode rate --request_rate inf", "needs a finite --request_rate of at least"),
+    ("benchmark.py", "--engine_dir {w}/engine --mode rate --request_rate 0", "needs a finite --request_rate of at least"),
+    ("benchmark.py", "--engine_dir {w}/engine --mode rate", "of at least 1e-06 requests/s, got None"),
+    ("benchmark.py", "--engine_dir {w}/engine --mode rate --request_rate 1e-300", "got 1e-300"),
     ("benchmark.py", "--engine_dir {w}/engine --request_rate 5", "add --mode rate or drop it"),
+    ("benchmark.py", "--engine_dir {w}/engine --input_len 8 --output_len 4 --output_json ''", "is a directory"),
     ("benchmark.py", "--engine_dir {w}/engine --mode throughput --input_len_range 5 1", "need 1 <= MIN <= MAX"),
     ("benchmark.py", "--engine_dir {w}/engine --mode throughput --output_len 4 --input_len_range 1 64",
      "--input_len_range MAX 64 exceeds the engine's max_input_len 32"),

@@ -286,3 +286,18 @@ def test_benchmark_accuracy_reference_engine_dir_sets_the_reference_weights(tiny
                       "--output_len", "2", "--repeats", "1", "--accuracy", "--reference_engine_dir", other_shape,
                       "--device", "cpu")
     assert_one_line_error(result, "holds another model shape")
+
+
+def test_run_takes_cpu_with_an_index_and_prompts_from_a_pipe(dummy_engine, tmp_path):
+    """`--device cpu:0` is the CPU; `--input_tokens` may be a FIFO (e.g. <(...) in a shell)."""
+    import threading
+
+    fifo = tmp_path / "prompts"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("1001,1003,30\n"))
+    writer.start()
+    result = run_tool("run.py", "--engine_dir", dummy_engine, "--device", "cpu:0", "--input_tokens", fifo,
+                      "--max_output_len", "3")
+    writer.join(timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Output --->" in result.stdout

@@ -82,9 +82,11 @@ class Scheduler:
         self.session.check_prompt(index, prompt, sampling.max_new_tokens)
         manager = self.session.block_manager
         if manager.blocks_for(len(prompt) + sampling.max_new_tokens) > manager.num_blocks:
+            flags = "--max_tokens_in_paged_kv_cache" if self.session.device.type != "cuda" else \
+                "--kv_cache_free_gpu_mem_fraction or --max_tokens_in_paged_kv_cache"  # the CPU takes only the first
             raise GlmEngineError(f"prompt {index} needs {len(prompt) + sampling.max_new_tokens} tokens of KV "
                                  f"cache, more than the pool's {manager.num_blocks * manager.block_size}; raise "
-                                 "--kv_cache_free_gpu_mem_fraction or --max_tokens_in_paged_kv_cache")
+                                 f"{flags}")
         generator = torch.Generator(device=self.session.device)
         if sampling.random_seed is None:
             generator.seed()

@@ -37,6 +37,8 @@ def resolve_device(name: str | None) -> torch.device:
         raise GlmEngineError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise GlmEngineError(f"--device {name!r}: engines run on cpu or cuda (cuda:N)")
+    if device.type == "cpu":
+        return torch.device("cpu")  # one CPU device, whatever index was given
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GlmEngineError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

@@ -152,7 +152,8 @@ def clean_stale_staging(output_dir: Path) -> None:
         try:
             if _try_lock(fd):
                 shutil.rmtree(path, ignore_errors=True)
-                logger.info("removed %s, left by an interrupted build", path)
+                if not path.exists():
+                    logger.info("removed %s, left by an interrupted build", path)
         finally:
             os.close(fd)
 

@@ -107,6 +107,11 @@ def test_an_empty_output_dir_is_used_and_a_file_is_refused(tmp_path):
     assert tree(tmp_path) == before
 
 
+def write_prompts(directory: Path) -> Path:
+    (directory / "prompts.csv").write_text("5,6\n")
+    return directory / "prompts.csv"
+
+
 def wait_for(condition, seconds: float = 120.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -142,8 +147,14 @@ def test_a_build_killed_mid_write_keeps_the_old_engine_and_the_next_build_cleans
     assert process.returncode == -kill_signal or (kill_signal == signal.SIGTERM and process.returncode == 143), \
         process.stderr.read()
     assert tree(engine_dir) == old
-    # SIGTERM cleans up at once; SIGKILL leaves the staging directory to the next build.
+    # SIGTERM cleans up at once; SIGKILL leaves the staging directory to the next load or build.
     assert bool(hidden_leftovers(tmp_path)) == (kill_signal == signal.SIGKILL)
+    result = run_tool("run.py", "--engine_dir", engine_dir, "--input_tokens", write_prompts(tmp_path),
+                      "--max_output_len", "2")
+    assert result.returncode == 0, result.stderr
+    assert hidden_leftovers(tmp_path) == []
+    (tmp_path / ".engine.building-stale").mkdir()  # as a killed build leaves it: unlocked
+    (tmp_path / ".engine.building-stale" / "rank0.safetensors").write_bytes(b"partial")
     result = run_tool("build.py", *SMALL, "--output_dir", engine_dir, "--random_seed", "5")
     assert result.returncode == 0, result.stderr
     assert tree(engine_dir) != old

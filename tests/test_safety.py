@@ -29,13 +29,14 @@ SMALL = [*TINY_SHAPE_FLAGS, "--max_input_len", "8", "--max_output_len", "4"]
 
 
 def tree(root: Path) -> dict[str, tuple]:
-    """Every path under `root` with its type, mode and content hash (links not followed)."""
+    """Every path under `root` with its type, mode, inode, size and modification time
+    (links not followed): a write, a replacement or a removal changes the tree."""
     entries = {}
     for path in sorted(root.rglob("*")):
         info = path.lstat()
-        content = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(info.st_mode) else \
-            os.readlink(path) if path.is_symlink() else None
-        entries[str(path.relative_to(root))] = (stat.S_IFMT(info.st_mode), stat.S_IMODE(info.st_mode), content)
+        entries[str(path.relative_to(root))] = (stat.S_IFMT(info.st_mode), stat.S_IMODE(info.st_mode), info.st_ino,
+                                                info.st_size, info.st_mtime_ns,
+                                                os.readlink(path) if path.is_symlink() else None)
     return entries
 
 

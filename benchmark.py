@@ -36,11 +36,12 @@ from glm_engine import GlmEngineError
 from glm_engine.cli import add_kv_cache_arguments, kv_cache_options, run_tool
 from glm_engine.engine import engine_configs, load_engine, read_engine_config
 from glm_engine.output_file import check_output_file, output_stream
-from glm_engine.hf_reference import build_glm_model
+from glm_engine.compare import relative_error
+from glm_engine.hf_reference import build_glm_model, left_padded
+from glm_engine.prompts import random_prompts
 from glm_engine.runtime.sampling import SamplingConfig
-from glm_engine.runtime.scheduler import Scheduler
 from glm_engine.runtime.session import Session, resolve_device
-from glm_engine.quantization import dequantize_weights
+from model import load_session
 
 NEVER_ENDS = -1  # end_id no token equals: every run generates exactly output_len tokens
 MIN_REQUEST_RATE = 1e-6  # requests/s; slower arrivals would be spread over decades
@@ -81,11 +82,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def random_prompts(batch_size: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, min(vocab_size, 60000), (batch_size, length), generator=generator).tolist()
 
 
 def timed_runs(run: Callable[[Callable[[], None]], None], batch_size: int, output_len: int, repeats: int) -> dict:
@@ -156,8 +152,7 @@ def measure_hf(model, prompts: list[list[int]], output_len: int, repeats: int) -
 def logits_error(session: Session, hf_fp32, prompt: list[int]) -> float:
     """||engine - reference|| / ||reference|| over the logits at every position."""
     ours = session.prompt_logits(prompt)
-    reference = hf_fp32(torch.tensor([prompt], device=ours.device)).logits[0].float()
-    return ((ours - reference).norm() / reference.norm()).item()
+    return relative_error(ours, hf_fp32(torch.tensor([prompt], device=ours.device)).logits[0])
 
 
 def environment(device: torch.device) -> dict:
@@ -192,7 +187,7 @@ def measured_rows(side: str, measure: Callable[[list[list[int]]], dict], vocab_s
     rows = []
     for batch_size in args.batch_size:
         reset_peak(device)
-        row = measure(random_prompts(batch_size, args.input_len, vocab_size))
+        row = measure(random_prompts([args.input_len] * batch_size, min(vocab_size, 60000), seed=0))
         rows.append({"side": side, **row, "peak_gib": peak_gib(device)})
     return rows
 
@@ -208,11 +203,9 @@ def hf_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -> float:
     engine = load_engine(args.reference_engine_dir or args.engine_dir, "cpu")  # shape checked up front
-    weights = {name: tensor.float() for name, tensor in dequantize_weights(engine.weights, torch.float32).items()}
+    hf_fp32 = build_glm_model(session.model_config, engine.weights, device, torch.float32, attn_implementation="eager")
     del engine
-    hf_fp32 = build_glm_model(session.model_config, weights, device, attn_implementation="eager")
-    del weights
-    prompt = random_prompts(1, min(args.input_len, 256), session.model_config.vocab_size, seed=1)[0]
+    prompt = random_prompts([min(args.input_len, 256)], min(session.model_config.vocab_size, 60000), seed=1)[0]
     return logits_error(session, hf_fp32, prompt)
 
 
@@ -240,9 +233,8 @@ def plot_throughput(rows: list[dict], environment: dict, path: str) -> None:
 def serving_requests(args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
     """--num_requests random prompts, lengths uniform over --input_len_range (seeded)."""
     low, high = args.input_len_range
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(low, high + 1, (args.num_requests,), generator=generator).tolist()
-    return [torch.randint(3, min(vocab_size, 60000), (n,), generator=generator).tolist() for n in lengths]
+    lengths = torch.randint(low, high + 1, (args.num_requests,), generator=torch.Generator().manual_seed(0)).tolist()
+    return random_prompts(lengths, min(vocab_size, 60000), seed=1)
 
 
 def percentiles(values: list[float]) -> dict:
@@ -255,7 +247,7 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
     """Feeds the requests to the scheduler (all at once, or at Poisson arrival times)
     and records when each one's tokens reach the host."""
     sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS)
-    scheduler = Scheduler(session, args.max_in_flight, args.max_tokens_per_step)
+    scheduler = session.new_scheduler(args.max_in_flight, args.max_tokens_per_step)
     # Where the time goes: steps that carry prompt tokens, and decode-only steps.
     split = {"prefill_steps": {"count": 0, "seconds": 0.0, "tokens": 0},
              "decode_steps": {"count": 0, "seconds": 0.0, "tokens": 0}}
@@ -270,12 +262,12 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
     while submitted < len(prompts) or scheduler.has_work:
         now = time.perf_counter() - start
         while submitted < len(prompts) and arrivals[submitted] <= now:
-            scheduler.add(submitted, prompts[submitted], sampling)
+            session.submit(scheduler, submitted, prompts[submitted], sampling)
             submitted += 1
         if not scheduler.has_work:
             time.sleep(max(0.0, arrivals[submitted] - now))
             continue
-        step = scheduler.step()
+        step = session.step(scheduler)
         steps += 1
         before, now = now, time.perf_counter() - start
         kind = split["decode_steps" if step.forwarded_tokens == step.sequences else "prefill_steps"]
@@ -305,8 +297,7 @@ def hf_static_throughput(args: argparse.Namespace, prompts: list[list[int]], dev
     """GlmForCausalLM.generate on static batches of --hf_batch_size (left-padded),
     exactly --output_len new tokens each, over the first --hf_num_requests prompts."""
     engine = load_engine(args.engine_dir, "cpu")
-    model = build_glm_model(engine.model_config, dequantize_weights(engine.weights, engine.build_config.torch_dtype),
-                            device, attn_implementation="eager")
+    model = build_glm_model(engine.model_config, engine.weights, device, attn_implementation="eager")
     del engine
     chosen = prompts[:args.hf_num_requests]
     synchronize()
@@ -314,9 +305,7 @@ def hf_static_throughput(args: argparse.Namespace, prompts: list[list[int]], dev
     with torch.inference_mode():
         for first in range(0, len(chosen), args.hf_batch_size):
             batch = chosen[first:first + args.hf_batch_size]
-            width = max(map(len, batch))
-            input_ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            input_ids, mask = left_padded(batch, 0, device)
             model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=args.output_len,
                            min_new_tokens=args.output_len, pad_token_id=0, top_k=None, top_p=None,
                            temperature=None)
@@ -328,7 +317,7 @@ def hf_static_throughput(args: argparse.Namespace, prompts: list[list[int]], dev
 
 def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -> None:
     """--mode throughput / rate."""
-    session = Session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))
+    session = load_session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))
     prompts = serving_requests(args, session.model_config.vocab_size)
     for index, prompt in enumerate(prompts):  # refuse before any work
         session.check_prompt(index, prompt, args.output_len)
@@ -417,7 +406,7 @@ def main() -> None:
         return
     synchronize()
     start = time.perf_counter()
-    session = Session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))
+    session = load_session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))
     synchronize()
     result["startup_s"] = time.perf_counter() - start
     result["startup_stages_s"] = session.startup_seconds

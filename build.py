@@ -88,22 +88,25 @@ def context_fmha(args: argparse.Namespace) -> str | None:
 
 
 def serving_flags(args: argparse.Namespace) -> dict:
-    """As in TensorRT-LLM, --use_inflight_batching turns on the attention plugin (in
-    --dtype), the paged KV cache and packed inputs; here also fp32-accumulating context
-    FMHA, since its steps mix prompts and generated tokens, which the unfused attention
-    would pad into one [sequences, longest prompt, longest context] score tensor."""
-    flags = {"paged_kv_cache": bool(args.paged_kv_cache), "remove_input_padding": bool(args.remove_input_padding),
-             "use_inflight_batching": bool(args.use_inflight_batching)}
+    """BuildConfig's serving and attention fields from the flags. As in TensorRT-LLM,
+    --use_inflight_batching turns on the attention plugin (in --dtype), the paged KV
+    cache and packed inputs; here also fp32-accumulating context FMHA, since its steps
+    mix prompts and generated tokens, which the unfused attention would pad into one
+    [sequences, longest prompt, longest context] score tensor. The flags themselves are
+    recorded as given."""
+    inflight = bool(args.use_inflight_batching)
+    flags = {"paged_kv_cache": bool(args.paged_kv_cache) or inflight,
+             "remove_input_padding": bool(args.remove_input_padding) or inflight,
+             "use_inflight_batching": inflight, "use_gpt_attention_plugin": args.use_gpt_attention_plugin,
+             "context_fmha": context_fmha(args)}
     if args.tokens_per_block is not None:
         flags["tokens_per_block"] = args.tokens_per_block
-    if args.use_inflight_batching:
-        flags.update(paged_kv_cache=True, remove_input_padding=True)
-        if args.use_gpt_attention_plugin is None:
-            args.use_gpt_attention_plugin = args.dtype
-            logger.info("--use_inflight_batching: turning on --use_gpt_attention_plugin %s", args.dtype)
-        if not (args.enable_context_fmha or args.enable_context_fmha_fp32_acc):
-            args.enable_context_fmha_fp32_acc = True
-            logger.info("--use_inflight_batching: turning on --enable_context_fmha_fp32_acc")
+    if inflight and flags["use_gpt_attention_plugin"] is None:
+        flags["use_gpt_attention_plugin"] = args.dtype
+        logger.info("--use_inflight_batching: turning on --use_gpt_attention_plugin %s", args.dtype)
+    if inflight and flags["context_fmha"] is None:
+        flags["context_fmha"] = "enabled_with_fp32_acc"
+        logger.info("--use_inflight_batching: turning on --enable_context_fmha_fp32_acc")
     return flags
 
 
@@ -142,13 +145,12 @@ def source_dirs(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def build_config_of(args: argparse.Namespace) -> BuildConfig:
-    serving = serving_flags(args)  # may turn on the attention plugin and context FMHA
     return BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                        max_output_len=args.max_output_len, random_seed=args.random_seed,
-                       world_size=args.world_size, use_gpt_attention_plugin=args.use_gpt_attention_plugin,
-                       use_layernorm_plugin=args.use_layernorm_plugin, use_gemm_plugin=args.use_gemm_plugin,
+                       world_size=args.world_size, use_layernorm_plugin=args.use_layernorm_plugin,
+                       use_gemm_plugin=args.use_gemm_plugin,
                        weight_only_precision=(args.weight_only_precision or "int8") if args.use_weight_only
-                       else None, context_fmha=context_fmha(args), **serving)
+                       else None, **serving_flags(args))
 
 
 def model_config_of(args: argparse.Namespace) -> ModelConfig:

@@ -16,6 +16,7 @@ from glm_engine.prompts import clean_response, read_token_csv, write_token_csv
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import Session, resolve_device
 from glm_engine.tokenizer import ChatGLMTokenizer
+from model import load_session
 
 DEFAULT_INPUT_TEXT = "续写：北京市教育资源丰富"
 
@@ -89,7 +90,7 @@ def main() -> None:
         if not all(text.strip() for text in texts):
             raise GlmEngineError("--input_text holds an empty prompt")
         prompts = [tokenizer.encode(text) for text in texts]
-    session = Session(args.engine_dir, device, **kv_cache_options(args))
+    session = load_session(args.engine_dir, device, **kv_cache_options(args))
     if not session.build_config.use_inflight_batching:  # a static batch: all prompts at once
         session.check_request(prompts, sampling.max_new_tokens)
     if args.streaming:

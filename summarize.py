@@ -17,14 +17,16 @@ from tqdm import tqdm
 
 from glm_engine import GlmEngineError
 from glm_engine.cli import LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, run_tool, setup_logging
+from glm_engine.compare import first_divergence
 from glm_engine.dataset import load_articles
 from glm_engine.config import ModelConfig
 from glm_engine.engine import load_engine, read_engine_config
-from glm_engine.hf_reference import build_glm_model, hf_generate, load_hf_reference
+from glm_engine.hf_reference import build_glm_model, hf_generate
 from glm_engine.runtime.sampling import SamplingConfig
-from glm_engine.runtime.session import Session, resolve_device
+from glm_engine.runtime.session import resolve_device
 from glm_engine.tokenizer import ChatGLMTokenizer
-from glm_engine.quantization import dequantize_weights
+from model import load_session
+from weight import load_hf_model
 
 logger = logging.getLogger("summarize")
 
@@ -92,10 +94,7 @@ def rouge_scores(summaries: list[str], references: list[str]) -> dict[str, float
 def agreement(first: list[list[int]], second: list[list[int]]) -> tuple[float, float | None]:
     """Exact-match rate of two sides' outputs, and the mean index of the first
     differing token over the outputs that differ (None when all match)."""
-    divergences = []
-    for a, b in zip(first, second):
-        if a != b:
-            divergences.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+    divergences = [first_divergence(a, b) for a, b in zip(first, second) if a != b]
     exact = 1.0 - len(divergences) / len(first)
     return exact, (sum(divergences) / len(divergences) if divergences else None)
 
@@ -125,11 +124,10 @@ def hf_model(args: argparse.Namespace, device: torch.device):
     dtype = HF_DTYPES[args.data_type]
     if args.hf_model_location:
         model_config = ModelConfig.from_dict(read_engine_config(args.engine_dir)["model"])
-        return load_hf_reference(args.hf_model_location, dtype, device, model_config, args.hf_trust_remote_code)
+        return load_hf_model(args.hf_model_location, dtype, device, model_config, args.hf_trust_remote_code)
     engine = load_engine(args.engine_dir, "cpu")
     logger.info("no --hf_model_location: the Hugging Face side is GlmForCausalLM with the engine's weights")
-    weights = {name: tensor.to(dtype) for name, tensor in dequantize_weights(engine.weights, dtype).items()}
-    return build_glm_model(engine.model_config, weights, device)
+    return build_glm_model(engine.model_config, engine.weights, device, dtype)
 
 
 def print_side(side: SideResult, references: list[str]) -> dict[str, float]:
@@ -165,7 +163,7 @@ def main() -> None:
     references = [r["highlights"] for r in records]
     sides = []
     if args.test_engine:
-        session = Session(args.engine_dir, device, **kv_cache_options(args))
+        session = load_session(args.engine_dir, device, **kv_cache_options(args))
         inflight = session.build_config.use_inflight_batching
         for batch in batches:  # every batch checked before the first is generated
             for index, prompt in enumerate(batch) if inflight else []:

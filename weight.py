@@ -1,7 +1,8 @@
 """Fills the ChatGLM2 network from a Hugging Face checkpoint directory, or with
-seeded dummy weights. Reads `.bin` shards with `torch.load(weights_only=True)`
-and safetensors shards, one shard in memory at a time; never runs code that
-came with the checkpoint."""
+seeded dummy weights, and loads a checkpoint as the Hugging Face reference model.
+Reads `.bin` shards with `torch.load(weights_only=True)` and safetensors shards, one
+shard in memory at a time; never runs code that came with the checkpoint (unless
+the reference is asked for with trust_remote_code)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
+from glm_engine.hf_reference import build_glm_model
 from glm_engine.layout import weight_shapes
 from glm_engine.source_files import file_inside
 
@@ -180,3 +182,21 @@ def dummy_weights(config: ModelConfig, dtype: torch.dtype, seed: int | None,
         futures = {name: pool.submit(make, index, name) for index, name in enumerate(shapes)}
         return {name: future.result() for name, future in tqdm(futures.items(), desc="Generating dummy weights",
                                                               disable=not progress)}
+
+
+def load_hf_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
+                  config: ModelConfig | None = None, trust_remote_code: bool = False):
+    """The Hugging Face model of a checkpoint: GlmForCausalLM filled with its tensors by
+    default; the checkpoint's own modeling code only with `trust_remote_code`. `config`
+    (default: read from the checkpoint) fixes how rope_ratio applies."""
+    if trust_remote_code:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype)
+        except Exception as error:  # noqa: BLE001 - remote code fails in many ways on new transformers
+            raise GlmEngineError(f"the checkpoint's own modeling code failed to load ({error}); "
+                                 "drop --hf_trust_remote_code to use GlmForCausalLM") from None
+        return model.to(device).eval()
+    config = config or ModelConfig.from_hf_config(load_hf_config(model_dir))
+    return build_glm_model(config, load_hf_weights(model_dir, config, dtype), device)

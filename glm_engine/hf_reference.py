@@ -1,15 +1,12 @@
 """The Hugging Face reference: transformers' own `GlmForCausalLM`, which computes
-the ChatGLM2 network (DESIGN.md §3), filled from a ChatGLM2 checkpoint by
-renaming and splitting tensors. No code from the checkpoint runs, unless the
-user asks for its own modeling code with `trust_remote_code`."""
+the ChatGLM2 network, filled with runtime-layout weights (an engine's, or a
+checkpoint's through weight.py) by renaming and splitting tensors, and its
+batched greedy generation."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
 from glm_engine.quantization import dequantize_weights
 
@@ -56,14 +53,14 @@ def glm_state_dict(config: ModelConfig, weights: dict[str, torch.Tensor]) -> dic
 
 
 def build_glm_model(config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device | str,
-                    attn_implementation: str = "sdpa"):
-    """GlmForCausalLM on `device` with exactly these weights, in their dtype
-    (weight-only quantized linears dequantized to it)."""
+                    dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"):
+    """GlmForCausalLM on `device` with exactly these weights, in `dtype` (default: the
+    embedding's); weight-only quantized linears are dequantized to it here, once."""
     from transformers import GlmForCausalLM
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
-    dtype = weights["word_embeddings.weight"].dtype
-    weights = dequantize_weights(weights, dtype)
+    dtype = dtype or weights["word_embeddings.weight"].dtype
+    weights = {name: tensor.to(dtype) for name, tensor in dequantize_weights(weights, dtype).items()}
     hf_config = glm_config(config)
     hf_config._attn_implementation = attn_implementation
     with torch.device("meta"):
@@ -74,38 +71,24 @@ def build_glm_model(config: ModelConfig, weights: dict[str, torch.Tensor], devic
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_hf_reference(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
-                      config: ModelConfig | None = None, trust_remote_code: bool = False):
-    """The Hugging Face model of a checkpoint: GlmForCausalLM by default, the
-    checkpoint's own modeling code only with `trust_remote_code`. `config`
-    (default: read from the checkpoint) fixes how rope_ratio applies."""
-    from weight import load_hf_config, load_hf_weights
-
-    if trust_remote_code:
-        from transformers import AutoModelForCausalLM
-
-        try:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype)
-        except Exception as error:  # noqa: BLE001 - remote code fails in many ways on new transformers
-            raise GlmEngineError(f"the checkpoint's own modeling code failed to load ({error}); "
-                                 "drop --hf_trust_remote_code to use GlmForCausalLM") from None
-        return model.to(device).eval()
-    config = config or ModelConfig.from_hf_config(load_hf_config(model_dir))
-    return build_glm_model(config, load_hf_weights(model_dir, config, dtype), device)
+def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, longest] of prompts padded on the left, as
+    Hugging Face's generate() takes a batch."""
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return input_ids, attention_mask
 
 
 @torch.inference_mode()
 def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, pad_id: int) -> list[list[int]]:
     """Greedy outputs of the Hugging Face model for a batch (left-padded, with its
     attention mask), each cut before the first end token."""
-    device = next(model.parameters()).device
-    width = max(map(len, prompts))
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    input_ids, attention_mask = left_padded(prompts, pad_id, next(model.parameters()).device)
     generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                max_new_tokens=max_new_tokens, eos_token_id=end_id, pad_token_id=pad_id,
                                num_beams=1, top_k=None, top_p=None, temperature=None)
     outputs = []
-    for row in generated[:, width:].tolist():
+    for row in generated[:, input_ids.shape[1]:].tolist():
         outputs.append(row[:row.index(end_id)] if end_id in row else row)
     return outputs

@@ -1,5 +1,6 @@
 """Prompt files and printed responses: the `--input_tokens` CSV format, the
-`--output_csv` writer, and the original example's Chinese punctuation clean-up."""
+`--output_csv` writer, the original example's Chinese punctuation clean-up, and
+seeded random prompts for measurements."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import csv
 import io
 import re
 from pathlib import Path
+
+import torch
 
 from glm_engine import GlmEngineError
 from glm_engine.output_file import output_stream
@@ -62,3 +65,9 @@ def clean_response(text: str) -> str:
         text = re.sub(r"([\u4e00-\u9fff])%s" % ascii_mark, r"\1%s" % full_width, text)
         text = re.sub(r"%s([\u4e00-\u9fff])" % ascii_mark, r"%s\1" % full_width, text)
     return text
+
+
+def random_prompts(lengths: list[int], high: int, seed: int) -> list[list[int]]:
+    """Seeded prompts of the given lengths, ids uniform in [3, high) (0-2: pad, bos, eos)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, high, (length,), generator=generator).tolist() for length in lengths]

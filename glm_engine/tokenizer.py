@@ -3,7 +3,8 @@
 The checkpoint's own ``tokenization_chatglm.py`` is never imported or run:
 the layout it implements is small enough to restate here.  Token ids are the
 SentencePiece pieces first, then a handful of special tokens appended after
-the SentencePiece vocabulary (see DESIGN.md section 3).
+the SentencePiece vocabulary: [MASK] [gMASK] [sMASK] sop eop, then ChatGLM3's
+role tokens.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Write tiny ChatGLM2-format Hugging Face checkpoints for tests.
 
 The layout (config fields, parameter names and shapes, shard and index file
-names) follows DESIGN.md section 3, so code that loads these tiny checkpoints
+names) follows THUDM/chatglm2-6b's, so code that loads these tiny checkpoints
 loads the real THUDM/chatglm2-6b the same way.
 """
 

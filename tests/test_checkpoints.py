@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from checkpoints import CHECKPOINT_FORMATS, chatglm2_state_dict, tiny_config, write_checkpoint
 from glm_engine.tokenizer import ChatGLMTokenizer
 
-# Every config field DESIGN.md section 3 lists for THUDM/chatglm2-6b.
+# Every config field of THUDM/chatglm2-6b's config.json.
 DESIGN_FIELDS = {
     "model_type", "num_layers", "hidden_size", "num_attention_heads", "kv_channels",
     "multi_query_attention", "multi_query_group_num", "ffn_hidden_size", "padded_vocab_size",

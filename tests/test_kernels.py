@@ -13,8 +13,10 @@ import glm_engine.kernels.decode_attention as decode_attention_module
 import glm_engine.kernels.norm as norm_module
 import glm_engine.kernels.rotary_kv as rotary_kv_module
 import glm_engine.kernels.swiglu as swiglu_module
+from glm_engine.compare import relative_error
 from glm_engine.kernels import reference
-from glm_engine.runtime.kv_cache import make_attention_batch
+from glm_engine.quantization import quantize_per_channel
+from glm_engine.attention import ReferenceFields, StepLayout
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -29,10 +31,6 @@ def poisoned_allocations():
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield
     torch.use_deterministic_algorithms(False)
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def shuffled_block_tables(lengths: list[int], block_size: int, rng: random.Random) -> tuple[list[list[int]], int]:
@@ -60,7 +58,8 @@ def test_decode_attention_matches_reference(dtype, heads, groups, head_dim, bloc
     key_cache = torch.randn(num_blocks * block_size, groups, head_dim, dtype=dtype, device=DEVICE)
     value_cache = torch.randn_like(key_cache)
     query = torch.randn(len(lengths), heads, head_dim, dtype=dtype, device=DEVICE)
-    batch = make_attention_batch(tables, [n - 1 for n in lengths], [1] * len(lengths), block_size, DEVICE, dtype)
+    batch = ReferenceFields.of(StepLayout.of(tables, [n - 1 for n in lengths], [1] * len(lengths), block_size), DEVICE,
+                               dtype)
     expected = reference.paged_attention(query.float(), key_cache.float(), value_cache.float(),
                                          batch.query_index, batch.output_rows, batch.key_slots,
                                          batch.attention_bias.float(), head_dim ** -0.5)
@@ -133,14 +132,14 @@ import glm_engine.kernels.gemv as gemv_module  # noqa: E402
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantization_round_trip(bits):
     weight = torch.randn(37, 64)
-    quantized, scales = reference.quantize_per_channel(weight, bits)
+    quantized, scales = quantize_per_channel(weight, bits)
     assert quantized.shape == (37, 64 if bits == 8 else 32)
     restored = reference.dequantize(quantized, scales, bits, torch.float32)
     limit = 127 if bits == 8 else 7
     # Every value within half a step of its channel's grid, extremes exact.
     assert ((restored - weight).abs() <= scales[:, None] / 2 + 1e-6).all()
     assert torch.allclose(restored.abs().amax(1), weight.abs().amax(1), rtol=1e-5)
-    assert torch.equal(reference.quantize_per_channel(restored, bits)[0], quantized)
+    assert torch.equal(quantize_per_channel(restored, bits)[0], quantized)
     assert (restored / scales[:, None]).round().abs().max() == limit
 
 
@@ -157,7 +156,7 @@ def test_gemv_matches_reference(dtype, bits, rows, n, k, with_bias, use_dot, spl
     weight = torch.randn(n, k, device=DEVICE) / k ** 0.5
     bias = torch.randn(n, dtype=dtype, device=DEVICE) if with_bias else None
     if bits:
-        quantized, scales = reference.quantize_per_channel(weight, bits)
+        quantized, scales = quantize_per_channel(weight, bits)
         dense = reference.dequantize(quantized, scales, bits, torch.float64)
     else:
         quantized, scales, dense = weight.to(dtype), None, weight.to(dtype).double()
@@ -176,7 +175,7 @@ import glm_engine.kernels.dequantize as dequantize_module  # noqa: E402
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("n, k", [(3, 64), (17, 2050), (5, 4096)])
 def test_dequantize_matches_reference(dtype, bits, n, k):
-    quantized, scales = reference.quantize_per_channel(torch.randn(n, k, device=DEVICE), bits)
+    quantized, scales = quantize_per_channel(torch.randn(n, k, device=DEVICE), bits)
     out = dequantize_module.dequantize(quantized, scales, bits, dtype)
     expected = reference.dequantize(quantized, scales, bits, dtype)
     if dtype == torch.bfloat16:  # Triton's interpreter truncates to bfloat16 where torch rounds: one ulp
@@ -205,7 +204,8 @@ def test_context_attention_matches_reference(dtype, fp16_accumulation, heads, gr
     key_cache = torch.randn(num_blocks * block_size, groups, head_dim, dtype=dtype, device=DEVICE)
     value_cache = torch.randn_like(key_cache)
     query = torch.randn(sum(new), heads, head_dim, dtype=dtype, device=DEVICE)
-    batch = make_attention_batch(tables, cached, new, block_size, DEVICE, torch.float32)
+    layout = StepLayout.of(tables, cached, new, block_size)
+    batch = ReferenceFields.of(layout, DEVICE, torch.float32)
     expected = reference.paged_attention(query.float(), key_cache.float(), value_cache.float(), batch.query_index,
                                          batch.output_rows, batch.key_slots, batch.attention_bias,
                                          head_dim ** -0.5)
@@ -213,7 +213,8 @@ def test_context_attention_matches_reference(dtype, fp16_accumulation, heads, gr
     table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
     as_int = lambda values: torch.tensor(values, dtype=torch.int32, device=DEVICE)  # noqa: E731
     out = context_attention_module.context_attention(
-        query, key_cache, value_cache, table_tensor, as_int(lengths), as_int(new), batch.last_token_index,
+        query, key_cache, value_cache, table_tensor, as_int(lengths), as_int(new),
+        (layout.starts + layout.new - 1).to(DEVICE),
         max(new), block_size, head_dim ** -0.5, fp16_accumulation, block_m=block_m, block_n=block_n)
     bound = 1e-5 if dtype == torch.float32 else 3e-3
     assert relative_error(out, expected) < bound

@@ -11,12 +11,15 @@ from transformers import GlmConfig, GlmForCausalLM
 
 import build
 from glm_engine.config import ModelConfig
-from glm_engine.hf_reference import load_hf_reference
+from glm_engine.compare import relative_error
 from glm_engine.kernels import reference
-from glm_engine.runtime.kv_cache import KVCache, make_attention_batch
+from glm_engine.attention import StepLayout
+from glm_engine.runtime.kv_cache import KVCache
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import Session
-from weight import iter_checkpoint_tensors
+from model import load_session
+from glm_engine.prompts import random_prompts
+from weight import iter_checkpoint_tensors, load_hf_model
 
 
 def oracle(model_dir, rope: dict | None = None) -> GlmForCausalLM:
@@ -57,15 +60,11 @@ def oracle(model_dir, rope: dict | None = None) -> GlmForCausalLM:
 def build_engine(model_dir, output_dir, dtype: str = "float32", *extra: str) -> Session:
     args = build.parse_arguments(["--model_dir", str(model_dir), "--output_dir", str(output_dir), "--dtype", dtype,
                                   "--max_input_len", "64", "--max_output_len", "32", *extra])
-    return Session(build.build(args), "cpu")
-
-
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return ((ours.double() - theirs.double()).norm() / theirs.double().norm()).item()
+    return load_session(build.build(args), "cpu")
 
 
 def random_prompt(length: int, seed: int) -> list[int]:
-    return torch.randint(3, 1000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return random_prompts([length], 1000, seed)[0]
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
@@ -99,7 +98,7 @@ def test_hf_reference_loader_equals_oracle(tiny_checkpoint_factory):
     model_dir = tiny_checkpoint_factory("bin", seed=3)
     prompt = torch.tensor([random_prompt(12, 5)])
     with torch.no_grad():
-        loaded = load_hf_reference(model_dir, torch.float32, "cpu")(prompt).logits
+        loaded = load_hf_model(model_dir, torch.float32, "cpu")(prompt).logits
         expected = oracle(model_dir)(prompt).logits
     assert relative_error(loaded, expected) < 1e-6
 
@@ -155,14 +154,14 @@ def test_rotary_pairs_are_interleaved_on_the_first_half():
 def test_scattered_cache_blocks_give_the_same_hidden_states(tiny_checkpoint_factory, tmp_path):
     """A cache of small blocks in shuffled order computes what one block per sequence does."""
     session = build_engine(tiny_checkpoint_factory("bin", seed=6), tmp_path / "engine")
-    config, model = session.model_config, session.model
+    config, model = session.model_config, session.runner.network
     prompts = [random_prompt(13, 8), random_prompt(6, 9)]
     input_ids = torch.tensor(prompts[0] + prompts[1])
 
     def hidden(block_tables, block_size, num_blocks):
         cache = KVCache(config.num_layers, num_blocks, block_size, config.multi_query_group_num,
                         config.kv_channels, torch.float32, torch.device("cpu"))
-        batch = make_attention_batch(block_tables, [0, 0], [13, 6], block_size, torch.device("cpu"))
+        batch = session.runner.attention.metadata(StepLayout.of(block_tables, [0, 0], [13, 6], block_size))
         with torch.no_grad():
             return model(input_ids, batch, cache)
 

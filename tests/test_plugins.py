@@ -16,6 +16,7 @@ from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import Session
+from model import load_session
 from test_model import build_engine, random_prompt, relative_error
 
 PLUGINS = {"attention": ["--use_gpt_attention_plugin"], "layernorm": ["--use_layernorm_plugin"],
@@ -78,10 +79,6 @@ def test_half_precision_plugin_engine_is_close_to_reference(tiny_checkpoint_fact
                                                      ("--enable_context_fmha_fp32_acc", False)])
 def test_context_fmha_accumulates_as_its_flag_says(tiny_checkpoint_factory, tmp_path, monkeypatch, flag,
                                                    fp16_accumulation):
-    model_dir = tiny_checkpoint_factory("safetensors", seed=35)
-    reference_session = build_engine(model_dir, tmp_path / "reference", "float16")
-    fmha_session = build_engine(model_dir, tmp_path / "fmha", "float16", "--use_gpt_attention_plugin", "float16",
-                                flag)
     seen = []
     original = context_attention_module.context_attention
 
@@ -89,7 +86,11 @@ def test_context_fmha_accumulates_as_its_flag_says(tiny_checkpoint_factory, tmp_
         seen.append(args[10])  # fp16_accumulation
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(context_attention_module, "context_attention", spy)
+    monkeypatch.setattr(context_attention_module, "context_attention", spy)  # before the ops are chosen
+    model_dir = tiny_checkpoint_factory("safetensors", seed=35)
+    reference_session = build_engine(model_dir, tmp_path / "reference", "float16")
+    fmha_session = build_engine(model_dir, tmp_path / "fmha", "float16", "--use_gpt_attention_plugin", "float16",
+                                flag)
     prompt = random_prompt(40, 4)
     assert relative_error(fmha_session.prompt_logits(prompt), reference_session.prompt_logits(prompt)) < 3e-3
     assert seen and set(seen) == {fp16_accumulation}
@@ -129,11 +130,11 @@ def test_kernel_engines_run_the_reference_ops_on_the_cpu(tiny_checkpoint_factory
     engine_dir = build_tool.build(build_tool.parse_arguments(
         ["--model_dir", str(model_dir), "--output_dir", str(tmp_path / "engine"), "--dtype", "float32",
          "--max_input_len", "64", "--max_output_len", "32", *flags]))
-    with caplog.at_level(logging.INFO, logger="session"):
-        session = Session(engine_dir, "cpu")
+    with caplog.at_level(logging.INFO, logger="ops"):
+        session = load_session(engine_dir, "cpu")
     assert "running the reference ops on the cpu, weight-only layers dequantized" in caplog.text
     engine = load_engine(engine_dir)
-    oracle = Session(Engine(tmp_path, engine.model_config, BuildConfig(dtype="float32", max_input_len=64,
+    oracle = load_session(Engine(tmp_path, engine.model_config, BuildConfig(dtype="float32", max_input_len=64,
                                                                        max_output_len=32),
                             dequantize_weights(engine.weights, torch.float32)), "cpu")
     prompts = [random_prompt(length, seed) for seed, length in enumerate([6, 19, 2])]
@@ -157,7 +158,7 @@ def test_weight_only_engine_equals_reference_network_on_dequantized_weights(tiny
                              "--weight_only_precision", precision)
     engine = load_engine(tmp_path / precision)
     dense = dequantize_weights(engine.weights, torch.float32)
-    oracle_session = Session(Engine(tmp_path, engine.model_config, BuildConfig(dtype="float32", max_input_len=64,
+    oracle_session = load_session(Engine(tmp_path, engine.model_config, BuildConfig(dtype="float32", max_input_len=64,
                                                                               max_output_len=32), dense), "cpu")
     prompts = [random_prompt(length, seed) for seed, length in enumerate([6, 19, 2])]
     sampling = SamplingConfig(max_new_tokens=16, end_id=-1)
@@ -188,15 +189,18 @@ def test_decode_graph_inputs_give_the_eager_step(tiny_checkpoint_factory, tmp_pa
 
     session = build_engine(tiny_checkpoint_factory("safetensors", seed=34), tmp_path / "engine", "float32",
                            *with_dtype(PLUGINS["attention"], "float32"))
-    graphs = DecodeGraphs(session)
+    runner = session.runner
+    graphs = DecodeGraphs(runner.network, runner.kv_cache, session.build_config.max_batch_size,
+                          runner.blocks_per_sequence, runner.scratch_block, session.build_config.max_sequence_len,
+                          session.device)
     prompts = [random_prompt(length, seed) for seed, length in enumerate([3, 70, 11])]  # bucket 4: one padding row
     cached = [len(p) - 1 for p in prompts]
     tables = [[], [], []]
     for table, prompt in zip(tables, prompts):
         assert session.block_manager.grow(table, len(prompt))
     for count in (3, 1):
-        session.forward(tables[:count], [0] * count, [p[:-1] for p in prompts[:count]])
+        runner.forward(tables[:count], [0] * count, [p[:-1] for p in prompts[:count]])
         logits, greedy = graphs.run(tables[:count], cached[:count], [p[-1] for p in prompts[:count]])
-        eager = session.forward(tables[:count], cached[:count], [[p[-1]] for p in prompts[:count]])
+        eager = runner.forward(tables[:count], cached[:count], [[p[-1]] for p in prompts[:count]])
         assert relative_error(logits, eager) < 1e-5
         assert torch.equal(greedy, eager.argmax(-1))

@@ -18,6 +18,7 @@ from glm_engine.engine import read_engine_config
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.scheduler import Scheduler
 from glm_engine.runtime.session import Session
+from model import load_session
 
 VOCAB = 1024
 
@@ -29,13 +30,13 @@ def mixed_prompts(count: int, seed: int, longest: int = 30) -> list[list[int]]:
 
 def run_all(session: Session, prompts: list[list[int]], samplings: list[SamplingConfig],
             max_in_flight: int) -> tuple[list[list[int]], Scheduler]:
-    scheduler = Scheduler(session, max_in_flight)
+    scheduler = session.new_scheduler(max_in_flight)
     for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
-        scheduler.add(index, prompt, sampling)
+        session.submit(scheduler, index, prompt, sampling)
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = []
     while scheduler.has_work:
-        step = scheduler.step()
+        step = session.step(scheduler)
         for index, token in step.tokens:
             outputs[index].append(token)
         finished += step.finished
@@ -55,12 +56,12 @@ def test_preempting_inflight_batching_gives_each_prompt_its_alone_tokens(paged_e
     prompts = mixed_prompts(14, seed=1)
     sampling = SamplingConfig(max_new_tokens=16, end_id=-1)
     with caplog.at_level(logging.INFO, logger="session"):
-        small = Session(paged_engine, "cpu", max_tokens_in_paged_kv_cache=96)  # 24 blocks: room for ~2 sequences
+        small = load_session(paged_engine, "cpu", max_tokens_in_paged_kv_cache=96)  # 24 blocks: room for ~2 sequences
     assert "KV cache: 24 blocks of 4 tokens = 96 tokens" in caplog.text
     outputs, scheduler = run_all(small, prompts, [sampling] * len(prompts), max_in_flight=4)
     assert scheduler.preemptions > 0
     assert small.block_manager.free_blocks == small.block_manager.num_blocks  # no leak
-    roomy = Session(paged_engine, "cpu")
+    roomy = load_session(paged_engine, "cpu")
     alone = [roomy.generate_requests([prompt], [sampling])[0] for prompt in prompts]
     assert outputs == alone
 
@@ -74,7 +75,7 @@ def test_inflight_batching_engine_with_plugins_matches_alone(tiny_engine_factory
     build = read_engine_config(engine_dir)["build"]
     assert build["use_gpt_attention_plugin"] == "float32" and build["context_fmha"] == "enabled_with_fp32_acc"
     assert build["paged_kv_cache"] and build["remove_input_padding"] and build["tokens_per_block"] == 8
-    session = Session(engine_dir, "cpu", max_tokens_in_paged_kv_cache=64)
+    session = load_session(engine_dir, "cpu", max_tokens_in_paged_kv_cache=64)
     prompts = mixed_prompts(5, seed=2, longest=20)
     sampling = SamplingConfig(max_new_tokens=8, end_id=-1)
     outputs, scheduler = run_all(session, prompts, [sampling] * len(prompts), max_in_flight=3)
@@ -84,7 +85,7 @@ def test_inflight_batching_engine_with_plugins_matches_alone(tiny_engine_factory
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(paged_engine):
-    session = Session(paged_engine, "cpu")
+    session = load_session(paged_engine, "cpu")
     prompts = mixed_prompts(6, seed=3)
     samplings = [SamplingConfig(max_new_tokens=12, top_k=0, temperature=1.3, random_seed=100 + i, end_id=-1)
                  for i in range(len(prompts))]
@@ -96,7 +97,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(paged_engine):
 
 
 def test_a_stream_stopped_early_frees_its_blocks(paged_engine):
-    session = Session(paged_engine, "cpu")
+    session = load_session(paged_engine, "cpu")
     stream = session.stream_requests(mixed_prompts(6, seed=4), [SamplingConfig(max_new_tokens=10, end_id=-1)] * 6)
     next(stream)
     next(stream)
@@ -106,7 +107,7 @@ def test_a_stream_stopped_early_frees_its_blocks(paged_engine):
 
 
 def test_requests_beyond_the_limits_are_refused(paged_engine):
-    session = Session(paged_engine, "cpu", max_tokens_in_paged_kv_cache=32)
+    session = load_session(paged_engine, "cpu", max_tokens_in_paged_kv_cache=32)
     sampling = SamplingConfig(max_new_tokens=16, end_id=-1)
     with pytest.raises(GlmEngineError, match="over the engine's max_input_len 32"):
         session.generate_requests([[5] * 33], [sampling])
@@ -124,15 +125,15 @@ def test_remove_input_padding_packs_what_padding_would_compute(tiny_engine_facto
     for flag in ([], ["--remove_input_padding"]):
         engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_input_len", "32",
                                          "--max_output_len", "8", "--random_seed", "7", *flag)
-        session = Session(engine_dir, "cpu")
+        session = load_session(engine_dir, "cpu")
         forwarded = []
-        original = session.forward
+        original = session.runner.forward
 
         def spy(block_tables, cached, new_tokens, logit_rows=None, _original=original, _seen=forwarded):
             _seen.append(sum(map(len, new_tokens)))
             return _original(block_tables, cached, new_tokens, logit_rows)
 
-        monkeypatch.setattr(session, "forward", spy)
+        monkeypatch.setattr(session.runner, "forward", spy)
         results[bool(flag)] = (session.generate(prompts, sampling), forwarded[0])
     assert results[False][0] == results[True][0]
     assert results[True][1] == sum(map(len, prompts))
@@ -152,7 +153,7 @@ def test_bad_serving_flags_are_refused(tmp_path, flags, message):
 def test_pool_size_flags_need_a_paged_engine(tiny_engine_factory):
     engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--max_input_len", "8")
     with pytest.raises(GlmEngineError, match="this engine was built without --paged_kv_cache"):
-        Session(engine_dir, "cpu", max_tokens_in_paged_kv_cache=64)
+        load_session(engine_dir, "cpu", max_tokens_in_paged_kv_cache=64)
 
 
 @pytest.mark.parametrize("mode", ["throughput", "rate"])
@@ -188,7 +189,7 @@ def test_run_py_on_an_inflight_engine_takes_more_prompts_than_max_batch_size(pag
                       "--max_output_len", "4", "--device", "cpu", "--output_csv", tmp_path / "out.csv")
     assert result.returncode == 0, result.stderr
     written = [list(map(int, line.split(","))) for line in (tmp_path / "out.csv").read_text().split()]
-    session = Session(engine_dir, "cpu")
+    session = load_session(engine_dir, "cpu")
     sampling = SamplingConfig(max_new_tokens=4, end_id=session.model_config.eos_token_id)
     assert written == [session.generate_requests([prompt], [sampling])[0] for prompt in prompts]
 
@@ -200,14 +201,14 @@ def test_run_py_on_an_inflight_engine_takes_more_prompts_than_max_batch_size(pag
 ])
 def test_bad_pool_sizes_are_refused(paged_engine, options, message):
     with pytest.raises(GlmEngineError, match=re.escape(message)):
-        Session(paged_engine, "cpu", **options)
+        load_session(paged_engine, "cpu", **options)
 
 
 def test_scheduler_limits_must_be_positive(paged_engine):
-    session = Session(paged_engine, "cpu")
+    session = load_session(paged_engine, "cpu")
     for options in ({"max_in_flight": 0}, {"tokens_per_step": 0}):
         with pytest.raises(GlmEngineError, match="must be at least 1"):
-            Scheduler(session, **options)
+            session.new_scheduler(**options)
 
 
 def test_max_tokens_per_step_bounds_the_prompts_admitted_per_step(paged_engine, tmp_path):

@@ -8,6 +8,7 @@ import torch
 from glm_engine import GlmEngineError
 from glm_engine.runtime.sampling import SamplingConfig, sample
 from glm_engine.runtime.session import Session
+from model import load_session
 from conftest import TINY_SHAPE_FLAGS
 
 
@@ -15,7 +16,7 @@ from conftest import TINY_SHAPE_FLAGS
 def session(tiny_engine_factory) -> Session:
     engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_batch_size", "3",
                                      "--max_input_len", "16", "--max_output_len", "12", "--random_seed", "5")
-    return Session(engine_dir, "cpu")
+    return load_session(engine_dir, "cpu")
 
 
 PROMPTS = [[5, 6, 7], [100, 200, 300, 400, 500], [9]]

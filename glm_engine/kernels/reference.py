@@ -46,23 +46,9 @@ def apply_rotary(x: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
     return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
 
 
-def quantize_per_channel(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel quantization of weight [N, K]: int8 values with
-    scale max|w|/127 (bits 8), or int4 values in [-7, 7] with scale max|w|/7 packed two
-    per byte along K (bits 4: low nibble = even k). Returns (quantized, float32 scales [N])."""
-    limit = 127 if bits == 8 else 7
-    scales = weight.float().abs().amax(dim=1).clamp(min=1e-10) / limit
-    values = torch.round(weight.float() / scales[:, None]).clamp(-limit, limit).to(torch.int8)
-    if bits == 8:
-        return values, scales
-    if weight.shape[1] % 2:
-        raise ValueError("int4 packing needs an even number of input channels")
-    low, high = values[:, 0::2], values[:, 1::2]
-    return ((low & 0x0F) | (high << 4)).to(torch.uint8), scales
-
-
 def dequantize(quantized: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """The weight [N, K] that quantize_per_channel's output stands for, in `dtype`."""
+    """The weight [N, K] that quantization.quantize_per_channel's output stands for, in
+    `dtype` (the reference of kernels/dequantize.py)."""
     if bits == 4:
         packed = quantized.view(torch.int8)
         low, high = (packed << 4) >> 4, packed >> 4

@@ -1,20 +1,17 @@
 """CUDA graphs of the decode step: the whole step (embedding, every layer with
 the paged decode-attention kernel, final norm, output layer and greedy argmax)
-captured once per batch-size bucket at session start, then replayed with new
-inputs copied into its static tensors. Needs the attention plugin, whose
-kernels take fixed shapes (block tables, context lengths) instead of the
+captured once per batch-size bucket at start-up, then replayed with new inputs
+copied into its static tensors. Needs the attention plugin (PagedAttention),
+whose kernels take fixed shapes (block tables, context lengths) instead of the
 reference attention's per-step shapes."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 
-from glm_engine.runtime.kv_cache import AttentionBatch
-
-if TYPE_CHECKING:
-    from glm_engine.runtime.session import Session
+from glm_engine.attention import PagedMetadata
+from glm_engine.runtime.kv_cache import KVCache
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -28,28 +25,25 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 class _Graph:
     """One captured decode step for `size` rows and its static tensors."""
 
-    def __init__(self, session: Session, size: int, padding_row: list[int], pool) -> None:
-        device, build = session.device, session.build_config
+    def __init__(self, network: nn.Module, kv_cache: KVCache, size: int, padding_row: list[int], max_context: int,
+                 device: torch.device, pool) -> None:
         # Columns: token, position, slot, context length, then the block table: one
         # host-to-device copy per step fills it, padding rows included. The kernels
         # get dense copies of the columns, made inside the graph.
         self.inputs = torch.tensor([padding_row] * size, dtype=torch.int64, device=device)
         self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
-        self.slots = torch.zeros(size, dtype=torch.int64, device=device)
-        self.context_lengths = torch.zeros(size, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(size, session.blocks_per_sequence, dtype=torch.int32, device=device)
-        batch = AttentionBatch(
-            positions=self.positions, slot_mapping=self.slots, query_index=None, output_rows=None, key_slots=None,
-            attention_bias=None, last_token_index=None, block_tables=self.block_tables,
-            context_lengths=self.context_lengths, max_context=build.max_sequence_len)
-        model, cache = session.model, session.kv_cache
+        positions = torch.zeros(size, dtype=torch.int64, device=device)
+        slots = torch.zeros(size, dtype=torch.int64, device=device)
+        context_lengths = torch.zeros(size, dtype=torch.int32, device=device)
+        block_tables = torch.zeros(size, len(padding_row) - 4, dtype=torch.int32, device=device)
+        metadata = PagedMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
+                                 context_lengths=context_lengths, max_context=max_context)
 
         def step() -> tuple[torch.Tensor, torch.Tensor]:
-            for column, target in enumerate((self.input_ids, self.positions, self.slots, self.context_lengths)):
+            for column, target in enumerate((self.input_ids, positions, slots, context_lengths)):
                 target.copy_(self.inputs[:, column])
-            self.block_tables.copy_(self.inputs[:, 4:])
-            logits = model.logits(model(self.input_ids, batch, cache))
+            block_tables.copy_(self.inputs[:, 4:])
+            logits = network.logits(network(self.input_ids, metadata, kv_cache))
             return logits, logits.argmax(dim=-1)
 
         self.step = step
@@ -74,20 +68,21 @@ class _Graph:
 
 
 class DecodeGraphs:
-    """The decode-step graphs of a session, one per batch-size bucket. Off the GPU
-    the same static-input step runs eagerly, so its plumbing is testable on the CPU."""
+    """The decode-step graphs of a network over one KV cache, one per batch-size bucket.
+    Off the GPU the same static-input step runs eagerly, so its plumbing is testable on
+    the CPU. Padding rows write their K/V to `scratch_block`."""
 
-    def __init__(self, session: Session) -> None:
-        # No reference back to the session: a cycle would keep the weights alive after it is dropped.
-        self.blocks_per_sequence = session.blocks_per_sequence
-        self.block_size = session.kv_cache.block_size
-        self.scratch = scratch = session.scratch_block
+    def __init__(self, network: nn.Module, kv_cache: KVCache, max_batch_size: int, blocks_per_sequence: int,
+                 scratch_block: int, max_context: int, device: torch.device) -> None:
+        self.blocks_per_sequence = blocks_per_sequence
+        self.block_size = kv_cache.block_size
+        self.scratch = scratch_block
         # A padding row: token 0 at position 0 of the scratch block.
-        self.padding_row = [0, 0, scratch * self.block_size, 1] + [scratch] * self.blocks_per_sequence
+        self.padding_row = [0, 0, scratch_block * self.block_size, 1] + [scratch_block] * blocks_per_sequence
         self.graphs: dict[int, _Graph] = {}
         pool = None
-        for size in sorted(batch_buckets(session.build_config.max_batch_size), reverse=True):
-            self.graphs[size] = _Graph(session, size, self.padding_row, pool)
+        for size in sorted(batch_buckets(max_batch_size), reverse=True):
+            self.graphs[size] = _Graph(network, kv_cache, size, self.padding_row, max_context, device, pool)
             pool = self.graphs[size].graph.pool() if self.graphs[size].graph is not None else None
 
     def run(self, block_tables: list[list[int]], cached: list[int],

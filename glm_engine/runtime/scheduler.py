@@ -1,27 +1,24 @@
-"""In-flight batching: a first-come-first-served request queue over the paged
-KV cache. Each step admits waiting requests while the pool's blocks, the
-batch limit and the step's token budget allow, runs one packed forward of
-every running sequence's new tokens (whole prompts of admitted requests, one
-token of the others), samples, and retires finished sequences, whose blocks
-are free for the next step. When a running sequence needs a block and none is
-free, the newest running sequence is preempted: its blocks are freed and it
-goes back to the head of the queue with its tokens so far, to be recomputed.
-Each request samples from its own seeded generator, so its tokens do not
-depend on what it was batched with."""
+"""In-flight batching's planner: a first-come-first-served request queue over the
+KV cache's blocks. Each step admits waiting requests while the pool's blocks, the
+batch limit and the step's token budget allow and plans one packed forward of every
+running sequence's new tokens (whole prompts of admitted requests, one token of the
+others); once the model runner has run it and each sequence's token is chosen,
+postprocess retires finished sequences, whose blocks are free for the next step.
+When a running sequence needs a block and none is free, the newest running sequence
+is preempted: its blocks are freed and it goes back to the head of the queue with
+its tokens so far, to be recomputed. Pure: it holds the block manager and the
+sequences, never the network."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from glm_engine import GlmEngineError
-from glm_engine.runtime.sampling import SamplingConfig, sample
-
-if TYPE_CHECKING:
-    from glm_engine.runtime.session import Session
+from glm_engine.runtime.block_manager import BlockManager
+from glm_engine.runtime.sampling import SamplingConfig
 
 DEFAULT_TOKENS_PER_STEP = 16384  # prompt tokens admitted per step (a longer prompt still runs alone); 8192 measured 25% slower
 
@@ -54,6 +51,22 @@ class Sequence:
 
 
 @dataclass
+class StepPlan:
+    """The sequences of one forward step and the tokens each feeds it."""
+
+    sequences: list[Sequence]
+    new_tokens: list[list[int]]
+
+    @property
+    def block_tables(self) -> list[list[int]]:
+        return [sequence.block_table for sequence in self.sequences]
+
+    @property
+    def cached(self) -> list[int]:
+        return [sequence.cached for sequence in self.sequences]
+
+
+@dataclass
 class StepResult:
     tokens: list[tuple[int, int]]  # (request index, new token); end tokens are not reported
     finished: list[int]  # request indices that finished in this step
@@ -62,37 +75,28 @@ class StepResult:
 
 
 class Scheduler:
-    """Runs requests on a session with at most `max_in_flight` sequences per step."""
+    """Plans steps of at most `max_in_flight` sequences over the blocks of `block_manager`;
+    knows nothing of the network that runs them."""
 
-    def __init__(self, session: Session, max_in_flight: int | None = None,
+    def __init__(self, block_manager: BlockManager, max_in_flight: int,
                  tokens_per_step: int | None = None) -> None:
-        build = session.build_config
         for name, value in (("--max_in_flight", max_in_flight), ("--max_tokens_per_step", tokens_per_step)):
             if value is not None and value < 1:
                 raise GlmEngineError(f"{name} must be at least 1, got {value}")
-        self.session = session
-        self.max_in_flight = min(max_in_flight or build.max_batch_size, build.max_batch_size)
+        self.block_manager = block_manager
+        self.max_in_flight = max_in_flight
         self.tokens_per_step = tokens_per_step or DEFAULT_TOKENS_PER_STEP
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
 
-    def add(self, index: int, prompt: list[int], sampling: SamplingConfig) -> None:
-        """Queues request `index`; refuses one the engine or the KV pool can never hold."""
-        self.session.check_prompt(index, prompt, sampling.max_new_tokens)
-        manager = self.session.block_manager
-        if manager.blocks_for(len(prompt) + sampling.max_new_tokens) > manager.num_blocks:
-            flags = "--max_tokens_in_paged_kv_cache" if self.session.device.type != "cuda" else \
-                "--kv_cache_free_gpu_mem_fraction or --max_tokens_in_paged_kv_cache"  # the CPU takes only the first
-            raise GlmEngineError(f"prompt {index} needs {len(prompt) + sampling.max_new_tokens} tokens of KV "
-                                 f"cache, more than the pool's {manager.num_blocks * manager.block_size}; raise "
-                                 f"{flags}")
-        generator = torch.Generator(device=self.session.device)
-        if sampling.random_seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(sampling.random_seed)
-        self.waiting.append(Sequence(index, list(prompt), sampling, generator))
+    def fits(self, tokens: int) -> bool:
+        """Whether a sequence of `tokens` tokens can ever hold its blocks."""
+        return self.block_manager.blocks_for(tokens) <= self.block_manager.num_blocks
+
+    def add(self, sequence: Sequence) -> None:
+        """Queues a request (checked to fit the pool by the caller)."""
+        self.waiting.append(sequence)
 
     @property
     def has_work(self) -> bool:
@@ -100,7 +104,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Moves queued requests to running, in order, while blocks, slots and the token budget allow."""
-        manager = self.session.block_manager
+        manager = self.block_manager
         budget = self.tokens_per_step
         while self.waiting and len(self.running) < self.max_in_flight:
             sequence = self.waiting[0]
@@ -116,7 +120,7 @@ class Scheduler:
 
     def _preempt_newest(self) -> Sequence:
         victim = self.running.pop()
-        self.session.block_manager.release(victim.block_table)
+        self.block_manager.release(victim.block_table)
         victim.cached = 0
         self.waiting.appendleft(victim)
         self.preemptions += 1
@@ -124,44 +128,43 @@ class Scheduler:
 
     def _reserve_decode_slots(self) -> None:
         """Gives each decoding sequence a slot for its next token, preempting the newest when short."""
-        manager = self.session.block_manager
         index = 0
         while index < len(self.running):
             sequence = self.running[index]
-            if manager.grow(sequence.block_table, sequence.length):
+            if self.block_manager.grow(sequence.block_table, sequence.length):
                 index += 1
             elif self._preempt_newest() is sequence:
                 break  # it was the newest: everything before it has its slot
 
-    def step(self) -> StepResult:
-        """One forward of every running sequence; admits first, retires after."""
+    def schedule(self) -> StepPlan:
+        """The next step: admits first, then every running sequence's uncached tokens."""
         self._admit()
         self._reserve_decode_slots()
         if not self.running:
-            raise GlmEngineError("no request fits the KV cache pool")  # add() rules this out
-        running = self.running
-        new_tokens = [sequence.uncached_tokens() for sequence in running]
-        logits, greedy = self.session.run_step([sequence.block_table for sequence in running],
-                                               [sequence.cached for sequence in running], new_tokens)
-        greedy = greedy.tolist()  # one device-to-host copy for the whole step
-        result = StepResult([], [], len(running), sum(map(len, new_tokens)))
-        still_running = []
-        for row, (sequence, tokens) in enumerate(zip(running, new_tokens)):
-            sequence.cached += len(tokens)
+            raise GlmEngineError("no request fits the KV cache pool")  # callers check fits() first
+        return StepPlan(list(self.running), [sequence.uncached_tokens() for sequence in self.running])
+
+    def postprocess(self, plan: StepPlan, tokens: list[int]) -> StepResult:
+        """Records each sequence's new token (`tokens`, one per sequence of `plan`) and
+        retires the finished ones, whose blocks are free at once."""
+        result = StepResult([], [], len(plan.sequences), sum(map(len, plan.new_tokens)))
+        finished = set()
+        for sequence, fed, token in zip(plan.sequences, plan.new_tokens, tokens, strict=True):
+            sequence.cached += len(fed)
             sampling = sequence.sampling
-            if sampling.greedy:
-                token = greedy[row]
-            else:
-                token = int(sample(logits[row:row + 1], sampling, sequence.generator)[0])
             done = token == sampling.end_id
             if not done:
                 sequence.output.append(token)
                 result.tokens.append((sequence.index, token))
                 done = len(sequence.output) >= sampling.max_new_tokens
             if done:
-                self.session.block_manager.release(sequence.block_table)
+                self.block_manager.release(sequence.block_table)
                 result.finished.append(sequence.index)
-            else:
-                still_running.append(sequence)
-        self.running = still_running
+                finished.add(id(sequence))
+        self.running = [sequence for sequence in self.running if id(sequence) not in finished]
         return result
+
+    def release_all(self) -> None:
+        """Frees the blocks of every running sequence (a consumer that stops early)."""
+        for sequence in self.running:
+            self.block_manager.release(sequence.block_table)

@@ -12,22 +12,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from glm_engine.compare import relative_error  # noqa: E402
 from glm_engine.engine import load_engine  # noqa: E402
 from glm_engine.hf_reference import build_glm_model  # noqa: E402
-from glm_engine.runtime.session import Session  # noqa: E402
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+from glm_engine.prompts import random_prompts  # noqa: E402
+from model import load_session  # noqa: E402
 
 
 @torch.inference_mode()
 def main() -> None:
     engines = sys.argv[1:]
-    prompt = torch.randint(3, 60000, (512,), generator=torch.Generator().manual_seed(5)).tolist()
+    prompt = random_prompts([512], 60000, seed=5)[0]
     engine = load_engine(engines[0], "cpu")
-    hf = build_glm_model(engine.model_config, {k: v.float() for k, v in engine.weights.items()}, "cuda",
-                         attn_implementation="eager")
+    # float32, weight-only layers dequantized (the float() of packed int4 bytes was wrong)
+    hf = build_glm_model(engine.model_config, engine.weights, "cuda", torch.float32, attn_implementation="eager")
     del engine
     truth = hf(torch.tensor([prompt], device="cuda")).logits[0].float()
     top2 = truth.topk(2, dim=-1).values
@@ -37,23 +35,24 @@ def main() -> None:
     torch.cuda.empty_cache()
     steps = list(range(32, 512, 32))
     for directory in engines:
-        session = Session(directory, "cuda")
+        session = load_session(directory, "cuda")
+        runner = session.runner
         prefill = session.prompt_logits(prompt)
         agree = (prefill.argmax(-1) == truth.argmax(-1)).float().mean().item()
-        print(f"{directory}: prefill logits rel err {relative(prefill, truth):.3e}, argmax agreement {agree:.3f}")
+        print(f"{directory}: prefill logits rel err {relative_error(prefill, truth):.3e}, argmax agreement {agree:.3f}")
         table: list[int] = []
         session.block_manager.grow(table, len(prompt))
         for mode in ("graph", "eager"):
-            if mode == "graph" and session.decode_graphs is None:
+            if mode == "graph" and runner.decode_graphs is None:
                 continue
             errors, matches = [], 0
             for k in steps:
-                session.forward([table], [0], [prompt[:k]])
+                runner.forward([table], [0], [prompt[:k]])
                 if mode == "graph":
-                    logits, _ = session.decode_graphs.run([table], [k], [prompt[k]])
+                    logits, _ = runner.decode_graphs.run([table], [k], [prompt[k]])
                 else:
-                    logits = session.forward([table], [k], [[prompt[k]]])
-                errors.append(relative(logits[0], truth[k]))
+                    logits = runner.forward([table], [k], [[prompt[k]]])
+                errors.append(relative_error(logits[0], truth[k]))
                 matches += int(logits[0].argmax() == truth[k].argmax())
             print(f"  decode ({mode}) at {len(steps)} positions: rel err mean {sum(errors) / len(errors):.3e}, "
                   f"max {max(errors):.3e}, argmax agreement {matches}/{len(steps)}")

@@ -16,8 +16,9 @@ from glm_engine.config import CHATGLM2_6B, BuildConfig, ModelConfig  # noqa: E40
 from glm_engine.engine import Engine  # noqa: E402
 from glm_engine.hf_reference import build_glm_model  # noqa: E402
 from glm_engine.runtime.sampling import SamplingConfig  # noqa: E402
-from glm_engine.runtime.session import Session  # noqa: E402
 from glm_engine.layout import weight_shapes  # noqa: E402
+from glm_engine.prompts import random_prompts  # noqa: E402
+from model import load_session  # noqa: E402
 
 
 def main() -> None:
@@ -25,8 +26,8 @@ def main() -> None:
     config = ModelConfig.from_hf_config(CHATGLM2_6B)
     weights = {name: torch.randn(shape, device="cuda", dtype=torch.float16) / (shape[-1] ** 0.5 if len(shape) > 1
                else 1.0) for name, shape in weight_shapes(config).items()}
-    prompts = torch.randint(3, 60000, (batch, tokens)).tolist()
-    session = Session(Engine(Path("."), config, BuildConfig(max_batch_size=batch), dict(weights)), "cuda")
+    prompts = random_prompts([tokens] * batch, 60000, seed=0)
+    session = load_session(Engine(Path("."), config, BuildConfig(max_batch_size=batch), dict(weights)), "cuda")
     sampling = SamplingConfig(max_new_tokens=1, end_id=-1)
     hf = build_glm_model(config, weights, "cuda", attn_implementation="eager")
     input_ids = torch.tensor(prompts, device="cuda")

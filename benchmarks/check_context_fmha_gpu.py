@@ -19,6 +19,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from glm_engine.compare import relative_error  # noqa: E402
 from glm_engine.kernels.context_attention import context_attention  # noqa: E402
 
 HEADS, GROUPS, HEAD_DIM, BLOCK_SIZE = 32, 2, 128, 64
@@ -65,7 +66,7 @@ def case(lengths: list[int], results: list[dict]) -> None:
         return torch.cat(outs)
 
     expected = sdpa(torch.float32)
-    error = lambda out: ((out.float() - expected).norm() / expected.norm()).item()  # noqa: E731
+    error = lambda out: relative_error(out, expected)  # noqa: E731
     flops = causal_flops(lengths)
     sdpa_ms = do_bench(lambda: sdpa(torch.float16), return_mode="median")
     label = f"{len(lengths)}x{lengths[0]}" if len(set(lengths)) == 1 else "+".join(map(str, lengths))

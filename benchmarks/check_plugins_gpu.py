@@ -12,23 +12,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from glm_engine.compare import first_divergence, relative_error  # noqa: E402
+from glm_engine.prompts import random_prompts  # noqa: E402
 from glm_engine.runtime.sampling import SamplingConfig  # noqa: E402
-from glm_engine.runtime.session import Session  # noqa: E402
-
-
-def first_divergence(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+from model import load_session  # noqa: E402
 
 
 def main() -> None:
     reference_dir, plugin_dir = sys.argv[1], sys.argv[2]
-    generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 60000, (length,), generator=generator).tolist() for length in (17, 300, 1000, 64)]
+    prompts = random_prompts([17, 300, 1000, 64], 60000, seed=0)
     sampling = SamplingConfig(max_new_tokens=64, end_id=-1)
     outputs = {}
     for name, directory, graphs in [("plugin+graphs", plugin_dir, True), ("plugin eager", plugin_dir, False),
                                     ("reference", reference_dir, False)]:
-        session = Session(directory, "cuda", cuda_graphs=graphs)
+        session = load_session(directory, "cuda", cuda_graphs=graphs)
         outputs[name] = session.generate(prompts, sampling)
         if name == "plugin eager":
             plugin_logits = session.prompt_logits(prompts[1])
@@ -39,7 +36,7 @@ def main() -> None:
     print("graphs vs eager identical:", outputs["plugin+graphs"] == outputs["plugin eager"])
     print("plugin vs reference first divergence per prompt:",
           [first_divergence(a, b) for a, b in zip(outputs["plugin+graphs"], outputs["reference"])], "of 64")
-    error = ((plugin_logits - reference_logits).norm() / reference_logits.norm()).item()
+    error = relative_error(plugin_logits, reference_logits)
     print(f"prefill logits, plugin vs reference engine: relative difference {error:.3e}")
 
 

@@ -20,7 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glm_engine.kernels import reference  # noqa: E402
+from glm_engine.compare import relative_error  # noqa: E402
+from glm_engine.kernels import reference
+from glm_engine.quantization import quantize_per_channel  # noqa: E402
 from glm_engine.kernels.gemv import MAX_FMA_ROWS, GemvConfig, default_config, gemv  # noqa: E402
 
 SHAPES = {"qkv": (4608, 4096), "dense": (4096, 4096), "up": (27392, 4096), "down": (4096, 13696)}
@@ -65,15 +67,14 @@ def tune(rows: int, bits_list: list[int], results: list[dict]) -> None:
         print(f"{name} {n}x{k} rows {rows}: cuBLAS {cublas_us:.1f} us = {n * k * 2 / cublas_us / 1e6:.2f} TB/s")
         del copies
         for bits in bits_list:
-            stored, scales = (weight, None) if bits == 0 else reference.quantize_per_channel(weight, bits)
+            stored, scales = (weight, None) if bits == 0 else quantize_per_channel(weight, bits)
             nbytes = stored.numel() * stored.element_size()
             stored_copies = [stored] + [stored.clone() for _ in range(max(1, -(-256_000_000 // nbytes)) - 1)]
             expected = reference.linear(x.float(), reference.dequantize(stored, scales, bits, torch.float32)
                                         if bits else weight.float())
             timed = []
             for config in candidates(rows):
-                error = ((gemv(x, stored, None, scales, bits, config).float() - expected).norm()
-                         / expected.norm()).item()
+                error = relative_error(gemv(x, stored, None, scales, bits, config), expected)
                 us = graph_us([lambda w=w, config=config: gemv(x, w, None, scales, bits, config)
                                for w in stored_copies])
                 timed.append((us, config, error))

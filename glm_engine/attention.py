@@ -1,0 +1,198 @@
+"""Attention backends. Each one prepares, once per step, the metadata its attention
+reads (from the step's block tables and token counts), and computes a layer's
+attention: rotary embedding, KV-cache write, attention over the cache. The network
+calls `backend(qkv, layer_index, metadata, kv_cache)` and never asks which one it has.
+
+- ReferenceAttention: plain PyTorch over the slot-addressed cache, on any device.
+- PagedAttention (--use_gpt_attention_plugin): Triton kernels: rotary fused with the
+  cache write, paged split-K decode attention, and for prompts context FMHA
+  (--enable_context_fmha[_fp32_acc]) or, without it, the reference attention.
+
+The KV storage itself is runtime/kv_cache.py's."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from glm_engine.config import ModelConfig
+from glm_engine.kernels import reference
+from glm_engine.runtime.kv_cache import KVCache
+
+
+@dataclass
+class StepLayout:
+    """Where a step's packed new tokens sit, as host tensors: sequence i has cached[i]
+    tokens in the cache and new[i] new tokens, packed after those of sequence i - 1."""
+
+    tables: torch.Tensor  # [B, widest] block ids (short tables repeat their last block)
+    cached: torch.Tensor  # [B]
+    new: torch.Tensor  # [B]
+    valid: torch.Tensor  # [B, T] bool: step t < new[b]
+    query_positions: torch.Tensor  # [B, T] position of each new token (padding repeats the last)
+    block_size: int
+
+    @classmethod
+    def of(cls, block_tables: list[list[int]], cached_lengths: list[int], new_token_counts: list[int],
+           block_size: int) -> "StepLayout":
+        cached, new = torch.tensor(cached_lengths), torch.tensor(new_token_counts)
+        widest = max(map(len, block_tables))
+        tables = torch.tensor([table + [table[-1]] * (widest - len(table)) for table in block_tables])
+        steps = torch.arange(int(new.max()))[None, :]
+        return cls(tables, cached, new, steps < new[:, None], cached[:, None] + torch.minimum(steps, new[:, None] - 1),
+                   block_size)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.cached + self.new
+
+    @property
+    def starts(self) -> torch.Tensor:
+        return torch.cumsum(self.new, 0) - self.new
+
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Cache slot of each position [B, P] of each sequence."""
+        return self.tables.gather(1, positions // self.block_size) * self.block_size + positions % self.block_size
+
+
+@dataclass
+class ReferenceFields:
+    """The unfused reference attention's inputs (large in prefill: [B, T, L] bias)."""
+
+    query_index: torch.Tensor  # [B, T] packed index of each sequence's new tokens (padded)
+    output_rows: torch.Tensor  # [N] row of each packed token in the flattened [B * T] grid
+    key_slots: torch.Tensor  # [B, L] cache slot of every key position (padded)
+    attention_bias: torch.Tensor  # [B, T, L] model dtype: 0 where attending is allowed, -inf elsewhere
+
+    @classmethod
+    def of(cls, layout: StepLayout, device: torch.device, dtype: torch.dtype) -> "ReferenceFields":
+        total, (batch, max_new) = layout.total, layout.valid.shape
+        max_keys = int(total.max())
+        # Key positions past a sequence's end repeat its last position.
+        key_positions = torch.minimum(torch.arange(max_keys)[None, :], total[:, None] - 1)
+        query_index = layout.starts[:, None] + layout.query_positions - layout.cached[:, None]
+        return cls(query_index=query_index.to(device, non_blocking=True),
+                   output_rows=torch.arange(batch * max_new).view(batch, max_new)[layout.valid].to(device),
+                   key_slots=layout.slots(key_positions).to(device, non_blocking=True),
+                   attention_bias=causal_bias(layout.query_positions.to(device), layout.valid.to(device), max_keys,
+                                              dtype))
+
+
+def causal_bias(query_positions: torch.Tensor, valid: torch.Tensor, max_keys: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, L] bias in `dtype`, built on the queries' device (it is large in prefill):
+    0 where key l <= the query's position, -inf elsewhere; padding rows see key 0 only,
+    so that their softmax stays finite."""
+    key_range = torch.arange(max_keys, device=query_positions.device)
+    allowed = (key_range <= query_positions[:, :, None]) & valid[:, :, None]
+    allowed[:, :, 0] |= ~valid
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+@dataclass
+class ReferenceMetadata:
+    positions: torch.Tensor  # [N] absolute position of each new token
+    slot_mapping: torch.Tensor  # [N] cache slot each new token's K/V is written to
+    rotary: torch.Tensor  # [N, rotary_dim // 2] complex64: exp(i * angle) of each new token
+    fields: ReferenceFields
+
+
+@dataclass
+class PagedMetadata:
+    positions: torch.Tensor  # [N]
+    slot_mapping: torch.Tensor  # [N]
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lengths: torch.Tensor  # [B] int32, keys per sequence once the new tokens are in
+    max_context: int  # bound on context_lengths, which sizes the decode kernel's splits
+    new_token_counts: torch.Tensor | None = None  # [B] int32, for context FMHA
+    last_token_index: torch.Tensor | None = None  # [B] packed index of each sequence's last new token
+    max_new_tokens: int = 1  # the largest of new_token_counts: 1 in decode steps
+    reference: ReferenceFields | None = None  # prompts without context FMHA run the reference attention
+
+
+class ReferenceAttention:
+    """Rotary, cache write and unfused grouped-query attention in plain PyTorch."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        self.heads, self.groups, self.head_dim = config.num_attention_heads, config.multi_query_group_num, \
+            config.kv_channels
+        self.scale = 1.0 / math.sqrt(config.kv_channels)
+        self.dtype, self.device = dtype, device
+        self.inv_freq = reference.rotary_inv_freq(config.rotary_dim, config.rotary_base).to(device)
+        self.position_scale = config.position_scale
+
+    def metadata(self, layout: StepLayout) -> ReferenceMetadata:
+        positions = layout.query_positions[layout.valid].to(self.device, non_blocking=True)
+        return ReferenceMetadata(
+            positions=positions,
+            slot_mapping=layout.slots(layout.query_positions)[layout.valid].to(self.device, non_blocking=True),
+            # Angles once per step, not per layer.
+            rotary=reference.rotary_frequencies(positions, self.inv_freq, self.position_scale),
+            fields=ReferenceFields.of(layout, self.device, self.dtype))
+
+    def __call__(self, qkv: torch.Tensor, layer_index: int, meta: ReferenceMetadata,
+                 kv_cache: KVCache) -> torch.Tensor:
+        heads, groups = self.heads, self.groups
+        qkv = qkv.view(-1, heads + 2 * groups, self.head_dim)
+        # Query and key heads rotate together: one rotary pass instead of two.
+        query_key = reference.apply_rotary(qkv[:, :heads + groups], meta.rotary)
+        kv_cache.write(layer_index, meta.slot_mapping, query_key[:, heads:], qkv[:, heads + groups:])
+        return attend_reference(query_key[:, :heads], layer_index, meta.fields, kv_cache, self.scale)
+
+
+def attend_reference(query: torch.Tensor, layer_index: int, fields: ReferenceFields, kv_cache: KVCache,
+                     scale: float) -> torch.Tensor:
+    context = reference.paged_attention(query, kv_cache.keys[layer_index], kv_cache.values[layer_index],
+                                        fields.query_index, fields.output_rows, fields.key_slots,
+                                        fields.attention_bias, scale)
+    return context.flatten(1)
+
+
+class PagedAttention:
+    """The attention plugin's Triton kernels over block tables (kernels imported here
+    only: engines without the plugin never import triton)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, context_fmha: str | None,
+                 max_sequence_len: int) -> None:
+        from glm_engine.kernels import context_attention, decode_attention, rotary_kv
+
+        self.rotary_kv_write = rotary_kv.rotary_kv_write
+        self.decode_attention = decode_attention.decode_attention
+        self.context_attention = context_attention.context_attention if context_fmha else None
+        self.fp16_accumulation = context_fmha == "enabled"
+        self.heads, self.scale = config.num_attention_heads, 1.0 / math.sqrt(config.kv_channels)
+        self.dtype, self.device, self.max_sequence_len = dtype, device, max_sequence_len
+        self.inv_freq = reference.rotary_inv_freq(config.rotary_dim, config.rotary_base).to(device)
+        self.position_scale = config.position_scale
+
+    def metadata(self, layout: StepLayout) -> PagedMetadata:
+        to_device = lambda tensor: tensor.to(self.device, non_blocking=True)  # noqa: E731
+        max_new = int(layout.new.max())
+        return PagedMetadata(
+            positions=to_device(layout.query_positions[layout.valid]),
+            slot_mapping=to_device(layout.slots(layout.query_positions)[layout.valid]),
+            block_tables=to_device(layout.tables.to(torch.int32)),
+            context_lengths=to_device(layout.total.to(torch.int32)),
+            max_context=self.max_sequence_len,
+            new_token_counts=to_device(layout.new.to(torch.int32)),
+            last_token_index=to_device(layout.starts + layout.new - 1),
+            max_new_tokens=max_new,
+            reference=ReferenceFields.of(layout, self.device, self.dtype)
+            if max_new > 1 and self.context_attention is None else None)
+
+    def __call__(self, qkv: torch.Tensor, layer_index: int, meta: PagedMetadata, kv_cache: KVCache) -> torch.Tensor:
+        keys, values = kv_cache.keys[layer_index], kv_cache.values[layer_index]
+        query = self.rotary_kv_write(qkv, meta.positions, self.inv_freq, self.position_scale, meta.slot_mapping,
+                                     keys, values, self.heads)
+        if meta.max_new_tokens == 1:
+            context = self.decode_attention(query, keys, values, meta.block_tables, meta.context_lengths,
+                                            kv_cache.block_size, self.scale, meta.max_context)
+        elif self.context_attention is not None:
+            context = self.context_attention(query, keys, values, meta.block_tables, meta.context_lengths,
+                                             meta.new_token_counts, meta.last_token_index, meta.max_new_tokens,
+                                             kv_cache.block_size, self.scale, self.fp16_accumulation)
+        else:
+            return attend_reference(query, layer_index, meta.reference, kv_cache, self.scale)
+        return context.flatten(1)

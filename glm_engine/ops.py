@@ -1,0 +1,106 @@
+"""The ops a network computes with, chosen once per engine and device: the plain
+PyTorch references (glm_engine/kernels/reference.py) or the Triton kernels the
+plugin, context-FMHA and weight-only flags ask for. The network's layers take
+their op from this table when they are built; a forward never chooses.
+
+Kernels run on a CUDA GPU, or on the CPU under Triton's interpreter
+(TRITON_INTERPRET=1, for the kernel tests). Elsewhere an engine built with them
+computes the same network with the reference ops, its weight-only layers
+dequantized once at load."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from glm_engine import GlmEngineError
+from glm_engine.attention import PagedAttention, ReferenceAttention
+from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.kernels import reference
+
+logger = logging.getLogger("ops")
+
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Ops:
+    """One choice per op. `build` is the flags the network is built with: the engine's,
+    or with every kernel flag off when the kernels cannot run."""
+
+    build: BuildConfig
+    add_rms_norm: Callable  # (branch | None, residual, weight, eps) -> (normed, residual)
+    swiglu: Callable  # gate_up [N, 2F] -> [N, F]
+    linear: Linear  # (x, weight, bias, weight_scales, quant_bits) -> x @ W^T + bias
+    attention: ReferenceAttention | PagedAttention
+
+
+def runs_kernels(build: BuildConfig, device: torch.device) -> bool:
+    """Whether the engine's Triton kernels run on `device`."""
+    return build.uses_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def reference_build(build: BuildConfig) -> BuildConfig:
+    """`build` with every kernel choice off (sizes and scheduling flags kept)."""
+    return dataclasses.replace(build, use_gpt_attention_plugin=None, use_layernorm_plugin=None,
+                               use_gemm_plugin=None, context_fmha=None, weight_only_precision=None,
+                               use_inflight_batching=False)
+
+
+def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     weight_scales: torch.Tensor | None, quant_bits: int) -> torch.Tensor:
+    return reference.linear(x, weight, bias)
+
+
+def kernel_linear(gemv: Callable, dequantize: Callable, max_rows: int) -> Linear:
+    """Decode-sized inputs (at most `max_rows` rows) through the skinny-GEMM kernel;
+    larger ones through cuBLAS, on the weight dequantized by a kernel when quantized."""
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor | None,
+               quant_bits: int) -> torch.Tensor:
+        if x.shape[0] <= max_rows:
+            return gemv(x, weight, bias, weight_scales, quant_bits)
+        if quant_bits:
+            weight = dequantize(weight, weight_scales, quant_bits, x.dtype)
+        return reference.linear(x, weight, bias)
+
+    return linear
+
+
+def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device) -> Ops:
+    """The op table for an engine on `device` (kernel modules imported only when chosen)."""
+    if build.uses_triton and not runs_kernels(build, device):
+        logger.info("the engine's plugins are Triton kernels, which need a GPU: running the reference ops on the "
+                    "%s%s", device, ", weight-only layers dequantized to " + build.dtype
+                    if build.weight_only_precision else "")
+        build = reference_build(build)
+    if build.uses_triton:
+        check_triton()
+    dtype = build.torch_dtype
+    add_rms_norm, swiglu, linear = reference.add_rms_norm, reference.swiglu, reference_linear
+    if build.use_layernorm_plugin is not None:
+        from glm_engine.kernels import norm, swiglu as swiglu_kernel
+
+        add_rms_norm, swiglu = norm.add_rms_norm, swiglu_kernel.swiglu
+    if build.use_gemm_plugin is not None or build.weight_only_precision is not None:
+        from glm_engine.kernels import dequantize, gemv
+
+        linear = kernel_linear(gemv.gemv, dequantize.dequantize, gemv.MAX_ROWS)
+    if build.use_gpt_attention_plugin is not None:
+        attention = PagedAttention(config, dtype, device, build.context_fmha, build.max_sequence_len)
+    else:
+        attention = ReferenceAttention(config, dtype, device)
+    return Ops(build, add_rms_norm, swiglu, linear, attention)
+
+
+def check_triton() -> None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise GlmEngineError("this engine's plugins are Triton kernels and triton is not installed; "
+                             "pip install triton, or run on the CPU (--device cpu)") from None

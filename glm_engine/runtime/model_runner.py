@@ -1,0 +1,76 @@
+"""Runs a network's forward steps on one device: owns the network, the KV cache,
+the attention backend that builds each step's metadata, and the decode-step CUDA
+graphs. Its input is a step as the scheduler plans it (each sequence's block
+table, cached token count and new tokens); it knows nothing of requests."""
+
+from __future__ import annotations
+
+from itertools import accumulate
+
+import torch
+from torch import nn
+
+from glm_engine.attention import PagedAttention, StepLayout
+from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.ops import Ops
+from glm_engine.runtime.cuda_graphs import DecodeGraphs
+from glm_engine.runtime.kv_cache import KVCache, blocks_per_sequence
+
+PAD_TOKEN = 0  # what padded prompts are filled with (never attended to)
+
+
+class ModelRunner:
+    """Executes forward steps over `num_blocks` KV-cache blocks (plus one scratch block
+    that takes the K/V of padding: graph padding rows and padded prompts)."""
+
+    def __init__(self, network: nn.Module, ops: Ops, config: ModelConfig, build: BuildConfig, device: torch.device,
+                 num_blocks: int, cuda_graphs: bool = True) -> None:
+        self.network, self.attention, self.device = network, ops.attention, device
+        self.block_size = build.tokens_per_block
+        self.blocks_per_sequence = blocks_per_sequence(build)
+        self.scratch_block = num_blocks
+        self.remove_input_padding = build.remove_input_padding
+        self.kv_cache = KVCache(config.num_layers, num_blocks + 1, self.block_size, config.multi_query_group_num,
+                                config.kv_channels, build.torch_dtype, device)
+        self.decode_graphs = None
+        if cuda_graphs and device.type == "cuda" and isinstance(self.attention, PagedAttention):
+            self.decode_graphs = DecodeGraphs(network, self.kv_cache, build.max_batch_size, self.blocks_per_sequence,
+                                              self.scratch_block, build.max_sequence_len, device)
+
+    def forward(self, block_tables: list[list[int]], cached: list[int], new_tokens: list[list[int]],
+                logit_rows: list[int] | None = None) -> torch.Tensor:
+        """Eager forward of the packed new tokens of sequences with `cached` tokens already
+        in their cache blocks `block_tables`; float32 logits [B, vocab] of each sequence's
+        last new token, or of its token number `logit_rows[i]` when given."""
+        counts = list(map(len, new_tokens))
+        metadata = self.attention.metadata(StepLayout.of(block_tables, cached, counts, self.block_size))
+        input_ids = torch.tensor([token for tokens in new_tokens for token in tokens], device=self.device)
+        starts = accumulate(counts[:-1], initial=0)
+        picks = logit_rows if logit_rows is not None else [count - 1 for count in counts]
+        rows = torch.tensor([start + pick for start, pick in zip(starts, picks)], device=self.device)
+        return self.network.logits(self.network(input_ids, metadata, self.kv_cache)[rows])
+
+    def execute(self, block_tables: list[list[int]], cached: list[int],
+                new_tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One scheduled step: float32 logits [B, vocab] of each sequence's last new token
+        and their argmax. A captured decode graph when every sequence has one new token;
+        without --remove_input_padding, prompts are padded to the longest."""
+        if self.decode_graphs is not None and all(len(tokens) == 1 for tokens in new_tokens):
+            return self.decode_graphs.run(block_tables, cached, [tokens[0] for tokens in new_tokens])
+        logit_rows = None
+        if not self.remove_input_padding and any(len(tokens) > 1 for tokens in new_tokens):
+            longest = max(map(len, new_tokens))
+            logit_rows = [len(tokens) - 1 for tokens in new_tokens]
+            # Padding runs like the original's padded mode: computed, its K/V written to the scratch block.
+            block_tables = [table + [self.scratch_block] * (-(-(done + longest) // self.block_size) - len(table))
+                            for table, done in zip(block_tables, cached)]
+            new_tokens = [tokens + [PAD_TOKEN] * (longest - len(tokens)) for tokens in new_tokens]
+        logits = self.forward(block_tables, cached, new_tokens, logit_rows)
+        return logits, logits.argmax(dim=-1)
+
+    def prompt_logits(self, block_table: list[int], prompt: list[int]) -> torch.Tensor:
+        """Float32 logits [len(prompt), vocab] at every position of one prompt whose K/V
+        go to the blocks of `block_table`."""
+        metadata = self.attention.metadata(StepLayout.of([block_table], [0], [len(prompt)], self.block_size))
+        input_ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        return self.network.logits(self.network(input_ids, metadata, self.kv_cache))

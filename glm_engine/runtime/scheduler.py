@@ -145,10 +145,11 @@ class Scheduler:
         return StepPlan(list(self.running), [sequence.uncached_tokens() for sequence in self.running])
 
     def postprocess(self, plan: StepPlan, tokens: list[int]) -> StepResult:
-        """Records each sequence's new token (`tokens`, one per sequence of `plan`) and
-        retires the finished ones, whose blocks are free at once."""
+        """Records each sequence's new token (`tokens`, one per sequence of `plan`, which
+        is the running list schedule() returned) and retires the finished ones, whose
+        blocks are free at once."""
         result = StepResult([], [], len(plan.sequences), sum(map(len, plan.new_tokens)))
-        finished = set()
+        still_running = []
         for sequence, fed, token in zip(plan.sequences, plan.new_tokens, tokens, strict=True):
             sequence.cached += len(fed)
             sampling = sequence.sampling
@@ -160,8 +161,9 @@ class Scheduler:
             if done:
                 self.block_manager.release(sequence.block_table)
                 result.finished.append(sequence.index)
-                finished.add(id(sequence))
-        self.running = [sequence for sequence in self.running if id(sequence) not in finished]
+            else:
+                still_running.append(sequence)
+        self.running = still_running
         return result
 
     def release_all(self) -> None:

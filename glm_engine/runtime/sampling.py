@@ -61,11 +61,3 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Genera
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
-
-def choose_tokens(samplings: list[SamplingConfig], generators: list[torch.Generator], logits: torch.Tensor,
-                  greedy: torch.Tensor) -> list[int]:
-    """Each row's next token: the step's argmax `greedy` for greedy rows (one
-    device-to-host copy for the step), else sampled from its own generator."""
-    greedy = greedy.tolist()
-    return [greedy[row] if sampling.greedy else int(sample(logits[row:row + 1], sampling, generator)[0])
-            for row, (sampling, generator) in enumerate(zip(samplings, generators, strict=True))]

@@ -2,8 +2,8 @@
 KV cache's blocks. Each step admits waiting requests while the pool's blocks, the
 batch limit and the step's token budget allow and plans one packed forward of every
 running sequence's new tokens (whole prompts of admitted requests, one token of the
-others); once the model runner has run it and each sequence's token is chosen,
-postprocess retires finished sequences, whose blocks are free for the next step.
+others); once the model runner has run it, postprocess chooses each sequence's
+token and retires finished sequences, whose blocks are free for the next step.
 When a running sequence needs a block and none is free, the newest running sequence
 is preempted: its blocks are freed and it goes back to the head of the queue with
 its tokens so far, to be recomputed. Pure: it holds the block manager and the
@@ -18,7 +18,7 @@ import torch
 
 from glm_engine import GlmEngineError
 from glm_engine.runtime.block_manager import BlockManager
-from glm_engine.runtime.sampling import SamplingConfig
+from glm_engine.runtime.sampling import SamplingConfig, sample
 
 DEFAULT_TOKENS_PER_STEP = 16384  # prompt tokens admitted per step (a longer prompt still runs alone); 8192 measured 25% slower
 
@@ -144,15 +144,20 @@ class Scheduler:
             raise GlmEngineError("no request fits the KV cache pool")  # callers check fits() first
         return StepPlan(list(self.running), [sequence.uncached_tokens() for sequence in self.running])
 
-    def postprocess(self, plan: StepPlan, tokens: list[int]) -> StepResult:
-        """Records each sequence's new token (`tokens`, one per sequence of `plan`, which
-        is the running list schedule() returned) and retires the finished ones, whose
-        blocks are free at once."""
+    def postprocess(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor) -> StepResult:
+        """Chooses each sequence's next token from the step's float32 logits [B, vocab] (the
+        argmax `greedy` for greedy requests, else sampled from the request's generator),
+        records it and retires the finished sequences, whose blocks are free at once.
+        `plan` is the running list schedule() returned. One pass over the sequences: at
+        hundreds in flight this bookkeeping is part of every decode step."""
+        greedy = greedy.tolist()  # one device-to-host copy for the whole step
         result = StepResult([], [], len(plan.sequences), sum(map(len, plan.new_tokens)))
         still_running = []
-        for sequence, fed, token in zip(plan.sequences, plan.new_tokens, tokens, strict=True):
+        for row, (sequence, fed) in enumerate(zip(plan.sequences, plan.new_tokens, strict=True)):
             sequence.cached += len(fed)
             sampling = sequence.sampling
+            token = greedy[row] if sampling.greedy else \
+                int(sample(logits[row:row + 1], sampling, sequence.generator)[0])
             done = token == sampling.end_id
             if not done:
                 sequence.output.append(token)

@@ -24,7 +24,7 @@ from glm_engine.quantization import dequantize_weights
 from glm_engine.runtime.block_manager import BlockManager
 from glm_engine.runtime.model_runner import ModelRunner
 from glm_engine.runtime.kv_cache import pool_blocks
-from glm_engine.runtime.sampling import SamplingConfig, choose_tokens
+from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.scheduler import Scheduler, Sequence, StepResult
 
 # (model config, op table, runtime-layout weights, device) -> the network on that device
@@ -139,12 +139,10 @@ class Session:
 
     @torch.inference_mode()
     def step(self, scheduler: Scheduler) -> StepResult:
-        """One planned step: the runner's forward, each sequence's next token, retirement."""
+        """One planned step: the runner's forward, then each sequence's next token and retirement."""
         plan = scheduler.schedule()
         logits, greedy = self.runner.execute(plan.block_tables, plan.cached, plan.new_tokens)
-        tokens = choose_tokens([sequence.sampling for sequence in plan.sequences],
-                               [sequence.generator for sequence in plan.sequences], logits, greedy)
-        return scheduler.postprocess(plan, tokens)
+        return scheduler.postprocess(plan, logits, greedy)
 
     @torch.inference_mode()
     def prompt_logits(self, prompt: list[int]) -> torch.Tensor:

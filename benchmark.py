@@ -28,58 +28,75 @@ import sys
 import time
 from collections.abc import Callable
 
-import torch
-import transformers
-from transformers.generation.streamers import BaseStreamer
+from typing import TYPE_CHECKING
 
+# Light imports only up here: --help answers without loading torch or transformers;
+# each function imports what it measures with.
 from glm_engine import GlmEngineError
 from glm_engine.cli import add_kv_cache_arguments, kv_cache_options, run_tool
-from glm_engine.engine import engine_configs, load_engine, read_engine_config
-from glm_engine.output_file import check_output_file, output_stream
 from glm_engine.compare import relative_error
-from glm_engine.hf_reference import build_glm_model, left_padded
+from glm_engine.output_file import check_output_file, output_stream
 from glm_engine.prompts import random_prompts
-from glm_engine.runtime.sampling import SamplingConfig
-from glm_engine.runtime.session import Session, resolve_device
-from model import load_session
+
+if TYPE_CHECKING:
+    import torch
+
+    from glm_engine.runtime.session import Session
 
 NEVER_ENDS = -1  # end_id no token equals: every run generates exactly output_len tokens
 MIN_REQUEST_RATE = 1e-6  # requests/s; slower arrivals would be spread over decades
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--engine_dir", type=str, required=True)
-    parser.add_argument("--batch_size", type=int, nargs="+", default=[1])
-    parser.add_argument("--input_len", type=int, default=1024)
-    parser.add_argument("--output_len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median kept)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine_dir", type=str, required=True, help="the engine to measure (required)")
+    parser.add_argument("--batch_size", type=int, nargs="+", default=[1],
+                        help="latency mode: batch sizes to measure (default: 1)")
+    parser.add_argument("--input_len", type=int, default=1024,
+                        help="latency mode: prompt tokens (default: %(default)s)")
+    parser.add_argument("--output_len", type=int, default=128, help="tokens generated (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per measurement, median kept (default: %(default)s)")
     parser.add_argument("--hf", action="store_true",
-                        help="also measure GlmForCausalLM (eager) on the same weights")
+                        help="also measure GlmForCausalLM (eager) on the same weights (default: off)")
     parser.add_argument("--accuracy", action="store_true",
-                        help="relative error of the engine's logits against GlmForCausalLM in float32")
+                        help="relative error of the engine's logits against GlmForCausalLM in float32 "
+                             "(default: off)")
     parser.add_argument("--reference_engine_dir", type=str, default=None,
                         help="--accuracy: take the float32 reference's weights from this engine (e.g. the "
-                             "unquantized one, to see quantization drift); default: the measured engine's, "
-                             "dequantized")
-    parser.add_argument("--no_cuda_graphs", action="store_true", help="decode eagerly even with the attention plugin")
-    parser.add_argument("--output_json", type=str, default=None)
-    parser.add_argument("--plot", type=str, default=None, help="PNG of decode tokens/s against batch size")
-    parser.add_argument("--device", type=str, default=None)
-    parser.add_argument("--mode", choices=["latency", "throughput", "rate"], default="latency")
-    parser.add_argument("--num_requests", type=int, default=512)
-    parser.add_argument("--input_len_range", type=int, nargs=2, default=[400, 800], metavar=("MIN", "MAX"))
-    parser.add_argument("--request_rate", type=float, default=None, help="rate mode: requests per second")
-    parser.add_argument("--max_in_flight", type=int, default=None, help="default: the engine's max_batch_size")
+                             "unquantized one, to see quantization drift) (default: the measured engine's, "
+                             "dequantized)")
+    parser.add_argument("--no_cuda_graphs", action="store_true",
+                        help="decode eagerly even with the attention plugin (default: off)")
+    parser.add_argument("--output_json", type=str, default=None,
+                        help="keep the numbers with card, date, command and versions (default: none)")
+    parser.add_argument("--plot", type=str, default=None,
+                        help="latency mode: PNG of decode tokens/s against batch size (default: none)")
+    parser.add_argument("--device", type=str, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--mode", choices=["latency", "throughput", "rate"], default="latency",
+                        help="(default: %(default)s)")
+    parser.add_argument("--num_requests", type=int, default=512,
+                        help="serving modes: requests (default: %(default)s)")
+    parser.add_argument("--input_len_range", type=int, nargs=2, default=[400, 800], metavar=("MIN", "MAX"),
+                        help="serving modes: prompt lengths, uniform (default: 400 800)")
+    parser.add_argument("--request_rate", type=float, default=None,
+                        help="rate mode: requests per second (required there)")
+    parser.add_argument("--max_in_flight", type=int, default=None,
+                        help="serving modes: sequences in flight (default: the engine's max_batch_size)")
     parser.add_argument("--max_tokens_per_step", type=int, default=None,
-                        help="prompt tokens the scheduler admits per step (default 16384)")
-    parser.add_argument("--hf_batch_size", type=int, default=32)
-    parser.add_argument("--hf_num_requests", type=int, default=128)
+                        help="prompt tokens the scheduler admits per step (default: 16384)")
+    parser.add_argument("--hf_batch_size", type=int, default=32,
+                        help="serving modes with --hf: HF static batch size (default: %(default)s)")
+    parser.add_argument("--hf_num_requests", type=int, default=128,
+                        help="serving modes with --hf: requests HF runs (default: %(default)s)")
     add_kv_cache_arguments(parser)
     return parser.parse_args(argv)
 
 
 def synchronize() -> None:
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -106,6 +123,8 @@ def timed_runs(run: Callable[[Callable[[], None]], None], batch_size: int, outpu
 
 def measure_engine(session: Session, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
     """The engine's token stream: each step's tokens reach the host before it is yielded."""
+    from glm_engine.runtime.sampling import SamplingConfig
+
     sampling = SamplingConfig(max_new_tokens=output_len, end_id=NEVER_ENDS)
 
     def run(first_token_out: Callable[[], None]) -> None:
@@ -118,44 +137,51 @@ def measure_engine(session: Session, prompts: list[list[int]], output_len: int, 
     return timed_runs(run, len(prompts), output_len, repeats)
 
 
-class _FirstTokenStreamer(BaseStreamer):
-    """Calls back when generate() pushes its first new tokens (the prompt comes first)."""
-
-    def __init__(self, first_token_out: Callable[[], None]) -> None:
-        self.first_token_out = first_token_out
-        self.pushes = 0
-
-    def put(self, value: torch.Tensor) -> None:
-        self.pushes += 1
-        if self.pushes == 2:
-            value.cpu()  # waits for the token, as the engine's stream does
-            self.first_token_out()
-
-    def end(self) -> None:
-        pass
-
-
 def measure_hf(model, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
     """GlmForCausalLM.generate (greedy, exactly output_len tokens), timed like the engine."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstTokenStreamer(BaseStreamer):
+        """Calls back when generate() pushes its first new tokens (the prompt comes first)."""
+
+        def __init__(self, first_token_out: Callable[[], None]) -> None:
+            self.first_token_out = first_token_out
+            self.pushes = 0
+
+        def put(self, value: torch.Tensor) -> None:
+            self.pushes += 1
+            if self.pushes == 2:
+                value.cpu()  # waits for the token, as the engine's stream does
+                self.first_token_out()
+
+        def end(self) -> None:
+            pass
+
     input_ids = torch.tensor(prompts, device=next(model.parameters()).device)
 
     @torch.inference_mode()
     def run(first_token_out: Callable[[], None]) -> None:
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                        max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0, top_k=None,
-                       top_p=None, temperature=None, streamer=_FirstTokenStreamer(first_token_out))
+                       top_p=None, temperature=None, streamer=FirstTokenStreamer(first_token_out))
 
     return timed_runs(run, len(prompts), output_len, repeats)
 
 
-@torch.inference_mode()
 def logits_error(session: Session, hf_fp32, prompt: list[int]) -> float:
     """||engine - reference|| / ||reference|| over the logits at every position."""
+    import torch
+
     ours = session.prompt_logits(prompt)
-    return relative_error(ours, hf_fp32(torch.tensor([prompt], device=ours.device)).logits[0])
+    with torch.inference_mode():
+        return relative_error(ours, hf_fp32(torch.tensor([prompt], device=ours.device)).logits[0])
 
 
 def environment(device: torch.device) -> dict:
+    import torch
+    import transformers
+
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"card": card, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
             "torch": torch.__version__, "transformers": transformers.__version__,
@@ -170,11 +196,15 @@ def print_table(rows: list[dict]) -> None:
 
 
 def peak_gib(device: torch.device) -> float:
+    import torch
+
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
 def reset_peak(device: torch.device) -> None:
     """Frees what earlier measurements left (reference cycles included) and restarts the peak."""
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -194,6 +224,9 @@ def measured_rows(side: str, measure: Callable[[list[list[int]]], dict], vocab_s
 
 def hf_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """GlmForCausalLM, eager attention, in the engine's dtype and with its weights."""
+    from glm_engine.engine import load_engine
+    from glm_engine.hf_reference import build_glm_model
+
     engine = load_engine(args.engine_dir, "cpu")
     model = build_glm_model(engine.model_config, engine.weights, device, attn_implementation="eager")
     del engine
@@ -202,6 +235,11 @@ def hf_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 
 def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -> float:
+    import torch
+    
+    from glm_engine.engine import load_engine
+    from glm_engine.hf_reference import build_glm_model
+
     engine = load_engine(args.reference_engine_dir or args.engine_dir, "cpu")  # shape checked up front
     hf_fp32 = build_glm_model(session.model_config, engine.weights, device, torch.float32, attn_implementation="eager")
     del engine
@@ -232,6 +270,8 @@ def plot_throughput(rows: list[dict], environment: dict, path: str) -> None:
 
 def serving_requests(args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
     """--num_requests random prompts, lengths uniform over --input_len_range (seeded)."""
+    import torch
+
     low, high = args.input_len_range
     lengths = torch.randint(low, high + 1, (args.num_requests,), generator=torch.Generator().manual_seed(0)).tolist()
     return random_prompts(lengths, min(vocab_size, 60000), seed=1)
@@ -246,6 +286,10 @@ def percentiles(values: list[float]) -> dict:
 def run_serving(session: Session, prompts: list[list[int]], args: argparse.Namespace) -> dict:
     """Feeds the requests to the scheduler (all at once, or at Poisson arrival times)
     and records when each one's tokens reach the host."""
+    import torch
+    
+    from glm_engine.runtime.sampling import SamplingConfig
+
     sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS)
     scheduler = session.new_scheduler(args.max_in_flight, args.max_tokens_per_step)
     # Where the time goes: steps that carry prompt tokens, and decode-only steps.
@@ -296,6 +340,11 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
 def hf_static_throughput(args: argparse.Namespace, prompts: list[list[int]], device: torch.device) -> dict:
     """GlmForCausalLM.generate on static batches of --hf_batch_size (left-padded),
     exactly --output_len new tokens each, over the first --hf_num_requests prompts."""
+    import torch
+    
+    from glm_engine.engine import load_engine
+    from glm_engine.hf_reference import build_glm_model, left_padded
+
     engine = load_engine(args.engine_dir, "cpu")
     model = build_glm_model(engine.model_config, engine.weights, device, attn_implementation="eager")
     del engine
@@ -317,7 +366,10 @@ def hf_static_throughput(args: argparse.Namespace, prompts: list[list[int]], dev
 
 def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -> None:
     """--mode throughput / rate."""
+    from model import load_session
+
     session = load_session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))
+    result["cuda_graphs"] = session.runner.decode_graphs is not None
     prompts = serving_requests(args, session.model_config.vocab_size)
     for index, prompt in enumerate(prompts):  # refuse before any work
         session.check_prompt(index, prompt, args.output_len)
@@ -349,6 +401,8 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Every flag checked before any measurement, against the engine's limits too."""
+    from glm_engine.engine import engine_configs
+
     counts = {"--input_len": args.input_len, "--output_len": args.output_len, "--repeats": args.repeats,
               "--num_requests": args.num_requests, "--hf_batch_size": args.hf_batch_size,
               "--hf_num_requests": args.hf_num_requests, "--max_in_flight": args.max_in_flight,
@@ -394,11 +448,15 @@ def write_json(result: dict, path: str) -> None:
 
 def main() -> None:
     args = parse_arguments()
+    from glm_engine.engine import read_engine_config
+    from glm_engine.runtime.session import resolve_device
+    from model import load_session
+
     device = resolve_device(args.device)
     check_arguments(args)
     result = {"environment": environment(device), "engine_dir": args.engine_dir,
-              "build": read_engine_config(args.engine_dir)["build"], "cuda_graphs": not args.no_cuda_graphs,
-              "input_len": args.input_len, "output_len": args.output_len}
+              "build": read_engine_config(args.engine_dir)["build"], "input_len": args.input_len,
+              "output_len": args.output_len}
     if args.mode != "latency":
         serving_main(args, device, result)
         if args.output_json is not None:
@@ -410,6 +468,7 @@ def main() -> None:
     synchronize()
     result["startup_s"] = time.perf_counter() - start
     result["startup_stages_s"] = session.startup_seconds
+    result["cuda_graphs"] = session.runner.decode_graphs is not None  # what ran, not what was allowed
     measure = functools.partial(measure_engine, session, output_len=args.output_len, repeats=args.repeats)
     rows = measured_rows("glm_engine", measure, session.model_config.vocab_size, args, device)
     if args.accuracy:

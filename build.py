@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+# Light imports only up here: --help answers without loading torch (weights, engine
+# writing and quantization are imported where they are used).
 from glm_engine import GlmEngineError
 from glm_engine.cli import LOG_LEVELS, run_tool, setup_logging
 from glm_engine.config import CHATGLM2_6B, DTYPES, ROPE_RATIO_MODES, BuildConfig, ModelConfig
-from glm_engine.engine import save_engine
 from glm_engine.engine_dir import check_output_dir, restore_interrupted_build
-from glm_engine.layout import parameter_bytes
-from glm_engine.memory import check_fits
-from glm_engine.quantization import quantize_weights
 from glm_engine.source_files import file_inside
-from glm_engine.tokenizer import TOKENIZER_FILES, ChatGLMTokenizer
-from weight import dummy_weights, load_hf_config, load_hf_weights
+from glm_engine.tokenizer import CHATGLM2_SPECIAL_TOKENS, TOKENIZER_FILES, ChatGLMTokenizer, TokenizerError
 
 logger = logging.getLogger("build")
 
@@ -34,34 +30,61 @@ SHAPE_FLAGS = {"n_layer": "num_layers", "n_embd": "hidden_size", "n_head": "num_
                "vocab_size": "padded_vocab_size"}
 
 
+PLUGIN_HELP = {
+    "use_gpt_attention_plugin": "rotary fused with the KV-cache write and paged decode attention (Triton), decode "
+                                "steps in CUDA graphs",
+    "use_gemm_plugin": "decode-sized GEMMs (up to 16 rows) through the Triton skinny-GEMM kernel",
+    "use_layernorm_plugin": "residual add + RMSNorm, and SwiGLU, as Triton kernels",
+}
+SWITCH_HELP = {
+    "enable_context_fmha": "flash attention for prompts, P.V accumulated in float16 (needs the attention plugin)",
+    "enable_context_fmha_fp32_acc": "flash attention for prompts, accumulated in float32 (wins over the above)",
+    "use_weight_only": "quantize every decoder linear's weights (see --weight_only_precision)",
+    "use_inflight_batching": "queue requests, max_batch_size in flight; implies the attention plugin, "
+                             "--paged_kv_cache, --remove_input_padding and fp32 context FMHA",
+    "paged_kv_cache": "one KV pool of blocks shared by all sequences, sized when the engine runs",
+    "remove_input_padding": "run a step's prompts as one packed token stream instead of padding them",
+}
+
+
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model_dir", type=str, default=None,
-                        help="Hugging Face ChatGLM2/ChatGLM3 checkpoint; leave out for dummy weights")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float16")
-    parser.add_argument("--output_dir", type=str, default="trtModel", help="where the engine is written")
-    parser.add_argument("--max_batch_size", type=int, default=8)
-    parser.add_argument("--max_input_len", type=int, default=1024)
-    parser.add_argument("--max_output_len", type=int, default=1024)
-    parser.add_argument("--random_seed", type=int, default=None, help="seed of dummy weights")
-    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info")
+                        help="Hugging Face ChatGLM2/ChatGLM3 checkpoint (default: none, dummy weights)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float16", help="weights and activations "
+                        "(default: %(default)s)")
+    parser.add_argument("--output_dir", type=str, default="trtModel",
+                        help="where the engine is written (default: %(default)s)")
+    parser.add_argument("--max_batch_size", type=int, default=8,
+                        help="most sequences per step (default: %(default)s)")
+    parser.add_argument("--max_input_len", type=int, default=1024, help="longest prompt (default: %(default)s)")
+    parser.add_argument("--max_output_len", type=int, default=1024,
+                        help="most generated tokens per prompt (default: %(default)s)")
+    parser.add_argument("--random_seed", type=int, default=None, help="seed of dummy weights (default: 0)")
+    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info",
+                        help="(default: %(default)s)")
     parser.add_argument("--tokenizer_dir", type=str, default=None,
-                        help="copy this tokenizer into the engine (default: the checkpoint's, if any)")
+                        help="tokenizer to copy into the engine (default: the checkpoint's; for dummy weights a "
+                             "small demo tokenizer that fits the vocabulary)")
     parser.add_argument("--rope_ratio_mode", choices=ROPE_RATIO_MODES, default=None,
                         help="how a checkpoint's rope_ratio applies (default: positions for ChatGLM2-32k, "
                              "base otherwise)")
     for flag, field in SHAPE_FLAGS.items():
         parser.add_argument(f"--{flag}", type=int, default=None,
-                            help=f"dummy engines: {field} (default {CHATGLM2_6B[field]})")
-    parser.add_argument("--world_size", type=int, default=1)
-    parser.add_argument("--parallel_build", action="store_true", default=None)
-    for plugin in ("use_gpt_attention_plugin", "use_gemm_plugin", "use_layernorm_plugin"):
-        parser.add_argument(f"--{plugin}", nargs="?", const="float16", default=None, choices=list(DTYPES))
-    for switch in ("enable_context_fmha", "enable_context_fmha_fp32_acc", "use_weight_only",
-                   "use_inflight_batching", "paged_kv_cache", "remove_input_padding"):
-        parser.add_argument(f"--{switch}", action="store_true", default=None)
-    parser.add_argument("--weight_only_precision", choices=["int8", "int4"], default=None)
-    parser.add_argument("--tokens_per_block", type=int, default=None)
+                            help=f"dummy engines: {field} (default: {CHATGLM2_6B[field]}, ChatGLM2-6B's)")
+    parser.add_argument("--world_size", type=int, default=1,
+                        help="tensor-parallel GPUs; only 1 is built yet (default: %(default)s)")
+    parser.add_argument("--parallel_build", action="store_true", default=None,
+                        help="not built yet: refused")
+    for plugin, text in PLUGIN_HELP.items():
+        parser.add_argument(f"--{plugin}", nargs="?", const="float16", default=None, choices=list(DTYPES),
+                            help=f"{text}; the value must equal --dtype (default: off; given alone: float16)")
+    for switch, text in SWITCH_HELP.items():
+        parser.add_argument(f"--{switch}", action="store_true", default=None, help=f"{text} (default: off)")
+    parser.add_argument("--weight_only_precision", choices=["int8", "int4"], default=None,
+                        help="with --use_weight_only (default: int8)")
+    parser.add_argument("--tokens_per_block", type=int, default=None,
+                        help="tokens per paged KV block, a power of two (default: 64)")
     return parser.parse_args(argv)
 
 
@@ -166,6 +189,8 @@ def model_config_of(args: argparse.Namespace) -> ModelConfig:
                              "its config.json, so drop it or drop --model_dir")
     if args.random_seed is not None:
         raise GlmEngineError("--random_seed seeds dummy weights; it has no effect with --model_dir")
+    from weight import load_hf_config
+
     return ModelConfig.from_hf_config(load_hf_config(args.model_dir), args.rope_ratio_mode)
 
 
@@ -177,10 +202,21 @@ def build(args: argparse.Namespace) -> Path:
     build_config = build_config_of(args)
     model_config = model_config_of(args)
     check_weights_fit(model_config, build_config)
-    tokenizer_dir = Path(args.tokenizer_dir or args.model_dir) if (args.tokenizer_dir or args.model_dir) else None
-    if args.tokenizer_dir and file_inside(tokenizer_dir, "tokenizer.model", "tokenizer file") is None:
-        raise GlmEngineError(f"--tokenizer_dir {tokenizer_dir} holds no tokenizer.model")
-    files = tokenizer_files(tokenizer_dir, model_config.vocab_size)
+    with tempfile.TemporaryDirectory() as scratch:
+        files = tokenizer_files(tokenizer_source(args, model_config.vocab_size, Path(scratch)),
+                                model_config.vocab_size)
+        return convert_and_save(args, output_dir, sources, model_config, build_config, files)
+
+
+def convert_and_save(args: argparse.Namespace, output_dir: Path, sources: dict[str, Path], model_config: ModelConfig,
+                     build_config: BuildConfig, files: list[Path]) -> Path:
+    """Converts (or makes) the weights and writes the engine, every input being checked."""
+    import torch
+
+    from glm_engine.engine import save_engine
+    from glm_engine.quantization import quantize_weights
+    from weight import dummy_weights, load_hf_weights
+
     restore_interrupted_build(output_dir.resolve())  # the old engine stays usable if this build fails
     if args.model_dir is None:
         logger.info("no --model_dir: building with dummy weights (seed %s)", args.random_seed)
@@ -190,11 +226,49 @@ def build(args: argparse.Namespace) -> Path:
     if build_config.weight_only_precision is not None:
         weights = quantize_weights(weights, model_config, build_config.weight_only_precision, progress=True)
     flags = {key: value for key, value in vars(args).items() if key != "log_level"}
-    return save_engine(output_dir, model_config, build_config, [weights], files, flags, sources)
+    engine_dir = save_engine(output_dir, model_config, build_config, [weights], files, flags, sources, progress=True)
+    if build_config.uses_triton and not torch.cuda.is_available():
+        logger.info("this engine's plugins are Triton kernels, which run on a CUDA GPU; on a machine without one "
+                    "(like this one) run.py computes the same network with the reference ops")
+    return engine_dir
+
+
+def tokenizer_source(args: argparse.Namespace, vocab_size: int, scratch: Path) -> Path | None:
+    """Where the engine's tokenizer comes from, logged: --tokenizer_dir, the checkpoint's,
+    or for dummy weights the demo tokenizer (bundled, or trained into `scratch` to fit
+    a smaller vocabulary)."""
+    if args.tokenizer_dir:
+        directory = Path(args.tokenizer_dir)
+        if file_inside(directory, "tokenizer.model", "tokenizer file") is None:
+            raise GlmEngineError(f"--tokenizer_dir {directory} holds no tokenizer.model")
+        logger.info("tokenizer: --tokenizer_dir %s", directory)
+        return directory
+    if args.model_dir:
+        has_one = file_inside(Path(args.model_dir), "tokenizer.model", "tokenizer file") is not None
+        logger.info("tokenizer: %s", "the checkpoint's" if has_one else "none (the checkpoint has no tokenizer.model; "
+                    "give run.py --tokenizer_dir or --input_tokens)")
+        return Path(args.model_dir)
+    from scripts.make_demo_tokenizer import BUNDLED_DIR, train_demo_tokenizer
+
+    if ChatGLMTokenizer.from_dir(BUNDLED_DIR).vocab_size <= vocab_size:
+        logger.info("tokenizer: the bundled demo tokenizer (%s; dummy weights print random text)", BUNDLED_DIR)
+        return BUNDLED_DIR
+    try:
+        directory = train_demo_tokenizer(scratch, sp_vocab_size=vocab_size - len(CHATGLM2_SPECIAL_TOKENS))
+    except TokenizerError:
+        logger.info("tokenizer: none fits a vocabulary of %d tokens; give run.py --input_tokens", vocab_size)
+        return None
+    logger.info("tokenizer: a demo tokenizer trained to fit the vocabulary of %d tokens", vocab_size)
+    return directory
 
 
 def check_weights_fit(model_config: ModelConfig, build_config: BuildConfig) -> None:
     """The weights are converted in host memory: refuse a shape that cannot fit."""
+    import torch
+
+    from glm_engine.layout import parameter_bytes
+    from glm_engine.memory import check_fits
+
     check_fits(f"the engine's weights ({model_config.num_layers} layers, hidden size "
                f"{model_config.hidden_size}, vocabulary {model_config.vocab_size}, {build_config.dtype})",
                parameter_bytes(model_config, build_config), torch.device("cpu"),

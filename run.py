@@ -5,40 +5,47 @@ take any number of prompts, max_batch_size of them in flight at a time."""
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
+# Light imports only up here: --help answers without loading torch; main() imports the rest.
 from glm_engine import GlmEngineError
 from glm_engine.cli import LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, run_tool, setup_logging
-from glm_engine.engine import engine_configs
-from glm_engine.output_file import check_output_file
-from glm_engine.prompts import clean_response, read_token_csv, write_token_csv
-from glm_engine.runtime.sampling import SamplingConfig
-from glm_engine.runtime.session import Session, resolve_device
+from glm_engine.prompts import clean_response
 from glm_engine.tokenizer import ChatGLMTokenizer
-from model import load_session
+
+if TYPE_CHECKING:
+    from glm_engine.runtime.sampling import SamplingConfig
+    from glm_engine.runtime.session import Session
 
 DEFAULT_INPUT_TEXT = "续写：北京市教育资源丰富"
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--engine_dir", type=str, default="trtModel")
-    parser.add_argument("--tokenizer_dir", type=str, default=None, help="default: the engine directory")
+    parser.add_argument("--engine_dir", type=str, default="trtModel", help="the engine (default: %(default)s)")
+    parser.add_argument("--tokenizer_dir", type=str, default=None, help="(default: the engine directory)")
     parser.add_argument("--input_text", type=str, nargs="+", default=None,
-                        help=f"prompts (default: {DEFAULT_INPUT_TEXT})")
+                        help=f"prompts; [gMASK] sop is prepended (default: {DEFAULT_INPUT_TEXT})")
     parser.add_argument("--input_tokens", type=str, default=None,
-                        help="CSV file, one prompt of token ids per line, used exactly as given")
-    parser.add_argument("--max_output_len", type=int, default=None, help="default: the engine's")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=1, help="1: greedy")
-    parser.add_argument("--top_p", type=float, default=0.0, help="0: no nucleus filter")
-    parser.add_argument("--random_seed", type=int, default=None)
+                        help="CSV file, one prompt of token ids per line, used exactly as given (default: none)")
+    parser.add_argument("--max_output_len", type=int, default=None,
+                        help="most tokens to generate per prompt (default: the engine's max_output_len)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
+    parser.add_argument("--top_k", type=int, default=1, help="1: greedy, 0: no top-k filter (default: %(default)s)")
+    parser.add_argument("--top_p", type=float, default=0.0, help="0 or 1: no nucleus filter (default: %(default)s)")
+    parser.add_argument("--random_seed", type=int, default=None,
+                        help="seed of sampling, in [0, 2**64) (default: a fresh one per run)")
     parser.add_argument("--output_csv", type=str, default=None,
-                        help="write each prompt's generated ids (end token excluded) as a CSV line")
-    parser.add_argument("--streaming", action="store_true", help="print tokens as they are generated")
-    parser.add_argument("--device", type=str, default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="error")
+                        help="write each prompt's generated ids (end token excluded) as a CSV line (default: none)")
+    parser.add_argument("--streaming", action="store_true",
+                        help="print the text as it is generated (default: off)")
+    parser.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda when "
+                        "available, else cpu)")
+    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="error", help="(default: %(default)s)")
     add_kv_cache_arguments(parser)
     return parser.parse_args(argv)
 
@@ -53,18 +60,68 @@ def load_tokenizer(args: argparse.Namespace, required: bool) -> ChatGLMTokenizer
     return ChatGLMTokenizer.from_dir(directory)
 
 
-def stream_outputs(session: Session, prompts: list[list[int]], sampling: SamplingConfig,
+def response_text(tokenizer: ChatGLMTokenizer | None, output: list[int], streaming: bool = False) -> str:
+    """What run.py prints for generated ids: cleaned text, or the ids without a tokenizer.
+    While streaming, a character whose bytes are not all there yet is held back, and
+    so is a trailing ASCII mark that the next character may turn full-width."""
+    if tokenizer is None:
+        return ",".join(map(str, output))
+    text = clean_response(tokenizer.decode(output, hold_incomplete=streaming))
+    return text.rstrip(",!:;?") if streaming else text
+
+
+def print_block(text: str, response: str, label: str = "") -> None:
+    print(f"\nInput{label} --->\n\t" + text)
+    print(f"\nOutput{label} --->\n\t" + response)
+
+
+class LiveLines:
+    """Several prompts streaming to a terminal: one line per prompt, redrawn in place."""
+
+    def __init__(self, count: int, stream=sys.stdout) -> None:
+        self.count, self.stream, self.drawn = count, stream, False
+
+    def draw(self, lines: list[str]) -> None:
+        width = shutil.get_terminal_size().columns - 1
+        out = f"\x1b[{self.count}F" if self.drawn else ""  # back to the first line
+        for line in lines:
+            line = " ".join("".join(c if c.isprintable() else " " for c in line).split())  # one screen line each
+            out += "\x1b[2K" + (line if len(line) <= width else "…" + line[-(width - 1):]) + "\n"
+        self.stream.write(out)
+        self.stream.flush()
+        self.drawn = True
+
+
+def stream_outputs(session: Session, prompts: list[list[int]], texts: list[str], sampling: SamplingConfig,
                    tokenizer: ChatGLMTokenizer | None) -> list[list[int]]:
-    """Generates while printing each prompt's new text (or ids) as it comes."""
+    """Generates while printing each prompt's text as it comes, once: one prompt streams
+    into its Output block; several stream one line each on a terminal, or print each
+    labelled block as its prompt finishes when the output is not a terminal."""
     outputs: list[list[int]] = [[] for _ in prompts]
+    single, live = len(prompts) == 1, len(prompts) > 1 and sys.stdout.isatty()
+    printed = ""
+    if single:
+        print(f"\nInput --->\n\t{texts[0]}\n\nOutput --->\n\t", end="", flush=True)
+    lines = None
+    if live:
+        print("\nInput --->\n" + "\n".join(f"\t[{i}] {text}" for i, text in enumerate(texts)) + "\n\nOutput --->")
+        lines = LiveLines(len(prompts))
     for step in session.stream_requests(prompts, [sampling] * len(prompts)):
         for index, token in step.tokens:
-            before = tokenizer.decode(outputs[index]) if tokenizer else ""
             outputs[index].append(token)
-            piece = tokenizer.decode(outputs[index])[len(before):] if tokenizer else f"{token} "
-            prefix = f"[{index}] " if len(prompts) > 1 else ""
-            end = "\n" if len(prompts) > 1 else ""
-            print(f"{prefix}{piece}", end=end, flush=True)
+        if single:
+            text = response_text(tokenizer, outputs[0], streaming=not step.finished)
+            if text.startswith(printed):
+                print(text[len(printed):], end="", flush=True)
+                printed = text
+        elif live:
+            lines.draw([f"[{i}] {response_text(tokenizer, output, streaming=True)}" for i, output in enumerate(outputs)])
+        for index in step.finished if not (single or live) else []:
+            print_block(texts[index], response_text(tokenizer, outputs[index]), f" [{index}]")
+    if single and printed != response_text(tokenizer, outputs[0]):  # the text changed behind what was printed
+        print("\n\t" + response_text(tokenizer, outputs[0]), end="")
+    if live:
+        lines.draw([f"[{i}] {response_text(tokenizer, output)}" for i, output in enumerate(outputs)])
     print()
     return outputs
 
@@ -72,6 +129,13 @@ def stream_outputs(session: Session, prompts: list[list[int]], sampling: Samplin
 def main() -> None:
     args = parse_arguments()
     setup_logging(args.log_level)
+    from glm_engine.engine import engine_configs
+    from glm_engine.output_file import check_output_file
+    from glm_engine.prompts import read_token_csv, write_token_csv
+    from glm_engine.runtime.sampling import SamplingConfig
+    from glm_engine.runtime.session import resolve_device
+    from model import load_session
+
     if args.input_tokens is not None and args.input_text is not None:
         raise GlmEngineError("give the prompts as --input_text or as --input_tokens, not both")
     if args.output_csv is not None:
@@ -94,13 +158,11 @@ def main() -> None:
     if not session.build_config.use_inflight_batching:  # a static batch: all prompts at once
         session.check_request(prompts, sampling.max_new_tokens)
     if args.streaming:
-        outputs = stream_outputs(session, prompts, sampling, tokenizer)
+        outputs = stream_outputs(session, prompts, texts, sampling, tokenizer)
     else:
         outputs = session.generate_requests(prompts, [sampling] * len(prompts))
-    for text, output in zip(texts, outputs):
-        print("\nInput --->\n\t" + text)
-        response = tokenizer.decode(output) if tokenizer else ",".join(map(str, output))
-        print("\nOutput --->\n\t" + clean_response(response))
+        for text, output in zip(texts, outputs):
+            print_block(text, response_text(tokenizer, output))
     if args.output_csv is not None:
         write_token_csv(args.output_csv, outputs)
     sys.stdout.flush()

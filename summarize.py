@@ -11,53 +11,57 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from rouge_score import rouge_scorer
 from tqdm import tqdm
 
+# Light imports only up here: --help answers without loading torch or transformers;
+# the functions import the rest.
 from glm_engine import GlmEngineError
 from glm_engine.cli import LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, run_tool, setup_logging
 from glm_engine.compare import first_divergence
-from glm_engine.dataset import load_articles
 from glm_engine.config import ModelConfig
-from glm_engine.engine import load_engine, read_engine_config
-from glm_engine.hf_reference import build_glm_model, hf_generate
-from glm_engine.runtime.sampling import SamplingConfig
-from glm_engine.runtime.session import resolve_device
+from glm_engine.dataset import load_articles
 from glm_engine.tokenizer import ChatGLMTokenizer
-from model import load_session
-from weight import load_hf_model
 
 logger = logging.getLogger("summarize")
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-HF_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+HF_DTYPES = {"fp16": "float16", "fp32": "float32"}  # --data_type -> torch dtype name
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--engine_dir", type=str, default="trtModel")
+    parser.add_argument("--engine_dir", type=str, default="trtModel", help="the engine (default: %(default)s)")
     parser.add_argument("--hf_model_location", type=str, default=None,
-                        help="Hugging Face checkpoint for --test_hf (default: the engine's own weights)")
+                        help="Hugging Face checkpoint for --test_hf (default: GlmForCausalLM with the engine's "
+                             "own weights)")
     parser.add_argument("--tokenizer", type=str, default=None,
                         help="tokenizer directory (default: --hf_model_location, else the engine directory)")
-    parser.add_argument("--test_hf", action="store_true")
-    parser.add_argument("--test_trt_llm", "--test_engine", dest="test_engine", action="store_true", default=True)
-    parser.add_argument("--no_test_trt_llm", "--no_test_engine", dest="test_engine", action="store_false")
-    parser.add_argument("--data_type", choices=list(HF_DTYPES), default="fp16", help="Hugging Face side dtype")
+    parser.add_argument("--test_hf", action="store_true", help="also summarize with Hugging Face (default: off)")
+    parser.add_argument("--test_trt_llm", "--test_engine", dest="test_engine", action="store_true", default=True,
+                        help="summarize with the engine (default: on)")
+    parser.add_argument("--no_test_trt_llm", "--no_test_engine", dest="test_engine", action="store_false",
+                        help="do not run the engine (with --test_hf)")
+    parser.add_argument("--data_type", choices=list(HF_DTYPES), default="fp16",
+                        help="Hugging Face side dtype (default: %(default)s)")
     parser.add_argument("--dataset_path", type=str, default=None,
-                        help="local cnn_dailymail file (json/jsonl/csv/parquet) or save_to_disk directory")
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--max_ite", type=int, default=20)
-    parser.add_argument("--output_len", type=int, default=100)
-    parser.add_argument("--max_input_len", type=int, default=800)
-    parser.add_argument("--check_accuracy", action="store_true")
+                        help="local cnn_dailymail file (json/jsonl/csv/parquet) or save_to_disk directory "
+                             "(default: ccdv/cnn_dailymail 3.0.0 from the hub)")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="articles per batch; in-flight engines: articles in flight (default: %(default)s)")
+    parser.add_argument("--max_ite", type=int, default=20, help="batches (default: %(default)s)")
+    parser.add_argument("--output_len", type=int, default=100, help="tokens per summary (default: %(default)s)")
+    parser.add_argument("--max_input_len", type=int, default=800,
+                        help="prompt tokens kept per article (default: %(default)s)")
+    parser.add_argument("--check_accuracy", action="store_true",
+                        help="fail when the engine's ROUGE-1 is below the threshold (default: off)")
     parser.add_argument("--tensorrt_llm_rouge1_threshold", "--rouge1_threshold", dest="rouge1_threshold",
-                        type=float, default=15.0)
+                        type=float, default=15.0, help="(default: %(default)s)")
     parser.add_argument("--hf_trust_remote_code", action="store_true",
-                        help="run the checkpoint's own modeling code for the HF side instead of GlmForCausalLM")
-    parser.add_argument("--device", type=str, default=None)
-    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info")
+                        help="run the checkpoint's own modeling code for the HF side instead of GlmForCausalLM "
+                             "(default: off)")
+    parser.add_argument("--device", type=str, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info", help="(default: %(default)s)")
     add_kv_cache_arguments(parser)
     return parser.parse_args(argv)
 
@@ -83,6 +87,8 @@ class SideResult:
 
 def rouge_scores(summaries: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE F-measure x 100 over the articles (rouge_score, stemming on)."""
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
     totals = dict.fromkeys(ROUGE_KEYS, 0.0)
     for summary, reference in zip(summaries, references):
@@ -101,6 +107,8 @@ def agreement(first: list[list[int]], second: list[list[int]]) -> tuple[float, f
 
 def run_side(side: SideResult, generate, batches: list[list[list[int]]], tokenizer: ChatGLMTokenizer) -> None:
     """Generates every batch with `generate`, timing only the generation."""
+    import torch
+
     for prompts in tqdm(batches, desc=f"{side.name} summarizing", unit="batch"):
         start = time.perf_counter()
         outputs = generate(prompts)
@@ -119,9 +127,15 @@ def load_tokenizer(args: argparse.Namespace) -> ChatGLMTokenizer:
     raise GlmEngineError(f"no tokenizer.model in {' or '.join(filter(None, candidates))}; pass --tokenizer")
 
 
-def hf_model(args: argparse.Namespace, device: torch.device):
+def hf_model(args: argparse.Namespace, device):
     """The Hugging Face side: the checkpoint given, or GlmForCausalLM with the engine's weights."""
-    dtype = HF_DTYPES[args.data_type]
+    import torch
+
+    from glm_engine.engine import load_engine, read_engine_config
+    from glm_engine.hf_reference import build_glm_model
+    from weight import load_hf_model
+
+    dtype = getattr(torch, HF_DTYPES[args.data_type])
     if args.hf_model_location:
         model_config = ModelConfig.from_dict(read_engine_config(args.engine_dir)["model"])
         return load_hf_model(args.hf_model_location, dtype, device, model_config, args.hf_trust_remote_code)
@@ -141,6 +155,12 @@ def print_side(side: SideResult, references: list[str]) -> dict[str, float]:
 def main() -> None:
     args = parse_arguments()
     setup_logging(args.log_level)
+    from glm_engine.engine import read_engine_config
+    from glm_engine.hf_reference import hf_generate
+    from glm_engine.runtime.sampling import SamplingConfig
+    from glm_engine.runtime.session import resolve_device
+    from model import load_session
+
     if not (args.test_engine or args.test_hf):
         raise GlmEngineError("nothing to test: --no_test_trt_llm without --test_hf")
     if args.check_accuracy and not args.test_engine:

@@ -9,17 +9,22 @@ import signal
 import sys
 from collections.abc import Callable
 
-import torch
-
 from glm_engine import GlmEngineError
 
 LOG_LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
               "warning": logging.WARNING, "error": logging.ERROR, "internal_error": logging.ERROR}
 
 
+# Libraries whose info lines are noise in a tool's output (absl: rouge_score's "Using default tokenizer.").
+THIRD_PARTY_LOGGERS = ("absl", "datasets", "transformers", "huggingface_hub", "urllib3", "filelock", "fsspec")
+
+
 def setup_logging(level: str) -> None:
+    """The tools' log lines at `level`; third-party libraries' at warning or above."""
     logging.basicConfig(level=LOG_LEVELS[level], format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, LOG_LEVELS[level]))
 
 
 class Terminated(BaseException):
@@ -29,6 +34,12 @@ class Terminated(BaseException):
 
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated
+
+
+def _cuda_out_of_memory() -> tuple[type[BaseException], ...]:
+    """torch's CUDA out-of-memory error, when torch is loaded (it is by then, if it matters)."""
+    torch = sys.modules.get("torch")
+    return (torch.cuda.OutOfMemoryError,) if torch is not None else ()
 
 
 def run_tool(main: Callable[[], None]) -> None:
@@ -41,7 +52,7 @@ def run_tool(main: Callable[[], None]) -> None:
     except GlmEngineError as error:
         print(f"{prog}: error: {error}".replace("\n", "\\n"), file=sys.stderr)
         sys.exit(1)
-    except (MemoryError, torch.cuda.OutOfMemoryError) as error:
+    except (MemoryError, *_cuda_out_of_memory()) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"{prog}: error: out of memory ({reason}); use a smaller batch, shorter sequences or a "
               "smaller engine", file=sys.stderr)
@@ -59,9 +70,11 @@ def run_tool(main: Callable[[], None]) -> None:
 def add_kv_cache_arguments(parser: argparse.ArgumentParser) -> None:
     """The run-time sizing of a paged KV cache (engines built with --paged_kv_cache)."""
     parser.add_argument("--kv_cache_free_gpu_mem_fraction", type=float, default=None,
-                        help="share of the GPU memory free after loading that the KV pool takes (default 0.9)")
+                        help="paged engines: share of the GPU memory free after loading that the KV pool takes "
+                             "(default: 0.9)")
     parser.add_argument("--max_tokens_in_paged_kv_cache", type=int, default=None,
-                        help="size the KV pool in tokens instead")
+                        help="paged engines: size the KV pool in tokens instead (default: from free memory; on "
+                             "the CPU, max_batch_size full sequences)")
 
 
 def kv_cache_options(args: argparse.Namespace) -> dict:

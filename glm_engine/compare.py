@@ -3,11 +3,14 @@ token outputs part."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    """||ours - reference|| / ||reference||, computed in float64."""
+def relative_error(ours: "torch.Tensor", reference: "torch.Tensor") -> float:
+    """||ours - reference|| / ||reference||, computed in float64 (torch tensors)."""
     reference = reference.double()
     return ((ours.double() - reference).norm() / reference.norm()).item()
 

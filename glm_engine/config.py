@@ -8,11 +8,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from glm_engine import GlmEngineError
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# The engine dtypes, by torch's names (torch itself is imported only when a dtype is
+# used, so that the tools answer --help without loading it).
+DTYPES = ("float16", "bfloat16", "float32")
 
 # ChatGLM2-6B's shape: the default for dummy engines.
 CHATGLM2_6B = {
@@ -287,8 +287,10 @@ class BuildConfig:
                                  "tokens in 32-bit integers")
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
+        return getattr(torch, self.dtype)
 
     @property
     def uses_triton(self) -> bool:

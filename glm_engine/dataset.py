@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 from glm_engine import GlmEngineError
 
 HUB_DATASET = ("ccdv/cnn_dailymail", "3.0.0")
+HUB_PROBE_SECONDS = 5
 
 
 def _read_records(path: Path) -> list:
@@ -60,8 +64,25 @@ def _read_saved_dataset(path: Path) -> list:
     return saved.to_list()
 
 
-def _read_hub_dataset() -> list[dict]:
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached, found with one quick attempt
+    (the datasets library retries for half a minute and warns twice before failing)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in (
+            "0", ""):
+        return "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as error:
+        return f"{host} is unreachable: {error.strerror or error}"
+    return None
+
+
+def _read_hub_dataset() -> list[dict]:
+    reason = _hub_unreachable()
+    try:
+        if reason is not None:
+            raise ConnectionError(reason)
         import datasets
 
         return datasets.load_dataset(*HUB_DATASET, split="test").to_list()

@@ -18,6 +18,7 @@ import safetensors
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 import glm_engine
 from glm_engine import GlmEngineError
@@ -100,9 +101,11 @@ _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float
                        torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                      progress: bool = False) -> dict:
     """Writes `tensors` in the safetensors format one tensor at a time (no second
-    copy of the weights in memory) and returns the file's checksums."""
+    copy of the weights in memory) and returns the file's checksums; `progress`
+    shows a bar of the bytes written."""
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, tensor in tensors.items():
@@ -115,10 +118,12 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the format aligns the data to 8 bytes
     checksums = _Checksums()
-    with open(path, "wb") as stream:
+    with open(path, "wb") as stream, tqdm(total=offset, unit="B", unit_scale=True, desc=f"Writing {path.name}",
+                                          disable=not progress) as bar:
         def emit(data: memoryview | bytes) -> None:  # written and checksummed in one pass
             stream.write(data)
             checksums.update(data)
+            bar.update(len(data) if isinstance(data, bytes) else data.nbytes)
 
         emit(len(header_bytes).to_bytes(8, "little") + header_bytes)
         for tensor in tensors.values():
@@ -150,7 +155,7 @@ def _environment() -> dict:
 
 def save_engine(output_dir: str | Path, model_config: ModelConfig, build_config: BuildConfig,
                 rank_weights: list[dict[str, torch.Tensor]], tokenizer_files: list[Path],
-                build_flags: dict, sources: dict[str, Path] | None = None) -> Path:
+                build_flags: dict, sources: dict[str, Path] | None = None, progress: bool = False) -> Path:
     """Writes the engine into a staging directory beside `output_dir`, then renames it
     into place, replacing only what engine_dir.check_output_dir allows; `sources`
     (flag -> directory read by the build) are never replaced or written into."""
@@ -160,7 +165,7 @@ def save_engine(output_dir: str | Path, model_config: ModelConfig, build_config:
         for rank, weights in enumerate(rank_weights):
             name = weights_file_name(rank)
             checksums[name] = write_safetensors(staging / name, weights,
-                                                {"format_version": str(ENGINE_FORMAT_VERSION)})
+                                                {"format_version": str(ENGINE_FORMAT_VERSION)}, progress)
         for path in tokenizer_files:
             shutil.copyfile(path, staging / path.name)
             checksums[path.name] = file_checksums(staging / path.name)

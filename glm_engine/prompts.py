@@ -9,8 +9,6 @@ import io
 import re
 from pathlib import Path
 
-import torch
-
 from glm_engine import GlmEngineError
 from glm_engine.output_file import output_stream
 
@@ -69,5 +67,7 @@ def clean_response(text: str) -> str:
 
 def random_prompts(lengths: list[int], high: int, seed: int) -> list[list[int]]:
     """Seeded prompts of the given lengths, ids uniform in [3, high) (0-2: pad, bos, eos)."""
+    import torch  # here: the prompt-file functions serve tools that must start without torch
+
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, high, (length,), generator=generator).tolist() for length in lengths]

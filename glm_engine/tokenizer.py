@@ -148,13 +148,16 @@ class ChatGLMTokenizer:
             ids = [self.special_token_ids["[gMASK]"], self.special_token_ids["sop"], *ids]
         return ids
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], hold_incomplete: bool = False) -> str:
         """Text of ``ids`` with special tokens, bos, eos and pad (``<unk>``, 0) dropped.
 
         This matches ChatGLM2's HF tokenizer with ``skip_special_tokens=True``.
-        An id outside ``[0, vocab_size)`` is rendered as SentencePiece's unknown
-        mark ``" ⁇ "`` instead of raising, so engines with random weights and a
-        model vocabulary larger than the tokenizer's can still print something.
+        An id outside ``[0, vocab_size)`` (an engine with random weights and a
+        vocabulary larger than the tokenizer's), and byte pieces that do not form a
+        UTF-8 character, print as SentencePiece's unknown mark ``⁇`` instead of
+        raising or printing U+FFFD. With ``hold_incomplete`` (streaming), trailing
+        byte pieces that begin a character not complete yet are left out, so that
+        the next call prints the whole character.
         """
         pieces: list[int] = []
         for token_id in ids:
@@ -165,7 +168,22 @@ class ChatGLMTokenizer:
                 pieces.append(self.sp_model.unk_id())
             elif token_id not in self._silent_ids:
                 pieces.append(token_id)
-        return self.sp_model.decode(pieces)
+        if hold_incomplete:
+            pieces = pieces[:len(pieces) - self._incomplete_character(pieces)]
+        return self.sp_model.decode(pieces).replace("\ufffd", "⁇")
+
+    def _incomplete_character(self, pieces: list[int]) -> int:
+        """How many trailing byte pieces begin a UTF-8 character that is not complete yet."""
+        trailing: list[int] = []
+        for piece in reversed(pieces[-3:]):
+            if piece >= self.sp_size or not self.sp_model.is_byte(piece):
+                break
+            trailing.insert(0, int(self.sp_model.id_to_piece(piece)[3:5], 16))  # "<0xE5>"
+        for start, lead in enumerate(trailing):
+            length = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF8 else 0
+            if length > len(trailing) - start and all(0x80 <= byte < 0xC0 for byte in trailing[start + 1:]):
+                return len(trailing) - start
+        return 0
 
     @staticmethod
     def chat_prompt(query: str) -> str:
@@ -178,6 +196,7 @@ def train_sentencepiece(
     output_dir: str | Path,
     vocab_size: int = 1000,
     flavor: str = "chatglm2",
+    character_coverage: float = 1.0,
 ) -> Path:
     """Train a tiny BPE SentencePiece model laid out like ChatGLM2's; return ``output_dir``.
 
@@ -186,7 +205,8 @@ def train_sentencepiece(
     Byte fallback makes every text encodable, Chinese included.  Pieces are
     ``<unk>``=0, ``<s>``=1, ``</s>``=2 with no pad piece; ``vocab_size`` counts
     SentencePiece pieces only (the special tokens come on top) and is an upper
-    bound when the texts are too few to fill it.  Training is single-threaded,
+    bound when the texts are too few to fill it. ``character_coverage`` below 1
+    leaves the rarest characters to byte fallback (small vocabularies).  Training is single-threaded,
     unshuffled and seeded, so the same inputs give byte-identical files; it
     sets SentencePiece's process-wide random seed.
     """
@@ -211,7 +231,7 @@ def train_sentencepiece(
         # A small corpus may not yield vocab_size pieces; take what it gives.
         hard_vocab_limit=False,
         byte_fallback=True,
-        character_coverage=1.0,
+        character_coverage=character_coverage,
         unk_id=0,
         bos_id=1,
         eos_id=2,

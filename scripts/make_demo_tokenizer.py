@@ -1,7 +1,10 @@
-"""Trains the small ChatGLM2-format tokenizer the demo and the tests use: a
-SentencePiece model of 1000 pieces (byte fallback, so any text encodes) on the
-bundled cnn_dailymail sample and a few Chinese lines, plus ChatGLM2's special
-tokens on top. The real ChatGLM2 tokenizer comes with a checkpoint."""
+"""Trains the small ChatGLM2-format tokenizer the demo, the tests and dummy engines
+use: a SentencePiece model of 1000 pieces (byte fallback, so any text encodes) on
+the bundled cnn_dailymail sample and a few Chinese lines, plus ChatGLM2's special
+tokens on top; data/demo_tokenizer/ holds it, made by
+`python scripts/make_demo_tokenizer.py data/demo_tokenizer`. build.py trains a
+smaller one for a dummy vocabulary it does not fit. The real ChatGLM2 tokenizer
+comes with a checkpoint."""
 
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from glm_engine.tokenizer import train_sentencepiece  # noqa: E402
+from glm_engine.tokenizer import TokenizerError, train_sentencepiece  # noqa: E402
 
 SAMPLE_DATA = REPO_ROOT / "data" / "cnn_dailymail_sample.jsonl"
+BUNDLED_DIR = REPO_ROOT / "data" / "demo_tokenizer"
 # Chinese text so the tiny vocabulary has Chinese pieces, and ChatGLM2's chat
 # prompt so its markers encode compactly.
 CHINESE_TEXTS = (
@@ -37,9 +41,23 @@ def demo_corpus() -> list[str]:
     return texts + list(CHINESE_TEXTS)
 
 
-def train_demo_tokenizer(output_dir: str | Path, flavor: str = "chatglm2") -> Path:
-    """Writes the demo tokenizer into `output_dir` and returns it."""
-    return train_sentencepiece(demo_corpus(), output_dir, DEMO_SP_VOCAB_SIZE, flavor)
+# Smaller vocabularies leave rarer characters to byte fallback (256 byte pieces come first).
+CHARACTER_COVERAGES = (1.0, 0.9995, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8)
+
+
+def train_demo_tokenizer(output_dir: str | Path, flavor: str = "chatglm2",
+                         sp_vocab_size: int = DEMO_SP_VOCAB_SIZE) -> Path:
+    """Writes the demo tokenizer (`sp_vocab_size` SentencePiece pieces, special tokens
+    on top) into `output_dir` and returns it; TokenizerError when no character
+    coverage fits the pieces (about 270 at the least)."""
+    corpus = demo_corpus()
+    for coverage in CHARACTER_COVERAGES:
+        try:
+            return train_sentencepiece(corpus, output_dir, sp_vocab_size, flavor, character_coverage=coverage)
+        except RuntimeError:  # SentencePiece: fewer pieces than the characters it must cover
+            continue
+    raise TokenizerError(f"no demo tokenizer of {sp_vocab_size} pieces can be trained (too few for the 256 "
+                         "byte pieces and the text's characters)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ fi
 OUT=${OUT:-/tmp/out}; WORK=/dev/shm/glm; mkdir -p "$OUT" "$WORK"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-step() { echo "=== $*"; "$@" 2>&1 | grep -v "it/s\]" | tee -a "$OUT/log.txt"; echo "=== exit ${PIPESTATUS[0]}: $1 $2"; }
+step() { echo "=== $*"; "$@" 2>&1 | grep -v "it/s\]\|B/s\]" | tee -a "$OUT/log.txt"; echo "=== exit ${PIPESTATUS[0]}: $1 $2"; }
 # Dummy ChatGLM2-6B fp16 engines: build_engine DIR [more build.py flags].
 SIX_B=(--dtype float16 --max_batch_size 8 --max_input_len 2048 --max_output_len 512 --random_seed 0 --log_level warning)
 PLUGINS=(--use_gpt_attention_plugin float16 --use_layernorm_plugin float16)

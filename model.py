@@ -17,6 +17,7 @@ from torch import nn
 from glm_engine.config import ModelConfig
 from glm_engine.engine import Engine
 from glm_engine.ops import Ops
+from glm_engine.quantization import BITS
 from glm_engine.runtime.kv_cache import KVCache
 from glm_engine.runtime.session import Session
 
@@ -65,7 +66,7 @@ class DecoderLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, ops: Ops) -> None:
         super().__init__()
-        self.quant_bits = {"int8": 8, "int4": 4}.get(ops.build.weight_only_precision, 0)
+        self.quant_bits = BITS.get(ops.build.weight_only_precision, 0)
         packed_in = in_features // 2 if self.quant_bits == 4 else in_features
         self.weight = nn.Parameter(torch.empty(out_features, packed_in, device=UNLOADED), requires_grad=False)
         self.weight_scales = nn.Parameter(torch.empty(out_features, device=UNLOADED), requires_grad=False) \

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 # Light imports only up here: --help answers without loading torch; main() imports the rest.
 from glm_engine import GlmEngineError
 from glm_engine.cli import LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, run_tool, setup_logging
-from glm_engine.prompts import clean_response
+from glm_engine.prompts import clean_response, read_token_csv, write_token_csv
 from glm_engine.tokenizer import ChatGLMTokenizer
 
 if TYPE_CHECKING:
@@ -131,7 +131,6 @@ def main() -> None:
     setup_logging(args.log_level)
     from glm_engine.engine import engine_configs
     from glm_engine.output_file import check_output_file
-    from glm_engine.prompts import read_token_csv, write_token_csv
     from glm_engine.runtime.sampling import SamplingConfig
     from glm_engine.runtime.session import resolve_device
     from model import load_session

@@ -251,7 +251,10 @@ def _check_tensor_specs(path: Path, model_config: ModelConfig, build_config: Bui
 
 def engine_configs(engine_dir: str | Path) -> tuple[ModelConfig, BuildConfig]:
     """The model and build configs of an engine (its config.json checked as a whole)."""
-    config = read_engine_config(engine_dir)
+    return _configs_of(read_engine_config(engine_dir))
+
+
+def _configs_of(config: dict) -> tuple[ModelConfig, BuildConfig]:
     return ModelConfig.from_dict(config.get("model")), BuildConfig.from_dict(config.get("build"))
 
 
@@ -262,7 +265,7 @@ def load_engine(engine_dir: str | Path, device: torch.device | str = "cpu", rank
     if engine_dir.parent.is_dir():
         clean_stale_staging(engine_dir.resolve())
     config = read_engine_config(engine_dir)
-    model_config, build_config = engine_configs(engine_dir)
+    model_config, build_config = _configs_of(config)
     name = weights_file_name(rank)
     if name not in config["checksums"]:
         raise GlmEngineError(f"engine {engine_dir} has no {name}; rebuild it")

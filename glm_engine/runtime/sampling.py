@@ -60,4 +60,3 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Genera
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-

@@ -45,9 +45,9 @@ def resolve_device(name: str | None) -> torch.device:
         raise GlmEngineError(f"--device {name!r}: engines run on cpu or cuda (cuda:N)")
     if device.type == "cpu":
         return torch.device("cpu")  # one CPU device, whatever index was given
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise GlmEngineError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+    if (device.index or 0) >= torch.cuda.device_count():
         raise GlmEngineError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
@@ -115,10 +115,9 @@ class Session:
     def new_scheduler(self, max_in_flight: int | None = None, tokens_per_step: int | None = None) -> Scheduler:
         """A scheduler over this session's KV pool: at most `max_in_flight` sequences per
         step (default and ceiling: max_batch_size), `tokens_per_step` prompt tokens."""
-        if max_in_flight is not None and max_in_flight < 1:
-            raise GlmEngineError(f"--max_in_flight must be at least 1, got {max_in_flight}")
-        limit = min(max_in_flight or self.build_config.max_batch_size, self.build_config.max_batch_size)
-        return Scheduler(self.block_manager, limit, tokens_per_step)
+        ceiling = self.build_config.max_batch_size
+        return Scheduler(self.block_manager, ceiling if max_in_flight is None else min(max_in_flight, ceiling),
+                         tokens_per_step)
 
     def submit(self, scheduler: Scheduler, index: int, prompt: list[int], sampling: SamplingConfig) -> None:
         """Queues request `index`; refuses one the engine or the KV pool can never hold."""

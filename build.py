@@ -20,10 +20,6 @@ from glm_engine.tokenizer import CHATGLM2_SPECIAL_TOKENS, TOKENIZER_FILES, ChatG
 
 logger = logging.getLogger("build")
 
-# Flags of the original example that later issues implement; refused until then.
-NOT_YET = {
-    "parallel_build": "tensor parallelism",
-}
 # Dummy-shape flag -> ChatGLM2 config.json field.
 SHAPE_FLAGS = {"n_layer": "num_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
                "multi_query_group_num": "multi_query_group_num", "inter_size": "ffn_hidden_size",
@@ -73,9 +69,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{flag}", type=int, default=None,
                             help=f"dummy engines: {field} (default: {CHATGLM2_6B[field]}, ChatGLM2-6B's)")
     parser.add_argument("--world_size", type=int, default=1,
-                        help="tensor-parallel GPUs; only 1 is built yet (default: %(default)s)")
+                        help="tensor-parallel GPUs: writes one weights file per rank, run with torchrun or mpirun "
+                             "(default: %(default)s)")
     parser.add_argument("--parallel_build", action="store_true", default=None,
-                        help="not built yet: refused")
+                        help="with --world_size N > 1: convert the N ranks in N processes at once (each holds "
+                             "the whole model while it converts; default: one after another)")
     for plugin, text in PLUGIN_HELP.items():
         parser.add_argument(f"--{plugin}", nargs="?", const="float16", default=None, choices=list(DTYPES),
                             help=f"{text}; the value must equal --dtype (default: off; given alone: float16)")
@@ -89,18 +87,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_supported(args: argparse.Namespace) -> None:
-    """Refuses, by name, every flag this engine does not implement yet."""
-    for flag, feature in NOT_YET.items():
-        if getattr(args, flag) is not None:
-            raise GlmEngineError(f"--{flag} is not supported yet ({feature} is not built); build without it")
+    """Refuses flag combinations that would do nothing."""
+    if args.parallel_build and args.world_size == 1:
+        raise GlmEngineError("--parallel_build converts the ranks of a --world_size N > 1 build in parallel; "
+                             "add --world_size N or drop it")
     if args.weight_only_precision is not None and not args.use_weight_only:
         raise GlmEngineError("--weight_only_precision applies to --use_weight_only; add --use_weight_only or "
                              "drop it")
     if args.tokens_per_block is not None and not (args.paged_kv_cache or args.use_inflight_batching):
         raise GlmEngineError("--tokens_per_block sets the paged KV cache's block size; add --paged_kv_cache")
-    if args.world_size != 1:
-        raise GlmEngineError(f"--world_size {args.world_size} is not supported yet (tensor parallelism is "
-                             "not built); use --world_size 1")
 
 
 def context_fmha(args: argparse.Namespace) -> str | None:
@@ -201,7 +196,10 @@ def build(args: argparse.Namespace) -> Path:
     check_output_dir(output_dir, sources)  # checked again when the engine moves in
     build_config = build_config_of(args)
     model_config = model_config_of(args)
-    check_weights_fit(model_config, build_config)
+    from glm_engine.tensor_parallel import check_world_size
+
+    check_world_size(model_config, build_config.world_size, build_config.weight_only_precision)
+    check_weights_fit(model_config, build_config, build_config.world_size if args.parallel_build else 1)
     with tempfile.TemporaryDirectory() as scratch:
         files = tokenizer_files(tokenizer_source(args, model_config.vocab_size, Path(scratch)),
                                 model_config.vocab_size)
@@ -214,23 +212,73 @@ def convert_and_save(args: argparse.Namespace, output_dir: Path, sources: dict[s
     import torch
 
     from glm_engine.engine import save_engine
-    from glm_engine.quantization import quantize_weights
-    from weight import dummy_weights, load_hf_weights
 
     restore_interrupted_build(output_dir.resolve())  # the old engine stays usable if this build fails
     if args.model_dir is None:
         logger.info("no --model_dir: building with dummy weights (seed %s)", args.random_seed)
-        weights = dummy_weights(model_config, build_config.torch_dtype, args.random_seed, progress=True)
-    else:
-        weights = load_hf_weights(args.model_dir, model_config, build_config.torch_dtype, progress=True)
-    if build_config.weight_only_precision is not None:
-        weights = quantize_weights(weights, model_config, build_config.weight_only_precision, progress=True)
+    world_size = build_config.world_size
+
+    def write_weights(staging: Path) -> dict[str, dict]:
+        if args.parallel_build:
+            logger.info("converting %d ranks in %d processes", world_size, world_size)
+            return convert_ranks_in_parallel(args, model_config, build_config, staging)
+        weights = convert_weights(args, model_config, build_config, progress=True)
+        return dict(write_rank(weights, model_config, build_config, rank, staging, progress=True)
+                    for rank in range(world_size))
+
     flags = {key: value for key, value in vars(args).items() if key != "log_level"}
-    engine_dir = save_engine(output_dir, model_config, build_config, [weights], files, flags, sources, progress=True)
+    engine_dir = save_engine(output_dir, model_config, build_config, write_weights, files, flags, sources)
     if build_config.uses_triton and not torch.cuda.is_available():
         logger.info("this engine's plugins are Triton kernels, which run on a CUDA GPU; on a machine without one "
                     "(like this one) run.py computes the same network with the reference ops")
     return engine_dir
+
+
+def convert_weights(args: argparse.Namespace, model_config: ModelConfig, build_config: BuildConfig,
+                    progress: bool) -> dict:
+    """The whole model's runtime-layout weights: dummy or the checkpoint's, quantized
+    when asked."""
+    from glm_engine.quantization import quantize_weights
+    from weight import dummy_weights, load_hf_weights
+
+    if args.model_dir is None:
+        weights = dummy_weights(model_config, build_config.torch_dtype, args.random_seed, progress=progress)
+    else:
+        weights = load_hf_weights(args.model_dir, model_config, build_config.torch_dtype, progress=progress)
+    if build_config.weight_only_precision is not None:
+        weights = quantize_weights(weights, model_config, build_config.weight_only_precision, progress=progress)
+    return weights
+
+
+def write_rank(weights: dict, model_config: ModelConfig, build_config: BuildConfig, rank: int, staging: Path,
+               progress: bool) -> tuple[str, dict]:
+    """Writes rank `rank`'s slice of the weights into the staging directory."""
+    from glm_engine.engine import write_rank_file
+    from glm_engine.tensor_parallel import split_weights
+
+    return write_rank_file(staging, rank, split_weights(weights, model_config, build_config.world_size, rank),
+                           progress)
+
+
+def convert_rank(args: argparse.Namespace, model_config: ModelConfig, build_config: BuildConfig, rank: int,
+                 staging: Path) -> tuple[str, dict]:
+    """One --parallel_build process: converts the whole model, writes rank `rank`'s file."""
+    setup_logging(args.log_level if rank == 0 else "warning")
+    weights = convert_weights(args, model_config, build_config, progress=rank == 0)
+    return write_rank(weights, model_config, build_config, rank, staging, progress=rank == 0)
+
+
+def convert_ranks_in_parallel(args: argparse.Namespace, model_config: ModelConfig, build_config: BuildConfig,
+                              staging: Path) -> dict[str, dict]:
+    """--parallel_build: one spawned process per rank (the conversion is CPU work; the
+    file bytes equal a serial build's). A failure or SIGTERM stops every process."""
+    import multiprocessing
+
+    world_size = build_config.world_size
+    with multiprocessing.get_context("spawn").Pool(world_size) as pool:  # leaving the block terminates them
+        written = pool.starmap(convert_rank, [(args, model_config, build_config, rank, staging)
+                                              for rank in range(world_size)])
+    return dict(written)
 
 
 def tokenizer_source(args: argparse.Namespace, vocab_size: int, scratch: Path) -> Path | None:
@@ -262,8 +310,9 @@ def tokenizer_source(args: argparse.Namespace, vocab_size: int, scratch: Path) -
     return directory
 
 
-def check_weights_fit(model_config: ModelConfig, build_config: BuildConfig) -> None:
-    """The weights are converted in host memory: refuse a shape that cannot fit."""
+def check_weights_fit(model_config: ModelConfig, build_config: BuildConfig, copies: int) -> None:
+    """The weights are converted in host memory (`copies` processes at once, each with
+    the whole model): refuse a shape that cannot fit."""
     import torch
 
     from glm_engine.layout import parameter_bytes
@@ -271,8 +320,9 @@ def check_weights_fit(model_config: ModelConfig, build_config: BuildConfig) -> N
 
     check_fits(f"the engine's weights ({model_config.num_layers} layers, hidden size "
                f"{model_config.hidden_size}, vocabulary {model_config.vocab_size}, {build_config.dtype})",
-               parameter_bytes(model_config, build_config), torch.device("cpu"),
-               "choose a smaller shape or --dtype, or build on a machine with more memory")
+               copies * parameter_bytes(model_config, build_config), torch.device("cpu"),
+               "choose a smaller shape or --dtype, or build on a machine with more memory"
+               + (", or drop --parallel_build" if copies > 1 else ""))
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from glm_engine.config import ModelConfig
 from glm_engine.engine import Engine
 from glm_engine.ops import Ops
 from glm_engine.quantization import BITS
+from glm_engine.tensor_parallel import vocab_rows_per_rank
 from glm_engine.runtime.kv_cache import KVCache
 from glm_engine.runtime.session import Session
 
@@ -89,11 +90,12 @@ class SelfAttention(nn.Module):
         self.attention = ops.attention
         self.query_key_value = DecoderLinear(config.hidden_size, config.qkv_size, config.add_qkv_bias, ops)
         self.dense = DecoderLinear(config.q_size, config.hidden_size, False, ops)
+        self.all_reduce = ops.all_reduce
 
     def forward(self, hidden: torch.Tensor, metadata, kv_cache: KVCache) -> torch.Tensor:
         """`metadata`: the attention backend's for this step (glm_engine/attention.py)."""
         context = self.attention(self.query_key_value(hidden), self.layer_index, metadata, kv_cache)
-        return self.dense(context)
+        return self.all_reduce(self.dense(context))  # row-parallel: the ranks' partial sums
 
 
 class MLP(nn.Module):
@@ -102,9 +104,10 @@ class MLP(nn.Module):
         self.dense_h_to_4h = DecoderLinear(config.hidden_size, 2 * config.ffn_hidden_size, False, ops)
         self.dense_4h_to_h = DecoderLinear(config.ffn_hidden_size, config.hidden_size, False, ops)
         self.swiglu = ops.swiglu
+        self.all_reduce = ops.all_reduce
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.swiglu(self.dense_h_to_4h(hidden)))
+        return self.all_reduce(self.dense_4h_to_h(self.swiglu(self.dense_h_to_4h(hidden))))
 
 
 class DecoderLayer(nn.Module):
@@ -127,7 +130,9 @@ class DecoderLayer(nn.Module):
 
 
 class ChatGLM2Model(nn.Module):
-    """Embedding, decoder layers, final RMSNorm and the (untied) output layer."""
+    """Embedding, decoder layers, final RMSNorm and the (untied) output layer. Under
+    tensor parallelism, one rank's share (glm_engine/tensor_parallel.py): `config` is
+    the shape the rank computes, the output layer holds its share of the vocabulary."""
 
     def __init__(self, config: ModelConfig, ops: Ops) -> None:
         super().__init__()
@@ -135,7 +140,8 @@ class ChatGLM2Model(nn.Module):
         self.word_embeddings = Table(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, ops) for i in range(config.num_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, ops)
-        self.output_layer = Table(config.vocab_size, config.hidden_size)
+        self.output_layer = Table(vocab_rows_per_rank(config, ops.build.world_size), config.hidden_size)
+        self.gather_vocab = ops.gather_vocab
         self.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, metadata, kv_cache: KVCache) -> torch.Tensor:
@@ -149,7 +155,7 @@ class ChatGLM2Model(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab_size] of the given hidden states."""
-        return self.output_layer(hidden).float()
+        return self.gather_vocab(self.output_layer(hidden)).float()
 
 
 def build_model(config: ModelConfig, ops: Ops, weights: dict[str, torch.Tensor],

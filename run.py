@@ -156,6 +156,9 @@ def main() -> None:
     session = load_session(args.engine_dir, device, **kv_cache_options(args))
     if not session.build_config.use_inflight_batching:  # a static batch: all prompts at once
         session.check_request(prompts, sampling.max_new_tokens)
+    if not session.is_main_rank:  # tensor parallelism: the other ranks compute the same steps, rank 0 prints
+        session.generate_requests(prompts, [sampling] * len(prompts))
+        return
     if args.streaming:
         outputs = stream_outputs(session, prompts, texts, sampling, tokenizer)
     else:

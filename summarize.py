@@ -16,7 +16,8 @@ from tqdm import tqdm
 # Light imports only up here: --help answers without loading torch or transformers;
 # the functions import the rest.
 from glm_engine import GlmEngineError
-from glm_engine.cli import LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, run_tool, setup_logging
+from glm_engine.cli import (LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, launched_rank, run_tool,
+                            setup_logging)
 from glm_engine.compare import first_divergence
 from glm_engine.config import ModelConfig
 from glm_engine.dataset import load_articles
@@ -109,7 +110,7 @@ def run_side(side: SideResult, generate, batches: list[list[list[int]]], tokeniz
     """Generates every batch with `generate`, timing only the generation."""
     import torch
 
-    for prompts in tqdm(batches, desc=f"{side.name} summarizing", unit="batch"):
+    for prompts in tqdm(batches, desc=f"{side.name} summarizing", unit="batch", disable=launched_rank() > 0):
         start = time.perf_counter()
         outputs = generate(prompts)
         if torch.cuda.is_available():
@@ -197,6 +198,8 @@ def main() -> None:
                                                                         args.batch_size), [prompts], tokenizer)
         else:
             run_side(sides[-1], lambda batch: session.generate(batch, sampling), batches, tokenizer)
+        if not session.is_main_rank:  # tensor parallelism: rank 0 alone runs the reference and scores
+            return
         del session
     if args.test_hf:
         model = hf_model(args, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -19,10 +20,23 @@ LOG_LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "info": logging.
 THIRD_PARTY_LOGGERS = ("absl", "datasets", "transformers", "huggingface_hub", "urllib3", "filelock", "fsspec")
 
 
+def launched_rank() -> int:
+    """This process's rank when torchrun or mpirun started it (0 otherwise), from the
+    launcher's variables: known before torch.distributed starts."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 def setup_logging(level: str) -> None:
-    """The tools' log lines at `level`; third-party libraries' at warning or above."""
-    logging.basicConfig(level=LOG_LEVELS[level], format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    """The tools' log lines at `level` (ranks other than 0: warnings and errors only);
+    third-party libraries' at warning or above."""
+    rank = launched_rank()
+    if rank:
+        level = max(level, "warning", key=lambda name: LOG_LEVELS[name])
+    logging.basicConfig(level=LOG_LEVELS[level], datefmt="%H:%M:%S",
+                        format=f"[%(asctime)s] %(levelname)s {f'rank {rank} ' if rank else ''}%(name)s: %(message)s")
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, LOG_LEVELS[level]))
 
@@ -46,6 +60,8 @@ def run_tool(main: Callable[[], None]) -> None:
     """Runs a tool's main; a GlmEngineError becomes `prog: error: message` and exit status 1,
     running out of memory a one-line error too, SIGTERM and Ctrl-C a clean exit."""
     prog = sys.argv[0].rsplit("/", 1)[-1]
+    if launched_rank():  # every rank reports its own failure; ranks past 0 say which they are
+        prog = f"{prog} (rank {launched_rank()})"
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         main()

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,19 +154,27 @@ def _environment() -> dict:
             "safetensors": safetensors.__version__, "python": platform.python_version(), "device": device}
 
 
+def write_rank_file(staging: Path, rank: int, weights: dict[str, torch.Tensor],
+                    progress: bool = False) -> tuple[str, dict]:
+    """Writes one rank's weights into the staging directory; (file name, checksums)."""
+    name = weights_file_name(rank)
+    return name, write_safetensors(staging / name, weights, {"format_version": str(ENGINE_FORMAT_VERSION)}, progress)
+
+
 def save_engine(output_dir: str | Path, model_config: ModelConfig, build_config: BuildConfig,
-                rank_weights: list[dict[str, torch.Tensor]], tokenizer_files: list[Path],
-                build_flags: dict, sources: dict[str, Path] | None = None, progress: bool = False) -> Path:
+                write_weights: Callable[[Path], dict[str, dict]], tokenizer_files: list[Path],
+                build_flags: dict, sources: dict[str, Path] | None = None) -> Path:
     """Writes the engine into a staging directory beside `output_dir`, then renames it
     into place, replacing only what engine_dir.check_output_dir allows; `sources`
-    (flag -> directory read by the build) are never replaced or written into."""
+    (flag -> directory read by the build) are never replaced or written into.
+    `write_weights(staging)` writes the rank files there (write_rank_file) and returns
+    their checksums by file name."""
     output_dir = Path(output_dir).resolve()
     with staging_dir(output_dir) as staging:
-        checksums = {}
-        for rank, weights in enumerate(rank_weights):
-            name = weights_file_name(rank)
-            checksums[name] = write_safetensors(staging / name, weights,
-                                                {"format_version": str(ENGINE_FORMAT_VERSION)}, progress)
+        checksums = write_weights(staging)
+        expected = [weights_file_name(rank) for rank in range(build_config.world_size)]
+        if sorted(checksums) != sorted(expected):
+            raise ValueError(f"the build wrote {sorted(checksums)}, an engine of this world size holds {expected}")
         for path in tokenizer_files:
             shutil.copyfile(path, staging / path.name)
             checksums[path.name] = file_checksums(staging / path.name)
@@ -227,7 +236,28 @@ def read_engine_config(engine_dir: str | Path) -> dict:
                              "rebuild the engine with build.py")
     for name in config["tokenizer_files"]:
         verify_checksums(engine_dir / name, config["checksums"][name])
+    _check_rank_files(engine_dir, config)
     return config
+
+
+def _check_rank_files(engine_dir: Path, config: dict) -> None:
+    """Every rank's weights file is there with its size (its checksum is verified by the
+    rank that loads it): a tensor-parallel run fails on every rank, before any of them
+    waits for the others, when one file is missing."""
+    _, build_config = _configs_of(config)
+    for rank in range(build_config.world_size):
+        name = weights_file_name(rank)
+        if name not in config["checksums"]:
+            raise GlmEngineError(f"engine {engine_dir} lists no {name} for its world size "
+                                 f"{build_config.world_size}; rebuild it")
+        path = engine_dir / name
+        if not path.is_file():
+            raise GlmEngineError(f"engine file {path} is missing (the engine has {build_config.world_size} rank "
+                                 "files); rebuild the engine with build.py")
+        if path.stat().st_size != config["checksums"][name]["size"]:
+            raise GlmEngineError(f"engine file {path} has {path.stat().st_size} bytes, its config.json says "
+                                 f"{config['checksums'][name]['size']}: the engine is corrupted or truncated; "
+                                 "rebuild it")
 
 
 def _check_tensor_specs(path: Path, model_config: ModelConfig, build_config: BuildConfig) -> None:
@@ -266,13 +296,11 @@ def load_engine(engine_dir: str | Path, device: torch.device | str = "cpu", rank
         clean_stale_staging(engine_dir.resolve())
     config = read_engine_config(engine_dir)
     model_config, build_config = _configs_of(config)
-    name = weights_file_name(rank)
-    if name not in config["checksums"]:
-        raise GlmEngineError(f"engine {engine_dir} has no {name}; rebuild it")
-    path = engine_dir / name
-    if not path.is_file():
-        raise GlmEngineError(f"engine file {path} is missing; rebuild the engine with build.py")
-    verify_checksums(path, config["checksums"][name])
+    if not 0 <= rank < build_config.world_size:
+        raise GlmEngineError(f"engine {engine_dir} was built for {build_config.world_size} rank(s); there is "
+                             f"no rank {rank}")
+    path = engine_dir / weights_file_name(rank)
+    verify_checksums(path, config["checksums"][path.name])
     _check_tensor_specs(path, model_config, build_config)
     weights = load_file(path, device=str(device))
     return Engine(engine_dir, model_config, build_config, weights)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.tensor_parallel import rank_model_config, vocab_rows_per_rank
 
 # The decoder-layer linears that --use_weight_only quantizes.
 QUANTIZED_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
@@ -35,11 +36,19 @@ def quantized_weight_names(config: ModelConfig) -> list[str]:
     return [f"layers.{i}.{linear}.weight" for i in range(config.num_layers) for linear in QUANTIZED_LINEARS]
 
 
+def rank_weight_shapes(config: ModelConfig, world_size: int) -> dict[str, tuple[int, ...]]:
+    """Runtime-layout parameter name -> shape of one rank's slice (glm_engine/tensor_parallel.py)."""
+    shapes = weight_shapes(rank_model_config(config, world_size))
+    shapes["output_layer.weight"] = (vocab_rows_per_rank(config, world_size), config.hidden_size)
+    return shapes
+
+
 def engine_tensor_specs(config: ModelConfig, build: BuildConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of every tensor in an engine built with `build`:
-    int8 weights, or int4 packed two per byte (uint8, half the columns), with float32
-    `_scales` per output channel under --use_weight_only; the rest in the engine dtype."""
-    specs = {name: (shape, build.torch_dtype) for name, shape in weight_shapes(config).items()}
+    """Name -> (shape, dtype) of every tensor in each rank file of an engine built with
+    `build`: int8 weights, or int4 packed two per byte (uint8, half the columns), with
+    float32 `_scales` per output channel under --use_weight_only; the rest in the engine
+    dtype."""
+    specs = {name: (shape, build.torch_dtype) for name, shape in rank_weight_shapes(config, build.world_size).items()}
     if build.weight_only_precision is not None:
         int4 = build.weight_only_precision == "int4"
         for name in quantized_weight_names(config):

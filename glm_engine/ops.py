@@ -22,6 +22,7 @@ from glm_engine import GlmEngineError
 from glm_engine.attention import PagedAttention, ReferenceAttention
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.kernels import reference
+from glm_engine.runtime.distributed import TensorParallel
 
 logger = logging.getLogger("ops")
 
@@ -38,6 +39,11 @@ class Ops:
     swiglu: Callable  # gate_up [N, 2F] -> [N, F]
     linear: Linear  # (x, weight, bias, weight_scales, quant_bits) -> x @ W^T + bias
     attention: ReferenceAttention | PagedAttention
+    # Tensor parallelism (runtime/distributed.py): the sum of a row-parallel layer's
+    # partial outputs over ranks, and logits [N, vocab] from each rank's vocabulary
+    # share; both return their input at world size 1.
+    all_reduce: Callable = lambda partial: partial
+    gather_vocab: Callable = lambda logits: logits
 
 
 def runs_kernels(build: BuildConfig, device: torch.device) -> bool:
@@ -72,8 +78,11 @@ def kernel_linear(gemv: Callable, dequantize: Callable, max_rows: int) -> Linear
     return linear
 
 
-def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device) -> Ops:
-    """The op table for an engine on `device` (kernel modules imported only when chosen)."""
+def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
+               parallel: TensorParallel | None = None) -> Ops:
+    """The op table for one rank's network (`config`: the shape it computes) on `device`
+    (kernel modules imported only when chosen); `parallel` gives the collectives when
+    the engine has several ranks."""
     if build.uses_triton and not runs_kernels(build, device):
         logger.info("the engine's plugins are Triton kernels, which need a GPU: running the reference ops on the "
                     "%s%s", device, ", weight-only layers dequantized to " + build.dtype
@@ -95,7 +104,9 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device) ->
         attention = PagedAttention(config, dtype, device, build.context_fmha, build.max_sequence_len)
     else:
         attention = ReferenceAttention(config, dtype, device)
-    return Ops(build, add_rms_norm, swiglu, linear, attention)
+    if parallel is None or parallel.world_size == 1:
+        return Ops(build, add_rms_norm, swiglu, linear, attention)
+    return Ops(build, add_rms_norm, swiglu, linear, attention, parallel.all_reduce, parallel.gather_vocab)
 
 
 def check_triton() -> None:

@@ -9,16 +9,21 @@ import torch
 
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
-from glm_engine.engine import ENGINE_FORMAT_VERSION, load_engine, save_engine
+from glm_engine.engine import ENGINE_FORMAT_VERSION, load_engine, save_engine, write_rank_file
 from weight import dummy_weights
 
 CONFIG = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, kv_channels=8,
                      multi_query_group_num=1, ffn_hidden_size=24, vocab_size=32, seq_length=64)
 
 
+def one_rank(weights):
+    """save_engine's write_weights for a one-rank engine."""
+    return lambda staging: dict([write_rank_file(staging, 0, weights)])
+
+
 def write(output_dir, seed: int = 0, tokenizer_files=()):
     weights = dummy_weights(CONFIG, torch.float16, seed)
-    save_engine(output_dir, CONFIG, BuildConfig(max_batch_size=2), [weights], list(tokenizer_files),
+    save_engine(output_dir, CONFIG, BuildConfig(max_batch_size=2), one_rank(weights), list(tokenizer_files),
                 {"dtype": "float16"})
     return weights
 
@@ -80,7 +85,7 @@ def test_failed_write_leaves_nothing(tmp_path):
     weights = dummy_weights(CONFIG, torch.float16, 0)
     weights["bad"] = "not a tensor"
     with pytest.raises(Exception):
-        save_engine(tmp_path / "engine", CONFIG, BuildConfig(), [weights], [], {})
+        save_engine(tmp_path / "engine", CONFIG, BuildConfig(), one_rank(weights), [], {})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -89,7 +94,7 @@ def test_failed_rebuild_keeps_the_old_engine(tmp_path):
     weights = dummy_weights(CONFIG, torch.float16, 4)
     weights["bad"] = "not a tensor"
     with pytest.raises(Exception):
-        save_engine(tmp_path / "engine", CONFIG, BuildConfig(), [weights], [], {})
+        save_engine(tmp_path / "engine", CONFIG, BuildConfig(), one_rank(weights), [], {})
     assert torch.equal(load_engine(tmp_path / "engine").weights["output_layer.weight"], old["output_layer.weight"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
 

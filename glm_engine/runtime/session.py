@@ -9,6 +9,7 @@ generate_requests / stream_requests (any number, in flight), prompt_logits."""
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,14 +19,16 @@ from torch import nn
 
 from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
-from glm_engine.engine import Engine, load_engine
+from glm_engine.engine import Engine, engine_configs, load_engine
 from glm_engine.ops import Ops, select_ops
 from glm_engine.quantization import dequantize_weights
 from glm_engine.runtime.block_manager import BlockManager
+from glm_engine.runtime.distributed import Launch, TensorParallel, launch_from_environment, rank_device
 from glm_engine.runtime.model_runner import ModelRunner
 from glm_engine.runtime.kv_cache import pool_blocks
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.scheduler import Scheduler, Sequence, StepResult
+from glm_engine.tensor_parallel import rank_model_config
 
 # (model config, op table, runtime-layout weights, device) -> the network on that device
 NetworkBuilder = Callable[[ModelConfig, Ops, dict[str, torch.Tensor], torch.device], nn.Module]
@@ -52,6 +55,19 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def check_launch(engine_world_size: int, launch: Launch) -> None:
+    """Raises GlmEngineError when the ranks started are not the engine's."""
+    if launch.world_size == engine_world_size:
+        return
+    if launch.world_size == 1:
+        raise GlmEngineError(f"the engine has {engine_world_size} ranks (built with --world_size "
+                             f"{engine_world_size}); start one process per rank: torchrun --nproc_per_node "
+                             f"{engine_world_size} <tool>.py ... (or mpirun -n {engine_world_size})")
+    raise GlmEngineError(f"{launch.world_size} ranks were started but the engine was built with --world_size "
+                         f"{engine_world_size}; start {engine_world_size}, or rebuild with --world_size "
+                         f"{launch.world_size}")
+
+
 class Session:
     """Generates with one loaded engine: static batches (`generate`) or any number of
     requests under in-flight batching (`generate_requests`), both through the scheduler
@@ -61,30 +77,43 @@ class Session:
                  device: str | torch.device | None = None, cuda_graphs: bool = True,
                  kv_cache_free_gpu_mem_fraction: float | None = None,
                  max_tokens_in_paged_kv_cache: int | None = None) -> None:
-        self.device = resolve_device(str(device) if device is not None else None)
+        launch = launch_from_environment()
+        _, build = (engine.model_config, engine.build_config) if isinstance(engine, Engine) else engine_configs(engine)
+        check_launch(build.world_size, launch)  # on every rank, before any waits for the others
+        self.device = resolve_device(rank_device(launch, str(device) if device is not None else None))
         start = time.perf_counter()
         if not isinstance(engine, Engine):
-            engine = load_engine(engine, self.device)
+            engine = load_engine(engine, self.device, launch.rank)
         loaded = time.perf_counter()
         self.model_config = config = engine.model_config
         self.build_config = build = engine.build_config
-        ops = select_ops(config, build, self.device)
+        self.parallel = TensorParallel(launch, self.device, config.vocab_size)
+        rank_config = rank_model_config(config, build.world_size)  # the shape this rank computes
+        ops = select_ops(rank_config, build, self.device, self.parallel)
         weights = engine.weights
         if build.weight_only_precision and not ops.build.weight_only_precision:
             weights = dequantize_weights(weights, build.torch_dtype)  # the reference ops take dense weights
-        network = build_network(config, ops, weights, self.device)
+        network = build_network(rank_config, ops, weights, self.device)
         engine.weights = {}  # the network holds them now
-        num_blocks = pool_blocks(build, config, self.device, kv_cache_free_gpu_mem_fraction,
+        num_blocks = pool_blocks(build, rank_config, self.device, kv_cache_free_gpu_mem_fraction,
                                  max_tokens_in_paged_kv_cache)
         self.block_manager = BlockManager(num_blocks, build.tokens_per_block)
         built = time.perf_counter()
-        self.runner = ModelRunner(network, ops, config, build, self.device, num_blocks, cuda_graphs)
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)%s", num_blocks, build.tokens_per_block,
+        self.runner = ModelRunner(network, ops, rank_config, build, self.device, num_blocks, cuda_graphs)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB%s)%s", num_blocks, build.tokens_per_block,
                     num_blocks * build.tokens_per_block, self.runner.kv_cache.nbytes / 2**30,
+                    " on each rank" if build.world_size > 1 else "",
                     ", paged" if build.paged_kv_cache else ", a full sequence per batch row")
+        # Unseeded requests draw their seeds from here: the same on every rank.
+        self.seeds = random.Random(self.parallel.shared_seed())
         # Seconds per start-up stage, for benchmark.py (a lazy CUDA-graph capture would hide in the first step).
         self.startup_seconds = {"load_engine": loaded - start, "build_model": built - loaded,
                                 "capture_graphs": time.perf_counter() - built}
+
+    @property
+    def is_main_rank(self) -> bool:
+        """Whether this process prints and writes files (rank 0, or the only one)."""
+        return self.parallel.is_main
 
     def check_prompt(self, index: int, prompt: list[int], max_new_tokens: int) -> None:
         """Raises GlmEngineError when a request breaks the engine's limits."""
@@ -130,10 +159,7 @@ class Session:
                                  f"cache, more than the pool's {manager.num_blocks * manager.block_size}; raise "
                                  f"{flags}")
         generator = torch.Generator(device=self.device)
-        if sampling.random_seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(sampling.random_seed)
+        generator.manual_seed(self.seeds.getrandbits(63) if sampling.random_seed is None else sampling.random_seed)
         scheduler.add(Sequence(index, list(prompt), sampling, generator))
 
     @torch.inference_mode()

@@ -1,0 +1,111 @@
+"""How an engine is split over `world_size` GPUs (Megatron-style tensor parallelism):
+which world sizes a model allows, the shape each rank computes, and each rank's
+slice of the runtime-layout weights.
+
+- query_key_value: column-parallel by heads, num_attention_heads / N query heads per
+  rank with the K/V groups they use; ChatGLM2 has 2 K/V groups, so past N = 2 each
+  group is replicated on the N / 2 ranks whose heads read it.
+- dense, dense_4h_to_h: row-parallel (input columns split; each rank's output is a
+  partial sum, all-reduced by the runtime). Weight-only scales are per output row,
+  which every rank keeps whole.
+- dense_h_to_4h: column-parallel, its gate and up halves split alike.
+- output_layer: vocab-parallel, ceil(vocab / N) rows per rank (the last padded with
+  zero rows; the runtime gathers the logits and drops the padding).
+- embedding and norms: replicated.
+The slices are taken after quantization, so a rank holds exactly the bytes of the
+one-rank engine's rows and columns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from glm_engine import GlmEngineError
+from glm_engine.config import ModelConfig
+
+
+def check_world_size(config: ModelConfig, world_size: int, weight_only_precision: str | None = None) -> None:
+    """Raises GlmEngineError when the model cannot be split over `world_size` ranks."""
+    heads, groups, ffn = config.num_attention_heads, config.multi_query_group_num, config.ffn_hidden_size
+    if world_size < 1:
+        raise GlmEngineError(f"--world_size must be positive, got {world_size}")
+    if heads % world_size:
+        raise GlmEngineError(f"--world_size {world_size} does not divide the model's {heads} attention heads; "
+                             f"use a divisor of {heads}")
+    if groups % world_size and world_size % groups:
+        raise GlmEngineError(f"--world_size {world_size} and the model's {groups} K/V groups: one must divide the "
+                             "other, so that each rank's query heads read whole groups")
+    if ffn % world_size:
+        raise GlmEngineError(f"--world_size {world_size} does not divide the MLP's {ffn} channels "
+                             "(ffn_hidden_size); choose another world size")
+    if weight_only_precision == "int4" and (config.q_size // world_size % 2 or ffn // world_size % 2):
+        raise GlmEngineError(f"int4 weight-only packs two input channels per byte: each of the {world_size} ranks "
+                             "needs an even share of the attention and MLP channels; choose another world size")
+
+
+def rank_model_config(config: ModelConfig, world_size: int) -> ModelConfig:
+    """The shape one rank computes: its query heads, K/V groups and MLP channels (the
+    vocabulary stays whole: the embedding is replicated)."""
+    if world_size == 1:
+        return config
+    return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // world_size,
+                               multi_query_group_num=max(1, config.multi_query_group_num // world_size),
+                               ffn_hidden_size=config.ffn_hidden_size // world_size)
+
+
+def vocab_rows_per_rank(config: ModelConfig, world_size: int) -> int:
+    """Rows of the output layer each rank holds."""
+    return -(-config.vocab_size // world_size)
+
+
+def _qkv_rows(config: ModelConfig, world_size: int, rank: int) -> torch.Tensor:
+    """Rows of the fused [query; key; value] projection that rank `rank` holds."""
+    head_dim, heads, groups = config.kv_channels, config.num_attention_heads, config.multi_query_group_num
+    rank_heads = heads // world_size
+    rank_groups = max(1, groups // world_size)
+    first_group = rank * rank_heads // (heads // groups)  # the group of this rank's first query head
+    query = torch.arange(rank * rank_heads * head_dim, (rank + 1) * rank_heads * head_dim)
+    key = config.q_size + torch.arange(first_group * head_dim, (first_group + rank_groups) * head_dim)
+    return torch.cat([query, key, key + config.kv_size])
+
+
+def _gate_up_rows(config: ModelConfig, world_size: int, rank: int) -> torch.Tensor:
+    share = config.ffn_hidden_size // world_size
+    gate = torch.arange(rank * share, (rank + 1) * share)
+    return torch.cat([gate, gate + config.ffn_hidden_size])
+
+
+def _columns(tensor: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s share of the input columns (int4: of the packed bytes, which hold
+    adjacent column pairs, so an even share splits them alike)."""
+    share = tensor.shape[1] // world_size
+    return tensor[:, rank * share:(rank + 1) * share].contiguous()
+
+
+def _vocab_rows(tensor: torch.Tensor, config: ModelConfig, world_size: int, rank: int) -> torch.Tensor:
+    rows = vocab_rows_per_rank(config, world_size)
+    shard = tensor[rank * rows:(rank + 1) * rows]
+    padding = tensor.new_zeros((rows - shard.shape[0], tensor.shape[1]))
+    return torch.cat([shard, padding]).contiguous()
+
+
+def split_weights(weights: dict[str, torch.Tensor], config: ModelConfig, world_size: int,
+                  rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s runtime-layout weights (quantized or not) out of the whole model's."""
+    if world_size == 1:
+        return weights
+    qkv_rows, gate_up_rows = _qkv_rows(config, world_size, rank), _gate_up_rows(config, world_size, rank)
+    shard = {}
+    for name, tensor in weights.items():
+        if name == "output_layer.weight":
+            shard[name] = _vocab_rows(tensor, config, world_size, rank)
+        elif ".query_key_value." in name:
+            shard[name] = tensor.index_select(0, qkv_rows)
+        elif ".dense_h_to_4h." in name:
+            shard[name] = tensor.index_select(0, gate_up_rows)
+        elif name.endswith((".self_attention.dense.weight", ".dense_4h_to_h.weight")):
+            shard[name] = _columns(tensor, world_size, rank)
+        else:  # embedding, norms, the row-parallel layers' per-output-row scales
+            shard[name] = tensor
+    return shard

@@ -1,0 +1,203 @@
+"""Tensor parallelism on the CPU (gloo): engines of a tiny checkpoint split over 2 and
+4 ranks give the 1-rank engine's greedy tokens and logits, --parallel_build writes the
+serial build's bytes, the tools run under torchrun (rank 0 prints), and the errors of
+a wrong launch are one line each."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, assert_one_line_error, run_tool
+from glm_engine import GlmEngineError
+from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.layout import engine_tensor_specs
+from glm_engine.quantization import quantize_weights
+from glm_engine.runtime import distributed
+from glm_engine.runtime.distributed import Launch, launch_from_environment, rank_device
+from glm_engine.tensor_parallel import check_world_size, split_weights
+from weight import dummy_weights
+
+TINY = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
+                   ffn_hidden_size=96, vocab_size=1022, seq_length=256)
+# The tiny checkpoint with a vocabulary 4 does not divide: the last rank's output rows are padded.
+VOCAB = 1022
+
+
+def torchrun(ranks: int, script: str, *args: object) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node ranks script args` on the CPU."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               str(REPO_ROOT / script), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint_factory) -> Path:
+    return tiny_checkpoint_factory("safetensors", seed=5, padded_vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoint, tmp_path_factory):
+    """(flags, world size) -> engine directory, built once."""
+    built = {}
+
+    def make(world_size: int, *flags: str) -> Path:
+        key = (world_size, flags)
+        if key not in built:
+            output_dir = tmp_path_factory.mktemp("tp_engine") / "engine"
+            result = run_tool("build.py", "--model_dir", checkpoint, "--dtype", "float32", "--max_input_len", "32",
+                              "--max_output_len", "16", "--max_batch_size", "4", "--world_size", world_size,
+                              "--output_dir", output_dir, "--log_level", "error", *flags)
+            assert result.returncode == 0, result.stderr
+            built[key] = output_dir
+        return built[key]
+
+    return make
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("precision", [None, "int8", "int4"])
+def test_rank_slices_have_the_layout_shapes(world_size, precision):
+    weights = dummy_weights(TINY, torch.float32, 0)
+    if precision:
+        weights = quantize_weights(weights, TINY, precision)
+    build = BuildConfig(dtype="float32", world_size=world_size, weight_only_precision=precision)
+    specs = engine_tensor_specs(TINY, build)
+    for rank in range(world_size):
+        shard = split_weights(weights, TINY, world_size, rank)
+        assert {name: (tuple(t.shape), t.dtype) for name, t in shard.items()} == specs
+
+
+def test_key_value_groups_follow_the_query_heads():
+    """4 ranks over 2 K/V groups: ranks 0 and 1 hold group 0, ranks 2 and 3 group 1."""
+    weights = dummy_weights(TINY, torch.float32, 0)
+    qkv = weights["layers.0.self_attention.query_key_value.weight"]
+    q, d = TINY.q_size, TINY.kv_channels
+    for rank in range(4):
+        shard = split_weights(weights, TINY, 4, rank)["layers.0.self_attention.query_key_value.weight"]
+        group = rank // 2
+        assert torch.equal(shard[:d], qkv[rank * d:(rank + 1) * d])  # one query head each
+        assert torch.equal(shard[d:2 * d], qkv[q + group * d:q + (group + 1) * d])
+        assert torch.equal(shard[2 * d:], qkv[q + TINY.kv_size + group * d:q + TINY.kv_size + (group + 1) * d])
+
+
+def run_worker(engine: Path, ranks: int, tmp_path: Path) -> dict:
+    output = tmp_path / f"worker_{ranks}.pt"
+    result = torchrun(ranks, "tests/tensor_parallel_worker.py", engine, output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(output)
+
+
+@pytest.mark.parametrize("world_size,flags", [(2, ()), (4, ()), (2, ("--use_weight_only",))],
+                         ids=["fp32-2", "fp32-4", "int8-2"])
+def test_ranks_give_the_one_rank_tokens_and_logits(engines, tmp_path, world_size, flags):
+    one = run_worker(engines(1, *flags), 1, tmp_path)
+    many = run_worker(engines(world_size, *flags), world_size, tmp_path)
+    assert many["tokens"] == one["tokens"]
+    assert torch.allclose(many["logits"], one["logits"], rtol=0, atol=1e-5), \
+        (many["logits"] - one["logits"]).abs().max()
+    assert [len(tokens) for tokens in many["sampled"]] == [6, 6]  # unseeded sampling kept the ranks in step
+
+
+def test_parallel_build_writes_the_serial_bytes(engines, checkpoint, tmp_path):
+    serial = engines(2)
+    output_dir = tmp_path / "parallel"
+    result = run_tool("build.py", "--model_dir", checkpoint, "--dtype", "float32", "--max_input_len", "32",
+                      "--max_output_len", "16", "--max_batch_size", "4", "--world_size", "2", "--parallel_build",
+                      "--output_dir", output_dir, "--log_level", "error")
+    assert result.returncode == 0, result.stderr
+    for name in ("rank0.safetensors", "rank1.safetensors"):
+        assert (output_dir / name).read_bytes() == (serial / name).read_bytes()
+    configs = [json.loads((path / "config.json").read_text()) for path in (serial, output_dir)]
+    assert configs[0]["checksums"] == configs[1]["checksums"]
+    assert configs[1]["build"]["world_size"] == 2
+
+
+def test_run_py_under_torchrun_in_flight(engines, tmp_path):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("1000,1001,5,17,300\n9,8,7\n100,200,300,400,500,600,700\n42\n3,4\n")
+    csv = {}
+    for ranks in (1, 2):
+        csv[ranks] = tmp_path / f"out{ranks}.csv"
+        engine = engines(ranks, "--use_inflight_batching", "--max_batch_size", "2")
+        if ranks == 1:
+            result = run_tool("run.py", "--engine_dir", engine, "--input_tokens", prompts, "--output_csv", csv[ranks],
+                              "--max_output_len", "8")
+        else:
+            result = torchrun(ranks, "run.py", "--engine_dir", engine, "--input_tokens", prompts, "--output_csv",
+                              csv[ranks], "--max_output_len", "8")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("Output --->") == 5  # printed once, by rank 0
+    assert csv[2].read_text() == csv[1].read_text()
+
+
+def test_an_engine_of_several_ranks_needs_its_launch(engines, tmp_path):
+    (tmp_path / "prompt.csv").write_text("5,6,7\n")
+    result = run_tool("run.py", "--engine_dir", engines(2), "--input_tokens", tmp_path / "prompt.csv")
+    assert_one_line_error(result, "torchrun --nproc_per_node 2")
+
+
+def test_a_launch_of_another_world_size_is_refused(engines, monkeypatch):
+    from model import load_session
+
+    for name, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(GlmEngineError, match="4 ranks were started but the engine was built with --world_size 2"):
+        load_session(engines(2), "cpu")
+
+
+def test_a_missing_rank_file_is_named_before_any_rank_waits(engines, tmp_path, monkeypatch):
+    import shutil
+
+    from model import load_session
+
+    engine = tmp_path / "engine"
+    shutil.copytree(engines(2), engine)
+    (engine / "rank1.safetensors").unlink()
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(GlmEngineError, match="rank1.safetensors is missing"):
+        load_session(engine, "cpu")  # rank 0, whose own file is there, fails without waiting for rank 1
+
+
+def test_world_sizes_that_do_not_split_the_model_are_refused(checkpoint, tmp_path):
+    result = run_tool("build.py", "--model_dir", checkpoint, "--world_size", "3", "--output_dir", tmp_path / "e")
+    assert_one_line_error(result, "--world_size 3 does not divide the model's 4 attention heads")
+    result = run_tool("build.py", "--parallel_build", "--output_dir", tmp_path / "e")
+    assert_one_line_error(result, "--parallel_build converts the ranks of a --world_size N > 1 build")
+    with pytest.raises(GlmEngineError, match="MLP's 96 channels"):
+        check_world_size(ModelConfig(**{**TINY.to_dict(), "num_attention_heads": 128, "multi_query_group_num": 128,
+                                        "kv_channels": 4}), 64)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_more_ranks_than_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
+    assert rank_device(Launch(3, 4, 1, 2), None) == "cuda:1"
+    with pytest.raises(GlmEngineError, match="4 ranks on this host but only 2 GPU"):
+        rank_device(Launch(0, 4, 0, 4), None)
+    with pytest.raises(GlmEngineError, match="not a GPU number"):
+        rank_device(Launch(0, 2, 0, 2), "cuda:1")
+
+
+def test_mpirun_variables_are_read(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                        "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    assert launch_from_environment() == Launch(1, 2, 1, 2)
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("127.0.0.1", "29500")
+    monkeypatch.delenv("MASTER_ADDR")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")  # two hosts of two ranks: rank 0's address is needed
+    with pytest.raises(GlmEngineError, match="set MASTER_ADDR"):
+        launch_from_environment()

@@ -17,6 +17,7 @@ versions; --plot draws decode tokens/s against batch size (latency mode)."""
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import functools
 import gc
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING
 # Light imports only up here: --help answers without loading torch or transformers;
 # each function imports what it measures with.
 from glm_engine import GlmEngineError
-from glm_engine.cli import add_kv_cache_arguments, kv_cache_options, run_tool
+from glm_engine.cli import add_kv_cache_arguments, kv_cache_options, launched_rank, run_tool
 from glm_engine.compare import relative_error
 from glm_engine.output_file import check_output_file, output_stream
 from glm_engine.prompts import random_prompts
@@ -169,15 +170,6 @@ def measure_hf(model, prompts: list[list[int]], output_len: int, repeats: int) -
     return timed_runs(run, len(prompts), output_len, repeats)
 
 
-def logits_error(session: Session, hf_fp32, prompt: list[int]) -> float:
-    """||engine - reference|| / ||reference|| over the logits at every position."""
-    import torch
-
-    ours = session.prompt_logits(prompt)
-    with torch.inference_mode():
-        return relative_error(ours, hf_fp32(torch.tensor([prompt], device=ours.device)).logits[0])
-
-
 def environment(device: torch.device) -> dict:
     import torch
     import transformers
@@ -224,27 +216,34 @@ def measured_rows(side: str, measure: Callable[[list[list[int]]], dict], vocab_s
 
 def hf_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """GlmForCausalLM, eager attention, in the engine's dtype and with its weights."""
-    from glm_engine.engine import load_engine
+    from glm_engine.engine import load_whole_engine
     from glm_engine.hf_reference import build_glm_model
 
-    engine = load_engine(args.engine_dir, "cpu")
+    engine = load_whole_engine(args.engine_dir, "cpu")
     model = build_glm_model(engine.model_config, engine.weights, device, attn_implementation="eager")
     del engine
     return measured_rows("hf_eager", lambda prompts: measure_hf(model, prompts, args.output_len, args.repeats),
                          model.config.vocab_size, args, device)
 
 
-def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -> float:
+def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -> float | None:
+    """||engine - reference|| / ||reference|| over the logits at every position of one
+    prompt, the reference being GlmForCausalLM in float32 (built on rank 0 alone; None
+    on the other ranks, which take part in the engine's forward only)."""
     import torch
-    
-    from glm_engine.engine import load_engine
+
+    from glm_engine.engine import load_whole_engine
     from glm_engine.hf_reference import build_glm_model
 
-    engine = load_engine(args.reference_engine_dir or args.engine_dir, "cpu")  # shape checked up front
+    prompt = random_prompts([min(args.input_len, 256)], min(session.model_config.vocab_size, 60000), seed=1)[0]
+    ours = session.prompt_logits(prompt)
+    if not session.is_main_rank:
+        return None
+    engine = load_whole_engine(args.reference_engine_dir or args.engine_dir, "cpu")  # shape checked up front
     hf_fp32 = build_glm_model(session.model_config, engine.weights, device, torch.float32, attn_implementation="eager")
     del engine
-    prompt = random_prompts([min(args.input_len, 256)], min(session.model_config.vocab_size, 60000), seed=1)[0]
-    return logits_error(session, hf_fp32, prompt)
+    with torch.inference_mode():
+        return relative_error(ours, hf_fp32(torch.tensor([prompt], device=ours.device)).logits[0])
 
 
 def plot_throughput(rows: list[dict], environment: dict, path: str) -> None:
@@ -305,9 +304,12 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
     start = time.perf_counter()
     while submitted < len(prompts) or scheduler.has_work:
         now = time.perf_counter() - start
-        while submitted < len(prompts) and arrivals[submitted] <= now:
-            session.submit(scheduler, submitted, prompts[submitted], sampling)
-            submitted += 1
+        arrived = bisect.bisect_right(arrivals, now)
+        if args.mode == "rate":  # arrivals follow rank 0's clock, so that every rank plans the same steps
+            arrived = session.parallel.rank0_value(arrived)
+        for index in range(submitted, arrived):
+            session.submit(scheduler, index, prompts[index], sampling)
+        submitted = max(submitted, arrived)
         if not scheduler.has_work:
             time.sleep(max(0.0, arrivals[submitted] - now))
             continue
@@ -342,10 +344,10 @@ def hf_static_throughput(args: argparse.Namespace, prompts: list[list[int]], dev
     exactly --output_len new tokens each, over the first --hf_num_requests prompts."""
     import torch
     
-    from glm_engine.engine import load_engine
+    from glm_engine.engine import load_whole_engine
     from glm_engine.hf_reference import build_glm_model, left_padded
 
-    engine = load_engine(args.engine_dir, "cpu")
+    engine = load_whole_engine(args.engine_dir, "cpu")
     model = build_glm_model(engine.model_config, engine.weights, device, attn_implementation="eager")
     del engine
     chosen = prompts[:args.hf_num_requests]
@@ -378,6 +380,8 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
     reset_peak(device)
     rows = [run_serving(session, prompts, args)]
     rows[0]["peak_gib"] = peak_gib(device)
+    if not session.is_main_rank:  # tensor parallelism: rank 0 alone runs the reference and reports
+        return
     del session
     if args.hf:
         reset_peak(device)
@@ -459,7 +463,7 @@ def main() -> None:
               "output_len": args.output_len}
     if args.mode != "latency":
         serving_main(args, device, result)
-        if args.output_json is not None:
+        if args.output_json is not None and launched_rank() == 0:
             write_json(result, args.output_json)
         return
     synchronize()
@@ -474,6 +478,8 @@ def main() -> None:
     if args.accuracy:
         result["logits_relative_error_vs_hf_fp32"] = accuracy(session, args, device)
         result["accuracy_reference_engine_dir"] = args.reference_engine_dir or args.engine_dir
+    if not session.is_main_rank:  # tensor parallelism: rank 0 alone runs the reference and reports
+        return
     session_stages = session.startup_seconds
     del session, measure  # `measure` holds the session too: free its weights before HF loads
     reset_peak(device)

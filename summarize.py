@@ -132,7 +132,7 @@ def hf_model(args: argparse.Namespace, device):
     """The Hugging Face side: the checkpoint given, or GlmForCausalLM with the engine's weights."""
     import torch
 
-    from glm_engine.engine import load_engine, read_engine_config
+    from glm_engine.engine import load_whole_engine, read_engine_config
     from glm_engine.hf_reference import build_glm_model
     from weight import load_hf_model
 
@@ -140,7 +140,7 @@ def hf_model(args: argparse.Namespace, device):
     if args.hf_model_location:
         model_config = ModelConfig.from_dict(read_engine_config(args.engine_dir)["model"])
         return load_hf_model(args.hf_model_location, dtype, device, model_config, args.hf_trust_remote_code)
-    engine = load_engine(args.engine_dir, "cpu")
+    engine = load_whole_engine(args.engine_dir, "cpu")
     logger.info("no --hf_model_location: the Hugging Face side is GlmForCausalLM with the engine's weights")
     return build_glm_model(engine.model_config, engine.weights, device, dtype)
 

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from glm_engine.compare import relative_error  # noqa: E402
-from glm_engine.engine import load_engine  # noqa: E402
+from glm_engine.engine import load_whole_engine  # noqa: E402
 from glm_engine.hf_reference import build_glm_model  # noqa: E402
 from glm_engine.prompts import random_prompts  # noqa: E402
 from model import load_session  # noqa: E402
@@ -23,7 +23,7 @@ from model import load_session  # noqa: E402
 def main() -> None:
     engines = sys.argv[1:]
     prompt = random_prompts([512], 60000, seed=5)[0]
-    engine = load_engine(engines[0], "cpu")
+    engine = load_whole_engine(engines[0], "cpu")
     # float32, weight-only layers dequantized (the float() of packed int4 bytes was wrong)
     hf = build_glm_model(engine.model_config, engine.weights, "cuda", torch.float32, attn_implementation="eager")
     del engine

@@ -27,6 +27,7 @@ from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.engine_dir import (CONFIG_NAME, ENGINE_MARKER, clean_stale_staging, hidden_old_engines,
                                    move_into_place, staging_dir)
 from glm_engine.layout import engine_tensor_specs
+from glm_engine.tensor_parallel import merge_weights
 
 # 2: the format marker, and checksums of config.json and the tokenizer files.
 ENGINE_FORMAT_VERSION = 2
@@ -304,3 +305,14 @@ def load_engine(engine_dir: str | Path, device: torch.device | str = "cpu", rank
     _check_tensor_specs(path, model_config, build_config)
     weights = load_file(path, device=str(device))
     return Engine(engine_dir, model_config, build_config, weights)
+
+
+def load_whole_engine(engine_dir: str | Path, device: torch.device | str = "cpu") -> Engine:
+    """An engine with every rank's weights loaded (each checked) and merged back into the
+    whole model's: what the Hugging Face reference of a tensor-parallel engine is built
+    from. Its build config keeps the world size the engine was built with."""
+    first = load_engine(engine_dir, device, 0)
+    ranks = [first.weights] + [load_engine(engine_dir, device, rank).weights
+                               for rank in range(1, first.build_config.world_size)]
+    first.weights = merge_weights(ranks, first.model_config)
+    return first

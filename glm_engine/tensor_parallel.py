@@ -109,3 +109,29 @@ def split_weights(weights: dict[str, torch.Tensor], config: ModelConfig, world_s
         else:  # embedding, norms, the row-parallel layers' per-output-row scales
             shard[name] = tensor
     return shard
+
+
+def merge_weights(rank_weights: list[dict[str, torch.Tensor]], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The whole model's weights from every rank's slice (the inverse of split_weights),
+    for the Hugging Face reference of a tensor-parallel engine."""
+    world_size = len(rank_weights)
+    if world_size == 1:
+        return rank_weights[0]
+    whole = {}
+    for name, first in rank_weights[0].items():
+        slices = [weights[name] for weights in rank_weights]
+        if name == "output_layer.weight":
+            whole[name] = torch.cat(slices)[:config.vocab_size]
+        elif ".query_key_value." in name or ".dense_h_to_4h." in name:
+            rows = _qkv_rows if ".query_key_value." in name else _gate_up_rows
+            # Replicated K/V groups are written once per rank holding them, with equal values.
+            size = config.qkv_size if rows is _qkv_rows else 2 * config.ffn_hidden_size
+            tensor = first.new_empty((size, *first.shape[1:]))
+            for rank, part in enumerate(slices):
+                tensor.index_copy_(0, rows(config, world_size, rank), part)
+            whole[name] = tensor
+        elif name.endswith((".self_attention.dense.weight", ".dense_4h_to_h.weight")):
+            whole[name] = torch.cat(slices, dim=1)
+        else:
+            whole[name] = first
+    return whole

@@ -21,7 +21,7 @@ from glm_engine.layout import engine_tensor_specs
 from glm_engine.quantization import quantize_weights
 from glm_engine.runtime import distributed
 from glm_engine.runtime.distributed import Launch, launch_from_environment, rank_device
-from glm_engine.tensor_parallel import check_world_size, split_weights
+from glm_engine.tensor_parallel import check_world_size, merge_weights, split_weights
 from weight import dummy_weights
 
 TINY = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
@@ -74,6 +74,18 @@ def test_rank_slices_have_the_layout_shapes(world_size, precision):
     for rank in range(world_size):
         shard = split_weights(weights, TINY, world_size, rank)
         assert {name: (tuple(t.shape), t.dtype) for name, t in shard.items()} == specs
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("precision", [None, "int4"])
+def test_merging_the_rank_slices_gives_the_whole_model(world_size, precision):
+    """What the Hugging Face reference of a tensor-parallel engine is built from."""
+    weights = dummy_weights(TINY, torch.float32, 0)
+    if precision:
+        weights = quantize_weights(weights, TINY, precision)
+    merged = merge_weights([split_weights(weights, TINY, world_size, rank) for rank in range(world_size)], TINY)
+    assert merged.keys() == weights.keys()
+    assert all(torch.equal(merged[name], weights[name]) for name in weights)
 
 
 def test_key_value_groups_follow_the_query_heads():

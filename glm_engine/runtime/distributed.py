@@ -131,12 +131,18 @@ class TensorParallel:
             self.dist.all_gather(list(gathered.unbind(0)), logits.contiguous())
         return gathered.permute(1, 0, 2).reshape(logits.shape[0], -1)[:, :self.vocab_size]
 
+    def rank0_value(self, value: int) -> int:
+        """Rank 0's `value` on every rank: for inputs that are not the same everywhere
+        (a clock, a random draw), which the ranks must agree on to plan the same steps."""
+        if self.world_size == 1:
+            return value
+        shared = torch.tensor([value], dtype=torch.int64, device=self.device)
+        self.dist.broadcast(shared, src=0)
+        return int(shared.item())
+
     def shared_seed(self) -> int:
         """A random 63-bit seed, rank 0's on every rank."""
-        seed = torch.tensor([random.SystemRandom().getrandbits(63)], device=self.device)
-        if self.world_size > 1:
-            self.dist.broadcast(seed, src=0)
-        return int(seed.item())
+        return self.rank0_value(random.SystemRandom().getrandbits(63))
 
     def barrier(self) -> None:
         """Waits for every rank (e.g. while rank 0 alone runs the Hugging Face reference)."""

@@ -8,7 +8,7 @@ TINY=(--n_layer 2 --n_embd 256 --n_head 8 --multi_query_group_num 2 --inter_size
       --dtype float16 --max_batch_size 4 --max_input_len 64 --max_output_len 32 --log_level warning)
 printf '11,12,13,14,15\n7,8\n100,200,300,400,500,600,700,800\n5\n' > "$WORK/prompts.csv"
 for n in 1 2 4; do
-  step python3 build.py --output_dir "$WORK/tiny$n" "${TINY[@]}" --world_size $n ${n:+--use_inflight_batching} \
+  step python3 build.py --output_dir "$WORK/tiny$n" "${TINY[@]}" --world_size $n --use_inflight_batching \
     --use_gemm_plugin float16 --use_layernorm_plugin float16
   step torchrun --nproc_per_node $n run.py --engine_dir "$WORK/tiny$n" --input_tokens "$WORK/prompts.csv" \
     --max_output_len 24 --output_csv "$OUT/tiny$n.csv"

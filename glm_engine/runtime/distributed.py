@@ -140,6 +140,15 @@ class TensorParallel:
         self.dist.broadcast(shared, src=0)
         return int(shared.item())
 
+    def minimum(self, value: int) -> int:
+        """The smallest of the ranks' `value`s, on every rank (e.g. KV pool blocks sized from
+        each GPU's free memory: a pool of another size would schedule other steps)."""
+        if self.world_size == 1:
+            return value
+        shared = torch.tensor([value], dtype=torch.int64, device=self.device)
+        self.dist.all_reduce(shared, op=self.dist.ReduceOp.MIN)
+        return int(shared.item())
+
     def shared_seed(self) -> int:
         """A random 63-bit seed, rank 0's on every rank."""
         return self.rank0_value(random.SystemRandom().getrandbits(63))

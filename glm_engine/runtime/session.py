@@ -95,8 +95,8 @@ class Session:
             weights = dequantize_weights(weights, build.torch_dtype)  # the reference ops take dense weights
         network = build_network(rank_config, ops, weights, self.device)
         engine.weights = {}  # the network holds them now
-        num_blocks = pool_blocks(build, rank_config, self.device, kv_cache_free_gpu_mem_fraction,
-                                 max_tokens_in_paged_kv_cache)
+        num_blocks = self.parallel.minimum(pool_blocks(build, rank_config, self.device, kv_cache_free_gpu_mem_fraction,
+                                                       max_tokens_in_paged_kv_cache))
         self.block_manager = BlockManager(num_blocks, build.tokens_per_block)
         built = time.perf_counter()
         self.runner = ModelRunner(network, ops, rank_config, build, self.device, num_blocks, cuda_graphs)

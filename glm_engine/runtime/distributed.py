@@ -10,7 +10,6 @@ same everywhere is agreed once: the seed that unseeded requests draw from."""
 
 from __future__ import annotations
 
-import atexit
 import os
 import random
 from dataclasses import dataclass
@@ -104,9 +103,10 @@ class TensorParallel:
             self.dist = dist
             backend = "nccl" if device.type == "cuda" else "gloo"
             if not dist.is_initialized():
+                # Not destroyed at exit: destroy_process_group hung on the H200 hosts once decode
+                # graphs had captured NCCL kernels; the process's end releases the communicators.
                 dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
                                         device_id=device if device.type == "cuda" else None)
-                atexit.register(self.close)
             self.all_reduce(torch.zeros(1, device=device))  # connects the ranks before any graph capture
 
     @property
@@ -152,12 +152,3 @@ class TensorParallel:
     def shared_seed(self) -> int:
         """A random 63-bit seed, rank 0's on every rank."""
         return self.rank0_value(random.SystemRandom().getrandbits(63))
-
-    def barrier(self) -> None:
-        """Waits for every rank (e.g. while rank 0 alone runs the Hugging Face reference)."""
-        if self.world_size > 1:
-            self.dist.barrier()
-
-    def close(self) -> None:
-        if self.world_size > 1 and self.dist.is_initialized():
-            self.dist.destroy_process_group()

@@ -22,7 +22,7 @@ B=(--batch_size 1 8 --input_len 1024 --output_len 64 --repeats 3)
 python3 -c "import random; r = random.Random(7); print('\n'.join(','.join(str(r.randrange(60000)) for _ in range(32)) for _ in range(8)))" > "$WORK/prompts.csv"
 for n in ${TP_SIZES:-1 2 4}; do
   extra=(); [ $n -gt 1 ] && extra=(--world_size $n --parallel_build)
-  build_all_plugins_engine "$WORK/tp$n" "${extra[@]}"
+  build_engine "$WORK/tp$n" "${PLUGINS[@]}" --use_gemm_plugin float16 --enable_context_fmha_fp32_acc "${extra[@]}"
   hf=(); [ $n -eq 1 ] && hf=(--hf)
   accuracy=(); [ $n -le 2 ] && accuracy=(--accuracy)
   ranks $n 240 benchmark.py --engine_dir "$WORK/tp$n" "${B[@]}" "${hf[@]}" "${accuracy[@]}" --output_json "$OUT/tp$n.json"

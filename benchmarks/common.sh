@@ -18,8 +18,9 @@ build_engine() { local dir=$1; shift; step python3 build.py --output_dir "$dir" 
 # The all-plugins engine (A+L+G+F32) of the decode tables.
 build_all_plugins_engine() { build_engine "$1" "${PLUGINS[@]}" --use_gemm_plugin float16 --enable_context_fmha_fp32_acc; }
 # The in-flight batching engine of the serving tables (256 in flight).
-build_inflight_engine() {
-  step python3 build.py --output_dir "$1" --dtype float16 --max_batch_size 256 --max_input_len 1024 \
+build_inflight_engine() {  # DIR [more build.py flags]
+  local dir=$1; shift
+  step python3 build.py --output_dir "$dir" --dtype float16 --max_batch_size 256 --max_input_len 1024 \
     --max_output_len 512 --random_seed 0 --log_level warning --use_inflight_batching --use_layernorm_plugin float16 \
-    --use_gemm_plugin float16
+    --use_gemm_plugin float16 "$@"
 }

@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 
-from build import NOT_YET
 from conftest import REPO_ROOT, TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from test_model import oracle
 
@@ -97,15 +96,6 @@ def test_summarize_offline_without_dataset_path(dummy_engine):
 
 
 # --- bad input: one line, non-zero exit, nothing left behind ---------------------------------
-
-
-@pytest.mark.parametrize("flags", [[f"--{flag}"] if flag not in ("tokens_per_block",) else [f"--{flag}", "32"]
-                                   for flag in NOT_YET] + [["--world_size", "2"]])
-def test_flags_not_built_yet_are_refused(tmp_path, flags):
-    result = run_tool("build.py", "--output_dir", tmp_path / "engine", *TINY_SHAPE_FLAGS, *flags)
-    assert_one_line_error(result, flags[0])
-    assert "not supported yet" in result.stderr
-    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("case, message", [

@@ -213,3 +213,19 @@ def test_mpirun_variables_are_read(monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")  # two hosts of two ranks: rank 0's address is needed
     with pytest.raises(GlmEngineError, match="set MASTER_ADDR"):
         launch_from_environment()
+
+
+def test_summarize_under_torchrun_agrees_with_hugging_face(tmp_path):
+    """Rank 0 alone prints the scores and builds the Hugging Face side from the merged
+    rank files; fp32 gives its tokens exactly."""
+    engine = tmp_path / "engine"
+    built = run_tool("build.py", "--output_dir", engine, "--dtype", "float32", "--world_size", "2", "--n_layer", "2",
+                     "--n_embd", "64", "--n_head", "4", "--multi_query_group_num", "2", "--inter_size", "96",
+                     "--vocab_size", "1024", "--max_input_len", "64", "--max_output_len", "8", "--log_level", "error")
+    assert built.returncode == 0, built.stderr
+    result = torchrun(2, "summarize.py", "--engine_dir", engine, "--dataset_path",
+                      REPO_ROOT / "data" / "cnn_dailymail_sample.jsonl", "--batch_size", "2", "--max_ite", "1",
+                      "--output_len", "8", "--max_input_len", "64", "--data_type", "fp32", "--test_hf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("glm_engine (total latency:") == 1
+    assert "Token agreement: 100.0% of outputs identical" in result.stdout

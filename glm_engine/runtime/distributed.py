@@ -89,6 +89,17 @@ def rank_device(launch: Launch, name: str | None) -> str | None:
     return f"cuda:{launch.local_rank}"
 
 
+def share_cores(launch: Launch, device: torch.device) -> None:
+    """Sizes this rank's host thread pool when the launcher did not (torchrun sets
+    OMP_NUM_THREADS=1; mpirun leaves it unset). A GPU rank's host work is many small ops,
+    fastest on one thread: TP2 serving on an H200 host ran at 9,377 output tok/s with 1
+    thread per rank, 5,500 with all of them (7,041 with half the cores each, on a second host
+    of that kind). CPU ranks compute on their share of the cores."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    torch.set_num_threads(1 if device.type == "cuda" else max(1, (os.cpu_count() or 1) // launch.local_world_size))
+
+
 class TensorParallel:
     """The collectives of one rank's network; at world size 1 they return their input."""
 
@@ -100,6 +111,7 @@ class TensorParallel:
         if self.world_size > 1:
             import torch.distributed as dist
 
+            share_cores(launch, device)
             self.dist = dist
             backend = "nccl" if device.type == "cuda" else "gloo"
             if not dist.is_initialized():

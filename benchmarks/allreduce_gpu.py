@@ -3,7 +3,8 @@ as the engine captures it. For rows of 4096 halfs (1 to 256 rows), the microseco
 per all-reduce when a graph replays 56 of them back to back (a ChatGLM2-6B step has
 two per layer), through NCCL (what the engine uses) and, where this torch has it,
 torch's symmetric-memory one-shot all-reduce (peer-to-peer loads over NVLink; no
-multicast). Rank 0 prints one line per size and method.
+multicast; float32 with casts from and to float16, and bfloat16). Rank 0 prints one
+line per size and method.
 Usage: torchrun --nproc_per_node N benchmarks/allreduce_gpu.py"""
 
 from __future__ import annotations
@@ -41,12 +42,34 @@ def time_graph(run, iterations: int = 50) -> float:
     return start.elapsed_time(end) * 1000 / iterations / COUNT
 
 
+def symm_mem_rows(symm, x: torch.Tensor, expected: torch.Tensor, rows: int, device: torch.device) -> dict:
+    """torch's symmetric-memory one-shot all-reduce (float32 and bfloat16 only in torch
+    2.11): in float32 with the casts a float16 engine would add, and in bfloat16."""
+    group = dist.group.WORLD.group_name
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            buffer = symm.empty(rows, HIDDEN, dtype=dtype, device=device)
+            symm.rendezvous(buffer, group)
+
+            def run() -> torch.Tensor:
+                buffer.copy_(x)  # float16 in, as from a row-parallel layer
+                return torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", group).to(torch.float16)
+
+            error = (run().float() - expected).abs().max().item()
+            results[f"symm_mem one_shot {str(dtype)[6:]} + casts (max err {error:.1e})"] = time_graph(run)
+        except Exception as failure:  # noqa: BLE001 - report what this torch cannot do
+            results[f"symm_mem {str(dtype)[6:]}: {str(failure).splitlines()[0][:70]}"] = float("nan")
+    return results
+
+
 def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
     dist.all_reduce(torch.zeros(1, device=device))
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # NVLink multicast stays off (device README)
     symm = None
     try:
         import torch.distributed._symmetric_memory as symm_mem
@@ -60,16 +83,7 @@ def main() -> None:
         results = {"nccl": time_graph(lambda: dist.all_reduce(x))}
         x.copy_(expected.half() / world)
         if symm is not None:
-            try:
-                buffer = symm.empty(rows, HIDDEN, dtype=torch.float16, device=device)
-                symm.rendezvous(buffer, dist.group.WORLD.group_name)
-                buffer.copy_(x)
-                out = torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", dist.group.WORLD.group_name)
-                check = (out.float() - expected).abs().max().item()
-                results[f"symm_mem one_shot (max err {check:.1e})"] = time_graph(
-                    lambda: torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", dist.group.WORLD.group_name))
-            except Exception as error:  # noqa: BLE001 - report what this torch cannot do
-                results[f"symm_mem unavailable: {str(error).splitlines()[0][:80]}"] = float("nan")
+            results.update(symm_mem_rows(symm, x, expected, rows, device))
         if rank == 0:
             for method, micros in results.items():
                 print(f"world {world} rows {rows:4d} ({rows * HIDDEN * 2 / 1024:7.1f} KiB): {method:<48} "

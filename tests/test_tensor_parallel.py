@@ -229,3 +229,39 @@ def test_summarize_under_torchrun_agrees_with_hugging_face(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("glm_engine (total latency:") == 1
     assert "Token agreement: 100.0% of outputs identical" in result.stdout
+
+
+def test_run_py_under_mpirun_variables(engines, tmp_path):
+    """Ranks started as `mpirun -n 2` starts them (Open MPI's variables only; no mpirun
+    here): they find each other through the defaults and give the one-rank tokens."""
+    (tmp_path / "prompts.csv").write_text("9,8,7\n100,200,300\n")
+    one = tmp_path / "one.csv"
+    result = run_tool("run.py", "--engine_dir", engines(1), "--input_tokens", tmp_path / "prompts.csv",
+                      "--output_csv", one, "--max_output_len", "6")
+    assert result.returncode == 0, result.stderr
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "TRITON_INTERPRET")}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO_ROOT), MASTER_PORT="29531", OMPI_COMM_WORLD_SIZE="2",
+               OMPI_COMM_WORLD_LOCAL_SIZE="2")
+    ranks = [subprocess.Popen([sys.executable, str(REPO_ROOT / "run.py"), "--engine_dir", engines(2), "--input_tokens",
+                               tmp_path / "prompts.csv", "--output_csv", tmp_path / "mpi.csv", "--max_output_len", "6"],
+                              env={**env, "OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_LOCAL_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+             for rank in range(2)]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert (tmp_path / "mpi.csv").read_text() == one.read_text()
+    assert outputs[1][0] == ""  # rank 1 prints nothing
+
+
+def test_benchmark_rate_mode_under_torchrun(engines, tmp_path):
+    """Arrivals follow rank 0's clock: both ranks plan the same steps and every request
+    completes with all its tokens (the benchmark checks that)."""
+    engine = engines(2, "--use_inflight_batching", "--max_batch_size", "2")
+    output = tmp_path / "rate.json"
+    result = torchrun(2, "benchmark.py", "--engine_dir", engine, "--mode", "rate", "--request_rate", "50",
+                      "--num_requests", "6", "--input_len_range", "4", "16", "--output_len", "4", "--device", "cpu",
+                      "--output_json", output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(output.read_text())["rows"][0]
+    assert row["requests"] == 6 and row["blocks_free_at_end"] == row["blocks_total"]

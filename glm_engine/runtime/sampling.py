@@ -23,6 +23,11 @@ class SamplingConfig:
     top_p: float = 0.0
     random_seed: int | None = None
     end_id: int = 2  # -1: no token ends a sequence
+    # runtime/penalties.py: 1.0, 0.0, 0.0 and 0 change nothing.
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_length: int = 0  # new tokens before the end token may come
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -38,10 +43,24 @@ class SamplingConfig:
             raise GlmEngineError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
             raise GlmEngineError(f"top_p must be within [0, 1], got {self.top_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise GlmEngineError(f"repetition_penalty must be a positive finite number (1: off), got "
+                                 f"{self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise GlmEngineError(f"{name} must be a finite number (0: off), got {getattr(self, name)}")
+        if self.min_length < 0:
+            raise GlmEngineError(f"min_length must be >= 0, got {self.min_length}")
 
     @property
     def greedy(self) -> bool:
         return self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits change before the choice (penalties or a minimum length)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.min_length > 0)
 
 
 def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 
 from glm_engine import GlmEngineError
 from glm_engine.runtime.block_manager import BlockManager
+from glm_engine.runtime.penalties import TokenHistory, apply_penalties, forbid_end
 from glm_engine.runtime.sampling import SamplingConfig, sample
 
 DEFAULT_TOKENS_PER_STEP = 16384  # prompt tokens admitted per step (a longer prompt still runs alone); 8192 measured 25% slower
@@ -34,6 +35,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V are in the cache
+    penalty_slot: int | None = None  # its row of the TokenHistory, while penalized and running
 
     @property
     def tokens(self) -> list[int]:
@@ -89,6 +91,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.history: TokenHistory | None = None  # made on the first penalized step, on the logits' device
 
     def fits(self, tokens: int) -> bool:
         """Whether a sequence of `tokens` tokens can ever hold its blocks."""
@@ -118,9 +121,16 @@ class Scheduler:
             self.running.append(self.waiting.popleft())
             budget -= tokens
 
+    def _retire(self, sequence: Sequence) -> None:
+        """Frees a sequence's blocks and penalty slot (it finished, was preempted or dropped)."""
+        self.block_manager.release(sequence.block_table)
+        if sequence.penalty_slot is not None:
+            self.history.give_back(sequence.penalty_slot)
+            sequence.penalty_slot = None
+
     def _preempt_newest(self) -> Sequence:
         victim = self.running.pop()
-        self.block_manager.release(victim.block_table)
+        self._retire(victim)
         victim.cached = 0
         self.waiting.appendleft(victim)
         self.preemptions += 1
@@ -146,32 +156,66 @@ class Scheduler:
 
     def postprocess(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor) -> StepResult:
         """Chooses each sequence's next token from the step's float32 logits [B, vocab] (the
-        argmax `greedy` for greedy requests, else sampled from the request's generator),
-        records it and retires the finished sequences, whose blocks are free at once.
-        `plan` is the running list schedule() returned. One pass over the sequences: at
-        hundreds in flight this bookkeeping is part of every decode step."""
+        argmax `greedy` for plain greedy requests; penalized rows get their penalties first,
+        all at once; sampled rows draw from the request's generator), records it and
+        retires the finished sequences, whose blocks are free at once. `plan` is the
+        running list schedule() returned. One pass over the sequences: at hundreds in
+        flight this bookkeeping is part of every decode step."""
+        penalized = [row for row, sequence in enumerate(plan.sequences) if sequence.sampling.penalized]
+        if penalized:
+            logits, greedy = self._penalize(plan, logits, greedy, penalized)
+            # Taken now: a sequence that finishes below gives its slot back (reused only by a later step).
+            slots = [plan.sequences[row].penalty_slot for row in penalized]
         greedy = greedy.tolist()  # one device-to-host copy for the whole step
         result = StepResult([], [], len(plan.sequences), sum(map(len, plan.new_tokens)))
-        still_running = []
+        still_running, chosen = [], []
         for row, (sequence, fed) in enumerate(zip(plan.sequences, plan.new_tokens, strict=True)):
             sequence.cached += len(fed)
             sampling = sequence.sampling
             token = greedy[row] if sampling.greedy else \
                 int(sample(logits[row:row + 1], sampling, sequence.generator)[0])
+            chosen.append(token)
             done = token == sampling.end_id
             if not done:
                 sequence.output.append(token)
                 result.tokens.append((sequence.index, token))
                 done = len(sequence.output) >= sampling.max_new_tokens
             if done:
-                self.block_manager.release(sequence.block_table)
+                self._retire(sequence)
                 result.finished.append(sequence.index)
             else:
                 still_running.append(sequence)
+        if penalized:
+            device = self.history.output_counts.device
+            self.history.record(torch.tensor(slots, device=device),
+                                torch.tensor([chosen[row] for row in penalized], device=device))
         self.running = still_running
         return result
+
+    def _penalize(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor,
+                  rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's logits and argmax with the penalized rows' penalties and minimum
+        lengths applied (runtime/penalties.py), in a few batched ops."""
+        if self.history is None:
+            self.history = TokenHistory(self.max_in_flight, logits.shape[1], logits.device)
+        sequences = [plan.sequences[row] for row in rows]
+        for sequence in sequences:
+            if sequence.penalty_slot is None:
+                sequence.penalty_slot = self.history.take(sequence.prompt, sequence.output)
+        device = logits.device
+        as_tensor = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        samplings = [sequence.sampling for sequence in sequences]
+        penalized = apply_penalties(logits[as_tensor(rows, torch.long)], self.history,
+                                    as_tensor([sequence.penalty_slot for sequence in sequences], torch.long),
+                                    as_tensor([s.repetition_penalty for s in samplings]),
+                                    as_tensor([s.presence_penalty for s in samplings]),
+                                    as_tensor([s.frequency_penalty for s in samplings]))
+        penalized = forbid_end(penalized, as_tensor([s.end_id for s in samplings], torch.long),
+                               as_tensor([len(q.output) < q.sampling.min_length for q in sequences], torch.bool))
+        index = as_tensor(rows, torch.long)
+        return logits.index_copy(0, index, penalized), greedy.index_copy(0, index, penalized.argmax(dim=-1))
 
     def release_all(self) -> None:
         """Frees the blocks of every running sequence (a consumer that stops early)."""
         for sequence in self.running:
-            self.block_manager.release(sequence.block_table)
+            self._retire(sequence)

@@ -1,0 +1,120 @@
+"""Repetition, presence and frequency penalties and min_length (issue 12's first
+part): greedy tokens equal to Hugging Face generate with the same setting, in static
+batches and under in-flight batching with preemption forced, mixed with plain
+requests in one batch; penalty slots all given back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from glm_engine import GlmEngineError
+from glm_engine.runtime.sampling import SamplingConfig
+from model import load_session
+from test_model import build_engine, oracle, random_prompt
+
+END = 2
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """Presence and frequency penalties over the generated tokens, as OpenAI defines them
+    (Hugging Face has no such processor): the test's reference, one row at a time."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float) -> None:
+        self.prompt_length, self.presence, self.frequency = prompt_length, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for row, ids in enumerate(input_ids[:, self.prompt_length:]):
+            counts = torch.bincount(ids, minlength=scores.shape[1]).to(scores.dtype)
+            scores[row] -= self.presence * (counts > 0) + self.frequency * counts
+        return scores
+
+
+def hf_greedy(model, prompt: list[int], sampling: SamplingConfig) -> list[int]:
+    end = sampling.end_id
+    processors = LogitsProcessorList()
+    if sampling.presence_penalty or sampling.frequency_penalty:
+        processors.append(OpenAIPenalties(len(prompt), sampling.presence_penalty, sampling.frequency_penalty))
+    with torch.no_grad():
+        generated = model.generate(torch.tensor([prompt]), max_new_tokens=sampling.max_new_tokens, do_sample=False,
+                                   repetition_penalty=sampling.repetition_penalty,
+                                   min_new_tokens=sampling.min_length or None, logits_processor=processors,
+                                   eos_token_id=end, pad_token_id=0)[0, len(prompt):].tolist()
+    return generated[:generated.index(end)] if end in generated else generated
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_checkpoint_factory):
+    return tiny_checkpoint_factory("safetensors", seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return oracle(model_dir)
+
+
+SETTINGS = [dict(repetition_penalty=1.8), dict(repetition_penalty=0.7), dict(presence_penalty=1.5),
+            dict(frequency_penalty=0.8), dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3)]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda setting: ",".join(f"{k}={v}" for k, v in setting.items()))
+def test_static_batch_matches_hugging_face(model_dir, reference, tmp_path, setting):
+    session = build_engine(model_dir, tmp_path / "engine")
+    prompts = [random_prompt(length, seed) for seed, length in enumerate([3, 17, 9])]
+    sampling = SamplingConfig(max_new_tokens=24, end_id=END, **setting)
+    outputs = session.generate(prompts, sampling)
+    for prompt, output in zip(prompts, outputs):
+        assert output == hf_greedy(reference, prompt, sampling)
+    plain = session.generate(prompts, SamplingConfig(max_new_tokens=24, end_id=END))
+    assert outputs != plain  # the setting changed the tokens
+
+
+def test_min_length_holds_the_end_token_back(model_dir, reference, tmp_path):
+    session = build_engine(model_dir, tmp_path / "engine")
+    prompt = random_prompt(9, 3)
+    end = session.generate([prompt], SamplingConfig(max_new_tokens=8, end_id=-1))[0][3]  # greedy's 4th token
+    assert len(session.generate([prompt], SamplingConfig(max_new_tokens=24, end_id=end))[0]) <= 3
+    sampling = SamplingConfig(max_new_tokens=24, end_id=end, min_length=12)
+    output = session.generate([prompt], sampling)[0]
+    assert len(output) >= 12 and output == hf_greedy(reference, prompt, sampling)
+
+
+def test_in_flight_with_preemption_mixes_penalized_and_plain_requests(model_dir, reference, tmp_path):
+    build_engine(model_dir, tmp_path / "engine", "float32", "--use_inflight_batching", "--max_batch_size", "4",
+                 "--tokens_per_block", "8")
+    session = load_session(tmp_path / "engine", "cpu", max_tokens_in_paged_kv_cache=96)  # too small for 4 at once
+    prompts = [random_prompt(length, seed) for seed, length in enumerate([5, 30, 12, 22, 8, 17])]
+    samplings = [SamplingConfig(max_new_tokens=20, end_id=END, min_length=i, **SETTINGS[i % len(SETTINGS)]) if i % 2 else
+                 SamplingConfig(max_new_tokens=20, end_id=END) for i in range(len(prompts))]
+    scheduler = session.new_scheduler()
+    for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+        session.submit(scheduler, index, prompt, sampling)
+    outputs = [[] for _ in prompts]
+    while scheduler.has_work:
+        for index, token in session.step(scheduler).tokens:
+            outputs[index].append(token)
+    assert scheduler.preemptions > 0
+    assert outputs == [hf_greedy(reference, p, s) for p, s in zip(prompts, samplings)]
+    assert session.block_manager.free_blocks == session.block_manager.num_blocks
+    assert sorted(scheduler.history.free) == list(range(scheduler.max_in_flight))
+
+
+def test_penalty_slots_are_given_back(model_dir, tmp_path):
+    session = build_engine(model_dir, tmp_path / "engine")
+    scheduler = session.new_scheduler()
+    for index in range(3):
+        session.submit(scheduler, index, random_prompt(6, index), SamplingConfig(max_new_tokens=5,
+                                                                                 repetition_penalty=1.5))
+    while scheduler.has_work:
+        session.step(scheduler)
+    assert sorted(scheduler.history.free) == list(range(scheduler.max_in_flight))
+
+
+@pytest.mark.parametrize("setting, message", [(dict(repetition_penalty=0.0), "repetition_penalty"),
+                                              (dict(presence_penalty=float("nan")), "presence_penalty"),
+                                              (dict(frequency_penalty=float("inf")), "frequency_penalty"),
+                                              (dict(min_length=-1), "min_length")])
+def test_bad_settings_are_refused(setting, message):
+    with pytest.raises(GlmEngineError, match=message):
+        SamplingConfig(max_new_tokens=4, **setting)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from glm_engine import GlmEngineError
-from glm_engine.runtime.sampling import SamplingConfig, sample
+from glm_engine.runtime.sampling import SamplingConfig, sample_rows
 from glm_engine.runtime.session import Session
 from model import load_session
 from conftest import TINY_SHAPE_FLAGS
@@ -66,13 +66,31 @@ def test_streaming_yields_what_generate_returns(session):
 
 def test_top_k_and_top_p_keep_only_the_best_tokens():
     logits = torch.tensor([[0.0, 5.0, 4.0, 1.0, -2.0]]).repeat(200, 1)
-    generator = torch.Generator().manual_seed(0)
-    top2 = sample(logits, SamplingConfig(max_new_tokens=1, top_k=2), generator)
-    assert set(top2.tolist()) == {1, 2}
+
+    def drawn(**setting) -> set[int]:
+        samplings = [SamplingConfig(max_new_tokens=1, **setting)] * 200
+        return set(sample_rows(logits, samplings, list(range(200)), [0] * 200).tolist())
+
+    assert drawn(top_k=2) == {1, 2}
     # Softmax mass of token 1 is about 0.71: top_p 0.5 keeps it alone, 0.8 adds token 2.
-    assert set(sample(logits, SamplingConfig(max_new_tokens=1, top_k=0, top_p=0.5), generator).tolist()) == {1}
-    assert set(sample(logits, SamplingConfig(max_new_tokens=1, top_k=0, top_p=0.8), generator).tolist()) == {1, 2}
-    assert sample(logits, SamplingConfig(max_new_tokens=1), generator).tolist() == [1] * 200
+    assert drawn(top_k=0, top_p=0.5) == {1}
+    assert drawn(top_k=0, top_p=0.8) == {1, 2}
+    assert drawn(top_k=0) > {1, 2}  # no filter: rarer tokens come up too
+
+
+def test_sampling_draws_from_the_softmax_reproducibly():
+    """Each row's token depends on its seed and step alone; over many rows the tokens
+    follow the softmax of logits / temperature."""
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]]).repeat(40000, 1)
+    sampling = SamplingConfig(max_new_tokens=1, top_k=0, temperature=1.5)
+    tokens = sample_rows(logits, [sampling] * 40000, list(range(40000)), [3] * 40000)
+    shares = torch.bincount(tokens, minlength=4) / 40000
+    assert torch.allclose(shares, (logits[0] / 1.5).softmax(-1), atol=0.01)
+    again = sample_rows(logits[:7], [sampling] * 7, list(range(7)), [3] * 7)
+    assert torch.equal(again, tokens[:7])
+    moved = sample_rows(logits[:7], [sampling] * 7, list(range(7)), [4] * 7)
+    assert not torch.equal(moved, tokens[:7]) or not torch.equal(
+        sample_rows(logits[:7], [sampling] * 7, list(range(7)), [5] * 7), tokens[:7])
 
 
 @pytest.mark.parametrize("prompts, max_new, message", [

@@ -1,6 +1,6 @@
 """Token selection: greedy (top_k 1), or sampling with temperature, top_k and
-top_p from a seeded generator. top_p 0 (the default, as in TensorRT-LLM) or 1
-means no nucleus filtering."""
+top_p, for every sampled row of a step at once, reproducible per request from its
+seed. top_p 0 (the default, as in TensorRT-LLM) or 1 means no nucleus filtering."""
 
 from __future__ import annotations
 
@@ -63,19 +63,54 @@ class SamplingConfig:
                 or self.min_length > 0)
 
 
-def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
-    """One token id per row of float32 logits [B, vocab]."""
-    if config.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / config.temperature
-    if config.top_k > 1:
-        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0.0 < config.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked before it already reach top_p.
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= config.top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+# splitmix64's constants, as signed 64-bit integers (torch has no unsigned arithmetic).
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _shift_right(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values (>> on torch's int64 is arithmetic)."""
+    return (values >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(state: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 values (multiplications wrap, as in the reference)."""
+    state = (state ^ _shift_right(state, 30)) * _MIX1
+    state = (state ^ _shift_right(state, 27)) * _MIX2
+    return state ^ _shift_right(state, 31)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Float64 uniforms in (0, 1), [R, vocab]: splitmix64 over each row's key (its seed,
+    then its step, each mixed in) plus the token id. Counter-based, so a request's draws
+    depend on its seed and how many tokens it has made, never on the batch it shares or
+    on preemption."""
+    row_keys = _mix(_mix(seeds * _GOLDEN) + steps * _GOLDEN)
+    token_ids = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seeds.device)
+    state = _mix(row_keys[:, None] + token_ids[None, :] * _GOLDEN)
+    return (_shift_right(state, 11).to(torch.float64) + 0.5) / 2.0**53
+
+
+def sample_rows(logits: torch.Tensor, samplings: list[SamplingConfig], seeds: list[int],
+                steps: list[int]) -> torch.Tensor:
+    """One token id per row of float32 logits [R, vocab], row r drawn with samplings[r]
+    (temperature, top-k, top-p) from the noise of (seeds[r], steps[r]), for all rows in
+    one pass: filtered logits plus Gumbel noise, argmax (exact sampling from the
+    filtered softmax)."""
+    device = logits.device
+    column = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)[:, None]  # noqa: E731
+    logits = logits / column([sampling.temperature for sampling in samplings])
+    top_k = column([sampling.top_k for sampling in samplings], torch.int64)
+    top_p = column([sampling.top_p if 0.0 < sampling.top_p < 1.0 else 1.0 for sampling in samplings])
+    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        rank = torch.arange(logits.shape[1], device=device)[None, :]
+        probs = ordered.softmax(dim=-1)
+        # Drop a token past the row's top_k, or once the tokens ranked before it reach top_p.
+        drop = ((top_k > 0) & (rank >= top_k)) | ((probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0))
+        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    signed = [seed - 2**64 if seed >= 2**63 else seed for seed in seeds]
+    noise = uniform_noise(column(signed, torch.int64)[:, 0], column(steps, torch.int64)[:, 0], logits.shape[1])
+    gumbel = -torch.log(-torch.log(noise))
+    return (logits.double() + gumbel).argmax(dim=-1)

@@ -19,7 +19,7 @@ import torch
 from glm_engine import GlmEngineError
 from glm_engine.runtime.block_manager import BlockManager
 from glm_engine.runtime.penalties import TokenHistory, apply_penalties, forbid_end
-from glm_engine.runtime.sampling import SamplingConfig, sample
+from glm_engine.runtime.sampling import SamplingConfig, sample_rows
 
 DEFAULT_TOKENS_PER_STEP = 16384  # prompt tokens admitted per step (a longer prompt still runs alone); 8192 measured 25% slower
 
@@ -31,7 +31,7 @@ class Sequence:
     index: int  # the request's position in submission order
     prompt: list[int]
     sampling: SamplingConfig
-    generator: torch.Generator
+    seed: int  # of its sampling noise (runtime/sampling.py), in [0, 2**64)
     output: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V are in the cache
@@ -157,7 +157,7 @@ class Scheduler:
     def postprocess(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor) -> StepResult:
         """Chooses each sequence's next token from the step's float32 logits [B, vocab] (the
         argmax `greedy` for plain greedy requests; penalized rows get their penalties first,
-        all at once; sampled rows draw from the request's generator), records it and
+        sampled rows are drawn from their requests' seeds, each kind all at once), records it and
         retires the finished sequences, whose blocks are free at once. `plan` is the
         running list schedule() returned. One pass over the sequences: at hundreds in
         flight this bookkeeping is part of every decode step."""
@@ -166,15 +166,20 @@ class Scheduler:
             logits, greedy = self._penalize(plan, logits, greedy, penalized)
             # Taken now: a sequence that finishes below gives its slot back (reused only by a later step).
             slots = [plan.sequences[row].penalty_slot for row in penalized]
-        greedy = greedy.tolist()  # one device-to-host copy for the whole step
+        sampled = [row for row, sequence in enumerate(plan.sequences) if not sequence.sampling.greedy]
+        if sampled:
+            sequences = [plan.sequences[row] for row in sampled]
+            index = torch.tensor(sampled, device=logits.device)
+            greedy = greedy.index_copy(0, index, sample_rows(
+                logits[index], [sequence.sampling for sequence in sequences], [sequence.seed for sequence in sequences],
+                [len(sequence.output) for sequence in sequences]).to(greedy.dtype))
+        chosen = greedy.tolist()  # one device-to-host copy for the whole step
         result = StepResult([], [], len(plan.sequences), sum(map(len, plan.new_tokens)))
-        still_running, chosen = [], []
+        still_running = []
         for row, (sequence, fed) in enumerate(zip(plan.sequences, plan.new_tokens, strict=True)):
             sequence.cached += len(fed)
             sampling = sequence.sampling
-            token = greedy[row] if sampling.greedy else \
-                int(sample(logits[row:row + 1], sampling, sequence.generator)[0])
-            chosen.append(token)
+            token = chosen[row]
             done = token == sampling.end_id
             if not done:
                 sequence.output.append(token)

@@ -158,9 +158,8 @@ class Session:
             raise GlmEngineError(f"prompt {index} needs {len(prompt) + sampling.max_new_tokens} tokens of KV "
                                  f"cache, more than the pool's {manager.num_blocks * manager.block_size}; raise "
                                  f"{flags}")
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.seeds.getrandbits(63) if sampling.random_seed is None else sampling.random_seed)
-        scheduler.add(Sequence(index, list(prompt), sampling, generator))
+        seed = self.seeds.getrandbits(63) if sampling.random_seed is None else sampling.random_seed
+        scheduler.add(Sequence(index, list(prompt), sampling, seed))
 
     @torch.inference_mode()
     def step(self, scheduler: Scheduler) -> StepResult:

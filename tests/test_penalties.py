@@ -118,3 +118,36 @@ def test_penalty_slots_are_given_back(model_dir, tmp_path):
 def test_bad_settings_are_refused(setting, message):
     with pytest.raises(GlmEngineError, match=message):
         SamplingConfig(max_new_tokens=4, **setting)
+
+
+def test_bad_words_match_hugging_face(model_dir, reference, tmp_path):
+    """Single tokens are never generated; a longer word's last token is banned only
+    after the rest of the word (across the prompt's end too)."""
+    session = build_engine(model_dir, tmp_path / "engine")
+    prompts = [random_prompt(length, seed) for seed, length in enumerate([4, 11])]
+    plain = session.generate(prompts, SamplingConfig(max_new_tokens=16, end_id=END))
+    words = ((plain[0][2],), (plain[1][4],), (plain[0][6], plain[0][7]), (prompts[1][-1], plain[1][0]))
+    sampling = SamplingConfig(max_new_tokens=16, end_id=END, bad_words=words)
+    outputs = session.generate(prompts, sampling)
+    assert outputs != plain
+    for prompt, output in zip(prompts, outputs):
+        with torch.no_grad():
+            generated = reference.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                           bad_words_ids=[list(word) for word in words], eos_token_id=END,
+                                           pad_token_id=0)[0, len(prompt):].tolist()
+        assert output == (generated[:generated.index(END)] if END in generated else generated)
+
+
+def test_log_probs_are_those_of_the_chosen_tokens(model_dir, reference, tmp_path):
+    session = build_engine(model_dir, tmp_path / "engine")
+    prompt = random_prompt(7, 2)
+    greedy = SamplingConfig(max_new_tokens=6, end_id=-1, output_log_probs=True)
+    sampled = SamplingConfig(max_new_tokens=6, end_id=-1, output_log_probs=True, top_k=0, temperature=0.7,
+                             random_seed=3)
+    outputs, log_probs = session.generate_with_log_probs([prompt, prompt], [greedy, sampled])
+    for output, values, temperature in zip(outputs, log_probs, (1.0, 0.7)):
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + output])).logits[0, len(prompt) - 1:-1] / temperature
+        expected = logits.log_softmax(-1).gather(1, torch.tensor(output)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(values), expected, atol=1e-4)
+    assert session.generate_with_log_probs([prompt], [SamplingConfig(max_new_tokens=3, end_id=-1)])[1] == [[]]

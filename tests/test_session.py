@@ -69,7 +69,7 @@ def test_top_k_and_top_p_keep_only_the_best_tokens():
 
     def drawn(**setting) -> set[int]:
         samplings = [SamplingConfig(max_new_tokens=1, **setting)] * 200
-        return set(sample_rows(logits, samplings, list(range(200)), [0] * 200).tolist())
+        return set(sample_rows(logits, samplings, list(range(200)), [0] * 200)[0].tolist())
 
     assert drawn(top_k=2) == {1, 2}
     # Softmax mass of token 1 is about 0.71: top_p 0.5 keeps it alone, 0.8 adds token 2.
@@ -83,14 +83,14 @@ def test_sampling_draws_from_the_softmax_reproducibly():
     follow the softmax of logits / temperature."""
     logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]]).repeat(40000, 1)
     sampling = SamplingConfig(max_new_tokens=1, top_k=0, temperature=1.5)
-    tokens = sample_rows(logits, [sampling] * 40000, list(range(40000)), [3] * 40000)
+    tokens = sample_rows(logits, [sampling] * 40000, list(range(40000)), [3] * 40000)[0]
     shares = torch.bincount(tokens, minlength=4) / 40000
     assert torch.allclose(shares, (logits[0] / 1.5).softmax(-1), atol=0.01)
-    again = sample_rows(logits[:7], [sampling] * 7, list(range(7)), [3] * 7)
+    again = sample_rows(logits[:7], [sampling] * 7, list(range(7)), [3] * 7)[0]
     assert torch.equal(again, tokens[:7])
-    moved = sample_rows(logits[:7], [sampling] * 7, list(range(7)), [4] * 7)
+    moved = sample_rows(logits[:7], [sampling] * 7, list(range(7)), [4] * 7)[0]
     assert not torch.equal(moved, tokens[:7]) or not torch.equal(
-        sample_rows(logits[:7], [sampling] * 7, list(range(7)), [5] * 7), tokens[:7])
+        sample_rows(logits[:7], [sampling] * 7, list(range(7)), [5] * 7)[0], tokens[:7])
 
 
 @pytest.mark.parametrize("prompts, max_new, message", [

@@ -10,6 +10,7 @@ same everywhere is agreed once: the seed that unseeded requests draw from."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 from dataclasses import dataclass
@@ -115,10 +116,13 @@ class TensorParallel:
             self.dist = dist
             backend = "nccl" if device.type == "cuda" else "gloo"
             if not dist.is_initialized():
-                # Not destroyed at exit: destroy_process_group hung on the H200 hosts once decode
-                # graphs had captured NCCL kernels; the process's end releases the communicators.
                 dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
                                         device_id=device if device.type == "cuda" else None)
+                # gloo's group is destroyed at exit (left to the interpreter's end, a rank that exits
+                # first can abort in its threads' teardown); NCCL's is not: destroy_process_group hung
+                # on the H200 hosts once decode graphs had captured NCCL kernels.
+                if backend == "gloo":
+                    atexit.register(dist.destroy_process_group)
             self.all_reduce(torch.zeros(1, device=device))  # connects the ranks before any graph capture
 
     @property

@@ -28,6 +28,8 @@ class SamplingConfig:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_length: int = 0  # new tokens before the end token may come
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never completed (a word's last token is banned)
+    output_log_probs: bool = False  # report each token's log-probability (StepResult.log_probs)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -51,16 +53,18 @@ class SamplingConfig:
                 raise GlmEngineError(f"{name} must be a finite number (0: off), got {getattr(self, name)}")
         if self.min_length < 0:
             raise GlmEngineError(f"min_length must be >= 0, got {self.min_length}")
+        if not all(word and all(isinstance(token, int) and token >= 0 for token in word) for word in self.bad_words):
+            raise GlmEngineError(f"bad words must be non-empty sequences of token ids, got {self.bad_words!r}")
 
     @property
     def greedy(self) -> bool:
         return self.top_k == 1
 
     @property
-    def penalized(self) -> bool:
-        """Whether the logits change before the choice (penalties or a minimum length)."""
+    def changes_logits(self) -> bool:
+        """Whether the logits change before the choice (penalties, bad words, a minimum length)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.min_length > 0)
+                or self.min_length > 0 or bool(self.bad_words))
 
 
 # splitmix64's constants, as signed 64-bit integers (torch has no unsigned arithmetic).
@@ -93,11 +97,11 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> 
 
 
 def sample_rows(logits: torch.Tensor, samplings: list[SamplingConfig], seeds: list[int],
-                steps: list[int]) -> torch.Tensor:
+                steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One token id per row of float32 logits [R, vocab], row r drawn with samplings[r]
     (temperature, top-k, top-p) from the noise of (seeds[r], steps[r]), for all rows in
     one pass: filtered logits plus Gumbel noise, argmax (exact sampling from the
-    filtered softmax)."""
+    filtered softmax). Also returns the filtered logits (the drawn-from distribution)."""
     device = logits.device
     column = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)[:, None]  # noqa: E731
     logits = logits / column([sampling.temperature for sampling in samplings])
@@ -113,4 +117,4 @@ def sample_rows(logits: torch.Tensor, samplings: list[SamplingConfig], seeds: li
     signed = [seed - 2**64 if seed >= 2**63 else seed for seed in seeds]
     noise = uniform_noise(column(signed, torch.int64)[:, 0], column(steps, torch.int64)[:, 0], logits.shape[1])
     gumbel = -torch.log(-torch.log(noise))
-    return (logits.double() + gumbel).argmax(dim=-1)
+    return (logits.double() + gumbel).argmax(dim=-1), logits

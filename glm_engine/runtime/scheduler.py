@@ -45,6 +45,17 @@ class Sequence:
     def length(self) -> int:
         return len(self.prompt) + len(self.output)
 
+    def ends_with(self, tokens: tuple[int, ...]) -> bool:
+        """Whether the prompt and output so far end with `tokens` (without copying them)."""
+        if not tokens:
+            return True
+        if len(tokens) > self.length:
+            return False
+        tail = self.output[-len(tokens):]
+        if len(tail) < len(tokens):
+            tail = self.prompt[len(tail) - len(tokens):] + tail
+        return tuple(tail) == tuple(tokens)
+
     def uncached_tokens(self) -> list[int]:
         """The tokens whose K/V are not in the cache yet (without copying the prompt in decode)."""
         if self.cached >= len(self.prompt):
@@ -74,6 +85,7 @@ class StepResult:
     finished: list[int]  # request indices that finished in this step
     sequences: int = 0  # sequences in the step's forward
     forwarded_tokens: int = 0  # tokens in the step's forward (prompt tokens included)
+    log_probs: list[tuple[int, float]] = field(default_factory=list)  # (request index, log-prob), when asked
 
 
 class Scheduler:
@@ -155,25 +167,11 @@ class Scheduler:
         return StepPlan(list(self.running), [sequence.uncached_tokens() for sequence in self.running])
 
     def postprocess(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor) -> StepResult:
-        """Chooses each sequence's next token from the step's float32 logits [B, vocab] (the
-        argmax `greedy` for plain greedy requests; penalized rows get their penalties first,
-        sampled rows are drawn from their requests' seeds, each kind all at once), records it and
-        retires the finished sequences, whose blocks are free at once. `plan` is the
-        running list schedule() returned. One pass over the sequences: at hundreds in
-        flight this bookkeeping is part of every decode step."""
-        penalized = [row for row, sequence in enumerate(plan.sequences) if sequence.sampling.penalized]
-        if penalized:
-            logits, greedy = self._penalize(plan, logits, greedy, penalized)
-            # Taken now: a sequence that finishes below gives its slot back (reused only by a later step).
-            slots = [plan.sequences[row].penalty_slot for row in penalized]
-        sampled = [row for row, sequence in enumerate(plan.sequences) if not sequence.sampling.greedy]
-        if sampled:
-            sequences = [plan.sequences[row] for row in sampled]
-            index = torch.tensor(sampled, device=logits.device)
-            greedy = greedy.index_copy(0, index, sample_rows(
-                logits[index], [sequence.sampling for sequence in sequences], [sequence.seed for sequence in sequences],
-                [len(sequence.output) for sequence in sequences]).to(greedy.dtype))
-        chosen = greedy.tolist()  # one device-to-host copy for the whole step
+        """Chooses each sequence's next token from the step's float32 logits [B, vocab] and
+        `greedy` argmax (_choose), records it and retires the finished sequences, whose
+        blocks are free at once. `plan` is the running list schedule() returned. One pass
+        over the sequences: at hundreds in flight this bookkeeping is part of every step."""
+        chosen, log_probs = self._choose(plan, logits, greedy)
         result = StepResult([], [], len(plan.sequences), sum(map(len, plan.new_tokens)))
         still_running = []
         for row, (sequence, fed) in enumerate(zip(plan.sequences, plan.new_tokens, strict=True)):
@@ -184,41 +182,73 @@ class Scheduler:
             if not done:
                 sequence.output.append(token)
                 result.tokens.append((sequence.index, token))
+                if sampling.output_log_probs:
+                    result.log_probs.append((sequence.index, log_probs[row]))
                 done = len(sequence.output) >= sampling.max_new_tokens
             if done:
                 self._retire(sequence)
                 result.finished.append(sequence.index)
             else:
                 still_running.append(sequence)
-        if penalized:
-            device = self.history.output_counts.device
-            self.history.record(torch.tensor(slots, device=device),
-                                torch.tensor([chosen[row] for row in penalized], device=device))
         self.running = still_running
         return result
 
-    def _penalize(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor,
-                  rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's logits and argmax with the penalized rows' penalties and minimum
+    def _choose(self, plan: StepPlan, logits: torch.Tensor,
+                greedy: torch.Tensor) -> tuple[list[int], list[float] | None]:
+        """Each row's token, and its log-probability when any row asks for them, each kind
+        of row all at once: plain greedy rows keep `greedy`; rows with penalties, bad words
+        or a minimum length get their logits adjusted (then the argmax when greedy);
+        sampled rows are drawn from their requests' seeds (runtime/sampling.py)."""
+        sequences = plan.sequences
+        adjusted = [row for row, sequence in enumerate(sequences) if sequence.sampling.changes_logits]
+        if adjusted:
+            logits, greedy = self._adjust(sequences, logits, greedy, adjusted)
+        sampled = [row for row, sequence in enumerate(sequences) if not sequence.sampling.greedy]
+        if sampled:
+            index = torch.tensor(sampled, device=logits.device)
+            rows = [sequences[row] for row in sampled]
+            tokens, drawn_from = sample_rows(logits[index], [sequence.sampling for sequence in rows],
+                                             [sequence.seed for sequence in rows],
+                                             [len(sequence.output) for sequence in rows])
+            greedy = greedy.index_copy(0, index, tokens.to(greedy.dtype))
+        wants_log_probs = any(sequence.sampling.output_log_probs for sequence in sequences)
+        if wants_log_probs and sampled:
+            logits = logits.index_copy(0, index, drawn_from)  # the distributions the tokens came from
+        log_probs = logits.log_softmax(dim=-1).gather(1, greedy[:, None])[:, 0].tolist() if wants_log_probs else None
+        chosen = greedy.tolist()  # one device-to-host copy for the whole step
+        if adjusted:
+            device = logits.device
+            self.history.record(torch.tensor([sequences[row].penalty_slot for row in adjusted], device=device),
+                                torch.tensor([chosen[row] for row in adjusted], device=device))
+        return chosen, log_probs
+
+    def _adjust(self, sequences: list[Sequence], logits: torch.Tensor, greedy: torch.Tensor,
+                rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's logits and argmax with the given rows' penalties, bad words and minimum
         lengths applied (runtime/penalties.py), in a few batched ops."""
         if self.history is None:
             self.history = TokenHistory(self.max_in_flight, logits.shape[1], logits.device)
-        sequences = [plan.sequences[row] for row in rows]
-        for sequence in sequences:
+        chosen = [sequences[row] for row in rows]
+        for sequence in chosen:
             if sequence.penalty_slot is None:
                 sequence.penalty_slot = self.history.take(sequence.prompt, sequence.output)
         device = logits.device
         as_tensor = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
-        samplings = [sequence.sampling for sequence in sequences]
-        penalized = apply_penalties(logits[as_tensor(rows, torch.long)], self.history,
-                                    as_tensor([sequence.penalty_slot for sequence in sequences], torch.long),
-                                    as_tensor([s.repetition_penalty for s in samplings]),
-                                    as_tensor([s.presence_penalty for s in samplings]),
-                                    as_tensor([s.frequency_penalty for s in samplings]))
-        penalized = forbid_end(penalized, as_tensor([s.end_id for s in samplings], torch.long),
-                               as_tensor([len(q.output) < q.sampling.min_length for q in sequences], torch.bool))
+        samplings = [sequence.sampling for sequence in chosen]
         index = as_tensor(rows, torch.long)
-        return logits.index_copy(0, index, penalized), greedy.index_copy(0, index, penalized.argmax(dim=-1))
+        adjusted = apply_penalties(logits[index], self.history,
+                                   as_tensor([sequence.penalty_slot for sequence in chosen], torch.long),
+                                   as_tensor([s.repetition_penalty for s in samplings]),
+                                   as_tensor([s.presence_penalty for s in samplings]),
+                                   as_tensor([s.frequency_penalty for s in samplings]))
+        banned = [(i, word[-1]) for i, sequence in enumerate(chosen) for word in sequence.sampling.bad_words
+                  if sequence.ends_with(word[:-1])]
+        if banned:
+            adjusted[as_tensor([i for i, _ in banned], torch.long), as_tensor([t for _, t in banned], torch.long)] = \
+                float("-inf")
+        adjusted = forbid_end(adjusted, as_tensor([s.end_id for s in samplings], torch.long),
+                              as_tensor([len(q.output) < q.sampling.min_length for q in chosen], torch.bool))
+        return logits.index_copy(0, index, adjusted), greedy.index_copy(0, index, adjusted.argmax(dim=-1))
 
     def release_all(self) -> None:
         """Frees the blocks of every running sequence (a consumer that stops early)."""

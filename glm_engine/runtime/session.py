@@ -151,6 +151,9 @@ class Session:
     def submit(self, scheduler: Scheduler, index: int, prompt: list[int], sampling: SamplingConfig) -> None:
         """Queues request `index`; refuses one the engine or the KV pool can never hold."""
         self.check_prompt(index, prompt, sampling.max_new_tokens)
+        vocab = self.model_config.vocab_size
+        if any(token >= vocab for word in sampling.bad_words for token in word):
+            raise GlmEngineError(f"a bad word of request {index} holds a token id outside the vocabulary [0, {vocab})")
         if not scheduler.fits(len(prompt) + sampling.max_new_tokens):
             manager = self.block_manager
             flags = "--max_tokens_in_paged_kv_cache" if self.device.type != "cuda" else \
@@ -203,6 +206,20 @@ class Session:
             for index, token in step.tokens:
                 outputs[index].append(token)
         return outputs
+
+    def generate_with_log_probs(self, prompts: list[list[int]], samplings: list[SamplingConfig],
+                                max_in_flight: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
+        """Generated ids of each request and, for requests with output_log_probs, each
+        token's log-probability under the distribution it was chosen from (greedy: the
+        softmax of the adjusted logits; sampled: after temperature, top-k and top-p)."""
+        outputs: list[list[int]] = [[] for _ in prompts]
+        log_probs: list[list[float]] = [[] for _ in prompts]
+        for step in self.stream_requests(prompts, samplings, max_in_flight):
+            for index, token in step.tokens:
+                outputs[index].append(token)
+            for index, log_prob in step.log_probs:
+                log_probs[index].append(log_prob)
+        return outputs, log_probs
 
     def generate_stream(self, prompts: list[list[int]],
                         sampling: SamplingConfig) -> Iterator[list[tuple[int, int]]]:

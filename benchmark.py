@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 # Light imports only up here: --help answers without loading torch or transformers;
 # each function imports what it measures with.
 from glm_engine import GlmEngineError
-from glm_engine.cli import add_kv_cache_arguments, kv_cache_options, launched_rank, run_tool
+from glm_engine.cli import (add_kv_cache_arguments, add_sampling_arguments, kv_cache_options, launched_rank, run_tool,
+                            sampling_options)
 from glm_engine.compare import relative_error
 from glm_engine.output_file import check_output_file, output_stream
 from glm_engine.prompts import random_prompts
@@ -91,6 +92,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serving modes with --hf: HF static batch size (default: %(default)s)")
     parser.add_argument("--hf_num_requests", type=int, default=128,
                         help="serving modes with --hf: requests HF runs (default: %(default)s)")
+    add_sampling_arguments(parser, bad_words=False)
     add_kv_cache_arguments(parser)
     return parser.parse_args(argv)
 
@@ -122,11 +124,12 @@ def timed_runs(run: Callable[[Callable[[], None]], None], batch_size: int, outpu
             "decode_tokens_per_s": batch_size / decode}
 
 
-def measure_engine(session: Session, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
-    """The engine's token stream: each step's tokens reach the host before it is yielded."""
+def measure_engine(session: Session, prompts: list[list[int]], output_len: int, repeats: int, options: dict) -> dict:
+    """The engine's token stream: each step's tokens reach the host before it is yielded;
+    `options`: the sampling flags (sampling_options)."""
     from glm_engine.runtime.sampling import SamplingConfig
 
-    sampling = SamplingConfig(max_new_tokens=output_len, end_id=NEVER_ENDS)
+    sampling = SamplingConfig(max_new_tokens=output_len, end_id=NEVER_ENDS, **options)
 
     def run(first_token_out: Callable[[], None]) -> None:
         stream = session.generate_stream(prompts, sampling)
@@ -289,7 +292,7 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
     
     from glm_engine.runtime.sampling import SamplingConfig
 
-    sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS)
+    sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS, **sampling_options(args, None))
     scheduler = session.new_scheduler(args.max_in_flight, args.max_tokens_per_step)
     # Where the time goes: steps that carry prompt tokens, and decode-only steps.
     split = {"prefill_steps": {"count": 0, "seconds": 0.0, "tokens": 0},
@@ -415,6 +418,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag, value in counts.items():
         if value is not None and value < 1:
             raise GlmEngineError(f"{flag} must be at least 1, got {value}")
+    from glm_engine.runtime.sampling import SamplingConfig
+
+    SamplingConfig(max_new_tokens=1, **sampling_options(args, None))  # the sampling flags' values
     low, high = args.input_len_range
     if not 1 <= low <= high:
         raise GlmEngineError(f"--input_len_range {low} {high}: need 1 <= MIN <= MAX")
@@ -473,7 +479,8 @@ def main() -> None:
     result["startup_s"] = time.perf_counter() - start
     result["startup_stages_s"] = session.startup_seconds
     result["cuda_graphs"] = session.runner.decode_graphs is not None  # what ran, not what was allowed
-    measure = functools.partial(measure_engine, session, output_len=args.output_len, repeats=args.repeats)
+    measure = functools.partial(measure_engine, session, output_len=args.output_len, repeats=args.repeats,
+                                options=sampling_options(args, None))
     rows = measured_rows("glm_engine", measure, session.model_config.vocab_size, args, device)
     if args.accuracy:
         result["logits_relative_error_vs_hf_fp32"] = accuracy(session, args, device)

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 # Light imports only up here: --help answers without loading torch; main() imports the rest.
 from glm_engine import GlmEngineError
-from glm_engine.cli import LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, run_tool, setup_logging
+from glm_engine.cli import (LOG_LEVELS, add_kv_cache_arguments, add_sampling_arguments, kv_cache_options, run_tool,
+                            sampling_options, setup_logging)
 from glm_engine.prompts import clean_response, read_token_csv, write_token_csv
 from glm_engine.tokenizer import ChatGLMTokenizer
 
@@ -34,13 +35,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CSV file, one prompt of token ids per line, used exactly as given (default: none)")
     parser.add_argument("--max_output_len", type=int, default=None,
                         help="most tokens to generate per prompt (default: the engine's max_output_len)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
-    parser.add_argument("--top_k", type=int, default=1, help="1: greedy, 0: no top-k filter (default: %(default)s)")
-    parser.add_argument("--top_p", type=float, default=0.0, help="0 or 1: no nucleus filter (default: %(default)s)")
+    add_sampling_arguments(parser)
     parser.add_argument("--random_seed", type=int, default=None,
                         help="seed of sampling, in [0, 2**64) (default: a fresh one per run)")
     parser.add_argument("--output_csv", type=str, default=None,
                         help="write each prompt's generated ids (end token excluded) as a CSV line (default: none)")
+    parser.add_argument("--output_log_probs", type=str, default=None,
+                        help="write a JSON list, one object per prompt: the log-probability of each generated token "
+                             "under the distribution it was chosen from, and their sum (default: none)")
     parser.add_argument("--streaming", action="store_true",
                         help="print the text as it is generated (default: off)")
     parser.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda when "
@@ -92,8 +94,18 @@ class LiveLines:
         self.drawn = True
 
 
+def write_log_probs(path: str, log_probs: list[list[float]]) -> None:
+    """--output_log_probs: one object per prompt, its tokens' log-probabilities and their sum."""
+    import json
+
+    from glm_engine.output_file import output_stream
+
+    with output_stream(path, "--output_log_probs") as stream:
+        json.dump([{"log_probs": values, "cum_log_prob": sum(values)} for values in log_probs], stream, indent=1)
+
+
 def stream_outputs(session: Session, prompts: list[list[int]], texts: list[str], sampling: SamplingConfig,
-                   tokenizer: ChatGLMTokenizer | None) -> list[list[int]]:
+                   tokenizer: ChatGLMTokenizer | None, log_probs: list[list[float]]) -> list[list[int]]:
     """Generates while printing each prompt's text as it comes, once: one prompt streams
     into its Output block; several stream one line each on a terminal, or print each
     labelled block as its prompt finishes when the output is not a terminal."""
@@ -109,6 +121,8 @@ def stream_outputs(session: Session, prompts: list[list[int]], texts: list[str],
     for step in session.stream_requests(prompts, [sampling] * len(prompts)):
         for index, token in step.tokens:
             outputs[index].append(token)
+        for index, log_prob in step.log_probs:  # filled when --output_log_probs asks
+            log_probs[index].append(log_prob)
         if single:
             text = response_text(tokenizer, outputs[0], streaming=not step.finished)
             if text.startswith(printed):
@@ -137,14 +151,15 @@ def main() -> None:
 
     if args.input_tokens is not None and args.input_text is not None:
         raise GlmEngineError("give the prompts as --input_text or as --input_tokens, not both")
-    if args.output_csv is not None:
-        check_output_file(args.output_csv, "--output_csv")
+    for flag, path in (("--output_csv", args.output_csv), ("--output_log_probs", args.output_log_probs)):
+        if path is not None:
+            check_output_file(path, flag)
     device = resolve_device(args.device)
     model_config, build_config = engine_configs(args.engine_dir)  # a clear error before any other work
-    sampling = SamplingConfig(max_new_tokens=build_config.max_output_len if args.max_output_len is None
-                              else args.max_output_len, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, random_seed=args.random_seed, end_id=model_config.eos_token_id)
     tokenizer = load_tokenizer(args, required=args.input_tokens is None)
+    sampling = SamplingConfig(max_new_tokens=build_config.max_output_len if args.max_output_len is None
+                              else args.max_output_len, random_seed=args.random_seed, end_id=model_config.eos_token_id,
+                              output_log_probs=args.output_log_probs is not None, **sampling_options(args, tokenizer))
     if args.input_tokens is not None:
         prompts = read_token_csv(args.input_tokens)
         texts = [tokenizer.decode(p) if tokenizer else ",".join(map(str, p)) for p in prompts]
@@ -159,14 +174,17 @@ def main() -> None:
     if not session.is_main_rank:  # tensor parallelism: the other ranks compute the same steps, rank 0 prints
         session.generate_requests(prompts, [sampling] * len(prompts))
         return
+    log_probs: list[list[float]] = [[] for _ in prompts]
     if args.streaming:
-        outputs = stream_outputs(session, prompts, texts, sampling, tokenizer)
+        outputs = stream_outputs(session, prompts, texts, sampling, tokenizer, log_probs)
     else:
-        outputs = session.generate_requests(prompts, [sampling] * len(prompts))
+        outputs, log_probs = session.generate_with_log_probs(prompts, [sampling] * len(prompts))
         for text, output in zip(texts, outputs):
             print_block(text, response_text(tokenizer, output))
     if args.output_csv is not None:
         write_token_csv(args.output_csv, outputs)
+    if args.output_log_probs is not None:
+        write_log_probs(args.output_log_probs, log_probs)
     sys.stdout.flush()
 
 

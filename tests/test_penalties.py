@@ -151,3 +151,38 @@ def test_log_probs_are_those_of_the_chosen_tokens(model_dir, reference, tmp_path
         expected = logits.log_softmax(-1).gather(1, torch.tensor(output)[:, None])[:, 0]
         assert torch.allclose(torch.tensor(values), expected, atol=1e-4)
     assert session.generate_with_log_probs([prompt], [SamplingConfig(max_new_tokens=3, end_id=-1)])[1] == [[]]
+
+
+def test_run_py_flags_reach_the_runtime(model_dir, tmp_path):
+    """run.py's penalty, bad-word and log-prob flags: the ids change as the API's do, and
+    --output_log_probs writes one object per prompt."""
+    import json
+
+    from conftest import assert_one_line_error, run_tool
+
+    session = build_engine(model_dir, tmp_path / "engine")
+    (tmp_path / "p.csv").write_text("5,6,7,8\n")
+
+    def run(*flags):
+        result = run_tool("run.py", "--engine_dir", tmp_path / "engine", "--input_tokens", tmp_path / "p.csv",
+                          "--max_output_len", "10", "--output_csv", tmp_path / "o.csv", *flags)
+        assert result.returncode == 0, result.stderr
+        return [int(token) for token in (tmp_path / "o.csv").read_text().strip().split(",")]
+
+    expected = session.generate([[5, 6, 7, 8]], SamplingConfig(max_new_tokens=10, repetition_penalty=1.7,
+                                                               presence_penalty=0.4))[0]
+    assert run("--repetition_penalty", "1.7", "--presence_penalty", "0.4") == expected
+    plain = run("--output_log_probs", tmp_path / "lp.json")
+    records = json.loads((tmp_path / "lp.json").read_text())
+    assert len(records) == 1 and len(records[0]["log_probs"]) == len(plain)
+    assert abs(records[0]["cum_log_prob"] - sum(records[0]["log_probs"])) < 1e-9
+    from glm_engine.tokenizer import ChatGLMTokenizer
+
+    tokenizer = ChatGLMTokenizer.from_dir(tmp_path / "engine")
+    words = [tokenizer.decode([token]) for token in plain]
+    word = next(text for token, text in zip(plain, words) if text and tokenizer.encode(text, add_prefix=False) == [token])
+    banned = tokenizer.encode(word, add_prefix=False)[0]
+    assert banned in plain and banned not in run("--bad_words", word)
+    bad = run_tool("run.py", "--engine_dir", tmp_path / "engine", "--input_tokens", tmp_path / "p.csv",
+                   "--repetition_penalty", "0")
+    assert_one_line_error(bad, "repetition_penalty must be a positive finite number")

@@ -158,9 +158,10 @@ def test_pool_size_flags_need_a_paged_engine(tiny_engine_factory):
 
 @pytest.mark.parametrize("mode", ["throughput", "rate"])
 def test_benchmark_serving_modes_complete_every_request(paged_engine, tmp_path, mode):
+    sampled = ["--top_k", "0", "--temperature", "0.8", "--top_p", "0.9", "--repetition_penalty", "1.1"]
     result = run_tool("benchmark.py", "--engine_dir", paged_engine, "--mode", mode, "--num_requests", "9",
                       "--input_len_range", "3", "20", "--output_len", "5",
-                      *(["--request_rate", "200"] if mode == "rate" else []),
+                      *(["--request_rate", "200"] if mode == "rate" else sampled),
                       "--max_tokens_in_paged_kv_cache", "64", "--hf", "--hf_num_requests", "4", "--hf_batch_size",
                       "2", "--device", "cpu", "--output_json", tmp_path / "serving.json")
     assert result.returncode == 0, result.stderr

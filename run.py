@@ -168,7 +168,7 @@ def main() -> None:
         if not all(text.strip() for text in texts):
             raise GlmEngineError("--input_text holds an empty prompt")
         prompts = [tokenizer.encode(text) for text in texts]
-    session = load_session(args.engine_dir, device, **kv_cache_options(args))
+    session = load_session(args.engine_dir, device, tokenizer=tokenizer, **kv_cache_options(args))
     if not session.build_config.use_inflight_batching:  # a static batch: all prompts at once
         session.check_request(prompts, sampling.max_new_tokens)
     if not session.is_main_rank:  # tensor parallelism: the other ranks compute the same steps, rank 0 prints

@@ -99,9 +99,9 @@ def kv_cache_options(args: argparse.Namespace) -> dict:
             "max_tokens_in_paged_kv_cache": args.max_tokens_in_paged_kv_cache}
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, bad_words: bool = True) -> None:
-    """How tokens are chosen: sampling, penalties, minimum length and (for tools with a
-    tokenizer) bad words: the fields of runtime/sampling.SamplingConfig."""
+def add_sampling_arguments(parser: argparse.ArgumentParser, words: bool = True) -> None:
+    """How tokens are chosen: sampling, penalties, minimum length and (`words`, for tools
+    with a tokenizer) bad and stop words: the fields of runtime/sampling.SamplingConfig."""
     parser.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
     parser.add_argument("--top_k", type=int, default=1, help="1: greedy, 0: no top-k filter (default: %(default)s)")
     parser.add_argument("--top_p", type=float, default=0.0, help="0 or 1: no nucleus filter (default: %(default)s)")
@@ -116,24 +116,29 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, bad_words: bool = Tr
                              "(default: %(default)s)")
     parser.add_argument("--min_length", type=int, default=0,
                         help="tokens generated before the end token may come (default: %(default)s)")
-    if bad_words:
+    if words:
         parser.add_argument("--bad_words", type=str, nargs="+", default=None,
                             help="words never generated: each is tokenized without the [gMASK] sop prefix, and "
                                  "its last token is banned after the others (default: none)")
+        parser.add_argument("--stop_words", type=str, nargs="+", default=None,
+                            help="generation stops when the text contains one; the text from it on is not "
+                                 "returned (default: none)")
 
 
 def sampling_options(args: argparse.Namespace, tokenizer) -> dict:
     """SamplingConfig keyword arguments from add_sampling_arguments' flags; `tokenizer`
     turns --bad_words into token ids (None: refused when --bad_words is given)."""
-    bad_words = ()
+    bad_words, stop_words = (), tuple(getattr(args, "stop_words", None) or ())
+    for flag in ("bad_words", "stop_words"):
+        if getattr(args, flag, None) and tokenizer is None:
+            raise GlmEngineError(f"--{flag} needs a tokenizer (words are tokenized, or matched on decoded text); "
+                                 "pass --tokenizer_dir")
     if getattr(args, "bad_words", None):
-        if tokenizer is None:
-            raise GlmEngineError("--bad_words needs a tokenizer to turn the words into token ids; pass "
-                                 "--tokenizer_dir")
         bad_words = tuple(tuple(tokenizer.encode(word, add_prefix=False)) for word in args.bad_words)
         empty = [word for word, ids in zip(args.bad_words, bad_words) if not ids]
         if empty:
             raise GlmEngineError(f"--bad_words {empty[0]!r} has no tokens")
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "repetition_penalty": args.repetition_penalty, "presence_penalty": args.presence_penalty,
-            "frequency_penalty": args.frequency_penalty, "min_length": args.min_length, "bad_words": bad_words}
+            "frequency_penalty": args.frequency_penalty, "min_length": args.min_length, "bad_words": bad_words,
+            "stop_words": stop_words}

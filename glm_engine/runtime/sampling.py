@@ -30,6 +30,7 @@ class SamplingConfig:
     min_length: int = 0  # new tokens before the end token may come
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never completed (a word's last token is banned)
     output_log_probs: bool = False  # report each token's log-probability (StepResult.log_probs)
+    stop_words: tuple[str, ...] = ()  # text that ends a request, not returned (runtime/stop_words.py)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -53,6 +54,8 @@ class SamplingConfig:
                 raise GlmEngineError(f"{name} must be a finite number (0: off), got {getattr(self, name)}")
         if self.min_length < 0:
             raise GlmEngineError(f"min_length must be >= 0, got {self.min_length}")
+        if not all(isinstance(word, str) and word for word in self.stop_words):
+            raise GlmEngineError(f"stop words must be non-empty strings, got {self.stop_words!r}")
         if not all(word and all(isinstance(token, int) and token >= 0 for token in word) for word in self.bad_words):
             raise GlmEngineError(f"bad words must be non-empty sequences of token ids, got {self.bad_words!r}")
 

@@ -20,6 +20,7 @@ from glm_engine import GlmEngineError
 from glm_engine.runtime.block_manager import BlockManager
 from glm_engine.runtime.penalties import TokenHistory, apply_penalties, forbid_end
 from glm_engine.runtime.sampling import SamplingConfig, sample_rows
+from glm_engine.runtime.stop_words import StopStrings
 
 DEFAULT_TOKENS_PER_STEP = 16384  # prompt tokens admitted per step (a longer prompt still runs alone); 8192 measured 25% slower
 
@@ -36,6 +37,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V are in the cache
     penalty_slot: int | None = None  # its row of the TokenHistory, while penalized and running
+    stop: StopStrings | None = None  # its stop strings, when it has some
+    reported: int = 0  # output tokens returned so far (stop strings hold some back)
+    log_probs: list[float] = field(default_factory=list)  # of its output tokens, when asked
 
     @property
     def tokens(self) -> list[int]:
@@ -181,10 +185,10 @@ class Scheduler:
             done = token == sampling.end_id
             if not done:
                 sequence.output.append(token)
-                result.tokens.append((sequence.index, token))
                 if sampling.output_log_probs:
-                    result.log_probs.append((sequence.index, log_probs[row]))
+                    sequence.log_probs.append(log_probs[row])
                 done = len(sequence.output) >= sampling.max_new_tokens
+            done = self._report(sequence, done, result)
             if done:
                 self._retire(sequence)
                 result.finished.append(sequence.index)
@@ -192,6 +196,22 @@ class Scheduler:
                 still_running.append(sequence)
         self.running = still_running
         return result
+
+    @staticmethod
+    def _report(sequence: Sequence, done: bool, result: StepResult) -> bool:
+        """Adds the sequence's returnable new tokens (and log-probs) to `result`; with stop
+        strings, those not held back, the output cut where one was found. Whether it is done."""
+        count = len(sequence.output)
+        if sequence.stop is not None:
+            count, stopped = sequence.stop.visible(sequence.output, done)
+            if stopped:
+                del sequence.output[count:]
+                done = True
+        result.tokens += [(sequence.index, token) for token in sequence.output[sequence.reported:count]]
+        if sequence.sampling.output_log_probs:
+            result.log_probs += [(sequence.index, value) for value in sequence.log_probs[sequence.reported:count]]
+        sequence.reported = count
+        return done
 
     def _choose(self, plan: StepPlan, logits: torch.Tensor,
                 greedy: torch.Tensor) -> tuple[list[int], list[float] | None]:

@@ -28,7 +28,9 @@ from glm_engine.runtime.model_runner import ModelRunner
 from glm_engine.runtime.kv_cache import pool_blocks
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.scheduler import Scheduler, Sequence, StepResult
+from glm_engine.runtime.stop_words import StopStrings
 from glm_engine.tensor_parallel import rank_model_config
+from glm_engine.tokenizer import ChatGLMTokenizer
 
 # (model config, op table, runtime-layout weights, device) -> the network on that device
 NetworkBuilder = Callable[[ModelConfig, Ops, dict[str, torch.Tensor], torch.device], nn.Module]
@@ -76,7 +78,8 @@ class Session:
     def __init__(self, engine: Engine | str | Path, build_network: NetworkBuilder,
                  device: str | torch.device | None = None, cuda_graphs: bool = True,
                  kv_cache_free_gpu_mem_fraction: float | None = None,
-                 max_tokens_in_paged_kv_cache: int | None = None) -> None:
+                 max_tokens_in_paged_kv_cache: int | None = None, tokenizer: ChatGLMTokenizer | None = None) -> None:
+        """`tokenizer` decodes text for stop strings (default: the engine's own, when it has one)."""
         launch = launch_from_environment()
         _, build = (engine.model_config, engine.build_config) if isinstance(engine, Engine) else engine_configs(engine)
         check_launch(build.world_size, launch)  # on every rank, before any waits for the others
@@ -86,6 +89,7 @@ class Session:
             engine = load_engine(engine, self.device, launch.rank)
         loaded = time.perf_counter()
         self.model_config = config = engine.model_config
+        self.engine_dir, self.tokenizer = engine.directory, tokenizer
         self.build_config = build = engine.build_config
         self.parallel = TensorParallel(launch, self.device, config.vocab_size)
         rank_config = rank_model_config(config, build.world_size)  # the shape this rank computes
@@ -162,7 +166,18 @@ class Session:
                                  f"cache, more than the pool's {manager.num_blocks * manager.block_size}; raise "
                                  f"{flags}")
         seed = self.seeds.getrandbits(63) if sampling.random_seed is None else sampling.random_seed
-        scheduler.add(Sequence(index, list(prompt), sampling, seed))
+        scheduler.add(Sequence(index, list(prompt), sampling, seed, stop=self._stop_strings(index, sampling)))
+
+    def _stop_strings(self, index: int, sampling: SamplingConfig) -> StopStrings | None:
+        """The watcher of a request's stop strings, which are matched on decoded text."""
+        if not sampling.stop_words:
+            return None
+        if self.tokenizer is None:
+            if not (Path(self.engine_dir) / "tokenizer.model").is_file():
+                raise GlmEngineError(f"request {index} has stop words, which are matched on text, and the engine "
+                                     "has no tokenizer; pass one (run.py --tokenizer_dir)")
+            self.tokenizer = ChatGLMTokenizer.from_dir(self.engine_dir)
+        return StopStrings(sampling.stop_words, self.tokenizer.decode)
 
     @torch.inference_mode()
     def step(self, scheduler: Scheduler) -> StepResult:

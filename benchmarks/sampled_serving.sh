@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# On the lent GPU: issue 12's serving row. docs/PERFORMANCE.md's 512-request workload
+# (inputs 400-800, 100 out, all at once) on the in-flight engine, greedy and then
+# sampled (temperature 0.8, top-p 0.9, repetition penalty 1.1), in one call: the
+# sampled run should be within 10% of greedy's output tokens/s.
+set -uo pipefail
+source "$(dirname "$0")/common.sh"
+build_inflight_engine "$WORK/ifb"
+S=(--mode throughput --num_requests 512 --input_len_range 400 800 --output_len 100)
+step python3 benchmark.py --engine_dir "$WORK/ifb" "${S[@]}" --output_json "$OUT/greedy.json"
+step python3 benchmark.py --engine_dir "$WORK/ifb" "${S[@]}" --top_k 0 --temperature 0.8 --top_p 0.9 \
+  --repetition_penalty 1.1 --output_json "$OUT/sampled.json"
+step python3 benchmark.py --engine_dir "$WORK/ifb" "${S[@]}" --output_json "$OUT/greedy_again.json"

@@ -1,6 +1,8 @@
-"""The paged KV cache's block allocator: a free list over the pool's blocks.
-Sequences take blocks as they grow and give them all back when they finish or
-are preempted."""
+"""The paged KV cache's block allocator: a free list over the pool's blocks, with a
+reference count per block. Sequences take blocks as they grow and give them back
+when they finish or are preempted; beams of one request share the blocks they have
+in common (share), and a beam about to write into a block another beam still reads
+gets its own copy first (copy_on_write)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ class BlockManager:
         self.block_size = block_size
         # Popped from the end: low ids first, so small workloads stay in few blocks.
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._references = [0] * num_blocks
 
     @property
     def free_blocks(self) -> int:
@@ -22,6 +25,11 @@ class BlockManager:
         """Blocks that hold `tokens` tokens."""
         return -(-tokens // self.block_size)
 
+    def _take(self) -> int:
+        block = self._free.pop()
+        self._references[block] = 1
+        return block
+
     def grow(self, block_table: list[int], tokens: int) -> bool:
         """Appends blocks to `block_table` until it holds `tokens` tokens; False (and
         nothing taken) when the pool has too few free blocks."""
@@ -29,10 +37,33 @@ class BlockManager:
         if missing > len(self._free):
             return False
         for _ in range(max(0, missing)):
-            block_table.append(self._free.pop())
+            block_table.append(self._take())
         return True
 
+    def share(self, block_table: list[int]) -> list[int]:
+        """A second table over the same blocks (a beam forking from another)."""
+        for block in block_table:
+            self._references[block] += 1
+        return list(block_table)
+
+    def copy_on_write(self, block_table: list[int], position: int) -> tuple[int, int] | None:
+        """Before writing the token at `position`: when its block is shared, the table
+        takes a fresh block instead and (source, copy) is returned, for the caller to copy
+        the K/V; None when the block is the table's alone. Needs one free block when shared
+        (callers check free_blocks)."""
+        index = position // self.block_size
+        block = block_table[index]
+        if self._references[block] == 1:
+            return None
+        self._references[block] -= 1
+        block_table[index] = self._take()
+        return block, block_table[index]
+
     def release(self, block_table: list[int]) -> None:
-        """Gives every block of `block_table` back and empties it."""
-        self._free.extend(reversed(block_table))
+        """Gives back this table's hold on each of its blocks (a block is free once no
+        table holds it) and empties it."""
+        for block in reversed(block_table):
+            self._references[block] -= 1
+            if self._references[block] == 0:
+                self._free.append(block)
         block_table.clear()

@@ -92,7 +92,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serving modes with --hf: HF static batch size (default: %(default)s)")
     parser.add_argument("--hf_num_requests", type=int, default=128,
                         help="serving modes with --hf: requests HF runs (default: %(default)s)")
-    add_sampling_arguments(parser, words=False)
+    add_sampling_arguments(parser, words=False, beams=False)
     add_kv_cache_arguments(parser)
     return parser.parse_args(argv)
 

@@ -94,6 +94,22 @@ class LiveLines:
         self.drawn = True
 
 
+def print_beams(session: Session, prompts: list[list[int]], texts: list[str], sampling: SamplingConfig,
+                tokenizer: ChatGLMTokenizer | None, output_csv: str | None) -> None:
+    """--num_beams: each prompt's best beam, or its --num_return_sequences best with their
+    scores; --output_csv gets one line per returned beam, prompt by prompt."""
+    results = session.generate_beams(prompts, [sampling] * len(prompts))
+    for text, beams in zip(texts, results):
+        if len(beams) == 1:
+            print_block(text, response_text(tokenizer, beams[0][0]))
+            continue
+        print(f"\nInput --->\n\t{text}")
+        for rank, (output, score) in enumerate(beams):
+            print(f"\nOutput beam {rank} (score {score:.4f}) --->\n\t{response_text(tokenizer, output)}")
+    if output_csv is not None:
+        write_token_csv(output_csv, [output for beams in results for output, _ in beams])
+
+
 def write_log_probs(path: str, log_probs: list[list[float]]) -> None:
     """--output_log_probs: one object per prompt, its tokens' log-probabilities and their sum."""
     import json
@@ -160,6 +176,9 @@ def main() -> None:
     sampling = SamplingConfig(max_new_tokens=build_config.max_output_len if args.max_output_len is None
                               else args.max_output_len, random_seed=args.random_seed, end_id=model_config.eos_token_id,
                               output_log_probs=args.output_log_probs is not None, **sampling_options(args, tokenizer))
+    if args.streaming and sampling.num_beams > 1:
+        raise GlmEngineError("--streaming shows tokens as they come, and beams are known only when the search ends; "
+                             "drop --streaming or --num_beams")
     if args.input_tokens is not None:
         prompts = read_token_csv(args.input_tokens)
         texts = [tokenizer.decode(p) if tokenizer else ",".join(map(str, p)) for p in prompts]
@@ -170,9 +189,12 @@ def main() -> None:
         prompts = [tokenizer.encode(text) for text in texts]
     session = load_session(args.engine_dir, device, tokenizer=tokenizer, **kv_cache_options(args))
     if not session.build_config.use_inflight_batching:  # a static batch: all prompts at once
-        session.check_request(prompts, sampling.max_new_tokens)
+        session.check_request(prompts, sampling.max_new_tokens, sampling.num_beams)
     if not session.is_main_rank:  # tensor parallelism: the other ranks compute the same steps, rank 0 prints
         session.generate_requests(prompts, [sampling] * len(prompts))
+        return
+    if sampling.num_beams > 1:
+        print_beams(session, prompts, texts, sampling, tokenizer, args.output_csv)
         return
     log_probs: list[list[float]] = [[] for _ in prompts]
     if args.streaming:

@@ -50,6 +50,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=1,
                         help="articles per batch; in-flight engines: articles in flight (default: %(default)s)")
     parser.add_argument("--max_ite", type=int, default=20, help="batches (default: %(default)s)")
+    parser.add_argument("--num_beams", type=int, default=1,
+                        help="beam search with N beams on both sides, the best beam scored (default: %(default)s)")
     parser.add_argument("--output_len", type=int, default=100, help="tokens per summary (default: %(default)s)")
     parser.add_argument("--max_input_len", type=int, default=800,
                         help="prompt tokens kept per article (default: %(default)s)")
@@ -166,8 +168,10 @@ def main() -> None:
         raise GlmEngineError("nothing to test: --no_test_trt_llm without --test_hf")
     if args.check_accuracy and not args.test_engine:
         raise GlmEngineError("--check_accuracy checks the engine's ROUGE; drop --no_test_trt_llm")
-    if args.batch_size < 1 or args.max_ite < 1 or args.output_len < 1 or args.max_input_len < 3:
-        raise GlmEngineError("--batch_size, --max_ite and --output_len must be positive, --max_input_len >= 3")
+    if args.batch_size < 1 or args.max_ite < 1 or args.output_len < 1 or args.num_beams < 1 \
+            or args.max_input_len < 3:
+        raise GlmEngineError("--batch_size, --max_ite, --output_len and --num_beams must be positive, "
+                             "--max_input_len >= 3")
     if not math.isfinite(args.rouge1_threshold):
         raise GlmEngineError(f"--rouge1_threshold must be a finite number, got {args.rouge1_threshold}")
     if args.hf_model_location is not None and not Path(args.hf_model_location).is_dir():
@@ -190,12 +194,14 @@ def main() -> None:
             for index, prompt in enumerate(batch) if inflight else []:
                 session.check_prompt(index, prompt, args.output_len)
             if not inflight:
-                session.check_request(batch, args.output_len)
-        sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=session.model_config.eos_token_id)
+                session.check_request(batch, args.output_len, args.num_beams)
+        sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=session.model_config.eos_token_id,
+                                  num_beams=args.num_beams)
         sides.append(SideResult("glm_engine"))
         if inflight:  # all articles queued, batch_size in flight
             run_side(sides[-1], lambda batch: session.generate_requests(batch, [sampling] * len(batch),
-                                                                        args.batch_size), [prompts], tokenizer)
+                                                                        args.batch_size * args.num_beams),
+                     [prompts], tokenizer)
         else:
             run_side(sides[-1], lambda batch: session.generate(batch, sampling), batches, tokenizer)
         if not session.is_main_rank:  # tensor parallelism: rank 0 alone runs the reference and scores
@@ -206,7 +212,7 @@ def main() -> None:
         end_id, pad_id = model.config.eos_token_id, model.config.pad_token_id
         end_id = end_id[0] if isinstance(end_id, list) else end_id
         sides.append(SideResult("Hugging Face"))
-        run_side(sides[-1], lambda batch: hf_generate(model, batch, args.output_len, end_id, pad_id),
+        run_side(sides[-1], lambda batch: hf_generate(model, batch, args.output_len, end_id, pad_id, args.num_beams),
                  batches, tokenizer)
     scores = [print_side(side, references) for side in sides]
     if len(sides) == 2:

@@ -105,3 +105,12 @@ class BeamSearch:
         """The best `count` finished hypotheses (tokens without a final end token, score)."""
         return [([token for token in tokens[:-1]] + ([] if tokens[-1] == self.end_id else tokens[-1:]), score)
                 for score, tokens in self.finished[:count]]
+
+
+@dataclass(eq=False)
+class BeamGroup:
+    """A beam request in the scheduler: its search and the scheduler's sequences of its
+    running beams (one, the prompt, until the first step; num_beams after)."""
+
+    search: BeamSearch
+    sequences: list = field(default_factory=list)

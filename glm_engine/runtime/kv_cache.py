@@ -27,6 +27,18 @@ class KVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copies the K/V of every layer from block `source` to block `copy`, per pair (a
+        beam's copy-on-write of a block it shared)."""
+        device = self.keys.device
+        offsets = torch.arange(self.block_size, device=device)
+        sources = (torch.tensor([source for source, _ in copies], device=device)[:, None] * self.block_size
+                   + offsets).reshape(-1)
+        targets = (torch.tensor([copy for _, copy in copies], device=device)[:, None] * self.block_size
+                   + offsets).reshape(-1)
+        self.keys[:, targets] = self.keys[:, sources]
+        self.values[:, targets] = self.values[:, sources]
+
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Stores key/value [N, groups, head_dim] of N new tokens at their slots."""
         self.keys[layer].index_copy_(0, slot_mapping, key)

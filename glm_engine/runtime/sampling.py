@@ -31,6 +31,11 @@ class SamplingConfig:
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never completed (a word's last token is banned)
     output_log_probs: bool = False  # report each token's log-probability (StepResult.log_probs)
     stop_words: tuple[str, ...] = ()  # text that ends a request, not returned (runtime/stop_words.py)
+    # Beam search (runtime/beam_search.py), as Hugging Face generate's; 1 beam: greedy or sampling.
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never"
+    num_return_sequences: int = 1  # best beams returned (Session.generate_beams)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -54,10 +59,30 @@ class SamplingConfig:
                 raise GlmEngineError(f"{name} must be a finite number (0: off), got {getattr(self, name)}")
         if self.min_length < 0:
             raise GlmEngineError(f"min_length must be >= 0, got {self.min_length}")
+        self._check_beams()
         if not all(isinstance(word, str) and word for word in self.stop_words):
             raise GlmEngineError(f"stop words must be non-empty strings, got {self.stop_words!r}")
         if not all(word and all(isinstance(token, int) and token >= 0 for token in word) for word in self.bad_words):
             raise GlmEngineError(f"bad words must be non-empty sequences of token ids, got {self.bad_words!r}")
+
+    def _check_beams(self) -> None:
+        if self.num_beams < 1:
+            raise GlmEngineError(f"num_beams must be at least 1, got {self.num_beams}")
+        if not 1 <= self.num_return_sequences <= self.num_beams:
+            raise GlmEngineError(f"num_return_sequences must be within [1, num_beams {self.num_beams}], got "
+                                 f"{self.num_return_sequences}")
+        if self.early_stopping not in (True, False, "never"):
+            raise GlmEngineError(f"early_stopping must be true, false or never, got {self.early_stopping!r}")
+        if not math.isfinite(self.length_penalty):
+            raise GlmEngineError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if self.num_beams == 1:
+            return
+        others = [name for name, on in (("sampling (top_k != 1)", self.top_k != 1),
+                                         ("penalties, min_length or bad words", self.changes_logits),
+                                         ("stop words", bool(self.stop_words)),
+                                         ("log-probs", self.output_log_probs)) if on]
+        if others:
+            raise GlmEngineError(f"beam search with {others[0]} is not built yet; use num_beams 1 or drop it")
 
     @property
     def greedy(self) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glm_engine import GlmEngineError
+from glm_engine.runtime.beam_search import BeamGroup
 from glm_engine.runtime.block_manager import BlockManager
 from glm_engine.runtime.penalties import TokenHistory, apply_penalties, forbid_end
 from glm_engine.runtime.sampling import SamplingConfig, sample_rows
@@ -40,6 +41,7 @@ class Sequence:
     stop: StopStrings | None = None  # its stop strings, when it has some
     reported: int = 0  # output tokens returned so far (stop strings hold some back)
     log_probs: list[float] = field(default_factory=list)  # of its output tokens, when asked
+    group: BeamGroup | None = None  # its beam request, when it is one of its beams
 
     @property
     def tokens(self) -> list[int]:
@@ -73,6 +75,7 @@ class StepPlan:
 
     sequences: list[Sequence]
     new_tokens: list[list[int]]
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, copy) before the forward
 
     @property
     def block_tables(self) -> list[list[int]]:
@@ -90,6 +93,7 @@ class StepResult:
     sequences: int = 0  # sequences in the step's forward
     forwarded_tokens: int = 0  # tokens in the step's forward (prompt tokens included)
     log_probs: list[tuple[int, float]] = field(default_factory=list)  # (request index, log-prob), when asked
+    beams: list[tuple[int, list[tuple[list[int], float]]]] = field(default_factory=list)  # finished beam requests
 
 
 class Scheduler:
@@ -104,37 +108,44 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_in_flight = max_in_flight
         self.tokens_per_step = tokens_per_step or DEFAULT_TOKENS_PER_STEP
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[list[Sequence]] = deque()  # a request's sequences: one, or its beams
         self.running: list[Sequence] = []
         self.preemptions = 0
         self.history: TokenHistory | None = None  # made on the first penalized step, on the logits' device
 
-    def fits(self, tokens: int) -> bool:
-        """Whether a sequence of `tokens` tokens can ever hold its blocks."""
-        return self.block_manager.blocks_for(tokens) <= self.block_manager.num_blocks
+    def fits(self, tokens: int, copies: int = 1) -> bool:
+        """Whether `copies` sequences of `tokens` tokens can ever hold their blocks."""
+        return copies * self.block_manager.blocks_for(tokens) <= self.block_manager.num_blocks
 
     def add(self, sequence: Sequence) -> None:
         """Queues a request (checked to fit the pool by the caller)."""
-        self.waiting.append(sequence)
+        if sequence.group is not None:
+            sequence.group.sequences = [sequence]
+        self.waiting.append([sequence])
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def _admit(self) -> None:
-        """Moves queued requests to running, in order, while blocks, slots and the token budget allow."""
+        """Moves queued requests to running, in order, while blocks, slots and the token budget
+        allow (a beam request takes num_beams slots from the start)."""
         manager = self.block_manager
         budget = self.tokens_per_step
-        while self.waiting and len(self.running) < self.max_in_flight:
-            sequence = self.waiting[0]
-            tokens = sequence.length
+        while self.waiting:
+            unit = self.waiting[0]
+            group = unit[0].group
+            if len(self.running) + (group.search.num_beams if group else 1) > self.max_in_flight:
+                break
+            tokens = sum(sequence.length for sequence in unit)
             if tokens > budget and budget < self.tokens_per_step:
                 break  # a long prompt waits for a step of its own
             # Room for the prompt and the first generated token, so it is not preempted at once.
-            if manager.blocks_for(tokens + 1) > manager.free_blocks:
+            if sum(manager.blocks_for(sequence.length + 1) for sequence in unit) > manager.free_blocks:
                 break
-            manager.grow(sequence.block_table, tokens)
-            self.running.append(self.waiting.popleft())
+            for sequence in unit:
+                manager.grow(sequence.block_table, sequence.length)
+            self.running += self.waiting.popleft()
             budget -= tokens
 
     def _retire(self, sequence: Sequence) -> None:
@@ -145,30 +156,49 @@ class Scheduler:
             sequence.penalty_slot = None
 
     def _preempt_newest(self) -> Sequence:
-        victim = self.running.pop()
-        self._retire(victim)
-        victim.cached = 0
-        self.waiting.appendleft(victim)
+        """Sends the newest running request (all its beams) back to the head of the queue,
+        its blocks freed; its tokens are recomputed when it is admitted again."""
+        victims = [self.running.pop()]
+        group = victims[0].group
+        while group is not None and self.running and self.running[-1].group is group:
+            victims.insert(0, self.running.pop())
+        for victim in victims:
+            self._retire(victim)
+            victim.cached = 0
+        self.waiting.appendleft(victims)
         self.preemptions += 1
-        return victim
+        return victims[-1]
 
-    def _reserve_decode_slots(self) -> None:
-        """Gives each decoding sequence a slot for its next token, preempting the newest when short."""
+    def _reserve_decode_slots(self) -> list[tuple[int, int]]:
+        """Gives each decoding sequence a slot for its next token, preempting the newest when
+        short; a beam whose slot lies in a block other beams share gets its own copy first.
+        Returns the block copies to make."""
+        copies = []
         index = 0
         while index < len(self.running):
             sequence = self.running[index]
-            if self.block_manager.grow(sequence.block_table, sequence.length):
-                index += 1
-            elif self._preempt_newest() is sequence:
-                break  # it was the newest: everything before it has its slot
+            if not self.block_manager.grow(sequence.block_table, sequence.length):
+                if self._preempt_newest() is sequence:
+                    break  # it was the newest: everything before it has its slot
+                continue
+            if sequence.group is not None and sequence.cached == sequence.length - 1:
+                if self.block_manager.free_blocks == 0:
+                    if self._preempt_newest() is sequence:
+                        break
+                    continue
+                copy = self.block_manager.copy_on_write(sequence.block_table, sequence.length - 1)
+                if copy is not None:
+                    copies.append(copy)
+            index += 1
+        return copies
 
     def schedule(self) -> StepPlan:
         """The next step: admits first, then every running sequence's uncached tokens."""
         self._admit()
-        self._reserve_decode_slots()
+        copies = self._reserve_decode_slots()
         if not self.running:
             raise GlmEngineError("no request fits the KV cache pool")  # callers check fits() first
-        return StepPlan(list(self.running), [sequence.uncached_tokens() for sequence in self.running])
+        return StepPlan(list(self.running), [sequence.uncached_tokens() for sequence in self.running], copies)
 
     def postprocess(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor) -> StepResult:
         """Chooses each sequence's next token from the step's float32 logits [B, vocab] and
@@ -177,9 +207,13 @@ class Scheduler:
         over the sequences: at hundreds in flight this bookkeeping is part of every step."""
         chosen, log_probs = self._choose(plan, logits, greedy)
         result = StepResult([], [], len(plan.sequences), sum(map(len, plan.new_tokens)))
-        still_running = []
+        still_running: list[Sequence | BeamGroup] = []
         for row, (sequence, fed) in enumerate(zip(plan.sequences, plan.new_tokens, strict=True)):
             sequence.cached += len(fed)
+            if sequence.group is not None:  # beams advance together, below
+                if sequence is sequence.group.sequences[0]:
+                    still_running.append(sequence.group)
+                continue
             sampling = sequence.sampling
             token = chosen[row]
             done = token == sampling.end_id
@@ -194,8 +228,40 @@ class Scheduler:
                 result.finished.append(sequence.index)
             else:
                 still_running.append(sequence)
-        self.running = still_running
+        self.running = []
+        for entry in still_running:
+            if isinstance(entry, BeamGroup):
+                self._advance_beams(entry, plan, logits, result)
+                entry = entry.sequences
+            self.running += entry if isinstance(entry, list) else [entry]
         return result
+
+    def _advance_beams(self, group: BeamGroup, plan: StepPlan, logits: torch.Tensor, result: StepResult) -> None:
+        """One beam-search step of a beam request from its rows' logits: its running beams
+        become the continuations chosen, each a table sharing its parent's blocks; once the
+        search is done, its blocks are freed and its best beams reported."""
+        rows = [row for row, sequence in enumerate(plan.sequences) if sequence.group is group]
+        parents = group.search.step(logits[torch.tensor(rows, device=logits.device)].log_softmax(dim=-1))
+        old = group.sequences
+        if group.search.done:
+            for sequence in old:
+                self._retire(sequence)
+            group.sequences = []
+            index = old[0].index
+            best = group.search.results(old[0].sampling.num_return_sequences)
+            result.tokens += [(index, token) for token in best[0][0]]
+            result.beams.append((index, best))
+            result.finished.append(index)
+            return
+        tables = [self.block_manager.share(old[parent].block_table) for parent in parents]
+        for sequence in old:
+            self.block_manager.release(sequence.block_table)
+        leader = old[0]
+        group.sequences = [old[i] if i < len(old) else
+                           Sequence(leader.index, leader.prompt, leader.sampling, leader.seed, group=group)
+                           for i in range(len(parents))]
+        for sequence, table, beam in zip(group.sequences, tables, group.search.beams):
+            sequence.block_table, sequence.output, sequence.cached = table, list(beam.output), leader.cached
 
     @staticmethod
     def _report(sequence: Sequence, done: bool, result: StepResult) -> bool:

@@ -22,6 +22,7 @@ from glm_engine.config import ModelConfig
 from glm_engine.engine import Engine, engine_configs, load_engine
 from glm_engine.ops import Ops, select_ops
 from glm_engine.quantization import dequantize_weights
+from glm_engine.runtime.beam_search import BeamGroup, BeamSearch
 from glm_engine.runtime.block_manager import BlockManager
 from glm_engine.runtime.distributed import Launch, TensorParallel, launch_from_environment, rank_device
 from glm_engine.runtime.model_runner import ModelRunner
@@ -134,12 +135,14 @@ class Session:
         if bad:
             raise GlmEngineError(f"prompt {index} holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
 
-    def check_request(self, prompts: list[list[int]], max_new_tokens: int) -> None:
-        """Checks a static batch: every prompt, and no more prompts than max_batch_size."""
+    def check_request(self, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1) -> None:
+        """Checks a static batch: every prompt, and no more prompts (times beams) than
+        max_batch_size."""
         if not prompts:
             raise GlmEngineError("no prompts given")
-        if len(prompts) > self.build_config.max_batch_size:
-            raise GlmEngineError(f"{len(prompts)} prompts exceed the engine's max_batch_size "
+        if len(prompts) * num_beams > self.build_config.max_batch_size:
+            beams = f" x {num_beams} beams" if num_beams > 1 else ""
+            raise GlmEngineError(f"{len(prompts)} prompts{beams} exceed the engine's max_batch_size "
                                  f"{self.build_config.max_batch_size}; send fewer or rebuild with a larger "
                                  "--max_batch_size")
         for index, prompt in enumerate(prompts):
@@ -158,15 +161,25 @@ class Session:
         vocab = self.model_config.vocab_size
         if any(token >= vocab for word in sampling.bad_words for token in word):
             raise GlmEngineError(f"a bad word of request {index} holds a token id outside the vocabulary [0, {vocab})")
-        if not scheduler.fits(len(prompt) + sampling.max_new_tokens):
+        beams = sampling.num_beams
+        if beams > scheduler.max_in_flight:
+            raise GlmEngineError(f"request {index} asks for {beams} beams, more than the {scheduler.max_in_flight} "
+                                 "sequences in flight; use fewer beams or a larger --max_batch_size")
+        # Beams recomputed after a preemption hold their prompts apart: the pool must hold them so.
+        if not scheduler.fits(len(prompt) + sampling.max_new_tokens, copies=beams):
             manager = self.block_manager
             flags = "--max_tokens_in_paged_kv_cache" if self.device.type != "cuda" else \
                 "--kv_cache_free_gpu_mem_fraction or --max_tokens_in_paged_kv_cache"  # the CPU takes only the first
-            raise GlmEngineError(f"prompt {index} needs {len(prompt) + sampling.max_new_tokens} tokens of KV "
-                                 f"cache, more than the pool's {manager.num_blocks * manager.block_size}; raise "
+            raise GlmEngineError(f"prompt {index} needs {beams} x {len(prompt) + sampling.max_new_tokens} tokens of "
+                                 f"KV cache, more than the pool's {manager.num_blocks * manager.block_size}; raise "
                                  f"{flags}")
         seed = self.seeds.getrandbits(63) if sampling.random_seed is None else sampling.random_seed
-        scheduler.add(Sequence(index, list(prompt), sampling, seed, stop=self._stop_strings(index, sampling)))
+        group = None
+        if beams > 1:
+            group = BeamGroup(BeamSearch(beams, sampling.length_penalty, sampling.early_stopping, sampling.end_id,
+                                         len(prompt), sampling.max_new_tokens))
+        scheduler.add(Sequence(index, list(prompt), sampling, seed, stop=self._stop_strings(index, sampling),
+                               group=group))
 
     def _stop_strings(self, index: int, sampling: SamplingConfig) -> StopStrings | None:
         """The watcher of a request's stop strings, which are matched on decoded text."""
@@ -183,6 +196,8 @@ class Session:
     def step(self, scheduler: Scheduler) -> StepResult:
         """One planned step: the runner's forward, then each sequence's next token and retirement."""
         plan = scheduler.schedule()
+        if plan.block_copies:  # beams about to write into blocks they shared
+            self.runner.kv_cache.copy_blocks(plan.block_copies)
         logits, greedy = self.runner.execute(plan.block_tables, plan.cached, plan.new_tokens)
         return scheduler.postprocess(plan, logits, greedy)
 
@@ -236,12 +251,26 @@ class Session:
                 log_probs[index].append(log_prob)
         return outputs, log_probs
 
+    def generate_beams(self, prompts: list[list[int]], samplings: list[SamplingConfig],
+                       max_in_flight: int | None = None) -> list[list[tuple[list[int], float]]]:
+        """Each request's num_return_sequences best beams (ids, Hugging Face's score:
+        cumulative log-probability / length ** length_penalty), best first; a one-beam
+        request gives its output with no score (None)."""
+        beams: list[list[tuple[list[int], float | None]]] = [[] for _ in prompts]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for step in self.stream_requests(prompts, samplings, max_in_flight):
+            for index, token in step.tokens:
+                outputs[index].append(token)
+            for index, best in step.beams:
+                beams[index] = best
+        return [found or [(output, None)] for found, output in zip(beams, outputs)]
+
     def generate_stream(self, prompts: list[list[int]],
                         sampling: SamplingConfig) -> Iterator[list[tuple[int, int]]]:
         """A static batch (at most max_batch_size prompts), all with `sampling`: yields,
         after each step, the (prompt index, token) pairs it produced; a sequence stops at
         `sampling.end_id` (not yielded) or after max_new_tokens."""
-        self.check_request(prompts, sampling.max_new_tokens)
+        self.check_request(prompts, sampling.max_new_tokens, sampling.num_beams)
         for step in self.stream_requests(prompts, [sampling] * len(prompts)):
             yield step.tokens
 

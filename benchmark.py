@@ -92,7 +92,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serving modes with --hf: HF static batch size (default: %(default)s)")
     parser.add_argument("--hf_num_requests", type=int, default=128,
                         help="serving modes with --hf: requests HF runs (default: %(default)s)")
-    add_sampling_arguments(parser, words=False, beams=False)
+    add_sampling_arguments(parser, words=False)
     add_kv_cache_arguments(parser)
     return parser.parse_args(argv)
 
@@ -421,6 +421,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     from glm_engine.runtime.sampling import SamplingConfig
 
     SamplingConfig(max_new_tokens=1, **sampling_options(args, None))  # the sampling flags' values
+    if args.mode == "latency" and args.num_beams > 1:
+        raise GlmEngineError("--num_beams: beams are known only when the search ends, so latency mode's split "
+                             "into prefill and decode time does not apply; use --mode throughput or rate")
     low, high = args.input_len_range
     if not 1 <= low <= high:
         raise GlmEngineError(f"--input_len_range {low} {high}: need 1 <= MIN <= MAX")

@@ -179,3 +179,20 @@ def test_run_py_and_summarize_with_beams(model_dir, reference, tmp_path):
                        "--num_beams", "2")
     assert summary.returncode == 0, summary.stderr
     assert "Token agreement: 100.0% of outputs identical" in summary.stdout
+
+
+def test_benchmark_serving_with_beams(model_dir, tmp_path):
+    import json
+
+    from conftest import assert_one_line_error, run_tool
+    from test_model import build_engine
+
+    build_engine(model_dir, tmp_path / "engine", "float32", "--use_inflight_batching", "--max_batch_size", "4")
+    common = ["benchmark.py", "--engine_dir", tmp_path / "engine", "--num_beams", "2", "--output_len", "5",
+              "--device", "cpu"]
+    result = run_tool(*common, "--mode", "throughput", "--num_requests", "5", "--input_len_range", "3", "12",
+                      "--output_json", tmp_path / "beams.json")
+    assert result.returncode == 0, result.stderr
+    row = json.loads((tmp_path / "beams.json").read_text())["rows"][0]
+    assert row["requests"] == 5 and row["blocks_free_at_end"] == row["blocks_total"]
+    assert_one_line_error(run_tool(*common, "--input_len", "8"), "latency mode")

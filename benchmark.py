@@ -312,7 +312,7 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
             arrived = session.parallel.rank0_value(arrived)
         for index in range(submitted, arrived):
             session.submit(scheduler, index, prompts[index], sampling)
-        submitted = max(submitted, arrived)
+        submitted = arrived
         if not scheduler.has_work:
             time.sleep(max(0.0, arrivals[submitted] - now))
             continue
@@ -421,6 +421,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     from glm_engine.runtime.sampling import SamplingConfig
 
     SamplingConfig(max_new_tokens=1, **sampling_options(args, None))  # the sampling flags' values
+    if args.num_return_sequences != 1:
+        raise GlmEngineError("--num_return_sequences chooses how many beams are returned, which changes no "
+                             "measurement; drop it")
     if args.mode == "latency" and args.num_beams > 1:
         raise GlmEngineError("--num_beams: beams are known only when the search ends, so latency mode's split "
                              "into prefill and decode time does not apply; use --mode throughput or rate")

@@ -99,10 +99,9 @@ def kv_cache_options(args: argparse.Namespace) -> dict:
             "max_tokens_in_paged_kv_cache": args.max_tokens_in_paged_kv_cache}
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, words: bool = True, beams: bool = True) -> None:
-    """How tokens are chosen: sampling, penalties, minimum length, (`words`, for tools
-    with a tokenizer) bad and stop words, and (`beams`) beam search: the fields of
-    runtime/sampling.SamplingConfig."""
+def add_sampling_arguments(parser: argparse.ArgumentParser, words: bool = True) -> None:
+    """How tokens are chosen: sampling, penalties, minimum length, beam search and (`words`,
+    for tools with a tokenizer) bad and stop words: the fields of runtime/sampling.SamplingConfig."""
     parser.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
     parser.add_argument("--top_k", type=int, default=1, help="1: greedy, 0: no top-k filter (default: %(default)s)")
     parser.add_argument("--top_p", type=float, default=0.0, help="0 or 1: no nucleus filter (default: %(default)s)")
@@ -117,15 +116,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, words: bool = True, 
                              "(default: %(default)s)")
     parser.add_argument("--min_length", type=int, default=0,
                         help="tokens generated before the end token may come (default: %(default)s)")
-    if beams:
-        parser.add_argument("--num_beams", type=int, default=1,
-                            help="beam search with N beams, as Hugging Face generate's (default: %(default)s: none)")
-        parser.add_argument("--length_penalty", type=float, default=1.0,
-                            help="beam scores are cumulative log-probability / length ** this (default: %(default)s)")
-        parser.add_argument("--early_stopping", choices=["false", "true", "never"], default="false",
-                            help="when beam search stops, as Hugging Face's early_stopping (default: %(default)s)")
-        parser.add_argument("--num_return_sequences", type=int, default=1,
-                            help="best beams returned per prompt (default: %(default)s)")
+    parser.add_argument("--num_beams", type=int, default=1,
+                        help="beam search with N beams, as Hugging Face generate's (default: %(default)s: none)")
+    parser.add_argument("--length_penalty", type=float, default=1.0,
+                        help="beam scores are cumulative log-probability / length ** this (default: %(default)s)")
+    parser.add_argument("--early_stopping", choices=["false", "true", "never"], default="false",
+                        help="when beam search stops, as Hugging Face's early_stopping (default: %(default)s)")
+    parser.add_argument("--num_return_sequences", type=int, default=1,
+                        help="best beams returned per prompt (default: %(default)s)")
     if words:
         parser.add_argument("--bad_words", type=str, nargs="+", default=None,
                             help="words never generated: each is tokenized without the [gMASK] sop prefix, and "
@@ -151,14 +149,6 @@ def sampling_options(args: argparse.Namespace, tokenizer) -> dict:
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "repetition_penalty": args.repetition_penalty, "presence_penalty": args.presence_penalty,
             "frequency_penalty": args.frequency_penalty, "min_length": args.min_length, "bad_words": bad_words,
-            "stop_words": stop_words, **beam_options(args)}
-
-
-def beam_options(args: argparse.Namespace) -> dict:
-    """SamplingConfig's beam-search fields from add_sampling_arguments' flags (defaults when
-    the tool has none)."""
-    if not hasattr(args, "num_beams"):
-        return {}
-    early_stopping = {"false": False, "true": True, "never": "never"}[args.early_stopping]
-    return {"num_beams": args.num_beams, "length_penalty": args.length_penalty, "early_stopping": early_stopping,
+            "stop_words": stop_words, "num_beams": args.num_beams, "length_penalty": args.length_penalty,
+            "early_stopping": {"false": False, "true": True, "never": "never"}[args.early_stopping],
             "num_return_sequences": args.num_return_sequences}

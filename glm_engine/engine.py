@@ -134,13 +134,18 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return checksums.result()
 
 
-def verify_checksums(path: Path, expected: dict) -> None:
-    """Raises GlmEngineError naming the file when it differs from `expected`."""
+def check_size(path: Path, expected: dict) -> None:
+    """Raises GlmEngineError when the file is missing or its size is not `expected`'s."""
     if not path.is_file():
         raise GlmEngineError(f"engine file {path} is missing; rebuild the engine with build.py")
     if path.stat().st_size != expected["size"]:
         raise GlmEngineError(f"engine file {path} has {path.stat().st_size} bytes, its config.json says "
                              f"{expected['size']}: the engine is corrupted or truncated; rebuild it")
+
+
+def verify_checksums(path: Path, expected: dict) -> None:
+    """Raises GlmEngineError naming the file when it differs from `expected`."""
+    check_size(path, expected)
     offsets = range(0, expected["size"], expected["chunk_bytes"])
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(lambda offset: _chunk_digest(path, offset), offsets))
@@ -251,14 +256,7 @@ def _check_rank_files(engine_dir: Path, config: dict) -> None:
         if name not in config["checksums"]:
             raise GlmEngineError(f"engine {engine_dir} lists no {name} for its world size "
                                  f"{build_config.world_size}; rebuild it")
-        path = engine_dir / name
-        if not path.is_file():
-            raise GlmEngineError(f"engine file {path} is missing (the engine has {build_config.world_size} rank "
-                                 "files); rebuild the engine with build.py")
-        if path.stat().st_size != config["checksums"][name]["size"]:
-            raise GlmEngineError(f"engine file {path} has {path.stat().st_size} bytes, its config.json says "
-                                 f"{config['checksums'][name]['size']}: the engine is corrupted or truncated; "
-                                 "rebuild it")
+        check_size(engine_dir / name, config["checksums"][name])
 
 
 def _check_tensor_specs(path: Path, model_config: ModelConfig, build_config: BuildConfig) -> None:

@@ -397,6 +397,8 @@ CASES = [
     ("benchmark.py", "--engine_dir {w}/nowhere", "is not an engine directory"),
     ("benchmark.py", "--engine_dir {w}/engine --device meta", "engines run on cpu or cuda"),
     ("benchmark.py", "--engine_dir {w}/engine --mode fast", "invalid choice: 'fast'"),
+    ("benchmark.py", "--engine_dir {w}/engine --num_beams 2 --num_return_sequences 2 --mode throughput",
+     "changes no measurement"),
 ]
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from glm_engine.runtime.beam_search import BeamSearch
+from test_scheduler import run_all
 from test_model import oracle, random_prompt
 
 
@@ -106,16 +107,10 @@ def test_engine_beams_in_flight_with_preemption(model_dir, reference, tmp_path):
                  "--tokens_per_block", "4")
     session = load_session(tmp_path / "engine", "cpu", max_tokens_in_paged_kv_cache=112)
     prompts = [random_prompt(length, seed) for seed, length in enumerate([6, 13, 9, 11])]
-    # Half the requests never end early, so that the beams grow until the pool runs short.
-    samplings = [SamplingConfig(max_new_tokens=12, end_id=end_token(reference, prompt) if i % 2 else -1,
-                                num_beams=(2, 4, 1, 2)[i]) for i, prompt in enumerate(prompts)]
-    scheduler = session.new_scheduler()
-    for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
-        session.submit(scheduler, index, prompt, sampling)
-    best = [[] for _ in prompts]
-    while scheduler.has_work:
-        for index, token in session.step(scheduler).tokens:
-            best[index].append(token)
+    # Requests that never end early, so that the beams grow until the pool runs short.
+    samplings = [SamplingConfig(max_new_tokens=12, end_id=-1, num_beams=(2, 4, 1, 2)[i])
+                 for i, prompt in enumerate(prompts)]
+    best, scheduler = run_all(session, prompts, samplings, max_in_flight=6)
     assert scheduler.preemptions > 0
     for prompt, sampling, tokens in zip(prompts, samplings, best):
         if sampling.num_beams == 1:

@@ -13,6 +13,7 @@ from glm_engine import GlmEngineError
 from glm_engine.runtime.sampling import SamplingConfig
 from model import load_session
 from test_model import build_engine, oracle, random_prompt
+from test_scheduler import run_all
 
 END = 2
 
@@ -87,13 +88,7 @@ def test_in_flight_with_preemption_mixes_penalized_and_plain_requests(model_dir,
     prompts = [random_prompt(length, seed) for seed, length in enumerate([5, 30, 12, 22, 8, 17])]
     samplings = [SamplingConfig(max_new_tokens=20, end_id=END, min_length=i, **SETTINGS[i % len(SETTINGS)]) if i % 2 else
                  SamplingConfig(max_new_tokens=20, end_id=END) for i in range(len(prompts))]
-    scheduler = session.new_scheduler()
-    for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
-        session.submit(scheduler, index, prompt, sampling)
-    outputs = [[] for _ in prompts]
-    while scheduler.has_work:
-        for index, token in session.step(scheduler).tokens:
-            outputs[index].append(token)
+    outputs, scheduler = run_all(session, prompts, samplings, max_in_flight=4)
     assert scheduler.preemptions > 0
     assert outputs == [hf_greedy(reference, p, s) for p, s in zip(prompts, samplings)]
     assert session.block_manager.free_blocks == session.block_manager.num_blocks
@@ -186,3 +181,23 @@ def test_run_py_flags_reach_the_runtime(model_dir, tmp_path):
     bad = run_tool("run.py", "--engine_dir", tmp_path / "engine", "--input_tokens", tmp_path / "p.csv",
                    "--repetition_penalty", "0")
     assert_one_line_error(bad, "repetition_penalty must be a positive finite number")
+
+
+def test_every_sampling_flag_reaches_the_sampling_config():
+    """run.py's (and benchmark.py's) generation flags, each to its SamplingConfig field."""
+    import run
+    from glm_engine.cli import sampling_options
+
+    class Words:  # a tokenizer stand-in: one id per character
+        @staticmethod
+        def encode(text: str, add_prefix: bool = True) -> list[int]:
+            return [ord(character) for character in text]
+
+    args = run.parse_arguments(["--temperature", "0.5", "--top_k", "7", "--top_p", "0.3", "--repetition_penalty", "1.2",
+                                "--presence_penalty", "0.4", "--frequency_penalty", "0.6", "--min_length", "3",
+                                "--bad_words", "ab", "--stop_words", "xy", "--num_beams", "3", "--length_penalty",
+                                "0.5", "--early_stopping", "never", "--num_return_sequences", "2"])
+    assert sampling_options(args, Words()) == {
+        "temperature": 0.5, "top_k": 7, "top_p": 0.3, "repetition_penalty": 1.2, "presence_penalty": 0.4,
+        "frequency_penalty": 0.6, "min_length": 3, "bad_words": ((97, 98),), "stop_words": ("xy",), "num_beams": 3,
+        "length_penalty": 0.5, "early_stopping": "never", "num_return_sequences": 2}

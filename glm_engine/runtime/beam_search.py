@@ -94,17 +94,13 @@ class BeamSearch:
         best_possible = float(best_running) / (best_length ** self.length_penalty)
         full = len(self.finished) == self.num_beams
         worst = min(score for score, _ in self.finished) if full else UNREACHABLE
-        if self.finished:
-            self.improvable = self.improvable and best_possible > worst
-        else:
-            self.improvable = self.improvable and best_possible > UNREACHABLE
+        self.improvable = self.improvable and best_possible > worst
         all_finished = full and self.early_stopping is True
         self.done = not (self.improvable and not all_finished and not bool(ends.all()))
 
     def results(self, count: int = 1) -> list[tuple[list[int], float]]:
         """The best `count` finished hypotheses (tokens without a final end token, score)."""
-        return [([token for token in tokens[:-1]] + ([] if tokens[-1] == self.end_id else tokens[-1:]), score)
-                for score, tokens in self.finished[:count]]
+        return [(tokens[:-1] if tokens[-1] == self.end_id else tokens, score) for score, tokens in self.finished[:count]]
 
 
 @dataclass(eq=False)

@@ -46,15 +46,16 @@ class BlockManager:
             self._references[block] += 1
         return list(block_table)
 
-    def copy_on_write(self, block_table: list[int], position: int) -> tuple[int, int] | None:
-        """Before writing the token at `position`: when its block is shared, the table
-        takes a fresh block instead and (source, copy) is returned, for the caller to copy
-        the K/V; None when the block is the table's alone. Needs one free block when shared
-        (callers check free_blocks)."""
+    def is_shared(self, block_table: list[int], position: int) -> bool:
+        """Whether another table also holds the block of `position`."""
+        return self._references[block_table[position // self.block_size]] > 1
+
+    def copy_on_write(self, block_table: list[int], position: int) -> tuple[int, int]:
+        """Before writing the token at `position` into a shared block: the table takes a
+        fresh block instead and (source, copy) is returned, for the caller to copy the K/V.
+        Needs one free block (callers check free_blocks)."""
         index = position // self.block_size
         block = block_table[index]
-        if self._references[block] == 1:
-            return None
         self._references[block] -= 1
         block_table[index] = self._take()
         return block, block_table[index]

@@ -47,11 +47,10 @@ def launch_from_environment() -> Launch:
     host only when every rank runs on it; MASTER_PORT defaults to 29500."""
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         world_size = _integer_variable("WORLD_SIZE")
-        names = ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
         if "LOCAL_RANK" not in os.environ:
             raise GlmEngineError("RANK and WORLD_SIZE are set but LOCAL_RANK is not; start the ranks with torchrun")
-        local_world_size = _integer_variable(names[2]) if names[2] in os.environ else world_size
-        launch = Launch(_integer_variable(names[0]), world_size, _integer_variable(names[1]), local_world_size)
+        local_world_size = _integer_variable("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else world_size
+        launch = Launch(_integer_variable("RANK"), world_size, _integer_variable("LOCAL_RANK"), local_world_size)
     elif "OMPI_COMM_WORLD_SIZE" in os.environ:
         world_size = _integer_variable("OMPI_COMM_WORLD_SIZE")
         local_world_size = _integer_variable("OMPI_COMM_WORLD_LOCAL_SIZE")

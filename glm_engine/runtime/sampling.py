@@ -133,9 +133,10 @@ def sample_rows(logits: torch.Tensor, samplings: list[SamplingConfig], seeds: li
     device = logits.device
     column = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)[:, None]  # noqa: E731
     logits = logits / column([sampling.temperature for sampling in samplings])
-    top_k = column([sampling.top_k for sampling in samplings], torch.int64)
-    top_p = column([sampling.top_p if 0.0 < sampling.top_p < 1.0 else 1.0 for sampling in samplings])
-    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+    top_ps = [sampling.top_p if 0.0 < sampling.top_p < 1.0 else 1.0 for sampling in samplings]
+    if any(sampling.top_k > 0 for sampling in samplings) or min(top_ps) < 1.0:  # decided on the host: no sync
+        top_k = column([sampling.top_k for sampling in samplings], torch.int64)
+        top_p = column(top_ps)
         ordered, order = torch.sort(logits, dim=-1, descending=True)
         rank = torch.arange(logits.shape[1], device=device)[None, :]
         probs = ordered.softmax(dim=-1)

@@ -181,14 +181,13 @@ class Scheduler:
                 if self._preempt_newest() is sequence:
                     break  # it was the newest: everything before it has its slot
                 continue
-            if sequence.group is not None and sequence.cached == sequence.length - 1:
+            position = sequence.length - 1
+            if sequence.group is not None and self.block_manager.is_shared(sequence.block_table, position):
                 if self.block_manager.free_blocks == 0:
                     if self._preempt_newest() is sequence:
                         break
                     continue
-                copy = self.block_manager.copy_on_write(sequence.block_table, sequence.length - 1)
-                if copy is not None:
-                    copies.append(copy)
+                copies.append(self.block_manager.copy_on_write(sequence.block_table, position))
             index += 1
         return copies
 

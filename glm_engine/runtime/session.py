@@ -228,41 +228,41 @@ class Session:
         finally:
             scheduler.release_all()  # a consumer that stops early leaks no blocks
 
-    def generate_requests(self, prompts: list[list[int]], samplings: list[SamplingConfig],
-                          max_in_flight: int | None = None) -> list[list[int]]:
-        """Generated ids of each request, in request order (in-flight batching)."""
+    def _collect(self, prompts: list[list[int]], samplings: list[SamplingConfig],
+                 max_in_flight: int | None) -> tuple[list[list[int]], list[list[float]], list[list]]:
+        """Runs every request in flight; per request its ids, log-probs (when asked) and best
+        beams (beam requests)."""
         outputs: list[list[int]] = [[] for _ in prompts]
+        log_probs: list[list[float]] = [[] for _ in prompts]
+        beams: list[list] = [[] for _ in prompts]
         for step in self.stream_requests(prompts, samplings, max_in_flight):
             for index, token in step.tokens:
                 outputs[index].append(token)
-        return outputs
+            for index, log_prob in step.log_probs:
+                log_probs[index].append(log_prob)
+            for index, best in step.beams:
+                beams[index] = best
+        return outputs, log_probs, beams
+
+    def generate_requests(self, prompts: list[list[int]], samplings: list[SamplingConfig],
+                          max_in_flight: int | None = None) -> list[list[int]]:
+        """Generated ids of each request, in request order (in-flight batching)."""
+        return self._collect(prompts, samplings, max_in_flight)[0]
 
     def generate_with_log_probs(self, prompts: list[list[int]], samplings: list[SamplingConfig],
                                 max_in_flight: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
         """Generated ids of each request and, for requests with output_log_probs, each
         token's log-probability under the distribution it was chosen from (greedy: the
         softmax of the adjusted logits; sampled: after temperature, top-k and top-p)."""
-        outputs: list[list[int]] = [[] for _ in prompts]
-        log_probs: list[list[float]] = [[] for _ in prompts]
-        for step in self.stream_requests(prompts, samplings, max_in_flight):
-            for index, token in step.tokens:
-                outputs[index].append(token)
-            for index, log_prob in step.log_probs:
-                log_probs[index].append(log_prob)
+        outputs, log_probs, _ = self._collect(prompts, samplings, max_in_flight)
         return outputs, log_probs
 
     def generate_beams(self, prompts: list[list[int]], samplings: list[SamplingConfig],
-                       max_in_flight: int | None = None) -> list[list[tuple[list[int], float]]]:
+                       max_in_flight: int | None = None) -> list[list[tuple[list[int], float | None]]]:
         """Each request's num_return_sequences best beams (ids, Hugging Face's score:
         cumulative log-probability / length ** length_penalty), best first; a one-beam
         request gives its output with no score (None)."""
-        beams: list[list[tuple[list[int], float | None]]] = [[] for _ in prompts]
-        outputs: list[list[int]] = [[] for _ in prompts]
-        for step in self.stream_requests(prompts, samplings, max_in_flight):
-            for index, token in step.tokens:
-                outputs[index].append(token)
-            for index, best in step.beams:
-                beams[index] = best
+        outputs, _, beams = self._collect(prompts, samplings, max_in_flight)
         return [found or [(output, None)] for found, output in zip(beams, outputs)]
 
     def generate_stream(self, prompts: list[list[int]],

@@ -243,3 +243,30 @@ def test_kernels_take_strided_index_tensors():
                                                    0.25, 16)
     assert torch.equal(out, decode_attention_module.decode_attention(query, *caches, tables.clone(),
                                                                      contexts.clone(), block_size, 0.25, 16))
+
+
+@pytest.mark.parametrize("rows, vocab, masked", [(1, 4096, False), (5, 5000, True), (3, 12000, False), (2, 100, False)])
+def test_draw_tokens_matches_reference(rows, vocab, masked):
+    """The kernel draws the reference's token for every row: no filter, top-k, top-p and
+    both (peaked and flat rows, rows mostly at -inf, a row with one token left, a ragged
+    last chunk, rows of a strided tensor), over several steps' noise."""
+    from glm_engine.kernels.draw_tokens import draw_tokens
+    from glm_engine.runtime.sampling import row_keys
+
+    generator = torch.Generator().manual_seed(rows * vocab)
+    logits = (torch.randn(rows, vocab + 3, generator=generator) * 3)[:, :vocab].to(DEVICE)  # stride vocab + 3
+    if masked:
+        logits[torch.rand(rows, vocab, generator=generator).to(DEVICE) < 0.9] = float("-inf")
+        logits[0, :] = float("-inf")
+        logits[0, vocab - 1] = 0.0  # one token left: it must come out
+    logits[-1, 3] += 8.0 if rows > 1 else 0.0  # a peaked row
+    settings = [(0, 1.0), (1, 1.0), (20, 1.0), (0, 0.5), (0, 0.95), (7, 0.9)]
+    for step in range(1):
+        for top_k, top_p in settings:
+            keys = row_keys([0, 2**64 - 1, 12345, 7, 8, 9][:rows], [step] * rows).to(DEVICE)
+            ks = torch.full((rows,), top_k, dtype=torch.int32, device=DEVICE)
+            ps = torch.full((rows,), top_p, dtype=torch.float64, device=DEVICE)
+            expected = reference.draw_tokens(logits, keys, ks, ps)
+            assert torch.equal(draw_tokens(logits, keys, ks, ps), expected), (top_k, top_p, step)
+            if masked:
+                assert expected[0].item() == vocab - 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from glm_engine import GlmEngineError
-from glm_engine.runtime.sampling import SamplingConfig, sample_rows
+from glm_engine.runtime.sampling import SamplingConfig, nucleus_logits, sample_rows
 from glm_engine.runtime.session import Session
 from model import load_session
 from conftest import TINY_SHAPE_FLAGS
@@ -69,7 +69,7 @@ def test_top_k_and_top_p_keep_only_the_best_tokens():
 
     def drawn(**setting) -> set[int]:
         samplings = [SamplingConfig(max_new_tokens=1, **setting)] * 200
-        return set(sample_rows(logits, samplings, list(range(200)), [0] * 200)[0].tolist())
+        return set(sample_rows(logits, samplings, list(range(200)), [0] * 200).tolist())
 
     assert drawn(top_k=2) == {1, 2}
     # Softmax mass of token 1 is about 0.71: top_p 0.5 keeps it alone, 0.8 adds token 2.
@@ -83,14 +83,29 @@ def test_sampling_draws_from_the_softmax_reproducibly():
     follow the softmax of logits / temperature."""
     logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]]).repeat(40000, 1)
     sampling = SamplingConfig(max_new_tokens=1, top_k=0, temperature=1.5)
-    tokens = sample_rows(logits, [sampling] * 40000, list(range(40000)), [3] * 40000)[0]
+    tokens = sample_rows(logits, [sampling] * 40000, list(range(40000)), [3] * 40000)
     shares = torch.bincount(tokens, minlength=4) / 40000
     assert torch.allclose(shares, (logits[0] / 1.5).softmax(-1), atol=0.01)
-    again = sample_rows(logits[:7], [sampling] * 7, list(range(7)), [3] * 7)[0]
+    again = sample_rows(logits[:7], [sampling] * 7, list(range(7)), [3] * 7)
     assert torch.equal(again, tokens[:7])
-    moved = sample_rows(logits[:7], [sampling] * 7, list(range(7)), [4] * 7)[0]
+    moved = sample_rows(logits[:7], [sampling] * 7, list(range(7)), [4] * 7)
     assert not torch.equal(moved, tokens[:7]) or not torch.equal(
-        sample_rows(logits[:7], [sampling] * 7, list(range(7)), [5] * 7)[0], tokens[:7])
+        sample_rows(logits[:7], [sampling] * 7, list(range(7)), [5] * 7), tokens[:7])
+
+
+@pytest.mark.parametrize("setting, nucleus", [({"top_k": 3}, [1, 2, 3]), ({"top_k": 0, "top_p": 0.8}, [1, 2]),
+                                              ({"top_k": 2, "top_p": 0.95}, [1, 2])])
+def test_filtered_sampling_draws_from_the_renormalized_nucleus(setting, nucleus):
+    """top-k/top-p rows follow the softmax restricted to the nucleus (the draw without
+    sorting is exact), and nucleus_logits (log-probs' distribution) holds the same tokens."""
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0, -2.0]]).repeat(40000, 1)
+    samplings = [SamplingConfig(max_new_tokens=1, temperature=1.3, **setting)] * 40000
+    tokens = sample_rows(logits, samplings, list(range(40000)), [1] * 40000)
+    expected = torch.zeros(5)
+    expected[nucleus] = (logits[0, nucleus] / 1.3).softmax(-1)
+    assert torch.allclose(torch.bincount(tokens, minlength=5) / 40000, expected, atol=0.01)
+    kept = nucleus_logits(logits[:1], samplings[:1]).isfinite()[0]
+    assert kept.nonzero()[:, 0].tolist() == nucleus
 
 
 @pytest.mark.parametrize("prompts, max_new, message", [

@@ -98,3 +98,62 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if one_token_each:
         return out.view(batch, heads, head_dim)
     return out.flatten(0, 1)[output_rows]
+
+
+# splitmix64's constants as int64 bit patterns (torch has no uint64 arithmetic).
+GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _shift_right(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values (>> on torch's int64 is arithmetic)."""
+    return (values >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(state: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 values (multiplications wrap, as in the reference)."""
+    state = (state ^ _shift_right(state, 30)) * MIX1
+    state = (state ^ _shift_right(state, 27)) * MIX2
+    return state ^ _shift_right(state, 31)
+
+
+def uniform_noise(row_keys: torch.Tensor, vocab_size: int, draw: int = 0) -> torch.Tensor:
+    """Float64 uniforms in (0, 1), [R, vocab], for a row's `draw`-th draw: splitmix64 of
+    the row's key plus the counter (draw * vocab + token id + 1) times the golden ratio
+    constant, so every (row, draw, token) has its own value."""
+    counters = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=row_keys.device) + draw * vocab_size
+    state = splitmix64(row_keys[:, None] + counters[None, :] * GOLDEN)
+    return (_shift_right(state, 11).to(torch.float64) + 0.5) / 2.0**53
+
+
+def draw_tokens(logits: torch.Tensor, row_keys: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor) -> torch.Tensor:
+    """One token per row of float32 logits [R, vocab] (-inf: never drawn), drawn from the
+    softmax restricted to the row's nucleus: the tokens with fewer than top_k [R] (0: no
+    limit) tokens above them and less than top_p [R] (float64, 1.0: no limit) of the
+    probability mass above them. Without sorting: a Gumbel-max draw among the tokens
+    above a floor; a drawn token outside the nucleus raises the floor to its logit (every
+    token at or below it is outside too) and the row draws again with fresh noise. The
+    first token inside is an exact draw from the nucleus, as each draw's candidates
+    hold the whole nucleus."""
+    logits64 = logits.double()
+    probs = torch.softmax(logits64, dim=-1)
+    floor = torch.full_like(logits, float("-inf"))[:, :1]
+    tokens = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+    pending = torch.ones_like(tokens, dtype=torch.bool)
+    draw = 0
+    while pending.any():
+        gumbel = -torch.log(-torch.log(uniform_noise(row_keys, logits.shape[1], draw)))
+        scores = torch.where(logits > floor, logits64 + gumbel, float("-inf"))
+        exhausted = scores.max(dim=-1).values == float("-inf")  # only if the logits hold NaN: the kernel stops too
+        drawn = torch.where(exhausted, tokens, scores.argmax(dim=-1))
+        value = logits.gather(1, drawn[:, None])
+        above = logits > value
+        inside = exhausted | (((top_k == 0) | (above.sum(dim=-1) < top_k))
+                              & ((top_p >= 1.0) | ((probs * above).sum(dim=-1) < top_p)))
+        tokens = torch.where(pending, drawn, tokens)
+        floor = torch.where(inside[:, None], floor, value)
+        pending &= ~inside
+        draw += 1
+    return tokens

@@ -58,8 +58,10 @@ def apply_penalties(logits: torch.Tensor, history: TokenHistory, slots: torch.Te
     return logits - presence[:, None] * (counts > 0) - frequency[:, None] * counts
 
 
-def forbid_end(logits: torch.Tensor, end_ids: torch.Tensor, too_short: torch.Tensor) -> torch.Tensor:
-    """Logits with each too-short row's end token at -inf (in place; end id -1: none)."""
-    rows = (too_short & (end_ids >= 0)).nonzero().squeeze(1)
-    logits[rows, end_ids[rows]] = float("-inf")
+def forbid_end(logits: torch.Tensor, rows: list[int], end_ids: list[int]) -> torch.Tensor:
+    """Logits with each given row's end token at -inf (in place). The rows are chosen on the
+    host (their lengths are known there), so no step waits on the device for them."""
+    if rows:
+        device = logits.device
+        logits[torch.tensor(rows, device=device), torch.tensor(end_ids, device=device)] = float("-inf")
     return logits

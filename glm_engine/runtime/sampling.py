@@ -7,10 +7,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from glm_engine import GlmEngineError
 from glm_engine.config import MAX_SEED
+from glm_engine.kernels import reference
 
 
 @dataclass(frozen=True)
@@ -95,55 +97,61 @@ class SamplingConfig:
                 or self.min_length > 0 or bool(self.bad_words))
 
 
-# splitmix64's constants, as signed 64-bit integers (torch has no unsigned arithmetic).
-_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
-_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
-_MIX2 = 0x94D049BB133111EB - 2**64
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 values (the host twin of reference.splitmix64)."""
+    values = (values ^ (values >> np.uint64(30))) * np.uint64(reference.MIX1 % 2**64)
+    values = (values ^ (values >> np.uint64(27))) * np.uint64(reference.MIX2 % 2**64)
+    return values ^ (values >> np.uint64(31))
 
 
-def _shift_right(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 values (>> on torch's int64 is arithmetic)."""
-    return (values >> bits) & ((1 << (64 - bits)) - 1)
+def row_keys(seeds: list[int], steps: list[int]) -> torch.Tensor:
+    """The noise keys (int64 bit patterns) of requests' `steps`-th tokens: each seed, then
+    its step, mixed in, on the host in one vectorized pass. Counter-based, so a request's
+    draws depend on its seed and how many tokens it has made, never on the batch it
+    shares or on preemption."""
+    golden = np.uint64(reference.GOLDEN % 2**64)
+    with np.errstate(over="ignore"):  # the multiplications wrap, as splitmix64's do
+        keys = _splitmix64(_splitmix64(np.array(seeds, dtype=np.uint64) * golden)
+                           + np.array(steps, dtype=np.uint64) * golden)
+    return torch.from_numpy(keys.view(np.int64))
 
 
-def _mix(state: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finalizer on int64 values (multiplications wrap, as in the reference)."""
-    state = (state ^ _shift_right(state, 30)) * _MIX1
-    state = (state ^ _shift_right(state, 27)) * _MIX2
-    return state ^ _shift_right(state, 31)
-
-
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Float64 uniforms in (0, 1), [R, vocab]: splitmix64 over each row's key (its seed,
-    then its step, each mixed in) plus the token id. Counter-based, so a request's draws
-    depend on its seed and how many tokens it has made, never on the batch it shares or
-    on preemption."""
-    row_keys = _mix(_mix(seeds * _GOLDEN) + steps * _GOLDEN)
-    token_ids = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seeds.device)
-    state = _mix(row_keys[:, None] + token_ids[None, :] * _GOLDEN)
-    return (_shift_right(state, 11).to(torch.float64) + 0.5) / 2.0**53
+def _top_p(sampling: SamplingConfig) -> float:
+    return sampling.top_p if 0.0 < sampling.top_p < 1.0 else 1.0
 
 
 def sample_rows(logits: torch.Tensor, samplings: list[SamplingConfig], seeds: list[int],
-                steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                steps: list[int]) -> torch.Tensor:
     """One token id per row of float32 logits [R, vocab], row r drawn with samplings[r]
-    (temperature, top-k, top-p) from the noise of (seeds[r], steps[r]), for all rows in
-    one pass: filtered logits plus Gumbel noise, argmax (exact sampling from the
-    filtered softmax). Also returns the filtered logits (the drawn-from distribution)."""
+    (temperature, top-k, top-p) from the noise of (seeds[r], steps[r]), all rows at once
+    (kernels/draw_tokens.py on a GPU; reference.draw_tokens, the same draws, elsewhere)."""
+    device = logits.device
+    logits = logits / torch.tensor([sampling.temperature for sampling in samplings], device=device)[:, None]
+    keys = row_keys(seeds, steps).to(device)
+    top_k = torch.tensor([sampling.top_k for sampling in samplings], dtype=torch.int32, device=device)
+    top_p = torch.tensor([_top_p(sampling) for sampling in samplings], dtype=torch.float64, device=device)
+    if device.type == "cuda":
+        from glm_engine.kernels.draw_tokens import draw_tokens
+
+        return draw_tokens(logits, keys, top_k, top_p)
+    return reference.draw_tokens(logits, keys, top_k, top_p)
+
+
+def nucleus_logits(logits: torch.Tensor, samplings: list[SamplingConfig]) -> torch.Tensor:
+    """The distributions sample_rows draws from, as logits: each row's logits / temperature
+    with the tokens outside its top-k/top-p nucleus at -inf (for log-probabilities).
+    Sorted, so tied logits at the nucleus' edge fall in sort order, where the draw keeps
+    the whole tie."""
     device = logits.device
     column = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)[:, None]  # noqa: E731
     logits = logits / column([sampling.temperature for sampling in samplings])
-    top_ps = [sampling.top_p if 0.0 < sampling.top_p < 1.0 else 1.0 for sampling in samplings]
-    if any(sampling.top_k > 0 for sampling in samplings) or min(top_ps) < 1.0:  # decided on the host: no sync
-        top_k = column([sampling.top_k for sampling in samplings], torch.int64)
-        top_p = column(top_ps)
-        ordered, order = torch.sort(logits, dim=-1, descending=True)
-        rank = torch.arange(logits.shape[1], device=device)[None, :]
-        probs = ordered.softmax(dim=-1)
-        # Drop a token past the row's top_k, or once the tokens ranked before it reach top_p.
-        drop = ((top_k > 0) & (rank >= top_k)) | ((probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0))
-        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    signed = [seed - 2**64 if seed >= 2**63 else seed for seed in seeds]
-    noise = uniform_noise(column(signed, torch.int64)[:, 0], column(steps, torch.int64)[:, 0], logits.shape[1])
-    gumbel = -torch.log(-torch.log(noise))
-    return (logits.double() + gumbel).argmax(dim=-1), logits
+    top_ps = [_top_p(sampling) for sampling in samplings]
+    if not any(sampling.top_k > 0 for sampling in samplings) and min(top_ps) >= 1.0:
+        return logits
+    top_k, top_p = column([sampling.top_k for sampling in samplings], torch.int64), column(top_ps, torch.float64)
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    rank = torch.arange(logits.shape[1], device=device)[None, :]
+    probs = ordered.double().softmax(dim=-1)
+    # Drop a token past the row's top_k, or once the tokens ranked before it reach top_p.
+    drop = ((top_k > 0) & (rank >= top_k)) | ((probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0))
+    return logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))

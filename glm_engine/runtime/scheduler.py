@@ -20,7 +20,7 @@ from glm_engine import GlmEngineError
 from glm_engine.runtime.beam_search import BeamGroup
 from glm_engine.runtime.block_manager import BlockManager
 from glm_engine.runtime.penalties import TokenHistory, apply_penalties, forbid_end
-from glm_engine.runtime.sampling import SamplingConfig, sample_rows
+from glm_engine.runtime.sampling import SamplingConfig, nucleus_logits, sample_rows
 from glm_engine.runtime.stop_words import StopStrings
 
 DEFAULT_TOKENS_PER_STEP = 16384  # prompt tokens admitted per step (a longer prompt still runs alone); 8192 measured 25% slower
@@ -292,13 +292,13 @@ class Scheduler:
         if sampled:
             index = torch.tensor(sampled, device=logits.device)
             rows = [sequences[row] for row in sampled]
-            tokens, drawn_from = sample_rows(logits[index], [sequence.sampling for sequence in rows],
-                                             [sequence.seed for sequence in rows],
-                                             [len(sequence.output) for sequence in rows])
+            samplings = [sequence.sampling for sequence in rows]
+            tokens = sample_rows(logits[index], samplings, [sequence.seed for sequence in rows],
+                                 [len(sequence.output) for sequence in rows])
             greedy = greedy.index_copy(0, index, tokens.to(greedy.dtype))
         wants_log_probs = any(sequence.sampling.output_log_probs for sequence in sequences)
-        if wants_log_probs and sampled:
-            logits = logits.index_copy(0, index, drawn_from)  # the distributions the tokens came from
+        if wants_log_probs and sampled:  # the distributions the tokens came from
+            logits = logits.index_copy(0, index, nucleus_logits(logits[index], samplings))
         log_probs = logits.log_softmax(dim=-1).gather(1, greedy[:, None])[:, 0].tolist() if wants_log_probs else None
         chosen = greedy.tolist()  # one device-to-host copy for the whole step
         if adjusted:
@@ -331,8 +331,9 @@ class Scheduler:
         if banned:
             adjusted[as_tensor([i for i, _ in banned], torch.long), as_tensor([t for _, t in banned], torch.long)] = \
                 float("-inf")
-        adjusted = forbid_end(adjusted, as_tensor([s.end_id for s in samplings], torch.long),
-                              as_tensor([len(q.output) < q.sampling.min_length for q in chosen], torch.bool))
+        too_short = [i for i, sequence in enumerate(chosen)
+                     if len(sequence.output) < sequence.sampling.min_length and sequence.sampling.end_id >= 0]
+        adjusted = forbid_end(adjusted, too_short, [chosen[i].sampling.end_id for i in too_short])
         return logits.index_copy(0, index, adjusted), greedy.index_copy(0, index, adjusted.argmax(dim=-1))
 
     def release_all(self) -> None:

@@ -5,6 +5,11 @@ two per layer), through NCCL (what the engine uses) and, where this torch has it
 torch's symmetric-memory one-shot all-reduce (peer-to-peer loads over NVLink; no
 multicast; float32 with casts from and to float16, and bfloat16). Rank 0 prints one
 line per size and method.
+Then, as in a decode step, each all-reduce after a row-parallel GEMV of TP2's
+dense_4h_to_h size (4096 x 6848 halfs, weights alternating so that L2 cannot hold
+them): what an all-reduce adds to a step is that pair's time minus the GEMV's.
+(docs/benchmarks/tensor_parallel/one_shot/one_shot_kernel.patch adds a Triton
+one-shot kernel of our own to both measurements; it was not faster in a step.)
 Usage: torchrun --nproc_per_node N benchmarks/allreduce_gpu.py"""
 
 from __future__ import annotations
@@ -63,6 +68,33 @@ def symm_mem_rows(symm, x: torch.Tensor, expected: torch.Tensor, rows: int, devi
     return results
 
 
+def interleaved(rows: int, device: torch.device, symm) -> dict:
+    """Microseconds per (GEMV + all-reduce) pair, as in a decode step: GEMV alone, then
+    with each all-reduce method after it."""
+    weights = [torch.randn(HIDDEN, 6848, dtype=torch.float16, device=device) / 100 for _ in range(2)]
+    inputs = torch.randn(rows, 6848, dtype=torch.float16, device=device) / 100
+    outputs = [torch.empty(rows, HIDDEN, dtype=torch.float16, device=device) for _ in range(COUNT)]
+    state = {"i": 0}
+
+    def gemv() -> torch.Tensor:
+        i = state["i"] = (state["i"] + 1) % COUNT
+        return torch.matmul(inputs, weights[i % 2].t(), out=outputs[i])
+
+    group = dist.group.WORLD.group_name
+    methods = {"GEMV alone": lambda: gemv(), "GEMV + nccl": lambda: dist.all_reduce(gemv())}
+    if symm is not None:
+        staged = symm.empty(rows * HIDDEN, dtype=torch.float32, device=device)
+        symm.rendezvous(staged, group)
+
+        def torch_one_shot() -> torch.Tensor:
+            out = gemv()
+            staged.copy_(out.view(-1))
+            return out.copy_(torch.ops.symm_mem.one_shot_all_reduce(staged, "sum", group).view_as(out))
+
+        methods["GEMV + symm_mem one_shot float32"] = torch_one_shot
+    return {f"interleaved: {name}": time_graph(run) for name, run in methods.items()}
+
+
 def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -84,6 +116,8 @@ def main() -> None:
         x.copy_(expected.half() / world)
         if symm is not None:
             results.update(symm_mem_rows(symm, x, expected, rows, device))
+        if rows in (1, 8):
+            results.update(interleaved(rows, device, symm))
         if rank == 0:
             for method, micros in results.items():
                 print(f"world {world} rows {rows:4d} ({rows * HIDDEN * 2 / 1024:7.1f} KiB): {method:<48} "

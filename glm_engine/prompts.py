@@ -71,3 +71,31 @@ def random_prompts(lengths: list[int], high: int, seed: int) -> list[list[int]]:
 
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, high, (length,), generator=generator).tolist() for length in lengths]
+
+
+def chat_prompt_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
+    """Token ids of a chat (role, content) list ending with a user turn, in the format
+    the tokenizer's model was trained on. ChatGLM2: "[Round i]\\n\\n问：...\\n\\n答：..."
+    rounds (a system message opens the first question: ChatGLM2 has no system role).
+    ChatGLM3: a role token, "\\n" and the content per message, then <|assistant|>."""
+    if not messages or messages[-1][0] != "user":
+        raise GlmEngineError("a chat must end with a user message")
+    if tokenizer.flavor == "chatglm3":
+        ids = tokenizer.encode("", add_prefix=True)
+        for role, content in messages:
+            ids += [tokenizer.special_token_ids[f"<|{role}|>"], *tokenizer.encode("\n" + content, add_prefix=False)]
+        return ids + [tokenizer.special_token_ids["<|assistant|>"]]
+    system = "\n".join(content for role, content in messages if role == "system")
+    turns = [(role, content) for role, content in messages if role != "system"]
+    text, round_number, question = "", 1, None
+    for role, content in turns:
+        if role == "user":
+            if question is not None:
+                raise GlmEngineError("two user messages in a row; ChatGLM2's rounds alternate user and assistant")
+            question = (system + "\n" + content) if system and round_number == 1 else content
+        else:
+            if question is None:
+                raise GlmEngineError("an assistant message must answer a user message")
+            text += f"[Round {round_number}]\n\n问：{question}\n\n答：{content}\n\n"
+            round_number, question = round_number + 1, None
+    return tokenizer.encode(text + f"[Round {round_number}]\n\n问：{question}\n\n答：")

@@ -112,7 +112,7 @@ def test_decode_holds_a_split_character_and_marks_what_is_not_text(tiny_tokenize
     assert "⁇" in tokenizer.decode([tokenizer.vocab_size + 3])  # an id the tokenizer lacks
 
 
-@pytest.mark.parametrize("tool", ["build.py", "run.py", "summarize.py", "benchmark.py"])
+@pytest.mark.parametrize("tool", ["build.py", "run.py", "summarize.py", "benchmark.py", "serve.py"])
 def test_help_answers_without_loading_torch_and_shows_defaults(tool):
     code = (f"import runpy, sys\nsys.argv = [{tool!r}, '--help']\ntry:\n    runpy.run_path({tool!r}, "
             "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('torch loaded:', 'torch' in sys.modules)")

@@ -336,6 +336,14 @@ class Scheduler:
         adjusted = forbid_end(adjusted, too_short, [chosen[i].sampling.end_id for i in too_short])
         return logits.index_copy(0, index, adjusted), greedy.index_copy(0, index, adjusted.argmax(dim=-1))
 
+    def abort(self, index: int) -> None:
+        """Drops request `index` wherever it is (queued, or running with all its beams):
+        its blocks and penalty slot are free at once and it reports nothing more."""
+        self.waiting = deque(unit for unit in self.waiting if unit[0].index != index)
+        for sequence in [sequence for sequence in self.running if sequence.index == index]:
+            self.running.remove(sequence)
+            self._retire(sequence)
+
     def release_all(self) -> None:
         """Frees the blocks of every running sequence (a consumer that stops early)."""
         for sequence in self.running:

@@ -1,0 +1,320 @@
+"""The OpenAI-compatible HTTP API of serve.py, on FastAPI: /v1/completions,
+/v1/chat/completions (streamed as server-sent events or whole), /v1/models, /health
+and /metrics (Prometheus text). Every request goes to the one EngineLoop; a client
+that disconnects is cancelled (its KV blocks freed before the next step); errors
+have OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from glm_engine import GlmEngineError
+from glm_engine.prompts import chat_prompt_ids
+from glm_engine.runtime.engine_loop import EngineLoop, LoopClosed, LoopRequest, QueueFull
+from glm_engine.config import MAX_SEED
+from glm_engine.runtime.sampling import SamplingConfig
+from glm_engine.tokenizer import ChatGLMTokenizer
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field we do not implement is an error, never ignored
+
+
+class _Generation(_Strict):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[int]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error",
+                   param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+class Metrics:
+    """The Prometheus series of one server (its own registry)."""
+
+    def __init__(self, loop_stats) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("glm_requests", "requests finished, by outcome", ["outcome"], registry=registry)
+        self.prompt_tokens = Counter("glm_prompt_tokens", "prompt tokens of admitted requests", registry=registry)
+        self.generated_tokens = Counter("glm_generated_tokens", "tokens generated (rate() gives tokens/s)",
+                                        registry=registry)
+        self.ttft = Histogram("glm_time_to_first_token_seconds", "arrival to first token", registry=registry,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.tpot = Histogram("glm_time_per_output_token_seconds", "first to last token, per later token",
+                              registry=registry, buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28))
+        for name, text, read in (("glm_requests_running", "sequences in flight", lambda: loop_stats.running),
+                                 ("glm_queue_length", "requests waiting for a slot", lambda: loop_stats.waiting),
+                                 ("glm_kv_blocks_free", "free blocks of the KV pool", lambda: loop_stats.free_blocks),
+                                 ("glm_kv_blocks_total", "blocks of the KV pool", lambda: loop_stats.total_blocks)):
+            Gauge(name, text, registry=registry).set_function(read)
+
+    def record_step(self, request: LoopRequest, new_tokens: int, finished: bool) -> None:
+        """EngineLoop's on_step: token counts, and the latencies of a finished request."""
+        self.generated_tokens.inc(new_tokens)
+        if finished and request.first_token_at is not None:
+            self.ttft.observe(request.first_token_at - request.arrived)
+            if request.generated > 1:
+                self.tpot.observe((time.monotonic() - request.first_token_at) / (request.generated - 1))
+
+
+class _Stream:
+    """One choice's tokens as they arrive from the loop's thread, for an asyncio task."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def deliver(self, tokens: list[int], finished: bool, error: str | None) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (tokens, finished, error))
+
+
+def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name: str,
+               shutdown_timeout: float = 30.0) -> FastAPI:
+    """The API over `engine_loop`, naming its one model `model_name`. When the server
+    stops, running requests get `shutdown_timeout` seconds to finish, then an error."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await asyncio.to_thread(engine_loop.close, shutdown_timeout)
+
+    app = FastAPI(title="glm_engine OpenAI-compatible API", lifespan=lifespan)
+    metrics = Metrics(engine_loop.stats)
+    engine_loop.on_step = metrics.record_step
+    build = engine_loop.session.build_config
+    end_id = engine_loop.session.model_config.eos_token_id
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        return error_response(400, f"{where or 'body'}: {first.get('msg')}", param=where)
+
+    @app.exception_handler(ApiError)
+    async def refused(_: Request, error: ApiError) -> JSONResponse:
+        return error_response(error.status, error.message, error.kind, error.param)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        stats, alive = engine_loop.stats, engine_loop.alive
+        return JSONResponse({"status": "ok" if alive else "stopped", "requests_running": stats.running,
+                             "queue_length": stats.waiting, "kv_blocks_free": stats.free_blocks,
+                             "kv_blocks_total": stats.total_blocks}, 200 if alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "glm_engine",
+                                            "created": 0}]}
+
+    def samplings(body: _Generation) -> list[SamplingConfig]:
+        if body.model != model_name:
+            raise ApiError(404, f"model {body.model!r} is not served here; /v1/models lists {model_name!r}",
+                           param="model")
+        max_tokens = build.max_output_len if body.max_tokens is None else body.max_tokens
+        if max_tokens > build.max_output_len:
+            raise ApiError(400, f"max_tokens {max_tokens} is over the engine's max_output_len {build.max_output_len}",
+                           param="max_tokens")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        greedy = body.temperature == 0.0
+        return [SamplingConfig(max_new_tokens=max_tokens, temperature=1.0 if greedy else body.temperature,
+                               top_k=1 if greedy else 0, top_p=body.top_p, end_id=end_id, stop_words=stop,
+                               random_seed=None if body.seed is None else (body.seed + choice) % (MAX_SEED + 1),
+                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+                for choice in range(body.n)]
+
+    async def run(prompt: list[int], body: _Generation, request: Request, kind: str):
+        streams, ids = [], []
+        try:
+            for sampling in samplings(body):
+                stream = _Stream(asyncio.get_running_loop())
+                ids.append(engine_loop.submit(LoopRequest(prompt, sampling, stream.deliver)))
+                streams.append(stream)
+        except QueueFull as error:
+            _cancel(ids)
+            raise ApiError(429, str(error), "rate_limit_exceeded") from None
+        except LoopClosed as error:
+            _cancel(ids)
+            raise ApiError(503, str(error), "server_error") from None
+        except GlmEngineError as error:
+            _cancel(ids)
+            raise ApiError(400, str(error)) from None
+        metrics.prompt_tokens.inc(len(prompt) * len(ids))
+        answer = _Answer(kind, model_name, len(prompt), body.n, sampling.max_new_tokens, tokenizer)
+        if body.stream:
+            return StreamingResponse(_events(answer, streams, ids, request), media_type="text/event-stream")
+        return JSONResponse(await _whole(answer, streams, ids))
+
+    def _cancel(ids: list[int]) -> None:
+        for request_id in ids:
+            engine_loop.cancel(request_id)
+
+    async def _events(answer: _Answer, streams: list[_Stream], ids: list[int], request: Request) -> AsyncIterator[str]:
+        open_choices = set(range(len(streams)))
+        waiting: dict = {}
+        try:
+            waiting = {asyncio.ensure_future(stream.queue.get()): choice for choice, stream in enumerate(streams)}
+            while waiting:
+                done, _ = await asyncio.wait(waiting, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                if not done and await request.is_disconnected():
+                    break
+                for future in done:
+                    choice = waiting.pop(future)
+                    tokens, finished, error = future.result()
+                    if error is not None:
+                        metrics.requests.labels("error").inc()
+                        yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": None}})
+                        open_choices.discard(choice)
+                        continue
+                    chunk = answer.add(choice, tokens, finished)
+                    if chunk is not None:
+                        yield _sse(chunk)
+                    if finished:
+                        open_choices.discard(choice)
+                        metrics.requests.labels("ok").inc()
+                    else:
+                        waiting[asyncio.ensure_future(streams[choice].queue.get())] = choice
+            if not open_choices:
+                yield _sse(answer.usage_chunk())
+                yield "data: [DONE]\n\n"
+        finally:
+            for future in list(waiting):
+                future.cancel()
+            for choice in open_choices:  # the client left: free its blocks now
+                engine_loop.cancel(ids[choice])
+                metrics.requests.labels("cancelled").inc()
+
+    async def _whole(answer: _Answer, streams: list[_Stream], ids: list[int]) -> dict:
+        for choice, stream in enumerate(streams):
+            try:
+                while True:
+                    tokens, finished, error = await stream.queue.get()
+                    if error is not None:
+                        metrics.requests.labels("error").inc()
+                        raise ApiError(503, error, "server_error")
+                    answer.add(choice, tokens, finished)
+                    if finished:
+                        metrics.requests.labels("ok").inc()
+                        break
+            except BaseException:
+                _cancel(ids[choice:])
+                raise
+        return answer.whole()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompt = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        return await run(prompt, body, request, "text_completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        try:
+            prompt = chat_prompt_ids(tokenizer, [(message.role, message.content) for message in body.messages])
+        except GlmEngineError as error:
+            raise ApiError(400, str(error), param="messages") from None
+        return await run(prompt, body, request, "chat.completion")
+
+    return app
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class _Answer:
+    """The response of one request (its n choices), built as tokens arrive."""
+
+    def __init__(self, kind: str, model: str, prompt_tokens: int, choices: int, max_tokens: int,
+                 tokenizer: ChatGLMTokenizer) -> None:
+        self.kind, self.model, self.prompt_tokens, self.tokenizer = kind, model, prompt_tokens, tokenizer
+        self.max_tokens = max_tokens
+        self.id = ("chatcmpl-" if kind != "text_completion" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.tokens: list[list[int]] = [[] for _ in range(choices)]
+        self.sent: list[str] = ["" for _ in range(choices)]
+        self.finish: list[str | None] = [None] * choices
+
+    def add(self, choice: int, tokens: list[int], finished: bool) -> dict | None:
+        """Takes a step's tokens of a choice; the streamed chunk of its new text, if any."""
+        self.tokens[choice] += tokens
+        text = self.tokenizer.decode(self.tokens[choice], hold_incomplete=not finished)
+        delta = text[len(self.sent[choice]):] if text.startswith(self.sent[choice]) else ""
+        self.sent[choice] = text if text.startswith(self.sent[choice]) else self.sent[choice]
+        if finished:
+            self.finish[choice] = "length" if len(self.tokens[choice]) >= self.max_tokens else "stop"
+        if not delta and not finished:
+            return None
+        return self._chunk(choice, delta, self.finish[choice])
+
+    def _chunk(self, choice: int, delta: str, finish: str | None) -> dict:
+        if self.kind == "text_completion":
+            body = {"index": choice, "text": delta, "logprobs": None, "finish_reason": finish}
+            return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                    "choices": [body]}
+        body = {"index": choice, "delta": {"role": "assistant", "content": delta}, "finish_reason": finish}
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [body]}
+
+    def usage(self) -> dict:
+        completion = sum(len(tokens) for tokens in self.tokens)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def usage_chunk(self) -> dict:
+        chunk = self._chunk(0, "", None)
+        chunk["choices"] = []
+        chunk["usage"] = self.usage()
+        return chunk
+
+    def whole(self) -> dict:
+        texts = [self.tokenizer.decode(tokens) for tokens in self.tokens]
+        if self.kind == "text_completion":
+            choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": self.finish[i]}
+                       for i, text in enumerate(texts)]
+        else:
+            choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                        "finish_reason": self.finish[i]} for i, text in enumerate(texts)]
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage()}

@@ -1,0 +1,191 @@
+"""One engine loop for many clients (serve.py): a thread that owns the session's
+scheduler, takes new requests and cancellations between steps, runs steps while
+there is work, and hands each request its new tokens through a callback.
+
+Other threads only queue work here (submit, cancel, close): the scheduler, the KV
+pool and the device are touched by the loop's thread alone."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from glm_engine import GlmEngineError
+from glm_engine.runtime.sampling import SamplingConfig
+from glm_engine.runtime.session import Session
+
+logger = logging.getLogger("engine_loop")
+
+
+class QueueFull(GlmEngineError):
+    """More requests wait than the loop's queue limit."""
+
+
+class LoopClosed(GlmEngineError):
+    """The loop is shutting down or has stopped."""
+
+
+@dataclass
+class LoopRequest:
+    """A request and where its tokens go. `deliver(tokens, finished, error)` runs on the
+    loop's thread after each step that gives the request tokens or ends it."""
+
+    prompt: list[int]
+    sampling: SamplingConfig
+    deliver: Callable[[list[int], bool, str | None], None]
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    generated: int = 0
+
+
+@dataclass
+class LoopStats:
+    """What the loop last saw, for health and metrics (written by the loop's thread)."""
+
+    running: int = 0
+    waiting: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    steps: int = 0
+
+
+class EngineLoop:
+    """Runs `session`'s in-flight scheduler for requests submitted from any thread."""
+
+    def __init__(self, session: Session, max_in_flight: int | None = None, max_queue: int = 1024,
+                 on_step: Callable[[LoopRequest, int, bool], None] | None = None) -> None:
+        """`max_queue`: requests that may wait for a slot before submit refuses more.
+        `on_step(request, new_tokens, finished)` runs after each step for each request with
+        news (metrics)."""
+        self.session = session
+        self.scheduler = session.new_scheduler(max_in_flight)
+        self.max_queue = max_queue
+        self.on_step = on_step
+        self.stats = LoopStats(total_blocks=session.block_manager.num_blocks,
+                               free_blocks=session.block_manager.free_blocks)
+        self._condition = threading.Condition()
+        self._incoming: deque[tuple[int, LoopRequest]] = deque()
+        self._cancelled: set[int] = set()
+        self._active: dict[int, LoopRequest] = {}
+        self._next_id = 0
+        self._closing = False
+        self._abort_all = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: LoopRequest) -> int:
+        """Queues a request; returns its id. Refuses one the engine can never hold
+        (GlmEngineError), one past the queue limit (QueueFull), any once closing (LoopClosed)."""
+        self.session.check_prompt(0, request.prompt, request.sampling.max_new_tokens)
+        if not self.scheduler.fits(len(request.prompt) + request.sampling.max_new_tokens):
+            raise GlmEngineError("the prompt and max_tokens need more KV cache than the engine's pool holds")
+        with self._condition:
+            if self._closing:
+                raise LoopClosed("the server is shutting down")
+            if len(self._incoming) + self.stats.waiting >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
+            request_id = self._next_id
+            self._next_id += 1
+            self._incoming.append((request_id, request))
+            self._condition.notify()
+        return request_id
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop still takes requests (False once closing, or after a failure)."""
+        return self._thread.is_alive() and not self._closing
+
+    def cancel(self, request_id: int) -> None:
+        """Drops a request (its client left): its blocks are freed before the next step."""
+        with self._condition:
+            self._cancelled.add(request_id)
+            self._condition.notify()
+
+    def close(self, timeout: float) -> None:
+        """Refuses new requests, lets running and queued ones finish for up to `timeout`
+        seconds, then ends the rest with an error; returns when the thread has stopped."""
+        with self._condition:
+            self._closing = True
+            self._condition.notify()
+        self._thread.join(timeout)
+        with self._condition:
+            self._abort_all = True
+            self._condition.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while self._next_work():
+                if self.scheduler.has_work:
+                    self._step()
+        except Exception as error:  # noqa: BLE001 - every waiting client must hear of it
+            logger.exception("the engine loop stopped")
+            self._end_all(f"the engine failed: {error}")
+            with self._condition:
+                self._closing = True
+            return
+        self._end_all("the server shut down before the request finished")
+
+    def _next_work(self) -> bool:
+        """Takes queued requests and cancellations into the scheduler; False when the loop ends."""
+        with self._condition:
+            while not (self._incoming or self._cancelled or self.scheduler.has_work or self._closing):
+                self._condition.wait()
+            if self._abort_all or (self._closing and not (self._incoming or self.scheduler.has_work)):
+                return False
+            incoming, self._incoming = list(self._incoming), deque()
+            cancelled, self._cancelled = self._cancelled, set()
+        for request_id, request in incoming:
+            try:
+                self.session.submit(self.scheduler, request_id, request.prompt, request.sampling)
+                self._active[request_id] = request
+            except GlmEngineError as error:
+                request.deliver([], True, str(error))
+        for request_id in cancelled:
+            if self._active.pop(request_id, None) is not None:
+                self.scheduler.abort(request_id)
+        self._update_stats()
+        return True
+
+    def _step(self) -> None:
+        result = self.session.step(self.scheduler)
+        now = time.monotonic()
+        news: dict[int, list[int]] = {}
+        for request_id, token in result.tokens:
+            news.setdefault(request_id, []).append(token)
+        finished = set(result.finished)
+        for request_id in news.keys() | finished:
+            request = self._active.get(request_id)
+            if request is None:
+                continue
+            tokens = news.get(request_id, [])
+            if tokens and request.first_token_at is None:
+                request.first_token_at = now
+            request.generated += len(tokens)
+            if self.on_step is not None:
+                self.on_step(request, len(tokens), request_id in finished)
+            request.deliver(tokens, request_id in finished, None)
+            if request_id in finished:
+                del self._active[request_id]
+        self.stats.steps += 1
+        self._update_stats()
+
+    def _update_stats(self) -> None:
+        self.stats.running = len(self.scheduler.running)
+        self.stats.waiting = sum(len(unit) for unit in self.scheduler.waiting)
+        self.stats.free_blocks = self.session.block_manager.free_blocks
+
+    def _end_all(self, message: str) -> None:
+        for request_id, request in list(self._active.items()):
+            self.scheduler.abort(request_id)
+            request.deliver([], True, message)
+        self._active.clear()
+        with self._condition:
+            incoming, self._incoming = list(self._incoming), deque()
+        for _, request in incoming:
+            request.deliver([], True, message)
+        self._update_stats()

@@ -1,0 +1,72 @@
+"""Serves an engine over HTTP with OpenAI's API (/v1/completions,
+/v1/chat/completions, /v1/models), plus /health and /metrics: one engine loop
+batches every client's requests in flight (glm_engine/openai_server.py)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+# Light imports only up here: --help answers without loading torch; main() imports the rest.
+from glm_engine import GlmEngineError
+from glm_engine.cli import LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, run_tool, setup_logging
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--engine_dir", type=str, default="trtModel", help="the engine (default: %(default)s)")
+    parser.add_argument("--tokenizer_dir", type=str, default=None, help="(default: the engine directory)")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    parser.add_argument("--model_name", type=str, default=None,
+                        help="the model id clients send (default: the engine directory's name)")
+    parser.add_argument("--max_in_flight", type=int, default=None,
+                        help="sequences per step (default and ceiling: the engine's max_batch_size)")
+    parser.add_argument("--max_queue", type=int, default=1024,
+                        help="requests that may wait for a slot; more get HTTP 429 (default: %(default)s)")
+    parser.add_argument("--shutdown_timeout", type=float, default=30.0,
+                        help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an "
+                             "error (default: %(default)s)")
+    parser.add_argument("--device", type=str, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info", help="(default: %(default)s)")
+    add_kv_cache_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_arguments()
+    setup_logging(args.log_level)
+    import uvicorn
+
+    from glm_engine.engine import engine_configs
+    from glm_engine.openai_server import create_app
+    from glm_engine.runtime.engine_loop import EngineLoop
+    from glm_engine.runtime.session import resolve_device
+    from glm_engine.tokenizer import ChatGLMTokenizer
+    from model import load_session
+
+    _, build_config = engine_configs(args.engine_dir)  # a clear error before any other work
+    if build_config.world_size > 1:
+        raise GlmEngineError(f"serve.py runs one-GPU engines; {args.engine_dir} has {build_config.world_size} ranks")
+    if args.max_queue < 1:
+        raise GlmEngineError(f"--max_queue must be at least 1, got {args.max_queue}")
+    tokenizer_dir = Path(args.tokenizer_dir or args.engine_dir)
+    if not (tokenizer_dir / "tokenizer.model").is_file():
+        raise GlmEngineError(f"no tokenizer.model in {tokenizer_dir}: the API takes text; pass --tokenizer_dir")
+    tokenizer = ChatGLMTokenizer.from_dir(tokenizer_dir)
+    session = load_session(args.engine_dir, resolve_device(args.device), tokenizer=tokenizer,
+                           **kv_cache_options(args))
+    engine_loop = EngineLoop(session, args.max_in_flight, args.max_queue)
+    app = create_app(engine_loop, tokenizer, args.model_name or Path(args.engine_dir).resolve().name,
+                     args.shutdown_timeout)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again to the handler it
+    # found: from here on that handler is this no-op, so a graceful stop exits with status 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level if args.log_level != "verbose"
+                else "debug", timeout_graceful_shutdown=args.shutdown_timeout + 5)
+
+
+if __name__ == "__main__":
+    run_tool(main)

@@ -10,6 +10,8 @@ in-flight batching scheduler; output tokens/s, TTFT and TPOT percentiles. HF
 runs static batches of --hf_batch_size on --hf_num_requests of them.
 --mode rate: the same requests arriving as a Poisson process of
 --request_rate requests/s.
+With --server_url, either serving mode sends its requests, streamed, to a serve.py
+server instead (open loop: each at its arrival time), timed at the client.
 
 Prints a table; --output_json keeps the numbers with the card, date, command and
 versions; --plot draws decode tokens/s against batch size (latency mode)."""
@@ -88,6 +90,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serving modes: sequences in flight (default: the engine's max_batch_size)")
     parser.add_argument("--max_tokens_per_step", type=int, default=None,
                         help="prompt tokens the scheduler admits per step (default: 16384)")
+    parser.add_argument("--server_url", type=str, default=None,
+                        help="serving modes: send the requests, streamed, to the serve.py server at this URL (e.g. "
+                             "http://127.0.0.1:8000) instead of running --engine_dir in this process, which then "
+                             "only gives the prompts' vocabulary and limits (default: none)")
     parser.add_argument("--hf_batch_size", type=int, default=32,
                         help="serving modes with --hf: HF static batch size (default: %(default)s)")
     parser.add_argument("--hf_num_requests", type=int, default=128,
@@ -285,6 +291,46 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": pick(0.50), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
 
 
+def arrival_times(args: argparse.Namespace, count: int) -> list[float]:
+    """Seconds after the start at which each request arrives: all at once, or (rate mode)
+    a seeded Poisson process of --request_rate."""
+    import torch
+
+    if args.mode != "rate":
+        return [0.0] * count
+    uniform = torch.rand(count, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return torch.cumsum(-torch.log1p(-uniform) / args.request_rate, 0).tolist()  # exponential gaps
+
+
+def http_sampling(args: argparse.Namespace) -> dict:
+    """The request fields of the sampling flags that the HTTP API has (others refused)."""
+    options = sampling_options(args, None)
+    unsupported = [flag for flag, value, plain in (("--repetition_penalty", args.repetition_penalty, 1.0),
+                                                   ("--min_length", args.min_length, 0),
+                                                   ("--num_beams", args.num_beams, 1))
+                   if value != plain] + (["--top_k"] if options["top_k"] not in (0, 1) else [])
+    if unsupported:
+        raise GlmEngineError(f"{unsupported[0]} has no field in the HTTP API; drop it with --server_url")
+    if options["top_k"] == 1:
+        return {"temperature": 0.0}
+    return {"temperature": options["temperature"], "top_p": options["top_p"] if 0 < options["top_p"] < 1 else 1.0,
+            "presence_penalty": options["presence_penalty"], "frequency_penalty": options["frequency_penalty"]}
+
+
+def serve_over_http(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
+    """--server_url: the same requests and arrivals, sent to a server (glm_engine/load_generator.py)."""
+    from glm_engine.load_generator import run_http_load
+
+    results, elapsed = run_http_load(args.server_url, prompts, arrival_times(args, len(prompts)), args.output_len,
+                                     http_sampling(args))
+    produced = sum(result["tokens"] for result in results)
+    if produced != len(prompts) * args.output_len:
+        raise GlmEngineError(f"the server returned {produced} tokens, not {len(prompts)} x {args.output_len}")
+    return {"side": "serve.py over HTTP", "requests": len(prompts), "seconds": elapsed,
+            "output_tokens_per_s": produced / elapsed, "ttft_s": percentiles([r["ttft"] for r in results]),
+            "tpot_s": percentiles([r["tpot"] for r in results])}
+
+
 def run_serving(session: Session, prompts: list[list[int]], args: argparse.Namespace) -> dict:
     """Feeds the requests to the scheduler (all at once, or at Poisson arrival times)
     and records when each one's tokens reach the host."""
@@ -297,10 +343,7 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
     # Where the time goes: steps that carry prompt tokens, and decode-only steps.
     split = {"prefill_steps": {"count": 0, "seconds": 0.0, "tokens": 0},
              "decode_steps": {"count": 0, "seconds": 0.0, "tokens": 0}}
-    arrivals = [0.0] * len(prompts)
-    if args.mode == "rate":
-        uniform = torch.rand(len(prompts), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        arrivals = torch.cumsum(-torch.log1p(-uniform) / args.request_rate, 0).tolist()  # exponential gaps
+    arrivals = arrival_times(args, len(prompts))
     first_token, finish, produced = [None] * len(prompts), [None] * len(prompts), [0] * len(prompts)
     submitted = steps = 0
     synchronize()
@@ -373,6 +416,20 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
     """--mode throughput / rate."""
     from model import load_session
 
+    if args.server_url is not None:
+        from glm_engine.engine import engine_configs
+
+        prompts = serving_requests(args, engine_configs(args.engine_dir)[0].vocab_size)
+        result.update(num_requests=args.num_requests, input_len_range=args.input_len_range,
+                      request_rate=args.request_rate, mode=args.mode, server_url=args.server_url)
+        result["rows"] = [serve_over_http(args, prompts)]
+        row = result["rows"][0]
+        print(f"{row['side']:<18} {row['requests']:>5} requests in {row['seconds']:8.2f} s: "
+              f"{row['output_tokens_per_s']:9.1f} output tok/s; TTFT p50 {row['ttft_s']['p50'] * 1e3:.0f} ms "
+              f"p99 {row['ttft_s']['p99'] * 1e3:.0f} ms, TPOT p50 {row['tpot_s']['p50'] * 1e3:.1f} ms "
+              f"p99 {row['tpot_s']['p99'] * 1e3:.1f} ms (at the client)")
+        return
+
     session = load_session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))
     result["cuda_graphs"] = session.runner.decode_graphs is not None
     prompts = serving_requests(args, session.model_config.vocab_size)
@@ -437,6 +494,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise GlmEngineError("--request_rate sets the arrival rate of --mode rate; add --mode rate or drop it")
     if args.reference_engine_dir and not args.accuracy:
         raise GlmEngineError("--reference_engine_dir sets the weights of --accuracy's reference; add --accuracy")
+    if args.server_url is not None and (args.mode == "latency" or args.hf):
+        raise GlmEngineError("--server_url measures a server in --mode throughput or rate, without --hf")
     if args.mode != "latency" and (args.plot is not None or args.accuracy):
         raise GlmEngineError(f"--{'accuracy' if args.accuracy else 'plot'} applies to --mode latency")
     for flag, path in (("--output_json", args.output_json), ("--plot", args.plot)):

@@ -43,6 +43,7 @@ class _Generation(_Strict):
     stream: bool = False
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end token before this many tokens
 
 
 class CompletionRequest(_Generation):
@@ -157,12 +158,15 @@ def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name:
         if max_tokens > build.max_output_len:
             raise ApiError(400, f"max_tokens {max_tokens} is over the engine's max_output_len {build.max_output_len}",
                            param="max_tokens")
+        if body.min_tokens > max_tokens:
+            raise ApiError(400, f"min_tokens {body.min_tokens} is over max_tokens {max_tokens}", param="min_tokens")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         greedy = body.temperature == 0.0
         return [SamplingConfig(max_new_tokens=max_tokens, temperature=1.0 if greedy else body.temperature,
                                top_k=1 if greedy else 0, top_p=body.top_p, end_id=end_id, stop_words=stop,
                                random_seed=None if body.seed is None else (body.seed + choice) % (MAX_SEED + 1),
-                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                               min_length=body.min_tokens)
                 for choice in range(body.n)]
 
     async def run(prompt: list[int], body: _Generation, request: Request, kind: str):

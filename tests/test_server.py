@@ -240,3 +240,18 @@ def test_chat_formats_of_both_flavors(tiny_tokenizer_dir):
                                ([("user", "a"), ("assistant", "b")], "end with a user message")):
         with pytest.raises(GlmEngineError, match=fragment):
             chat_prompt_ids(two, messages)
+
+
+def test_benchmark_measures_a_server_over_http(server, engine, tmp_path):
+    """benchmark.py --server_url: the serving modes' requests (exactly --output_len tokens
+    each, min_tokens holding the end token back) streamed to the server."""
+    result = run_tool("benchmark.py", "--engine_dir", engine, "--mode", "rate", "--request_rate", "50",
+                      "--num_requests", "12", "--input_len_range", "4", "12", "--output_len", "6", "--server_url",
+                      server.url, "--output_json", tmp_path / "http.json")
+    assert result.returncode == 0, result.stderr
+    row = json.loads((tmp_path / "http.json").read_text())["rows"][0]
+    assert row["side"] == "serve.py over HTTP" and row["requests"] == 12 and row["output_tokens_per_s"] > 0
+    refused = run_tool("benchmark.py", "--engine_dir", engine, "--mode", "throughput", "--num_requests", "2",
+                       "--input_len_range", "4", "8", "--output_len", "4", "--repetition_penalty", "1.1",
+                       "--server_url", server.url)
+    assert refused.returncode != 0 and "--repetition_penalty has no field in the HTTP API" in refused.stderr

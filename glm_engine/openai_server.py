@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -98,14 +99,27 @@ class Metrics:
                 self.tpot.observe((time.monotonic() - request.first_token_at) / (request.generated - 1))
 
 
-class _Stream:
-    """One choice's tokens as they arrive from the loop's thread, for an asyncio task."""
+class _Inbox:
+    """Hands tokens from the engine loop's thread to the requests' asyncio queues with one
+    wake-up of the event loop per batch (a step's deliveries), not one per request."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.queue = loop, asyncio.Queue()
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, tuple]] = []
 
-    def deliver(self, tokens: list[int], finished: bool, error: str | None) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (tokens, finished, error))
+    def put(self, queue: asyncio.Queue, item: tuple) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if len(self.pending) > 1:  # a wake-up is already on its way
+                return
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name: str,
@@ -169,13 +183,18 @@ def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name:
                                min_length=body.min_tokens)
                 for choice in range(body.n)]
 
-    async def run(prompt: list[int], body: _Generation, request: Request, kind: str):
-        streams, ids = [], []
+    inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
+
+    async def run(prompt: list[int], body: _Generation, kind: str):
+        loop = asyncio.get_running_loop()
+        inbox = inboxes.setdefault(loop, _Inbox(loop))
+        queue: asyncio.Queue = asyncio.Queue()  # (choice, tokens, finished, error) of all the request's choices
+        ids: list[int] = []
         try:
-            for sampling in samplings(body):
-                stream = _Stream(asyncio.get_running_loop())
-                ids.append(engine_loop.submit(LoopRequest(prompt, sampling, stream.deliver)))
-                streams.append(stream)
+            for choice, sampling in enumerate(samplings(body)):
+                deliver = lambda tokens, finished, error, choice=choice: inbox.put(  # noqa: E731
+                    queue, (choice, tokens, finished, error))
+                ids.append(engine_loop.submit(LoopRequest(prompt, sampling, deliver)))
         except QueueFull as error:
             _cancel(ids)
             raise ApiError(429, str(error), "rate_limit_exceeded") from None
@@ -188,77 +207,66 @@ def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name:
         metrics.prompt_tokens.inc(len(prompt) * len(ids))
         answer = _Answer(kind, model_name, len(prompt), body.n, sampling.max_new_tokens, tokenizer)
         if body.stream:
-            return StreamingResponse(_events(answer, streams, ids, request), media_type="text/event-stream")
-        return JSONResponse(await _whole(answer, streams, ids))
+            return StreamingResponse(_events(answer, queue, ids), media_type="text/event-stream")
+        return JSONResponse(await _whole(answer, queue, ids))
 
     def _cancel(ids: list[int]) -> None:
         for request_id in ids:
             engine_loop.cancel(request_id)
 
-    async def _events(answer: _Answer, streams: list[_Stream], ids: list[int], request: Request) -> AsyncIterator[str]:
-        open_choices = set(range(len(streams)))
-        waiting: dict = {}
+    async def _events(answer: _Answer, queue: asyncio.Queue, ids: list[int]) -> AsyncIterator[str]:
+        """The request's server-sent events. A client that leaves closes this generator
+        (Starlette cancels it, or the next send fails): its open choices are cancelled."""
+        open_choices = set(range(len(ids)))
         try:
-            waiting = {asyncio.ensure_future(stream.queue.get()): choice for choice, stream in enumerate(streams)}
-            while waiting:
-                done, _ = await asyncio.wait(waiting, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-                if not done and await request.is_disconnected():
-                    break
-                for future in done:
-                    choice = waiting.pop(future)
-                    tokens, finished, error = future.result()
-                    if error is not None:
-                        metrics.requests.labels("error").inc()
-                        yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": None}})
-                        open_choices.discard(choice)
-                        continue
-                    chunk = answer.add(choice, tokens, finished)
-                    if chunk is not None:
-                        yield _sse(chunk)
-                    if finished:
-                        open_choices.discard(choice)
-                        metrics.requests.labels("ok").inc()
-                    else:
-                        waiting[asyncio.ensure_future(streams[choice].queue.get())] = choice
-            if not open_choices:
-                yield _sse(answer.usage_chunk())
-                yield "data: [DONE]\n\n"
+            while open_choices:
+                choice, tokens, finished, error = await queue.get()
+                if error is not None:
+                    metrics.requests.labels("error").inc()
+                    open_choices.discard(choice)
+                    yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": None}})
+                    continue
+                chunk = answer.add(choice, tokens, finished, streaming=True)
+                if finished:
+                    open_choices.discard(choice)
+                    metrics.requests.labels("ok").inc()
+                if chunk is not None:
+                    yield _sse(chunk)
+            yield _sse(answer.usage_chunk())
+            yield "data: [DONE]\n\n"
         finally:
-            for future in list(waiting):
-                future.cancel()
             for choice in open_choices:  # the client left: free its blocks now
                 engine_loop.cancel(ids[choice])
                 metrics.requests.labels("cancelled").inc()
 
-    async def _whole(answer: _Answer, streams: list[_Stream], ids: list[int]) -> dict:
-        for choice, stream in enumerate(streams):
-            try:
-                while True:
-                    tokens, finished, error = await stream.queue.get()
-                    if error is not None:
-                        metrics.requests.labels("error").inc()
-                        raise ApiError(503, error, "server_error")
-                    answer.add(choice, tokens, finished)
-                    if finished:
-                        metrics.requests.labels("ok").inc()
-                        break
-            except BaseException:
-                _cancel(ids[choice:])
-                raise
+    async def _whole(answer: _Answer, queue: asyncio.Queue, ids: list[int]) -> dict:
+        open_choices = set(range(len(ids)))
+        try:
+            while open_choices:
+                choice, tokens, finished, error = await queue.get()
+                if error is not None:
+                    metrics.requests.labels("error").inc()
+                    raise ApiError(503, error, "server_error")
+                answer.add(choice, tokens, finished, streaming=False)
+                if finished:
+                    open_choices.discard(choice)
+                    metrics.requests.labels("ok").inc()
+        finally:
+            _cancel([ids[choice] for choice in open_choices])
         return answer.whole()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest):
         prompt = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
-        return await run(prompt, body, request, "text_completion")
+        return await run(prompt, body, "text_completion")
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
+    async def chat(body: ChatRequest):
         try:
             prompt = chat_prompt_ids(tokenizer, [(message.role, message.content) for message in body.messages])
         except GlmEngineError as error:
             raise ApiError(400, str(error), param="messages") from None
-        return await run(prompt, body, request, "chat.completion")
+        return await run(prompt, body, "chat.completion")
 
     return app
 
@@ -277,20 +285,39 @@ class _Answer:
         self.id = ("chatcmpl-" if kind != "text_completion" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.tokens: list[list[int]] = [[] for _ in range(choices)]
-        self.sent: list[str] = ["" for _ in range(choices)]
         self.finish: list[str | None] = [None] * choices
+        # Streaming decodes a window of each choice's last tokens, not its whole text every
+        # step: `anchor` is where the window starts, `shown` the text already sent from it.
+        self.anchor = [0] * choices
+        self.shown = [""] * choices
 
-    def add(self, choice: int, tokens: list[int], finished: bool) -> dict | None:
-        """Takes a step's tokens of a choice; the streamed chunk of its new text, if any."""
-        self.tokens[choice] += tokens
-        text = self.tokenizer.decode(self.tokens[choice], hold_incomplete=not finished)
-        delta = text[len(self.sent[choice]):] if text.startswith(self.sent[choice]) else ""
-        self.sent[choice] = text if text.startswith(self.sent[choice]) else self.sent[choice]
+    def add(self, choice: int, tokens: list[int], finished: bool, streaming: bool) -> dict | None:
+        """Takes a step's tokens of a choice; when streaming, the chunk of its new text, if any."""
+        ids = self.tokens[choice]
+        ids += tokens
         if finished:
-            self.finish[choice] = "length" if len(self.tokens[choice]) >= self.max_tokens else "stop"
+            self.finish[choice] = "length" if len(ids) >= self.max_tokens else "stop"
+        if not streaming:
+            return None
+        text = self.tokenizer.decode(ids[self.anchor[choice]:], hold_incomplete=not finished)
+        shown = self.shown[choice]
+        delta = text[len(shown):] if text.startswith(shown) else ""
+        self.shown[choice] = shown + delta
+        self._slide(choice)
         if not delta and not finished:
             return None
         return self._chunk(choice, delta, self.finish[choice])
+
+    def _slide(self, choice: int, keep: int = 4) -> None:
+        """Moves the window to the last `keep` tokens when their text is the end of what was
+        shown (a window's first piece may lose its leading space: that space was shown)."""
+        ids = self.tokens[choice]
+        if len(ids) - self.anchor[choice] <= 2 * keep:
+            return
+        tail = self.tokenizer.decode(ids[-keep:])
+        if tail and self.shown[choice].endswith(tail) and self.tokenizer.decode(ids[self.anchor[choice]:]) == \
+                self.shown[choice]:
+            self.anchor[choice], self.shown[choice] = len(ids) - keep, tail
 
     def _chunk(self, choice: int, delta: str, finish: str | None) -> dict:
         if self.kind == "text_completion":

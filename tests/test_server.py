@@ -255,3 +255,26 @@ def test_benchmark_measures_a_server_over_http(server, engine, tmp_path):
                        "--input_len_range", "4", "8", "--output_len", "4", "--repetition_penalty", "1.1",
                        "--server_url", server.url)
     assert refused.returncode != 0 and "--repetition_penalty has no field in the HTTP API" in refused.stderr
+
+
+def test_streamed_text_adds_up_to_the_whole_text(tiny_tokenizer_dir):
+    """The streamed deltas (decoded over a sliding window of tokens) join into exactly the
+    text of all the tokens, for random token streams (byte pieces, spaces, special ids)
+    cut into random steps."""
+    import random
+
+    from glm_engine.openai_server import _Answer
+    from glm_engine.tokenizer import ChatGLMTokenizer
+
+    tokenizer = ChatGLMTokenizer.from_dir(tiny_tokenizer_dir)
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 60))]
+        answer = _Answer("text_completion", "tiny", 1, 1, 100, tokenizer)
+        streamed, start = "", 0
+        while start < len(ids):
+            end = min(len(ids), start + rng.randrange(1, 4))
+            chunk = answer.add(0, ids[start:end], end == len(ids), streaming=True)
+            streamed += chunk["choices"][0]["text"] if chunk else ""
+            start = end
+        assert streamed == tokenizer.decode(ids), ids

@@ -334,8 +334,6 @@ def serve_over_http(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
 def run_serving(session: Session, prompts: list[list[int]], args: argparse.Namespace) -> dict:
     """Feeds the requests to the scheduler (all at once, or at Poisson arrival times)
     and records when each one's tokens reach the host."""
-    import torch
-    
     from glm_engine.runtime.sampling import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS, **sampling_options(args, None))

@@ -187,7 +187,7 @@ def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name:
 
     async def run(prompt: list[int], body: _Generation, kind: str):
         loop = asyncio.get_running_loop()
-        inbox = inboxes.setdefault(loop, _Inbox(loop))
+        inbox = inboxes.get(loop) or inboxes.setdefault(loop, _Inbox(loop))
         queue: asyncio.Queue = asyncio.Queue()  # (choice, tokens, finished, error) of all the request's choices
         ids: list[int] = []
         try:
@@ -214,22 +214,26 @@ def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name:
         for request_id in ids:
             engine_loop.cancel(request_id)
 
+    async def _next(queue: asyncio.Queue, open_choices: set[int]) -> tuple:
+        """A choice's next news (choice, tokens, finished, error); a choice that ends or
+        fails leaves `open_choices` and is counted."""
+        choice, tokens, finished, error = await queue.get()
+        if finished or error is not None:
+            open_choices.discard(choice)
+            metrics.requests.labels("ok" if error is None else "error").inc()
+        return choice, tokens, finished, error
+
     async def _events(answer: _Answer, queue: asyncio.Queue, ids: list[int]) -> AsyncIterator[str]:
         """The request's server-sent events. A client that leaves closes this generator
         (Starlette cancels it, or the next send fails): its open choices are cancelled."""
         open_choices = set(range(len(ids)))
         try:
             while open_choices:
-                choice, tokens, finished, error = await queue.get()
+                choice, tokens, finished, error = await _next(queue, open_choices)
                 if error is not None:
-                    metrics.requests.labels("error").inc()
-                    open_choices.discard(choice)
                     yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": None}})
                     continue
                 chunk = answer.add(choice, tokens, finished, streaming=True)
-                if finished:
-                    open_choices.discard(choice)
-                    metrics.requests.labels("ok").inc()
                 if chunk is not None:
                     yield _sse(chunk)
             yield _sse(answer.usage_chunk())
@@ -243,14 +247,10 @@ def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name:
         open_choices = set(range(len(ids)))
         try:
             while open_choices:
-                choice, tokens, finished, error = await queue.get()
+                choice, tokens, finished, error = await _next(queue, open_choices)
                 if error is not None:
-                    metrics.requests.labels("error").inc()
                     raise ApiError(503, error, "server_error")
                 answer.add(choice, tokens, finished, streaming=False)
-                if finished:
-                    open_choices.discard(choice)
-                    metrics.requests.labels("ok").inc()
         finally:
             _cancel([ids[choice] for choice in open_choices])
         return answer.whole()

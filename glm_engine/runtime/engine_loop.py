@@ -50,7 +50,6 @@ class LoopStats:
     waiting: int = 0
     free_blocks: int = 0
     total_blocks: int = 0
-    steps: int = 0
 
 
 class EngineLoop:
@@ -171,7 +170,6 @@ class EngineLoop:
             request.deliver(tokens, request_id in finished, None)
             if request_id in finished:
                 del self._active[request_id]
-        self.stats.steps += 1
         self._update_stats()
 
     def _update_stats(self) -> None:

@@ -184,6 +184,7 @@ def test_a_client_that_leaves_frees_its_blocks(server):
     ({"model": "tiny", "prompt": "长" * 200}, 400, "max_input_len 64"),
     ({"model": "other", "prompt": "a"}, 404, "is not served here"),
     ({"model": "tiny", "prompt": "a", "temperature": 3}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens 5 is over max_tokens 4"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, fragment):
     content = body if isinstance(body, str) else json.dumps(body)

@@ -1,10 +1,12 @@
 """Serves an engine over HTTP with OpenAI's API (/v1/completions,
-/v1/chat/completions, /v1/models), plus /health and /metrics: one engine loop
-batches every client's requests in flight (glm_engine/openai_server.py)."""
+/v1/chat/completions, /v1/models), plus /health and /metrics: one engine loop, in a
+process of its own, batches every client's requests in flight
+(glm_engine/openai_server.py, glm_engine/runtime/engine_process.py)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 from pathlib import Path
 
@@ -35,6 +37,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def engine_session(args: argparse.Namespace, tokenizer):
+    """The engine process's session (it runs there: logging is set up anew)."""
+    from glm_engine.runtime.session import resolve_device
+    from model import load_session
+
+    setup_logging(args.log_level)
+    return load_session(args.engine_dir, resolve_device(args.device), tokenizer=tokenizer, **kv_cache_options(args))
+
+
 def main() -> None:
     args = parse_arguments()
     setup_logging(args.log_level)
@@ -42,10 +53,8 @@ def main() -> None:
 
     from glm_engine.engine import engine_configs
     from glm_engine.openai_server import create_app
-    from glm_engine.runtime.engine_loop import EngineLoop
-    from glm_engine.runtime.session import resolve_device
+    from glm_engine.runtime.engine_process import EngineProcess
     from glm_engine.tokenizer import ChatGLMTokenizer
-    from model import load_session
 
     _, build_config = engine_configs(args.engine_dir)  # a clear error before any other work
     if build_config.world_size > 1:
@@ -56,16 +65,17 @@ def main() -> None:
     if not (tokenizer_dir / "tokenizer.model").is_file():
         raise GlmEngineError(f"no tokenizer.model in {tokenizer_dir}: the API takes text; pass --tokenizer_dir")
     tokenizer = ChatGLMTokenizer.from_dir(tokenizer_dir)
-    session = load_session(args.engine_dir, resolve_device(args.device), tokenizer=tokenizer,
-                           **kv_cache_options(args))
-    engine_loop = EngineLoop(session, args.max_in_flight, args.max_queue)
-    app = create_app(engine_loop, tokenizer, args.model_name or Path(args.engine_dir).resolve().name,
+    engine = EngineProcess(functools.partial(engine_session, args, tokenizer), args.max_in_flight, args.max_queue)
+    app = create_app(engine, tokenizer, args.model_name or Path(args.engine_dir).resolve().name,
                      args.shutdown_timeout)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again to the handler it
     # found: from here on that handler is this no-op, so a graceful stop exits with status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level if args.log_level != "verbose"
-                else "debug", timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level if args.log_level != "verbose"
+                    else "debug", timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    finally:
+        engine.close(0.0)  # uvicorn never started (port taken): the engine process must not outlive it
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API of serve.py, on FastAPI: /v1/completions,
 /v1/chat/completions (streamed as server-sent events or whole), /v1/models, /health
-and /metrics (Prometheus text). Every request goes to the one EngineLoop; a client
-that disconnects is cancelled (its KV blocks freed before the next step); errors
+and /metrics (Prometheus text). Every request goes to the one engine process
+(runtime/engine_process.py), whose loop batches them in flight; a client that disconnects is cancelled (its KV blocks freed before the next step); errors
 have OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from glm_engine import GlmEngineError
 from glm_engine.prompts import chat_prompt_ids
-from glm_engine.runtime.engine_loop import EngineLoop, LoopClosed, LoopRequest, QueueFull
+from glm_engine.runtime.engine_loop import LoopClosed, LoopRequest, QueueFull
+from glm_engine.runtime.engine_process import EngineProcess
 from glm_engine.config import MAX_SEED
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.tokenizer import ChatGLMTokenizer
@@ -91,7 +92,7 @@ class Metrics:
             Gauge(name, text, registry=registry).set_function(read)
 
     def record_step(self, request: LoopRequest, new_tokens: int, finished: bool) -> None:
-        """EngineLoop's on_step: token counts, and the latencies of a finished request."""
+        """The engine's on_step: token counts, and the latencies of a finished request."""
         self.generated_tokens.inc(new_tokens)
         if finished and request.first_token_at is not None:
             self.ttft.observe(request.first_token_at - request.arrived)
@@ -122,21 +123,20 @@ class _Inbox:
             queue.put_nowait(item)
 
 
-def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name: str,
+def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: str,
                shutdown_timeout: float = 30.0) -> FastAPI:
-    """The API over `engine_loop`, naming its one model `model_name`. When the server
+    """The API over `engine`, naming its one model `model_name`. When the server
     stops, running requests get `shutdown_timeout` seconds to finish, then an error."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        await asyncio.to_thread(engine_loop.close, shutdown_timeout)
+        await asyncio.to_thread(engine.close, shutdown_timeout)
 
     app = FastAPI(title="glm_engine OpenAI-compatible API", lifespan=lifespan)
-    metrics = Metrics(engine_loop.stats)
-    engine_loop.on_step = metrics.record_step
-    build = engine_loop.session.build_config
-    end_id = engine_loop.session.model_config.eos_token_id
+    metrics = Metrics(engine.stats)
+    engine.on_step = metrics.record_step
+    build, end_id = engine.limits.build_config, engine.limits.end_id
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -150,7 +150,7 @@ def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        stats, alive = engine_loop.stats, engine_loop.alive
+        stats, alive = engine.stats, engine.alive
         return JSONResponse({"status": "ok" if alive else "stopped", "requests_running": stats.running,
                              "queue_length": stats.waiting, "kv_blocks_free": stats.free_blocks,
                              "kv_blocks_total": stats.total_blocks}, 200 if alive else 503)
@@ -194,7 +194,7 @@ def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name:
             for choice, sampling in enumerate(samplings(body)):
                 deliver = lambda tokens, finished, error, choice=choice: inbox.put(  # noqa: E731
                     queue, (choice, tokens, finished, error))
-                ids.append(engine_loop.submit(LoopRequest(prompt, sampling, deliver)))
+                ids.append(engine.submit(LoopRequest(prompt, sampling, deliver)))
         except QueueFull as error:
             _cancel(ids)
             raise ApiError(429, str(error), "rate_limit_exceeded") from None
@@ -212,7 +212,7 @@ def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name:
 
     def _cancel(ids: list[int]) -> None:
         for request_id in ids:
-            engine_loop.cancel(request_id)
+            engine.cancel(request_id)
 
     async def _next(queue: asyncio.Queue, open_choices: set[int]) -> tuple:
         """A choice's next news (choice, tokens, finished, error); a choice that ends or
@@ -240,7 +240,7 @@ def create_app(engine_loop: EngineLoop, tokenizer: ChatGLMTokenizer, model_name:
             yield "data: [DONE]\n\n"
         finally:
             for choice in open_choices:  # the client left: free its blocks now
-                engine_loop.cancel(ids[choice])
+                engine.cancel(ids[choice])
                 metrics.requests.labels("cancelled").inc()
 
     async def _whole(answer: _Answer, queue: asyncio.Queue, ids: list[int]) -> dict:

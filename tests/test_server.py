@@ -221,6 +221,29 @@ def test_queue_limit_and_sigterm(engine):
         assert response.json()["choices"][0]["finish_reason"] in ("length", "stop")
 
 
+def test_an_engine_process_that_dies_ends_its_requests_and_health(engine):
+    """The engine runs in a child process: if it dies, a waiting request gets a 503 with
+    the reason, /health turns 503, new requests are refused, and SIGTERM still exits 0."""
+    server = Server(engine)
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+    engines = [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(engines) == 1, children  # multiprocessing's resource tracker is the other child
+    engine_pid = engines[0]
+    os.kill(engine_pid, signal.SIGSTOP)  # the request below waits in the pipe
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, server.url + "/v1/completions", timeout=60,
+                              json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 8})
+        time.sleep(0.5)
+        os.kill(engine_pid, signal.SIGKILL)
+        response = pending.result()
+    assert response.status_code == 503 and "exited unexpectedly" in response.json()["error"]["message"]
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 503
+    refused = httpx.post(server.url + "/v1/completions", timeout=30, json={"model": "tiny", "prompt": "a"})
+    assert refused.status_code == 503 and "engine has stopped" in refused.json()["error"]["message"]
+    result = server.stop()
+    assert result.returncode == 0, result.stderr
+
+
 def test_chat_formats_of_both_flavors(tiny_tokenizer_dir):
     """ChatGLM3: [gMASK] sop, a role token and "\\n" + content per message, then
     <|assistant|>; ChatGLM2 refuses chats its rounds cannot hold."""

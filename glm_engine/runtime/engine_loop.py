@@ -56,11 +56,14 @@ class EngineLoop:
     """Runs `session`'s in-flight scheduler for requests submitted from any thread."""
 
     def __init__(self, session: Session, max_in_flight: int | None = None, max_queue: int = 1024,
-                 on_step: Callable[[LoopRequest, int, bool], None] | None = None) -> None:
+                 on_step: Callable[[LoopRequest, int, bool], None] | None = None,
+                 after_changes: Callable[[], None] | None = None) -> None:
         """`max_queue`: requests that may wait for a slot before submit refuses more.
         `on_step(request, new_tokens, finished)` runs after each step for each request with
-        news (metrics)."""
+        news (metrics); `after_changes()` once the loop's thread has delivered a batch of news
+        or changed its stats (an engine process sends them on then)."""
         self.session = session
+        self.after_changes = after_changes
         self.scheduler = session.new_scheduler(max_in_flight)
         self.max_queue = max_queue
         self.on_step = on_step
@@ -176,6 +179,8 @@ class EngineLoop:
         self.stats.running = len(self.scheduler.running)
         self.stats.waiting = sum(len(unit) for unit in self.scheduler.waiting)
         self.stats.free_blocks = self.session.block_manager.free_blocks
+        if self.after_changes is not None:
+            self.after_changes()
 
     def _end_all(self, message: str) -> None:
         for request_id, request in list(self._active.items()):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from glm_engine import GlmEngineError
-from glm_engine.config import ModelConfig
+from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.engine import Engine, engine_configs, load_engine
 from glm_engine.ops import Ops, select_ops
 from glm_engine.quantization import dequantize_weights
@@ -69,6 +69,21 @@ def check_launch(engine_world_size: int, launch: Launch) -> None:
     raise GlmEngineError(f"{launch.world_size} ranks were started but the engine was built with --world_size "
                          f"{engine_world_size}; start {engine_world_size}, or rebuild with --world_size "
                          f"{launch.world_size}")
+
+
+def check_prompt(build: BuildConfig, vocab: int, index: int, prompt: list[int], max_new_tokens: int) -> None:
+    """Raises GlmEngineError when request `index` breaks the engine's limits."""
+    if max_new_tokens > build.max_output_len:
+        raise GlmEngineError(f"max_output_len {max_new_tokens} exceeds the engine's max_output_len "
+                             f"{build.max_output_len}; ask for fewer tokens or rebuild")
+    if not prompt:
+        raise GlmEngineError(f"prompt {index} is empty")
+    if len(prompt) > build.max_input_len:
+        raise GlmEngineError(f"prompt {index} has {len(prompt)} tokens, over the engine's "
+                             f"max_input_len {build.max_input_len}; shorten it or rebuild")
+    bad = [token for token in prompt if not 0 <= token < vocab]
+    if bad:
+        raise GlmEngineError(f"prompt {index} holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
 
 
 class Session:
@@ -122,18 +137,7 @@ class Session:
 
     def check_prompt(self, index: int, prompt: list[int], max_new_tokens: int) -> None:
         """Raises GlmEngineError when a request breaks the engine's limits."""
-        build, vocab = self.build_config, self.model_config.vocab_size
-        if max_new_tokens > build.max_output_len:
-            raise GlmEngineError(f"max_output_len {max_new_tokens} exceeds the engine's max_output_len "
-                                 f"{build.max_output_len}; ask for fewer tokens or rebuild")
-        if not prompt:
-            raise GlmEngineError(f"prompt {index} is empty")
-        if len(prompt) > build.max_input_len:
-            raise GlmEngineError(f"prompt {index} has {len(prompt)} tokens, over the engine's "
-                                 f"max_input_len {build.max_input_len}; shorten it or rebuild")
-        bad = [token for token in prompt if not 0 <= token < vocab]
-        if bad:
-            raise GlmEngineError(f"prompt {index} holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
+        check_prompt(self.build_config, self.model_config.vocab_size, index, prompt, max_new_tokens)
 
     def check_request(self, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1) -> None:
         """Checks a static batch: every prompt, and no more prompts (times beams) than

@@ -89,7 +89,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_in_flight", type=int, default=None,
                         help="serving modes: sequences in flight (default: the engine's max_batch_size)")
     parser.add_argument("--max_tokens_per_step", type=int, default=None,
-                        help="prompt tokens the scheduler admits per step (default: 16384)")
+                        help="serving modes: prompt tokens the scheduler admits per step; with "
+                             "--enable_chunked_context, all tokens of a step (default: 16384)")
+    parser.add_argument("--enable_chunked_context", action="store_true",
+                        help="serving modes: read long prompts in chunks within each step's token budget, "
+                             "alongside the running requests' decoding")
     parser.add_argument("--server_url", type=str, default=None,
                         help="serving modes: send the requests, streamed, to the serve.py server at this URL (e.g. "
                              "http://127.0.0.1:8000) instead of running --engine_dir in this process, which then "
@@ -337,7 +341,7 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
     from glm_engine.runtime.sampling import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS, **sampling_options(args, None))
-    scheduler = session.new_scheduler(args.max_in_flight, args.max_tokens_per_step)
+    scheduler = session.new_scheduler(args.max_in_flight, args.max_tokens_per_step, args.enable_chunked_context)
     # Where the time goes: steps that carry prompt tokens, and decode-only steps.
     split = {"prefill_steps": {"count": 0, "seconds": 0.0, "tokens": 0},
              "decode_steps": {"count": 0, "seconds": 0.0, "tokens": 0}}
@@ -494,6 +498,14 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise GlmEngineError("--reference_engine_dir sets the weights of --accuracy's reference; add --accuracy")
     if args.server_url is not None and (args.mode == "latency" or args.hf):
         raise GlmEngineError("--server_url measures a server in --mode throughput or rate, without --hf")
+    scheduling = [flag for flag, value in (("--max_in_flight", args.max_in_flight),
+                                           ("--max_tokens_per_step", args.max_tokens_per_step),
+                                           ("--enable_chunked_context", args.enable_chunked_context or None))
+                  if value is not None]
+    if scheduling and args.mode == "latency":
+        raise GlmEngineError(f"{scheduling[0]} sets the serving modes' scheduler; add --mode throughput or rate")
+    if scheduling and args.server_url is not None:
+        raise GlmEngineError(f"{scheduling[0]} sets the in-process scheduler; pass it to serve.py instead")
     if args.mode != "latency" and (args.plot is not None or args.accuracy):
         raise GlmEngineError(f"--{'accuracy' if args.accuracy else 'plot'} applies to --mode latency")
     for flag, path in (("--output_json", args.output_json), ("--plot", args.plot)):

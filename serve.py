@@ -25,6 +25,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the model id clients send (default: the engine directory's name)")
     parser.add_argument("--max_in_flight", type=int, default=None,
                         help="sequences per step (default and ceiling: the engine's max_batch_size)")
+    parser.add_argument("--max_tokens_per_step", type=int, default=None,
+                        help="prompt tokens read per step; with --enable_chunked_context, all tokens of a step "
+                             "(default: 16384)")
+    parser.add_argument("--enable_chunked_context", action="store_true",
+                        help="read long prompts in chunks within each step's token budget, alongside the running "
+                             "requests' decoding, instead of in steps of their own")
     parser.add_argument("--max_queue", type=int, default=1024,
                         help="requests that may wait for a slot; more get HTTP 429 (default: %(default)s)")
     parser.add_argument("--shutdown_timeout", type=float, default=30.0,
@@ -65,7 +71,9 @@ def main() -> None:
     if not (tokenizer_dir / "tokenizer.model").is_file():
         raise GlmEngineError(f"no tokenizer.model in {tokenizer_dir}: the API takes text; pass --tokenizer_dir")
     tokenizer = ChatGLMTokenizer.from_dir(tokenizer_dir)
-    engine = EngineProcess(functools.partial(engine_session, args, tokenizer), args.max_in_flight, args.max_queue)
+    scheduler_options = {"max_in_flight": args.max_in_flight, "tokens_per_step": args.max_tokens_per_step,
+                         "chunked_prefill": args.enable_chunked_context}
+    engine = EngineProcess(functools.partial(engine_session, args, tokenizer), scheduler_options, args.max_queue)
     app = create_app(engine, tokenizer, args.model_name or Path(args.engine_dir).resolve().name,
                      args.shutdown_timeout)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again to the handler it

@@ -29,14 +29,16 @@ def mixed_prompts(count: int, seed: int, longest: int = 30) -> list[list[int]]:
 
 
 def run_all(session: Session, prompts: list[list[int]], samplings: list[SamplingConfig],
-            max_in_flight: int) -> tuple[list[list[int]], Scheduler]:
-    scheduler = session.new_scheduler(max_in_flight)
+            max_in_flight: int, **scheduler_options) -> tuple[list[list[int]], Scheduler]:
+    scheduler = session.new_scheduler(max_in_flight, **scheduler_options)
+    scheduler.step_tokens = []  # tokens forwarded by each step
     for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
         session.submit(scheduler, index, prompt, sampling)
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = []
     while scheduler.has_work:
         step = session.step(scheduler)
+        scheduler.step_tokens.append(step.forwarded_tokens)
         for index, token in step.tokens:
             outputs[index].append(token)
         finished += step.finished
@@ -82,6 +84,31 @@ def test_inflight_batching_engine_with_plugins_matches_alone(tiny_engine_factory
     assert scheduler.preemptions > 0
     assert outputs == [session.generate_requests([prompt], [sampling])[0] for prompt in prompts]
     assert session.block_manager.free_blocks == session.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("plugins", [False, True])
+def test_chunked_prefill_keeps_every_token_within_the_step_budget(paged_engine, tiny_engine_factory, plugins):
+    """--enable_chunked_context: prompts of up to 30 tokens read in chunks of a 6-token
+    step budget (decode tokens first; a chunk continues on cached K/V: the context FMHA
+    kernel with the plugins, the reference attention without). Greedy, seeded-sampled
+    and penalized requests give their tokens alone; a small pool still preempts and
+    leaks no block."""
+    engine_dir = paged_engine if not plugins else tiny_engine_factory(
+        *TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_batch_size", "4", "--max_input_len", "32",
+        "--max_output_len", "8", "--use_inflight_batching", "--tokens_per_block", "4", "--random_seed", "6")
+    session = load_session(engine_dir, "cpu", max_tokens_in_paged_kv_cache=64)
+    prompts = mixed_prompts(5 if plugins else 12, seed=4)
+    samplings = [SamplingConfig(max_new_tokens=8, end_id=-1),
+                 SamplingConfig(max_new_tokens=8, top_k=0, temperature=1.2, random_seed=11, end_id=-1),
+                 SamplingConfig(max_new_tokens=8, presence_penalty=0.8, repetition_penalty=1.3, end_id=-1)]
+    samplings = [samplings[i % 3] for i in range(len(prompts))]
+    outputs, scheduler = run_all(session, prompts, samplings, max_in_flight=4, tokens_per_step=6,
+                                 chunked_prefill=True)
+    assert max(scheduler.step_tokens) <= 6 + 3  # the budget, plus at most one token per other prefilling sequence
+    assert sum(scheduler.step_tokens) >= sum(map(len, prompts))
+    assert scheduler.preemptions > 0 and session.block_manager.free_blocks == session.block_manager.num_blocks
+    alone = [session.generate_requests([prompt], [sampling])[0] for prompt, sampling in zip(prompts, samplings)]
+    assert outputs == alone
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(paged_engine):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from glm_engine import GlmEngineError
 from glm_engine.runtime.sampling import SamplingConfig
+from glm_engine.runtime.scheduler import Scheduler
 from glm_engine.runtime.session import Session
 
 logger = logging.getLogger("engine_loop")
@@ -53,9 +54,9 @@ class LoopStats:
 
 
 class EngineLoop:
-    """Runs `session`'s in-flight scheduler for requests submitted from any thread."""
+    """Runs `scheduler` (one of `session`'s) for requests submitted from any thread."""
 
-    def __init__(self, session: Session, max_in_flight: int | None = None, max_queue: int = 1024,
+    def __init__(self, session: Session, scheduler: Scheduler, max_queue: int = 1024,
                  on_step: Callable[[LoopRequest, int, bool], None] | None = None,
                  after_changes: Callable[[], None] | None = None) -> None:
         """`max_queue`: requests that may wait for a slot before submit refuses more.
@@ -64,7 +65,7 @@ class EngineLoop:
         or changed its stats (an engine process sends them on then)."""
         self.session = session
         self.after_changes = after_changes
-        self.scheduler = session.new_scheduler(max_in_flight)
+        self.scheduler = scheduler
         self.max_queue = max_queue
         self.on_step = on_step
         self.stats = LoopStats(total_blocks=session.block_manager.num_blocks,

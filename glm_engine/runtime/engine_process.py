@@ -52,16 +52,18 @@ class EngineProcess:
     """Starts the engine process (a session from `session_factory`, run by an EngineLoop)
     and talks to it; requests are submitted, cancelled and closed from any thread."""
 
-    def __init__(self, session_factory: Callable[[], Session], max_in_flight: int | None = None,
+    def __init__(self, session_factory: Callable[[], Session], scheduler_options: dict | None = None,
                  max_queue: int = 1024, on_step: Callable[[LoopRequest, int, bool], None] | None = None) -> None:
         """`session_factory` runs in the new process (it must pickle: a module-level
-        function or a functools.partial of one). Returns once the engine is loaded;
+        function or a functools.partial of one); the loop runs the session's
+        new_scheduler(**scheduler_options). Returns once the engine is loaded;
         raises GlmEngineError with the engine process's message if it could not start."""
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._commands, child_commands = context.Pipe(duplex=False)[::-1]
         events, self._child_events = context.Pipe(duplex=False)
         self.process = context.Process(target=_engine_main, name="glm-engine",
-                                       args=(session_factory, max_in_flight, child_commands, self._child_events))
+                                       args=(session_factory, scheduler_options or {}, child_commands,
+                                             self._child_events))
         self.process.start()
         child_commands.close()
         self._child_events.close()
@@ -204,7 +206,7 @@ class _Outbox:
             self.events.send(("step", news, LoopStats(*state[:4]), self.taken))
 
 
-def _engine_main(session_factory: Callable[[], Session], max_in_flight: int | None, commands: Connection,
+def _engine_main(session_factory: Callable[[], Session], scheduler_options: dict, commands: Connection,
                  events: Connection) -> None:
     """The engine process: loads the session, then runs its loop on the commands until
     told to close, the server's end of the pipe closes, or the loop fails."""
@@ -213,12 +215,13 @@ def _engine_main(session_factory: Callable[[], Session], max_in_flight: int | No
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         session = session_factory()
+        scheduler = session.new_scheduler(**scheduler_options)
     except Exception as error:  # noqa: BLE001 - the server prints it as its one-line error
         events.send(("failed", str(error) if isinstance(error, GlmEngineError) else
                      f"the engine could not start: {type(error).__name__}: {error}"))
         return
     outbox = _Outbox(events)
-    engine_loop = EngineLoop(session, max_in_flight, max_queue=2**62,  # the server enforces the queue limit
+    engine_loop = EngineLoop(session, scheduler, max_queue=2**62,  # the server enforces the queue limit
                              after_changes=outbox.flush)
     outbox.stats = engine_loop.stats
     manager = session.block_manager

@@ -2,7 +2,8 @@
 KV cache's blocks. Each step admits waiting requests while the pool's blocks, the
 batch limit and the step's token budget allow and plans one packed forward of every
 running sequence's new tokens (whole prompts of admitted requests, one token of the
-others); once the model runner has run it, postprocess chooses each sequence's
+others; with chunked prefill, prompts in chunks that keep the step within its token
+budget, so that running sequences keep decoding while a long prompt is read); once the model runner has run it, postprocess chooses each sequence's
 token and retires finished sequences, whose blocks are free for the next step.
 When a running sequence needs a block and none is free, the newest running sequence
 is preempted: its blocks are freed and it goes back to the head of the queue with
@@ -101,13 +102,17 @@ class Scheduler:
     knows nothing of the network that runs them."""
 
     def __init__(self, block_manager: BlockManager, max_in_flight: int,
-                 tokens_per_step: int | None = None) -> None:
+                 tokens_per_step: int | None = None, chunked_prefill: bool = False) -> None:
+        """`tokens_per_step`: the prompt tokens admitted per step (a longer prompt runs
+        alone), or with `chunked_prefill` the step's whole budget, decode tokens included:
+        prompts are read in chunks that fill what the decoding sequences leave."""
         for name, value in (("--max_in_flight", max_in_flight), ("--max_tokens_per_step", tokens_per_step)):
             if value is not None and value < 1:
                 raise GlmEngineError(f"{name} must be at least 1, got {value}")
         self.block_manager = block_manager
         self.max_in_flight = max_in_flight
         self.tokens_per_step = tokens_per_step or DEFAULT_TOKENS_PER_STEP
+        self.chunked_prefill = chunked_prefill
         self.waiting: deque[list[Sequence]] = deque()  # a request's sequences: one, or its beams
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -132,13 +137,19 @@ class Scheduler:
         allow (a beam request takes num_beams slots from the start)."""
         manager = self.block_manager
         budget = self.tokens_per_step
+        if self.chunked_prefill:  # what the running sequences read this step comes first
+            budget -= sum(len(sequence.uncached_tokens()) for sequence in self.running)
         while self.waiting:
             unit = self.waiting[0]
             group = unit[0].group
             if len(self.running) + (group.search.num_beams if group else 1) > self.max_in_flight:
                 break
             tokens = sum(sequence.length for sequence in unit)
-            if tokens > budget and budget < self.tokens_per_step:
+            if self.chunked_prefill and group is None:
+                if budget < 1:
+                    break
+                tokens = min(tokens, budget)  # its first chunk
+            elif tokens > budget and budget < self.tokens_per_step:
                 break  # a long prompt waits for a step of its own
             # Room for the prompt and the first generated token, so it is not preempted at once.
             if sum(manager.blocks_for(sequence.length + 1) for sequence in unit) > manager.free_blocks:
@@ -197,18 +208,39 @@ class Scheduler:
         copies = self._reserve_decode_slots()
         if not self.running:
             raise GlmEngineError("no request fits the KV cache pool")  # callers check fits() first
-        return StepPlan(list(self.running), [sequence.uncached_tokens() for sequence in self.running], copies)
+        if not self.chunked_prefill:
+            return StepPlan(list(self.running), [sequence.uncached_tokens() for sequence in self.running], copies)
+        return StepPlan(list(self.running), self._chunks(), copies)
+
+    def _chunks(self) -> list[list[int]]:
+        """Each running sequence's tokens for a chunked step, in admission order: decoding
+        ones their one token, prefilling ones what the budget has left (at least one token
+        each, so none stalls; a beam request reads its prompt whole, its beams in step)."""
+        uncached = [sequence.uncached_tokens() for sequence in self.running]
+        budget = self.tokens_per_step - sum(len(tokens) for tokens in uncached if len(tokens) == 1)
+        chunks = []
+        for sequence, tokens in zip(self.running, uncached):
+            if len(tokens) > 1 and sequence.group is None:
+                tokens = tokens[:max(budget, 1)]
+                budget -= len(tokens)
+            chunks.append(tokens)
+        return chunks
 
     def postprocess(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor) -> StepResult:
         """Chooses each sequence's next token from the step's float32 logits [B, vocab] and
         `greedy` argmax (_choose), records it and retires the finished sequences, whose
         blocks are free at once. `plan` is the running list schedule() returned. One pass
         over the sequences: at hundreds in flight this bookkeeping is part of every step."""
-        chosen, log_probs = self._choose(plan, logits, greedy)
+        reading = [sequence.cached + len(fed) < sequence.length  # the step read a chunk of its prompt
+                   for sequence, fed in zip(plan.sequences, plan.new_tokens)]
+        chosen, log_probs = self._choose(plan, logits, greedy, reading)
         result = StepResult([], [], len(plan.sequences), sum(map(len, plan.new_tokens)))
         still_running: list[Sequence | BeamGroup] = []
         for row, (sequence, fed) in enumerate(zip(plan.sequences, plan.new_tokens, strict=True)):
             sequence.cached += len(fed)
+            if sequence.cached < sequence.length:  # a chunk of its prompt: no token yet
+                still_running.append(sequence)
+                continue
             if sequence.group is not None:  # beams advance together, below
                 if sequence is sequence.group.sequences[0]:
                     still_running.append(sequence.group)
@@ -278,17 +310,19 @@ class Scheduler:
         sequence.reported = count
         return done
 
-    def _choose(self, plan: StepPlan, logits: torch.Tensor,
-                greedy: torch.Tensor) -> tuple[list[int], list[float] | None]:
+    def _choose(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor,
+                reading: list[bool]) -> tuple[list[int], list[float] | None]:
         """Each row's token, and its log-probability when any row asks for them, each kind
         of row all at once: plain greedy rows keep `greedy`; rows with penalties, bad words
         or a minimum length get their logits adjusted (then the argmax when greedy);
-        sampled rows are drawn from their requests' seeds (runtime/sampling.py)."""
+        sampled rows are drawn from their requests' seeds (runtime/sampling.py). Rows still
+        `reading` their prompts keep `greedy`, unused."""
         sequences = plan.sequences
-        adjusted = [row for row, sequence in enumerate(sequences) if sequence.sampling.changes_logits]
+        adjusted = [row for row, sequence in enumerate(sequences)
+                    if sequence.sampling.changes_logits and not reading[row]]
         if adjusted:
             logits, greedy = self._adjust(sequences, logits, greedy, adjusted)
-        sampled = [row for row, sequence in enumerate(sequences) if not sequence.sampling.greedy]
+        sampled = [row for row, sequence in enumerate(sequences) if not sequence.sampling.greedy and not reading[row]]
         if sampled:
             index = torch.tensor(sampled, device=logits.device)
             rows = [sequences[row] for row in sampled]

@@ -152,12 +152,13 @@ class Session:
         for index, prompt in enumerate(prompts):
             self.check_prompt(index, prompt, max_new_tokens)
 
-    def new_scheduler(self, max_in_flight: int | None = None, tokens_per_step: int | None = None) -> Scheduler:
+    def new_scheduler(self, max_in_flight: int | None = None, tokens_per_step: int | None = None,
+                      chunked_prefill: bool = False) -> Scheduler:
         """A scheduler over this session's KV pool: at most `max_in_flight` sequences per
-        step (default and ceiling: max_batch_size), `tokens_per_step` prompt tokens."""
+        step (default and ceiling: max_batch_size), `tokens_per_step` tokens (Scheduler's)."""
         ceiling = self.build_config.max_batch_size
         return Scheduler(self.block_manager, ceiling if max_in_flight is None else min(max_in_flight, ceiling),
-                         tokens_per_step)
+                         tokens_per_step, chunked_prefill)
 
     def submit(self, scheduler: Scheduler, index: int, prompt: list[int], sampling: SamplingConfig) -> None:
         """Queues request `index`; refuses one the engine or the KV pool can never hold."""

@@ -399,6 +399,9 @@ CASES = [
     ("benchmark.py", "--engine_dir {w}/engine --mode fast", "invalid choice: 'fast'"),
     ("benchmark.py", "--engine_dir {w}/engine --num_beams 2 --num_return_sequences 2 --mode throughput",
      "changes no measurement"),
+    ("benchmark.py", "--engine_dir {w}/engine --enable_chunked_context", "add --mode throughput or rate"),
+    ("benchmark.py", "--engine_dir {w}/engine --mode throughput --server_url http://127.0.0.1:9 --max_in_flight 2",
+     "--max_in_flight sets the in-process scheduler; pass it to serve.py instead"),
 ]
 
 

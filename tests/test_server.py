@@ -222,9 +222,13 @@ def test_queue_limit_and_sigterm(engine):
 
 
 def test_an_engine_process_that_dies_ends_its_requests_and_health(engine):
-    """The engine runs in a child process: if it dies, a waiting request gets a 503 with
-    the reason, /health turns 503, new requests are refused, and SIGTERM still exits 0."""
-    server = Server(engine)
+    """The engine runs in a child process (here with chunked prefill, which changes no
+    token): if it dies, a waiting request gets a 503 with the reason, /health turns 503,
+    new requests are refused, and SIGTERM still exits 0."""
+    server = Server(engine, "--enable_chunked_context", "--max_tokens_per_step", "3")
+    expected = run_py_outputs(engine, PROMPTS[:1], 12)
+    assert server.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12,
+                                            temperature=0).choices[0].text == expected[0]
     children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
     engines = [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(engines) == 1, children  # multiprocessing's resource tracker is the other child
@@ -242,6 +246,15 @@ def test_an_engine_process_that_dies_ends_its_requests_and_health(engine):
     assert refused.status_code == 503 and "engine has stopped" in refused.json()["error"]["message"]
     result = server.stop()
     assert result.returncode == 0, result.stderr
+
+
+def test_a_server_that_cannot_start_its_engine_says_why_in_one_line(engine):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "serve.py"), "--engine_dir", str(engine),
+                             "--max_tokens_per_step", "0", "--port", str(free_port())], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        "serve.py: error: --max_tokens_per_step must be at least 1, got 0", result.stderr
 
 
 def test_chat_formats_of_both_flavors(tiny_tokenizer_dir):

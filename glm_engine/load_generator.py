@@ -26,6 +26,8 @@ async def _one_request(client: httpx.AsyncClient, url: str, body: dict, delay: f
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
+            if first is not None and '"usage"' not in line and '"error"' not in line:
+                continue  # a later text chunk: parsing it would time the client, not the server
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise GlmEngineError(f"the server ended a request: {chunk['error']['message']}")

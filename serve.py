@@ -43,15 +43,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def engine_session(args: argparse.Namespace, tokenizer):
-    """The engine process's session (it runs there: logging is set up anew)."""
-    from glm_engine.runtime.session import resolve_device
-    from model import load_session
-
-    setup_logging(args.log_level)
-    return load_session(args.engine_dir, resolve_device(args.device), tokenizer=tokenizer, **kv_cache_options(args))
-
-
 def main() -> None:
     args = parse_arguments()
     setup_logging(args.log_level)
@@ -61,6 +52,7 @@ def main() -> None:
     from glm_engine.openai_server import create_app
     from glm_engine.runtime.engine_process import EngineProcess
     from glm_engine.tokenizer import ChatGLMTokenizer
+    from model import load_session
 
     _, build_config = engine_configs(args.engine_dir)  # a clear error before any other work
     if build_config.world_size > 1:
@@ -73,7 +65,11 @@ def main() -> None:
     tokenizer = ChatGLMTokenizer.from_dir(tokenizer_dir)
     scheduler_options = {"max_in_flight": args.max_in_flight, "tokens_per_step": args.max_tokens_per_step,
                          "chunked_prefill": args.enable_chunked_context}
-    engine = EngineProcess(functools.partial(engine_session, args, tokenizer), scheduler_options, args.max_queue)
+    # Both run in the engine process: module-level functions, so that they pickle however serve.py was started.
+    session_factory = functools.partial(load_session, args.engine_dir, args.device, tokenizer=tokenizer,
+                                        **kv_cache_options(args))
+    engine = EngineProcess(session_factory, scheduler_options, args.max_queue,
+                           process_setup=functools.partial(setup_logging, args.log_level))
     app = create_app(engine, tokenizer, args.model_name or Path(args.engine_dir).resolve().name,
                      args.shutdown_timeout)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again to the handler it

@@ -25,10 +25,14 @@ unserve() {
   echo "health at the end: $(curl -s http://127.0.0.1:8011/health)"
   kill -TERM "$SERVER"; wait "$SERVER"; echo "=== server exit $?"
 }
+# CPU seconds of the server's processes (HTTP side, engine), to tell which side is busy.
+server_cpu() { ps -o pid=,times=,args= --ppid "$SERVER" -p "$SERVER" | grep -v resource_tracker | cut -c1-90; }
+TIMEFORMAT="load generator: %R s wall, %U s user, %S s sys"
 http() {  # NAME [benchmark.py flags]
   local name=$1; shift
-  step python3 benchmark.py --engine_dir "$WORK/ifb" "${LOAD[@]}" --server_url http://127.0.0.1:8011 \
+  time step python3 benchmark.py --engine_dir "$WORK/ifb" "${LOAD[@]}" --server_url http://127.0.0.1:8011 \
     --output_json "$OUT/$name.json" "$@"
+  server_cpu
 }
 inproc inproc_throughput --mode throughput --hf --hf_num_requests 128 --hf_batch_size 32
 inproc inproc_throughput_chunked --mode throughput "${CHUNKED[@]}"

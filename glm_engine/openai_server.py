@@ -214,14 +214,23 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
         for request_id in ids:
             engine.cancel(request_id)
 
-    async def _next(queue: asyncio.Queue, open_choices: set[int]) -> tuple:
-        """A choice's next news (choice, tokens, finished, error); a choice that ends or
-        fails leaves `open_choices` and is counted."""
-        choice, tokens, finished, error = await queue.get()
-        if finished or error is not None:
-            open_choices.discard(choice)
-            metrics.requests.labels("ok" if error is None else "error").inc()
-        return choice, tokens, finished, error
+    async def _news(queue: asyncio.Queue, open_choices: set[int]) -> list[tuple]:
+        """The request's news (choice, tokens, finished, error) waiting in `queue`, at least
+        one, merged per choice: when this side falls behind the engine, several steps' tokens
+        go out as one event instead of one event per step. A choice that ends or fails
+        leaves `open_choices` and is counted."""
+        items = [await queue.get()]
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        merged: dict[int, tuple] = {}
+        for choice, tokens, finished, error in items:
+            _, before, was_finished, was_error = merged.get(choice, (choice, [], False, None))
+            merged[choice] = (choice, before + tokens, was_finished or finished, was_error or error)
+        for choice, _, finished, error in merged.values():
+            if finished or error is not None:
+                open_choices.discard(choice)
+                metrics.requests.labels("ok" if error is None else "error").inc()
+        return list(merged.values())
 
     async def _events(answer: _Answer, queue: asyncio.Queue, ids: list[int]) -> AsyncIterator[str]:
         """The request's server-sent events. A client that leaves closes this generator
@@ -229,13 +238,13 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
         open_choices = set(range(len(ids)))
         try:
             while open_choices:
-                choice, tokens, finished, error = await _next(queue, open_choices)
-                if error is not None:
-                    yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": None}})
-                    continue
-                chunk = answer.add(choice, tokens, finished, streaming=True)
-                if chunk is not None:
-                    yield _sse(chunk)
+                for choice, tokens, finished, error in await _news(queue, open_choices):
+                    if error is not None:
+                        yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": None}})
+                        continue
+                    chunk = answer.add(choice, tokens, finished, streaming=True)
+                    if chunk is not None:
+                        yield _sse(chunk)
             yield _sse(answer.usage_chunk())
             yield "data: [DONE]\n\n"
         finally:
@@ -247,10 +256,10 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
         open_choices = set(range(len(ids)))
         try:
             while open_choices:
-                choice, tokens, finished, error = await _next(queue, open_choices)
-                if error is not None:
-                    raise ApiError(503, error, "server_error")
-                answer.add(choice, tokens, finished, streaming=False)
+                for choice, tokens, finished, error in await _news(queue, open_choices):
+                    if error is not None:
+                        raise ApiError(503, error, "server_error")
+                    answer.add(choice, tokens, finished, streaming=False)
         finally:
             _cancel([ids[choice] for choice in open_choices])
         return answer.whole()

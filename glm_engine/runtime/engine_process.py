@@ -53,17 +53,18 @@ class EngineProcess:
     and talks to it; requests are submitted, cancelled and closed from any thread."""
 
     def __init__(self, session_factory: Callable[[], Session], scheduler_options: dict | None = None,
-                 max_queue: int = 1024, on_step: Callable[[LoopRequest, int, bool], None] | None = None) -> None:
-        """`session_factory` runs in the new process (it must pickle: a module-level
-        function or a functools.partial of one); the loop runs the session's
-        new_scheduler(**scheduler_options). Returns once the engine is loaded;
+                 max_queue: int = 1024, on_step: Callable[[LoopRequest, int, bool], None] | None = None,
+                 process_setup: Callable[[], None] | None = None) -> None:
+        """`session_factory` runs in the new process, after `process_setup` (logging); both
+        must pickle (module-level functions or functools.partials of them). The loop runs
+        the session's new_scheduler(**scheduler_options). Returns once the engine is loaded;
         raises GlmEngineError with the engine process's message if it could not start."""
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._commands, child_commands = context.Pipe(duplex=False)[::-1]
         events, self._child_events = context.Pipe(duplex=False)
         self.process = context.Process(target=_engine_main, name="glm-engine",
-                                       args=(session_factory, scheduler_options or {}, child_commands,
-                                             self._child_events))
+                                       args=(session_factory, scheduler_options or {}, process_setup,
+                                             child_commands, self._child_events))
         self.process.start()
         child_commands.close()
         self._child_events.close()
@@ -206,13 +207,15 @@ class _Outbox:
             self.events.send(("step", news, LoopStats(*state[:4]), self.taken))
 
 
-def _engine_main(session_factory: Callable[[], Session], scheduler_options: dict, commands: Connection,
-                 events: Connection) -> None:
+def _engine_main(session_factory: Callable[[], Session], scheduler_options: dict,
+                 process_setup: Callable[[], None] | None, commands: Connection, events: Connection) -> None:
     """The engine process: loads the session, then runs its loop on the commands until
     told to close, the server's end of the pipe closes, or the loop fails."""
     # Ctrl-C reaches the whole process group: the server decides when the engine stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if process_setup is not None:
+        process_setup()
     try:
         session = session_factory()
         scheduler = session.new_scheduler(**scheduler_options)

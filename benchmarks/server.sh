@@ -34,6 +34,8 @@ http() {  # NAME [benchmark.py flags]
     --output_json "$OUT/$name.json" "$@"
   server_cpu
 }
+# The engine's host thread pool, as before (all cores) against the one thread it now takes on a GPU.
+OMP_NUM_THREADS=$(nproc) inproc inproc_throughput_all_threads --mode throughput
 inproc inproc_throughput --mode throughput --hf --hf_num_requests 128 --hf_batch_size 32
 inproc inproc_throughput_chunked --mode throughput "${CHUNKED[@]}"
 inproc inproc_rate40 --mode rate --request_rate 40

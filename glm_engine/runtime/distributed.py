@@ -94,7 +94,8 @@ def share_cores(launch: Launch, device: torch.device) -> None:
     OMP_NUM_THREADS=1; mpirun leaves it unset). A GPU rank's host work is many small ops,
     fastest on one thread: TP2 serving on an H200 host ran at 9,377 output tok/s with 1
     thread per rank, 5,500 with all of them (7,041 with half the cores each, on a second host
-    of that kind). CPU ranks compute on their share of the cores."""
+    of that kind); one GPU likewise, once other processes share the cores (serve.py's engine
+    beside its HTTP side and clients). CPU ranks compute on their share of the cores."""
     if "OMP_NUM_THREADS" in os.environ:
         return
     torch.set_num_threads(1 if device.type == "cuda" else max(1, (os.cpu_count() or 1) // launch.local_world_size))
@@ -108,10 +109,10 @@ class TensorParallel:
         self.device = device
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # synchronize() and the like act on this rank's GPU, not GPU 0
+        share_cores(launch, device)
         if self.world_size > 1:
             import torch.distributed as dist
 
-            share_cores(launch, device)
             self.dist = dist
             backend = "nccl" if device.type == "cuda" else "gloo"
             if not dist.is_initialized():

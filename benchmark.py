@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 # Light imports only up here: --help answers without loading torch or transformers;
 # each function imports what it measures with.
 from glm_engine import GlmEngineError
-from glm_engine.cli import (add_kv_cache_arguments, add_sampling_arguments, kv_cache_options, launched_rank, run_tool,
-                            sampling_options)
+from glm_engine.cli import (add_kv_cache_arguments, add_sampling_arguments, add_scheduler_arguments, kv_cache_options,
+                            launched_rank, run_tool, sampling_options, scheduler_options)
 from glm_engine.compare import relative_error
 from glm_engine.output_file import check_output_file, output_stream
 from glm_engine.prompts import random_prompts
@@ -86,14 +86,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serving modes: prompt lengths, uniform (default: 400 800)")
     parser.add_argument("--request_rate", type=float, default=None,
                         help="rate mode: requests per second (required there)")
-    parser.add_argument("--max_in_flight", type=int, default=None,
-                        help="serving modes: sequences in flight (default: the engine's max_batch_size)")
-    parser.add_argument("--max_tokens_per_step", type=int, default=None,
-                        help="serving modes: prompt tokens the scheduler admits per step; with "
-                             "--enable_chunked_context, all tokens of a step (default: 16384)")
-    parser.add_argument("--enable_chunked_context", action="store_true",
-                        help="serving modes: read long prompts in chunks within each step's token budget, "
-                             "alongside the running requests' decoding")
+    add_scheduler_arguments(parser, "serving modes: ")
     parser.add_argument("--server_url", type=str, default=None,
                         help="serving modes: send the requests, streamed, to the serve.py server at this URL (e.g. "
                              "http://127.0.0.1:8000) instead of running --engine_dir in this process, which then "
@@ -341,7 +334,7 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
     from glm_engine.runtime.sampling import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS, **sampling_options(args, None))
-    scheduler = session.new_scheduler(args.max_in_flight, args.max_tokens_per_step, args.enable_chunked_context)
+    scheduler = session.new_scheduler(**scheduler_options(args))
     # Where the time goes: steps that carry prompt tokens, and decode-only steps.
     split = {"prefill_steps": {"count": 0, "seconds": 0.0, "tokens": 0},
              "decode_steps": {"count": 0, "seconds": 0.0, "tokens": 0}}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 # Light imports only up here: --help answers without loading torch; main() imports the rest.
 from glm_engine import GlmEngineError
-from glm_engine.cli import LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, run_tool, setup_logging
+from glm_engine.cli import (LOG_LEVELS, add_kv_cache_arguments, add_scheduler_arguments, kv_cache_options,
+                            run_tool, scheduler_options, setup_logging)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,14 +24,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     parser.add_argument("--model_name", type=str, default=None,
                         help="the model id clients send (default: the engine directory's name)")
-    parser.add_argument("--max_in_flight", type=int, default=None,
-                        help="sequences per step (default and ceiling: the engine's max_batch_size)")
-    parser.add_argument("--max_tokens_per_step", type=int, default=None,
-                        help="prompt tokens read per step; with --enable_chunked_context, all tokens of a step "
-                             "(default: 16384)")
-    parser.add_argument("--enable_chunked_context", action="store_true",
-                        help="read long prompts in chunks within each step's token budget, alongside the running "
-                             "requests' decoding, instead of in steps of their own")
     parser.add_argument("--max_queue", type=int, default=1024,
                         help="requests that may wait for a slot; more get HTTP 429 (default: %(default)s)")
     parser.add_argument("--shutdown_timeout", type=float, default=30.0,
@@ -39,6 +32,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", type=str, default=None,
                         help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info", help="(default: %(default)s)")
+    add_scheduler_arguments(parser)
     add_kv_cache_arguments(parser)
     return parser.parse_args(argv)
 
@@ -63,12 +57,10 @@ def main() -> None:
     if not (tokenizer_dir / "tokenizer.model").is_file():
         raise GlmEngineError(f"no tokenizer.model in {tokenizer_dir}: the API takes text; pass --tokenizer_dir")
     tokenizer = ChatGLMTokenizer.from_dir(tokenizer_dir)
-    scheduler_options = {"max_in_flight": args.max_in_flight, "tokens_per_step": args.max_tokens_per_step,
-                         "chunked_prefill": args.enable_chunked_context}
     # Both run in the engine process: module-level functions, so that they pickle however serve.py was started.
     session_factory = functools.partial(load_session, args.engine_dir, args.device, tokenizer=tokenizer,
                                         **kv_cache_options(args))
-    engine = EngineProcess(session_factory, scheduler_options, args.max_queue,
+    engine = EngineProcess(session_factory, scheduler_options(args), args.max_queue,
                            process_setup=functools.partial(setup_logging, args.log_level))
     app = create_app(engine, tokenizer, args.model_name or Path(args.engine_dir).resolve().name,
                      args.shutdown_timeout)

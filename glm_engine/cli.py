@@ -93,6 +93,25 @@ def add_kv_cache_arguments(parser: argparse.ArgumentParser) -> None:
                              "the CPU, max_batch_size full sequences)")
 
 
+def add_scheduler_arguments(parser: argparse.ArgumentParser, applies_to: str = "") -> None:
+    """The in-flight scheduler's flags (serve.py, benchmark.py's serving modes);
+    `applies_to` prefixes their help ("serving modes: ")."""
+    parser.add_argument("--max_in_flight", type=int, default=None,
+                        help=f"{applies_to}sequences per step (default and ceiling: the engine's max_batch_size)")
+    parser.add_argument("--max_tokens_per_step", type=int, default=None,
+                        help=f"{applies_to}prompt tokens read per step (a longer prompt takes a step of its own); "
+                             "with --enable_chunked_context, all tokens of a step (default: 16384)")
+    parser.add_argument("--enable_chunked_context", action="store_true",
+                        help=f"{applies_to}read long prompts in chunks within each step's token budget, alongside "
+                             "the running requests' decoding, instead of in steps of their own (default: off)")
+
+
+def scheduler_options(args: argparse.Namespace) -> dict:
+    """Session.new_scheduler keyword arguments from add_scheduler_arguments' flags."""
+    return {"max_in_flight": args.max_in_flight, "tokens_per_step": args.max_tokens_per_step,
+            "chunked_prefill": args.enable_chunked_context}
+
+
 def kv_cache_options(args: argparse.Namespace) -> dict:
     """Session keyword arguments from add_kv_cache_arguments' flags."""
     return {"kv_cache_free_gpu_mem_fraction": args.kv_cache_free_gpu_mem_fraction,

@@ -30,6 +30,9 @@ from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.tokenizer import ChatGLMTokenizer
 
 
+DISCONNECT_POLL_SECONDS = 0.5  # how often a whole (not streamed) answer's client is checked
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a field we do not implement is an error, never ignored
 
@@ -185,7 +188,7 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
 
     inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
 
-    async def run(prompt: list[int], body: _Generation, kind: str):
+    async def run(prompt: list[int], body: _Generation, kind: str, request: Request):
         loop = asyncio.get_running_loop()
         inbox = inboxes.get(loop) or inboxes.setdefault(loop, _Inbox(loop))
         queue: asyncio.Queue = asyncio.Queue()  # (choice, tokens, finished, error) of all the request's choices
@@ -208,7 +211,7 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
         answer = _Answer(kind, model_name, len(prompt), body.n, sampling.max_new_tokens, tokenizer)
         if body.stream:
             return StreamingResponse(_events(answer, queue, ids), media_type="text/event-stream")
-        return JSONResponse(await _whole(answer, queue, ids))
+        return await _whole_unless_left(request, answer, queue, ids)
 
     def _cancel(ids: list[int]) -> None:
         for request_id in ids:
@@ -252,8 +255,22 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
                 engine.cancel(ids[choice])
                 metrics.requests.labels("cancelled").inc()
 
-    async def _whole(answer: _Answer, queue: asyncio.Queue, ids: list[int]) -> dict:
+    async def _whole_unless_left(request: Request, answer: _Answer, queue: asyncio.Queue,
+                                 ids: list[int]) -> JSONResponse:
+        """The whole answer; a client that disconnects before it is ready is cancelled
+        (looked for every DISCONNECT_POLL_SECONDS), its blocks freed."""
         open_choices = set(range(len(ids)))
+        whole = asyncio.ensure_future(_whole(answer, queue, ids, open_choices))
+        while not (await asyncio.wait({whole}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+            if await request.is_disconnected():
+                whole.cancel()  # _whole's finally cancels the open choices
+                with contextlib.suppress(asyncio.CancelledError):
+                    await whole
+                metrics.requests.labels("cancelled").inc(len(open_choices))
+                return error_response(499, "the client closed the connection")  # nobody reads it
+        return JSONResponse(whole.result())
+
+    async def _whole(answer: _Answer, queue: asyncio.Queue, ids: list[int], open_choices: set[int]) -> dict:
         try:
             while open_choices:
                 for choice, tokens, finished, error in await _news(queue, open_choices):
@@ -265,17 +282,17 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
         return answer.whole()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         prompt = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
-        return await run(prompt, body, "text_completion")
+        return await run(prompt, body, "text_completion", request)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
         try:
             prompt = chat_prompt_ids(tokenizer, [(message.role, message.content) for message in body.messages])
         except GlmEngineError as error:
             raise ApiError(400, str(error), param="messages") from None
-        return await run(prompt, body, "chat.completion")
+        return await run(prompt, body, "chat.completion", request)
 
     return app
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -51,6 +52,18 @@ class Server:
             except httpx.HTTPError:
                 time.sleep(0.2)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
+
+    def engine_pid(self) -> int:
+        """The engine process's id (multiprocessing's resource tracker is the other child)."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        engines = [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(engines) == 1, children
+        return engines[0]
+
+    def cancelled(self) -> float:
+        metrics = httpx.get(self.url + "/metrics", timeout=5).text
+        found = re.search(r'^glm_requests_total\{outcome="cancelled"\} (\S+)$', metrics, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=5).json()
@@ -176,6 +189,27 @@ def test_a_client_that_leaves_frees_its_blocks(server):
     assert "glm_time_to_first_token_seconds_bucket" in metrics
 
 
+def test_a_client_that_leaves_before_a_whole_answer_is_cancelled(server):
+    """Not streamed: the server looks for the client's disconnect while it waits, and
+    cancels the request (the engine is paused so that the answer cannot come first)."""
+    before = server.cancelled()
+    engine_pid = server.engine_pid()
+    os.kill(engine_pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", timeout=1.0,
+                       json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 24, "n": 2})
+        for _ in range(30):
+            if server.cancelled() == before + 2:
+                break
+            time.sleep(0.1)
+    finally:
+        os.kill(engine_pid, signal.SIGCONT)
+    assert server.cancelled() == before + 2
+    health = server.wait_idle()
+    assert health["kv_blocks_free"] == health["kv_blocks_total"]
+
+
 @pytest.mark.parametrize("body, status, fragment", [
     ("{not json", 400, "JSON"),
     ({"model": "tiny", "prompt": "a", "best_of": 2}, 400, "best_of"),
@@ -229,10 +263,7 @@ def test_an_engine_process_that_dies_ends_its_requests_and_health(engine):
     expected = run_py_outputs(engine, PROMPTS[:1], 12)
     assert server.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12,
                                             temperature=0).choices[0].text == expected[0]
-    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
-    engines = [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert len(engines) == 1, children  # multiprocessing's resource tracker is the other child
-    engine_pid = engines[0]
+    engine_pid = server.engine_pid()
     os.kill(engine_pid, signal.SIGSTOP)  # the request below waits in the pipe
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(httpx.post, server.url + "/v1/completions", timeout=60,

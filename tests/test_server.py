@@ -279,13 +279,18 @@ def test_an_engine_process_that_dies_ends_its_requests_and_health(engine):
     assert result.returncode == 0, result.stderr
 
 
-def test_a_server_that_cannot_start_its_engine_says_why_in_one_line(engine):
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "serve.py"), "--engine_dir", str(engine),
-                             "--max_tokens_per_step", "0", "--port", str(free_port())], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+@pytest.mark.parametrize("flags, message", [
+    (["--max_tokens_per_step", "0"], "--max_tokens_per_step must be at least 1, got 0"),  # from the engine process
+    (["--tokenizer_dir", "{engine}/nowhere"], "no tokenizer.model in {engine}/nowhere: the API takes text; pass "
+                                              "--tokenizer_dir"),
+])
+def test_a_server_that_cannot_start_says_why_in_one_line(engine, flags, message):
+    flags = [flag.format(engine=engine) for flag in flags]
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "serve.py"), "--engine_dir", str(engine), *flags,
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == \
-        "serve.py: error: --max_tokens_per_step must be at least 1, got 0", result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"serve.py: error: {message.format(engine=engine)}", result.stderr
 
 
 def test_chat_formats_of_both_flavors(tiny_tokenizer_dir):

@@ -10,6 +10,7 @@ carries, once per engine step, every request's news and the loop's stats."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import signal
@@ -110,16 +111,20 @@ class EngineProcess:
             if self.stats.waiting + self._submitted - self._taken >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
             request_id = self._submitted
+            try:
+                self._commands.send(("submit", request_id, request.prompt, request.sampling))
+            except OSError:  # it died a moment ago (BrokenPipeError); the receiver is finding out
+                raise LoopClosed("the engine has stopped") from None
             self._submitted += 1
             self._active[request_id] = request
-            self._commands.send(("submit", request_id, request.prompt, request.sampling))
         return request_id
 
     def cancel(self, request_id: int) -> None:
         """Drops a request (its client left): its blocks are freed before the next step."""
         with self._send_lock:
             if self._active.pop(request_id, None) is not None and self._engine_alive:
-                self._commands.send(("cancel", request_id))
+                with contextlib.suppress(OSError):  # a dead engine holds no blocks
+                    self._commands.send(("cancel", request_id))
 
     def close(self, timeout: float) -> None:
         """Refuses new requests, lets running and queued ones finish for up to `timeout`
@@ -127,10 +132,8 @@ class EngineProcess:
         with self._send_lock:
             self._closing = True
             if self._engine_alive:
-                try:
+                with contextlib.suppress(OSError):
                     self._commands.send(("close", timeout))
-                except (BrokenPipeError, OSError):
-                    pass
         self._receiver.join()
         self.process.join(timeout + 30)
         if self.process.is_alive():
@@ -233,11 +236,9 @@ def _engine_main(session_factory: Callable[[], Session], scheduler_options: dict
     timeout = _serve_commands(engine_loop, outbox, commands)
     if timeout is not None:
         engine_loop.close(timeout)
-    try:
+    with contextlib.suppress(OSError):  # the server may be gone
         events.send(("stopped", "the server shut down before the request finished" if timeout is not None
                      else "the engine failed; see the server's log"))
-    except (BrokenPipeError, OSError):
-        pass
 
 
 def _serve_commands(engine_loop: EngineLoop, outbox: _Outbox, commands: Connection) -> float | None:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 # Light imports only up here: --help answers without loading torch; main() imports the rest.
 from glm_engine import GlmEngineError
-from glm_engine.cli import (LOG_LEVELS, add_kv_cache_arguments, add_sampling_arguments, kv_cache_options, run_tool,
-                            sampling_options, setup_logging)
+from glm_engine.cli import (add_sampling_arguments, add_session_arguments, kv_cache_options, run_tool, sampling_options,
+                            setup_logging)
 from glm_engine.prompts import clean_response, read_token_csv, write_token_csv
 from glm_engine.tokenizer import ChatGLMTokenizer
 
@@ -45,10 +45,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                              "under the distribution it was chosen from, and their sum (default: none)")
     parser.add_argument("--streaming", action="store_true",
                         help="print the text as it is generated (default: off)")
-    parser.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda when "
-                        "available, else cpu)")
-    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="error", help="(default: %(default)s)")
-    add_kv_cache_arguments(parser)
+    add_session_arguments(parser, log_level="error")
     return parser.parse_args(argv)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 # Light imports only up here: --help answers without loading torch; main() imports the rest.
 from glm_engine import GlmEngineError
-from glm_engine.cli import (LOG_LEVELS, add_kv_cache_arguments, add_scheduler_arguments, kv_cache_options,
-                            run_tool, scheduler_options, setup_logging)
+from glm_engine.cli import (add_scheduler_arguments, add_session_arguments, kv_cache_options, run_tool,
+                            scheduler_options, setup_logging)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,11 +29,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shutdown_timeout", type=float, default=30.0,
                         help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an "
                              "error (default: %(default)s)")
-    parser.add_argument("--device", type=str, default=None,
-                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info", help="(default: %(default)s)")
     add_scheduler_arguments(parser)
-    add_kv_cache_arguments(parser)
+    add_session_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -16,8 +16,7 @@ from tqdm import tqdm
 # Light imports only up here: --help answers without loading torch or transformers;
 # the functions import the rest.
 from glm_engine import GlmEngineError
-from glm_engine.cli import (LOG_LEVELS, add_kv_cache_arguments, kv_cache_options, launched_rank, run_tool,
-                            setup_logging)
+from glm_engine.cli import add_session_arguments, kv_cache_options, launched_rank, run_tool, setup_logging
 from glm_engine.compare import first_divergence
 from glm_engine.config import ModelConfig
 from glm_engine.dataset import load_articles
@@ -62,10 +61,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf_trust_remote_code", action="store_true",
                         help="run the checkpoint's own modeling code for the HF side instead of GlmForCausalLM "
                              "(default: off)")
-    parser.add_argument("--device", type=str, default=None,
-                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info", help="(default: %(default)s)")
-    add_kv_cache_arguments(parser)
+    add_session_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -83,6 +83,15 @@ def run_tool(main: Callable[[], None]) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+def add_session_arguments(parser: argparse.ArgumentParser, log_level: str = "info") -> None:
+    """The flags of a tool that loads one session: --device, --log_level (default
+    `log_level`) and the KV pool's sizing."""
+    parser.add_argument("--device", type=str, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--log_level", choices=list(LOG_LEVELS), default=log_level, help="(default: %(default)s)")
+    add_kv_cache_arguments(parser)
+
+
 def add_kv_cache_arguments(parser: argparse.ArgumentParser) -> None:
     """The run-time sizing of a paged KV cache (engines built with --paged_kv_cache)."""
     parser.add_argument("--kv_cache_free_gpu_mem_fraction", type=float, default=None,

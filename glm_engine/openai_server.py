@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from glm_engine import GlmEngineError
 from glm_engine.prompts import chat_prompt_ids
-from glm_engine.runtime.engine_loop import LoopClosed, LoopRequest, QueueFull
-from glm_engine.runtime.engine_process import EngineProcess
+from glm_engine.runtime.engine_loop import LoopClosed, LoopRequest
+from glm_engine.runtime.engine_process import EngineProcess, QueueFull
 from glm_engine.config import MAX_SEED
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.tokenizer import ChatGLMTokenizer
@@ -250,10 +250,9 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
                         yield _sse(chunk)
             yield _sse(answer.usage_chunk())
             yield "data: [DONE]\n\n"
-        finally:
-            for choice in open_choices:  # the client left: free its blocks now
-                engine.cancel(ids[choice])
-                metrics.requests.labels("cancelled").inc()
+        finally:  # the client left: free its blocks now
+            _cancel([ids[choice] for choice in open_choices])
+            metrics.requests.labels("cancelled").inc(len(open_choices))
 
     async def _whole_unless_left(request: Request, answer: _Answer, queue: asyncio.Queue,
                                  ids: list[int]) -> JSONResponse:

@@ -1,6 +1,7 @@
-"""One engine loop for many clients (serve.py): a thread that owns the session's
-scheduler, takes new requests and cancellations between steps, runs steps while
-there is work, and hands each request its new tokens through a callback.
+"""One engine loop for many clients (serve.py's engine process): a thread that owns
+the session's scheduler, takes new requests and cancellations between steps, runs
+steps while there is work, and hands each request its new tokens through a callback.
+Limits, the queue limit and metrics are the server's (runtime/engine_process.py).
 
 Other threads only queue work here (submit, cancel, close): the scheduler, the KV
 pool and the device are touched by the loop's thread alone."""
@@ -22,10 +23,6 @@ from glm_engine.runtime.session import Session
 logger = logging.getLogger("engine_loop")
 
 
-class QueueFull(GlmEngineError):
-    """More requests wait than the loop's queue limit."""
-
-
 class LoopClosed(GlmEngineError):
     """The loop is shutting down or has stopped."""
 
@@ -33,7 +30,8 @@ class LoopClosed(GlmEngineError):
 @dataclass
 class LoopRequest:
     """A request and where its tokens go. `deliver(tokens, finished, error)` runs on the
-    loop's thread after each step that gives the request tokens or ends it."""
+    loop's thread after each step that gives the request tokens or ends it. The times
+    and count are the server's, for its metrics."""
 
     prompt: list[int]
     sampling: SamplingConfig
@@ -56,46 +54,32 @@ class LoopStats:
 class EngineLoop:
     """Runs `scheduler` (one of `session`'s) for requests submitted from any thread."""
 
-    def __init__(self, session: Session, scheduler: Scheduler, max_queue: int = 1024,
-                 on_step: Callable[[LoopRequest, int, bool], None] | None = None,
+    def __init__(self, session: Session, scheduler: Scheduler,
                  after_changes: Callable[[], None] | None = None) -> None:
-        """`max_queue`: requests that may wait for a slot before submit refuses more.
-        `on_step(request, new_tokens, finished)` runs after each step for each request with
-        news (metrics); `after_changes()` once the loop's thread has delivered a batch of news
-        or changed its stats (an engine process sends them on then)."""
+        """`after_changes()` runs once the loop's thread has delivered a batch of news or
+        changed its stats (the engine process sends them on then)."""
         self.session = session
-        self.after_changes = after_changes
         self.scheduler = scheduler
-        self.max_queue = max_queue
-        self.on_step = on_step
+        self.after_changes = after_changes
         self.stats = LoopStats(total_blocks=session.block_manager.num_blocks,
                                free_blocks=session.block_manager.free_blocks)
         self._condition = threading.Condition()
         self._incoming: deque[tuple[int, LoopRequest]] = deque()
         self._cancelled: set[int] = set()
         self._active: dict[int, LoopRequest] = {}
-        self._next_id = 0
         self._closing = False
         self._abort_all = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, request: LoopRequest) -> int:
-        """Queues a request; returns its id. Refuses one the engine can never hold
-        (GlmEngineError), one past the queue limit (QueueFull), any once closing (LoopClosed)."""
-        self.session.check_prompt(0, request.prompt, request.sampling.max_new_tokens)
-        if not self.scheduler.fits(len(request.prompt) + request.sampling.max_new_tokens):
-            raise GlmEngineError("the prompt and max_tokens need more KV cache than the engine's pool holds")
+    def submit(self, request_id: int, request: LoopRequest) -> None:
+        """Queues request `request_id` (the caller's unique id); refuses any once closing
+        (LoopClosed). One the engine cannot hold ends with its error, delivered."""
         with self._condition:
             if self._closing:
                 raise LoopClosed("the server is shutting down")
-            if len(self._incoming) + self.stats.waiting >= self.max_queue:
-                raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
-            request_id = self._next_id
-            self._next_id += 1
             self._incoming.append((request_id, request))
             self._condition.notify()
-        return request_id
 
     @property
     def alive(self) -> bool:
@@ -156,7 +140,6 @@ class EngineLoop:
 
     def _step(self) -> None:
         result = self.session.step(self.scheduler)
-        now = time.monotonic()
         news: dict[int, list[int]] = {}
         for request_id, token in result.tokens:
             news.setdefault(request_id, []).append(token)
@@ -165,13 +148,7 @@ class EngineLoop:
             request = self._active.get(request_id)
             if request is None:
                 continue
-            tokens = news.get(request_id, [])
-            if tokens and request.first_token_at is None:
-                request.first_token_at = now
-            request.generated += len(tokens)
-            if self.on_step is not None:
-                self.on_step(request, len(tokens), request_id in finished)
-            request.deliver(tokens, request_id in finished, None)
+            request.deliver(news.get(request_id, []), request_id in finished, None)
             if request_id in finished:
                 del self._active[request_id]
         self._update_stats()

@@ -3,14 +3,16 @@ detokenizing, server-sent events) and the engine loop each get an interpreter, s
 engine's steps never wait on the HTTP side's Python for the GIL (sharing one process,
 the server ran at 0.54x the engine's in-process throughput).
 
-EngineProcess, in the server's process, has EngineLoop's interface (submit, cancel,
-close, alive, stats, on_step) and checks each request against the engine's limits
-before it sends it. One pipe carries commands to the engine process; the other
-carries, once per engine step, every request's news and the loop's stats."""
+EngineProcess, in the server's process, is what the HTTP side calls (submit, cancel,
+close, alive, stats, on_step for metrics); it checks each request against the engine's
+limits and the queue limit before it sends it. One pipe carries commands to the engine
+process; the other carries, once per engine step, every request's news and the loop's
+stats."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import signal
@@ -22,12 +24,16 @@ from multiprocessing.connection import Connection
 
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig
-from glm_engine.runtime.engine_loop import EngineLoop, LoopClosed, LoopRequest, LoopStats, QueueFull
+from glm_engine.runtime.engine_loop import EngineLoop, LoopClosed, LoopRequest, LoopStats
 from glm_engine.runtime.session import Session, check_prompt
 
 logger = logging.getLogger("engine_process")
 
 POLL_SECONDS = 0.5  # how often the engine process looks whether its loop has stopped
+
+
+class QueueFull(GlmEngineError):
+    """More requests wait than the server's queue limit."""
 
 
 @dataclass(frozen=True)
@@ -227,8 +233,7 @@ def _engine_main(session_factory: Callable[[], Session], scheduler_options: dict
                      f"the engine could not start: {type(error).__name__}: {error}"))
         return
     outbox = _Outbox(events)
-    engine_loop = EngineLoop(session, scheduler, max_queue=2**62,  # the server enforces the queue limit
-                             after_changes=outbox.flush)
+    engine_loop = EngineLoop(session, scheduler, after_changes=outbox.flush)
     outbox.stats = engine_loop.stats
     manager = session.block_manager
     events.send(("ready", EngineLimits(session.build_config, session.model_config.vocab_size,
@@ -244,15 +249,6 @@ def _engine_main(session_factory: Callable[[], Session], scheduler_options: dict
 def _serve_commands(engine_loop: EngineLoop, outbox: _Outbox, commands: Connection) -> float | None:
     """Passes the server's requests and cancellations to the loop. Returns the seconds
     running requests get once the server closes (0 when it is gone), None if the loop failed."""
-    ids: dict[int, int] = {}  # the server's request id -> the loop's, while it runs
-
-    def deliverer(request_id: int) -> Callable[[list[int], bool, str | None], None]:
-        def deliver(tokens: list[int], finished: bool, error: str | None) -> None:
-            if finished:
-                ids.pop(request_id, None)
-            outbox.put(request_id, tokens, finished, error)
-        return deliver
-
     while True:
         if not commands.poll(POLL_SECONDS):
             if not engine_loop.alive:
@@ -264,15 +260,15 @@ def _serve_commands(engine_loop: EngineLoop, outbox: _Outbox, commands: Connecti
             return 0.0
         if command[0] == "submit":
             _, request_id, prompt, sampling = command
+            deliver = functools.partial(outbox.put, request_id)
             try:
-                ids[request_id] = engine_loop.submit(LoopRequest(prompt, sampling, deliverer(request_id)))
+                engine_loop.submit(request_id, LoopRequest(prompt, sampling, deliver))
             except GlmEngineError as error:
-                outbox.put(request_id, [], True, str(error))
+                deliver([], True, str(error))
             with outbox.lock:
                 outbox.taken += 1
             outbox.flush()
         elif command[0] == "cancel":
-            if command[1] in ids:
-                engine_loop.cancel(ids.pop(command[1]))
+            engine_loop.cancel(command[1])  # one that finished meanwhile is no longer there
         else:  # close
             return command[1]

@@ -3,8 +3,9 @@ KV cache's blocks. Each step admits waiting requests while the pool's blocks, th
 batch limit and the step's token budget allow and plans one packed forward of every
 running sequence's new tokens (whole prompts of admitted requests, one token of the
 others; with chunked prefill, prompts in chunks that keep the step within its token
-budget, so that running sequences keep decoding while a long prompt is read); once the model runner has run it, postprocess chooses each sequence's
-token and retires finished sequences, whose blocks are free for the next step.
+budget, so that running sequences keep decoding while a long prompt is read); once
+the model runner has run it, postprocess chooses each sequence's token and retires
+finished sequences, whose blocks are free for the next step.
 When a running sequence needs a block and none is free, the newest running sequence
 is preempted: its blocks are freed and it goes back to the head of the queue with
 its tokens so far, to be recomputed. Pure: it holds the block manager and the
@@ -208,9 +209,9 @@ class Scheduler:
         copies = self._reserve_decode_slots()
         if not self.running:
             raise GlmEngineError("no request fits the KV cache pool")  # callers check fits() first
-        if not self.chunked_prefill:
-            return StepPlan(list(self.running), [sequence.uncached_tokens() for sequence in self.running], copies)
-        return StepPlan(list(self.running), self._chunks(), copies)
+        new_tokens = self._chunks() if self.chunked_prefill else [sequence.uncached_tokens()
+                                                                    for sequence in self.running]
+        return StepPlan(list(self.running), new_tokens, copies)
 
     def _chunks(self) -> list[list[int]]:
         """Each running sequence's tokens for a chunked step, in admission order: decoding
@@ -231,14 +232,15 @@ class Scheduler:
         `greedy` argmax (_choose), records it and retires the finished sequences, whose
         blocks are free at once. `plan` is the running list schedule() returned. One pass
         over the sequences: at hundreds in flight this bookkeeping is part of every step."""
-        reading = [sequence.cached + len(fed) < sequence.length  # the step read a chunk of its prompt
-                   for sequence, fed in zip(plan.sequences, plan.new_tokens)]
+        # Rows whose step read a chunk of their prompt (only chunked steps cut prompts).
+        reading = [sequence.cached + len(fed) < sequence.length for sequence, fed in
+                   zip(plan.sequences, plan.new_tokens)] if self.chunked_prefill else [False] * len(plan.sequences)
         chosen, log_probs = self._choose(plan, logits, greedy, reading)
         result = StepResult([], [], len(plan.sequences), sum(map(len, plan.new_tokens)))
         still_running: list[Sequence | BeamGroup] = []
         for row, (sequence, fed) in enumerate(zip(plan.sequences, plan.new_tokens, strict=True)):
             sequence.cached += len(fed)
-            if sequence.cached < sequence.length:  # a chunk of its prompt: no token yet
+            if reading[row]:  # a chunk of its prompt: no token yet
                 still_running.append(sequence)
                 continue
             if sequence.group is not None:  # beams advance together, below

@@ -168,6 +168,23 @@ def test_gemv_matches_reference(dtype, bits, rows, n, k, with_bias, use_dot, spl
     assert relative_error(out, expected) < bound
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gemv_weights_not_whole_int32_words(bits):
+    """K = 36 is no whole number of int32 words of int4 values (8) and is of int8 (4):
+    the default choice still computes it (tl.dot path for int4), an explicit FMA
+    config on int4 is refused in one line."""
+    x = torch.randn(1, 36, device=DEVICE)
+    quantized, scales = quantize_per_channel(torch.randn(24, 36, device=DEVICE), bits)
+    expected = reference.linear(x.double(), reference.dequantize(quantized, scales, bits, torch.float64))
+    assert relative_error(gemv_module.gemv(x, quantized, None, scales, bits), expected) < 1e-6
+    fma = gemv_module.GemvConfig(block_n=16, block_k=32, split_k=1, use_dot=False)
+    if bits == 4:
+        with pytest.raises(ValueError, match="K must be a multiple of 8, got 36"):
+            gemv_module.gemv(x, quantized, None, scales, bits, fma)
+    else:
+        assert relative_error(gemv_module.gemv(x, quantized, None, scales, bits, fma), expected) < 1e-6
+
+
 import glm_engine.kernels.dequantize as dequantize_module  # noqa: E402
 
 

@@ -1,6 +1,9 @@
 """Profiles one batched prefill of the engine and of GlmForCausalLM (eager) at
 ChatGLM2-6B shape with random fp16 weights made on the GPU; prints the kernels
-that take the most time on each side. Usage: profile_prefill.py [batch] [tokens]"""
+that take the most time on each side. With --plugins the engine runs the A+L+G+F32
+flags (attention, layernorm and gemm plugins, context FMHA with float32
+accumulation); without, the reference ops.
+Usage: profile_prefill.py [batch] [tokens] [--plugins]"""
 
 from __future__ import annotations
 
@@ -22,12 +25,16 @@ from model import load_session  # noqa: E402
 
 
 def main() -> None:
-    batch, tokens = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (8, 1024)
+    numbers = [int(arg) for arg in sys.argv[1:] if arg != "--plugins"]
+    batch, tokens = numbers if numbers else (8, 1024)
+    plugins = dict(use_gpt_attention_plugin="float16", use_layernorm_plugin="float16", use_gemm_plugin="float16",
+                   context_fmha="enabled_with_fp32_acc") if "--plugins" in sys.argv else {}
     config = ModelConfig.from_hf_config(CHATGLM2_6B)
     weights = {name: torch.randn(shape, device="cuda", dtype=torch.float16) / (shape[-1] ** 0.5 if len(shape) > 1
                else 1.0) for name, shape in weight_shapes(config).items()}
     prompts = random_prompts([tokens] * batch, 60000, seed=0)
-    session = load_session(Engine(Path("."), config, BuildConfig(max_batch_size=batch), dict(weights)), "cuda")
+    build = BuildConfig(max_batch_size=batch, max_input_len=tokens, **plugins)
+    session = load_session(Engine(Path("."), config, build, dict(weights)), "cuda")
     sampling = SamplingConfig(max_new_tokens=1, end_id=-1)
     hf = build_glm_model(config, weights, "cuda", attn_implementation="eager")
     input_ids = torch.tensor(prompts, device="cuda")

@@ -62,9 +62,10 @@ def _unpack_float32(weight, columns, column_ok, start, K: tl.constexpr, BLOCK_N:
     """The [BLOCK_N, BLOCK_K] quantized weights from K offset `start` as float32 integer
     values, unscaled, read as int32 words of 32 // QUANT values each (K a multiple of it).
     A value v is turned into a float with bit operations: v + 2^(QUANT-1) (v's sign bit
-    flipped) set as the low mantissa bits of 2^23, minus 2^23 + 2^(QUANT-1). On the H100
-    this measured 0-14% faster per shape than sign-extending and converting (integer-to-
-    float conversions run at a quarter of the FMA rate); on tl.dot's fp16 operands, slower."""
+    flipped) set as the low mantissa bits of 2^23, minus 2^23 + 2^(QUANT-1), with no
+    integer-to-float conversion. On the H100 the FMA path measured 0-14% faster per shape
+    with it than sign-extending and converting; tl.dot's fp16 operands 32-56% slower, so
+    tl.dot keeps `_load_weight_tile` (docs/PERFORMANCE.md, "Decode kernels")."""
     PER_WORD: tl.constexpr = 32 // QUANT
     words_ptr = weight.to(tl.pointer_type(tl.int32), bitcast=True)
     word_ids = start // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)

@@ -14,7 +14,8 @@ rows padded to 16. `default_config` holds the measured choice per shape.
 int4 packing: byte k//2 of a row holds weight k (even k) in its low nibble and
 weight k+1 in its high nibble, as two's-complement 4-bit values. Read as
 little-endian int32 words, value i of word j is weight 8j + i (int8: 4j + i),
-which the FMA path unpacks with shifts and masks alone (`_unpack_float32`).
+which the FMA path unpacks with shifts and masks alone (`_unpack_float32`),
+loading the next block while it computes one (`_quantized_fma`).
 Reference: `reference.linear` on the dequantized weight."""
 
 from __future__ import annotations
@@ -57,24 +58,54 @@ def _load_weight_tile(weight, columns, column_ok, start, K: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _unpack_float32(weight, columns, column_ok, start, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
-    """The [BLOCK_N, BLOCK_K] quantized weights from K offset `start` as float32 integer
-    values, unscaled, read as int32 words of 32 // QUANT values each (K a multiple of it).
-    A value v is turned into a float with bit operations: v + 2^(QUANT-1) (v's sign bit
-    flipped) set as the low mantissa bits of 2^23, minus 2^23 + 2^(QUANT-1), with no
-    integer-to-float conversion. On the H100 the FMA path measured 0-14% faster per shape
-    with it than sign-extending and converting; tl.dot's fp16 operands 32-56% slower, so
-    tl.dot keeps `_load_weight_tile` (docs/PERFORMANCE.md, "Decode kernels")."""
+def _load_words(weight, columns, column_ok, start, end, K: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
+    """The quantized weights of columns x [start, start + BLOCK_K) (none at or past `end`) as
+    [BLOCK_N, BLOCK_K // (32 // QUANT)] int32 words (K a multiple of 32 // QUANT)."""
     PER_WORD: tl.constexpr = 32 // QUANT
     words_ptr = weight.to(tl.pointer_type(tl.int32), bitcast=True)
     word_ids = start // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-    words = tl.load(words_ptr + columns[:, None] * (K // PER_WORD) + word_ids[None, :],
-                    mask=column_ok[:, None] & (word_ids < K // PER_WORD)[None, :], other=0)
+    return tl.load(words_ptr + columns[:, None] * (K // PER_WORD) + word_ids[None, :],
+                   mask=column_ok[:, None] & (word_ids < tl.minimum(end, K) // PER_WORD)[None, :], other=0)
+
+
+@triton.jit
+def _unpack_float32(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] float32 integer values (unscaled) of `_load_words`'s words. A value
+    v is turned into a float with bit operations: v + 2^(QUANT-1) (v's sign bit flipped) set
+    as the low mantissa bits of 2^23, minus 2^23 + 2^(QUANT-1), with no integer-to-float
+    conversion. On the H100 the FMA path measured 0-14% faster per shape with it than
+    sign-extending and converting; tl.dot's fp16 operands 32-56% slower, so tl.dot keeps
+    `_load_weight_tile` (docs/PERFORMANCE.md, "Decode kernels")."""
+    PER_WORD: tl.constexpr = 32 // QUANT
     shifts = tl.arange(0, PER_WORD) * QUANT
     unsigned = ((words[:, :, None] >> shifts[None, None, :]) & ((1 << QUANT) - 1)) ^ (1 << (QUANT - 1))
     values = (unsigned | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + (1 << (QUANT - 1)))
     return tl.reshape(values, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _quantized_fma(x, weight, columns, column_ok, split, row_ids, row_ok, K: tl.constexpr,
+                   K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   QUANT: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] unscaled sums over this split's K of x times the quantized weights,
+    as FMAs. The next block's words and inputs are loaded before this block is unpacked:
+    the unpacking waits on a shared-memory exchange (the reshape), and without the prefetch
+    every block would wait out a whole memory latency (H100: int4 up 43.3 -> 37.3 us)."""
+    first = split * K_PER_SPLIT
+    end = first + K_PER_SPLIT
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    words = _load_words(weight, columns, column_ok, first, end, K, BLOCK_K, QUANT)
+    ks = first + tl.arange(0, BLOCK_K)
+    xs = tl.load(x + row_ids[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+    for start in range(first, end, BLOCK_K):
+        next_words = _load_words(weight, columns, column_ok, start + BLOCK_K, end, K, BLOCK_K, QUANT)
+        next_ks = start + BLOCK_K + tl.arange(0, BLOCK_K)
+        next_xs = tl.load(x + row_ids[:, None] * K + next_ks[None, :],
+                          mask=row_ok[:, None] & (next_ks < tl.minimum(end, K))[None, :], other=0.0)
+        acc3 += xs.to(tl.float32)[:, None, :] * _unpack_float32(words, BLOCK_N, BLOCK_K, QUANT)[None, :, :]
+        words = next_words
+        xs = next_xs
+    return tl.sum(acc3, axis=2)
 
 
 @triton.jit
@@ -87,25 +118,26 @@ def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.const
     split = tl.program_id(1)
     row_ids = tl.arange(0, BLOCK_M)
     row_ok = row_ids < rows
-    if USE_DOT:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if not USE_DOT and QUANT != 0:
+        acc = _quantized_fma(x, weight, columns, column_ok, split, row_ids, row_ok, K, K_PER_SPLIT, BLOCK_M,
+                             BLOCK_N, BLOCK_K, QUANT)
     else:
-        # Elementwise accumulation; one reduction over K at the end instead of one per step.
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
-    for start in range(split * K_PER_SPLIT, split * K_PER_SPLIT + K_PER_SPLIT, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        xs = tl.load(x + row_ids[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
         if USE_DOT:
-            w = _load_weight_tile(weight, columns, column_ok, start, K, BLOCK_N, BLOCK_K, QUANT)
-            acc += tl.dot(xs, tl.trans(w.to(xs.dtype)), input_precision=PRECISION)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         else:
-            if QUANT == 0:
-                w = _load_weight_tile(weight, columns, column_ok, start, K, BLOCK_N, BLOCK_K, QUANT).to(tl.float32)
+            # Elementwise accumulation; one reduction over K at the end instead of one per step.
+            acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+        for start in range(split * K_PER_SPLIT, split * K_PER_SPLIT + K_PER_SPLIT, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            xs = tl.load(x + row_ids[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+            if USE_DOT:
+                w = _load_weight_tile(weight, columns, column_ok, start, K, BLOCK_N, BLOCK_K, QUANT)
+                acc += tl.dot(xs, tl.trans(w.to(xs.dtype)), input_precision=PRECISION)
             else:
-                w = _unpack_float32(weight, columns, column_ok, start, K, BLOCK_N, BLOCK_K, QUANT)
-            acc3 += xs.to(tl.float32)[:, None, :] * w[None, :, :]
-    if not USE_DOT:
-        acc = tl.sum(acc3, axis=2)
+                w = _load_weight_tile(weight, columns, column_ok, start, K, BLOCK_N, BLOCK_K, QUANT)
+                acc3 += xs.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if not USE_DOT:
+            acc = tl.sum(acc3, axis=2)
     mask = row_ok[:, None] & column_ok[None, :]
     if SPLIT_K == 1:  # the whole K here: finish in place, no epilogue kernel
         if QUANT != 0:
@@ -137,13 +169,14 @@ def _epilogue_kernel(partial, weight_scales, bias, out, total, N: tl.constexpr, 
 def default_config(rows: int, n: int, k: int, quant_bits: int) -> GemvConfig:
     """The fastest choice of benchmarks/tune_gemv.py on an H100 (timed inside CUDA graphs,
     docs/PERFORMANCE.md): FMA with narrow column blocks for one or two rows on fp16
-    weights and on small quantized matrices (and int4's down projection at one row);
-    tl.dot with K split 4 (int8) or 2 (int4) on the large quantized ones and for more
-    rows. (Feeding int4's nibbles to two half-K products instead of interleaving them
-    measured slower: 0.5 vs 1.2 TB/s.)"""
-    fma_size = 60_000_000 if quant_bits == 4 and rows == 1 else 20_000_000
-    whole_words = quant_bits == 0 or k % (32 // quant_bits) == 0  # the FMA path reads int32 words
-    if rows <= MAX_FMA_ROWS and whole_words and (quant_bits == 0 or n * k < fma_size):
+    weights and on small quantized matrices; at one row, FMA on every quantized matrix but
+    int8's up projection; tl.dot with K split 4 (int8) or 2 (int4) on the other large
+    quantized ones and for more rows. (Feeding int4's nibbles to two half-K products
+    instead of interleaving them measured slower: 0.5 vs 1.2 TB/s.)"""
+    whole_words = quant_bits == 0 or k % (32 // quant_bits) == 0  # the quantized FMA path reads int32 words
+    if rows == 1 and quant_bits and whole_words and (quant_bits == 4 or n * k < 60_000_000):
+        return GemvConfig(8, 512, 1, use_dot=False)
+    if rows <= MAX_FMA_ROWS and whole_words and (quant_bits == 0 or n * k < 20_000_000):
         return GemvConfig(4, 512, 1, use_dot=False)
     if quant_bits == 0:
         return GemvConfig(32, 512, 1, use_dot=True)

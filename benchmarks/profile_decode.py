@@ -70,8 +70,7 @@ def main() -> None:
     with torch.inference_mode():
         for run in runs.values():
             run()  # compiles, warms
-        (short, _), (long, launches) = kernel_time(runs[1]), kernel_time(runs[args.output_len])
-        short_launches = kernel_time(runs[1])[1]
+        (short, short_launches), (long, launches) = kernel_time(runs[1]), kernel_time(runs[args.output_len])
         steps = args.output_len - 1
         step_wall = (wall_us(runs[args.output_len]) - wall_us(runs[1])) / steps
     per_step = {key: (long[key] - short.get(key, 0)) / steps for key in long}

@@ -3,7 +3,7 @@ ChatGLM2-6B shape with random fp16 weights made on the GPU; prints the kernels
 that take the most time on each side. With --plugins the engine runs the A+L+G+F32
 flags (attention, layernorm and gemm plugins, context FMHA with float32
 accumulation); without, the reference ops.
-Usage: profile_prefill.py [batch] [tokens] [--plugins]"""
+Usage: profile_prefill.py [BATCH TOKENS] [--plugins] (default 8 1024)"""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ from model import load_session  # noqa: E402
 
 def main() -> None:
     numbers = [int(arg) for arg in sys.argv[1:] if arg != "--plugins"]
-    batch, tokens = numbers if numbers else (8, 1024)
+    if len(numbers) not in (0, 2):
+        sys.exit(__doc__.splitlines()[-1])
+    batch, tokens = numbers or (8, 1024)
     plugins = dict(use_gpt_attention_plugin="float16", use_layernorm_plugin="float16", use_gemm_plugin="float16",
                    context_fmha="enabled_with_fp32_acc") if "--plugins" in sys.argv else {}
     config = ModelConfig.from_hf_config(CHATGLM2_6B)

@@ -130,11 +130,10 @@ def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.const
         for start in range(split * K_PER_SPLIT, split * K_PER_SPLIT + K_PER_SPLIT, BLOCK_K):
             ks = start + tl.arange(0, BLOCK_K)
             xs = tl.load(x + row_ids[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+            w = _load_weight_tile(weight, columns, column_ok, start, K, BLOCK_N, BLOCK_K, QUANT)
             if USE_DOT:
-                w = _load_weight_tile(weight, columns, column_ok, start, K, BLOCK_N, BLOCK_K, QUANT)
                 acc += tl.dot(xs, tl.trans(w.to(xs.dtype)), input_precision=PRECISION)
             else:
-                w = _load_weight_tile(weight, columns, column_ok, start, K, BLOCK_N, BLOCK_K, QUANT)
                 acc3 += xs.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         if not USE_DOT:
             acc = tl.sum(acc3, axis=2)

@@ -4,7 +4,8 @@
 # with the attention and layernorm plugins), with their batch 1 and 8 latency (1024
 # in, 64 out). With VARIANT_DIR (a copy of glm_engine/, e.g. the previous commit's),
 # the quantized engines' latency alternates this tree (A) and the variant (B), A B A B.
-# Usage: bash benchmarks/profile_decode.sh [VARIANT_DIR]
+# ENGINES picks some of them (default "fp16 int8 int4").
+# Usage: [ENGINES="int8 int4"] bash benchmarks/profile_decode.sh [VARIANT_DIR]
 set -uo pipefail
 VARIANT=${1:+$(realpath "$1")}
 source "$(dirname "$0")/common.sh"
@@ -13,7 +14,7 @@ if [ -n "$VARIANT" ]; then
     && cp -r "$VARIANT" /tmp/variant/glm_engine
 fi
 B=(--batch_size 1 8 --input_len 1024 --output_len 64)
-for name in fp16 int8 int4; do
+for name in ${ENGINES:-fp16 int8 int4}; do
   if [ $name = fp16 ]; then
     build_all_plugins_engine "$WORK/$name"
   else

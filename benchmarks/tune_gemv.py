@@ -1,7 +1,8 @@
 """On a GPU: times the skinny-GEMM kernel (fp16, int8, int4 weights) over block
-shapes, K splits and both paths (FMA, tl.dot) on ChatGLM2-6B's four decoder
-linears, against cuBLAS (torch linear) on the fp16 weight; prints achieved
-weight-stream bandwidth, the best config and the default config's time.
+shapes, K splits and every path (FMA, tl.dot, and half2 at one row on quantized
+weights) on ChatGLM2-6B's four decoder linears, against cuBLAS (torch linear) on
+the fp16 weight; prints achieved weight-stream bandwidth, the best config and the
+default config's time.
 
 Timed as the engine runs them: inside a CUDA graph (no Python launch cost,
 which exceeds these kernels' GPU time), over enough copies of the weight
@@ -28,9 +29,12 @@ from glm_engine.kernels.gemv import MAX_FMA_ROWS, GemvConfig, default_config, ge
 SHAPES = {"qkv": (4608, 4096), "dense": (4096, 4096), "up": (27392, 4096), "down": (4096, 13696)}
 
 
-def candidates(rows: int) -> list[GemvConfig]:
-    """Configs worth timing for this many rows."""
+def candidates(rows: int, bits: int) -> list[GemvConfig]:
+    """Configs worth timing for this many rows of fp16 x on these weights."""
     configs = []
+    if rows == 1 and bits:
+        configs += [GemvConfig(n, k, s, False, half2=True)
+                    for n, k, s in itertools.product([4, 8, 16, 32], [256, 512, 1024], [1, 2])]
     if rows <= MAX_FMA_ROWS:
         configs += [GemvConfig(n, k, s, False) for n, k, s in itertools.product([4, 8, 16], [256, 512], [1, 2, 4])]
     configs += [GemvConfig(n, k, s, True) for n, k, s in itertools.product([16, 32], [256, 512], [1, 2, 4])]
@@ -73,7 +77,7 @@ def tune(rows: int, bits_list: list[int], results: list[dict]) -> None:
             expected = reference.linear(x.float(), reference.dequantize(stored, scales, bits, torch.float32)
                                         if bits else weight.float())
             timed = []
-            for config in candidates(rows):
+            for config in candidates(rows, bits):
                 error = relative_error(gemv(x, stored, None, scales, bits, config), expected)
                 us = graph_us([lambda w=w, config=config: gemv(x, w, None, scales, bits, config)
                                for w in stored_copies])
@@ -84,7 +88,7 @@ def tune(rows: int, bits_list: list[int], results: list[dict]) -> None:
             default_us = graph_us([lambda w=w: gemv(x, w, None, scales, bits) for w in stored_copies])
             print(f"  bits {bits}: best {best[0]:.1f} us = {nbytes / best[0] / 1e6:.2f} TB/s "
                   f"{tuple(best[1])} (rel err {best[2]:.1e}); default "
-                  f"{tuple(default_config(rows, n, k, bits))} {default_us:.1f} us = "
+                  f"{tuple(default_config(rows, n, k, bits, half2_ok=rows == 1))} {default_us:.1f} us = "
                   f"{nbytes / default_us / 1e6:.2f} TB/s")
             del stored_copies
 

@@ -185,6 +185,37 @@ def test_gemv_weights_not_whole_int32_words(bits):
         assert relative_error(gemv_module.gemv(x, quantized, None, scales, bits, fma), expected) < 1e-6
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the half2 path is PTX: it runs on a CUDA GPU only")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n, k, block_n, block_k, split_k, with_bias, offset", [
+    (48, 64, 8, 64, 1, True, 0), (100, 4096, 8, 512, 1, False, 1), (37, 13696, 8, 512, 2, True, 0),
+    (20, 200, 16, 256, 1, False, 1), (4608, 4096, 4, 1024, 1, True, 0), (27392, 4096, 8, 1024, 1, False, 0)])
+def test_gemv_half2_matches_reference(bits, n, k, block_n, block_k, split_k, with_bias, offset):
+    """One fp16 row on int8/int4 weights in packed half2 arithmetic, ragged N and K, K
+    split or not, and an input row that starts at an odd element (`offset`)."""
+    x = torch.randn(1, k + offset, dtype=torch.float16, device=DEVICE)[:, offset:]
+    quantized, scales = quantize_per_channel(torch.randn(n, k, device=DEVICE) / k ** 0.5, bits)
+    bias = torch.randn(n, dtype=torch.float16, device=DEVICE) if with_bias else None
+    expected = reference.linear(x.double(), reference.dequantize(quantized, scales, bits, torch.float64),
+                                None if bias is None else bias.double())
+    config = gemv_module.GemvConfig(block_n, block_k, split_k, use_dot=False, half2=True)
+    out = gemv_module.gemv(x, quantized, bias, scales, bits, config)
+    assert out.shape == (1, n) and out.dtype == torch.float16
+    assert relative_error(out, expected) < 2e-3
+
+
+def test_gemv_half2_refuses_what_it_cannot_run():
+    """The half2 path is one float16 row on a CUDA GPU: anything else is refused in one line."""
+    quantized, scales = quantize_per_channel(torch.randn(24, 64, device=DEVICE), 4)
+    half2 = gemv_module.GemvConfig(8, 64, 1, use_dot=False, half2=True)
+    cases = [torch.randn(2, 64, dtype=torch.float16, device=DEVICE), torch.randn(1, 64, device=DEVICE)]
+    if DEVICE.type == "cpu":
+        cases.append(torch.randn(1, 64, dtype=torch.float16))
+    for x in cases:
+        with pytest.raises(ValueError, match="the half2 path takes one float16 row on int8/int4 weights"):
+            gemv_module.gemv(x, quantized, None, scales, 4, half2)
+
+
 import glm_engine.kernels.dequantize as dequantize_module  # noqa: E402
 
 

@@ -205,8 +205,12 @@ def test_gemv_half2_matches_reference(bits, n, k, block_n, block_k, split_k, wit
 
 
 def test_gemv_half2_refuses_what_it_cannot_run():
-    """The half2 path is one float16 row on a CUDA GPU: anything else is refused in one line."""
+    """The half2 path is one float16 row on a CUDA GPU: anything else is refused in one line,
+    and the default choice for one float16 row takes it only where it runs."""
     quantized, scales = quantize_per_channel(torch.randn(24, 64, device=DEVICE), 4)
+    x = torch.randn(1, 64, dtype=torch.float16, device=DEVICE)
+    expected = reference.linear(x.double(), reference.dequantize(quantized, scales, 4, torch.float64))
+    assert relative_error(gemv_module.gemv(x, quantized, None, scales, 4), expected) < 2e-3
     half2 = gemv_module.GemvConfig(8, 64, 1, use_dot=False, half2=True)
     cases = [torch.randn(2, 64, dtype=torch.float16, device=DEVICE), torch.randn(1, 64, device=DEVICE)]
     if DEVICE.type == "cpu":

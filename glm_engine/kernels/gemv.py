@@ -283,14 +283,17 @@ def _epilogue_kernel(partial, weight_scales, bias, out, total, N: tl.constexpr, 
 def default_config(rows: int, n: int, k: int, quant_bits: int, half2_ok: bool = False) -> GemvConfig:
     """The fastest choice of benchmarks/tune_gemv.py on an H100 (timed inside CUDA graphs,
     docs/PERFORMANCE.md): at one fp16 row on a GPU, the half2 path on every quantized
-    matrix (`half2_ok`); otherwise FMA with narrow column blocks for one or two rows on
+    matrix (`half2_ok`; int4 in 32-column blocks on the largest matrices, 4 where K
+    exceeds N); otherwise FMA with narrow column blocks for one or two rows on
     fp16 weights and on small quantized matrices; at one row, FMA on every quantized matrix
     but int8's up projection; tl.dot with K split 4 (int8) or 2 (int4) on the other large
     quantized ones and for more rows. (Feeding int4's nibbles to two half-K products
     instead of interleaving them measured slower: 0.5 vs 1.2 TB/s.)"""
     whole_words = quant_bits == 0 or k % (32 // quant_bits) == 0  # the quantized FMA path reads int32 words
     if rows == 1 and quant_bits and whole_words and half2_ok:
-        return GemvConfig(8 if quant_bits == 4 else 4, 1024, 1, use_dot=False, half2=True)
+        if quant_bits == 4 and n * k >= 60_000_000:
+            return GemvConfig(32, 512, 1, use_dot=False, half2=True)
+        return GemvConfig(8 if quant_bits == 4 and k <= n else 4, 1024, 1, use_dot=False, half2=True)
     if rows == 1 and quant_bits and whole_words and (quant_bits == 4 or n * k < 60_000_000):
         return GemvConfig(8, 512, 1, use_dot=False)
     if rows <= MAX_FMA_ROWS and whole_words and (quant_bits == 0 or n * k < 20_000_000):

@@ -23,8 +23,9 @@ values into fp16 pairs with byte permutes and one three-input logic op (the
 value as the low mantissa bits of 1024), scale them to v / 2^(bits-1) and
 multiply-add them with the inputs two at a time; the word's sum goes to a
 float32 accumulator. Elementwise through and through, it needs no shared
-memory, and issues 40% fewer instructions than the FMA path. The PTX does not run under Triton's interpreter: the CPU tests cover the
-other paths, the GPU tests this one.
+memory, and issues 40% fewer instructions than the FMA path. The PTX does not
+run under Triton's interpreter: the CPU tests cover the other paths, the GPU
+tests this one.
 Reference: `reference.linear` on the dequantized weight."""
 
 from __future__ import annotations

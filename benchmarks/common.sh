@@ -24,3 +24,8 @@ build_inflight_engine() {  # DIR [more build.py flags]
     --max_output_len 512 --random_seed 0 --log_level warning --use_inflight_batching --use_layernorm_plugin float16 \
     --use_gemm_plugin float16 "$@"
 }
+# /tmp/variant: this tree with glm_engine/ replaced by VARIANT_DIR (A/B runs against a variant).
+make_variant() {
+  rm -rf /tmp/variant && mkdir -p /tmp/variant && cp -r . /tmp/variant/ && rm -rf /tmp/variant/glm_engine \
+    && cp -r "$1" /tmp/variant/glm_engine
+}

@@ -10,8 +10,7 @@
 set -uo pipefail
 VARIANT=$(realpath "${1:?usage: bash benchmarks/compare_tokens.sh VARIANT_DIR}")
 source "$(dirname "$0")/common.sh"
-rm -rf /tmp/variant && mkdir -p /tmp/variant && cp -r . /tmp/variant/ && rm -rf /tmp/variant/glm_engine \
-  && cp -r "$VARIANT" /tmp/variant/glm_engine
+make_variant "$VARIANT"
 PROMPTS=$WORK/prompts
 mkdir -p "$PROMPTS"
 python3 -c "

@@ -10,8 +10,7 @@ set -uo pipefail
 VARIANT=${1:+$(realpath "$1")}
 source "$(dirname "$0")/common.sh"
 if [ -n "$VARIANT" ]; then
-  rm -rf /tmp/variant && mkdir -p /tmp/variant && cp -r . /tmp/variant/ && rm -rf /tmp/variant/glm_engine \
-    && cp -r "$VARIANT" /tmp/variant/glm_engine
+  make_variant "$VARIANT"
 fi
 B=(--batch_size 1 8 --input_len 1024 --output_len 64)
 for name in ${ENGINES:-fp16 int8 int4}; do

@@ -30,12 +30,12 @@ Reference: `reference.linear` on the dequantized weight."""
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 MAX_ROWS = 16  # the dot path pads x to 16 rows; more rows go to cuBLAS
 MAX_FMA_ROWS = 2  # at most this many rows take the FMA path
@@ -304,10 +304,13 @@ def default_config(rows: int, n: int, k: int, quant_bits: int, half2_ok: bool = 
     return GemvConfig(32, 256, 4 if quant_bits == 8 else 2, use_dot=True)
 
 
+# Triton chose at import whether its kernels compile or run in its interpreter (TRITON_INTERPRET).
+_COMPILED = not isinstance(_gemv_kernel, InterpretedFunction)
+
+
 def _half2_possible(x: torch.Tensor, quant_bits: int) -> bool:
-    """The half2 path is PTX: one float16 row on a CUDA GPU (not under Triton's interpreter)."""
-    return (x.shape[0] == 1 and x.dtype == torch.float16 and x.is_cuda and quant_bits != 0
-            and os.environ.get("TRITON_INTERPRET") != "1")
+    """The half2 path is PTX: one float16 row on a CUDA GPU, kernels compiled (not interpreted)."""
+    return _COMPILED and x.shape[0] == 1 and x.dtype == torch.float16 and x.is_cuda and quant_bits != 0
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -323,7 +326,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {rows}")
     config = config or default_config(rows, n, k, quant_bits, _half2_possible(x, quant_bits))
     if quant_bits and not config.use_dot and k % (32 // quant_bits):
-        raise ValueError(f"the FMA path reads int{quant_bits} weights as int32 words: K must be a multiple "
+        raise ValueError(f"the FMA and half2 paths read int{quant_bits} weights as int32 words: K must be a multiple "
                          f"of {32 // quant_bits}, got {k}")
     if config.half2 and not _half2_possible(x, quant_bits):
         raise ValueError("the half2 path takes one float16 row on int8/int4 weights on a CUDA GPU, got "

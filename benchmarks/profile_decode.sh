@@ -3,7 +3,7 @@
 # dummy ChatGLM2-6B engines of decode.sh (fp16 A+L+G+F32, int8 and int4 weight-only
 # with the attention and layernorm plugins), with their batch 1 and 8 latency (1024
 # in, 64 out). With VARIANT_DIR (a copy of glm_engine/, e.g. the previous commit's),
-# the quantized engines' latency alternates this tree (A) and the variant (B), A B A B.
+# each engine's latency alternates this tree (A) and the variant (B), A B A B.
 # ENGINES picks some of them (default "fp16 int8 int4").
 # Usage: [ENGINES="int8 int4"] bash benchmarks/profile_decode.sh [VARIANT_DIR]
 set -uo pipefail
@@ -20,7 +20,7 @@ for name in ${ENGINES:-fp16 int8 int4}; do
     build_engine "$WORK/$name" "${PLUGINS[@]}" --enable_context_fmha_fp32_acc --use_weight_only \
       --weight_only_precision $name
   fi
-  rounds=1; [ -n "$VARIANT" ] && [ $name != fp16 ] && rounds=2
+  rounds=1; [ -n "$VARIANT" ] && rounds=2
   for round in $(seq $rounds); do
     step python3 benchmark.py --engine_dir "$WORK/$name" "${B[@]}" --output_json "$OUT/${name}_A$round.json"
     if [ $rounds = 2 ]; then

@@ -324,3 +324,53 @@ def test_draw_tokens_matches_reference(rows, vocab, masked):
             assert torch.equal(draw_tokens(logits, keys, ks, ps), expected), (top_k, top_p, step)
             if masked:
                 assert expected[0].item() == vocab - 1
+
+
+import glm_engine.kernels.launch as launch_module  # noqa: E402
+
+
+def test_chained_kernels_see_each_others_writes():
+    """A decode layer's kernels back to back, each reading what the one before wrote: on a
+    Hopper GPU they launch with programmatic dependent launch (each may start before the
+    one ahead ends) and run inside a CUDA graph, as in decode steps; the graph's results
+    equal the same kernels run one by one, and the reference ops."""
+    torch.manual_seed(7)
+    hidden, ffn, layers, eps = 128, 192, 2, 1e-5
+    dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
+    norms = [torch.rand(hidden, device=DEVICE).to(dtype) + 0.5 for _ in range(layers + 1)]
+    ups = [quantize_per_channel(torch.randn(2 * ffn, hidden, device=DEVICE) / hidden ** 0.5, 4) for _ in range(layers)]
+    downs = [quantize_per_channel(torch.randn(hidden, ffn, device=DEVICE) / ffn ** 0.5, 4) for _ in range(layers)]
+
+    def chain(residual: torch.Tensor, kernels: bool) -> torch.Tensor:
+        add_rms_norm = norm_module.add_rms_norm if kernels else reference.add_rms_norm
+        swiglu = swiglu_module.swiglu if kernels else reference.swiglu
+
+        def linear(x, quantized, scales):
+            if kernels:
+                return gemv_module.gemv(x, quantized, None, scales, 4)
+            return reference.linear(x, reference.dequantize(quantized, scales, 4, x.dtype))
+
+        normed, residual = add_rms_norm(None, residual, norms[0], eps)
+        for layer in range(layers):
+            branch = linear(swiglu(linear(normed, *ups[layer])), *downs[layer])
+            normed, residual = add_rms_norm(branch, residual, norms[layer + 1], eps)
+        return normed
+
+    hopper = DEVICE.type == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
+    expected_pdl = hopper and launch_module.gdc_wait is not None and os.environ.get("TRITON_INTERPRET") != "1"
+    assert launch_module.dependent_launch(gemv_module._gemv_kernel, DEVICE)["PDL"] == expected_pdl
+    inputs = [torch.randn(1, hidden, device=DEVICE).to(dtype) for _ in range(3)]
+    eager = [chain(x, kernels=True) for x in inputs]
+    for x, out in zip(inputs, eager):
+        assert relative_error(out, chain(x.double(), kernels=False)) < (1e-2 if dtype == torch.float16 else 1e-5)
+    if DEVICE.type != "cuda":
+        return
+    static_input = inputs[0].clone()
+    chain(static_input, kernels=True)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_output = chain(static_input, kernels=True)
+    for x, out in zip(inputs, eager):
+        static_input.copy_(x)
+        graph.replay()
+        assert torch.equal(static_output, out)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from glm_engine.kernels.launch import dependent_launch, wait_for_previous_kernel
+
 TOKENS_PER_TILE = 64  # keys per loop step; a tile may span several cache blocks
 
 
@@ -23,7 +25,8 @@ def _split_kernel(query, key_cache, value_cache, block_tables, context_lengths, 
                   partial_sum, scale, stride_table, tokens_per_split,
                   GROUPS: tl.constexpr, HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     sequence, group, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = group * HEADS_PER_GROUP + tl.arange(0, BLOCK_H)
     head_ok = tl.arange(0, BLOCK_H) < HEADS_PER_GROUP
@@ -63,7 +66,8 @@ def _split_kernel(query, key_cache, value_cache, block_tables, context_lengths, 
 
 @triton.jit
 def _merge_kernel(partial_out, partial_max, partial_sum, out, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0)  # sequence * heads + head
     splits = tl.arange(0, BLOCK_S)
     split_ok = splits < NUM_SPLITS
@@ -112,9 +116,11 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         partial_sum, scale, block_tables.stride(0), tokens_per_split,
         GROUPS=groups, HEADS_PER_GROUP=heads_per_group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_H=max(16, triton.next_power_of_2(heads_per_group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=TOKENS_PER_TILE, NUM_SPLITS=splits, PRECISION=precision)
+        BLOCK_N=TOKENS_PER_TILE, NUM_SPLITS=splits, PRECISION=precision,
+        **dependent_launch(_split_kernel, query.device))
     out = torch.empty_like(query) if out is None else out
     _merge_kernel[(batch * heads,)](partial_out, partial_max, partial_sum, out, HEAD_DIM=head_dim,
                                     BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=splits,
-                                    BLOCK_S=triton.next_power_of_2(splits))
+                                    BLOCK_S=triton.next_power_of_2(splits),
+                                    **dependent_launch(_merge_kernel, query.device))
     return out

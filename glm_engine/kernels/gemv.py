@@ -35,7 +35,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from glm_engine.kernels.launch import compiled, dependent_launch, wait_for_previous_kernel
 
 MAX_ROWS = 16  # the dot path pads x to 16 rows; more rows go to cuBLAS
 MAX_FMA_ROWS = 2  # at most this many rows take the FMA path
@@ -225,7 +226,8 @@ def _quantized_fma(x, weight, columns, column_ok, split, row_ids, row_ok, K: tl.
 def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.constexpr, K: tl.constexpr,
                  K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                 PRECISION: tl.constexpr, HALF2: tl.constexpr):
+                 PRECISION: tl.constexpr, HALF2: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     column_ok = columns < N
     split = tl.program_id(1)
@@ -266,8 +268,9 @@ def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.const
 
 @triton.jit
 def _epilogue_kernel(partial, weight_scales, bias, out, total, N: tl.constexpr, SPLIT_K: tl.constexpr,
-                     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out = (sum of the SPLIT_K partial sums) * scale + bias, in out's dtype."""
+    wait_for_previous_kernel(PDL)
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = index < total
     acc = tl.zeros([BLOCK], tl.float32)
@@ -304,8 +307,7 @@ def default_config(rows: int, n: int, k: int, quant_bits: int, half2_ok: bool = 
     return GemvConfig(32, 256, 4 if quant_bits == 8 else 2, use_dot=True)
 
 
-# Triton chose at import whether its kernels compile or run in its interpreter (TRITON_INTERPRET).
-_COMPILED = not isinstance(_gemv_kernel, InterpretedFunction)
+_COMPILED = compiled(_gemv_kernel)
 
 
 def _half2_possible(x: torch.Tensor, quant_bits: int) -> bool:
@@ -343,11 +345,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         BLOCK_M=16 if config.use_dot else triton.next_power_of_2(rows), BLOCK_N=config.block_n, BLOCK_K=block_k,
         QUANT=quant_bits, HAS_BIAS=bias is not None, SPLIT_K=split_k, USE_DOT=config.use_dot,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF2=config.half2, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        num_stages=config.num_stages, **dependent_launch(_gemv_kernel, x.device))
     if split_k == 1:
         return out
     block = 1024
     _epilogue_kernel[(triton.cdiv(rows * n, block),)](
         partial, weight_scales, bias, out, rows * n, N=n, SPLIT_K=split_k, HAS_SCALES=weight_scales is not None,
-        HAS_BIAS=bias is not None, BLOCK=block)
+        HAS_BIAS=bias is not None, BLOCK=block, **dependent_launch(_epilogue_kernel, x.device))
     return out

@@ -8,10 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
+from glm_engine.kernels.launch import dependent_launch, wait_for_previous_kernel
+
 
 @triton.jit
 def _add_rms_norm_kernel(branch, residual, weight, normed_out, residual_out, eps, HIDDEN: tl.constexpr,
-                         BLOCK: tl.constexpr, HAS_BRANCH: tl.constexpr):
+                         BLOCK: tl.constexpr, HAS_BRANCH: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     columns = tl.arange(0, BLOCK)
     inside = columns < HIDDEN
@@ -38,5 +41,6 @@ def add_rms_norm(branch: torch.Tensor | None, residual: torch.Tensor, weight: to
     updated = torch.empty_like(residual) if branch is not None else residual
     _add_rms_norm_kernel[(rows,)](branch if branch is not None else residual, residual, weight, normed, updated,
                                   eps, HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden),
-                                  HAS_BRANCH=branch is not None, num_warps=8 if hidden >= 2048 else 4)
+                                  HAS_BRANCH=branch is not None, num_warps=8 if hidden >= 2048 else 4,
+                                  **dependent_launch(_add_rms_norm_kernel, residual.device))
     return normed, updated

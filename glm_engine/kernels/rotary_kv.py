@@ -10,11 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
+from glm_engine.kernels.launch import dependent_launch, wait_for_previous_kernel
+
 
 @triton.jit
 def _rotary_kv_kernel(qkv, positions, inv_freq, slot_mapping, query_out, key_cache, value_cache, position_scale,
                       HEADS: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+                      BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     row = qkv + (token * (HEADS + 2 * GROUPS) + head) * HEAD_DIM
@@ -56,7 +59,8 @@ def rotary_kv_write(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.
     # The kernel indexes positions and slots densely; a strided view (a column of
     # a graph's static input block) is copied first (inside the graph when captured).
     _rotary_kv_kernel[(tokens, heads + 2 * groups)](
-        qkv.contiguous(), positions.contiguous(), inv_freq.contiguous(), slot_mapping.contiguous(), query, key_cache, value_cache, position_scale,
-        HEADS=heads, GROUPS=groups, HEAD_DIM=head_dim, ROT_HALF=rot_half, BLOCK_R=triton.next_power_of_2(rot_half),
-        BLOCK_P=max(1, triton.next_power_of_2(head_dim - 2 * rot_half)))
+        qkv.contiguous(), positions.contiguous(), inv_freq.contiguous(), slot_mapping.contiguous(), query, key_cache,
+        value_cache, position_scale, HEADS=heads, GROUPS=groups, HEAD_DIM=head_dim, ROT_HALF=rot_half,
+        BLOCK_R=triton.next_power_of_2(rot_half), BLOCK_P=max(1, triton.next_power_of_2(head_dim - 2 * rot_half)),
+        **dependent_launch(_rotary_kv_kernel, qkv.device))
     return query

@@ -7,9 +7,12 @@ import torch
 import triton
 import triton.language as tl
 
+from glm_engine.kernels.launch import dependent_launch, wait_for_previous_kernel
+
 
 @triton.jit
-def _swiglu_kernel(gate_up, out, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_kernel(gate_up, out, WIDTH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = columns < WIDTH
@@ -25,5 +28,6 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     width = double_width // 2
     out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(width))
-    _swiglu_kernel[(rows, triton.cdiv(width, block))](gate_up.contiguous(), out, WIDTH=width, BLOCK=block)
+    _swiglu_kernel[(rows, triton.cdiv(width, block))](gate_up.contiguous(), out, WIDTH=width, BLOCK=block,
+                                                         **dependent_launch(_swiglu_kernel, gate_up.device))
     return out

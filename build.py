@@ -227,11 +227,69 @@ def convert_and_save(args: argparse.Namespace, output_dir: Path, sources: dict[s
                     for rank in range(world_size))
 
     flags = {key: value for key, value in vars(args).items() if key != "log_level"}
-    engine_dir = save_engine(output_dir, model_config, build_config, write_weights, files, flags, sources)
+    finish = None
     if build_config.uses_triton and not torch.cuda.is_available():
         logger.info("this engine's plugins are Triton kernels, which run on a CUDA GPU; on a machine without one "
                     "(like this one) run.py computes the same network with the reference ops")
-    return engine_dir
+    elif build_config.uses_triton and world_size > 1:
+        logger.info("kernels are not compiled at build for a tensor-parallel engine: Triton compiles them at its "
+                    "first start on each machine")
+    elif build_config.uses_triton:
+        finish = compile_kernels
+    return save_engine(output_dir, model_config, build_config, write_weights, files, flags, sources, finish)
+
+
+def compile_kernels(staging: Path) -> None:
+    """Runs the finished engine once on this GPU, in a child process whose Triton cache is
+    the engine's kernels/ directory, and lists what it compiled (kernels.json): the
+    engine then starts without compiling on a GPU of this architecture
+    (glm_engine/kernel_cache.py). If that run fails, the engine is kept without them."""
+    import multiprocessing
+    import shutil
+
+    import torch
+
+    from glm_engine.engine_dir import KERNELS_DIR
+    from glm_engine.kernel_cache import compile_target, write_manifest
+
+    start = time.perf_counter()
+    # A daemon: a build stopped (Ctrl-C, SIGTERM) takes it down too.
+    process = multiprocessing.get_context("spawn").Process(target=run_engine_once, args=(staging,), daemon=True)
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        shutil.rmtree(staging / KERNELS_DIR, ignore_errors=True)
+        logger.warning("running the engine on this GPU to compile its kernels failed (exit code %s): the engine is "
+                       "written without them, and Triton compiles them at its first start", process.exitcode)
+        return
+    target = compile_target(torch.device("cuda"))
+    count = write_manifest(staging, target)
+    logger.info("compiled the engine's kernels for %s (%s, Triton %s): %d files in %.1f s", target["arch"],
+                target["gpu"], target["triton"], count, time.perf_counter() - start)
+
+
+def run_engine_once(engine_dir: Path) -> None:
+    """In the child of compile_kernels: Triton compiles into engine_dir/kernels while the
+    engine starts (the decode graphs' capture) and generates a few tokens, greedy and
+    sampled, for a prompt long enough for cuBLAS and one short enough for the skinny GEMM."""
+    import os
+
+    from glm_engine.engine_dir import KERNELS_DIR
+
+    os.environ["TRITON_CACHE_DIR"] = str(engine_dir / KERNELS_DIR)  # before Triton is imported
+    setup_logging("warning")
+    from glm_engine.runtime.sampling import SamplingConfig
+    from model import load_session
+
+    session = load_session(engine_dir, device="cuda")
+    build, vocab = session.build_config, session.model_config.vocab_size
+    new_tokens = min(2, build.max_output_len)
+    greedy = SamplingConfig(max_new_tokens=new_tokens, end_id=-1)
+    sampled = SamplingConfig(max_new_tokens=new_tokens, end_id=-1, temperature=0.8, top_k=50, top_p=0.9,
+                             random_seed=0)
+    for length in sorted({min(40, build.max_input_len), min(5, build.max_input_len)}):
+        prompt = [token % vocab for token in range(3, 3 + length)]
+        session.generate_requests([prompt, prompt], [greedy, sampled])
 
 
 def convert_weights(args: argparse.Namespace, model_config: ModelConfig, build_config: BuildConfig,

@@ -169,12 +169,14 @@ def write_rank_file(staging: Path, rank: int, weights: dict[str, torch.Tensor],
 
 def save_engine(output_dir: str | Path, model_config: ModelConfig, build_config: BuildConfig,
                 write_weights: Callable[[Path], dict[str, dict]], tokenizer_files: list[Path],
-                build_flags: dict, sources: dict[str, Path] | None = None) -> Path:
+                build_flags: dict, sources: dict[str, Path] | None = None,
+                finish: Callable[[Path], None] | None = None) -> Path:
     """Writes the engine into a staging directory beside `output_dir`, then renames it
     into place, replacing only what engine_dir.check_output_dir allows; `sources`
     (flag -> directory read by the build) are never replaced or written into.
     `write_weights(staging)` writes the rank files there (write_rank_file) and returns
-    their checksums by file name."""
+    their checksums by file name; `finish(staging)`, given, runs on the complete engine
+    before it moves into place (build.py compiles its kernels there)."""
     output_dir = Path(output_dir).resolve()
     with staging_dir(output_dir) as staging:
         checksums = write_weights(staging)
@@ -191,6 +193,8 @@ def save_engine(output_dir: str | Path, model_config: ModelConfig, build_config:
         config["config_sha256"] = config_digest(config)
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                            encoding="utf-8")
+        if finish is not None:
+            finish(staging)
         _apply_umask(staging)
         move_into_place(staging, output_dir, sources or {})
     return output_dir
@@ -201,8 +205,8 @@ def _apply_umask(directory: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     directory.chmod(0o777 & ~umask)
-    for path in directory.iterdir():
-        path.chmod(0o666 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _missing_engine_error(engine_dir: Path) -> GlmEngineError:

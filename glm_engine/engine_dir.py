@@ -30,6 +30,9 @@ logger = logging.getLogger("engine")
 
 ENGINE_MARKER = "glm_engine"  # config.json's "format" in every engine this project writes
 CONFIG_NAME = "config.json"
+# The kernels compiled for the engine at build (kernel_cache.py): their list, and Triton's files.
+KERNELS_MANIFEST = "kernels.json"
+KERNELS_DIR = "kernels"
 
 
 def _hidden(output_dir: Path, kind: str) -> str:
@@ -38,7 +41,7 @@ def _hidden(output_dir: Path, kind: str) -> str:
 
 def engine_files(directory: Path) -> set[str] | None:
     """The files of the engine this project wrote at `directory` (config.json, weights,
-    tokenizer files), or None when `directory` holds no such engine."""
+    tokenizer files, compiled kernels), or None when `directory` holds no such engine."""
     try:
         config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -52,7 +55,8 @@ def engine_files(directory: Path) -> set[str] | None:
     checksums, tokenizer_files = config.get("checksums"), config.get("tokenizer_files", [])
     if not ours or not isinstance(checksums, dict) or not isinstance(tokenizer_files, list):
         return None
-    return {CONFIG_NAME, *map(str, checksums), *map(str, tokenizer_files)}
+    kernels = {KERNELS_MANIFEST, KERNELS_DIR} if (directory / KERNELS_MANIFEST).is_file() else set()
+    return {CONFIG_NAME, *map(str, checksums), *map(str, tokenizer_files), *kernels}
 
 
 def _overlaps(first: Path, second: Path) -> bool:
@@ -87,10 +91,23 @@ def check_output_dir(output_dir: Path, sources: dict[str, Path]) -> None:
     if ours is None:
         raise GlmEngineError(f"--output_dir {output_dir} exists and is not an engine that build.py wrote; "
                              "build.py replaces only its own engines: choose another --output_dir or empty it")
-    extra = sorted(present - ours)
+    extra = sorted(present - ours) or [f"{KERNELS_DIR}/{name}" for name in _unlisted_kernel_files(target)]
     if extra:
         raise GlmEngineError(f"--output_dir {output_dir} holds {extra[0]!r}, which build.py did not write; "
                              "move it out, or choose another --output_dir")
+
+
+def _unlisted_kernel_files(engine_dir: Path) -> list[str]:
+    """Files under the engine's kernels/ that its kernels.json does not list."""
+    kernels = engine_dir / KERNELS_DIR
+    if not kernels.is_dir():
+        return []
+    try:
+        listed = set(json.loads((engine_dir / KERNELS_MANIFEST).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    return sorted(str(path.relative_to(kernels)) for path in kernels.rglob("*")
+                  if not path.is_dir() and str(path.relative_to(kernels)) not in listed)
 
 
 def _try_lock(fd: int) -> bool:

@@ -20,6 +20,7 @@ from torch import nn
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.engine import Engine, engine_configs, load_engine
+from glm_engine.kernel_cache import seed_triton_cache
 from glm_engine.ops import Ops, select_ops
 from glm_engine.quantization import dequantize_weights
 from glm_engine.runtime.beam_search import BeamGroup, BeamSearch
@@ -110,6 +111,8 @@ class Session:
         self.parallel = TensorParallel(launch, self.device, config.vocab_size)
         rank_config = rank_model_config(config, build.world_size)  # the shape this rank computes
         ops = select_ops(rank_config, build, self.device, self.parallel)
+        if ops.build.uses_triton and self.device.type == "cuda":
+            seed_triton_cache(engine.directory, self.device)  # the kernels compiled at build, before any compiles
         weights = engine.weights
         if build.weight_only_precision and not ops.build.weight_only_precision:
             weights = dequantize_weights(weights, build.torch_dtype)  # the reference ops take dense weights

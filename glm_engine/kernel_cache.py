@@ -110,7 +110,7 @@ def seed_triton_cache(engine_dir: Path, device: torch.device) -> int:
         logger.warning("could not copy the engine's compiled kernels into Triton's cache %s (%s): Triton compiles "
                        "what is missing", cache, error)
         return copied
-    logger.info("kernels: %d of the engine's %d compiled files copied into Triton's cache %s", copied,
+    logger.info("%d of the engine's %d compiled files copied into Triton's cache %s", copied,
                 len(manifest["files"]), cache)
     return copied
 

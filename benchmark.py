@@ -64,8 +64,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf", action="store_true",
                         help="also measure GlmForCausalLM (eager) on the same weights (default: off)")
     parser.add_argument("--accuracy", action="store_true",
-                        help="relative error of the engine's logits against GlmForCausalLM in float32 "
-                             "(default: off)")
+                        help="relative error of the engine's logits against GlmForCausalLM in float32, from "
+                             "the prefill and from decode steps (default: off)")
     parser.add_argument("--reference_engine_dir", type=str, default=None,
                         help="--accuracy: take the float32 reference's weights from this engine (e.g. the "
                              "unquantized one, to see quantization drift) (default: the measured engine's, "
@@ -232,24 +232,33 @@ def hf_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
                          model.config.vocab_size, args, device)
 
 
-def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -> float | None:
-    """||engine - reference|| / ||reference|| over the logits at every position of one
-    prompt, the reference being GlmForCausalLM in float32 (built on rank 0 alone; None
-    on the other ranks, which take part in the engine's forward only)."""
+DECODED_POSITIONS = 32  # --accuracy: the prompt's last positions also computed by decode steps
+
+
+def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -> dict[str, float] | None:
+    """||engine - reference|| / ||reference|| of the logits of one prompt, the reference
+    being GlmForCausalLM in float32: at every position from the prefill ("prefill"), and
+    at its last positions from decode steps fed the prompt's tokens ("decode": the decode
+    kernels and graphs). Built on rank 0 alone; None on the other ranks, which take part
+    in the engine's forwards only."""
     import torch
 
     from glm_engine.engine import load_whole_engine
     from glm_engine.hf_reference import build_glm_model
 
     prompt = random_prompts([min(args.input_len, 256)], min(session.model_config.vocab_size, 60000), seed=1)[0]
-    ours = session.prompt_logits(prompt)
+    decoded = min(DECODED_POSITIONS, len(prompt) - 1)  # none for a one-token prompt
+    prefill = session.prompt_logits(prompt)
+    decode = session.decode_logits(prompt, decoded) if decoded else None
     if not session.is_main_rank:
         return None
     engine = load_whole_engine(args.reference_engine_dir or args.engine_dir, "cpu")  # shape checked up front
     hf_fp32 = build_glm_model(session.model_config, engine.weights, device, torch.float32, attn_implementation="eager")
     del engine
     with torch.inference_mode():
-        return relative_error(ours, hf_fp32(torch.tensor([prompt], device=ours.device)).logits[0])
+        reference = hf_fp32(torch.tensor([prompt], device=prefill.device)).logits[0]
+    return {"prefill": relative_error(prefill, reference),
+            "decode": None if decode is None else relative_error(decode, reference[-decoded:])}
 
 
 def plot_throughput(rows: list[dict], environment: dict, path: str) -> None:
@@ -551,7 +560,10 @@ def main() -> None:
                                 options=sampling_options(args, None))
     rows = measured_rows("glm_engine", measure, session.model_config.vocab_size, args, device)
     if args.accuracy:
-        result["logits_relative_error_vs_hf_fp32"] = accuracy(session, args, device)
+        errors = accuracy(session, args, device)
+        if errors is not None:
+            result["logits_relative_error_vs_hf_fp32"] = errors["prefill"]
+            result["decode_logits_relative_error_vs_hf_fp32"] = errors["decode"]
         result["accuracy_reference_engine_dir"] = args.reference_engine_dir or args.engine_dir
     if not session.is_main_rank:  # tensor parallelism: rank 0 alone runs the reference and reports
         return
@@ -565,7 +577,9 @@ def main() -> None:
     stages = ", ".join(f"{name} {seconds:.2f}" for name, seconds in session_stages.items())
     print(f"start-up {result['startup_s']:.2f} s ({stages})")
     if args.accuracy:
-        print(f"logits relative error vs GlmForCausalLM fp32: {result['logits_relative_error_vs_hf_fp32']:.3e}")
+        decode = result["decode_logits_relative_error_vs_hf_fp32"]
+        print(f"logits relative error vs GlmForCausalLM fp32: prefill {result['logits_relative_error_vs_hf_fp32']:.3e}"
+              f", decode steps {'n/a (one-token prompt)' if decode is None else f'{decode:.3e}'}")
     if args.plot is not None:
         plot_throughput(rows, result["environment"], args.plot)
     if args.output_json is not None:

@@ -198,6 +198,7 @@ def test_benchmark_measures_engine_and_hf_on_the_same_weights(tiny_engine_factor
     assert all(row["prefill_ms"] > 0 and row["decode_ms_per_step"] > 0 for row in measured["rows"][:2])
     assert all(row["prefill_ms"] > 0 for row in measured["rows"][2:])
     assert measured["logits_relative_error_vs_hf_fp32"] < 1e-5
+    assert measured["decode_logits_relative_error_vs_hf_fp32"] < 1e-5
     assert {"card", "date", "command", "torch"} <= measured["environment"].keys()
 
 
@@ -272,6 +273,7 @@ def test_benchmark_accuracy_reference_engine_dir_sets_the_reference_weights(tiny
     assert result.returncode == 0, result.stderr
     measured = json.loads((tmp_path / "result.json").read_text())
     assert measured["logits_relative_error_vs_hf_fp32"] > 1e-2  # other weights: far from this engine
+    assert measured["decode_logits_relative_error_vs_hf_fp32"] > 1e-2
     other_shape = tiny_engine_factory(*TINY_SHAPE_FLAGS[:-2], "--vocab_size", "512", "--max_input_len", "16")
     result = run_tool("benchmark.py", "--engine_dir", engine_dir, "--batch_size", "1", "--input_len", "16",
                       "--output_len", "2", "--repeats", "1", "--accuracy", "--reference_engine_dir", other_shape,

@@ -4,7 +4,8 @@ network (model.py's, handed in by model.load_session: the library never imports
 the network), sizes the KV pool, checks requests against the engine's limits, and
 runs planned steps (packed prefill and decode forwards, CUDA-graph decode steps)
 until every request stops. APIs: generate / generate_stream (a static batch),
-generate_requests / stream_requests (any number, in flight), prompt_logits."""
+generate_requests / stream_requests (any number, in flight), prompt_logits and
+decode_logits (accuracy checks)."""
 
 from __future__ import annotations
 
@@ -218,6 +219,26 @@ class Session:
             raise GlmEngineError("the KV cache pool is too small for this prompt")
         try:
             return self.runner.prompt_logits(block_table, prompt)
+        finally:
+            self.block_manager.release(block_table)
+
+    def decode_logits(self, prompt: list[int], decoded: int) -> torch.Tensor:
+        """Float32 logits [decoded, vocab] at the last `decoded` positions of one prompt, each
+        from a decode step (one new token; the decode graphs when captured) after a prefill
+        of the tokens before them: generation's path, fed the prompt's tokens."""
+        self.check_request([prompt], 1)
+        if not 0 < decoded < len(prompt):
+            raise GlmEngineError(f"decode_logits: {decoded} decoded positions of a {len(prompt)}-token prompt; "
+                                 "take at least 1 and fewer than the prompt's tokens")
+        block_table: list[int] = []
+        if not self.block_manager.grow(block_table, len(prompt)):
+            raise GlmEngineError("the KV cache pool is too small for this prompt")
+        try:
+            first = len(prompt) - decoded
+            self.runner.execute([block_table], [0], [prompt[:first]])
+            # Cloned: a decode graph's logits are its static output, overwritten by the next step.
+            return torch.cat([self.runner.execute([block_table], [position], [[prompt[position]]])[0].clone()
+                              for position in range(first, len(prompt))])
         finally:
             self.block_manager.release(block_table)
 

@@ -302,8 +302,9 @@ def test_kernels_take_strided_index_tensors():
 @pytest.mark.parametrize("rows, vocab, masked", [(1, 4096, False), (5, 5000, True), (3, 12000, False), (2, 100, False)])
 def test_draw_tokens_matches_reference(rows, vocab, masked):
     """The kernel draws the reference's token for every row: no filter, top-k, top-p and
-    both (peaked and flat rows, rows mostly at -inf, a row with one token left, a ragged
-    last chunk, rows of a strided tensor), over several steps' noise."""
+    both (peaked and flat rows, rows mostly at -inf, a row with one token left, a row whose
+    first chunk is all -inf, a ragged last chunk, rows of a strided tensor), over several
+    steps' noise."""
     from glm_engine.kernels.draw_tokens import draw_tokens
     from glm_engine.runtime.sampling import row_keys
 
@@ -313,6 +314,7 @@ def test_draw_tokens_matches_reference(rows, vocab, masked):
         logits[torch.rand(rows, vocab, generator=generator).to(DEVICE) < 0.9] = float("-inf")
         logits[0, :] = float("-inf")
         logits[0, vocab - 1] = 0.0  # one token left: it must come out
+        logits[1, :4096] = float("-inf")  # the kernel's whole first chunk masked, tokens left after it
     logits[-1, 3] += 8.0 if rows > 1 else 0.0  # a peaked row
     settings = [(0, 1.0), (1, 1.0), (20, 1.0), (0, 0.5), (0, 0.95), (7, 0.9)]
     for step in range(1):

@@ -44,11 +44,9 @@ def _draw_tokens_kernel(logits, row_stride, row_keys, top_ks, top_ps, tokens_out
         for first in range(0, VOCAB, BLOCK):
             values = tl.load(start + first + offsets, mask=first + offsets < VOCAB, other=float("-inf"))
             new_top = tl.maximum(top, tl.max(values, axis=0))
-            # -inf - -inf is NaN: while every logit so far is -inf, there is nothing to rescale or add.
-            rescale = tl.exp(tl.where(top == new_top, 0.0, top - new_top).to(tl.float64))
-            shifted = tl.where(values > float("-inf"), values.to(tl.float64) - new_top.to(tl.float64),
-                               float("-inf"))
-            total = total * rescale + tl.sum(tl.exp(shifted), axis=0)
+            # -inf - -inf is NaN: while every logit so far is -inf, subtract 0 instead (nothing to add or keep).
+            shift = tl.where(new_top == float("-inf"), 0.0, new_top).to(tl.float64)
+            total = total * tl.exp(top.to(tl.float64) - shift) + tl.sum(tl.exp(values.to(tl.float64) - shift), axis=0)
             top = new_top
     floor = tl.max(tl.full((BLOCK,), float("-inf"), tl.float32), axis=0)
     chosen = tl.program_id(0) * 0

@@ -6,8 +6,9 @@ cache is the staging engine's `kernels/` directory, then writes `kernels.json`
 (what they were compiled for, and every file). At start-up, `seed_triton_cache`
 copies them into the user's Triton cache (only entries it lacks; nothing there is
 replaced), so the first start does not compile (H100, the all-plugins 6B engine: the
-decode graphs' capture 0.9 s instead of 10.2 s; docs/PERFORMANCE.md). On another architecture or Triton version the
-kernels are compiled as before, with a log line saying why.
+decode graphs' capture 0.9 s instead of 10.2 s; docs/PERFORMANCE.md). On another
+architecture or Triton version the kernels are compiled as before, with a log line
+saying why.
 
 Triton's cache is a directory per kernel (named by a hash of its source, options,
 target and Triton's own version) holding the binary, its metadata and a group file
@@ -54,17 +55,20 @@ def triton_cache_dir() -> Path:
 
 
 def write_manifest(engine_dir: Path, target: dict) -> int:
-    """Lists the kernel files compiled into `engine_dir`/kernels (Triton's locks and
-    unfinished writes left out) in `engine_dir`/kernels.json, after making the group
-    files' paths relative to kernels/ (the directory is renamed into place later);
-    returns the number of files."""
+    """Lists every file compiled into `engine_dir`/kernels in `engine_dir`/kernels.json,
+    after making the group files' paths relative to kernels/ (the directory is renamed
+    into place later); returns the number of files."""
     kernels = engine_dir / KERNELS_DIR
-    files = sorted(path for path in kernels.rglob("*")
-                   if path.is_file() and path.name != "lock" and not path.parent.name.startswith("tmp."))
+    root = kernels.resolve()
+    files = sorted(path for path in kernels.rglob("*") if path.is_file())
+
+    def relative(child: str) -> str:
+        resolved = Path(child).resolve()
+        return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else child
+
     for path in files:
         if path.name.startswith(GROUP_PREFIX):
-            _rewrite_group(path, path, lambda child: str(Path(child).resolve().relative_to(kernels.resolve()))
-                           if Path(child).resolve().is_relative_to(kernels.resolve()) else child)
+            _rewrite_group(path, path, relative)
     manifest = {**target, "files": [str(path.relative_to(kernels)) for path in files]}
     (engine_dir / KERNELS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return len(files)

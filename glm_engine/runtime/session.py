@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -214,13 +215,8 @@ class Session:
     def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
         """Float32 logits [len(prompt), vocab] at every position of one prompt."""
         self.check_request([prompt], 1)
-        block_table: list[int] = []
-        if not self.block_manager.grow(block_table, len(prompt)):
-            raise GlmEngineError("the KV cache pool is too small for this prompt")
-        try:
+        with self._blocks_for(prompt) as block_table:
             return self.runner.prompt_logits(block_table, prompt)
-        finally:
-            self.block_manager.release(block_table)
 
     def decode_logits(self, prompt: list[int], decoded: int) -> torch.Tensor:
         """Float32 logits [decoded, vocab] at the last `decoded` positions of one prompt, each
@@ -230,15 +226,21 @@ class Session:
         if not 0 < decoded < len(prompt):
             raise GlmEngineError(f"decode_logits: {decoded} decoded positions of a {len(prompt)}-token prompt; "
                                  "take at least 1 and fewer than the prompt's tokens")
-        block_table: list[int] = []
-        if not self.block_manager.grow(block_table, len(prompt)):
-            raise GlmEngineError("the KV cache pool is too small for this prompt")
-        try:
+        with self._blocks_for(prompt) as block_table:
             first = len(prompt) - decoded
             self.runner.execute([block_table], [0], [prompt[:first]])
             # Cloned: a decode graph's logits are its static output, overwritten by the next step.
             return torch.cat([self.runner.execute([block_table], [position], [[prompt[position]]])[0].clone()
                               for position in range(first, len(prompt))])
+
+    @contextmanager
+    def _blocks_for(self, prompt: list[int]) -> Iterator[list[int]]:
+        """A block table holding `prompt`'s K/V outside any scheduler, released afterwards."""
+        block_table: list[int] = []
+        if not self.block_manager.grow(block_table, len(prompt)):
+            raise GlmEngineError("the KV cache pool is too small for this prompt")
+        try:
+            yield block_table
         finally:
             self.block_manager.release(block_table)
 

@@ -109,7 +109,9 @@ def measure(kind: str, name: str, make, shape: tuple[int, int], rows: int) -> di
     error = relative_error(call(x, packed).float(), expected)
     if not error <= 5e-3:
         raise AssertionError(f"{kind} {name} {shape} rows {rows}: relative error {error:.2e}")
-    copies = [packed] + [make(weight)[1] for _ in range(max(1, int(STREAM_BYTES / (n * k * WEIGHT_BYTES[kind]))) - 1)]
+    # Each copy its own storage (fp16 variants return the weight itself: clone it), so no call finds it in L2.
+    copies = [packed] + [make(weight.clone())[1]
+                         for _ in range(max(1, int(STREAM_BYTES / (n * k * WEIGHT_BYTES[kind]))) - 1)]
     us = graph_us([lambda w=w: call(x, w) for w in copies])
     return {"kind": kind, "variant": name, "layer": shape, "rows": rows, "us": us, "error": error,
             "gb_per_s": n * k * WEIGHT_BYTES[kind] / us / 1e3}

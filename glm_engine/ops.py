@@ -63,13 +63,15 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return reference.linear(x, weight, bias)
 
 
-def kernel_linear(gemv: Callable, dequantize: Callable, max_rows: int) -> Linear:
-    """Decode-sized inputs (at most `max_rows` rows) through the skinny-GEMM kernel;
+def kernel_linear(gemv: Callable, dequantize: Callable, max_rows: int, cublas_is_faster: Callable) -> Linear:
+    """Decode-sized inputs (at most `max_rows` rows) through the skinny-GEMM kernel, but for
+    the shapes where cuBLAS measured faster (`cublas_is_faster(rows, n, k, quant_bits)`);
     larger ones through cuBLAS, on the weight dequantized by a kernel when quantized."""
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor | None,
                quant_bits: int) -> torch.Tensor:
-        if x.shape[0] <= max_rows:
+        rows, k = x.shape
+        if rows <= max_rows and not cublas_is_faster(rows, weight.shape[0], k, quant_bits):
             return gemv(x, weight, bias, weight_scales, quant_bits)
         if quant_bits:
             weight = dequantize(weight, weight_scales, quant_bits, x.dtype)
@@ -99,7 +101,7 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
     if build.use_gemm_plugin is not None or build.weight_only_precision is not None:
         from glm_engine.kernels import dequantize, gemv
 
-        linear = kernel_linear(gemv.gemv, dequantize.dequantize, gemv.MAX_ROWS)
+        linear = kernel_linear(gemv.gemv, dequantize.dequantize, gemv.MAX_ROWS, gemv.cublas_is_faster)
     if build.use_gpt_attention_plugin is not None:
         attention = PagedAttention(config, dtype, device, build.context_fmha, build.max_sequence_len)
     else:

@@ -286,13 +286,13 @@ def _epilogue_kernel(partial, weight_scales, bias, out, total, N: tl.constexpr, 
 
 def default_config(rows: int, n: int, k: int, quant_bits: int, half2_ok: bool = False) -> GemvConfig:
     """The fastest choice of benchmarks/tune_gemv.py on an H100 (timed inside CUDA graphs,
-    docs/PERFORMANCE.md): at one fp16 row on a GPU, the half2 path on every quantized
-    matrix (`half2_ok`; int4 in 32-column blocks on the largest matrices, 4 where K
-    exceeds N); otherwise FMA with narrow column blocks for one or two rows on
-    fp16 weights and on small quantized matrices; at one row, FMA on every quantized matrix
-    but int8's up projection; tl.dot with K split 4 (int8) or 2 (int4) on the other large
-    quantized ones and for more rows. (Feeding int4's nibbles to two half-K products
-    instead of interleaving them measured slower: 0.5 vs 1.2 TB/s.)"""
+    weights streamed from HBM; docs/PERFORMANCE.md): at one fp16 row on a GPU, the half2
+    path on every quantized matrix (`half2_ok`; int4 in 32-column blocks on the largest
+    matrices, 4 where K exceeds N); otherwise at one row FMA on int4 and on the smaller
+    int8 matrices, and FMA on fp16 weights; at two rows FMA on the small fp16 and int4
+    matrices; tl.dot elsewhere, with K split 4 (int8) or 2 (int4) on quantized weights.
+    (Feeding int4's nibbles to two half-K products instead of interleaving them measured
+    slower: 0.5 vs 1.2 TB/s.)"""
     whole_words = quant_bits == 0 or k % (32 // quant_bits) == 0  # the quantized FMA path reads int32 words
     if rows == 1 and quant_bits and whole_words and half2_ok:
         if quant_bits == 4 and n * k >= 60_000_000:
@@ -300,11 +300,20 @@ def default_config(rows: int, n: int, k: int, quant_bits: int, half2_ok: bool = 
         return GemvConfig(8 if quant_bits == 4 and k <= n else 4, 1024, 1, use_dot=False, half2=True)
     if rows == 1 and quant_bits and whole_words and (quant_bits == 4 or n * k < 60_000_000):
         return GemvConfig(8, 512, 1, use_dot=False)
-    if rows <= MAX_FMA_ROWS and whole_words and (quant_bits == 0 or n * k < 20_000_000):
+    if rows == 1 and quant_bits == 0:
         return GemvConfig(4, 512, 1, use_dot=False)
+    if rows == 2 and whole_words and quant_bits != 8 and n * k < 20_000_000:
+        return GemvConfig(8, 512, 1, use_dot=False)
     if quant_bits == 0:
         return GemvConfig(32, 512, 1, use_dot=True)
     return GemvConfig(32, 256, 4 if quant_bits == 8 else 2, use_dot=True)
+
+
+def cublas_is_faster(rows: int, n: int, k: int, quant_bits: int) -> bool:
+    """Where cuBLAS beat every config of this kernel on an H100 (benchmarks/tune_gemv.py,
+    docs/PERFORMANCE.md): unquantized weights at 2-16 rows with N > K and under 20M
+    weights (ChatGLM2-6B's qkv: 15.5-16.1 us against 15.9-16.4 at best)."""
+    return quant_bits == 0 and 2 <= rows <= MAX_ROWS and n > k and n * k < 20_000_000
 
 
 _COMPILED = compiled(_gemv_kernel)

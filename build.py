@@ -81,6 +81,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{switch}", action="store_true", default=None, help=f"{text} (default: off)")
     parser.add_argument("--weight_only_precision", choices=["int8", "int4"], default=None,
                         help="with --use_weight_only (default: int8)")
+    parser.add_argument("--weight_only_group_size", type=int, default=None,
+                        help="with --use_weight_only: one scale per this many input channels of each output "
+                             "channel, a power of two >= 32, e.g. 128 (default: 0, one scale per output channel)")
     parser.add_argument("--tokens_per_block", type=int, default=None,
                         help="tokens per paged KV block, a power of two (default: 64)")
     return parser.parse_args(argv)
@@ -91,9 +94,9 @@ def check_supported(args: argparse.Namespace) -> None:
     if args.parallel_build and args.world_size == 1:
         raise GlmEngineError("--parallel_build converts the ranks of a --world_size N > 1 build in parallel; "
                              "add --world_size N or drop it")
-    if args.weight_only_precision is not None and not args.use_weight_only:
-        raise GlmEngineError("--weight_only_precision applies to --use_weight_only; add --use_weight_only or "
-                             "drop it")
+    for flag in ("weight_only_precision", "weight_only_group_size"):
+        if getattr(args, flag) is not None and not args.use_weight_only:
+            raise GlmEngineError(f"--{flag} applies to --use_weight_only; add --use_weight_only or drop it")
     if args.tokens_per_block is not None and not (args.paged_kv_cache or args.use_inflight_batching):
         raise GlmEngineError("--tokens_per_block sets the paged KV cache's block size; add --paged_kv_cache")
 
@@ -168,7 +171,7 @@ def build_config_of(args: argparse.Namespace) -> BuildConfig:
                        world_size=args.world_size, use_layernorm_plugin=args.use_layernorm_plugin,
                        use_gemm_plugin=args.use_gemm_plugin,
                        weight_only_precision=(args.weight_only_precision or "int8") if args.use_weight_only
-                       else None, **serving_flags(args))
+                       else None, weight_only_group_size=args.weight_only_group_size or 0, **serving_flags(args))
 
 
 def model_config_of(args: argparse.Namespace) -> ModelConfig:
@@ -198,7 +201,8 @@ def build(args: argparse.Namespace) -> Path:
     model_config = model_config_of(args)
     from glm_engine.tensor_parallel import check_world_size
 
-    check_world_size(model_config, build_config.world_size, build_config.weight_only_precision)
+    check_world_size(model_config, build_config.world_size, build_config.weight_only_precision,
+                     build_config.weight_only_group_size)
     check_weights_fit(model_config, build_config, build_config.world_size if args.parallel_build else 1)
     with tempfile.TemporaryDirectory() as scratch:
         files = tokenizer_files(tokenizer_source(args, model_config.vocab_size, Path(scratch)),
@@ -304,7 +308,8 @@ def convert_weights(args: argparse.Namespace, model_config: ModelConfig, build_c
     else:
         weights = load_hf_weights(args.model_dir, model_config, build_config.torch_dtype, progress=progress)
     if build_config.weight_only_precision is not None:
-        weights = quantize_weights(weights, model_config, build_config.weight_only_precision, progress=progress)
+        weights = quantize_weights(weights, model_config, build_config.weight_only_precision,
+                                   build_config.weight_only_group_size, progress=progress)
     return weights
 
 

@@ -61,7 +61,8 @@ class RMSNorm(nn.Module):
 
 class DecoderLinear(nn.Module):
     """A linear layer of a decoder layer: weight [out, in] in the model dtype, or
-    int8 / packed int4 with per-output-channel `weight_scales` (--use_weight_only),
+    int8 / packed int4 with `weight_scales` per output channel, or per group of input
+    channels of each (--use_weight_only, --weight_only_group_size),
     computed by the op table's linear (cuBLAS, or the skinny-GEMM kernel for
     decode-sized inputs)."""
 
@@ -70,7 +71,9 @@ class DecoderLinear(nn.Module):
         self.quant_bits = BITS.get(ops.build.weight_only_precision, 0)
         packed_in = in_features // 2 if self.quant_bits == 4 else in_features
         self.weight = nn.Parameter(torch.empty(out_features, packed_in, device=UNLOADED), requires_grad=False)
-        self.weight_scales = nn.Parameter(torch.empty(out_features, device=UNLOADED), requires_grad=False) \
+        group = ops.build.weight_only_group_size
+        scale_shape = (out_features, in_features // group) if group else (out_features,)
+        self.weight_scales = nn.Parameter(torch.empty(scale_shape, device=UNLOADED), requires_grad=False) \
             if self.quant_bits else None
         self.bias = nn.Parameter(torch.empty(out_features, device=UNLOADED), requires_grad=False) if bias else None
         self.linear = ops.linear

@@ -242,6 +242,8 @@ class BuildConfig:
     use_layernorm_plugin: str | None = None
     use_gemm_plugin: str | None = None
     weight_only_precision: str | None = None  # int8 or int4 with --use_weight_only, None without
+    # Input channels per weight scale (--weight_only_group_size); 0: one scale per output channel.
+    weight_only_group_size: int = 0
     # Context FMHA as TensorRT-LLM names it: "enabled" (float16 accumulation of P.V
     # in float16 engines), "enabled_with_fp32_acc", or None (the unfused reference).
     context_fmha: str | None = None
@@ -254,7 +256,7 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         check_field_types("build config", self, ("max_batch_size", "max_input_len", "max_output_len",
-                                                 "world_size", "tokens_per_block"),
+                                                 "world_size", "tokens_per_block", "weight_only_group_size"),
                           flags=("paged_kv_cache", "remove_input_padding", "use_inflight_batching"))
         if self.random_seed is not None and not (is_integer(self.random_seed) and 0 <= self.random_seed <= MAX_SEED):
             raise GlmEngineError(f"--random_seed must be an integer in [0, 2**64), got {self.random_seed!r}")
@@ -262,6 +264,13 @@ class BuildConfig:
             raise GlmEngineError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.weight_only_precision not in (None, "int8", "int4"):
             raise GlmEngineError(f"--weight_only_precision must be int8 or int4, got {self.weight_only_precision!r}")
+        group = self.weight_only_group_size
+        if group and (group < 32 or group & (group - 1)):
+            raise GlmEngineError(f"--weight_only_group_size must be 0 (per output channel) or a power of two of at "
+                                 f"least 32, got {group}")
+        if group and self.weight_only_precision is None:
+            raise GlmEngineError("--weight_only_group_size applies to --use_weight_only; add --use_weight_only or "
+                                 "drop it")
         for plugin in ("use_gpt_attention_plugin", "use_layernorm_plugin", "use_gemm_plugin"):
             value = getattr(self, plugin)
             if value is not None and value != self.dtype:
@@ -306,4 +315,7 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "BuildConfig":
+        if isinstance(values, dict) and "weight_only_group_size" not in values:
+            # Written before the flag existed: such an engine's scales are per output channel.
+            values = {**values, "weight_only_group_size": 0}
         return cls(**_dataclass_fields(cls, values, "build"))

@@ -46,15 +46,16 @@ def rank_weight_shapes(config: ModelConfig, world_size: int) -> dict[str, tuple[
 def engine_tensor_specs(config: ModelConfig, build: BuildConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of every tensor in each rank file of an engine built with
     `build`: int8 weights, or int4 packed two per byte (uint8, half the columns), with
-    float32 `_scales` per output channel under --use_weight_only; the rest in the engine
-    dtype."""
+    float32 `_scales` per output channel ([rows]) or per group of input channels
+    ([rows, columns / group]) under --use_weight_only; the rest in the engine dtype."""
     specs = {name: (shape, build.torch_dtype) for name, shape in rank_weight_shapes(config, build.world_size).items()}
     if build.weight_only_precision is not None:
         int4 = build.weight_only_precision == "int4"
         for name in quantized_weight_names(config):
             rows, columns = specs[name][0]
             specs[name] = ((rows, columns // 2), torch.uint8) if int4 else ((rows, columns), torch.int8)
-            specs[name + "_scales"] = ((rows,), torch.float32)
+            group = build.weight_only_group_size
+            specs[name + "_scales"] = ((rows, columns // group) if group else (rows,), torch.float32)
     return specs
 
 

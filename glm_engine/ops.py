@@ -55,7 +55,7 @@ def reference_build(build: BuildConfig) -> BuildConfig:
     """`build` with every kernel choice off (sizes and scheduling flags kept)."""
     return dataclasses.replace(build, use_gpt_attention_plugin=None, use_layernorm_plugin=None,
                                use_gemm_plugin=None, context_fmha=None, weight_only_precision=None,
-                               use_inflight_batching=False)
+                               weight_only_group_size=0, use_inflight_batching=False)
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -6,8 +6,8 @@ slice of the runtime-layout weights.
   rank with the K/V groups they use; ChatGLM2 has 2 K/V groups, so past N = 2 each
   group is replicated on the N / 2 ranks whose heads read it.
 - dense, dense_4h_to_h: row-parallel (input columns split; each rank's output is a
-  partial sum, all-reduced by the runtime). Weight-only scales are per output row,
-  which every rank keeps whole.
+  partial sum, all-reduced by the runtime). Weight-only scales per output row are
+  kept whole by every rank; scales per group of input columns are split with them.
 - dense_h_to_4h: column-parallel, its gate and up halves split alike.
 - output_layer: vocab-parallel, ceil(vocab / N) rows per rank (the last padded with
   zero rows; the runtime gathers the logits and drops the padding).
@@ -25,8 +25,10 @@ from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
 
 
-def check_world_size(config: ModelConfig, world_size: int, weight_only_precision: str | None = None) -> None:
-    """Raises GlmEngineError when the model cannot be split over `world_size` ranks."""
+def check_world_size(config: ModelConfig, world_size: int, weight_only_precision: str | None = None,
+                     weight_only_group_size: int = 0) -> None:
+    """Raises GlmEngineError when the model cannot be split over `world_size` ranks, or
+    its linears' input channels (each rank's share) into weight-only groups."""
     heads, groups, ffn = config.num_attention_heads, config.multi_query_group_num, config.ffn_hidden_size
     if world_size < 1:
         raise GlmEngineError(f"--world_size must be positive, got {world_size}")
@@ -42,6 +44,14 @@ def check_world_size(config: ModelConfig, world_size: int, weight_only_precision
     if weight_only_precision == "int4" and (config.q_size // world_size % 2 or ffn // world_size % 2):
         raise GlmEngineError(f"int4 weight-only packs two input channels per byte: each of the {world_size} ranks "
                              "needs an even share of the attention and MLP channels; choose another world size")
+    group = weight_only_group_size
+    per_rank = " per rank" if world_size > 1 else ""
+    inputs = {"hidden_size": config.hidden_size, "attention channels" + per_rank: config.q_size // world_size,
+              "MLP channels" + per_rank: ffn // world_size}
+    for name, size in inputs.items():
+        if group and size % group:
+            raise GlmEngineError(f"--weight_only_group_size {group} does not divide the {size} input channels "
+                                 f"({name}) of a quantized linear; choose a group size that divides it")
 
 
 def rank_model_config(config: ModelConfig, world_size: int) -> ModelConfig:
@@ -104,7 +114,9 @@ def split_weights(weights: dict[str, torch.Tensor], config: ModelConfig, world_s
             shard[name] = tensor.index_select(0, qkv_rows)
         elif ".dense_h_to_4h." in name:
             shard[name] = tensor.index_select(0, gate_up_rows)
-        elif name.endswith((".self_attention.dense.weight", ".dense_4h_to_h.weight")):
+        elif name.endswith((".self_attention.dense.weight", ".dense_4h_to_h.weight")) or (
+                name.endswith((".self_attention.dense.weight_scales", ".dense_4h_to_h.weight_scales"))
+                and tensor.dim() == 2):  # scales per group of input columns go with their columns
             shard[name] = _columns(tensor, world_size, rank)
         else:  # embedding, norms, the row-parallel layers' per-output-row scales
             shard[name] = tensor
@@ -130,7 +142,9 @@ def merge_weights(rank_weights: list[dict[str, torch.Tensor]], config: ModelConf
             for rank, part in enumerate(slices):
                 tensor.index_copy_(0, rows(config, world_size, rank), part)
             whole[name] = tensor
-        elif name.endswith((".self_attention.dense.weight", ".dense_4h_to_h.weight")):
+        elif name.endswith((".self_attention.dense.weight", ".dense_4h_to_h.weight")) or (
+                name.endswith((".self_attention.dense.weight_scales", ".dense_4h_to_h.weight_scales"))
+                and first.dim() == 2):
             whole[name] = torch.cat(slices, dim=1)
         else:
             whole[name] = first

@@ -129,3 +129,15 @@ def test_weights_file_is_standard_safetensors_with_true_checksums(tmp_path, monk
     assert checksums["sha256"] == hashlib.sha256(data).hexdigest()
     assert checksums["chunk_sha256"] == [hashlib.sha256(data[i:i + chunk_bytes]).hexdigest()
                                          for i in range(0, len(data), chunk_bytes)]
+
+
+def test_engines_written_before_group_wise_scales_still_load():
+    """A build config without `weight_only_group_size` (engines built before the flag) reads
+    as per-channel scales, which is what such an engine holds; any other missing field is refused."""
+    from glm_engine.config import BuildConfig
+
+    written = {name: value for name, value in BuildConfig(weight_only_precision="int4").to_dict().items()
+               if name != "weight_only_group_size"}
+    assert BuildConfig.from_dict(written) == BuildConfig(weight_only_precision="int4", weight_only_group_size=0)
+    with pytest.raises(GlmEngineError, match="the engine's build config has no field 'world_size'"):
+        BuildConfig.from_dict({name: value for name, value in written.items() if name != "world_size"})

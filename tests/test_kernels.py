@@ -144,6 +144,25 @@ def test_quantization_round_trip(bits):
     assert (restored / scales[:, None]).round().abs().max() == limit
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_group_quantization_round_trip(bits):
+    """One scale per 32 input channels: each group's values within half a step of its
+    grid, each group's extreme exact, so the error is below per-channel quantization's."""
+    weight = torch.randn(37, 128) * torch.linspace(0.1, 3.0, 128)  # groups of very different ranges
+    quantized, scales = quantize_per_channel(weight, bits, group_size=32)
+    assert quantized.shape == (37, 128 if bits == 8 else 64) and scales.shape == (37, 4)
+    restored = reference.dequantize(quantized, scales, bits, torch.float32)
+    expanded = scales.repeat_interleave(32, dim=1)
+    assert ((restored - weight).abs() <= expanded / 2 + 1e-6).all()
+    groups = lambda w: w.view(37, 4, 32).abs().amax(2)  # noqa: E731
+    assert torch.allclose(groups(restored), groups(weight), rtol=1e-5)
+    assert torch.equal(quantize_per_channel(restored, bits, group_size=32)[0], quantized)
+    per_channel = reference.dequantize(*quantize_per_channel(weight, bits), bits, torch.float32)
+    assert relative_error(restored, weight) < 0.8 * relative_error(per_channel, weight)
+    with pytest.raises(ValueError, match="group size 48 does not divide the 128 input channels"):
+        quantize_per_channel(weight, bits, group_size=48)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [0, 8, 4])
 @pytest.mark.parametrize("rows, n, k, with_bias, use_dot, split_k", [
@@ -167,6 +186,29 @@ def test_gemv_matches_reference(dtype, bits, rows, n, k, with_bias, use_dot, spl
     bound = 1e-6 if dtype == torch.float32 else 2e-3 if dtype == torch.float16 else 1e-2
     assert out.shape == (rows, n) and out.dtype == dtype
     assert relative_error(out, expected) < bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows, n, k, use_dot, split_k, group", [
+    (1, 48, 128, False, 1, 32), (2, 20, 256, False, 2, 64), (3, 100, 128, True, 1, 32),
+    (16, 32, 256, True, 2, 128), (1, 40, 512, True, 4, 128), (4, 24, 96, False, 3, 32)])
+def test_gemv_group_scales_match_reference(dtype, bits, rows, n, k, use_dot, split_k, group):
+    """Weights with one scale per `group` input channels, on the FMA and tl.dot paths, K
+    split or not (the partial sums arrive scaled: the epilogue applies no scale)."""
+    if dtype == torch.bfloat16 and DEVICE.type == "cpu" and use_dot:
+        pytest.skip("Triton's interpreter computes tl.dot on bfloat16 wrongly; bfloat16 is checked on the GPU")
+    x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
+    weight = torch.randn(n, k, device=DEVICE) / k ** 0.5 * torch.linspace(0.2, 2.0, k, device=DEVICE)
+    quantized, scales = quantize_per_channel(weight, bits, group_size=group)
+    config = gemv_module.GemvConfig(block_n=16, block_k=32, split_k=split_k, use_dot=use_dot)
+    expected = reference.linear(x.double(), reference.dequantize(quantized, scales, bits, torch.float64))
+    bound = 1e-6 if dtype == torch.float32 else 2e-3 if dtype == torch.float16 else 1e-2
+    # The explicit path, and the default choice (it may be tl.dot, which the interpreter gets wrong on bfloat16).
+    for chosen in (config,) if dtype == torch.bfloat16 and DEVICE.type == "cpu" else (config, None):
+        out = gemv_module.gemv(x, quantized, None, scales, bits, chosen)
+        assert out.shape == (rows, n) and out.dtype == dtype
+        assert relative_error(out, expected) < bound
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -220,6 +262,13 @@ def test_gemv_half2_refuses_what_it_cannot_run():
     for x in cases:
         with pytest.raises(ValueError, match="the half2 path takes one float16 row on int8/int4 weights"):
             gemv_module.gemv(x, quantized, None, scales, 4, half2)
+    # Scales per group of input channels: the default choice leaves the half2 path, an explicit one is refused.
+    grouped, group_scales = quantize_per_channel(torch.randn(24, 64, device=DEVICE), 4, group_size=32)
+    expected = reference.linear(x.double(), reference.dequantize(grouped, group_scales, 4, torch.float64))
+    assert relative_error(gemv_module.gemv(x, grouped, None, group_scales, 4), expected) < 2e-3
+    with pytest.raises(ValueError, match="with per-channel scales on a CUDA GPU, got .* group 32"):
+        gemv_module.gemv(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), grouped, None, group_scales, 4,
+                         half2)
 
 
 def test_gemv_choices_follow_the_h100_measurements():
@@ -244,8 +293,11 @@ import glm_engine.kernels.dequantize as dequantize_module  # noqa: E402
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("n, k", [(3, 64), (17, 2050), (5, 4096)])
-def test_dequantize_matches_reference(dtype, bits, n, k):
-    quantized, scales = quantize_per_channel(torch.randn(n, k, device=DEVICE), bits)
+@pytest.mark.parametrize("group", [0, 32])
+def test_dequantize_matches_reference(dtype, bits, n, k, group):
+    if group and k % group:
+        k = k // group * group  # group-wise scales need whole groups
+    quantized, scales = quantize_per_channel(torch.randn(n, k, device=DEVICE), bits, group_size=group)
     out = dequantize_module.dequantize(quantized, scales, bits, dtype)
     expected = reference.dequantize(quantized, scales, bits, dtype)
     if dtype == torch.bfloat16:  # Triton's interpreter truncates to bfloat16 where torch rounds: one ulp

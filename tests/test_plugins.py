@@ -113,7 +113,8 @@ def test_plugin_dtype_must_match_the_engine_dtype(tmp_path):
     ["--use_weight_only", "--weight_only_precision", "int8"],
     ["--use_weight_only", "--weight_only_precision", "int4", *with_dtype(PLUGINS["all"], "float32")],
     ["--use_inflight_batching", "--use_weight_only", "--weight_only_precision", "int4"],
-], ids=["int8", "int4_all_plugins", "inflight_int4"])
+    ["--use_weight_only", "--weight_only_precision", "int4", "--weight_only_group_size", "32"],
+], ids=["int8", "int4_all_plugins", "inflight_int4", "int4_group_32"])
 def test_kernel_engines_run_the_reference_ops_on_the_cpu(tiny_checkpoint_factory, tmp_path, monkeypatch, caplog,
                                                          kernel_calls, flags):
     """Without a GPU or Triton's interpreter, plugin, weight-only and in-flight engines
@@ -143,11 +144,12 @@ def test_kernel_engines_run_the_reference_ops_on_the_cpu(tiny_checkpoint_factory
     assert kernel_calls == {}
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision, group", [("int8", 0), ("int4", 0), ("int4", 32), ("int8", 32)])
 def test_weight_only_engine_equals_reference_network_on_dequantized_weights(tiny_checkpoint_factory, tmp_path,
-                                                                           precision, kernel_calls):
+                                                                           precision, group, kernel_calls):
     """The quantized engine's greedy tokens are those of the unquantized network run on the
-    quantized-then-dequantized weights; its file stores 1 (int8) or 1/2 (int4) byte per weight."""
+    quantized-then-dequantized weights; its file stores 1 (int8) or 1/2 (int4) byte per weight
+    and a float32 scale per output channel or per `group` input channels of each."""
     import build as build_tool
     from glm_engine.config import BuildConfig
     from glm_engine.engine import Engine, load_engine
@@ -155,7 +157,7 @@ def test_weight_only_engine_equals_reference_network_on_dequantized_weights(tiny
 
     model_dir = tiny_checkpoint_factory("safetensors", seed=33)
     quantized = build_engine(model_dir, tmp_path / precision, "float32", "--use_weight_only",
-                             "--weight_only_precision", precision)
+                             "--weight_only_precision", precision, "--weight_only_group_size", str(group))
     engine = load_engine(tmp_path / precision)
     dense = dequantize_weights(engine.weights, torch.float32)
     oracle_session = load_session(Engine(tmp_path, engine.model_config, BuildConfig(dtype="float32", max_input_len=64,
@@ -171,7 +173,9 @@ def test_weight_only_engine_equals_reference_network_on_dequantized_weights(tiny
         if name + "_scales" in engine.weights:
             assert tensor.dtype == (torch.int8 if precision == "int8" else torch.uint8)
             rows, columns = dense[name].shape
-            saved += rows * columns * 4 - tensor.numel() - rows * 4
+            scales = engine.weights[name + "_scales"]
+            assert scales.shape == ((rows, columns // group) if group else (rows,))
+            saved += rows * columns * 4 - tensor.numel() - scales.numel() * 4
     shrink = (plain / "rank0.safetensors").stat().st_size - (tmp_path / precision / "rank0.safetensors").stat().st_size
     assert abs(shrink - saved) < 8192  # the rest is the safetensors header
 
@@ -180,6 +184,47 @@ def test_weight_only_precision_needs_use_weight_only(tmp_path):
     result = run_tool("build.py", "--output_dir", tmp_path / "engine", *TINY_SHAPE_FLAGS,
                       "--weight_only_precision", "int4")
     assert_one_line_error(result, "--weight_only_precision applies to --use_weight_only")
+
+
+def test_group_wise_int4_is_closer_to_the_weights_than_per_channel(tiny_checkpoint_factory, tmp_path):
+    """--weight_only_group_size 32: one scale per 32 input channels, so every decoder
+    linear's dequantized weight is closer to the float weight than per-channel int4's."""
+    import build as build_tool
+    from glm_engine.compare import relative_error
+    from glm_engine.engine import load_engine
+    from glm_engine.quantization import dequantize_weights
+
+    model_dir = tiny_checkpoint_factory("safetensors", seed=36)
+    engines = {}
+    for label, flags in {"plain": [], "channel": ["--use_weight_only", "--weight_only_precision", "int4"],
+                         "group": ["--use_weight_only", "--weight_only_precision", "int4",
+                                   "--weight_only_group_size", "32"]}.items():
+        engine_dir = build_tool.build(build_tool.parse_arguments(
+            ["--model_dir", str(model_dir), "--output_dir", str(tmp_path / label), "--dtype", "float32", *flags]))
+        engines[label] = dequantize_weights(load_engine(engine_dir).weights, torch.float32)
+    names = [name for name in engines["plain"] if name.endswith(("query_key_value.weight", "dense.weight",
+                                                                  "dense_h_to_4h.weight", "dense_4h_to_h.weight"))]
+    assert len(names) >= 8
+    for name in names:
+        plain = engines["plain"][name]
+        assert relative_error(engines["group"][name], plain) < relative_error(engines["channel"][name], plain)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--weight_only_group_size", "32"], "--weight_only_group_size applies to --use_weight_only"),
+    (["--use_weight_only", "--weight_only_group_size", "48"],
+     "--weight_only_group_size must be 0 (per output channel) or a power of two of at least 32, got 48"),
+    (["--use_weight_only", "--weight_only_group_size", "16"],
+     "--weight_only_group_size must be 0 (per output channel) or a power of two of at least 32, got 16"),
+    (["--use_weight_only", "--weight_only_group_size", "128"],
+     "--weight_only_group_size 128 does not divide the 64 input channels (hidden_size)"),
+    (["--use_weight_only", "--weight_only_group_size", "64", "--world_size", "2"],
+     "--weight_only_group_size 64 does not divide the 32 input channels (attention channels per rank)"),
+])
+def test_bad_weight_only_group_size_is_refused(tmp_path, flags, message):
+    result = run_tool("build.py", "--output_dir", tmp_path / "engine", *TINY_SHAPE_FLAGS, *flags)
+    assert_one_line_error(result, message)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_decode_graph_inputs_give_the_eager_step(tiny_checkpoint_factory, tmp_path):

@@ -88,6 +88,34 @@ def test_merging_the_rank_slices_gives_the_whole_model(world_size, precision):
     assert all(torch.equal(merged[name], weights[name]) for name in weights)
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_group_scales_split_with_their_columns(world_size):
+    """--weight_only_group_size 32: the row-parallel layers' scales per group of input
+    columns go to the rank holding those columns, so each rank's slice dequantizes to its
+    share of the whole weight; the shapes are the layout's and merging restores the model."""
+    import dataclasses
+
+    from glm_engine.kernels import reference
+
+    config = dataclasses.replace(TINY, ffn_hidden_size=128)  # 64 MLP channels per rank: whole groups
+    check_world_size(config, world_size, "int4", 32)
+    weights = quantize_weights(dummy_weights(config, torch.float32, 0), config, "int4", 32)
+    build = BuildConfig(dtype="float32", world_size=world_size, weight_only_precision="int4",
+                        weight_only_group_size=32)
+    specs = engine_tensor_specs(config, build)
+    shards = [split_weights(weights, config, world_size, rank) for rank in range(world_size)]
+    for shard in shards:
+        assert {name: (tuple(t.shape), t.dtype) for name, t in shard.items()} == specs
+    merged = merge_weights(shards, config)
+    assert all(torch.equal(merged[name], weights[name]) for name in weights)
+    for name in ("layers.0.self_attention.dense.weight", "layers.0.mlp.dense_4h_to_h.weight"):
+        whole = reference.dequantize(weights[name], weights[name + "_scales"], 4, torch.float32)
+        share = whole.shape[1] // world_size
+        for rank, shard in enumerate(shards):
+            assert torch.equal(reference.dequantize(shard[name], shard[name + "_scales"], 4, torch.float32),
+                               whole[:, rank * share:(rank + 1) * share])
+
+
 def test_key_value_groups_follow_the_query_heads():
     """4 ranks over 2 K/V groups: ranks 0 and 1 hold group 0, ranks 2 and 3 group 1."""
     weights = dummy_weights(TINY, torch.float32, 0)

@@ -1,7 +1,9 @@
 """Skinny GEMM ("gemm plugin" and weight-only GEMM) in Triton for decode steps:
 y[M, N] = x[M, K] @ W[N, K]^T (+ bias) with few rows M, where the time is the
 weight stream. W may be the model dtype, or int8 / packed int4 with one scale
-per output channel, dequantized in registers.
+per output channel (applied to each output at the end) or per group of GROUP
+input channels (applied to the weights as they are unpacked), dequantized in
+registers.
 
 Each program owns BLOCK_N output columns and one of SPLIT_K slices of K, so
 every weight byte is read once; with SPLIT_K > 1 the programs write float32
@@ -198,9 +200,17 @@ def _quantized_half2(x, weight, columns, column_ok, split, K: tl.constexpr, K_PE
 
 
 @triton.jit
-def _quantized_fma(x, weight, columns, column_ok, split, row_ids, row_ok, K: tl.constexpr,
+def _group_scales(weight_scales, columns, column_ok, ks, K: tl.constexpr, GROUP: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] float32: the scale of each weight of columns x ks, with one scale per
+    GROUP input channels ([N, K / GROUP] scales; neighbours share an address, served by L1)."""
+    return tl.load(weight_scales + columns[:, None] * (K // GROUP) + (ks // GROUP)[None, :],
+                   mask=column_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quantized_fma(x, weight, weight_scales, columns, column_ok, split, row_ids, row_ok, K: tl.constexpr,
                    K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   QUANT: tl.constexpr):
+                   QUANT: tl.constexpr, GROUP: tl.constexpr):
     """[BLOCK_M, BLOCK_N] unscaled sums over this split's K of x times the quantized weights,
     as FMAs. The next block's words and inputs are loaded before this block is unpacked:
     the unpacking waits on a shared-memory exchange (the reshape), and without the prefetch
@@ -216,7 +226,10 @@ def _quantized_fma(x, weight, columns, column_ok, split, row_ids, row_ok, K: tl.
         next_ks = start + BLOCK_K + tl.arange(0, BLOCK_K)
         next_xs = tl.load(x + row_ids[:, None] * K + next_ks[None, :],
                           mask=row_ok[:, None] & (next_ks < tl.minimum(end, K))[None, :], other=0.0)
-        acc3 += xs.to(tl.float32)[:, None, :] * _unpack_float32(words, BLOCK_N, BLOCK_K, QUANT)[None, :, :]
+        values = _unpack_float32(words, BLOCK_N, BLOCK_K, QUANT)
+        if GROUP:
+            values *= _group_scales(weight_scales, columns, column_ok, start + tl.arange(0, BLOCK_K), K, GROUP)
+        acc3 += xs.to(tl.float32)[:, None, :] * values[None, :, :]
         words = next_words
         xs = next_xs
     return tl.sum(acc3, axis=2)
@@ -226,7 +239,7 @@ def _quantized_fma(x, weight, columns, column_ok, split, row_ids, row_ok, K: tl.
 def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.constexpr, K: tl.constexpr,
                  K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                 PRECISION: tl.constexpr, HALF2: tl.constexpr, PDL: tl.constexpr):
+                 PRECISION: tl.constexpr, HALF2: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     column_ok = columns < N
@@ -237,8 +250,8 @@ def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.const
         acc = _quantized_half2(x, weight, columns, column_ok, split, K, K_PER_SPLIT, BLOCK_N, BLOCK_K, QUANT)
         acc *= 1 << (QUANT - 1)
     elif not USE_DOT and QUANT != 0:
-        acc = _quantized_fma(x, weight, columns, column_ok, split, row_ids, row_ok, K, K_PER_SPLIT, BLOCK_M,
-                             BLOCK_N, BLOCK_K, QUANT)
+        acc = _quantized_fma(x, weight, weight_scales, columns, column_ok, split, row_ids, row_ok, K, K_PER_SPLIT,
+                             BLOCK_M, BLOCK_N, BLOCK_K, QUANT, GROUP)
     else:
         if USE_DOT:
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -249,6 +262,8 @@ def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.const
             ks = start + tl.arange(0, BLOCK_K)
             xs = tl.load(x + row_ids[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
             w = _load_weight_tile(weight, columns, column_ok, start, K, BLOCK_N, BLOCK_K, QUANT)
+            if GROUP:
+                w = w.to(tl.float32) * _group_scales(weight_scales, columns, column_ok, ks, K, GROUP)
             if USE_DOT:
                 acc += tl.dot(xs, tl.trans(w.to(xs.dtype)), input_precision=PRECISION)
             else:
@@ -257,7 +272,7 @@ def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.const
             acc = tl.sum(acc3, axis=2)
     mask = row_ok[:, None] & column_ok[None, :]
     if SPLIT_K == 1:  # the whole K here: finish in place, no epilogue kernel
-        if QUANT != 0:
+        if QUANT != 0 and GROUP == 0:
             acc *= tl.load(weight_scales + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
@@ -319,29 +334,34 @@ def cublas_is_faster(rows: int, n: int, k: int, quant_bits: int) -> bool:
 _COMPILED = compiled(_gemv_kernel)
 
 
-def _half2_possible(x: torch.Tensor, quant_bits: int) -> bool:
-    """The half2 path is PTX: one float16 row on a CUDA GPU, kernels compiled (not interpreted)."""
-    return _COMPILED and x.shape[0] == 1 and x.dtype == torch.float16 and x.is_cuda and quant_bits != 0
+def _half2_possible(x: torch.Tensor, quant_bits: int, group: int) -> bool:
+    """The half2 path is PTX: one float16 row on a CUDA GPU, kernels compiled (not interpreted),
+    weights with one scale per output channel."""
+    return _COMPILED and x.shape[0] == 1 and x.dtype == torch.float16 and x.is_cuda and quant_bits != 0 \
+        and not group
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          weight_scales: torch.Tensor | None = None, quant_bits: int = 0,
          config: GemvConfig | None = None) -> torch.Tensor:
     """x [M <= 16, K] @ W^T -> [M, N] in x's dtype. W: [N, K] in x's dtype (quant_bits 0),
-    int8 [N, K] (8) or packed uint8 [N, K // 2] (4) with `weight_scales` [N].
-    `config` overrides the tuned choice (tests use it to cover every path)."""
+    int8 [N, K] (8) or packed uint8 [N, K // 2] (4) with `weight_scales` [N], or [N, K / group]
+    for one scale per group of input channels. `config` overrides the tuned choice (tests
+    use it to cover every path)."""
     x = x.contiguous()
     rows, k = x.shape
     n = weight.shape[0]
     if rows > MAX_ROWS:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {rows}")
-    config = config or default_config(rows, n, k, quant_bits, _half2_possible(x, quant_bits))
+    group = k // weight_scales.shape[1] if weight_scales is not None and weight_scales.dim() == 2 else 0
+    config = config or default_config(rows, n, k, quant_bits, _half2_possible(x, quant_bits, group))
     if quant_bits and not config.use_dot and k % (32 // quant_bits):
         raise ValueError(f"the FMA and half2 paths read int{quant_bits} weights as int32 words: K must be a multiple "
                          f"of {32 // quant_bits}, got {k}")
-    if config.half2 and not _half2_possible(x, quant_bits):
-        raise ValueError("the half2 path takes one float16 row on int8/int4 weights on a CUDA GPU, got "
-                         f"{rows} {x.dtype} row(s) on {x.device} with quant_bits {quant_bits}")
+    if config.half2 and not _half2_possible(x, quant_bits, group):
+        raise ValueError("the half2 path takes one float16 row on int8/int4 weights with per-channel scales on a "
+                         f"CUDA GPU, got {rows} {x.dtype} row(s) on {x.device} with quant_bits {quant_bits}, "
+                         f"group {group}")
     if config.half2 and x.data_ptr() % 4:
         x = x.clone()  # it reads x as int32 words: a row starting at an odd element would fault
     block_k = min(config.block_k, max(32, triton.next_power_of_2(k)))
@@ -353,12 +373,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, weight_scales, bias, out, partial, rows, N=n, K=k, K_PER_SPLIT=k_per_split,
         BLOCK_M=16 if config.use_dot else triton.next_power_of_2(rows), BLOCK_N=config.block_n, BLOCK_K=block_k,
         QUANT=quant_bits, HAS_BIAS=bias is not None, SPLIT_K=split_k, USE_DOT=config.use_dot,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF2=config.half2, num_warps=config.num_warps,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF2=config.half2, GROUP=group,
+        num_warps=config.num_warps,
         num_stages=config.num_stages, **dependent_launch(_gemv_kernel, x.device))
     if split_k == 1:
         return out
     block = 1024
     _epilogue_kernel[(triton.cdiv(rows * n, block),)](
-        partial, weight_scales, bias, out, rows * n, N=n, SPLIT_K=split_k, HAS_SCALES=weight_scales is not None,
+        partial, weight_scales, bias, out, rows * n, N=n, SPLIT_K=split_k,
+        HAS_SCALES=weight_scales is not None and not group,
         HAS_BIAS=bias is not None, BLOCK=block, **dependent_launch(_epilogue_kernel, x.device))
     return out

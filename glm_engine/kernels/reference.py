@@ -48,12 +48,16 @@ def apply_rotary(x: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
 
 def dequantize(quantized: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """The weight [N, K] that quantization.quantize_per_channel's output stands for, in
-    `dtype` (the reference of kernels/dequantize.py)."""
+    `dtype` (the reference of kernels/dequantize.py). `scales`: [N], or [N, K / group]."""
     if bits == 4:
         packed = quantized.view(torch.int8)
         low, high = (packed << 4) >> 4, packed >> 4
         quantized = torch.stack((low, high), dim=-1).flatten(1)
-    return (quantized.float() * scales.float()[:, None]).to(dtype)
+    if scales.dim() == 2:
+        expanded = scales.float().repeat_interleave(quantized.shape[1] // scales.shape[1], dim=1)
+    else:
+        expanded = scales.float()[:, None]
+    return (quantized.float() * expanded).to(dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

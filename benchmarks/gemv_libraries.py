@@ -2,7 +2,8 @@
 decoder linear, at 1 and 8 rows (issue 10's side-by-side table):
 - fp16 weights: ours vs cuBLAS (torch linear);
 - int8 weight-only, per-channel scales: ours vs gemlite's A16W8;
-- int4 weight-only: ours (per-channel scales) vs torch's tinygemm
+- int4 weight-only: ours (per-channel scales, and scales per 128 input channels as
+  --weight_only_group_size 128 builds them) vs torch's tinygemm
   (`aten._weight_int4pack_mm`, group 128, bfloat16 activations: its only dtype on
   CUDA) and gemlite's A16W4 (group 128).
 gemlite is optional (a wheel carried to the GPU); without it its rows are skipped.
@@ -52,11 +53,11 @@ def grouped_dense(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return ((values.float().view(n, k // GROUP, GROUP) - zeros[..., None]) * scales[..., None]).view(n, k)
 
 
-def ours(bits: int, weight: torch.Tensor):
+def ours(bits: int, weight: torch.Tensor, group_size: int = 0):
     """(call(x, packed), packed weight, dense float32 weight it stands for)."""
     if bits == 0:
         return (lambda x, w: gemv(x, w)), weight, weight.float()
-    values, scales = quantize_per_channel(weight, bits)
+    values, scales = quantize_per_channel(weight, bits, group_size)
     dense = reference.dequantize(values, scales, bits, torch.float32)
     return (lambda x, w: gemv(x, w[0], weight_scales=w[1], quant_bits=bits)), (values, scales), dense
 
@@ -95,7 +96,8 @@ def gemlite_int4(weight: torch.Tensor):
 
 VARIANTS = {"fp16": [("cuBLAS", cublas), ("ours", lambda w: ours(0, w))],
             "int8": [("ours", lambda w: ours(8, w)), ("gemlite A16W8", gemlite_int8)],
-            "int4": [("ours (per channel)", lambda w: ours(4, w)), ("tinygemm g128", tinygemm),
+            "int4": [("ours (per channel)", lambda w: ours(4, w)), ("ours g128", lambda w: ours(4, w, GROUP)),
+                     ("tinygemm g128", tinygemm),
                      ("gemlite A16W4 g128", gemlite_int4)]}
 WEIGHT_BYTES = {"fp16": 2, "int8": 1, "int4": 0.5}
 

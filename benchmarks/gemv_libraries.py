@@ -30,7 +30,7 @@ from tune_gemv import SHAPES, graph_us  # noqa: E402
 from glm_engine.compare import relative_error  # noqa: E402
 from glm_engine.kernels import reference  # noqa: E402
 from glm_engine.kernels.gemv import gemv  # noqa: E402
-from glm_engine.quantization import quantize_per_channel  # noqa: E402
+from glm_engine.quantization import quantize_symmetric  # noqa: E402
 
 GROUP = 128  # the libraries' int4 group size
 STREAM_BYTES = 256 * 2**20
@@ -57,7 +57,7 @@ def ours(bits: int, weight: torch.Tensor, group_size: int = 0):
     """(call(x, packed), packed weight, dense float32 weight it stands for)."""
     if bits == 0:
         return (lambda x, w: gemv(x, w)), weight, weight.float()
-    values, scales = quantize_per_channel(weight, bits, group_size)
+    values, scales = quantize_symmetric(weight, bits, group_size)
     dense = reference.dequantize(values, scales, bits, torch.float32)
     return (lambda x, w: gemv(x, w[0], weight_scales=w[1], quant_bits=bits)), (values, scales), dense
 
@@ -79,7 +79,7 @@ def tinygemm(weight: torch.Tensor):
 def gemlite_int8(weight: torch.Tensor):
     from gemlite.helper import A16W8
 
-    values, scales = quantize_per_channel(weight, 8)
+    values, scales = quantize_symmetric(weight, 8)
     layer = A16W8(device=str(weight.device), dtype=weight.dtype).from_weights(
         values, scales=scales[:, None].to(weight.dtype))
     return (lambda x, w: w(x)), layer, reference.dequantize(values, scales, 8, torch.float32)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from glm_engine.compare import relative_error  # noqa: E402
 from glm_engine.kernels import reference
-from glm_engine.quantization import quantize_per_channel  # noqa: E402
+from glm_engine.quantization import quantize_symmetric  # noqa: E402
 from glm_engine.kernels.gemv import MAX_FMA_ROWS, GemvConfig, default_config, gemv  # noqa: E402
 
 SHAPES = {"qkv": (4608, 4096), "dense": (4096, 4096), "up": (27392, 4096), "down": (4096, 13696)}
@@ -71,7 +71,7 @@ def tune(rows: int, bits_list: list[int], results: list[dict]) -> None:
         print(f"{name} {n}x{k} rows {rows}: cuBLAS {cublas_us:.1f} us = {n * k * 2 / cublas_us / 1e6:.2f} TB/s")
         del copies
         for bits in bits_list:
-            stored, scales = (weight, None) if bits == 0 else quantize_per_channel(weight, bits)
+            stored, scales = (weight, None) if bits == 0 else quantize_symmetric(weight, bits)
             nbytes = stored.numel() * stored.element_size()
             stored_copies = [stored] + [stored.clone() for _ in range(max(1, -(-256_000_000 // nbytes)) - 1)]
             expected = reference.linear(x.float(), reference.dequantize(stored, scales, bits, torch.float32)

@@ -16,7 +16,7 @@ from glm_engine.layout import quantized_weight_names
 BITS = {"int8": 8, "int4": 4}
 
 
-def quantize_per_channel(weight: torch.Tensor, bits: int, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_symmetric(weight: torch.Tensor, bits: int, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric quantization of weight [N, K]: int8 values with scale max|w|/127 (bits 8),
     or int4 values in [-7, 7] with scale max|w|/7 packed two per byte along K (bits 4: low
     nibble = even k). One scale per output channel (`group_size` 0: float32 scales [N]) or
@@ -49,7 +49,7 @@ def quantize_weights(weights: dict[str, torch.Tensor], config: ModelConfig, prec
     if bits == 4 and config.hidden_size % 2 + config.q_size % 2 + config.ffn_hidden_size % 2:
         raise GlmEngineError("int4 weight-only needs even input sizes (hidden, heads * kv_channels, ffn)")
     for name in tqdm(quantized_weight_names(config), desc=f"Quantizing to {precision}", disable=not progress):
-        weights[name], weights[name + "_scales"] = quantize_per_channel(weights[name], bits, group_size)
+        weights[name], weights[name + "_scales"] = quantize_symmetric(weights[name], bits, group_size)
     return weights
 
 

@@ -15,7 +15,7 @@ import glm_engine.kernels.rotary_kv as rotary_kv_module
 import glm_engine.kernels.swiglu as swiglu_module
 from glm_engine.compare import relative_error
 from glm_engine.kernels import reference
-from glm_engine.quantization import quantize_per_channel
+from glm_engine.quantization import quantize_symmetric
 from glm_engine.attention import ReferenceFields, StepLayout
 
 
@@ -133,14 +133,14 @@ import glm_engine.kernels.launch as launch_module  # noqa: E402
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantization_round_trip(bits):
     weight = torch.randn(37, 64)
-    quantized, scales = quantize_per_channel(weight, bits)
+    quantized, scales = quantize_symmetric(weight, bits)
     assert quantized.shape == (37, 64 if bits == 8 else 32)
     restored = reference.dequantize(quantized, scales, bits, torch.float32)
     limit = 127 if bits == 8 else 7
     # Every value within half a step of its channel's grid, extremes exact.
     assert ((restored - weight).abs() <= scales[:, None] / 2 + 1e-6).all()
     assert torch.allclose(restored.abs().amax(1), weight.abs().amax(1), rtol=1e-5)
-    assert torch.equal(quantize_per_channel(restored, bits)[0], quantized)
+    assert torch.equal(quantize_symmetric(restored, bits)[0], quantized)
     assert (restored / scales[:, None]).round().abs().max() == limit
 
 
@@ -149,18 +149,24 @@ def test_group_quantization_round_trip(bits):
     """One scale per 32 input channels: each group's values within half a step of its
     grid, each group's extreme exact, so the error is below per-channel quantization's."""
     weight = torch.randn(37, 128) * torch.linspace(0.1, 3.0, 128)  # groups of very different ranges
-    quantized, scales = quantize_per_channel(weight, bits, group_size=32)
+    quantized, scales = quantize_symmetric(weight, bits, group_size=32)
     assert quantized.shape == (37, 128 if bits == 8 else 64) and scales.shape == (37, 4)
     restored = reference.dequantize(quantized, scales, bits, torch.float32)
     expanded = scales.repeat_interleave(32, dim=1)
     assert ((restored - weight).abs() <= expanded / 2 + 1e-6).all()
     groups = lambda w: w.view(37, 4, 32).abs().amax(2)  # noqa: E731
     assert torch.allclose(groups(restored), groups(weight), rtol=1e-5)
-    assert torch.equal(quantize_per_channel(restored, bits, group_size=32)[0], quantized)
-    per_channel = reference.dequantize(*quantize_per_channel(weight, bits), bits, torch.float32)
+    assert torch.equal(quantize_symmetric(restored, bits, group_size=32)[0], quantized)
+    per_channel = reference.dequantize(*quantize_symmetric(weight, bits), bits, torch.float32)
     assert relative_error(restored, weight) < 0.8 * relative_error(per_channel, weight)
     with pytest.raises(ValueError, match="group size 48 does not divide the 128 input channels"):
-        quantize_per_channel(weight, bits, group_size=48)
+        quantize_symmetric(weight, bits, group_size=48)
+
+
+def interpreter_misses_bfloat16_dot(dtype: torch.dtype) -> bool:
+    """Triton's interpreter computes tl.dot on bfloat16 wrongly (checked: errors of 1e10 on
+    16x16 inputs), so on the CPU bfloat16 tl.dot cases are left to the GPU run."""
+    return dtype == torch.bfloat16 and DEVICE.type == "cpu"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -169,14 +175,13 @@ def test_group_quantization_round_trip(bits):
     (1, 48, 64, True, False, 1), (2, 20, 192, False, False, 3), (3, 100, 96, False, True, 1),
     (16, 32, 256, True, True, 2), (1, 40, 128, True, True, 4), (4, 24, 96, True, False, 2)])
 def test_gemv_matches_reference(dtype, bits, rows, n, k, with_bias, use_dot, split_k):
-    if dtype == torch.bfloat16 and DEVICE.type == "cpu" and use_dot:
-        pytest.skip("Triton's interpreter computes tl.dot on bfloat16 wrongly (checked: errors of 1e10 on "
-                    "16x16 inputs); bfloat16 is checked on the GPU")
+    if use_dot and interpreter_misses_bfloat16_dot(dtype):
+        pytest.skip("Triton's interpreter computes tl.dot on bfloat16 wrongly; bfloat16 is checked on the GPU")
     x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
     weight = torch.randn(n, k, device=DEVICE) / k ** 0.5
     bias = torch.randn(n, dtype=dtype, device=DEVICE) if with_bias else None
     if bits:
-        quantized, scales = quantize_per_channel(weight, bits)
+        quantized, scales = quantize_symmetric(weight, bits)
         dense = reference.dequantize(quantized, scales, bits, torch.float64)
     else:
         quantized, scales, dense = weight.to(dtype), None, weight.to(dtype).double()
@@ -196,16 +201,16 @@ def test_gemv_matches_reference(dtype, bits, rows, n, k, with_bias, use_dot, spl
 def test_gemv_group_scales_match_reference(dtype, bits, rows, n, k, use_dot, split_k, group):
     """Weights with one scale per `group` input channels, on the FMA and tl.dot paths, K
     split or not (the partial sums arrive scaled: the epilogue applies no scale)."""
-    if dtype == torch.bfloat16 and DEVICE.type == "cpu" and use_dot:
+    if use_dot and interpreter_misses_bfloat16_dot(dtype):
         pytest.skip("Triton's interpreter computes tl.dot on bfloat16 wrongly; bfloat16 is checked on the GPU")
     x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
     weight = torch.randn(n, k, device=DEVICE) / k ** 0.5 * torch.linspace(0.2, 2.0, k, device=DEVICE)
-    quantized, scales = quantize_per_channel(weight, bits, group_size=group)
+    quantized, scales = quantize_symmetric(weight, bits, group_size=group)
     config = gemv_module.GemvConfig(block_n=16, block_k=32, split_k=split_k, use_dot=use_dot)
     expected = reference.linear(x.double(), reference.dequantize(quantized, scales, bits, torch.float64))
     bound = 1e-6 if dtype == torch.float32 else 2e-3 if dtype == torch.float16 else 1e-2
-    # The explicit path, and the default choice (it may be tl.dot, which the interpreter gets wrong on bfloat16).
-    for chosen in (config,) if dtype == torch.bfloat16 and DEVICE.type == "cpu" else (config, None):
+    # The explicit path, and the default choice (which may be tl.dot).
+    for chosen in (config,) if interpreter_misses_bfloat16_dot(dtype) else (config, None):
         out = gemv_module.gemv(x, quantized, None, scales, bits, chosen)
         assert out.shape == (rows, n) and out.dtype == dtype
         assert relative_error(out, expected) < bound
@@ -217,7 +222,7 @@ def test_gemv_weights_not_whole_int32_words(bits):
     the default choice still computes it (tl.dot path for int4), an explicit FMA
     config on int4 is refused in one line."""
     x = torch.randn(1, 36, device=DEVICE)
-    quantized, scales = quantize_per_channel(torch.randn(24, 36, device=DEVICE), bits)
+    quantized, scales = quantize_symmetric(torch.randn(24, 36, device=DEVICE), bits)
     expected = reference.linear(x.double(), reference.dequantize(quantized, scales, bits, torch.float64))
     assert relative_error(gemv_module.gemv(x, quantized, None, scales, bits), expected) < 1e-6
     fma = gemv_module.GemvConfig(block_n=16, block_k=32, split_k=1, use_dot=False)
@@ -238,7 +243,7 @@ def test_gemv_half2_matches_reference(bits, n, k, block_n, block_k, split_k, wit
     """One fp16 row on int8/int4 weights in packed half2 arithmetic, ragged N and K, K
     split or not, and an input row that starts at an odd element (`offset`)."""
     x = torch.randn(1, k + offset, dtype=torch.float16, device=DEVICE)[:, offset:]
-    quantized, scales = quantize_per_channel(torch.randn(n, k, device=DEVICE) / k ** 0.5, bits)
+    quantized, scales = quantize_symmetric(torch.randn(n, k, device=DEVICE) / k ** 0.5, bits)
     bias = torch.randn(n, dtype=torch.float16, device=DEVICE) if with_bias else None
     expected = reference.linear(x.double(), reference.dequantize(quantized, scales, bits, torch.float64),
                                 None if bias is None else bias.double())
@@ -251,7 +256,7 @@ def test_gemv_half2_matches_reference(bits, n, k, block_n, block_k, split_k, wit
 def test_gemv_half2_refuses_what_it_cannot_run():
     """The half2 path is one float16 row on a CUDA GPU: anything else is refused in one line,
     and the default choice for one float16 row takes it only where it runs."""
-    quantized, scales = quantize_per_channel(torch.randn(24, 64, device=DEVICE), 4)
+    quantized, scales = quantize_symmetric(torch.randn(24, 64, device=DEVICE), 4)
     x = torch.randn(1, 64, dtype=torch.float16, device=DEVICE)
     expected = reference.linear(x.double(), reference.dequantize(quantized, scales, 4, torch.float64))
     assert relative_error(gemv_module.gemv(x, quantized, None, scales, 4), expected) < 2e-3
@@ -263,7 +268,7 @@ def test_gemv_half2_refuses_what_it_cannot_run():
         with pytest.raises(ValueError, match="the half2 path takes one float16 row on int8/int4 weights"):
             gemv_module.gemv(x, quantized, None, scales, 4, half2)
     # Scales per group of input channels: the default choice leaves the half2 path, an explicit one is refused.
-    grouped, group_scales = quantize_per_channel(torch.randn(24, 64, device=DEVICE), 4, group_size=32)
+    grouped, group_scales = quantize_symmetric(torch.randn(24, 64, device=DEVICE), 4, group_size=32)
     expected = reference.linear(x.double(), reference.dequantize(grouped, group_scales, 4, torch.float64))
     assert relative_error(gemv_module.gemv(x, grouped, None, group_scales, 4), expected) < 2e-3
     with pytest.raises(ValueError, match="with per-channel scales on a CUDA GPU, got .* group 32"):
@@ -297,7 +302,7 @@ import glm_engine.kernels.dequantize as dequantize_module  # noqa: E402
 def test_dequantize_matches_reference(dtype, bits, n, k, group):
     if group and k % group:
         k = k // group * group  # group-wise scales need whole groups
-    quantized, scales = quantize_per_channel(torch.randn(n, k, device=DEVICE), bits, group_size=group)
+    quantized, scales = quantize_symmetric(torch.randn(n, k, device=DEVICE), bits, group_size=group)
     out = dequantize_module.dequantize(quantized, scales, bits, dtype)
     expected = reference.dequantize(quantized, scales, bits, dtype)
     if dtype == torch.bfloat16:  # Triton's interpreter truncates to bfloat16 where torch rounds: one ulp
@@ -405,8 +410,8 @@ def test_chained_kernels_see_each_others_writes():
     hidden, ffn, layers, eps = 128, 192, 2, 1e-5
     dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
     norms = [torch.rand(hidden, device=DEVICE).to(dtype) + 0.5 for _ in range(layers + 1)]
-    ups = [quantize_per_channel(torch.randn(2 * ffn, hidden, device=DEVICE) / hidden ** 0.5, 4) for _ in range(layers)]
-    downs = [quantize_per_channel(torch.randn(hidden, ffn, device=DEVICE) / ffn ** 0.5, 4) for _ in range(layers)]
+    ups = [quantize_symmetric(torch.randn(2 * ffn, hidden, device=DEVICE) / hidden ** 0.5, 4) for _ in range(layers)]
+    downs = [quantize_symmetric(torch.randn(hidden, ffn, device=DEVICE) / ffn ** 0.5, 4) for _ in range(layers)]
 
     def chain(residual: torch.Tensor, kernels: bool) -> torch.Tensor:
         add_rms_norm = norm_module.add_rms_norm if kernels else reference.add_rms_norm

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from glm_engine.kernels.reference import scale_group_size
+
 
 @triton.jit
 def _dequantize_kernel(quantized, scales, out, K: tl.constexpr, QUANT: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -37,7 +39,7 @@ def dequantize(quantized: torch.Tensor, scales: torch.Tensor, bits: int, dtype: 
     k = quantized.shape[1] * (2 if bits == 4 else 1)
     out = torch.empty(rows, k, dtype=dtype, device=quantized.device)
     block_k = min(1024, triton.next_power_of_2(k))
-    group = k // scales.shape[1] if scales.dim() == 2 else 0
+    group = scale_group_size(scales, k)
     _dequantize_kernel[(rows, triton.cdiv(k, block_k))](quantized, scales, out, K=k, QUANT=bits, BLOCK_K=block_k,
                                                          GROUP=group)
     return out

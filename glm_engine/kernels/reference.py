@@ -46,17 +46,21 @@ def apply_rotary(x: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
     return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
 
 
+def scale_group_size(scales: torch.Tensor, columns: int) -> int:
+    """Input channels per scale of a weight with `columns` input channels: 0 for scales [N]
+    (one per output channel), K / G for scales [N, G]."""
+    return columns // scales.shape[1] if scales.dim() == 2 else 0
+
+
 def dequantize(quantized: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """The weight [N, K] that quantization.quantize_per_channel's output stands for, in
+    """The weight [N, K] that quantization.quantize_symmetric's output stands for, in
     `dtype` (the reference of kernels/dequantize.py). `scales`: [N], or [N, K / group]."""
     if bits == 4:
         packed = quantized.view(torch.int8)
         low, high = (packed << 4) >> 4, packed >> 4
         quantized = torch.stack((low, high), dim=-1).flatten(1)
-    if scales.dim() == 2:
-        expanded = scales.float().repeat_interleave(quantized.shape[1] // scales.shape[1], dim=1)
-    else:
-        expanded = scales.float()[:, None]
+    group = scale_group_size(scales, quantized.shape[1])
+    expanded = scales.float().repeat_interleave(group, dim=1) if group else scales.float()[:, None]
     return (quantized.float() * expanded).to(dtype)
 
 

@@ -7,7 +7,7 @@ default config's time.
 Timed as the engine runs them: inside a CUDA graph (no Python launch cost,
 which exceeds these kernels' GPU time), over enough copies of the weight
 (>= 256 MB) that each call streams it from HBM rather than L2.
-Usage: tune_gemv.py ROWS [ROWS...] [--json FILE]"""
+Usage: tune_gemv.py ROWS [ROWS...] [--bits B...] [--group_size G] [--json FILE]"""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def graph_us(calls: list) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * len(calls))
 
 
-def tune(rows: int, bits_list: list[int], results: list[dict]) -> None:
+def tune(rows: int, bits_list: list[int], group_size: int, results: list[dict]) -> None:
     torch.manual_seed(0)
     for name, (n, k) in SHAPES.items():
         weight = torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5
@@ -71,25 +71,28 @@ def tune(rows: int, bits_list: list[int], results: list[dict]) -> None:
         print(f"{name} {n}x{k} rows {rows}: cuBLAS {cublas_us:.1f} us = {n * k * 2 / cublas_us / 1e6:.2f} TB/s")
         del copies
         for bits in bits_list:
-            stored, scales = (weight, None) if bits == 0 else quantize_symmetric(weight, bits)
+            stored, scales = (weight, None) if bits == 0 else quantize_symmetric(weight, bits, group_size)
             nbytes = stored.numel() * stored.element_size()
-            stored_copies = [stored] + [stored.clone() for _ in range(max(1, -(-256_000_000 // nbytes)) - 1)]
+            # Scales cloned with each copy too: group scales are 1/16 of int4 weights' bytes, read from HBM as well.
+            stored_copies = [(stored, scales)] + [(stored.clone(), None if scales is None else scales.clone())
+                                                  for _ in range(max(1, -(-256_000_000 // nbytes)) - 1)]
             expected = reference.linear(x.float(), reference.dequantize(stored, scales, bits, torch.float32)
                                         if bits else weight.float())
             timed = []
             for config in candidates(rows, bits):
                 error = relative_error(gemv(x, stored, None, scales, bits, config), expected)
-                us = graph_us([lambda w=w, config=config: gemv(x, w, None, scales, bits, config)
-                               for w in stored_copies])
+                us = graph_us([lambda w=w, s=s, config=config: gemv(x, w, None, s, bits, config)
+                               for w, s in stored_copies])
                 timed.append((us, config, error))
-                results.append({"rows": rows, "shape": name, "bits": bits, "config": list(config), "us": us,
+                results.append({"rows": rows, "shape": name, "bits": bits, "group_size": group_size,
+                                "config": list(config), "us": us,
                                 "tb_s": nbytes / us / 1e6, "error": error})
             best = min(timed, key=lambda item: item[0])
-            default_us = graph_us([lambda w=w: gemv(x, w, None, scales, bits) for w in stored_copies])
+            default_us = graph_us([lambda w=w, s=s: gemv(x, w, None, s, bits) for w, s in stored_copies])
+            chosen = default_config(rows, n, k, bits, half2_ok=rows == 1, grouped=group_size > 0)
             print(f"  bits {bits}: best {best[0]:.1f} us = {nbytes / best[0] / 1e6:.2f} TB/s "
                   f"{tuple(best[1])} (rel err {best[2]:.1e}); default "
-                  f"{tuple(default_config(rows, n, k, bits, half2_ok=rows == 1))} {default_us:.1f} us = "
-                  f"{nbytes / default_us / 1e6:.2f} TB/s")
+                  f"{tuple(chosen)} {default_us:.1f} us = {nbytes / default_us / 1e6:.2f} TB/s")
             del stored_copies
 
 
@@ -97,11 +100,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("rows", type=int, nargs="+")
     parser.add_argument("--bits", type=int, nargs="+", default=[0, 8, 4], help="weight kinds to time")
+    parser.add_argument("--group_size", type=int, default=0,
+                        help="one scale per this many input channels of quantized weights (default 0: per channel)")
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args()
     results: list[dict] = []
     for rows in args.rows:
-        tune(rows, args.bits, results)
+        tune(rows, args.bits, args.group_size, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -236,14 +236,17 @@ def test_gemv_weights_not_whole_int32_words(bits):
 @pytest.mark.skipif(DEVICE.type != "cuda" or not launch_module.compiled(gemv_module._gemv_kernel),
                     reason="the half2 path is PTX: it runs on a CUDA GPU, kernels compiled, only")
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("n, k, block_n, block_k, split_k, with_bias, offset", [
-    (48, 64, 8, 64, 1, True, 0), (100, 4096, 8, 512, 1, False, 1), (37, 13696, 8, 512, 2, True, 0),
-    (20, 200, 16, 256, 1, False, 1), (4608, 4096, 4, 1024, 1, True, 0), (27392, 4096, 8, 1024, 1, False, 0)])
-def test_gemv_half2_matches_reference(bits, n, k, block_n, block_k, split_k, with_bias, offset):
+@pytest.mark.parametrize("n, k, block_n, block_k, split_k, with_bias, offset, group", [
+    (48, 64, 8, 64, 1, True, 0, 0), (100, 4096, 8, 512, 1, False, 1, 0), (37, 13696, 8, 512, 2, True, 0, 0),
+    (20, 200, 16, 256, 1, False, 1, 0), (4608, 4096, 4, 1024, 1, True, 0, 0), (27392, 4096, 8, 1024, 1, False, 0, 0),
+    (48, 64, 8, 64, 1, True, 1, 32), (37, 13696, 8, 512, 2, False, 0, 64), (4608, 4096, 4, 1024, 1, True, 0, 128)])
+def test_gemv_half2_matches_reference(bits, n, k, block_n, block_k, split_k, with_bias, offset, group):
     """One fp16 row on int8/int4 weights in packed half2 arithmetic, ragged N and K, K
-    split or not, and an input row that starts at an odd element (`offset`)."""
+    split or not, an input row that starts at an odd element (`offset`), and scales per
+    output channel or per `group` input channels."""
     x = torch.randn(1, k + offset, dtype=torch.float16, device=DEVICE)[:, offset:]
-    quantized, scales = quantize_symmetric(torch.randn(n, k, device=DEVICE) / k ** 0.5, bits)
+    weight = torch.randn(n, k, device=DEVICE) / k ** 0.5 * torch.linspace(0.2, 2.0, k, device=DEVICE)
+    quantized, scales = quantize_symmetric(weight, bits, group_size=group)
     bias = torch.randn(n, dtype=torch.float16, device=DEVICE) if with_bias else None
     expected = reference.linear(x.double(), reference.dequantize(quantized, scales, bits, torch.float64),
                                 None if bias is None else bias.double())
@@ -267,13 +270,6 @@ def test_gemv_half2_refuses_what_it_cannot_run():
     for x in cases:
         with pytest.raises(ValueError, match="the half2 path takes one float16 row on int8/int4 weights"):
             gemv_module.gemv(x, quantized, None, scales, 4, half2)
-    # Scales per group of input channels: the default choice leaves the half2 path, an explicit one is refused.
-    grouped, group_scales = quantize_symmetric(torch.randn(24, 64, device=DEVICE), 4, group_size=32)
-    expected = reference.linear(x.double(), reference.dequantize(grouped, group_scales, 4, torch.float64))
-    assert relative_error(gemv_module.gemv(x, grouped, None, group_scales, 4), expected) < 2e-3
-    with pytest.raises(ValueError, match="with per-channel scales on a CUDA GPU, got .* group 32"):
-        gemv_module.gemv(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), grouped, None, group_scales, 4,
-                         half2)
 
 
 def test_gemv_choices_follow_the_h100_measurements():
@@ -290,6 +286,12 @@ def test_gemv_choices_follow_the_h100_measurements():
     assert gemv_module.default_config(2, 4608, 4096, 8) == config(32, 256, 4, use_dot=True)
     assert gemv_module.default_config(2, 4096, 4096, 4) == config(8, 512, 1, use_dot=False)
     assert gemv_module.default_config(1, 4096, 13696, 0) == config(4, 512, 1, use_dot=False)
+    # Group scales (int4 g128): half2 in 4-column blocks with K split 2 on up; K split 4 on tl.dot but on up.
+    assert gemv_module.default_config(1, 27392, 4096, 4, True) == config(32, 512, 1, False, half2=True)
+    assert gemv_module.default_config(1, 27392, 4096, 4, True, grouped=True) == config(4, 1024, 2, False, half2=True)
+    assert gemv_module.default_config(8, 4096, 13696, 4) == config(32, 256, 2, use_dot=True)
+    assert gemv_module.default_config(8, 4096, 13696, 4, grouped=True) == config(32, 256, 4, use_dot=True)
+    assert gemv_module.default_config(8, 27392, 4096, 4, grouped=True) == config(32, 256, 2, use_dot=True)
 
 
 import glm_engine.kernels.dequantize as dequantize_module  # noqa: E402

@@ -2,8 +2,8 @@
 y[M, N] = x[M, K] @ W[N, K]^T (+ bias) with few rows M, where the time is the
 weight stream. W may be the model dtype, or int8 / packed int4 with one scale
 per output channel (applied to each output at the end) or per group of GROUP
-input channels (applied to the weights as they are unpacked), dequantized in
-registers.
+input channels (applied per int32 word of weights as it is unpacked, or to each
+tl.dot block, which then spans at most one group), dequantized in registers.
 
 Each program owns BLOCK_N output columns and one of SPLIT_K slices of K, so
 every weight byte is read once; with SPLIT_K > 1 the programs write float32
@@ -85,17 +85,21 @@ def _load_words(weight, columns, column_ok, start, end, K: tl.constexpr, BLOCK_K
 
 
 @triton.jit
-def _unpack_float32(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
+def _unpack_float32(words, word_scales, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr,
+                    GROUP: tl.constexpr):
     """[BLOCK_N, BLOCK_K] float32 integer values (unscaled) of `_load_words`'s words. A value
     v is turned into a float with bit operations: v + 2^(QUANT-1) (v's sign bit flipped) set
     as the low mantissa bits of 2^23, minus 2^23 + 2^(QUANT-1), with no integer-to-float
     conversion. On the H100 the FMA path measured 0-14% faster per shape with it than
     sign-extending and converting; tl.dot's fp16 operands 32-56% slower, so tl.dot keeps
-    `_load_weight_tile` (docs/PERFORMANCE.md, "Decode kernels")."""
+    `_load_weight_tile` (docs/PERFORMANCE.md, "Decode kernels"). With GROUP, each value is
+    multiplied by its word's scale (`word_scales`, ignored otherwise)."""
     PER_WORD: tl.constexpr = 32 // QUANT
     shifts = tl.arange(0, PER_WORD) * QUANT
     unsigned = ((words[:, :, None] >> shifts[None, None, :]) & ((1 << QUANT) - 1)) ^ (1 << (QUANT - 1))
     values = (unsigned | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + (1 << (QUANT - 1)))
+    if GROUP:
+        values *= word_scales[:, :, None]
     return tl.reshape(values, (BLOCK_N, BLOCK_K))
 
 
@@ -179,10 +183,10 @@ def _half2_dot(words, x_words, word_ids, ok, QUANT: tl.constexpr):
 
 
 @triton.jit
-def _quantized_half2(x, weight, columns, column_ok, split, K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
+def _quantized_half2(x, weight, weight_scales, columns, column_ok, split, K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr):
     """[1, BLOCK_N] sums over this split's K of one fp16 row x times the quantized weights,
-    unscaled but for the 2^(QUANT-1) that `_half2_dot` divides by. Elementwise through
+    unscaled (scaled with group scales) but for the 2^(QUANT-1) that `_half2_dot` divides by. Elementwise through
     and through (no reshape), so nothing waits on shared memory; the next block's words
     are loaded before this block's are used."""
     PER_WORD: tl.constexpr = 32 // QUANT
@@ -195,17 +199,34 @@ def _quantized_half2(x, weight, columns, column_ok, split, K: tl.constexpr, K_PE
     for start in range(first, end, BLOCK_K):
         next_words = _load_words(weight, columns, column_ok, start + BLOCK_K, end, K, BLOCK_K, QUANT)
         word_ids = start // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-        acc += _half2_dot(words, x_words, word_ids, word_ids < last_word, QUANT)
+        products = _half2_dot(words, x_words, word_ids, word_ids < last_word, QUANT)
+        if GROUP:  # each word's float32 sum times its group's scale
+            products *= _word_scales(weight_scales, columns, column_ok, word_ids, K, GROUP, PER_WORD)
+        acc += products
         words = next_words
     return tl.sum(acc, axis=1)[None, :]
 
 
 @triton.jit
-def _group_scales(weight_scales, columns, column_ok, ks, K: tl.constexpr, GROUP: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] float32: the scale of each weight of columns x ks, with one scale per
-    GROUP input channels ([N, K / GROUP] scales; neighbours share an address, served by L1)."""
-    return tl.load(weight_scales + columns[:, None] * (K // GROUP) + (ks // GROUP)[None, :],
-                   mask=column_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
+def _word_scales(weight_scales, columns, column_ok, word_ids, K: tl.constexpr, GROUP: tl.constexpr,
+                 PER_WORD: tl.constexpr):
+    """[BLOCK_N, words] float32: the scale of each int32 word of quantized weights, with one scale
+    per GROUP input channels ([N, K / GROUP] scales; GROUP >= 32, so a word lies in one group).
+    Loaded in the words' own layout, one load per word (neighbours share an address, served
+    by L1): a load per weight measured 6x slower on the H100."""
+    return tl.load(weight_scales + columns[:, None] * (K // GROUP) + (word_ids * PER_WORD // GROUP)[None, :],
+                   mask=column_ok[:, None] & (word_ids < K // PER_WORD)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _block_scales(weight_scales, columns, column_ok, word_ids, K: tl.constexpr, GROUP: tl.constexpr,
+                  PER_WORD: tl.constexpr):
+    """`_word_scales` with group scales; without, ones that nothing reads (no load)."""
+    if GROUP:
+        scales = _word_scales(weight_scales, columns, column_ok, word_ids, K, GROUP, PER_WORD)
+    else:
+        scales = tl.full([columns.shape[0], word_ids.shape[0]], 1.0, tl.float32)
+    return scales
 
 
 @triton.jit
@@ -217,22 +238,26 @@ def _quantized_fma(x, weight, weight_scales, columns, column_ok, split, row_ids,
     The next block's words and inputs are loaded before this block is unpacked: the
     unpacking waits on a shared-memory exchange (the reshape), and without the prefetch
     every block would wait out a whole memory latency (H100: int4 up 43.3 -> 37.3 us)."""
+    PER_WORD: tl.constexpr = 32 // QUANT
     first = split * K_PER_SPLIT
     end = first + K_PER_SPLIT
     acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    word_range = tl.arange(0, BLOCK_K // PER_WORD)
     words = _load_words(weight, columns, column_ok, first, end, K, BLOCK_K, QUANT)
+    scales = _block_scales(weight_scales, columns, column_ok, first // PER_WORD + word_range, K, GROUP, PER_WORD)
     ks = first + tl.arange(0, BLOCK_K)
     xs = tl.load(x + row_ids[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
     for start in range(first, end, BLOCK_K):
         next_words = _load_words(weight, columns, column_ok, start + BLOCK_K, end, K, BLOCK_K, QUANT)
+        next_scales = _block_scales(weight_scales, columns, column_ok, (start + BLOCK_K) // PER_WORD + word_range,
+                                    K, GROUP, PER_WORD)
         next_ks = start + BLOCK_K + tl.arange(0, BLOCK_K)
         next_xs = tl.load(x + row_ids[:, None] * K + next_ks[None, :],
                           mask=row_ok[:, None] & (next_ks < tl.minimum(end, K))[None, :], other=0.0)
-        values = _unpack_float32(words, BLOCK_N, BLOCK_K, QUANT)
-        if GROUP:
-            values *= _group_scales(weight_scales, columns, column_ok, start + tl.arange(0, BLOCK_K), K, GROUP)
+        values = _unpack_float32(words, scales, BLOCK_N, BLOCK_K, QUANT, GROUP)
         acc3 += xs.to(tl.float32)[:, None, :] * values[None, :, :]
         words = next_words
+        scales = next_scales
         xs = next_xs
     return tl.sum(acc3, axis=2)
 
@@ -249,7 +274,8 @@ def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.const
     row_ids = tl.arange(0, BLOCK_M)
     row_ok = row_ids < rows
     if HALF2:
-        acc = _quantized_half2(x, weight, columns, column_ok, split, K, K_PER_SPLIT, BLOCK_N, BLOCK_K, QUANT)
+        acc = _quantized_half2(x, weight, weight_scales, columns, column_ok, split, K, K_PER_SPLIT, BLOCK_N, BLOCK_K,
+                               QUANT, GROUP)
         acc *= 1 << (QUANT - 1)
     elif not USE_DOT and QUANT != 0:
         acc = _quantized_fma(x, weight, weight_scales, columns, column_ok, split, row_ids, row_ok, K, K_PER_SPLIT,
@@ -264,9 +290,11 @@ def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.const
             ks = start + tl.arange(0, BLOCK_K)
             xs = tl.load(x + row_ids[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
             w = _load_weight_tile(weight, columns, column_ok, start, K, BLOCK_N, BLOCK_K, QUANT)
-            if GROUP:
-                w = w.to(tl.float32) * _group_scales(weight_scales, columns, column_ok, ks, K, GROUP)
-            if USE_DOT:
+            if GROUP:  # only on tl.dot, with BLOCK_K <= GROUP: the block lies in one group
+                group_scales = tl.load(weight_scales + columns * (K // GROUP) + start // GROUP, mask=column_ok,
+                                       other=0.0).to(tl.float32)
+                acc += tl.dot(xs, tl.trans(w.to(xs.dtype)), input_precision=PRECISION) * group_scales[None, :]
+            elif USE_DOT:
                 acc += tl.dot(xs, tl.trans(w.to(xs.dtype)), input_precision=PRECISION)
             else:
                 acc3 += xs.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
@@ -301,21 +329,25 @@ def _epilogue_kernel(partial, weight_scales, bias, out, total, N: tl.constexpr, 
     tl.store(out + index, acc.to(out.dtype.element_ty), mask=ok)
 
 
-def default_config(rows: int, n: int, k: int, quant_bits: int, half2_ok: bool = False) -> GemvConfig:
+def default_config(rows: int, n: int, k: int, quant_bits: int, half2_ok: bool = False,
+                   grouped: bool = False) -> GemvConfig:
     """The fastest choice of benchmarks/tune_gemv.py on an H100 (timed inside CUDA graphs,
     weights streamed from HBM; docs/PERFORMANCE.md): at one fp16 row on a GPU, the half2
     path on every quantized matrix (`half2_ok`; int4 in 32-column blocks on the largest
-    matrices, 4 where K exceeds N); otherwise at one row FMA on int4 and on the smaller
-    int8 matrices, and FMA on fp16 weights; at two rows FMA on the small fp16 and int4
-    matrices; tl.dot elsewhere, with K split 4 (int8) or 2 (int4) on quantized weights.
-    (Feeding int4's nibbles to two half-K products instead of interleaving them measured
-    slower: 0.5 vs 1.2 TB/s.)"""
+    matrices, 4 where K exceeds N; with group scales (`grouped`) 4-column blocks and K
+    split 2 on the largest); otherwise at one row FMA on int4 and on the smaller int8
+    matrices, and FMA on fp16 weights; at two rows FMA on the small fp16 and int4
+    matrices; tl.dot elsewhere, with K split 4 (int8, and grouped int4 but the largest
+    matrices) or 2 (int4) on quantized weights. (Feeding int4's nibbles to two half-K
+    products instead of interleaving them measured slower: 0.5 vs 1.2 TB/s.)"""
     whole_words = quant_bits == 0 or k % (32 // quant_bits) == 0  # the quantized FMA path reads int32 words
+    largest = n * k >= 60_000_000  # ChatGLM2-6B's up projection
     if rows == 1 and quant_bits and whole_words and half2_ok:
-        if quant_bits == 4 and n * k >= 60_000_000:
-            return GemvConfig(32, 512, 1, use_dot=False, half2=True)
+        if quant_bits == 4 and largest:
+            return GemvConfig(4, 1024, 2, use_dot=False, half2=True) if grouped else \
+                GemvConfig(32, 512, 1, use_dot=False, half2=True)
         return GemvConfig(8 if quant_bits == 4 and k <= n else 4, 1024, 1, use_dot=False, half2=True)
-    if rows == 1 and quant_bits and whole_words and (quant_bits == 4 or n * k < 60_000_000):
+    if rows == 1 and quant_bits and whole_words and (quant_bits == 4 or not largest):
         return GemvConfig(8, 512, 1, use_dot=False)
     if rows == 1 and quant_bits == 0:
         return GemvConfig(4, 512, 1, use_dot=False)
@@ -323,7 +355,7 @@ def default_config(rows: int, n: int, k: int, quant_bits: int, half2_ok: bool = 
         return GemvConfig(8, 512, 1, use_dot=False)
     if quant_bits == 0:
         return GemvConfig(32, 512, 1, use_dot=True)
-    return GemvConfig(32, 256, 4 if quant_bits == 8 else 2, use_dot=True)
+    return GemvConfig(32, 256, 4 if quant_bits == 8 or (grouped and not largest) else 2, use_dot=True)
 
 
 def cublas_is_faster(rows: int, n: int, k: int, quant_bits: int) -> bool:
@@ -336,11 +368,10 @@ def cublas_is_faster(rows: int, n: int, k: int, quant_bits: int) -> bool:
 _COMPILED = compiled(_gemv_kernel)
 
 
-def _half2_possible(x: torch.Tensor, quant_bits: int, group: int) -> bool:
-    """The half2 path is PTX: one float16 row on a CUDA GPU, kernels compiled (not interpreted),
-    weights with one scale per output channel."""
-    return _COMPILED and x.shape[0] == 1 and x.dtype == torch.float16 and x.is_cuda and quant_bits != 0 \
-        and not group
+def _half2_possible(x: torch.Tensor, quant_bits: int) -> bool:
+    """The half2 path is PTX: one float16 row on int8/int4 weights on a CUDA GPU, kernels
+    compiled (not interpreted)."""
+    return _COMPILED and x.shape[0] == 1 and x.dtype == torch.float16 and x.is_cuda and quant_bits != 0
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -356,17 +387,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if rows > MAX_ROWS:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {rows}")
     group = scale_group_size(weight_scales, k) if weight_scales is not None else 0
-    config = config or default_config(rows, n, k, quant_bits, _half2_possible(x, quant_bits, group))
+    config = config or default_config(rows, n, k, quant_bits, _half2_possible(x, quant_bits), grouped=group > 0)
     if quant_bits and not config.use_dot and k % (32 // quant_bits):
         raise ValueError(f"the FMA and half2 paths read int{quant_bits} weights as int32 words: K must be a multiple "
                          f"of {32 // quant_bits}, got {k}")
-    if config.half2 and not _half2_possible(x, quant_bits, group):
-        raise ValueError("the half2 path takes one float16 row on int8/int4 weights with per-channel scales on a "
-                         f"CUDA GPU, got {rows} {x.dtype} row(s) on {x.device} with quant_bits {quant_bits}, "
-                         f"group {group}")
+    if config.half2 and not _half2_possible(x, quant_bits):
+        raise ValueError("the half2 path takes one float16 row on int8/int4 weights on a CUDA GPU, got "
+                         f"{rows} {x.dtype} row(s) on {x.device} with quant_bits {quant_bits}")
     if config.half2 and x.data_ptr() % 4:
         x = x.clone()  # it reads x as int32 words: a row starting at an odd element would fault
     block_k = min(config.block_k, max(32, triton.next_power_of_2(k)))
+    if group and config.use_dot:
+        block_k = min(block_k, group)  # one scale per column for each tl.dot block
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)

@@ -12,7 +12,7 @@ Each variant is checked first: its output against float32 x @ W^T on the weights
 dequantizes to (relative error <= 5e-3), then timed as tune_gemv.py times: inside a
 CUDA graph, over copies of the weight totalling >= 256 MB (each call streams from
 HBM, not L2). Prints us per call, the weight-stream bandwidth, and per layer (the
-four linears) last. Usage: gemv_libraries.py [--rows 1 8] [--json FILE]"""
+four linears) last. Usage: gemv_libraries.py [--rows 1 8] [--kinds fp16 int8 int4] [--json FILE]"""
 
 from __future__ import annotations
 
@@ -122,8 +122,12 @@ def measure(kind: str, name: str, make, shape: tuple[int, int], rows: int) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--kinds", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="weight kinds to time (default: all)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    for kind in set(VARIANTS) - set(args.kinds):
+        del VARIANTS[kind]
     try:
         import gemlite  # noqa: F401
     except ImportError:

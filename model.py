@@ -16,7 +16,7 @@ from torch import nn
 
 from glm_engine.config import ModelConfig
 from glm_engine.engine import Engine
-from glm_engine.ops import Linear, Ops
+from glm_engine.ops import Ops
 from glm_engine.quantization import BITS
 from glm_engine.tensor_parallel import vocab_rows_per_rank
 from glm_engine.runtime.kv_cache import KVCache
@@ -64,10 +64,9 @@ class DecoderLinear(nn.Module):
     int8 / packed int4 with `weight_scales` per output channel, or per group of input
     channels of each (--use_weight_only, --weight_only_group_size),
     computed by the op table's linear (cuBLAS, or the skinny-GEMM kernel for
-    decode-sized inputs), or by `linear` (the op table's linear + SwiGLU for the
-    up projection)."""
+    decode-sized inputs)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, ops: Ops, linear: Linear | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops: Ops) -> None:
         super().__init__()
         self.quant_bits = BITS.get(ops.build.weight_only_precision, 0)
         packed_in = in_features // 2 if self.quant_bits == 4 else in_features
@@ -77,7 +76,7 @@ class DecoderLinear(nn.Module):
         self.weight_scales = nn.Parameter(torch.empty(scale_shape, device=UNLOADED), requires_grad=False) \
             if self.quant_bits else None
         self.bias = nn.Parameter(torch.empty(out_features, device=UNLOADED), requires_grad=False) if bias else None
-        self.linear = linear or ops.linear
+        self.linear = ops.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x, self.weight, self.bias, self.weight_scales, self.quant_bits)
@@ -105,14 +104,13 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, ops: Ops) -> None:
         super().__init__()
-        # The up projection's rows are the gate half, then the up half; its op returns silu(gate) * up.
-        self.dense_h_to_4h = DecoderLinear(config.hidden_size, 2 * config.ffn_hidden_size, False, ops,
-                                           ops.linear_swiglu)
+        self.dense_h_to_4h = DecoderLinear(config.hidden_size, 2 * config.ffn_hidden_size, False, ops)
         self.dense_4h_to_h = DecoderLinear(config.ffn_hidden_size, config.hidden_size, False, ops)
+        self.swiglu = ops.swiglu
         self.all_reduce = ops.all_reduce
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.all_reduce(self.dense_4h_to_h(self.dense_h_to_4h(hidden)))
+        return self.all_reduce(self.dense_4h_to_h(self.swiglu(self.dense_h_to_4h(hidden))))
 
 
 class DecoderLayer(nn.Module):

@@ -36,8 +36,8 @@ class Ops:
 
     build: BuildConfig
     add_rms_norm: Callable  # (branch | None, residual, weight, eps) -> (normed, residual)
+    swiglu: Callable  # gate_up [N, 2F] -> [N, F]
     linear: Linear  # (x, weight, bias, weight_scales, quant_bits) -> x @ W^T + bias
-    linear_swiglu: Linear  # the same arguments -> silu(gate) * up of x @ W^T + bias = [gate, up]
     attention: ReferenceAttention | PagedAttention
     # Tensor parallelism (runtime/distributed.py): the sum of a row-parallel layer's
     # partial outputs over ranks, and logits [N, vocab] from each rank's vocabulary
@@ -63,33 +63,19 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return reference.linear(x, weight, bias)
 
 
-def then_swiglu(linear: Linear, swiglu: Callable) -> Linear:
-    """The op computing `swiglu` of `linear`'s output (two kernels, or the references)."""
-
-    def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      weight_scales: torch.Tensor | None, quant_bits: int) -> torch.Tensor:
-        return swiglu(linear(x, weight, bias, weight_scales, quant_bits))
-
-    return linear_swiglu
-
-
-def kernel_linear(gemv: Callable, dequantize: Callable, max_rows: int, cublas_is_faster: Callable,
-                  swiglu: Callable | None = None) -> Linear:
+def kernel_linear(gemv: Callable, dequantize: Callable, max_rows: int, cublas_is_faster: Callable) -> Linear:
     """Decode-sized inputs (at most `max_rows` rows) through the skinny-GEMM kernel, but for
     the shapes where cuBLAS measured faster (`cublas_is_faster(rows, n, k, quant_bits)`);
-    larger ones through cuBLAS, on the weight dequantized by a kernel when quantized.
-    With `swiglu` (the SwiGLU kernel), the op returns silu(gate) * up of the output: the
-    skinny GEMM computes it in its epilogue, cuBLAS's output goes through `swiglu`."""
+    larger ones through cuBLAS, on the weight dequantized by a kernel when quantized."""
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor | None,
                quant_bits: int) -> torch.Tensor:
         rows, k = x.shape
         if rows <= max_rows and not cublas_is_faster(rows, weight.shape[0], k, quant_bits):
-            return gemv(x, weight, bias, weight_scales, quant_bits, swiglu=swiglu is not None)
+            return gemv(x, weight, bias, weight_scales, quant_bits)
         if quant_bits:
             weight = dequantize(weight, weight_scales, quant_bits, x.dtype)
-        out = reference.linear(x, weight, bias)
-        return out if swiglu is None else swiglu(out)
+        return reference.linear(x, weight, bias)
 
     return linear
 
@@ -108,7 +94,6 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
         check_triton()
     dtype = build.torch_dtype
     add_rms_norm, swiglu, linear = reference.add_rms_norm, reference.swiglu, reference_linear
-    linear_swiglu = None
     if build.use_layernorm_plugin is not None:
         from glm_engine.kernels import norm, swiglu as swiglu_kernel
 
@@ -117,17 +102,13 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
         from glm_engine.kernels import dequantize, gemv
 
         linear = kernel_linear(gemv.gemv, dequantize.dequantize, gemv.MAX_ROWS, gemv.cublas_is_faster)
-        if build.use_layernorm_plugin is not None:  # both kernels chosen: SwiGLU in the GEMV's epilogue
-            linear_swiglu = kernel_linear(gemv.gemv, dequantize.dequantize, gemv.MAX_ROWS, gemv.cublas_is_faster,
-                                          swiglu)
-    linear_swiglu = linear_swiglu or then_swiglu(linear, swiglu)
     if build.use_gpt_attention_plugin is not None:
         attention = PagedAttention(config, dtype, device, build.context_fmha, build.max_sequence_len)
     else:
         attention = ReferenceAttention(config, dtype, device)
     if parallel is None or parallel.world_size == 1:
-        return Ops(build, add_rms_norm, linear, linear_swiglu, attention)
-    return Ops(build, add_rms_norm, linear, linear_swiglu, attention, parallel.all_reduce, parallel.gather_vocab)
+        return Ops(build, add_rms_norm, swiglu, linear, attention)
+    return Ops(build, add_rms_norm, swiglu, linear, attention, parallel.all_reduce, parallel.gather_vocab)
 
 
 def check_triton() -> None:

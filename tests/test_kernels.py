@@ -216,43 +216,6 @@ def test_gemv_group_scales_match_reference(dtype, bits, rows, n, k, use_dot, spl
         assert relative_error(out, expected) < bound
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits, group", [(0, 0), (8, 0), (4, 0), (4, 32)])
-@pytest.mark.parametrize("rows, width, k, config", [
-    (1, 40, 256, (8, 64, 1, False)), (2, 21, 128, (4, 32, 2, False)), (3, 24, 256, (16, 64, 1, True)),
-    (16, 37, 128, (32, 32, 4, True)), (1, 24, 256, None), (8, 48, 256, None)])
-def test_gemv_swiglu_matches_unfused(dtype, bits, group, rows, width, k, config):
-    """The up projection with SwiGLU in the GEMV's epilogue (or in the split-K epilogue
-    kernel) equals the GEMV then the SwiGLU kernel, on every path, ragged widths and K
-    split or not, and is close to the float64 reference."""
-    torch.manual_seed(rows * width + bits)
-    use_dot = config[3] if config else False
-    if (use_dot or config is None) and interpreter_misses_bfloat16_dot(dtype):
-        pytest.skip("Triton's interpreter computes tl.dot on bfloat16 wrongly; bfloat16 is checked on the GPU")
-    x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
-    weight = torch.randn(2 * width, k, device=DEVICE) / k ** 0.5
-    bias = torch.randn(2 * width, dtype=dtype, device=DEVICE)
-    stored, scales = (weight.to(dtype), None) if bits == 0 else quantize_symmetric(weight, bits, group_size=group)
-    chosen = config and gemv_module.GemvConfig(*config)
-    fused = gemv_module.gemv(x, stored, bias, scales, bits, chosen, swiglu=True)
-    unfused = swiglu_module.swiglu(gemv_module.gemv(x, stored, bias, scales, bits, chosen))
-    assert fused.shape == (rows, width) and fused.dtype == dtype
-    # Equal but for the float32 sums' order (tl.dot over other columns) and contraction: a linear output one
-    # rounding step apart can move silu(gate) * up by two.
-    step = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    assert torch.allclose(fused.float(), unfused.float(), rtol=step, atol=1e-6)
-    dense = weight.double() if bits == 0 else reference.dequantize(stored, scales, bits, torch.float64)
-    expected = reference.swiglu(reference.linear(x.double(), dense, bias.double()))
-    # fp16: one row on quantized weights on a GPU is the half2 path (fp16 products and sums per int32 word).
-    bound = 1e-6 if dtype == torch.float32 else 5e-3 if dtype == torch.float16 else 2e-2
-    assert relative_error(fused, expected) < bound
-
-
-def test_gemv_swiglu_refuses_odd_weights():
-    with pytest.raises(ValueError, match="an even number of rows, got 7"):
-        gemv_module.gemv(torch.randn(1, 64, device=DEVICE), torch.randn(7, 64, device=DEVICE), swiglu=True)
-
-
 @pytest.mark.parametrize("bits", [8, 4])
 def test_gemv_weights_not_whole_int32_words(bits):
     """K = 36 is no whole number of int32 words of int4 values (8) and is of int8 (4):

@@ -9,9 +9,7 @@ Each program owns BLOCK_N output columns and one of SPLIT_K slices of K, so
 every weight byte is read once; with SPLIT_K > 1 the programs write float32
 partial sums and a second kernel adds them (no atomics: results do not depend
 on the order programs finish). Splitting K gives small matrices enough
-programs to keep every SM streaming. With SWIGLU (the up projection, of gate
-and up halves), each program takes matching gate and up columns, interleaved,
-and writes silu(gate) * up: no SwiGLU kernel follows. For one or two rows the products can be
+programs to keep every SM streaming. For one or two rows the products can be
 plain FMAs on CUDA cores (no tensor-core layout shuffles); otherwise tl.dot on
 rows padded to 16. `default_config` holds the measured choice per shape.
 
@@ -268,16 +266,10 @@ def _quantized_fma(x, weight, weight_scales, columns, column_ok, split, row_ids,
 def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.constexpr, K: tl.constexpr,
                  K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                 PRECISION: tl.constexpr, HALF2: tl.constexpr, GROUP: tl.constexpr, SWIGLU: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PRECISION: tl.constexpr, HALF2: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
-    if SWIGLU:  # BLOCK_N // 2 outputs: gate columns on even lanes, their up columns (N / 2 further) on odd ones
-        outputs = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
-        columns = outputs + (tl.arange(0, BLOCK_N) % 2) * (N // 2)
-        column_ok = outputs < N // 2
-    else:
-        columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        column_ok = columns < N
+    columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    column_ok = columns < N
     split = tl.program_id(1)
     row_ids = tl.arange(0, BLOCK_M)
     row_ok = row_ids < rows
@@ -314,62 +306,27 @@ def _gemv_kernel(x, weight, weight_scales, bias, out, partial, rows, N: tl.const
             acc *= tl.load(weight_scales + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
-        if SWIGLU:
-            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-            outputs = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-            tl.store(out + row_ids[:, None] * (N // 2) + outputs[None, :], _swiglu(gate, up, out),
-                     mask=row_ok[:, None] & (outputs < N // 2)[None, :])
-        else:
-            tl.store(out + row_ids[:, None] * N + columns[None, :], acc.to(out.dtype.element_ty), mask=mask)
+        tl.store(out + row_ids[:, None] * N + columns[None, :], acc.to(out.dtype.element_ty), mask=mask)
     else:
         tl.store(partial + (split * rows + row_ids)[:, None] * N + columns[None, :], acc, mask=mask)
 
 
 @triton.jit
-def _swiglu(gate, up, out):
-    """silu(gate) * up in out's dtype, from the float32 linear outputs rounded to out's dtype
-    first, as the unfused network computes it from the linear's stored output."""
-    gate = gate.to(out.dtype.element_ty).to(tl.float32)
-    up = up.to(out.dtype.element_ty).to(tl.float32)
-    return (gate * tl.sigmoid(gate) * up).to(out.dtype.element_ty)
-
-
-@triton.jit
-def _column_total(partial, weight_scales, bias, index, column, ok, rows_by_n, SPLIT_K: tl.constexpr,
-                  HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The sum of the SPLIT_K partial sums at `index` of [rows, N], times the column's scale, plus its bias."""
-    acc = tl.zeros(index.shape, tl.float32)
-    for split in tl.static_range(SPLIT_K):
-        acc += tl.load(partial + split * rows_by_n + index, mask=ok, other=0.0)
-    if HAS_SCALES:
-        acc *= tl.load(weight_scales + column, mask=ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias + column, mask=ok, other=0.0).to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _epilogue_kernel(partial, weight_scales, bias, out, rows, N: tl.constexpr, SPLIT_K: tl.constexpr,
-                     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):
-    """out = (sum of the SPLIT_K partial sums) * scale + bias in out's dtype; with SWIGLU,
-    silu(gate) * up of those sums' two halves."""
+def _epilogue_kernel(partial, weight_scales, bias, out, total, N: tl.constexpr, SPLIT_K: tl.constexpr,
+                     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """out = (sum of the SPLIT_K partial sums) * scale + bias, in out's dtype."""
     wait_for_previous_kernel(PDL)
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    if SWIGLU:
-        width: tl.constexpr = N // 2
-        ok = index < rows * width
-        row, output = index // width, index % width
-        gate = _column_total(partial, weight_scales, bias, row * N + output, output, ok, rows * N, SPLIT_K,
-                             HAS_SCALES, HAS_BIAS)
-        up = _column_total(partial, weight_scales, bias, row * N + width + output, width + output, ok, rows * N,
-                           SPLIT_K, HAS_SCALES, HAS_BIAS)
-        tl.store(out + index, _swiglu(gate, up, out), mask=ok)
-    else:
-        ok = index < rows * N
-        acc = _column_total(partial, weight_scales, bias, index, index % N, ok, rows * N, SPLIT_K, HAS_SCALES,
-                            HAS_BIAS)
-        tl.store(out + index, acc.to(out.dtype.element_ty), mask=ok)
+    ok = index < total
+    acc = tl.zeros([BLOCK], tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(partial + split * total + index, mask=ok, other=0.0)
+    columns = index % N
+    if HAS_SCALES:
+        acc *= tl.load(weight_scales + columns, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias + columns, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out + index, acc.to(out.dtype.element_ty), mask=ok)
 
 
 def default_config(rows: int, n: int, k: int, quant_bits: int, half2_ok: bool = False,
@@ -417,14 +374,19 @@ def _half2_possible(x: torch.Tensor, quant_bits: int) -> bool:
     return _COMPILED and x.shape[0] == 1 and x.dtype == torch.float16 and x.is_cuda and quant_bits != 0
 
 
-def _checked_config(x: torch.Tensor, n: int, quant_bits: int, group: int, swiglu: bool,
-                    config: GemvConfig | None) -> GemvConfig:
-    """`config`, or the tuned choice; refuses in one line what the chosen path cannot compute."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         weight_scales: torch.Tensor | None = None, quant_bits: int = 0,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """x [M <= 16, K] @ W^T -> [M, N] in x's dtype. W: [N, K] in x's dtype (quant_bits 0),
+    int8 [N, K] (8) or packed uint8 [N, K // 2] (4) with `weight_scales` [N], or [N, K / group]
+    for one scale per group of input channels. `config` overrides the tuned choice (tests
+    use it to cover every path)."""
+    x = x.contiguous()
     rows, k = x.shape
+    n = weight.shape[0]
     if rows > MAX_ROWS:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {rows}")
-    if swiglu and n % 2:
-        raise ValueError(f"swiglu takes a weight of gate and up halves: an even number of rows, got {n}")
+    group = scale_group_size(weight_scales, k) if weight_scales is not None else 0
     config = config or default_config(rows, n, k, quant_bits, _half2_possible(x, quant_bits), grouped=group > 0)
     if quant_bits and not config.use_dot and k % (32 // quant_bits):
         raise ValueError(f"the FMA and half2 paths read int{quant_bits} weights as int32 words: K must be a multiple "
@@ -432,23 +394,6 @@ def _checked_config(x: torch.Tensor, n: int, quant_bits: int, group: int, swiglu
     if config.half2 and not _half2_possible(x, quant_bits):
         raise ValueError("the half2 path takes one float16 row on int8/int4 weights on a CUDA GPU, got "
                          f"{rows} {x.dtype} row(s) on {x.device} with quant_bits {quant_bits}")
-    return config
-
-
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         weight_scales: torch.Tensor | None = None, quant_bits: int = 0,
-         config: GemvConfig | None = None, swiglu: bool = False) -> torch.Tensor:
-    """x [M <= 16, K] @ W^T + bias -> [M, N] in x's dtype. W: [N, K] in x's dtype (quant_bits 0),
-    int8 [N, K] (8) or packed uint8 [N, K // 2] (4) with `weight_scales` [N], or [N, K / group]
-    for one scale per group of input channels. With `swiglu`, W's rows are a gate half and an
-    up half and the result is silu(gate) * up [M, N / 2] (the fused up projection, with no
-    SwiGLU kernel after it). `config` overrides the tuned choice (tests use it to cover every
-    path)."""
-    x = x.contiguous()
-    rows, k = x.shape
-    n = weight.shape[0]
-    group = scale_group_size(weight_scales, k) if weight_scales is not None else 0
-    config = _checked_config(x, n, quant_bits, group, swiglu, config)
     if config.half2 and x.data_ptr() % 4:
         x = x.clone()  # it reads x as int32 words: a row starting at an odd element would fault
     block_k = min(config.block_k, max(32, triton.next_power_of_2(k)))
@@ -456,20 +401,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         block_k = min(block_k, group)  # one scale per column for each tl.dot block
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    out = torch.empty(rows, n // 2 if swiglu else n, dtype=x.dtype, device=x.device)
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     partial = torch.empty(split_k, rows, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
-    outputs_per_program = config.block_n // 2 if swiglu else config.block_n
-    _gemv_kernel[(triton.cdiv(out.shape[1], outputs_per_program), split_k)](
+    _gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, weight, weight_scales, bias, out, partial, rows, N=n, K=k, K_PER_SPLIT=k_per_split,
         BLOCK_M=16 if config.use_dot else triton.next_power_of_2(rows), BLOCK_N=config.block_n, BLOCK_K=block_k,
         QUANT=quant_bits, HAS_BIAS=bias is not None, SPLIT_K=split_k, USE_DOT=config.use_dot,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF2=config.half2, GROUP=group, SWIGLU=swiglu,
-        num_warps=config.num_warps, num_stages=config.num_stages, **dependent_launch(_gemv_kernel, x.device))
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF2=config.half2, GROUP=group,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages, **dependent_launch(_gemv_kernel, x.device))
     if split_k == 1:
         return out
     block = 1024
-    _epilogue_kernel[(triton.cdiv(out.numel(), block),)](
-        partial, weight_scales, bias, out, rows, N=n, SPLIT_K=split_k,
-        HAS_SCALES=weight_scales is not None and not group, HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK=block,
-        **dependent_launch(_epilogue_kernel, x.device))
+    _epilogue_kernel[(triton.cdiv(rows * n, block),)](
+        partial, weight_scales, bias, out, rows * n, N=n, SPLIT_K=split_k,
+        HAS_SCALES=weight_scales is not None and not group,
+        HAS_BIAS=bias is not None, BLOCK=block, **dependent_launch(_epilogue_kernel, x.device))
     return out

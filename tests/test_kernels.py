@@ -169,14 +169,18 @@ def interpreter_misses_bfloat16_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and DEVICE.type == "cpu"
 
 
+def skip_bfloat16_dot_in_interpreter(dtype: torch.dtype, use_dot: bool) -> None:
+    if use_dot and interpreter_misses_bfloat16_dot(dtype):
+        pytest.skip("Triton's interpreter computes tl.dot on bfloat16 wrongly; bfloat16 is checked on the GPU")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [0, 8, 4])
 @pytest.mark.parametrize("rows, n, k, with_bias, use_dot, split_k", [
     (1, 48, 64, True, False, 1), (2, 20, 192, False, False, 3), (3, 100, 96, False, True, 1),
     (16, 32, 256, True, True, 2), (1, 40, 128, True, True, 4), (4, 24, 96, True, False, 2)])
 def test_gemv_matches_reference(dtype, bits, rows, n, k, with_bias, use_dot, split_k):
-    if use_dot and interpreter_misses_bfloat16_dot(dtype):
-        pytest.skip("Triton's interpreter computes tl.dot on bfloat16 wrongly; bfloat16 is checked on the GPU")
+    skip_bfloat16_dot_in_interpreter(dtype, use_dot)
     x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
     weight = torch.randn(n, k, device=DEVICE) / k ** 0.5
     bias = torch.randn(n, dtype=dtype, device=DEVICE) if with_bias else None
@@ -201,8 +205,7 @@ def test_gemv_matches_reference(dtype, bits, rows, n, k, with_bias, use_dot, spl
 def test_gemv_group_scales_match_reference(dtype, bits, rows, n, k, use_dot, split_k, group):
     """Weights with one scale per `group` input channels, on the FMA and tl.dot paths, K
     split or not (the partial sums arrive scaled: the epilogue applies no scale)."""
-    if use_dot and interpreter_misses_bfloat16_dot(dtype):
-        pytest.skip("Triton's interpreter computes tl.dot on bfloat16 wrongly; bfloat16 is checked on the GPU")
+    skip_bfloat16_dot_in_interpreter(dtype, use_dot)
     x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
     weight = torch.randn(n, k, device=DEVICE) / k ** 0.5 * torch.linspace(0.2, 2.0, k, device=DEVICE)
     quantized, scales = quantize_symmetric(weight, bits, group_size=group)

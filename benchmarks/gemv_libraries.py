@@ -2,8 +2,9 @@
 decoder linear, at 1 and 8 rows (issue 10's side-by-side table):
 - fp16 weights: ours vs cuBLAS (torch linear);
 - int8 weight-only, per-channel scales: ours vs gemlite's A16W8;
-- int4 weight-only: ours (per-channel scales, and scales per 128 input channels as
-  --weight_only_group_size 128 builds them) vs torch's tinygemm
+- int4 weight-only: ours (the Triton GEMV with per-channel scales and with scales
+  per 128 input channels as --weight_only_group_size 128 builds them, and the
+  tensor-core GEMM, kernels/int4_mma.py, per channel) vs torch's tinygemm
   (`aten._weight_int4pack_mm`, group 128, bfloat16 activations: its only dtype on
   CUDA) and gemlite's A16W4 (group 128).
 gemlite is optional (a wheel carried to the GPU); without it its rows are skipped.
@@ -62,6 +63,15 @@ def ours(bits: int, weight: torch.Tensor, group_size: int = 0):
     return (lambda x, w: gemv(x, w[0], weight_scales=w[1], quant_bits=bits)), (values, scales), dense
 
 
+def ours_int4_mma(weight: torch.Tensor):
+    """The int4 tensor-core GEMM (per-channel scales), on weights shuffled into its layout."""
+    from glm_engine.kernels import int4_mma
+
+    values, scales = quantize_symmetric(weight, 4)
+    dense = reference.dequantize(values, scales, 4, torch.float32)
+    return (lambda x, w: int4_mma.gemm(x, w[0], None, w[1], 4)), (int4_mma.shuffle(values), scales), dense
+
+
 def cublas(weight: torch.Tensor):
     return (lambda x, w: torch.nn.functional.linear(x, w)), weight, weight.float()
 
@@ -96,7 +106,8 @@ def gemlite_int4(weight: torch.Tensor):
 
 VARIANTS = {"fp16": [("cuBLAS", cublas), ("ours", lambda w: ours(0, w))],
             "int8": [("ours", lambda w: ours(8, w)), ("gemlite A16W8", gemlite_int8)],
-            "int4": [("ours (per channel)", lambda w: ours(4, w)), ("ours g128", lambda w: ours(4, w, GROUP)),
+            "int4": [("ours (per channel)", lambda w: ours(4, w)), ("ours mma (per channel)", ours_int4_mma),
+                     ("ours g128", lambda w: ours(4, w, GROUP)),
                      ("tinygemm g128", tinygemm),
                      ("gemlite A16W4 g128", gemlite_int4)]}
 WEIGHT_BYTES = {"fp16": 2, "int8": 1, "int4": 0.5}
@@ -149,7 +160,7 @@ def main() -> None:
                     print(json.dumps(row))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    print(f"\n{'rows':>4} {'kind':5} {'variant':20} " + " ".join(f"{name:>8}" for name in SHAPES) + "  per layer us")
+    print(f"\n{'rows':>4} {'kind':5} {'variant':22} " + " ".join(f"{name:>8}" for name in SHAPES) + "  per layer us")
     for rows in args.rows:
         for kind, variants in VARIANTS.items():
             for name, _ in variants:
@@ -157,7 +168,7 @@ def main() -> None:
                 times = [r.get("us") for r in cells]
                 text = " ".join(f"{t:8.1f}" if t is not None else "  failed" for t in times)
                 total = sum(times) if None not in times else float("nan")
-                print(f"{rows:>4} {kind:5} {name:20} {text}  {total:8.1f}")
+                print(f"{rows:>4} {kind:5} {name:22} {text}  {total:8.1f}")
 
 
 if __name__ == "__main__":

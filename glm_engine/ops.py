@@ -11,6 +11,7 @@ dequantized once at load."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -44,6 +45,9 @@ class Ops:
     # share; both return their input at world size 1.
     all_reduce: Callable = lambda partial: partial
     gather_vocab: Callable = lambda logits: logits
+    # The engine's weights (runtime-layout names) as `linear` reads them: unchanged, or
+    # the int4 weights shuffled into the int4 tensor-core GEMM's layout (kernels/int4_mma.py).
+    prepare_weights: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda weights: weights
 
 
 def runs_kernels(build: BuildConfig, device: torch.device) -> bool:
@@ -98,7 +102,13 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
         from glm_engine.kernels import norm, swiglu as swiglu_kernel
 
         add_rms_norm, swiglu = norm.add_rms_norm, swiglu_kernel.swiglu
-    if build.use_gemm_plugin is not None or build.weight_only_precision is not None:
+    prepare_weights = Ops.prepare_weights
+    if uses_int4_mma(config, build, device):
+        from glm_engine.kernels import int4_mma
+
+        linear = kernel_linear(int4_mma.gemm, int4_mma.dequantize, int4_mma.MAX_ROWS, lambda *shape: False)
+        prepare_weights = functools.partial(shuffle_int4_weights, int4_mma.shuffle)
+    elif build.use_gemm_plugin is not None or build.weight_only_precision is not None:
         from glm_engine.kernels import dequantize, gemv
 
         linear = kernel_linear(gemv.gemv, dequantize.dequantize, gemv.MAX_ROWS, gemv.cublas_is_faster)
@@ -107,8 +117,40 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
     else:
         attention = ReferenceAttention(config, dtype, device)
     if parallel is None or parallel.world_size == 1:
-        return Ops(build, add_rms_norm, swiglu, linear, attention)
-    return Ops(build, add_rms_norm, swiglu, linear, attention, parallel.all_reduce, parallel.gather_vocab)
+        return Ops(build, add_rms_norm, swiglu, linear, attention, prepare_weights=prepare_weights)
+    return Ops(build, add_rms_norm, swiglu, linear, attention, parallel.all_reduce, parallel.gather_vocab,
+               prepare_weights)
+
+
+def uses_int4_mma(config: ModelConfig, build: BuildConfig, device: torch.device) -> bool:
+    """Whether the engine's linears run on the int4 tensor-core GEMM: int4 weight-only with one
+    scale per channel, fp16, on a GPU it runs on, every decoder linear tiling into it (N % 16,
+    K % 64), and its kernels compiled (else the Triton GEMV, with a log line saying why)."""
+    if build.weight_only_precision != "int4" or build.weight_only_group_size or build.dtype != "float16":
+        return False
+    from glm_engine.kernels import int4_mma
+
+    if not int4_mma.runs_on(device):
+        return False
+    shapes = [(config.qkv_size, config.hidden_size), (config.hidden_size, config.q_size),
+              (2 * config.ffn_hidden_size, config.hidden_size), (config.hidden_size, config.ffn_hidden_size)]
+    if not all(int4_mma.fits(n, k) for n, k in shapes):
+        logger.info("int4 linears on the Triton GEMV: the tensor-core GEMM tiles 16 outputs by 64 inputs, and "
+                    "the shapes %s do not all tile", shapes)
+        return False
+    try:
+        int4_mma.compile_kernels(device)
+    except Exception as error:  # NVRTC missing or failing on this box: the Triton GEMV still serves
+        logger.warning("int4 linears on the Triton GEMV: the tensor-core GEMM did not compile (%s)", error)
+        return False
+    logger.info("int4 linears on the tensor-core GEMM (kernels/int4_mma.py)")
+    return True
+
+
+def shuffle_int4_weights(shuffle: Callable, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` with every int4 linear weight (uint8, with `<name>_scales`) passed through `shuffle`."""
+    return {name: shuffle(tensor) if tensor.dtype == torch.uint8 and name + "_scales" in weights else tensor
+            for name, tensor in weights.items()}
 
 
 def check_triton() -> None:

@@ -118,7 +118,7 @@ class Session:
         weights = engine.weights
         if build.weight_only_precision and not ops.build.weight_only_precision:
             weights = dequantize_weights(weights, build.torch_dtype)  # the reference ops take dense weights
-        network = build_network(rank_config, ops, weights, self.device)
+        network = build_network(rank_config, ops, ops.prepare_weights(weights), self.device)
         engine.weights = {}  # the network holds them now
         num_blocks = self.parallel.minimum(pool_blocks(build, rank_config, self.device, kv_cache_free_gpu_mem_fraction,
                                                        max_tokens_in_paged_kv_cache))

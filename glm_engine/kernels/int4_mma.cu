@@ -1,0 +1,179 @@
+// Int4 weight-only GEMM for 1-16 fp16 rows on tensor cores (mma.sync m16n8k16, fp32 accumulation).
+// Compiled at load with NVRTC (glm_engine/kernels/int4_mma.py); WARPS, UNROLL, PIPE, ROW_BLOCKS and PDL
+// (programmatic dependent launch, sm_90 and later) are defined there.
+//
+// Weights are stored in the "mma layout" that int4_mma.shuffle writes: for each tile of 16 output
+// channels and each chunk of 64 input channels, 32 lanes x 4 int32 words, lane l = 4g + c holding in
+// word j the 8 weights of its A fragment for the j-th 16-wide step of the chunk (rows g and g + 8,
+// input channels 16c + 4j + 0..3 of the chunk), as v + 8 in nibbles ordered so that two lop3 per
+// half of the word make the four fp16 pairs (the input channels of the chunk are permuted alike on
+// both operands: x is read 16 consecutive values per lane). A warp reads 512 contiguous bytes a chunk.
+
+__device__ __forceinline__ void mma_word(float* acc, unsigned int word, unsigned int b0, unsigned int b1) {
+  // nibbles 0/4 -> a0 (rows g, channels +0/+1), 1/5 -> a1 (rows g+8), 2/6 -> a2 (g, +2/+3), 3/7 -> a3
+  unsigned int a0, a1, a2, a3, high = word >> 8;
+  // (w & mask) | 0x6400: fp16 1024 + u in the low nibble's lanes, 1024 + 16u in the next ones
+  asm("lop3.b32 %0, %1, 0x000F000F, 0x64006400, 0xEA;" : "=r"(a0) : "r"(word));
+  asm("lop3.b32 %0, %1, 0x00F000F0, 0x64006400, 0xEA;" : "=r"(a1) : "r"(word));
+  asm("lop3.b32 %0, %1, 0x000F000F, 0x64006400, 0xEA;" : "=r"(a2) : "r"(high));
+  asm("lop3.b32 %0, %1, 0x00F000F0, 0x64006400, 0xEA;" : "=r"(a3) : "r"(high));
+  // exact: (1024 + u) - 1032 = v; (1024 + 16u) / 16 - 72 = v
+  asm("sub.f16x2 %0, %0, %1;" : "+r"(a0) : "r"(0x64086408u));
+  asm("sub.f16x2 %0, %0, %1;" : "+r"(a2) : "r"(0x64086408u));
+  asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(a1) : "r"(0x2C002C00u), "r"(0xD480D480u));
+  asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(a3) : "r"(0x2C002C00u), "r"(0xD480D480u));
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float half_to_float(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ unsigned short float_to_half(float f) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+struct Chunk {  // one lane's share of one 64-channel chunk: its 4 weight words, 16 inputs per row block
+  uint4 words;
+  uint4 x[ROW_BLOCKS][2];
+};
+
+__device__ __forceinline__ void load_words(Chunk& chunk, const uint4* weight, int q, int chunks) {
+  chunk.words = q < chunks ? __ldg(weight + (size_t)q * 32) : make_uint4(0, 0, 0, 0);
+}
+
+__device__ __forceinline__ void load_inputs(Chunk& chunk, const uint4* const* x_rows, const bool* has_row, int q,
+                                            int chunks) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int b = 0; b < ROW_BLOCKS; ++b) {
+    chunk.x[b][0] = q < chunks && has_row[b] ? __ldg(x_rows[b] + q * 8) : zero;
+    chunk.x[b][1] = q < chunks && has_row[b] ? __ldg(x_rows[b] + q * 8 + 1) : zero;
+  }
+}
+
+__device__ __forceinline__ void mma_chunk(float (*acc)[4], const Chunk& chunk) {
+#pragma unroll
+  for (int b = 0; b < ROW_BLOCKS; ++b) {  // inputs 16c + 4j + 0..3 as two fp16 pairs per step j
+    mma_word(acc[b], chunk.words.x, chunk.x[b][0].x, chunk.x[b][0].y);
+    mma_word(acc[b], chunk.words.y, chunk.x[b][0].z, chunk.x[b][0].w);
+    mma_word(acc[b], chunk.words.z, chunk.x[b][1].x, chunk.x[b][1].y);
+    mma_word(acc[b], chunk.words.w, chunk.x[b][1].z, chunk.x[b][1].w);
+  }
+}
+
+// out[rows, n] = x[rows, k] @ W^T * scales (+ bias), fp16. One block per 16 output channels; its
+// warps split the chunks (UNROLL at a time; PIPE loads the next ones before using these) and add
+// their partial sums in shared memory. x rows must be 16-byte aligned; n % 16 == 0, k % 64 == 0.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+int4_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__ x, const float* __restrict__ scales,
+              const unsigned short* __restrict__ bias, unsigned short* __restrict__ out, int rows, int n, int k,
+              int has_bias) {
+  __shared__ float partial[WARPS > 1 ? WARPS : 1][ROW_BLOCKS][4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int chunks = k >> 6;
+  const uint4* lane_weight = weight + (size_t)blockIdx.x * chunks * 32 + lane;
+  const uint4* x_rows[ROW_BLOCKS];
+  bool has_row[ROW_BLOCKS];
+#pragma unroll
+  for (int b = 0; b < ROW_BLOCKS; ++b) {  // lane g feeds x row 8b + g as column g of the B fragment
+    has_row[b] = 8 * b + g < rows;
+    x_rows[b] = x + (size_t)(has_row[b] ? 8 * b + g : 0) * (k >> 3) + 2 * c;
+  }
+  float acc[ROW_BLOCKS][4] = {};
+  const int stride = WARPS * UNROLL;
+  Chunk current[UNROLL];
+  // The weights never change: their first loads go out before the wait for the kernel ahead (PDL), x after it.
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) load_words(current[u], lane_weight, warp * UNROLL + u, chunks);
+#if PDL
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) load_inputs(current[u], x_rows, has_row, warp * UNROLL + u, chunks);
+  for (int first = warp * UNROLL; first < chunks; first += stride) {
+#if PIPE  // the next chunks' loads in flight while these multiply
+    Chunk next[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      load_words(next[u], lane_weight, first + stride + u, chunks);
+      load_inputs(next[u], x_rows, has_row, first + stride + u, chunks);
+    }
+#endif
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) mma_chunk(acc, current[u]);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+#if PIPE
+      current[u] = next[u];
+#else
+      load_words(current[u], lane_weight, first + stride + u, chunks);
+      load_inputs(current[u], x_rows, has_row, first + stride + u, chunks);
+#endif
+    }
+  }
+  if (WARPS > 1) {
+#pragma unroll
+    for (int b = 0; b < ROW_BLOCKS; ++b)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[warp][b][i][lane] = acc[b][i];
+    __syncthreads();
+    if (warp != 0) return;
+    for (int other = 1; other < WARPS; ++other)
+#pragma unroll
+      for (int b = 0; b < ROW_BLOCKS; ++b)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[b][i] += partial[other][b][i][lane];
+  }
+  // acc[b]: {C[g][2c], C[g][2c+1], C[g+8][2c], C[g+8][2c+1]}, C[channel][row] of this tile and row block
+  const int channel0 = blockIdx.x * 16 + g, channel1 = channel0 + 8;
+  const float scale0 = scales[channel0], scale1 = scales[channel1];
+  const float bias0 = has_bias ? half_to_float(bias[channel0]) : 0.f;
+  const float bias1 = has_bias ? half_to_float(bias[channel1]) : 0.f;
+#pragma unroll
+  for (int b = 0; b < ROW_BLOCKS; ++b) {
+#pragma unroll
+    for (int odd = 0; odd < 2; ++odd) {
+      const int row = 8 * b + 2 * c + odd;
+      if (row < rows) {
+        out[(size_t)row * n + channel0] = float_to_half(acc[b][odd] * scale0 + bias0);
+        out[(size_t)row * n + channel1] = float_to_half(acc[b][2 + odd] * scale1 + bias1);
+      }
+    }
+  }
+}
+
+// The dense fp16 weight [n, k] (value times its channel's scale) of mma-layout words, one thread a word.
+extern "C" __global__ void int4_mma_dequantize(const unsigned int* __restrict__ weight,
+                                               const float* __restrict__ scales, unsigned short* __restrict__ out,
+                                               int n, int k) {
+  const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const int chunks = k >> 6;
+  if (index >= (long long)n * chunks * 128) return;
+  const unsigned int word = weight[index];
+  const int j = index & 3, lane = (index >> 2) & 31;
+  const long long tile_chunk = index >> 7;
+  const int chunk = tile_chunk % chunks, tile = tile_chunk / chunks;
+  const int channel = tile * 16 + (lane >> 2), first = chunk * 64 + 16 * (lane & 3) + 4 * j;
+#pragma unroll
+  for (int upper = 0; upper < 2; ++upper) {  // rows g (even nibbles) and g + 8 (odd nibbles)
+    const int row = channel + 8 * upper;
+    const float scale = scales[row];
+    unsigned short* destination = out + (size_t)row * k + first;
+    // input channels +0, +1, +2, +3 sit in nibbles 0, 4, 2, 6 (+1 for the upper row)
+    const int nibbles[4] = {0, 4, 2, 6};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int value = (int)((word >> (4 * (nibbles[i] + upper))) & 15) - 8;
+      destination[i] = float_to_half(value * scale);
+    }
+  }
+}

@@ -1,10 +1,11 @@
 """On a GPU: our skinny-GEMM kernel against the maintained libraries, per ChatGLM2-6B
 decoder linear, at 1 and 8 rows (issue 10's side-by-side table):
 - fp16 weights: ours vs cuBLAS (torch linear);
-- int8 weight-only, per-channel scales: ours vs gemlite's A16W8;
+- int8 weight-only, per-channel scales: ours (the Triton GEMV, and the tensor-core GEMM,
+  kernels/weight_only_mma.py) vs gemlite's A16W8;
 - int4 weight-only: ours (the Triton GEMV with per-channel scales and with scales
   per 128 input channels as --weight_only_group_size 128 builds them, and the
-  tensor-core GEMM, kernels/int4_mma.py, per channel) vs torch's tinygemm
+  tensor-core GEMM, per channel) vs torch's tinygemm
   (`aten._weight_int4pack_mm`, group 128, bfloat16 activations: its only dtype on
   CUDA) and gemlite's A16W4 (group 128).
 gemlite is optional (a wheel carried to the GPU); without it its rows are skipped.
@@ -63,13 +64,14 @@ def ours(bits: int, weight: torch.Tensor, group_size: int = 0):
     return (lambda x, w: gemv(x, w[0], weight_scales=w[1], quant_bits=bits)), (values, scales), dense
 
 
-def ours_int4_mma(weight: torch.Tensor):
-    """The int4 tensor-core GEMM (per-channel scales), on weights shuffled into its layout."""
-    from glm_engine.kernels import int4_mma
+def ours_mma(bits: int, weight: torch.Tensor):
+    """The weight-only tensor-core GEMM (per-channel scales), on weights shuffled into its layout."""
+    from glm_engine.kernels import weight_only_mma
 
-    values, scales = quantize_symmetric(weight, 4)
-    dense = reference.dequantize(values, scales, 4, torch.float32)
-    return (lambda x, w: int4_mma.gemm(x, w[0], None, w[1], 4)), (int4_mma.shuffle(values), scales), dense
+    values, scales = quantize_symmetric(weight, bits)
+    dense = reference.dequantize(values, scales, bits, torch.float32)
+    call = lambda x, w: weight_only_mma.gemm(x, w[0], None, w[1], bits)  # noqa: E731
+    return call, (weight_only_mma.shuffle(values, bits), scales), dense
 
 
 def cublas(weight: torch.Tensor):
@@ -105,8 +107,9 @@ def gemlite_int4(weight: torch.Tensor):
 
 
 VARIANTS = {"fp16": [("cuBLAS", cublas), ("ours", lambda w: ours(0, w))],
-            "int8": [("ours", lambda w: ours(8, w)), ("gemlite A16W8", gemlite_int8)],
-            "int4": [("ours (per channel)", lambda w: ours(4, w)), ("ours mma (per channel)", ours_int4_mma),
+            "int8": [("ours", lambda w: ours(8, w)), ("ours mma", lambda w: ours_mma(8, w)),
+                     ("gemlite A16W8", gemlite_int8)],
+            "int4": [("ours (per channel)", lambda w: ours(4, w)), ("ours mma (per channel)", lambda w: ours_mma(4, w)),
                      ("ours g128", lambda w: ours(4, w, GROUP)),
                      ("tinygemm g128", tinygemm),
                      ("gemlite A16W4 g128", gemlite_int4)]}

@@ -23,6 +23,7 @@ from glm_engine import GlmEngineError
 from glm_engine.attention import PagedAttention, ReferenceAttention
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.kernels import reference
+from glm_engine.quantization import BITS
 from glm_engine.runtime.distributed import TensorParallel
 
 logger = logging.getLogger("ops")
@@ -45,8 +46,8 @@ class Ops:
     # share; both return their input at world size 1.
     all_reduce: Callable = lambda partial: partial
     gather_vocab: Callable = lambda logits: logits
-    # The engine's weights (runtime-layout names) as `linear` reads them: unchanged, or
-    # the int4 weights shuffled into the int4 tensor-core GEMM's layout (kernels/int4_mma.py).
+    # The engine's weights (runtime-layout names) as `linear` reads them: unchanged, or the
+    # quantized ones shuffled into the tensor-core GEMM's layout (kernels/weight_only_mma.py).
     prepare_weights: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda weights: weights
 
 
@@ -103,11 +104,13 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
 
         add_rms_norm, swiglu = norm.add_rms_norm, swiglu_kernel.swiglu
     prepare_weights = Ops.prepare_weights
-    if uses_int4_mma(config, build, device):
-        from glm_engine.kernels import int4_mma
+    if uses_weight_only_mma(config, build, device):
+        from glm_engine.kernels import weight_only_mma
 
-        linear = kernel_linear(int4_mma.gemm, int4_mma.dequantize, int4_mma.MAX_ROWS, lambda *shape: False)
-        prepare_weights = functools.partial(shuffle_int4_weights, int4_mma.shuffle)
+        linear = kernel_linear(weight_only_mma.gemm, weight_only_mma.dequantize, weight_only_mma.MAX_ROWS,
+                               lambda *shape: False)
+        prepare_weights = functools.partial(shuffle_quantized_weights, weight_only_mma.shuffle,
+                                            BITS[build.weight_only_precision])
     elif build.use_gemm_plugin is not None or build.weight_only_precision is not None:
         from glm_engine.kernels import dequantize, gemv
 
@@ -122,35 +125,37 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
                prepare_weights)
 
 
-def uses_int4_mma(config: ModelConfig, build: BuildConfig, device: torch.device) -> bool:
-    """Whether the engine's linears run on the int4 tensor-core GEMM: int4 weight-only with one
-    scale per channel, fp16, on a GPU it runs on, every decoder linear tiling into it (N % 16,
-    K % 64), and its kernels compiled (else the Triton GEMV, with a log line saying why)."""
-    if build.weight_only_precision != "int4" or build.weight_only_group_size or build.dtype != "float16":
+def uses_weight_only_mma(config: ModelConfig, build: BuildConfig, device: torch.device) -> bool:
+    """Whether the engine's linears run on the weight-only tensor-core GEMM: int8 or int4 with
+    one scale per channel, fp16, on a GPU it runs on, every decoder linear tiling into it
+    (N % 16, K % 64), and its kernels compiled (else the Triton GEMV, with a log line why)."""
+    if build.weight_only_precision is None or build.weight_only_group_size or build.dtype != "float16":
         return False
-    from glm_engine.kernels import int4_mma
+    from glm_engine.kernels import weight_only_mma
 
-    if not int4_mma.runs_on(device):
+    if not weight_only_mma.runs_on(device):
         return False
+    precision = build.weight_only_precision
     shapes = [(config.qkv_size, config.hidden_size), (config.hidden_size, config.q_size),
               (2 * config.ffn_hidden_size, config.hidden_size), (config.hidden_size, config.ffn_hidden_size)]
-    if not all(int4_mma.fits(n, k) for n, k in shapes):
-        logger.info("int4 linears on the Triton GEMV: the tensor-core GEMM tiles 16 outputs by 64 inputs, and "
-                    "the shapes %s do not all tile", shapes)
+    if not all(weight_only_mma.fits(n, k) for n, k in shapes):
+        logger.info("%s linears on the Triton GEMV: the tensor-core GEMM tiles 16 outputs by 64 inputs, and "
+                    "the shapes %s do not all tile", precision, shapes)
         return False
     try:
-        int4_mma.compile_kernels(device)
+        weight_only_mma.compile_kernels(device, BITS[precision])
     except Exception as error:  # NVRTC missing or failing on this box: the Triton GEMV still serves
-        logger.warning("int4 linears on the Triton GEMV: the tensor-core GEMM did not compile (%s)", error)
+        logger.warning("%s linears on the Triton GEMV: the tensor-core GEMM did not compile (%s)", precision, error)
         return False
-    logger.info("int4 linears on the tensor-core GEMM (kernels/int4_mma.py)")
+    logger.info("%s linears on the tensor-core GEMM (kernels/weight_only_mma.py)", precision)
     return True
 
 
-def shuffle_int4_weights(shuffle: Callable, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`weights` with every int4 linear weight (uint8, with `<name>_scales`) passed through `shuffle`."""
-    return {name: shuffle(tensor) if tensor.dtype == torch.uint8 and name + "_scales" in weights else tensor
-            for name, tensor in weights.items()}
+def shuffle_quantized_weights(shuffle: Callable, bits: int,
+                              weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` with every quantized linear weight (the ones with `<name>_scales`) passed
+    through `shuffle(weight, bits)`."""
+    return {name: shuffle(tensor, bits) if name + "_scales" in weights else tensor for name, tensor in weights.items()}
 
 
 def check_triton() -> None:

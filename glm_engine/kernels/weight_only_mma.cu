@@ -1,13 +1,15 @@
-// Int4 weight-only GEMM for 1-16 fp16 rows on tensor cores (mma.sync m16n8k16, fp32 accumulation).
-// Compiled at load with NVRTC (glm_engine/kernels/int4_mma.py); WARPS, UNROLL, PIPE, ROW_BLOCKS and PDL
-// (programmatic dependent launch, sm_90 and later) are defined there.
+// Weight-only GEMM (int8 or int4 weights, one scale per output channel) for 1-16 fp16 rows on tensor
+// cores (mma.sync m16n8k16, fp32 accumulation). Compiled at load with NVRTC
+// (glm_engine/kernels/weight_only_mma.py); BITS, WARPS, UNROLL, PIPE, ROW_BLOCKS and PDL (programmatic
+// dependent launch, sm_90 and later) are defined there.
 //
-// Weights are stored in the "mma layout" that int4_mma.shuffle writes: for each tile of 16 output
-// channels and each chunk of 64 input channels, 32 lanes x 4 int32 words, lane l = 4g + c holding in
-// word j the 8 weights of its A fragment for the j-th 16-wide step of the chunk (rows g and g + 8,
-// input channels 16c + 4j + 0..3 of the chunk), as v + 8 in nibbles ordered so that two lop3 per
-// half of the word make the four fp16 pairs (the input channels of the chunk are permuted alike on
-// both operands: x is read 16 consecutive values per lane). A warp reads 512 contiguous bytes a chunk.
+// Weights are stored in the "mma layout" that weight_only_mma.shuffle writes: for each tile of 16 output
+// channels and each chunk of 64 input channels, 32 lanes x BITS int32 words, lane l = 4g + c holding the
+// 8 weights of its A fragment for each 16-wide step j of the chunk (rows g and g + 8, input channels
+// 16c + 4j + 0..3 of the chunk) as unsigned v + 2^(BITS-1): int4 in word j, nibbles ordered so that two
+// lop3 per half of the word make the four fp16 pairs; int8 in words 2j (row g) and 2j + 1 (row g + 8),
+// bytes in channel order. The input channels of a chunk are permuted alike on both operands, so x is
+// read 16 consecutive values per lane. A warp reads BITS x 128 contiguous bytes a chunk.
 
 __device__ __forceinline__ void mma_word(float* acc, unsigned int word, unsigned int b0, unsigned int b1) {
   // nibbles 0/4 -> a0 (rows g, channels +0/+1), 1/5 -> a1 (rows g+8), 2/6 -> a2 (g, +2/+3), 3/7 -> a3
@@ -28,6 +30,24 @@ __device__ __forceinline__ void mma_word(float* acc, unsigned int word, unsigned
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ void mma_words8(float* acc, unsigned int row_g, unsigned int row_g8, unsigned int b0,
+                                           unsigned int b1) {
+  // bytes u (v + 128) as the low byte of fp16 1024 + u; (1024 + u) - 1152 = v, exact
+  unsigned int a0, a1, a2, a3;
+  asm("prmt.b32 %0, %1, %2, 0x5140;" : "=r"(a0) : "r"(row_g), "r"(0x64646464u));
+  asm("prmt.b32 %0, %1, %2, 0x5140;" : "=r"(a1) : "r"(row_g8), "r"(0x64646464u));
+  asm("prmt.b32 %0, %1, %2, 0x5342;" : "=r"(a2) : "r"(row_g), "r"(0x64646464u));
+  asm("prmt.b32 %0, %1, %2, 0x5342;" : "=r"(a3) : "r"(row_g8), "r"(0x64646464u));
+  asm("sub.f16x2 %0, %0, %1;" : "+r"(a0) : "r"(0x64806480u));
+  asm("sub.f16x2 %0, %0, %1;" : "+r"(a1) : "r"(0x64806480u));
+  asm("sub.f16x2 %0, %0, %1;" : "+r"(a2) : "r"(0x64806480u));
+  asm("sub.f16x2 %0, %0, %1;" : "+r"(a3) : "r"(0x64806480u));
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ float half_to_float(unsigned short h) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -40,13 +60,17 @@ __device__ __forceinline__ unsigned short float_to_half(float f) {
   return h;
 }
 
-struct Chunk {  // one lane's share of one 64-channel chunk: its 4 weight words, 16 inputs per row block
-  uint4 words;
+#define VECTORS (BITS / 4)  // 16-byte loads of weights a lane a chunk
+
+struct Chunk {  // one lane's share of one 64-channel chunk: its weight words, 16 inputs per row block
+  uint4 words[VECTORS];
   uint4 x[ROW_BLOCKS][2];
 };
 
 __device__ __forceinline__ void load_words(Chunk& chunk, const uint4* weight, int q, int chunks) {
-  chunk.words = q < chunks ? __ldg(weight + (size_t)q * 32) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int v = 0; v < VECTORS; ++v)
+    chunk.words[v] = q < chunks ? __ldg(weight + (size_t)q * 32 * VECTORS + v) : make_uint4(0, 0, 0, 0);
 }
 
 __device__ __forceinline__ void load_inputs(Chunk& chunk, const uint4* const* x_rows, const bool* has_row, int q,
@@ -60,12 +84,18 @@ __device__ __forceinline__ void load_inputs(Chunk& chunk, const uint4* const* x_
 }
 
 __device__ __forceinline__ void mma_chunk(float (*acc)[4], const Chunk& chunk) {
+  const unsigned int* words = reinterpret_cast<const unsigned int*>(chunk.words);
 #pragma unroll
-  for (int b = 0; b < ROW_BLOCKS; ++b) {  // inputs 16c + 4j + 0..3 as two fp16 pairs per step j
-    mma_word(acc[b], chunk.words.x, chunk.x[b][0].x, chunk.x[b][0].y);
-    mma_word(acc[b], chunk.words.y, chunk.x[b][0].z, chunk.x[b][0].w);
-    mma_word(acc[b], chunk.words.z, chunk.x[b][1].x, chunk.x[b][1].y);
-    mma_word(acc[b], chunk.words.w, chunk.x[b][1].z, chunk.x[b][1].w);
+  for (int b = 0; b < ROW_BLOCKS; ++b) {
+    const unsigned int* x = reinterpret_cast<const unsigned int*>(chunk.x[b]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // step j: inputs 16c + 4j + 0..3 as two fp16 pairs
+#if BITS == 4
+      mma_word(acc[b], words[j], x[2 * j], x[2 * j + 1]);
+#else
+      mma_words8(acc[b], words[2 * j], words[2 * j + 1], x[2 * j], x[2 * j + 1]);
+#endif
+    }
   }
 }
 
@@ -73,14 +103,14 @@ __device__ __forceinline__ void mma_chunk(float (*acc)[4], const Chunk& chunk) {
 // warps split the chunks (UNROLL at a time; PIPE loads the next ones before using these) and add
 // their partial sums in shared memory. x rows must be 16-byte aligned; n % 16 == 0, k % 64 == 0.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
-int4_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__ x, const float* __restrict__ scales,
+weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__ x, const float* __restrict__ scales,
               const unsigned short* __restrict__ bias, unsigned short* __restrict__ out, int rows, int n, int k,
               int has_bias) {
   __shared__ float partial[WARPS > 1 ? WARPS : 1][ROW_BLOCKS][4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int chunks = k >> 6;
-  const uint4* lane_weight = weight + (size_t)blockIdx.x * chunks * 32 + lane;
+  const uint4* lane_weight = weight + ((size_t)blockIdx.x * chunks * 32 + lane) * VECTORS;
   const uint4* x_rows[ROW_BLOCKS];
   bool has_row[ROW_BLOCKS];
 #pragma unroll
@@ -152,27 +182,38 @@ int4_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__ x, con
 }
 
 // The dense fp16 weight [n, k] (value times its channel's scale) of mma-layout words, one thread a word.
-extern "C" __global__ void int4_mma_dequantize(const unsigned int* __restrict__ weight,
-                                               const float* __restrict__ scales, unsigned short* __restrict__ out,
-                                               int n, int k) {
+extern "C" __global__ void weight_only_mma_dequantize(const unsigned int* __restrict__ weight,
+                                                      const float* __restrict__ scales,
+                                                      unsigned short* __restrict__ out, int n, int k) {
   const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const int chunks = k >> 6;
-  if (index >= (long long)n * chunks * 128) return;
+  if (index >= (long long)n * chunks * 2 * BITS) return;  // 32 lanes x BITS words a 16-row tile and chunk
   const unsigned int word = weight[index];
+#if BITS == 4
   const int j = index & 3, lane = (index >> 2) & 31;
   const long long tile_chunk = index >> 7;
+#else
+  const int j = (index >> 1) & 3, upper_word = index & 1, lane = (index >> 3) & 31;
+  const long long tile_chunk = index >> 8;
+#endif
   const int chunk = tile_chunk % chunks, tile = tile_chunk / chunks;
   const int channel = tile * 16 + (lane >> 2), first = chunk * 64 + 16 * (lane & 3) + 4 * j;
 #pragma unroll
-  for (int upper = 0; upper < 2; ++upper) {  // rows g (even nibbles) and g + 8 (odd nibbles)
+  for (int upper = 0; upper < 2; ++upper) {  // rows g and g + 8
+#if BITS == 8
+    if (upper != upper_word) continue;  // an int8 word holds one row's 4 values
+#endif
     const int row = channel + 8 * upper;
     const float scale = scales[row];
     unsigned short* destination = out + (size_t)row * k + first;
-    // input channels +0, +1, +2, +3 sit in nibbles 0, 4, 2, 6 (+1 for the upper row)
-    const int nibbles[4] = {0, 4, 2, 6};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
+#if BITS == 4  // input channels +0, +1, +2, +3 sit in nibbles 0, 4, 2, 6 (+1 for row g + 8)
+      const int nibbles[4] = {0, 4, 2, 6};
       const int value = (int)((word >> (4 * (nibbles[i] + upper))) & 15) - 8;
+#else
+      const int value = (int)((word >> (8 * i)) & 255) - 128;
+#endif
       destination[i] = float_to_half(value * scale);
     }
   }

@@ -1,26 +1,27 @@
-"""Int4 weight-only GEMM for decode steps (1-16 fp16 rows) on tensor cores, a CUDA
-kernel (int4_mma.cu) compiled at load with NVRTC through torch.
+"""Weight-only GEMM for decode steps (1-16 fp16 rows on int8 or int4 weights with one
+scale per output channel) on tensor cores: a CUDA kernel (weight_only_mma.cu) compiled
+at load with NVRTC through torch.
 
 The Triton GEMV (gemv.py) spends ~20 instructions on each int32 word of int4 weights
 (8 values), and at one row its int4 kernels are bound by that, not by memory (H100:
 the down projection 14.7 us from HBM, 13.2 us with its weights in L2). Here one
-`mma.m16n8k16` takes a warp's 32 words: each lane turns its word into the four fp16
-pairs of its A fragment with two lop3 per half word and one fp16 subtract or FMA per
-pair (exact: values v + 8 become v), and the tensor core multiplies and accumulates
-in float32. x rows are the B fragment's columns, so 1 to 8 rows (16 with a second
-mma) cost the same weight stream: on the H100 a layer's four linears take 47.6 us at
-8 rows against the Triton GEMV's 94.5, and about the same as it at one row
+`mma.m16n8k16` takes a warp's 256 weights: each lane turns its 8 into the four fp16
+pairs of its A fragment with bit operations (lop3 on int4 nibbles, prmt on int8
+bytes) and one exact fp16 subtract or FMA per pair, and the tensor core multiplies and
+accumulates in float32. x rows are the B fragment's columns, so 1 to 8 rows (16 with a
+second mma) cost the same weight stream: on the H100 an int4 layer's four linears take
+47.6 us at 8 rows against the Triton GEMV's 94.5, and about as long as it at one row
 (docs/PERFORMANCE.md). On Hopper it launches with programmatic dependent launch, as
 the Triton kernels do, and loads its first weights before it waits.
 
 That needs the weights in the fragments' order, written once at load by `shuffle`
-(same shape and dtype as the packed [N, K // 2] uint8 int4 weight, so the network's
-parameters keep their shapes): see int4_mma.cu's header. `unshuffle` is its inverse.
-It serves fp16 engines with one scale per output channel where every decoder linear
-has N % 16 == 0 and K % 64 == 0 (ChatGLM2-6B, also split over 2 ranks); the op table
-(ops.select_ops) chooses it for the whole engine or not at all, and larger inputs
-(prefill) go through `dequantize` and cuBLAS.
-Reference: `reference.linear` on `reference.dequantize(unshuffle(weight), ...)`."""
+(same shape and dtype as the int8 [N, K] or packed int4 [N, K // 2] weight, so the
+network's parameters keep their shapes): see weight_only_mma.cu's header. `unshuffle`
+is its inverse. It serves fp16 engines where every decoder linear has N % 16 == 0 and
+K % 64 == 0 (ChatGLM2-6B, also split over 2 ranks); the op table (ops.select_ops)
+chooses it for the whole engine or not at all, and larger inputs (prefill) go through
+`dequantize` and cuBLAS.
+Reference: `reference.linear` on `reference.dequantize(unshuffle(weight, bits), ...)`."""
 
 from __future__ import annotations
 
@@ -46,21 +47,33 @@ def fits(n: int, k: int) -> bool:
     return n % 16 == 0 and k % 64 == 0
 
 
-def shuffle(packed: torch.Tensor) -> torch.Tensor:
-    """The packed int4 weight [N, K // 2] (byte k // 2: weight k in the low nibble for even k,
-    two's complement) in the mma layout, same shape and dtype."""
-    n, k = packed.shape[0], packed.shape[1] * 2
+def _input_channels(weight: torch.Tensor, bits: int) -> int:
+    return weight.shape[1] * (2 if bits == 4 else 1)
+
+
+def shuffle(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """An int8 [N, K] or packed int4 [N, K // 2] weight (byte k // 2: weight k in the low
+    nibble for even k, two's complement) in the mma layout, same shape and dtype."""
+    n, k = weight.shape[0], _input_channels(weight, bits)
     if not fits(n, k):
-        raise ValueError(f"the int4 mma layout tiles 16 output by 64 input channels, got a {n}x{k} weight")
-    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(n, k) ^ 8  # v + 8
+        raise ValueError(f"the mma layout tiles 16 output by 64 input channels, got a {n}x{k} weight")
+    if bits == 8:
+        # rows t*16 + h*8 + g, inputs q*64 + 16c + 4j + i -> [t, q, g, c, j, word h, byte i]
+        unsigned = weight.view(torch.uint8) ^ 0x80  # v + 128
+        unsigned = unsigned.view(n // 16, 2, 8, k // 64, 4, 4, 4).permute(0, 3, 2, 4, 5, 1, 6)
+        return unsigned.reshape(n, k).view(torch.int8)
+    nibbles = torch.stack([weight & 0xF, weight >> 4], dim=-1).view(n, k) ^ 8  # v + 8
     # rows t*16 + h*8 + g, inputs q*64 + 16c + 4j + 2kb + ka -> [t, q, g, c, j, word nibble ka*4 + kb*2 + h]
     nibbles = nibbles.view(n // 16, 2, 8, k // 64, 4, 4, 2, 2).permute(0, 3, 2, 4, 5, 7, 6, 1).reshape(-1, 4, 2)
     return (nibbles[..., 0] | (nibbles[..., 1] << 4)).view(n, k // 2)
 
 
-def unshuffle(shuffled: torch.Tensor) -> torch.Tensor:
-    """`shuffle`'s inverse: the packed int4 weight [N, K // 2] of an mma-layout one."""
-    n, k = shuffled.shape[0], shuffled.shape[1] * 2
+def unshuffle(shuffled: torch.Tensor, bits: int) -> torch.Tensor:
+    """`shuffle`'s inverse."""
+    n, k = shuffled.shape[0], _input_channels(shuffled, bits)
+    if bits == 8:
+        unsigned = shuffled.view(torch.uint8).view(n // 16, k // 64, 8, 4, 4, 2, 4).permute(0, 5, 2, 1, 3, 4, 6)
+        return (unsigned.reshape(n, k) ^ 0x80).view(torch.int8)
     nibbles = torch.stack([shuffled & 0xF, shuffled >> 4], dim=-1)
     nibbles = nibbles.view(n // 16, k // 64, 8, 4, 4, 2, 2, 2).permute(0, 7, 2, 1, 3, 4, 6, 5).reshape(n, k) ^ 8
     return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).to(torch.uint8)
@@ -83,7 +96,7 @@ def _driver() -> ctypes.CDLL | None:
 
 @functools.cache
 def _compiled(device_index: int, name: str, **defines: int):
-    """One kernel of int4_mma.cu compiled for (and loaded on) one GPU."""
+    """One kernel of weight_only_mma.cu compiled for (and loaded on) one GPU."""
     options = [f"-D{key}={value}" for key, value in {**defines, "PDL": int(_pdl(device_index))}.items()]
     with torch.cuda.device(device_index):
         return torch.cuda._compile_kernel(_SOURCE.read_text(), name, nvcc_options=options)
@@ -123,9 +136,9 @@ def _launch(kernel, device_index: int, grid: int, threads: int, args: list) -> N
 
 def launch_config(n: int, k: int) -> tuple[int, int, int]:
     """(warps a block, chunks a warp loads at once, whether it loads the next ones first),
-    the fastest measured on an H100 (docs/PERFORMANCE.md) for ChatGLM2-6B's shapes:
-    the up projection (1712 blocks) 8 warps; the long-K down projection 16 warps, 2
-    chunks, pipelined; the small ones (256-288 blocks) 16 warps, pipelined."""
+    the fastest measured for int4 on an H100 (docs/PERFORMANCE.md) for ChatGLM2-6B's
+    shapes: the up projection (1712 blocks) 8 warps; the long-K down projection 16 warps,
+    2 chunks, pipelined; the small ones (256-288 blocks) 16 warps, pipelined."""
     if n * k >= 60_000_000:
         return 8, 1, 0
     if k >= 8192:
@@ -133,31 +146,44 @@ def launch_config(n: int, k: int) -> tuple[int, int, int]:
     return 16, 1, 1
 
 
-def compile_kernels(device: torch.device) -> None:
-    """Compiles every variant for `device` (an indexed CUDA device) once: NVRTC errors surface here, at load."""
+LAUNCH_CONFIGS = ((8, 1, 0), (16, 2, 1), (16, 1, 1))  # every value launch_config returns
+
+
+def compile_kernels(device: torch.device, bits: int) -> None:
+    """Compiles every variant for `device` once: NVRTC errors surface here, at load."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    for warps, unroll, pipe in ((8, 1, 0), (16, 2, 1), (16, 1, 1)):
+    for warps, unroll, pipe in LAUNCH_CONFIGS:
         for row_blocks in (1, 2):
-            _compiled(index, "int4_mma_gemm", WARPS=warps, UNROLL=unroll, PIPE=pipe, ROW_BLOCKS=row_blocks)
-    _compiled(index, "int4_mma_dequantize", WARPS=1, UNROLL=1, PIPE=0, ROW_BLOCKS=1)
+            _gemm_kernel(index, bits, warps, unroll, pipe, row_blocks)
+    _dequantize_kernel(index, bits)
+
+
+def _gemm_kernel(device_index: int, bits: int, warps: int, unroll: int, pipe: int, row_blocks: int):
+    return _compiled(device_index, "weight_only_mma_gemm", BITS=bits, WARPS=warps, UNROLL=unroll, PIPE=pipe,
+                     ROW_BLOCKS=row_blocks)
+
+
+def _dequantize_kernel(device_index: int, bits: int):
+    return _compiled(device_index, "weight_only_mma_dequantize", BITS=bits, WARPS=1, UNROLL=1, PIPE=0,
+                     ROW_BLOCKS=1)
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor,
-         quant_bits: int) -> torch.Tensor:
-    """x [M <= 16, K] fp16 @ W^T * scales (+ bias) -> [M, N] fp16, W an mma-layout int4
-    weight [N, K // 2] with float32 `weight_scales` [N] (the op table's linear signature)."""
+         quant_bits: int, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [M <= 16, K] fp16 @ W^T * scales (+ bias) -> [M, N] fp16, W an mma-layout int8 or
+    int4 weight with float32 `weight_scales` [N] (the op table's linear signature).
+    `config` (one of LAUNCH_CONFIGS) overrides `launch_config` (tests cover each)."""
     rows, k = x.shape
     n = weight.shape[0]
-    if quant_bits != 4 or x.dtype != torch.float16 or rows > MAX_ROWS or weight_scales.dim() != 1:
-        raise ValueError(f"the int4 mma GEMM takes up to {MAX_ROWS} fp16 rows on int4 weights with one scale per "
-                         f"channel, got {rows} {x.dtype} rows, {quant_bits}-bit weights, scales "
+    if quant_bits not in (4, 8) or x.dtype != torch.float16 or rows > MAX_ROWS or weight_scales.dim() != 1:
+        raise ValueError(f"the weight-only mma GEMM takes up to {MAX_ROWS} fp16 rows on int8/int4 weights with one "
+                         f"scale per channel, got {rows} {x.dtype} rows, {quant_bits}-bit weights, scales "
                          f"{tuple(weight_scales.shape)}")
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()  # read 16 bytes at a time
-    warps, unroll, pipe = launch_config(n, k)
-    kernel = _compiled(x.device.index, "int4_mma_gemm", WARPS=warps, UNROLL=unroll, PIPE=pipe,
-                       ROW_BLOCKS=1 if rows <= 8 else 2)
+    warps, unroll, pipe = config or launch_config(n, k)
+    kernel = _gemm_kernel(x.device.index, quant_bits, warps, unroll, pipe, 1 if rows <= 8 else 2)
     out = torch.empty(rows, n, dtype=torch.float16, device=x.device)
     _launch(kernel, x.device.index, n // 16, 32 * warps,
             [weight, x, weight_scales, bias if bias is not None else weight_scales, out, rows, n, k,
@@ -166,12 +192,12 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weigh
 
 
 def dequantize(weight: torch.Tensor, weight_scales: torch.Tensor, quant_bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """The dense fp16 weight [N, K] of an mma-layout int4 weight (the op table's dequantize signature)."""
-    if quant_bits != 4 or dtype != torch.float16:
-        raise ValueError(f"the int4 mma layout dequantizes int4 to float16, got {quant_bits} bits to {dtype}")
-    n, k = weight.shape[0], weight.shape[1] * 2
+    """The dense fp16 weight [N, K] of an mma-layout weight (the op table's dequantize signature)."""
+    if quant_bits not in (4, 8) or dtype != torch.float16:
+        raise ValueError(f"the mma layout dequantizes int8/int4 to float16, got {quant_bits} bits to {dtype}")
+    n, k = weight.shape[0], _input_channels(weight, quant_bits)
     out = torch.empty(n, k, dtype=torch.float16, device=weight.device)
-    words = n * k // 8
-    _compiled(weight.device.index, "int4_mma_dequantize", WARPS=1, UNROLL=1, PIPE=0, ROW_BLOCKS=1)(
+    words = n * k * quant_bits // 32
+    _dequantize_kernel(weight.device.index, quant_bits)(
         grid=((words + 255) // 256, 1, 1), block=(256, 1, 1), args=[weight, weight_scales, out, n, k])
     return out

@@ -118,8 +118,12 @@ class Session:
         weights = engine.weights
         if build.weight_only_precision and not ops.build.weight_only_precision:
             weights = dequantize_weights(weights, build.torch_dtype)  # the reference ops take dense weights
-        network = build_network(rank_config, ops, ops.prepare_weights(weights), self.device)
+        prepared = ops.prepare_weights(weights)
+        network = build_network(rank_config, ops, prepared, self.device)
         engine.weights = {}  # the network holds them now
+        if prepared is not weights and self.device.type == "cuda":
+            del weights  # replaced by their shuffled copies: their memory goes back before the KV pool is sized
+            torch.cuda.empty_cache()
         num_blocks = self.parallel.minimum(pool_blocks(build, rank_config, self.device, kv_cache_free_gpu_mem_fraction,
                                                        max_tokens_in_paged_kv_cache))
         self.block_manager = BlockManager(num_blocks, build.tokens_per_block)

@@ -138,7 +138,8 @@ def launch_config(n: int, k: int) -> tuple[int, int, int]:
     """(warps a block, chunks a warp loads at once, whether it loads the next ones first),
     the fastest measured for int4 on an H100 (docs/PERFORMANCE.md) for ChatGLM2-6B's
     shapes: the up projection (1712 blocks) 8 warps; the long-K down projection 16 warps,
-    2 chunks, pipelined; the small ones (256-288 blocks) 16 warps, pipelined."""
+    2 chunks, pipelined; the small ones (256-288 blocks) 16 warps, pipelined. int8 takes
+    the same (not tuned on its own)."""
     if n * k >= 60_000_000:
         return 8, 1, 0
     if k >= 8192:

@@ -23,6 +23,7 @@ from glm_engine import GlmEngineError
 from glm_engine.attention import PagedAttention, ReferenceAttention
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.kernels import reference
+from glm_engine.layout import quantized_weight_names, weight_shapes
 from glm_engine.quantization import BITS
 from glm_engine.runtime.distributed import TensorParallel
 
@@ -136,8 +137,7 @@ def uses_weight_only_mma(config: ModelConfig, build: BuildConfig, device: torch.
     if not weight_only_mma.runs_on(device):
         return False
     precision = build.weight_only_precision
-    shapes = [(config.qkv_size, config.hidden_size), (config.hidden_size, config.q_size),
-              (2 * config.ffn_hidden_size, config.hidden_size), (config.hidden_size, config.ffn_hidden_size)]
+    shapes = sorted({weight_shapes(config)[name] for name in quantized_weight_names(config)})
     if not all(weight_only_mma.fits(n, k) for n, k in shapes):
         logger.info("%s linears on the Triton GEMV: the tensor-core GEMM tiles 16 outputs by 64 inputs, and "
                     "the shapes %s do not all tile", precision, shapes)

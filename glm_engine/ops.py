@@ -39,8 +39,9 @@ class Ops:
 
     build: BuildConfig
     add_rms_norm: Callable  # (branch | None, residual, weight, eps) -> (normed, residual)
-    swiglu: Callable  # gate_up [N, 2F] -> [N, F]
     linear: Linear  # (x, weight, bias, weight_scales, quant_bits) -> x @ W^T + bias
+    # swiglu(linear(...)) of the fused up projection [gate, up] -> [N, F]: one kernel on the tensor-core GEMM
+    gated_linear: Linear
     attention: ReferenceAttention | PagedAttention
     # Tensor parallelism (runtime/distributed.py): the sum of a row-parallel layer's
     # partial outputs over ranks, and logits [N, vocab] from each rank's vocabulary
@@ -86,6 +87,28 @@ def kernel_linear(gemv: Callable, dequantize: Callable, max_rows: int, cublas_is
     return linear
 
 
+def composed_gated_linear(linear: Linear, swiglu: Callable) -> Linear:
+    """gated_linear as two ops: linear, then swiglu."""
+
+    def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     weight_scales: torch.Tensor | None, quant_bits: int) -> torch.Tensor:
+        return swiglu(linear(x, weight, bias, weight_scales, quant_bits))
+
+    return gated_linear
+
+
+def fused_gated_linear(gemm: Callable, max_rows: int, composed: Linear) -> Linear:
+    """gated_linear as `gemm(..., swiglu=True)` for at most `max_rows` rows, else `composed`."""
+
+    def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     weight_scales: torch.Tensor | None, quant_bits: int) -> torch.Tensor:
+        if x.shape[0] <= max_rows:
+            return gemm(x, weight, bias, weight_scales, quant_bits, swiglu=True)
+        return composed(x, weight, bias, weight_scales, quant_bits)
+
+    return gated_linear
+
+
 def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
                parallel: TensorParallel | None = None) -> Ops:
     """The op table for one rank's network (`config`: the shape it computes) on `device`
@@ -105,24 +128,28 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
 
         add_rms_norm, swiglu = norm.add_rms_norm, swiglu_kernel.swiglu
     prepare_weights = Ops.prepare_weights
+    gated_linear = None
     if uses_weight_only_mma(config, build, device):
         from glm_engine.kernels import weight_only_mma
 
         linear = kernel_linear(weight_only_mma.gemm, weight_only_mma.dequantize, weight_only_mma.MAX_ROWS,
                                lambda *shape: False)
+        gated_linear = fused_gated_linear(weight_only_mma.gemm, weight_only_mma.MAX_ROWS,
+                                          composed_gated_linear(linear, swiglu))
         prepare_weights = functools.partial(shuffle_quantized_weights, weight_only_mma.shuffle,
                                             BITS[build.weight_only_precision])
     elif build.use_gemm_plugin is not None or build.weight_only_precision is not None:
         from glm_engine.kernels import dequantize, gemv
 
         linear = kernel_linear(gemv.gemv, dequantize.dequantize, gemv.MAX_ROWS, gemv.cublas_is_faster)
+    gated_linear = gated_linear or composed_gated_linear(linear, swiglu)
     if build.use_gpt_attention_plugin is not None:
         attention = PagedAttention(config, dtype, device, build.context_fmha, build.max_sequence_len)
     else:
         attention = ReferenceAttention(config, dtype, device)
     if parallel is None or parallel.world_size == 1:
-        return Ops(build, add_rms_norm, swiglu, linear, attention, prepare_weights=prepare_weights)
-    return Ops(build, add_rms_norm, swiglu, linear, attention, parallel.all_reduce, parallel.gather_vocab,
+        return Ops(build, add_rms_norm, linear, gated_linear, attention, prepare_weights=prepare_weights)
+    return Ops(build, add_rms_norm, linear, gated_linear, attention, parallel.all_reduce, parallel.gather_vocab,
                prepare_weights)
 
 
@@ -138,6 +165,8 @@ def uses_weight_only_mma(config: ModelConfig, build: BuildConfig, device: torch.
         return False
     precision = build.weight_only_precision
     shapes = sorted({weight_shapes(config)[name] for name in quantized_weight_names(config)})
+    # (The down projection's K = F tiling by 64 makes the up projection's halves whole 16-output tiles, as its
+    # SwiGLU epilogue needs.)
     if not all(weight_only_mma.fits(n, k) for n, k in shapes):
         logger.info("%s linears on the Triton GEMV: the tensor-core GEMM tiles 16 outputs by 64 inputs, and "
                     "the shapes %s do not all tile", precision, shapes)

@@ -182,3 +182,43 @@ def test_gemm_in_a_cuda_graph_sees_the_kernel_ahead(bits):
         residual.copy_(torch.randn_like(residual))
         graph.replay()
         assert torch.equal(captured, step())
+
+
+
+@needs_gpu
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("n, k, with_bias", [(64, 192, True), (27392, 4096, False), (13696, 4096, False)])
+def test_swiglu_gemm_matches_reference(bits, rows, n, k, with_bias):
+    """The up projection with SwiGLU in its epilogue: the engine's shape and its half (two
+    ranks), one and two row blocks, ragged row counts."""
+    weight, scales = quantized(n, k, bits, "cuda")
+    x = torch.randn(rows, k, dtype=torch.float16, device="cuda")
+    bias = torch.randn(n, dtype=torch.float16, device="cuda") if with_bias else None
+    expected = reference.swiglu(reference.linear(x.double(), reference.dequantize(weight, scales, bits, torch.float64),
+                                                 None if bias is None else bias.double()))
+    out = weight_only_mma.gemm(x, weight_only_mma.shuffle(weight, bits), bias, scales, bits, swiglu=True)
+    assert out.shape == (rows, n // 2) and out.dtype == torch.float16
+    assert relative_error(out, expected) < 2e-3
+
+
+@needs_gpu
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [2, 16])
+@pytest.mark.parametrize("config", weight_only_mma.LAUNCH_CONFIGS)
+def test_swiglu_gemm_every_launch_config_matches_reference(bits, rows, config):
+    weight, scales = quantized(64, 1216, bits, "cuda")  # 19 chunks: no warp count divides them
+    x = torch.randn(rows, 1216, dtype=torch.float16, device="cuda")
+    expected = reference.swiglu(reference.linear(x.double(), reference.dequantize(weight, scales, bits, torch.float64)))
+    out = weight_only_mma.gemm(x, weight_only_mma.shuffle(weight, bits), None, scales, bits, config, swiglu=True)
+    assert relative_error(out, expected) < 2e-3
+
+
+def test_swiglu_gemm_refuses_halves_that_split_a_tile():
+    """SwiGLU pairs gate tile t with up tile t + n / 32: n must be a multiple of 32."""
+    weight, scales = quantized(48, 64, 4)
+    assert not weight_only_mma.swiglu_fits(48) and weight_only_mma.swiglu_fits(64)
+    with pytest.raises(ValueError, match="48 outputs are not 32 x m"):
+        weight_only_mma.gemm(torch.randn(1, 64, dtype=torch.float16), weight_only_mma.shuffle(weight, 4), None,
+                             scales, 4, swiglu=True)
+

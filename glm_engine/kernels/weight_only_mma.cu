@@ -10,6 +10,13 @@
 // lop3 per half of the word make the four fp16 pairs; int8 in words 2j (row g) and 2j + 1 (row g + 8),
 // bytes in channel order. The input channels of a chunk are permuted alike on both operands, so x is
 // read 16 consecutive values per lane. A warp reads BITS x 128 contiguous bytes a chunk.
+//
+// TILES 2 (weight_only_mma.gemm(..., swiglu=True)) takes gate tile t and up tile t + n / 32 of the fused
+// up projection in one block and writes silu(gate) * up: the SwiGLU kernel after it is not needed.
+
+#ifndef TILES
+#define TILES 1
+#endif
 
 __device__ __forceinline__ void mma_word(float* acc, unsigned int word, unsigned int b0, unsigned int b1) {
   // nibbles 0/4 -> a0 (rows g, channels +0/+1), 1/5 -> a1 (rows g+8), 2/6 -> a2 (g, +2/+3), 3/7 -> a3
@@ -62,15 +69,17 @@ __device__ __forceinline__ unsigned short float_to_half(float f) {
 
 #define VECTORS (BITS / 4)  // 16-byte loads of weights a lane a chunk
 
-struct Chunk {  // one lane's share of one 64-channel chunk: its weight words, 16 inputs per row block
-  uint4 words[VECTORS];
+struct Chunk {  // one lane's share of one 64-channel chunk: its weight words per tile, 16 inputs per row block
+  uint4 words[TILES][VECTORS];
   uint4 x[ROW_BLOCKS][2];
 };
 
-__device__ __forceinline__ void load_words(Chunk& chunk, const uint4* weight, int q, int chunks) {
+__device__ __forceinline__ void load_words(Chunk& chunk, const uint4* const* weight, int q, int chunks) {
 #pragma unroll
-  for (int v = 0; v < VECTORS; ++v)
-    chunk.words[v] = q < chunks ? __ldg(weight + (size_t)q * 32 * VECTORS + v) : make_uint4(0, 0, 0, 0);
+  for (int t = 0; t < TILES; ++t)
+#pragma unroll
+    for (int v = 0; v < VECTORS; ++v)
+      chunk.words[t][v] = q < chunks ? __ldg(weight[t] + (size_t)q * 32 * VECTORS + v) : make_uint4(0, 0, 0, 0);
 }
 
 __device__ __forceinline__ void load_inputs(Chunk& chunk, const uint4* const* x_rows, const bool* has_row, int q,
@@ -83,34 +92,46 @@ __device__ __forceinline__ void load_inputs(Chunk& chunk, const uint4* const* x_
   }
 }
 
-__device__ __forceinline__ void mma_chunk(float (*acc)[4], const Chunk& chunk) {
-  const unsigned int* words = reinterpret_cast<const unsigned int*>(chunk.words);
+__device__ __forceinline__ void mma_chunk(float (*acc)[ROW_BLOCKS][4], const Chunk& chunk) {
 #pragma unroll
-  for (int b = 0; b < ROW_BLOCKS; ++b) {
-    const unsigned int* x = reinterpret_cast<const unsigned int*>(chunk.x[b]);
+  for (int t = 0; t < TILES; ++t) {
+    const unsigned int* words = reinterpret_cast<const unsigned int*>(chunk.words[t]);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {  // step j: inputs 16c + 4j + 0..3 as two fp16 pairs
+    for (int b = 0; b < ROW_BLOCKS; ++b) {
+      const unsigned int* x = reinterpret_cast<const unsigned int*>(chunk.x[b]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // step j: inputs 16c + 4j + 0..3 as two fp16 pairs
 #if BITS == 4
-      mma_word(acc[b], words[j], x[2 * j], x[2 * j + 1]);
+        mma_word(acc[t][b], words[j], x[2 * j], x[2 * j + 1]);
 #else
-      mma_words8(acc[b], words[2 * j], words[2 * j + 1], x[2 * j], x[2 * j + 1]);
+        mma_words8(acc[t][b], words[2 * j], words[2 * j + 1], x[2 * j], x[2 * j + 1]);
 #endif
+      }
     }
   }
 }
 
-// out[rows, n] = x[rows, k] @ W^T * scales (+ bias), fp16. One block per 16 output channels; its
-// warps split the chunks (UNROLL at a time; PIPE loads the next ones before using these) and add
-// their partial sums in shared memory. x rows must be 16-byte aligned; n % 16 == 0, k % 64 == 0.
+__device__ __forceinline__ float silu_times(float gate, float up) {  // on fp16-rounded inputs, as swiglu.py
+  gate = half_to_float(float_to_half(gate));
+  return gate / (1.f + __expf(-gate)) * half_to_float(float_to_half(up));
+}
+
+// out[rows, n] = x[rows, k] @ W^T * scales (+ bias), fp16. One block per 16 output channels (TILES 2:
+// per 16 gate and 16 up channels, out[rows, n / 2] = silu(gate) * up); its warps split the chunks (UNROLL
+// at a time; PIPE loads the next ones before using these) and add their partial sums in shared memory.
+// x rows must be 16-byte aligned; n % (16 * TILES) == 0, k % 64 == 0.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__ x, const float* __restrict__ scales,
               const unsigned short* __restrict__ bias, unsigned short* __restrict__ out, int rows, int n, int k,
               int has_bias) {
-  __shared__ float partial[WARPS > 1 ? WARPS : 1][ROW_BLOCKS][4][32];
+  __shared__ float partial[WARPS > 1 ? WARPS : 1][TILES][ROW_BLOCKS][4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int chunks = k >> 6;
-  const uint4* lane_weight = weight + ((size_t)blockIdx.x * chunks * 32 + lane) * VECTORS;
+  const uint4* lane_weight[TILES];
+#pragma unroll
+  for (int t = 0; t < TILES; ++t)  // gate tile t = blockIdx.x, up tile t + gridDim.x
+    lane_weight[t] = weight + ((size_t)(blockIdx.x + t * gridDim.x) * chunks * 32 + lane) * VECTORS;
   const uint4* x_rows[ROW_BLOCKS];
   bool has_row[ROW_BLOCKS];
 #pragma unroll
@@ -118,7 +139,7 @@ weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__
     has_row[b] = 8 * b + g < rows;
     x_rows[b] = x + (size_t)(has_row[b] ? 8 * b + g : 0) * (k >> 3) + 2 * c;
   }
-  float acc[ROW_BLOCKS][4] = {};
+  float acc[TILES][ROW_BLOCKS][4] = {};
   const int stride = WARPS * UNROLL;
   Chunk current[UNROLL];
   // The weights never change: their first loads go out before the wait for the kernel ahead (PDL), x after it.
@@ -152,30 +173,47 @@ weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__
   }
   if (WARPS > 1) {
 #pragma unroll
-    for (int b = 0; b < ROW_BLOCKS; ++b)
+    for (int t = 0; t < TILES; ++t)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) partial[warp][b][i][lane] = acc[b][i];
+      for (int b = 0; b < ROW_BLOCKS; ++b)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) partial[warp][t][b][i][lane] = acc[t][b][i];
     __syncthreads();
     if (warp != 0) return;
     for (int other = 1; other < WARPS; ++other)
 #pragma unroll
-      for (int b = 0; b < ROW_BLOCKS; ++b)
+      for (int t = 0; t < TILES; ++t)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[b][i] += partial[other][b][i][lane];
+        for (int b = 0; b < ROW_BLOCKS; ++b)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[t][b][i] += partial[other][t][b][i][lane];
   }
-  // acc[b]: {C[g][2c], C[g][2c+1], C[g+8][2c], C[g+8][2c+1]}, C[channel][row] of this tile and row block
-  const int channel0 = blockIdx.x * 16 + g, channel1 = channel0 + 8;
-  const float scale0 = scales[channel0], scale1 = scales[channel1];
-  const float bias0 = has_bias ? half_to_float(bias[channel0]) : 0.f;
-  const float bias1 = has_bias ? half_to_float(bias[channel1]) : 0.f;
+  // acc[t][b]: {C[g][2c], C[g][2c+1], C[g+8][2c], C[g+8][2c+1]}, C[channel][row] of tile t and row block b
+  float scale[TILES][2], shift[TILES][2];
+#pragma unroll
+  for (int t = 0; t < TILES; ++t)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int channel = (blockIdx.x + t * gridDim.x) * 16 + g + 8 * h;
+      scale[t][h] = scales[channel];
+      shift[t][h] = has_bias ? half_to_float(bias[channel]) : 0.f;
+    }
+  const int width = n / TILES;
 #pragma unroll
   for (int b = 0; b < ROW_BLOCKS; ++b) {
 #pragma unroll
     for (int odd = 0; odd < 2; ++odd) {
       const int row = 8 * b + 2 * c + odd;
-      if (row < rows) {
-        out[(size_t)row * n + channel0] = float_to_half(acc[b][odd] * scale0 + bias0);
-        out[(size_t)row * n + channel1] = float_to_half(acc[b][2 + odd] * scale1 + bias1);
+      if (row >= rows) continue;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float first = acc[0][b][2 * h + odd] * scale[0][h] + shift[0][h];
+#if TILES == 2
+        const float value = silu_times(first, acc[1][b][2 * h + odd] * scale[1][h] + shift[1][h]);
+#else
+        const float value = first;
+#endif
+        out[(size_t)row * width + blockIdx.x * 16 + g + 8 * h] = float_to_half(value);
       }
     }
   }

@@ -36,10 +36,12 @@ _SOURCE = Path(__file__).with_suffix(".cu")
 
 
 def runs_on(device: torch.device) -> bool:
-    """A CUDA GPU with fp16 mma.sync (compute capability 8.0 or later) and a torch that
-    compiles CUDA source at run time (torch.cuda._compile_kernel, NVRTC)."""
+    """A CUDA GPU with fp16 mma.sync (compute capability 8.0 or later), a torch that
+    compiles CUDA source at run time (torch.cuda._compile_kernel, NVRTC), and a driver
+    with cuLaunchKernelEx (CUDA 12), which launches it."""
     return device.type == "cuda" and hasattr(torch.cuda, "_compile_kernel") \
-        and torch.cuda.get_device_capability(device) >= (8, 0)
+        and torch.cuda.get_device_capability(device) >= (8, 0) and _driver() is not None \
+        and hasattr(_driver(), "cuLaunchKernelEx")
 
 
 def fits(n: int, k: int) -> bool:
@@ -81,9 +83,8 @@ def unshuffle(shuffled: torch.Tensor, bits: int) -> torch.Tensor:
 
 @functools.cache
 def _pdl(device_index: int) -> bool:
-    """Programmatic dependent launch: Hopper or later, and a driver with cuLaunchKernelEx."""
-    return torch.cuda.get_device_capability(device_index) >= (9, 0) and _driver() is not None \
-        and hasattr(_driver(), "cuLaunchKernelEx")
+    """Programmatic dependent launch: Hopper or later."""
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 @functools.cache
@@ -115,20 +116,26 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
-def _launch(kernel, device_index: int, grid: int, threads: int, args: list) -> None:
-    """Launches on the current stream, with programmatic dependent launch where `_pdl`
-    (as the Triton kernels around it are: it may start while the kernel ahead finishes,
-    and waits in griddepcontrol.wait before it reads what that kernel wrote)."""
-    if not _pdl(device_index) or not hasattr(kernel, "func"):
-        kernel(grid=(grid, 1, 1), block=(threads, 1, 1), args=args)
-        return
-    values = [ctypes.c_void_p(arg.data_ptr()) if isinstance(arg, torch.Tensor) else ctypes.c_int(arg) for arg in args]
+def _argument(value: torch.Tensor | None | int) -> ctypes.c_void_p | ctypes.c_int:
+    if value is None or isinstance(value, torch.Tensor):
+        return ctypes.c_void_p(None if value is None else value.data_ptr())
+    return ctypes.c_int(value)
+
+
+def _launch(kernel, device_index: int, grid: int, threads: int, args: list, dependent: bool = True) -> None:
+    """Launches on the current stream through cuLaunchKernelEx (tensors as pointers, None
+    as a null pointer, ints as ints). A `dependent` kernel (one that waits in
+    griddepcontrol.wait before it touches what other kernels write) launches with
+    programmatic dependent launch where `_pdl`, as the Triton kernels around it do: it
+    may start while the kernel ahead finishes."""
+    values = [_argument(arg) for arg in args]
     pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(value), ctypes.c_void_p) for value in values])
     attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
     attribute.value[0] = 1
+    pdl = dependent and _pdl(device_index)
     config = _LaunchConfig(grid=(ctypes.c_uint * 3)(grid, 1, 1), block=(ctypes.c_uint * 3)(threads, 1, 1),
                            shared_memory=0, stream=torch.cuda.current_stream().cuda_stream,
-                           attributes=ctypes.pointer(attribute), attribute_count=1)
+                           attributes=ctypes.pointer(attribute) if pdl else None, attribute_count=int(pdl))
     result = _driver().cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
     if result != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {result}")
@@ -155,40 +162,51 @@ def compile_kernels(device: torch.device, bits: int) -> None:
     index = device.index if device.index is not None else torch.cuda.current_device()
     for warps, unroll, pipe in LAUNCH_CONFIGS:
         for row_blocks in (1, 2):
-            _gemm_kernel(index, bits, warps, unroll, pipe, row_blocks)
+            for tiles in (1, 2):
+                _gemm_kernel(index, bits, warps, unroll, pipe, row_blocks, tiles)
     _dequantize_kernel(index, bits)
 
 
-def _gemm_kernel(device_index: int, bits: int, warps: int, unroll: int, pipe: int, row_blocks: int):
+def _gemm_kernel(device_index: int, bits: int, warps: int, unroll: int, pipe: int, row_blocks: int, tiles: int):
     return _compiled(device_index, "weight_only_mma_gemm", BITS=bits, WARPS=warps, UNROLL=unroll, PIPE=pipe,
-                     ROW_BLOCKS=row_blocks)
+                     ROW_BLOCKS=row_blocks, TILES=tiles)
 
 
 def _dequantize_kernel(device_index: int, bits: int):
     return _compiled(device_index, "weight_only_mma_dequantize", BITS=bits, WARPS=1, UNROLL=1, PIPE=0,
-                     ROW_BLOCKS=1)
+                     ROW_BLOCKS=1, TILES=1)
+
+
+def swiglu_fits(n: int) -> bool:
+    """Whether `gemm(..., swiglu=True)` takes an up projection of n outputs: both halves
+    whole 16-channel tiles."""
+    return n % 32 == 0
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor,
-         quant_bits: int, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+         quant_bits: int, config: tuple[int, int, int] | None = None, swiglu: bool = False) -> torch.Tensor:
     """x [M <= 16, K] fp16 @ W^T * scales (+ bias) -> [M, N] fp16, W an mma-layout int8 or
-    int4 weight with float32 `weight_scales` [N] (the op table's linear signature).
-    `config` (one of LAUNCH_CONFIGS) overrides `launch_config` (tests cover each)."""
+    int4 weight with float32 `weight_scales` [N] (the op table's linear signature); with
+    `swiglu`, silu(a) * b of that [a, b] -> [M, N / 2] (the fused up projection's SwiGLU,
+    in the same kernel). `config` (one of LAUNCH_CONFIGS) overrides `launch_config`
+    (tests cover each)."""
     rows, k = x.shape
     n = weight.shape[0]
     if quant_bits not in (4, 8) or x.dtype != torch.float16 or rows > MAX_ROWS or weight_scales.dim() != 1:
         raise ValueError(f"the weight-only mma GEMM takes up to {MAX_ROWS} fp16 rows on int8/int4 weights with one "
                          f"scale per channel, got {rows} {x.dtype} rows, {quant_bits}-bit weights, scales "
                          f"{tuple(weight_scales.shape)}")
+    if swiglu and not swiglu_fits(n):
+        raise ValueError(f"the SwiGLU epilogue pairs 16-channel tiles of both halves: {n} outputs are not 32 x m")
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()  # read 16 bytes at a time
     warps, unroll, pipe = config or launch_config(n, k)
-    kernel = _gemm_kernel(x.device.index, quant_bits, warps, unroll, pipe, 1 if rows <= 8 else 2)
-    out = torch.empty(rows, n, dtype=torch.float16, device=x.device)
-    _launch(kernel, x.device.index, n // 16, 32 * warps,
-            [weight, x, weight_scales, bias if bias is not None else weight_scales, out, rows, n, k,
-             int(bias is not None)])
+    tiles = 2 if swiglu else 1
+    kernel = _gemm_kernel(x.device.index, quant_bits, warps, unroll, pipe, 1 if rows <= 8 else 2, tiles)
+    out = torch.empty(rows, n // tiles, dtype=torch.float16, device=x.device)
+    _launch(kernel, x.device.index, n // (16 * tiles), 32 * warps,
+            [weight, x, weight_scales, bias, out, rows, n, k, int(bias is not None)])
     return out
 
 
@@ -199,6 +217,6 @@ def dequantize(weight: torch.Tensor, weight_scales: torch.Tensor, quant_bits: in
     n, k = weight.shape[0], _input_channels(weight, quant_bits)
     out = torch.empty(n, k, dtype=torch.float16, device=weight.device)
     words = n * k * quant_bits // 32
-    _dequantize_kernel(weight.device.index, quant_bits)(
-        grid=((words + 255) // 256, 1, 1), block=(256, 1, 1), args=[weight, weight_scales, out, n, k])
+    _launch(_dequantize_kernel(weight.device.index, quant_bits), weight.device.index, (words + 255) // 256, 256,
+            [weight, weight_scales, out, n, k], dependent=False)
     return out

@@ -141,12 +141,17 @@ def _launch(kernel, device_index: int, grid: int, threads: int, args: list, depe
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {result}")
 
 
-def launch_config(n: int, k: int) -> tuple[int, int, int]:
+def launch_config(n: int, k: int, bits: int = 4, swiglu: bool = False) -> tuple[int, int, int]:
     """(warps a block, chunks a warp loads at once, whether it loads the next ones first),
-    the fastest measured for int4 on an H100 (docs/PERFORMANCE.md) for ChatGLM2-6B's
-    shapes: the up projection (1712 blocks) 8 warps; the long-K down projection 16 warps,
-    2 chunks, pipelined; the small ones (256-288 blocks) 16 warps, pipelined. int8 takes
-    the same (not tuned on its own)."""
+    the fastest measured on an H100 (docs/PERFORMANCE.md) for ChatGLM2-6B's shapes. The up
+    projection with its SwiGLU epilogue (blocks of 16 gate + 16 up channels): 856 blocks
+    4 warps (int4 2 chunks, pipelined; int8 1), 428 (two ranks) 8 warps. Otherwise the
+    long-K down projection 16 warps, 2 chunks, pipelined; the small ones (256-288 blocks)
+    16 warps, pipelined; the up projection without SwiGLU (1712 blocks) 8 warps."""
+    if swiglu:
+        if n // 32 >= 800:
+            return (4, 2, 1) if bits == 4 else (4, 1, 1)
+        return 8, 1, 0
     if n * k >= 60_000_000:
         return 8, 1, 0
     if k >= 8192:
@@ -154,16 +159,19 @@ def launch_config(n: int, k: int) -> tuple[int, int, int]:
     return 16, 1, 1
 
 
-LAUNCH_CONFIGS = ((8, 1, 0), (16, 2, 1), (16, 1, 1))  # every value launch_config returns
+# (config, swiglu) of every value launch_config returns
+_CHOICES = (((8, 1, 0), False), ((16, 2, 1), False), ((16, 1, 1), False), ((4, 2, 1), True), ((4, 1, 1), True),
+            ((8, 1, 0), True))
+LAUNCH_CONFIGS = tuple(dict.fromkeys(config for config, _ in _CHOICES))
 
 
 def compile_kernels(device: torch.device, bits: int) -> None:
-    """Compiles every variant for `device` once: NVRTC errors surface here, at load."""
+    """Compiles every variant launch_config can choose for `device` once: NVRTC errors
+    surface here, at load."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    for warps, unroll, pipe in LAUNCH_CONFIGS:
+    for (warps, unroll, pipe), swiglu in _CHOICES:
         for row_blocks in (1, 2):
-            for tiles in (1, 2):
-                _gemm_kernel(index, bits, warps, unroll, pipe, row_blocks, tiles)
+            _gemm_kernel(index, bits, warps, unroll, pipe, row_blocks, 2 if swiglu else 1)
     _dequantize_kernel(index, bits)
 
 
@@ -201,7 +209,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weigh
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()  # read 16 bytes at a time
-    warps, unroll, pipe = config or launch_config(n, k)
+    warps, unroll, pipe = config or launch_config(n, k, quant_bits, swiglu)
     tiles = 2 if swiglu else 1
     kernel = _gemm_kernel(x.device.index, quant_bits, warps, unroll, pipe, 1 if rows <= 8 else 2, tiles)
     out = torch.empty(rows, n // tiles, dtype=torch.float16, device=x.device)

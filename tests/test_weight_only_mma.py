@@ -222,3 +222,25 @@ def test_swiglu_gemm_refuses_halves_that_split_a_tile():
         weight_only_mma.gemm(torch.randn(1, 64, dtype=torch.float16), weight_only_mma.shuffle(weight, 4), None,
                              scales, 4, swiglu=True)
 
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows", [1, 20])
+def test_op_table_gated_linear_is_swiglu_of_linear(rows):
+    """The engine's up projection on the GPU: SwiGLU in the GEMM's epilogue for decode rows,
+    linear then the SwiGLU kernel past 16 rows (prefill); both equal SwiGLU of the linear."""
+    from glm_engine.kernels import swiglu
+
+    config = ModelConfig(num_layers=1, hidden_size=128, num_attention_heads=4, kv_channels=32,
+                         multi_query_group_num=2, ffn_hidden_size=192, vocab_size=256, seq_length=256)
+    build = BuildConfig(dtype="float16", weight_only_precision="int4", use_layernorm_plugin="float16")
+    assert uses_weight_only_mma(config, build, torch.device("cuda"))
+    ops = select_ops(config, build, torch.device("cuda"))
+    weight, scales = quantized(2 * 192, 128, 4, "cuda")
+    shuffled = weight_only_mma.shuffle(weight, 4)
+    x = torch.randn(rows, 128, dtype=torch.float16, device="cuda")
+    expected = reference.swiglu(reference.linear(x.double(), reference.dequantize(weight, scales, 4, torch.float64)))
+    out = ops.gated_linear(x, shuffled, None, scales, 4)
+    assert out.shape == (rows, 192)
+    assert relative_error(out, expected) < 2e-3
+    assert relative_error(swiglu.swiglu(ops.linear(x, shuffled, None, scales, 4)), expected) < 2e-3

@@ -20,7 +20,8 @@ network's parameters keep their shapes): see weight_only_mma.cu's header. `unshu
 is its inverse. It serves fp16 engines where every decoder linear has N % 16 == 0 and
 K % 64 == 0 (ChatGLM2-6B, also split over 2 ranks); the op table (ops.select_ops)
 chooses it for the whole engine or not at all, and larger inputs (prefill) go through
-`dequantize` and cuBLAS.
+`dequantize` and cuBLAS. `gemm(..., swiglu=True)` computes the fused up projection's
+silu(gate) * up in the same kernel: a block takes gate tile t and up tile t + N/32.
 Reference: `reference.linear` on `reference.dequantize(unshuffle(weight, bits), ...)`."""
 
 from __future__ import annotations

@@ -129,15 +129,16 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
         add_rms_norm, swiglu = norm.add_rms_norm, swiglu_kernel.swiglu
     prepare_weights = Ops.prepare_weights
     gated_linear = None
-    if uses_weight_only_mma(config, build, device):
+    if uses_mma_gemm(config, build, device):
         from glm_engine.kernels import weight_only_mma
 
         linear = kernel_linear(weight_only_mma.gemm, weight_only_mma.dequantize, weight_only_mma.MAX_ROWS,
                                lambda *shape: False)
         gated_linear = fused_gated_linear(weight_only_mma.gemm, weight_only_mma.MAX_ROWS,
                                           composed_gated_linear(linear, swiglu))
-        prepare_weights = functools.partial(shuffle_quantized_weights, weight_only_mma.shuffle,
-                                            BITS[build.weight_only_precision])
+        if build.weight_only_precision is not None:  # fp16 weights are read as they are
+            prepare_weights = functools.partial(shuffle_quantized_weights, weight_only_mma.shuffle,
+                                                BITS[build.weight_only_precision])
     elif build.use_gemm_plugin is not None or build.weight_only_precision is not None:
         from glm_engine.kernels import dequantize, gemv
 
@@ -153,18 +154,21 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
                prepare_weights)
 
 
-def uses_weight_only_mma(config: ModelConfig, build: BuildConfig, device: torch.device) -> bool:
-    """Whether the engine's linears run on the weight-only tensor-core GEMM: int8 or int4 with
-    one scale per channel, fp16, on a GPU it runs on, every decoder linear tiling into it
-    (N % 16, K % 64), and its kernels compiled (else the Triton GEMV, with a log line why)."""
-    if build.weight_only_precision is None or build.weight_only_group_size or build.dtype != "float16":
+def uses_mma_gemm(config: ModelConfig, build: BuildConfig, device: torch.device) -> bool:
+    """Whether the engine's decoder linears run on the tensor-core GEMM (kernels/weight_only_mma.py):
+    an fp16 engine, int8 or int4 with one scale per channel or unquantized with the GEMM
+    plugin, on a GPU it runs on, every decoder linear tiling into it (N % 16, K % 64), and
+    its kernels compiled (else the Triton GEMV, with a log line why)."""
+    quantized = build.weight_only_precision is not None
+    if build.dtype != "float16" or build.weight_only_group_size or not (quantized or build.use_gemm_plugin):
         return False
     from glm_engine.kernels import weight_only_mma
 
     if not weight_only_mma.runs_on(device):
         return False
-    precision = build.weight_only_precision
-    shapes = sorted({weight_shapes(config)[name] for name in quantized_weight_names(config)})
+    precision = build.weight_only_precision or "float16"
+    names = quantized_weight_names(config)  # the decoder linears, quantized or not
+    shapes = sorted({weight_shapes(config)[name] for name in names})
     # (The down projection's K = F tiling by 64 makes the up projection's halves whole 16-output tiles, as its
     # SwiGLU epilogue needs.)
     if not all(weight_only_mma.fits(n, k) for n, k in shapes):
@@ -172,7 +176,7 @@ def uses_weight_only_mma(config: ModelConfig, build: BuildConfig, device: torch.
                     "the shapes %s do not all tile", precision, shapes)
         return False
     try:
-        weight_only_mma.compile_kernels(device, BITS[precision])
+        weight_only_mma.compile_kernels(device, BITS[precision] if quantized else 16)
     except Exception as error:  # NVRTC missing or failing on this box: the Triton GEMV still serves
         logger.warning("%s linears on the Triton GEMV: the tensor-core GEMM did not compile (%s)", precision, error)
         return False

@@ -11,7 +11,7 @@ import torch.utils.deterministic
 from glm_engine.compare import relative_error
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.kernels import reference, weight_only_mma
-from glm_engine.ops import select_ops, shuffle_quantized_weights, uses_weight_only_mma
+from glm_engine.ops import select_ops, shuffle_quantized_weights, uses_mma_gemm
 from glm_engine.quantization import quantize_symmetric
 
 ON_GPU = torch.cuda.is_available() and weight_only_mma.runs_on(torch.device("cuda"))
@@ -78,19 +78,19 @@ def test_only_quantized_weights_are_shuffled():
 
 
 def test_op_table_keeps_the_triton_path_off_the_gpu():
-    """On the CPU (or with group scales / bf16 / no weight-only) the engine keeps its weights
-    as they are and the Triton or reference linears."""
+    """On the CPU (or with group scales / bf16 / neither weight-only nor the GEMM plugin) the
+    engine keeps its weights as they are and the Triton or reference linears."""
     config = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, kv_channels=16,
                          multi_query_group_num=2, ffn_hidden_size=128, vocab_size=256, seq_length=256)
     int4 = BuildConfig(dtype="float16", weight_only_precision="int4")
-    assert not uses_weight_only_mma(config, int4, torch.device("cpu"))
+    assert not uses_mma_gemm(config, int4, torch.device("cpu"))
     ops = select_ops(config, int4, torch.device("cpu"))
     weights = {"w.weight": quantized(16, 64, 4)[0]}
     assert ops.prepare_weights(weights) is weights
-    for build in (BuildConfig(dtype="float16", use_gemm_plugin="float16"),
+    for build in (BuildConfig(dtype="float16"), BuildConfig(dtype="bfloat16", use_gemm_plugin="bfloat16"),
                   BuildConfig(dtype="bfloat16", weight_only_precision="int8"),
                   BuildConfig(dtype="float16", weight_only_precision="int4", weight_only_group_size=32)):
-        assert not uses_weight_only_mma(config, build, torch.device("cuda"))
+        assert not uses_mma_gemm(config, build, torch.device("cuda"))
 
 
 @needs_gpu
@@ -234,7 +234,7 @@ def test_op_table_gated_linear_is_swiglu_of_linear(rows):
     config = ModelConfig(num_layers=1, hidden_size=128, num_attention_heads=4, kv_channels=32,
                          multi_query_group_num=2, ffn_hidden_size=192, vocab_size=256, seq_length=256)
     build = BuildConfig(dtype="float16", weight_only_precision="int4", use_layernorm_plugin="float16")
-    assert uses_weight_only_mma(config, build, torch.device("cuda"))
+    assert uses_mma_gemm(config, build, torch.device("cuda"))
     ops = select_ops(config, build, torch.device("cuda"))
     weight, scales = quantized(2 * 192, 128, 4, "cuda")
     shuffled = weight_only_mma.shuffle(weight, 4)
@@ -244,3 +244,46 @@ def test_op_table_gated_linear_is_swiglu_of_linear(rows):
     assert out.shape == (rows, 192)
     assert relative_error(out, expected) < 2e-3
     assert relative_error(swiglu.swiglu(ops.linear(x, shuffled, None, scales, 4)), expected) < 2e-3
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows", [1, 3, 9, 16])
+@pytest.mark.parametrize("n, k, with_bias", [(16, 64, True), (4608, 4096, True), (4096, 13696, False),
+                                             (80, 8256, False)])
+def test_fp16_gemm_matches_reference(rows, n, k, with_bias):
+    """fp16 weights read as they are (row-major), no scales: one and two row blocks."""
+    weight = torch.randn(n, k, dtype=torch.float16, device="cuda") / k ** 0.5
+    x = torch.randn(rows, k, dtype=torch.float16, device="cuda")
+    bias = torch.randn(n, dtype=torch.float16, device="cuda") if with_bias else None
+    expected = reference.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    out = weight_only_mma.gemm(x, weight, bias, None, 0)
+    assert out.shape == (rows, n) and out.dtype == torch.float16
+    assert relative_error(out, expected) < 2e-3
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows", [2, 16])
+@pytest.mark.parametrize("config", weight_only_mma.LAUNCH_CONFIGS)
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_fp16_gemm_every_launch_config_matches_reference(rows, config, swiglu):
+    weight = torch.randn(64, 1216, dtype=torch.float16, device="cuda") / 1216 ** 0.5  # 19 chunks
+    x = torch.randn(rows, 1216, dtype=torch.float16, device="cuda")
+    expected = reference.linear(x.double(), weight.double())
+    out = weight_only_mma.gemm(x, weight, None, None, 0, config, swiglu=swiglu)
+    assert relative_error(out, reference.swiglu(expected) if swiglu else expected) < 2e-3
+
+
+@needs_gpu
+def test_op_table_puts_fp16_gemm_plugin_linears_on_the_mma_gemm():
+    config = ModelConfig(num_layers=1, hidden_size=128, num_attention_heads=4, kv_channels=32,
+                         multi_query_group_num=2, ffn_hidden_size=192, vocab_size=256, seq_length=256)
+    build = BuildConfig(dtype="float16", use_gemm_plugin="float16")
+    assert uses_mma_gemm(config, build, torch.device("cuda"))
+    ops = select_ops(config, build, torch.device("cuda"))
+    weights = {"w.weight": torch.randn(16, 64, dtype=torch.float16)}
+    assert ops.prepare_weights(weights) is weights  # read as they are
+    weight = torch.randn(384, 128, dtype=torch.float16, device="cuda") / 128 ** 0.5
+    x = torch.randn(1, 128, dtype=torch.float16, device="cuda")
+    expected = reference.linear(x.double(), weight.double())
+    assert relative_error(ops.linear(x, weight, None, None, 0), expected) < 2e-3
+    assert relative_error(ops.gated_linear(x, weight, None, None, 0), reference.swiglu(expected)) < 2e-3

@@ -11,6 +11,10 @@
 // bytes in channel order. The input channels of a chunk are permuted alike on both operands, so x is
 // read 16 consecutive values per lane. A warp reads BITS x 128 contiguous bytes a chunk.
 //
+// BITS 16 takes fp16 weights as they are, row-major [n, k]: lane 4g + c reads input channels 16c..16c+15 of
+// the chunk from rows g and g + 8 of its tile, which are its A fragments under the same permutation of the
+// chunk's input channels; no scales.
+//
 // TILES 2 (weight_only_mma.gemm(..., swiglu=True)) takes gate tile t and up tile t + n / 32 of the fused
 // up projection in one block and writes silu(gate) * up: the SwiGLU kernel after it is not needed.
 
@@ -55,6 +59,14 @@ __device__ __forceinline__ void mma_words8(float* acc, unsigned int row_g, unsig
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ void mma_halves(float* acc, unsigned int a0, unsigned int a1, unsigned int a2,
+                                           unsigned int a3, unsigned int b0, unsigned int b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ float half_to_float(unsigned short h) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -74,12 +86,20 @@ struct Chunk {  // one lane's share of one 64-channel chunk: its weight words pe
   uint4 x[ROW_BLOCKS][2];
 };
 
-__device__ __forceinline__ void load_words(Chunk& chunk, const uint4* const* weight, int q, int chunks) {
+// row_words: uint4 a weight row (BITS 16: vectors 0-1 from row g, 2-3 from row g + 8)
+__device__ __forceinline__ void load_words(Chunk& chunk, const uint4* const* weight, int q, int chunks,
+                                           int row_words) {
 #pragma unroll
   for (int t = 0; t < TILES; ++t)
 #pragma unroll
-    for (int v = 0; v < VECTORS; ++v)
-      chunk.words[t][v] = q < chunks ? __ldg(weight[t] + (size_t)q * 32 * VECTORS + v) : make_uint4(0, 0, 0, 0);
+    for (int v = 0; v < VECTORS; ++v) {
+#if BITS == 16
+      const size_t offset = (size_t)(v >> 1) * 8 * row_words + (size_t)q * 8 + (v & 1);
+#else
+      const size_t offset = (size_t)q * 32 * VECTORS + v;
+#endif
+      chunk.words[t][v] = q < chunks ? __ldg(weight[t] + offset) : make_uint4(0, 0, 0, 0);
+    }
 }
 
 __device__ __forceinline__ void load_inputs(Chunk& chunk, const uint4* const* x_rows, const bool* has_row, int q,
@@ -103,8 +123,11 @@ __device__ __forceinline__ void mma_chunk(float (*acc)[ROW_BLOCKS][4], const Chu
       for (int j = 0; j < 4; ++j) {  // step j: inputs 16c + 4j + 0..3 as two fp16 pairs
 #if BITS == 4
         mma_word(acc[t][b], words[j], x[2 * j], x[2 * j + 1]);
-#else
+#elif BITS == 8
         mma_words8(acc[t][b], words[2 * j], words[2 * j + 1], x[2 * j], x[2 * j + 1]);
+#else  // fp16 pairs: row g's words 0-7, row g + 8's words 8-15
+        mma_halves(acc[t][b], words[2 * j], words[8 + 2 * j], words[2 * j + 1], words[8 + 2 * j + 1], x[2 * j],
+                   x[2 * j + 1]);
 #endif
       }
     }
@@ -116,10 +139,10 @@ __device__ __forceinline__ float silu_times(float gate, float up) {  // on fp16-
   return gate / (1.f + __expf(-gate)) * half_to_float(float_to_half(up));
 }
 
-// out[rows, n] = x[rows, k] @ W^T * scales (+ bias), fp16. One block per 16 output channels (TILES 2:
-// per 16 gate and 16 up channels, out[rows, n / 2] = silu(gate) * up); its warps split the chunks (UNROLL
-// at a time; PIPE loads the next ones before using these) and add their partial sums in shared memory.
-// x rows must be 16-byte aligned; n % (16 * TILES) == 0, k % 64 == 0.
+// out[rows, n] = x[rows, k] @ W^T * scales (+ bias), fp16 (scales null: none). One block per 16 output
+// channels (TILES 2: per 16 gate and 16 up channels, out[rows, n / 2] = silu(gate) * up); its warps split the
+// chunks (UNROLL at a time; PIPE loads the next ones before using these) and add their partial sums in shared
+// memory. x rows must be 16-byte aligned; n % (16 * TILES) == 0, k % 64 == 0.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__ x, const float* __restrict__ scales,
               const unsigned short* __restrict__ bias, unsigned short* __restrict__ out, int rows, int n, int k,
@@ -131,7 +154,11 @@ weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__
   const uint4* lane_weight[TILES];
 #pragma unroll
   for (int t = 0; t < TILES; ++t)  // gate tile t = blockIdx.x, up tile t + gridDim.x
+#if BITS == 16
+    lane_weight[t] = weight + ((size_t)(blockIdx.x + t * gridDim.x) * 16 + g) * (k >> 3) + 2 * c;
+#else
     lane_weight[t] = weight + ((size_t)(blockIdx.x + t * gridDim.x) * chunks * 32 + lane) * VECTORS;
+#endif
   const uint4* x_rows[ROW_BLOCKS];
   bool has_row[ROW_BLOCKS];
 #pragma unroll
@@ -144,7 +171,7 @@ weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__
   Chunk current[UNROLL];
   // The weights never change: their first loads go out before the wait for the kernel ahead (PDL), x after it.
 #pragma unroll
-  for (int u = 0; u < UNROLL; ++u) load_words(current[u], lane_weight, warp * UNROLL + u, chunks);
+  for (int u = 0; u < UNROLL; ++u) load_words(current[u], lane_weight, warp * UNROLL + u, chunks, k >> 3);
 #if PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
@@ -155,7 +182,7 @@ weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__
     Chunk next[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      load_words(next[u], lane_weight, first + stride + u, chunks);
+      load_words(next[u], lane_weight, first + stride + u, chunks, k >> 3);
       load_inputs(next[u], x_rows, has_row, first + stride + u, chunks);
     }
 #endif
@@ -166,7 +193,7 @@ weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__
 #if PIPE
       current[u] = next[u];
 #else
-      load_words(current[u], lane_weight, first + stride + u, chunks);
+      load_words(current[u], lane_weight, first + stride + u, chunks, k >> 3);
       load_inputs(current[u], x_rows, has_row, first + stride + u, chunks);
 #endif
     }
@@ -195,7 +222,7 @@ weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int channel = (blockIdx.x + t * gridDim.x) * 16 + g + 8 * h;
-      scale[t][h] = scales[channel];
+      scale[t][h] = scales != nullptr ? scales[channel] : 1.f;
       shift[t][h] = has_bias ? half_to_float(bias[channel]) : 0.f;
     }
   const int width = n / TILES;

@@ -1,6 +1,6 @@
 """Weight-only GEMM for decode steps (1-16 fp16 rows on int8 or int4 weights with one
-scale per output channel) on tensor cores: a CUDA kernel (weight_only_mma.cu) compiled
-at load with NVRTC through torch.
+scale per output channel, or on fp16 weights) on tensor cores: a CUDA kernel
+(weight_only_mma.cu) compiled at load with NVRTC through torch.
 
 The Triton GEMV (gemv.py) spends ~20 instructions on each int32 word of int4 weights
 (8 values), and at one row its int4 kernels are bound by that, not by memory (H100:
@@ -20,9 +20,14 @@ network's parameters keep their shapes): see weight_only_mma.cu's header. `unshu
 is its inverse. It serves fp16 engines where every decoder linear has N % 16 == 0 and
 K % 64 == 0 (ChatGLM2-6B, also split over 2 ranks); the op table (ops.select_ops)
 chooses it for the whole engine or not at all, and larger inputs (prefill) go through
-`dequantize` and cuBLAS. `gemm(..., swiglu=True)` computes the fused up projection's
-silu(gate) * up in the same kernel: a block takes gate tile t and up tile t + N/32.
-Reference: `reference.linear` on `reference.dequantize(unshuffle(weight, bits), ...)`."""
+`dequantize` and cuBLAS. fp16 weights (quant_bits 0) are read as they are, row-major:
+the same permutation of each chunk's input channels makes a lane's two 32-byte row
+pieces its A fragments, so cuBLAS (prefill) and this kernel share one copy; the op table
+takes it for fp16 engines built with the GEMM plugin (H100: 143 against the Triton
+GEMV's 147 us a layer at one row). `gemm(..., swiglu=True)` computes the fused up
+projection's silu(gate) * up in the same kernel: a block takes gate tile t and up tile
+t + N/32. Reference: `reference.linear` on `reference.dequantize(unshuffle(weight, bits),
+...)`, or on the fp16 weight."""
 
 from __future__ import annotations
 
@@ -148,7 +153,10 @@ def launch_config(n: int, k: int, bits: int = 4, swiglu: bool = False) -> tuple[
     projection with its SwiGLU epilogue (blocks of 16 gate + 16 up channels): 856 blocks
     4 warps (int4 2 chunks, pipelined; int8 1), 428 (two ranks) 8 warps. Otherwise the
     long-K down projection 16 warps, 2 chunks, pipelined; the small ones (256-288 blocks)
-    16 warps, pipelined; the up projection without SwiGLU (1712 blocks) 8 warps."""
+    16 warps, pipelined; the up projection without SwiGLU (1712 blocks) 8 warps. fp16 weights
+    (bits 16): the up projection 4 warps, the others 8 warps with 2 chunks a load."""
+    if bits == 16:
+        return (4, 1, 0) if swiglu else (8, 2, 0)
     if swiglu:
         if n // 32 >= 800:
             return (4, 2, 1) if bits == 4 else (4, 1, 1)
@@ -162,18 +170,19 @@ def launch_config(n: int, k: int, bits: int = 4, swiglu: bool = False) -> tuple[
 
 # (config, swiglu) of every value launch_config returns
 _CHOICES = (((8, 1, 0), False), ((16, 2, 1), False), ((16, 1, 1), False), ((4, 2, 1), True), ((4, 1, 1), True),
-            ((8, 1, 0), True))
+            ((8, 1, 0), True), ((8, 2, 0), False), ((4, 1, 0), True))
 LAUNCH_CONFIGS = tuple(dict.fromkeys(config for config, _ in _CHOICES))
 
 
 def compile_kernels(device: torch.device, bits: int) -> None:
-    """Compiles every variant launch_config can choose for `device` once: NVRTC errors
-    surface here, at load."""
+    """Compiles every variant launch_config can choose for `device` once (bits 4, 8, or 16
+    for fp16 weights): NVRTC errors surface here, at load."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     for (warps, unroll, pipe), swiglu in _CHOICES:
         for row_blocks in (1, 2):
             _gemm_kernel(index, bits, warps, unroll, pipe, row_blocks, 2 if swiglu else 1)
-    _dequantize_kernel(index, bits)
+    if bits != 16:
+        _dequantize_kernel(index, bits)
 
 
 def _gemm_kernel(device_index: int, bits: int, warps: int, unroll: int, pipe: int, row_blocks: int, tiles: int):
@@ -192,27 +201,30 @@ def swiglu_fits(n: int) -> bool:
     return n % 32 == 0
 
 
-def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor,
+def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor | None,
          quant_bits: int, config: tuple[int, int, int] | None = None, swiglu: bool = False) -> torch.Tensor:
     """x [M <= 16, K] fp16 @ W^T * scales (+ bias) -> [M, N] fp16, W an mma-layout int8 or
-    int4 weight with float32 `weight_scales` [N] (the op table's linear signature); with
-    `swiglu`, silu(a) * b of that [a, b] -> [M, N / 2] (the fused up projection's SwiGLU,
-    in the same kernel). `config` (one of LAUNCH_CONFIGS) overrides `launch_config`
-    (tests cover each)."""
+    int4 weight with float32 `weight_scales` [N], or (quant_bits 0) an fp16 [N, K] weight as
+    it is, without scales (the op table's linear signature); with `swiglu`, silu(a) * b of
+    that [a, b] -> [M, N / 2] (the fused up projection's SwiGLU, in the same kernel).
+    `config` (one of LAUNCH_CONFIGS) overrides `launch_config` (tests cover each)."""
     rows, k = x.shape
     n = weight.shape[0]
-    if quant_bits not in (4, 8) or x.dtype != torch.float16 or rows > MAX_ROWS or weight_scales.dim() != 1:
-        raise ValueError(f"the weight-only mma GEMM takes up to {MAX_ROWS} fp16 rows on int8/int4 weights with one "
-                         f"scale per channel, got {rows} {x.dtype} rows, {quant_bits}-bit weights, scales "
-                         f"{tuple(weight_scales.shape)}")
+    quantized_ok = quant_bits in (4, 8) and weight_scales is not None and weight_scales.dim() == 1
+    fp16_ok = quant_bits == 0 and weight.dtype == torch.float16 and weight_scales is None
+    if not (quantized_ok or fp16_ok) or x.dtype != torch.float16 or rows > MAX_ROWS:
+        raise ValueError(f"the mma GEMM takes up to {MAX_ROWS} fp16 rows on int8/int4 weights with one scale per "
+                         f"channel or on fp16 weights, got {rows} {x.dtype} rows, {quant_bits}-bit {weight.dtype} "
+                         f"weights, scales {None if weight_scales is None else tuple(weight_scales.shape)}")
     if swiglu and not swiglu_fits(n):
         raise ValueError(f"the SwiGLU epilogue pairs 16-channel tiles of both halves: {n} outputs are not 32 x m")
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()  # read 16 bytes at a time
-    warps, unroll, pipe = config or launch_config(n, k, quant_bits, swiglu)
+    bits = quant_bits or 16
+    warps, unroll, pipe = config or launch_config(n, k, bits, swiglu)
     tiles = 2 if swiglu else 1
-    kernel = _gemm_kernel(x.device.index, quant_bits, warps, unroll, pipe, 1 if rows <= 8 else 2, tiles)
+    kernel = _gemm_kernel(x.device.index, bits, warps, unroll, pipe, 1 if rows <= 8 else 2, tiles)
     out = torch.empty(rows, n // tiles, dtype=torch.float16, device=x.device)
     _launch(kernel, x.device.index, n // (16 * tiles), 32 * warps,
             [weight, x, weight_scales, bias, out, rows, n, k, int(bias is not None)])

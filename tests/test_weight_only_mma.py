@@ -287,3 +287,13 @@ def test_op_table_puts_fp16_gemm_plugin_linears_on_the_mma_gemm():
     expected = reference.linear(x.double(), weight.double())
     assert relative_error(ops.linear(x, weight, None, None, 0), expected) < 2e-3
     assert relative_error(ops.gated_linear(x, weight, None, None, 0), reference.swiglu(expected)) < 2e-3
+
+
+def test_fp16_gemm_refuses_a_weight_it_cannot_read():
+    x = torch.randn(1, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="contiguous and 16-byte aligned"):
+        weight_only_mma.gemm(x, torch.randn(16, 128, dtype=torch.float16)[:, :64], None, None, 0)
+    with pytest.raises(ValueError, match="or on fp16 weights, got 1 torch.float16 rows, 0-bit torch.bfloat16"):
+        weight_only_mma.gemm(x, torch.randn(16, 64, dtype=torch.bfloat16), None, None, 0)
+    with pytest.raises(ValueError, match="scales \\(16,\\)"):
+        weight_only_mma.gemm(x, torch.randn(16, 64, dtype=torch.float16), None, torch.ones(16), 0)

@@ -216,6 +216,9 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weigh
         raise ValueError(f"the mma GEMM takes up to {MAX_ROWS} fp16 rows on int8/int4 weights with one scale per "
                          f"channel or on fp16 weights, got {rows} {x.dtype} rows, {quant_bits}-bit {weight.dtype} "
                          f"weights, scales {None if weight_scales is None else tuple(weight_scales.shape)}")
+    if quant_bits == 0 and (not weight.is_contiguous() or weight.data_ptr() % 16):
+        raise ValueError("the mma GEMM reads fp16 weights row-major, 16 bytes at a time: the weight must be "
+                         "contiguous and 16-byte aligned")
     if swiglu and not swiglu_fits(n):
         raise ValueError(f"the SwiGLU epilogue pairs 16-channel tiles of both halves: {n} outputs are not 32 x m")
     x = x.contiguous()

@@ -28,6 +28,7 @@ from glm_engine.quantization import BITS
 from glm_engine.runtime.distributed import TensorParallel
 
 logger = logging.getLogger("ops")
+UP_PROJECTION = "mlp.dense_h_to_4h.weight"  # [gate, up]: the linear model.MLP runs through gated_linear
 
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, int], torch.Tensor]
 
@@ -167,8 +168,11 @@ def uses_mma_gemm(config: ModelConfig, build: BuildConfig, device: torch.device)
     if not weight_only_mma.runs_on(device):
         return False
     precision = build.weight_only_precision or "float16"
-    names = quantized_weight_names(config)  # the decoder linears, quantized or not
-    shapes = sorted({weight_shapes(config)[name] for name in names})
+    # The decoder linears (quantized or not) as (n, k, with SwiGLU): decode steps run the up projection only
+    # through gated_linear.
+    shape_of = weight_shapes(config)
+    linears = {(*shape_of[name], name.endswith(UP_PROJECTION)) for name in quantized_weight_names(config)}
+    shapes = sorted({(n, k) for n, k, _ in linears})
     # (The down projection's K = F tiling by 64 makes the up projection's halves whole 16-output tiles, as its
     # SwiGLU epilogue needs.)
     if not all(weight_only_mma.fits(n, k) for n, k in shapes):
@@ -176,7 +180,7 @@ def uses_mma_gemm(config: ModelConfig, build: BuildConfig, device: torch.device)
                     "the shapes %s do not all tile", precision, shapes)
         return False
     try:
-        weight_only_mma.compile_kernels(device, BITS[precision] if quantized else 16)
+        weight_only_mma.compile_kernels(device, BITS[precision] if quantized else 16, linears)
     except Exception as error:  # NVRTC missing or failing on this box: the Triton GEMV still serves
         logger.warning("%s linears on the Triton GEMV: the tensor-core GEMM did not compile (%s)", precision, error)
         return False

@@ -60,6 +60,32 @@ def test_shuffle_puts_each_lanes_fragment_in_its_words(bits):
         assert found == [int(value) for value in expected], index
 
 
+
+def test_launch_configs_are_all_listed():
+    """LAUNCH_CONFIGS, which the GPU tests run one by one, holds every config launch_config
+    picks (ChatGLM2-6B's shapes, its halves at two ranks, small ones; every width)."""
+    chosen = {weight_only_mma.launch_config(n, k, bits, swiglu)
+              for n in (16, 64, 2304, 4096, 4608, 13696, 27392) for k in (64, 2048, 4096, 6848, 13696)
+              for bits in (4, 8, 16) for swiglu in (False, True) if not swiglu or n % 32 == 0}
+    assert chosen == set(weight_only_mma.LAUNCH_CONFIGS)
+
+
+def test_compile_kernels_compiles_what_gemm_will_launch(monkeypatch):
+    """At load the engine compiles, per linear, the config launch_config picks at one and two
+    row blocks (two tiles for the SwiGLU up projection), and the dequantize kernel: the
+    kernels a decode graph launches are never compiled while it is captured."""
+    compiled = []
+    monkeypatch.setattr(weight_only_mma, "_gemm_kernel", lambda *variant: compiled.append(variant))
+    monkeypatch.setattr(weight_only_mma, "_dequantize_kernel", lambda *variant: compiled.append(("dequantize",
+                                                                                               *variant)))
+    linears = [(4608, 4096, False), (4096, 4096, False), (27392, 4096, True), (4096, 13696, False)]
+    for bits, dequantized in ((4, {("dequantize", 0, 4)}), (16, set())):  # fp16: nothing to dequantize
+        compiled.clear()
+        weight_only_mma.compile_kernels(torch.device("cuda", 0), bits, linears)
+        expected = {(0, bits, *weight_only_mma.launch_config(n, k, bits, swiglu), row_blocks, 2 if swiglu else 1)
+                    for n, k, swiglu in linears for row_blocks in (1, 2)}
+        assert set(compiled) == expected | dequantized
+
 def test_shuffle_refuses_weights_that_do_not_tile():
     with pytest.raises(ValueError, match="tiles 16 output by 64 input channels, got a 24x64 weight"):
         weight_only_mma.shuffle(quantized(24, 64, 4)[0], 4)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -97,7 +98,7 @@ def _pdl(device_index: int) -> bool:
 def _driver() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL("libcuda.so.1")
-    except OSError:  # not Linux: launched without PDL
+    except OSError:  # not Linux: runs_on is False, the Triton GEMV serves
         return None
 
 
@@ -168,17 +169,17 @@ def launch_config(n: int, k: int, bits: int = 4, swiglu: bool = False) -> tuple[
     return 16, 1, 1
 
 
-# (config, swiglu) of every value launch_config returns
-_CHOICES = (((8, 1, 0), False), ((16, 2, 1), False), ((16, 1, 1), False), ((4, 2, 1), True), ((4, 1, 1), True),
-            ((8, 1, 0), True), ((8, 2, 0), False), ((4, 1, 0), True))
-LAUNCH_CONFIGS = tuple(dict.fromkeys(config for config, _ in _CHOICES))
+# Every value launch_config returns (the tests run each; test_launch_configs_are_all_listed checks the list).
+LAUNCH_CONFIGS = ((8, 1, 0), (16, 2, 1), (16, 1, 1), (4, 2, 1), (4, 1, 1), (8, 2, 0), (4, 1, 0))
 
 
-def compile_kernels(device: torch.device, bits: int) -> None:
-    """Compiles every variant launch_config can choose for `device` once (bits 4, 8, or 16
-    for fp16 weights): NVRTC errors surface here, at load."""
+def compile_kernels(device: torch.device, bits: int, linears: Iterable[tuple[int, int, bool]]) -> None:
+    """Compiles for `device` the variants `gemm` launches for these linears ((n, k, swiglu)
+    each; bits 4, 8, or 16 for fp16 weights) at one and two row blocks, and the dequantize
+    kernel: NVRTC errors surface here, at load, not while decode graphs are captured."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    for (warps, unroll, pipe), swiglu in _CHOICES:
+    for n, k, swiglu in set(linears):
+        warps, unroll, pipe = launch_config(n, k, bits, swiglu)
         for row_blocks in (1, 2):
             _gemm_kernel(index, bits, warps, unroll, pipe, row_blocks, 2 if swiglu else 1)
     if bits != 16:

@@ -22,6 +22,15 @@
 #define TILES 1
 #endif
 
+// acc += A B: A the 16 x 16 fp16 fragment pairs a0-a3 (rows g / g + 8, inputs 2c, 2c + 1 / + 8), B the 16 x 8 ones
+__device__ __forceinline__ void mma_halves(float* acc, unsigned int a0, unsigned int a1, unsigned int a2,
+                                           unsigned int a3, unsigned int b0, unsigned int b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ void mma_word(float* acc, unsigned int word, unsigned int b0, unsigned int b1) {
   // nibbles 0/4 -> a0 (rows g, channels +0/+1), 1/5 -> a1 (rows g+8), 2/6 -> a2 (g, +2/+3), 3/7 -> a3
   unsigned int a0, a1, a2, a3, high = word >> 8;
@@ -35,10 +44,7 @@ __device__ __forceinline__ void mma_word(float* acc, unsigned int word, unsigned
   asm("sub.f16x2 %0, %0, %1;" : "+r"(a2) : "r"(0x64086408u));
   asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(a1) : "r"(0x2C002C00u), "r"(0xD480D480u));
   asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(a3) : "r"(0x2C002C00u), "r"(0xD480D480u));
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};"
-               : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  mma_halves(acc, a0, a1, a2, a3, b0, b1);
 }
 
 __device__ __forceinline__ void mma_words8(float* acc, unsigned int row_g, unsigned int row_g8, unsigned int b0,
@@ -53,18 +59,7 @@ __device__ __forceinline__ void mma_words8(float* acc, unsigned int row_g, unsig
   asm("sub.f16x2 %0, %0, %1;" : "+r"(a1) : "r"(0x64806480u));
   asm("sub.f16x2 %0, %0, %1;" : "+r"(a2) : "r"(0x64806480u));
   asm("sub.f16x2 %0, %0, %1;" : "+r"(a3) : "r"(0x64806480u));
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};"
-               : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void mma_halves(float* acc, unsigned int a0, unsigned int a1, unsigned int a2,
-                                           unsigned int a3, unsigned int b0, unsigned int b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};"
-               : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  mma_halves(acc, a0, a1, a2, a3, b0, b1);
 }
 
 __device__ __forceinline__ float half_to_float(unsigned short h) {

@@ -6,7 +6,10 @@ calls `backend(qkv, layer_index, metadata, kv_cache)` and never asks which one i
 - ReferenceAttention: plain PyTorch over the slot-addressed cache, on any device.
 - PagedAttention (--use_gpt_attention_plugin): Triton kernels: rotary fused with the
   cache write, paged split-K decode attention, and for prompts context FMHA
-  (--enable_context_fmha[_fp32_acc]) or, without it, the reference attention.
+  (--enable_context_fmha[_fp32_acc]) or, without it, the reference attention. With
+  float32 accumulation, steps of fresh prompts (no cached tokens) of at least
+  FLASH_MIN_TOKENS each run torch's fused attention (SDPA) instead, one call a
+  prompt: faster than our FMHA there (docs/PERFORMANCE.md).
 
 The KV storage itself is runtime/kv_cache.py's."""
 
@@ -16,10 +19,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from glm_engine.config import ModelConfig
 from glm_engine.kernels import reference
 from glm_engine.runtime.kv_cache import KVCache
+
+FLASH_MIN_TOKENS = 1024  # shortest prompt SDPA takes: its ~80 us of host work a call is hidden there (PERFORMANCE.md)
 
 
 @dataclass
@@ -109,6 +115,7 @@ class PagedMetadata:
     new_token_counts: torch.Tensor | None = None  # [B] int32, for context FMHA
     last_token_index: torch.Tensor | None = None  # [B] packed index of each sequence's last new token
     max_new_tokens: int = 1  # the largest of new_token_counts: 1 in decode steps
+    fresh_prompt_lengths: list[int] | None = None  # a step of fresh prompts that SDPA takes: their lengths
     reference: ReferenceFields | None = None  # prompts without context FMHA run the reference attention
 
 
@@ -179,13 +186,22 @@ class PagedAttention:
             new_token_counts=to_device(layout.new.to(torch.int32)),
             last_token_index=to_device(layout.starts + layout.new - 1),
             max_new_tokens=max_new,
+            fresh_prompt_lengths=layout.new.tolist() if self._takes_flash(layout) else None,
             reference=ReferenceFields.of(layout, self.device, self.dtype)
             if max_new > 1 and self.context_attention is None else None)
+
+    def _takes_flash(self, layout: StepLayout) -> bool:
+        """Whether SDPA runs the step: fresh prompts (nothing cached), each at least FLASH_MIN_TOKENS long,
+        and context FMHA with float32 accumulation (SDPA accumulates in float32: not the fp16 variant)."""
+        return (self.context_attention is not None and not self.fp16_accumulation and not bool(layout.cached.any())
+                and int(layout.new.min()) >= FLASH_MIN_TOKENS)
 
     def __call__(self, qkv: torch.Tensor, layer_index: int, meta: PagedMetadata, kv_cache: KVCache) -> torch.Tensor:
         keys, values = kv_cache.keys[layer_index], kv_cache.values[layer_index]
         query = self.rotary_kv_write(qkv, meta.positions, self.inv_freq, self.position_scale, meta.slot_mapping,
                                      keys, values, self.heads)
+        if meta.fresh_prompt_lengths is not None:
+            return self._flash_prompts(qkv, query, keys, meta)
         if meta.max_new_tokens == 1:
             context = self.decode_attention(query, keys, values, meta.block_tables, meta.context_lengths,
                                             kv_cache.block_size, self.scale, meta.max_context)
@@ -196,3 +212,23 @@ class PagedAttention:
         else:
             return attend_reference(query, layer_index, meta.reference, kv_cache, self.scale)
         return context.flatten(1)
+
+    def _flash_prompts(self, qkv: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
+                       meta: PagedMetadata) -> torch.Tensor:
+        """Causal attention of fresh prompts packed one after another, each over its own tokens, by SDPA.
+        The rotated keys come back from their cache slots; the values are the QKV rows' last heads."""
+        tokens, heads, head_dim = query.shape
+        groups = keys.shape[1]
+        new_keys = keys.index_select(0, meta.slot_mapping).transpose(0, 1)  # [groups, N, D]
+        new_values = qkv.view(tokens, heads + 2 * groups, head_dim)[:, heads + groups:].transpose(0, 1)
+        queries = query.transpose(0, 1)  # [heads, N, D]: views, as SDPA's fused kernels read them
+        parts, start = [], 0
+        for length in meta.fresh_prompt_lengths:
+            end = start + length
+            attended = F.scaled_dot_product_attention(
+                queries[None, :, start:end], new_keys[None, :, start:end], new_values[None, :, start:end],
+                is_causal=True, scale=self.scale, enable_gqa=True)
+            parts.append(attended[0].transpose(0, 1))  # [length, heads, D]
+            start = end
+        context = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return context.reshape(tokens, heads * head_dim)

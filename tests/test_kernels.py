@@ -94,8 +94,11 @@ def test_add_rms_norm_matches_reference(dtype, rows, hidden, with_branch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens, heads, groups, head_dim, position_scale", [
-    (1, 4, 2, 16, 1.0), (7, 8, 2, 32, 0.25), (3, 32, 2, 128, 1.0), (5, 6, 3, 24, 1.0)])
+    (1, 4, 2, 16, 1.0), (7, 8, 2, 32, 0.25), (3, 32, 2, 128, 1.0), (5, 6, 3, 24, 1.0), (37, 4, 2, 16, 1.0),
+    (21, 6, 3, 24, 0.5)])
 def test_rotary_kv_write_matches_reference(dtype, tokens, heads, groups, head_dim, position_scale):
+    """Steps of one to a few tokens (one token a program) and prompts (several a program,
+    token counts that leave a ragged last program)."""
     num_slots = 40
     qkv = torch.randn(tokens, (heads + 2 * groups) * head_dim, dtype=dtype, device=DEVICE)
     positions = torch.randint(0, 5000, (tokens,), device=DEVICE)
@@ -451,3 +454,44 @@ def test_chained_kernels_see_each_others_writes():
         static_input.copy_(x)
         graph.replay()
         assert torch.equal(static_output, out)
+
+
+@pytest.mark.parametrize("context_fmha, lengths, cached, takes_flash", [
+    ("enabled_with_fp32_acc", [5, 9], [0, 0], True),
+    ("enabled_with_fp32_acc", [9, 2], [0, 0], False),  # a prompt under FLASH_MIN_TOKENS
+    ("enabled_with_fp32_acc", [5, 9], [0, 4], False),  # a prompt with cached tokens (a later chunk)
+    ("enabled", [5, 9], [0, 0], False),  # fp16 accumulation stays on our FMHA
+])
+def test_prompt_attention_matches_reference(monkeypatch, context_fmha, lengths, cached, takes_flash):
+    """A prompt step of the attention plugin (rotary, cache write, attention) equals the
+    reference attention, whether SDPA takes it (fresh prompts of at least FLASH_MIN_TOKENS,
+    lowered to 4 here, float32 accumulation) or the Triton FMHA does; the cache holds the
+    same keys and values either way."""
+    from glm_engine.attention import PagedAttention, ReferenceAttention
+    from glm_engine.config import ModelConfig
+    from glm_engine.runtime.kv_cache import KVCache
+    import glm_engine.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "FLASH_MIN_TOKENS", 4)
+    dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
+    config = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, kv_channels=16,
+                         multi_query_group_num=2, ffn_hidden_size=32, vocab_size=32, seq_length=64)
+    block_size = 4
+    rng = random.Random(len(lengths) + sum(cached))
+    torch.manual_seed(3)
+    tables, num_blocks = shuffled_block_tables([c + n for c, n in zip(cached, lengths)], block_size, rng)
+    layout = StepLayout.of(tables, cached, lengths, block_size)
+    qkv = torch.randn(sum(lengths), (4 + 2 * 2) * 16, dtype=dtype, device=DEVICE)
+    caches = [KVCache(1, num_blocks, block_size, 2, 16, dtype, DEVICE) for _ in range(2)]
+    for cache in caches:  # the cached tokens' keys and values
+        cache.keys.normal_(generator=torch.Generator(DEVICE).manual_seed(5))
+        cache.values.normal_(generator=torch.Generator(DEVICE).manual_seed(6))
+    paged = PagedAttention(config, dtype, DEVICE, context_fmha, 64)
+    meta = paged.metadata(layout)
+    assert (meta.fresh_prompt_lengths is not None) == takes_flash
+    out = paged(qkv, 0, meta, caches[0])
+    reference_backend = ReferenceAttention(config, dtype, DEVICE)
+    expected = reference_backend(qkv, 0, reference_backend.metadata(layout), caches[1])
+    assert relative_error(out, expected) < (1e-5 if dtype == torch.float32 else 3e-3)
+    assert torch.equal(caches[0].values, caches[1].values)
+    assert relative_error(caches[0].keys, caches[1].keys) < (1e-6 if dtype == torch.float32 else 1e-3)

@@ -25,7 +25,7 @@ from glm_engine.config import ModelConfig
 from glm_engine.kernels import reference
 from glm_engine.runtime.kv_cache import KVCache
 
-FLASH_MIN_TOKENS = 1024  # shortest prompt SDPA takes: its ~80 us of host work a call is hidden there (PERFORMANCE.md)
+FLASH_MIN_TOKENS = 1024  # shortest prompt SDPA takes: its ~50-80 us of host work a call is hidden there (PERFORMANCE.md)
 
 
 @dataclass

@@ -220,7 +220,7 @@ class PagedAttention:
         tokens, heads, head_dim = query.shape
         groups = keys.shape[1]
         new_keys = keys.index_select(0, meta.slot_mapping).transpose(0, 1)  # [groups, N, D]
-        new_values = qkv.view(tokens, heads + 2 * groups, head_dim)[:, heads + groups:].transpose(0, 1)
+        new_values = qkv.unflatten(1, (heads + 2 * groups, head_dim))[:, heads + groups:].transpose(0, 1)
         queries = query.transpose(0, 1)  # [heads, N, D]: views, as SDPA's fused kernels read them
         parts, start = [], 0
         for length in meta.fresh_prompt_lengths:

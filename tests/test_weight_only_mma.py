@@ -140,11 +140,14 @@ def test_gemm_matches_reference(bits, rows, n, k, with_bias):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [2, 16])
 @pytest.mark.parametrize("config", weight_only_mma.LAUNCH_CONFIGS)
-def test_every_launch_config_matches_reference(bits, rows, config):
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_every_launch_config_matches_reference(bits, rows, config, swiglu):
+    """Every config, with and without the SwiGLU epilogue."""
     weight, scales = quantized(64, 1216, bits, "cuda")  # 19 chunks: no warp count divides them
     x = torch.randn(rows, 1216, dtype=torch.float16, device="cuda")
     expected = reference.linear(x.double(), reference.dequantize(weight, scales, bits, torch.float64))
-    out = weight_only_mma.gemm(x, weight_only_mma.shuffle(weight, bits), None, scales, bits, config)
+    expected = reference.swiglu(expected) if swiglu else expected
+    out = weight_only_mma.gemm(x, weight_only_mma.shuffle(weight, bits), None, scales, bits, config, swiglu=swiglu)
     assert relative_error(out, expected) < 2e-3
 
 
@@ -225,18 +228,6 @@ def test_swiglu_gemm_matches_reference(bits, rows, n, k, with_bias):
                                                  None if bias is None else bias.double()))
     out = weight_only_mma.gemm(x, weight_only_mma.shuffle(weight, bits), bias, scales, bits, swiglu=True)
     assert out.shape == (rows, n // 2) and out.dtype == torch.float16
-    assert relative_error(out, expected) < 2e-3
-
-
-@needs_gpu
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("rows", [2, 16])
-@pytest.mark.parametrize("config", weight_only_mma.LAUNCH_CONFIGS)
-def test_swiglu_gemm_every_launch_config_matches_reference(bits, rows, config):
-    weight, scales = quantized(64, 1216, bits, "cuda")  # 19 chunks: no warp count divides them
-    x = torch.randn(rows, 1216, dtype=torch.float16, device="cuda")
-    expected = reference.swiglu(reference.linear(x.double(), reference.dequantize(weight, scales, bits, torch.float64)))
-    out = weight_only_mma.gemm(x, weight_only_mma.shuffle(weight, bits), None, scales, bits, config, swiglu=True)
     assert relative_error(out, expected) < 2e-3
 
 

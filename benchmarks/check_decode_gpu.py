@@ -49,7 +49,7 @@ def main() -> None:
             for k in steps:
                 runner.forward([table], [0], [prompt[:k]])
                 if mode == "graph":
-                    logits, _ = runner.decode_graphs.run([table], [k], [prompt[k]])
+                    logits, _ = runner.decode_graphs.run([table], [k], [[prompt[k]]])
                 else:
                     logits = runner.forward([table], [k], [[prompt[k]]])
                 errors.append(relative_error(logits[0], truth[k]))

@@ -1,6 +1,7 @@
 """On a GPU: our skinny-GEMM kernel against the maintained libraries, per ChatGLM2-6B
 decoder linear, at 1 and 8 rows (issue 10's side-by-side table):
-- fp16 weights: ours vs cuBLAS (torch linear);
+- fp16 weights: ours (the Triton GEMV, and the tensor-core GEMM that engines built with
+  --use_gemm_plugin run) vs cuBLAS (torch linear);
 - int8 weight-only, per-channel scales: ours (the Triton GEMV, and the tensor-core GEMM,
   kernels/weight_only_mma.py) vs gemlite's A16W8;
 - int4 weight-only: ours (the Triton GEMV with per-channel scales and with scales
@@ -65,9 +66,12 @@ def ours(bits: int, weight: torch.Tensor, group_size: int = 0):
 
 
 def ours_mma(bits: int, weight: torch.Tensor):
-    """The weight-only tensor-core GEMM (per-channel scales), on weights shuffled into its layout."""
+    """The tensor-core GEMM the engine runs at 1-16 rows: fp16 weights (bits 0) as they are,
+    int8/int4 ones with per-channel scales shuffled into its layout."""
     from glm_engine.kernels import weight_only_mma
 
+    if bits == 0:
+        return (lambda x, w: weight_only_mma.gemm(x, w, None, None, 0)), weight, weight.float()
     values, scales = quantize_symmetric(weight, bits)
     dense = reference.dequantize(values, scales, bits, torch.float32)
     call = lambda x, w: weight_only_mma.gemm(x, w[0], None, w[1], bits)  # noqa: E731
@@ -106,7 +110,7 @@ def gemlite_int4(weight: torch.Tensor):
     return (lambda x, w: w(x)), layer, grouped_dense(values, scales, zeros)
 
 
-VARIANTS = {"fp16": [("cuBLAS", cublas), ("ours", lambda w: ours(0, w))],
+VARIANTS = {"fp16": [("cuBLAS", cublas), ("ours", lambda w: ours(0, w)), ("ours mma", lambda w: ours_mma(0, w))],
             "int8": [("ours", lambda w: ours(8, w)), ("ours mma", lambda w: ours_mma(8, w)),
                      ("gemlite A16W8", gemlite_int8)],
             "int4": [("ours (per channel)", lambda w: ours(4, w)), ("ours mma (per channel)", lambda w: ours_mma(4, w)),

@@ -240,6 +240,71 @@ def test_bad_weight_only_group_size_is_refused(tmp_path, flags, message):
 
 
 @interpreted
+def test_prompt_graph_inputs_give_the_eager_step(tiny_checkpoint_factory, tmp_path):
+    """The prompt graphs' static-input step (run eagerly on the CPU), padded to its token
+    bucket, equals the eager step and leaves the same K/V in the sequence's blocks: a
+    fresh prompt, and a chunk after cached tokens."""
+    from glm_engine.runtime.cuda_graphs import PromptGraphs
+
+    session = build_engine(tiny_checkpoint_factory("safetensors", seed=35), tmp_path / "engine", "float32",
+                           *with_dtype(PLUGINS["attention"], "float32"), "--enable_context_fmha_fp32_acc")
+    runner = session.runner
+    graphs = PromptGraphs(runner.network, runner.kv_cache, 40, runner.blocks_per_sequence, runner.scratch_block,
+                          session.build_config.max_sequence_len, session.device)
+    assert sorted(graphs.graphs) == [16, 32, 64]
+    assert graphs.takes([[1, 2]]) and graphs.takes([[1] * 64])
+    assert not graphs.takes([[1]]) and not graphs.takes([[1] * 65]) and not graphs.takes([[1, 2], [3, 4]])
+    prompt = random_prompt(50, 3)
+    table: list[int] = []
+    assert session.block_manager.grow(table, len(prompt))
+    cache = runner.kv_cache
+    for cached, end in ((0, 11), (11, 50)):  # buckets 16 (5 padding tokens) and 64 (25)
+        chunk = prompt[cached:end]
+        logits, greedy = graphs.run([table], [cached], [chunk])
+        graph_keys, graph_values = cache.keys.clone(), cache.values.clone()
+        eager = runner.forward([table], [cached], [chunk])
+        assert relative_error(logits, eager) < 1e-5
+        assert torch.equal(greedy, eager.argmax(-1))
+        slots = torch.tensor([table[p // cache.block_size] * cache.block_size + p % cache.block_size
+                              for p in range(end)])
+        assert torch.allclose(graph_keys[:, slots], cache.keys[:, slots], atol=1e-6)
+        assert torch.allclose(graph_values[:, slots], cache.values[:, slots], atol=1e-6)
+
+
+on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs are captured on a GPU")
+
+
+@on_gpu
+def test_prompt_graphs_give_the_eager_tokens(monkeypatch, tmp_path):
+    """On a GPU, a session with the prompt graphs generates the tokens of one without CUDA
+    graphs, for a prompt in every token bucket, and runs the graphs for them."""
+    from glm_engine.config import BuildConfig, ModelConfig
+    from glm_engine.engine import Engine
+    from glm_engine.layout import weight_shapes
+    from glm_engine.runtime.cuda_graphs import PromptGraphs
+    from checkpoints import tiny_config
+
+    config = ModelConfig.from_hf_config(tiny_config())
+    generator = torch.Generator().manual_seed(36)
+    weights = {name: (torch.randn(shape, generator=generator) * 0.1).half() for name, shape in
+               weight_shapes(config).items()}
+    build = BuildConfig(dtype="float16", max_batch_size=2, max_input_len=150, max_output_len=16,
+                        use_gpt_attention_plugin="float16", context_fmha="enabled_with_fp32_acc")
+    graphed = load_session(Engine(tmp_path, config, build, dict(weights)), "cuda")
+    eager = load_session(Engine(tmp_path, config, build, dict(weights)), "cuda", cuda_graphs=False)
+    assert sorted(graphed.runner.prompt_graphs.graphs) == [16, 32, 64, 128, 256]
+    assert eager.runner.prompt_graphs is None
+    runs = []
+    original = PromptGraphs.run
+    monkeypatch.setattr(PromptGraphs, "run", lambda self, *args: runs.append(1) or original(self, *args))
+    sampling = SamplingConfig(max_new_tokens=8, end_id=-1)
+    for length in (2, 9, 16, 17, 100, 150):
+        prompt = random_prompt(length, length)
+        assert graphed.generate([prompt], sampling) == eager.generate([prompt], sampling)
+    assert len(runs) == 6
+
+
+@interpreted
 def test_decode_graph_inputs_give_the_eager_step(tiny_checkpoint_factory, tmp_path):
     """The graphs' static-input step (run eagerly on the CPU) equals the eager decode
     step for several rows of different lengths, a padded bucket included."""
@@ -258,7 +323,7 @@ def test_decode_graph_inputs_give_the_eager_step(tiny_checkpoint_factory, tmp_pa
         assert session.block_manager.grow(table, len(prompt))
     for count in (3, 1):
         runner.forward(tables[:count], [0] * count, [p[:-1] for p in prompts[:count]])
-        logits, greedy = graphs.run(tables[:count], cached[:count], [p[-1] for p in prompts[:count]])
+        logits, greedy = graphs.run(tables[:count], cached[:count], [[p[-1]] for p in prompts[:count]])
         eager = runner.forward(tables[:count], cached[:count], [[p[-1]] for p in prompts[:count]])
         assert relative_error(logits, eager) < 1e-5
         assert torch.equal(greedy, eager.argmax(-1))

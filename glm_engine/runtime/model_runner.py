@@ -13,7 +13,7 @@ from torch import nn
 from glm_engine.attention import PagedAttention, StepLayout
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.ops import Ops
-from glm_engine.runtime.cuda_graphs import DecodeGraphs
+from glm_engine.runtime.cuda_graphs import DecodeGraphs, PromptGraphs
 from glm_engine.runtime.kv_cache import KVCache, blocks_per_sequence
 
 PAD_TOKEN = 0  # what padded prompts are filled with (never attended to)
@@ -32,10 +32,14 @@ class ModelRunner:
         self.remove_input_padding = build.remove_input_padding
         self.kv_cache = KVCache(config.num_layers, num_blocks + 1, self.block_size, config.multi_query_group_num,
                                 config.kv_channels, build.torch_dtype, device)
-        self.decode_graphs = None
+        self.decode_graphs = self.prompt_graphs = None
         if cuda_graphs and device.type == "cuda" and isinstance(self.attention, PagedAttention):
             self.decode_graphs = DecodeGraphs(network, self.kv_cache, build.max_batch_size, self.blocks_per_sequence,
                                               self.scratch_block, build.max_sequence_len, device)
+            if self.attention.context_attention is not None:  # without context FMHA prompts take host-sized shapes
+                self.prompt_graphs = PromptGraphs(network, self.kv_cache, build.max_input_len,
+                                                  self.blocks_per_sequence, self.scratch_block,
+                                                  build.max_sequence_len, device, self.decode_graphs.pool)
 
     def forward(self, block_tables: list[list[int]], cached: list[int], new_tokens: list[list[int]],
                 logit_rows: list[int] | None = None) -> torch.Tensor:
@@ -53,10 +57,13 @@ class ModelRunner:
     def execute(self, block_tables: list[list[int]], cached: list[int],
                 new_tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One scheduled step: float32 logits [B, vocab] of each sequence's last new token
-        and their argmax. A captured decode graph when every sequence has one new token;
-        without --remove_input_padding, prompts are padded to the longest."""
+        and their argmax. A captured decode graph when every sequence has one new token, a
+        prompt graph for one sequence's short prompt (or chunk); without
+        --remove_input_padding, prompts are padded to the longest."""
         if self.decode_graphs is not None and all(len(tokens) == 1 for tokens in new_tokens):
-            return self.decode_graphs.run(block_tables, cached, [tokens[0] for tokens in new_tokens])
+            return self.decode_graphs.run(block_tables, cached, new_tokens)
+        if self.prompt_graphs is not None and self.prompt_graphs.takes(new_tokens):
+            return self.prompt_graphs.run(block_tables, cached, new_tokens)
         logit_rows = None
         if not self.remove_input_padding and any(len(tokens) > 1 for tokens in new_tokens):
             longest = max(map(len, new_tokens))

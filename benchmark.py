@@ -71,7 +71,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                              "unquantized one, to see quantization drift) (default: the measured engine's, "
                              "dequantized)")
     parser.add_argument("--no_cuda_graphs", action="store_true",
-                        help="decode eagerly even with the attention plugin (default: off)")
+                        help="run every step eagerly, decode and short prompts too, even with the attention plugin "
+                             "(default: off)")
     parser.add_argument("--output_json", type=str, default=None,
                         help="keep the numbers with card, date, command and versions (default: none)")
     parser.add_argument("--plot", type=str, default=None,
@@ -436,6 +437,7 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
 
     session = load_session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))
     result["cuda_graphs"] = session.runner.decode_graphs is not None
+    result["prompt_graphs"] = session.runner.prompt_graphs is not None
     prompts = serving_requests(args, session.model_config.vocab_size)
     for index, prompt in enumerate(prompts):  # refuse before any work
         session.check_prompt(index, prompt, args.output_len)
@@ -556,6 +558,7 @@ def main() -> None:
     result["startup_s"] = time.perf_counter() - start
     result["startup_stages_s"] = session.startup_seconds
     result["cuda_graphs"] = session.runner.decode_graphs is not None  # what ran, not what was allowed
+    result["prompt_graphs"] = session.runner.prompt_graphs is not None
     measure = functools.partial(measure_engine, session, output_len=args.output_len, repeats=args.repeats,
                                 options=sampling_options(args, None))
     rows = measured_rows("glm_engine", measure, session.model_config.vocab_size, args, device)

@@ -98,7 +98,8 @@ def test_benchmark_reports_the_cuda_graphs_that_ran(tiny_engine_factory, tmp_pat
     result = run_tool("benchmark.py", "--engine_dir", engine_dir, "--input_len", "4", "--output_len", "2",
                       "--repeats", "1", "--device", "cpu", "--output_json", tmp_path / "result.json")
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "result.json").read_text())["cuda_graphs"] is False
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["cuda_graphs"] is False and result["prompt_graphs"] is False
 
 
 def test_decode_holds_a_split_character_and_marks_what_is_not_text(tiny_tokenizer_dir):

@@ -104,18 +104,31 @@ class _GraphSet:
         self.width, self.block_size, self.scratch = blocks_per_sequence, kv_cache.block_size, scratch_block
         self.graphs: dict[int, _Graph] = {}
 
-    def padding(self, sequences: int, tokens: int) -> list[int]:
-        """The static inputs of a step of padding only: token 0 at position 0 of the scratch
-        block, each row one token long."""
-        row = [1, 1, 0] + [self.scratch] * self.width
-        return [0] * tokens + [0] * tokens + [self.scratch * self.block_size] * tokens + row * sequences
+    def static_inputs(self, block_tables: list[list[int]], cached: list[int], new_tokens: list[list[int]],
+                      sequences: int, tokens: int) -> list[int]:
+        """A step's values for the static inputs of a graph of `sequences` rows and `tokens`
+        tokens, padded: padding tokens are token 0 at position 0 of the scratch block,
+        padding rows one token long over that block."""
+        block_size, width = self.block_size, self.width
+        ids, positions, slots, rows = [], [], [], []
+        for table, done, step_tokens in zip(block_tables, cached, new_tokens):
+            for position in range(done, done + len(step_tokens)):
+                positions.append(position)
+                slots.append(table[position // block_size] * block_size + position % block_size)
+            ids += step_tokens
+            rows += [done + len(step_tokens), len(step_tokens), len(ids) - 1] + table
+            rows += [self.scratch] * (width - len(table))
+        spare_tokens, spare_rows = tokens - len(ids), sequences - len(block_tables)
+        padding_row = [1, 1, 0] + [self.scratch] * width
+        return (ids + [0] * spare_tokens + positions + [0] * spare_tokens + slots
+                + [self.scratch * block_size] * spare_tokens + rows + padding_row * spare_rows)
 
     def capture(self, network: nn.Module, kv_cache: KVCache, shapes: list[tuple[int, int]], max_context: int,
                 device: torch.device, pool=None):
         """Captures a graph for each (sequences, tokens), largest first, sharing `pool`
         (a new one when None); returns the pool."""
         for sequences, tokens in sorted(shapes, reverse=True):
-            padding = torch.tensor(self.padding(sequences, tokens), dtype=torch.int64)
+            padding = torch.tensor(self.static_inputs([], [], [], sequences, tokens), dtype=torch.int64)
             graph = _Graph(network, kv_cache, sequences, tokens, padding, max_context, device, pool)
             self.graphs[tokens] = graph
             pool = graph.graph.pool() if graph.graph is not None else None
@@ -123,20 +136,9 @@ class _GraphSet:
 
     def run_in(self, graph: _Graph, block_tables: list[list[int]], cached: list[int],
                new_tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fills `graph`'s static inputs with the step (padded) and replays it: float32
-        logits [n, vocab] of each sequence's last new token and their argmax."""
-        block_size, width = self.block_size, self.width
-        ids, positions, slots, rows = [], [], [], []
-        for table, done, tokens in zip(block_tables, cached, new_tokens):
-            for position in range(done, done + len(tokens)):
-                positions.append(position)
-                slots.append(table[position // block_size] * block_size + position % block_size)
-            ids += tokens
-            rows += [done + len(tokens), len(tokens), len(ids) - 1] + table + [self.scratch] * (width - len(table))
-        padding = self.padding(graph.sequences - len(block_tables), graph.tokens - len(ids))
-        pad_tokens = graph.tokens - len(ids)
-        inputs = (ids + padding[:pad_tokens] + positions + padding[pad_tokens:2 * pad_tokens] + slots
-                  + padding[2 * pad_tokens:3 * pad_tokens] + rows + padding[3 * pad_tokens:])
+        """Fills `graph`'s static inputs with the step and replays it: float32 logits
+        [n, vocab] of each sequence's last new token and their argmax."""
+        inputs = self.static_inputs(block_tables, cached, new_tokens, graph.sequences, graph.tokens)
         graph.inputs.copy_(torch.tensor(inputs, dtype=torch.int64), non_blocking=True)
         graph.replay()
         count = len(block_tables)

@@ -36,7 +36,9 @@ class ModelRunner:
         if cuda_graphs and device.type == "cuda" and isinstance(self.attention, PagedAttention):
             self.decode_graphs = DecodeGraphs(network, self.kv_cache, build.max_batch_size, self.blocks_per_sequence,
                                               self.scratch_block, build.max_sequence_len, device)
-            if self.attention.context_attention is not None:  # without context FMHA prompts take host-sized shapes
+            # Without context FMHA prompts take host-sized shapes. Several ranks run prompts eagerly: the
+            # prompt graphs (NCCL inside) have not run on several GPUs yet.
+            if self.attention.context_attention is not None and build.world_size == 1:
                 self.prompt_graphs = PromptGraphs(network, self.kv_cache, build.max_input_len,
                                                   self.blocks_per_sequence, self.scratch_block,
                                                   build.max_sequence_len, device, self.decode_graphs.pool)

@@ -14,8 +14,13 @@ import glm_engine.kernels.gemv as gemv_module
 import glm_engine.kernels.norm as norm_module
 import glm_engine.kernels.rotary_kv as rotary_kv_module
 import glm_engine.kernels.swiglu as swiglu_module
+from checkpoints import tiny_config
 from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
+from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.engine import Engine
+from glm_engine.layout import weight_shapes
+from glm_engine.runtime.cuda_graphs import PromptGraphs
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import Session
 from model import load_session
@@ -244,8 +249,6 @@ def test_prompt_graph_inputs_give_the_eager_step(tiny_checkpoint_factory, tmp_pa
     """The prompt graphs' static-input step (run eagerly on the CPU), padded to its token
     bucket, equals the eager step and leaves the same K/V in the sequence's blocks: a
     fresh prompt, and a chunk after cached tokens."""
-    from glm_engine.runtime.cuda_graphs import PromptGraphs
-
     session = build_engine(tiny_checkpoint_factory("safetensors", seed=35), tmp_path / "engine", "float32",
                            *with_dtype(PLUGINS["attention"], "float32"), "--enable_context_fmha_fp32_acc")
     runner = session.runner
@@ -278,12 +281,6 @@ on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs a
 def test_prompt_graphs_give_the_eager_tokens(monkeypatch, tmp_path):
     """On a GPU, a session with the prompt graphs generates the tokens of one without CUDA
     graphs, for a prompt in every token bucket, and runs the graphs for them."""
-    from glm_engine.config import BuildConfig, ModelConfig
-    from glm_engine.engine import Engine
-    from glm_engine.layout import weight_shapes
-    from glm_engine.runtime.cuda_graphs import PromptGraphs
-    from checkpoints import tiny_config
-
     config = ModelConfig.from_hf_config(tiny_config())
     generator = torch.Generator().manual_seed(36)
     weights = {name: (torch.randn(shape, generator=generator) * 0.1).half() for name, shape in

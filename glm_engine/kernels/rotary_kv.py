@@ -99,8 +99,8 @@ def rotary_kv_write(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.
     groups, head_dim = key_cache.shape[1], key_cache.shape[2]
     query = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     rot_half = inv_freq.shape[0]
-    # The kernels index positions and slots densely; a strided view (a column of
-    # a graph's static input block) is copied first (inside the graph when captured).
+    # The kernels index positions and slots densely; a strided view is copied first
+    # (the CUDA graphs pass dense rows of their static inputs: no copy).
     inputs = (qkv.contiguous(), positions.contiguous(), inv_freq.contiguous(), slot_mapping.contiguous(), query,
               key_cache, value_cache, position_scale)
     if tokens <= SMALL_STEP:

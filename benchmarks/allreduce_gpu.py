@@ -8,8 +8,8 @@ line per size and method.
 Then, as in a decode step, each all-reduce after a row-parallel GEMV of TP2's
 dense_4h_to_h size (4096 x 6848 halfs, weights alternating so that L2 cannot hold
 them): what an all-reduce adds to a step is that pair's time minus the GEMV's.
-(docs/benchmarks/tensor_parallel/one_shot/one_shot_kernel.patch adds a Triton
-one-shot kernel of our own to both measurements; it was not faster in a step.)
+(A Triton one-shot kernel of our own was measured the same way; it was not faster
+in a step: docs/PERFORMANCE.md, "Kernel choices".)
 Usage: torchrun --nproc_per_node N benchmarks/allreduce_gpu.py"""
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ from pathlib import Path
 # writing and quantization are imported where they are used).
 from glm_engine import GlmEngineError
 from glm_engine.cli import LOG_LEVELS, run_tool, setup_logging
-from glm_engine.config import CHATGLM2_6B, DTYPES, ROPE_RATIO_MODES, BuildConfig, ModelConfig
+from glm_engine.config import DTYPES, ROPE_RATIO_MODES, BuildConfig, ModelConfig
 from glm_engine.engine_dir import check_output_dir, restore_interrupted_build
+from glm_engine.presets import CHATGLM2_6B
 from glm_engine.source_files import file_inside
 from glm_engine.tokenizer import CHATGLM2_SPECIAL_TOKENS, TOKENIZER_FILES, ChatGLMTokenizer, TokenizerError
 
@@ -143,7 +144,9 @@ def dummy_model_config(args: argparse.Namespace) -> ModelConfig:
             raise GlmEngineError(f"--n_embd {hf_config['hidden_size']} must be a multiple of --n_head "
                                  f"{hf_config['num_attention_heads']}")
         hf_config["kv_channels"] = hf_config["hidden_size"] // hf_config["num_attention_heads"]
-    return ModelConfig.from_hf_config(hf_config)
+    from glm_engine.models import read_model_config
+
+    return read_model_config(hf_config)
 
 
 def tokenizer_files(directory: Path | None, vocab_size: int) -> list[Path]:
@@ -187,9 +190,10 @@ def model_config_of(args: argparse.Namespace) -> ModelConfig:
                              "its config.json, so drop it or drop --model_dir")
     if args.random_seed is not None:
         raise GlmEngineError("--random_seed seeds dummy weights; it has no effect with --model_dir")
+    from glm_engine.models import read_model_config
     from weight import load_hf_config
 
-    return ModelConfig.from_hf_config(load_hf_config(args.model_dir), args.rope_ratio_mode)
+    return read_model_config(load_hf_config(args.model_dir), args.rope_ratio_mode)
 
 
 def build(args: argparse.Namespace) -> Path:
@@ -300,17 +304,15 @@ def convert_weights(args: argparse.Namespace, model_config: ModelConfig, build_c
                     progress: bool) -> dict:
     """The whole model's runtime-layout weights: dummy or the checkpoint's, quantized
     when asked."""
-    from glm_engine.quantization import quantize_weights
+    from glm_engine.layout import linear_weight_names
+    from glm_engine.quantization import linear_method, quantize_weights
     from weight import dummy_weights, load_hf_weights
 
     if args.model_dir is None:
         weights = dummy_weights(model_config, build_config.torch_dtype, args.random_seed, progress=progress)
     else:
         weights = load_hf_weights(args.model_dir, model_config, build_config.torch_dtype, progress=progress)
-    if build_config.weight_only_precision is not None:
-        weights = quantize_weights(weights, model_config, build_config.weight_only_precision,
-                                   build_config.weight_only_group_size, progress=progress)
-    return weights
+    return quantize_weights(weights, linear_weight_names(model_config), linear_method(build_config), progress)
 
 
 def write_rank(weights: dict, model_config: ModelConfig, build_config: BuildConfig, rank: int, staging: Path,

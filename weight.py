@@ -1,5 +1,6 @@
-"""Fills the ChatGLM2 network from a Hugging Face checkpoint directory, or with
-seeded dummy weights, and loads a checkpoint as the Hugging Face reference model.
+"""Fills a GLM network from a Hugging Face checkpoint directory (its tensor names
+mapped by the model family, glm_engine/models), or with seeded dummy weights, and
+loads a checkpoint as the Hugging Face reference model.
 Reads `.bin` shards with `torch.load(weights_only=True)` and safetensors shards, one
 shard in memory at a time; never runs code that came with the checkpoint (unless
 the reference is asked for with trust_remote_code)."""
@@ -21,6 +22,7 @@ from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
 from glm_engine.hf_reference import build_glm_model
 from glm_engine.layout import weight_shapes
+from glm_engine.models import family, read_model_config
 from glm_engine.source_files import file_inside
 
 # Index file, single file, in order of preference.
@@ -28,8 +30,6 @@ _CHECKPOINT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 )
-# Derivable from the config; present in ChatGLM2 checkpoints, not used.
-_IGNORED = {"transformer.rotary_pos_emb.inv_freq"}
 
 
 def load_hf_config(model_dir: str | Path) -> dict:
@@ -110,32 +110,17 @@ def iter_checkpoint_tensors(model_dir: str | Path, progress: bool = False) -> It
         del tensors
 
 
-def runtime_name(hf_name: str) -> str:
-    """Hugging Face ChatGLM2 parameter name -> runtime-layout name."""
-    name = hf_name.removeprefix("transformer.")
-    name = name.replace("embedding.word_embeddings.", "word_embeddings.", 1)
-    return name.removeprefix("encoder.")
-
-
-def hf_name(runtime: str) -> str:
-    """Runtime-layout name -> Hugging Face ChatGLM2 parameter name."""
-    if runtime.startswith("word_embeddings."):
-        return "transformer.embedding." + runtime
-    if runtime.startswith(("layers.", "final_layernorm.")):
-        return "transformer.encoder." + runtime
-    return "transformer." + runtime
-
-
 def load_hf_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
                     progress: bool = False) -> dict[str, torch.Tensor]:
     """Runtime-layout weights in `dtype` from a checkpoint; every expected tensor
     must be there with its shape, and nothing else."""
     shapes = weight_shapes(config)
+    model_family = family(config.model_type)
     weights: dict[str, torch.Tensor] = {}
     for name, tensor in iter_checkpoint_tensors(model_dir, progress):
-        if name in _IGNORED:
+        if name in model_family.IGNORED_TENSORS:
             continue
-        target = runtime_name(name)
+        target = model_family.runtime_name(name)
         if target in weights:
             raise GlmEngineError(f"tensor {name!r} appears twice in {model_dir}; remove the extra copy")
         if target not in shapes:
@@ -154,7 +139,7 @@ def load_hf_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dty
                                  "needs a wider --dtype")
     missing = [name for name in shapes if name not in weights]
     if missing:
-        raise GlmEngineError(f"tensor {hf_name(missing[0])!r} missing from {model_dir} "
+        raise GlmEngineError(f"tensor {model_family.checkpoint_name(missing[0])!r} missing from {model_dir} "
                              f"({len(missing)} missing in all)")
     return weights
 
@@ -198,5 +183,5 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype, device: torch.devic
             raise GlmEngineError(f"the checkpoint's own modeling code failed to load ({error}); "
                                  "drop --hf_trust_remote_code to use GlmForCausalLM") from None
         return model.to(device).eval()
-    config = config or ModelConfig.from_hf_config(load_hf_config(model_dir))
+    config = config or read_model_config(load_hf_config(model_dir))
     return build_glm_model(config, load_hf_weights(model_dir, config, dtype), device)

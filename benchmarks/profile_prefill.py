@@ -15,7 +15,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glm_engine.config import CHATGLM2_6B, BuildConfig, ModelConfig  # noqa: E402
+from glm_engine.config import BuildConfig, ModelConfig  # noqa: E402
+from glm_engine.models import read_model_config  # noqa: E402
+from glm_engine.presets import CHATGLM2_6B  # noqa: E402
 from glm_engine.engine import Engine  # noqa: E402
 from glm_engine.hf_reference import build_glm_model  # noqa: E402
 from glm_engine.runtime.sampling import SamplingConfig  # noqa: E402
@@ -31,7 +33,7 @@ def main() -> None:
     batch, tokens = numbers or (8, 1024)
     plugins = dict(use_gpt_attention_plugin="float16", use_layernorm_plugin="float16", use_gemm_plugin="float16",
                    context_fmha="enabled_with_fp32_acc") if "--plugins" in sys.argv else {}
-    config = ModelConfig.from_hf_config(CHATGLM2_6B)
+    config = read_model_config(CHATGLM2_6B)
     weights = {name: torch.randn(shape, device="cuda", dtype=torch.float16) / (shape[-1] ** 0.5 if len(shape) > 1
                else 1.0) for name, shape in weight_shapes(config).items()}
     prompts = random_prompts([tokens] * batch, 60000, seed=0)

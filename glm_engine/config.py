@@ -1,5 +1,5 @@
-"""ModelConfig (the network's shape, read from a ChatGLM2/ChatGLM3 config.json)
-and BuildConfig (the build flags an engine was made with)."""
+"""ModelConfig (the network's shape, read from a checkpoint's config.json by its
+family in glm_engine/models) and BuildConfig (the build flags an engine was made with)."""
 
 from __future__ import annotations
 
@@ -13,44 +13,6 @@ from glm_engine import GlmEngineError
 # The engine dtypes, by torch's names (torch itself is imported only when a dtype is
 # used, so that the tools answer --help without loading it).
 DTYPES = ("float16", "bfloat16", "float32")
-
-# ChatGLM2-6B's shape: the default for dummy engines.
-CHATGLM2_6B = {
-    "model_type": "chatglm",
-    "num_layers": 28,
-    "hidden_size": 4096,
-    "num_attention_heads": 32,
-    "kv_channels": 128,
-    "multi_query_attention": True,
-    "multi_query_group_num": 2,
-    "ffn_hidden_size": 13696,
-    "padded_vocab_size": 65024,
-    "seq_length": 32768,
-    "layernorm_epsilon": 1e-5,
-    "rmsnorm": True,
-    "add_qkv_bias": True,
-    "add_bias_linear": False,
-    "apply_residual_connection_post_layernorm": False,
-    "post_layer_norm": True,
-    "original_rope": True,
-    "fp32_residual_connection": False,
-    "tie_word_embeddings": False,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-}
-
-# Fields whose other values describe a network model.py does not compute.
-_REQUIRED_VALUES = {
-    "rmsnorm": True,
-    "apply_residual_connection_post_layernorm": False,
-    "add_bias_linear": False,
-    "post_layer_norm": True,
-    "original_rope": True,
-    "fp32_residual_connection": False,
-    "tie_word_embeddings": False,
-}
-_REQUIRED_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "kv_channels",
-                    "ffn_hidden_size", "padded_vocab_size")
 
 ROPE_RATIO_MODES = ("positions", "base")
 MAX_SEED = 2**64 - 1  # seeds are unsigned 64-bit, as TensorRT-LLM's
@@ -79,7 +41,7 @@ def check_field_types(owner: str, config: Any, integers: tuple[str, ...], number
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The ChatGLM2 network's shape and constants."""
+    """A GLM network's shape and constants."""
 
     num_layers: int
     hidden_size: int
@@ -100,6 +62,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     eos_token_id: int = 2
     pad_token_id: int = 0
+    model_type: str = "chatglm"  # the family (glm_engine/models) that computes it
 
     def __post_init__(self) -> None:
         sizes = ("num_layers", "hidden_size", "num_attention_heads", "kv_channels", "multi_query_group_num",
@@ -109,6 +72,8 @@ class ModelConfig:
         for name in sizes:
             if getattr(self, name) <= 0:
                 raise GlmEngineError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if not isinstance(self.model_type, str):
+            raise GlmEngineError(f"model config: model_type must be a string, got {self.model_type!r}")
         if self.num_attention_heads % self.multi_query_group_num:
             raise GlmEngineError(
                 f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -155,52 +120,13 @@ class ModelConfig:
         """Factor the positions are multiplied by before the rotary angles."""
         return 1.0 / self.rope_ratio if self.rope_ratio_mode == "positions" else 1.0
 
-    @classmethod
-    def from_hf_config(cls, hf_config: dict[str, Any], rope_ratio_mode: str | None = None) -> "ModelConfig":
-        """Reads a ChatGLM2/ChatGLM3 `config.json`; refuses, with the reason, a
-        config this network cannot compute."""
-        model_type = hf_config.get("model_type")
-        if model_type != "chatglm":
-            raise GlmEngineError(f"config.json has model_type {model_type!r}; only ChatGLM2/ChatGLM3 "
-                                 "checkpoints (model_type 'chatglm') are supported")
-        for name in _REQUIRED_FIELDS:
-            if name not in hf_config:
-                raise GlmEngineError(f"config.json lacks {name!r}: not a ChatGLM2/ChatGLM3 checkpoint "
-                                     "(ChatGLM-6B v1 is not supported)")
-        for name, required in _REQUIRED_VALUES.items():
-            value = hf_config.get(name, CHATGLM2_6B[name])
-            if not isinstance(value, bool):
-                raise GlmEngineError(f"config.json: {name} must be true or false, got {value!r}")
-            if value != required:
-                raise GlmEngineError(f"config.json sets {name}={value!r}; this engine computes only "
-                                     f"ChatGLM2's {name}={required}")
-        heads = hf_config["num_attention_heads"]
-        multi_query = hf_config.get("multi_query_attention", False)
-        if not isinstance(multi_query, bool):
-            raise GlmEngineError(f"config.json: multi_query_attention must be true or false, got {multi_query!r}")
-        groups = hf_config.get("multi_query_group_num", heads) if multi_query else heads
-        return cls(
-            num_layers=hf_config["num_layers"],
-            hidden_size=hf_config["hidden_size"],
-            num_attention_heads=heads,
-            kv_channels=hf_config["kv_channels"],
-            multi_query_group_num=groups,
-            ffn_hidden_size=hf_config["ffn_hidden_size"],
-            vocab_size=hf_config["padded_vocab_size"],
-            seq_length=hf_config.get("seq_length", 32768),
-            layernorm_epsilon=hf_config.get("layernorm_epsilon", 1e-5),
-            add_qkv_bias=hf_config.get("add_qkv_bias", True),
-            rope_ratio=hf_config.get("rope_ratio", 1.0),
-            rope_ratio_mode=rope_ratio_mode or default_rope_ratio_mode(hf_config),
-            eos_token_id=_first_id(hf_config.get("eos_token_id", 2)),
-            pad_token_id=_first_id(hf_config.get("pad_token_id", 0)),
-        )
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        if isinstance(values, dict) and "model_type" not in values:
+            values = {**values, "model_type": "chatglm"}  # written before there were several families
         return cls(**_dataclass_fields(cls, values, "model"))
 
 
@@ -216,15 +142,9 @@ def _dataclass_fields(cls: type, values: Any, section: str) -> dict[str, Any]:
     return values
 
 
-def default_rope_ratio_mode(hf_config: dict[str, Any]) -> str:
-    """ChatGLM2-6B-32k scales positions; ChatGLM3 and GLM-4 scale the base."""
-    name = str(hf_config.get("_name_or_path", "")).lower()
-    return "positions" if "chatglm2" in name else "base" if "rope_ratio" in hf_config else "positions"
-
-
-def _first_id(value: Any) -> Any:
-    """A token id, or the first of a list of them (ChatGLM3 lists several end ids)."""
-    return value[0] if isinstance(value, list) and value else value
+def vocab_rows_per_rank(config: ModelConfig, world_size: int) -> int:
+    """Rows of the output layer each of `world_size` tensor-parallel ranks holds."""
+    return -(-config.vocab_size // world_size)
 
 
 @dataclass(frozen=True)

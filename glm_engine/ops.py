@@ -15,7 +15,6 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -23,35 +22,15 @@ from glm_engine import GlmEngineError
 from glm_engine.attention import PagedAttention, ReferenceAttention
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.kernels import reference
-from glm_engine.layout import quantized_weight_names, weight_shapes
-from glm_engine.quantization import BITS
+from glm_engine.layout import linear_weight_names, weight_shapes
+from glm_engine.models import family
+from glm_engine.op_table import Linear, Ops
+from glm_engine.quantization import linear_method
 from glm_engine.runtime.distributed import TensorParallel
 
+__all__ = ["Ops", "select_ops", "uses_mma_gemm", "shuffle_quantized_weights"]
+
 logger = logging.getLogger("ops")
-UP_PROJECTION = "mlp.dense_h_to_4h.weight"  # [gate, up]: the linear model.MLP runs through gated_linear
-
-Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, int], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Ops:
-    """One choice per op. `build` is the flags the network is built with: the engine's,
-    or with every kernel flag off when the kernels cannot run."""
-
-    build: BuildConfig
-    add_rms_norm: Callable  # (branch | None, residual, weight, eps) -> (normed, residual)
-    linear: Linear  # (x, weight, bias, weight_scales, quant_bits) -> x @ W^T + bias
-    # swiglu(linear(...)) of the fused up projection [gate, up] -> [N, F]: one kernel on the tensor-core GEMM
-    gated_linear: Linear
-    attention: ReferenceAttention | PagedAttention
-    # Tensor parallelism (runtime/distributed.py): the sum of a row-parallel layer's
-    # partial outputs over ranks, and logits [N, vocab] from each rank's vocabulary
-    # share; both return their input at world size 1.
-    all_reduce: Callable = lambda partial: partial
-    gather_vocab: Callable = lambda logits: logits
-    # The engine's weights (runtime-layout names) as `linear` reads them: unchanged, or the
-    # quantized ones shuffled into the tensor-core GEMM's layout (kernels/weight_only_mma.py).
-    prepare_weights: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda weights: weights
 
 
 def runs_kernels(build: BuildConfig, device: torch.device) -> bool:
@@ -137,10 +116,10 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
                                lambda *shape: False)
         gated_linear = fused_gated_linear(weight_only_mma.gemm, weight_only_mma.MAX_ROWS,
                                           composed_gated_linear(linear, swiglu))
-        if build.weight_only_precision is not None:  # fp16 weights are read as they are
-            prepare_weights = functools.partial(shuffle_quantized_weights, weight_only_mma.shuffle,
-                                                BITS[build.weight_only_precision])
-    elif build.use_gemm_plugin is not None or build.weight_only_precision is not None:
+        bits = linear_method(build).bits
+        if bits:  # fp16 weights are read as they are
+            prepare_weights = functools.partial(shuffle_quantized_weights, weight_only_mma.shuffle, bits)
+    elif build.use_gemm_plugin is not None or linear_method(build).bits:
         from glm_engine.kernels import dequantize, gemv
 
         linear = kernel_linear(gemv.gemv, dequantize.dequantize, gemv.MAX_ROWS, gemv.cublas_is_faster)
@@ -160,18 +139,19 @@ def uses_mma_gemm(config: ModelConfig, build: BuildConfig, device: torch.device)
     an fp16 engine, int8 or int4 with one scale per channel or unquantized with the GEMM
     plugin, on a GPU it runs on, every decoder linear tiling into it (N % 16, K % 64), and
     its kernels compiled (else the Triton GEMV, with a log line why)."""
-    quantized = build.weight_only_precision is not None
-    if build.dtype != "float16" or build.weight_only_group_size or not (quantized or build.use_gemm_plugin):
+    method = linear_method(build)
+    if build.dtype != "float16" or not method.tensor_core_gemm or not (method.bits or build.use_gemm_plugin):
         return False
     from glm_engine.kernels import weight_only_mma
 
     if not weight_only_mma.runs_on(device):
         return False
-    precision = build.weight_only_precision or "float16"
+    precision = method.name or "float16"
     # The decoder linears (quantized or not) as (n, k, with SwiGLU): decode steps run the up projection only
     # through gated_linear.
     shape_of = weight_shapes(config)
-    linears = {(*shape_of[name], name.endswith(UP_PROJECTION)) for name in quantized_weight_names(config)}
+    up_projection = family(config.model_type).UP_PROJECTION + ".weight"
+    linears = {(*shape_of[name], name.endswith(up_projection)) for name in linear_weight_names(config)}
     shapes = sorted({(n, k) for n, k, _ in linears})
     # (The down projection's K = F tiling by 64 makes the up projection's halves whole 16-output tiles, as its
     # SwiGLU epilogue needs.)
@@ -180,7 +160,7 @@ def uses_mma_gemm(config: ModelConfig, build: BuildConfig, device: torch.device)
                     "the shapes %s do not all tile", precision, shapes)
         return False
     try:
-        weight_only_mma.compile_kernels(device, BITS[precision] if quantized else 16, linears)
+        weight_only_mma.compile_kernels(device, method.bits or 16, linears)
     except Exception as error:  # NVRTC missing or failing on this box: the Triton GEMV still serves
         logger.warning("%s linears on the Triton GEMV: the tensor-core GEMM did not compile (%s)", precision, error)
         return False

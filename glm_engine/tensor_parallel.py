@@ -1,6 +1,7 @@
 """How an engine is split over `world_size` GPUs (Megatron-style tensor parallelism):
 which world sizes a model allows, the shape each rank computes, and each rank's
-slice of the runtime-layout weights.
+slice of the runtime-layout weights. Each family names how each of its tensors is
+cut (its tensor_split); for ChatGLM:
 
 - query_key_value: column-parallel by heads, num_attention_heads / N query heads per
   rank with the K/V groups they use; ChatGLM2 has 2 K/V groups, so past N = 2 each
@@ -22,7 +23,8 @@ import dataclasses
 import torch
 
 from glm_engine import GlmEngineError
-from glm_engine.config import ModelConfig
+from glm_engine.config import ModelConfig, vocab_rows_per_rank
+from glm_engine.models import family
 
 
 def check_world_size(config: ModelConfig, world_size: int, weight_only_precision: str | None = None,
@@ -64,11 +66,6 @@ def rank_model_config(config: ModelConfig, world_size: int) -> ModelConfig:
                                ffn_hidden_size=config.ffn_hidden_size // world_size)
 
 
-def vocab_rows_per_rank(config: ModelConfig, world_size: int) -> int:
-    """Rows of the output layer each rank holds."""
-    return -(-config.vocab_size // world_size)
-
-
 def _qkv_rows(config: ModelConfig, world_size: int, rank: int) -> torch.Tensor:
     """Rows of the fused [query; key; value] projection that rank `rank` holds."""
     head_dim, heads, groups = config.kv_channels, config.num_attention_heads, config.multi_query_group_num
@@ -102,23 +99,22 @@ def _vocab_rows(tensor: torch.Tensor, config: ModelConfig, world_size: int, rank
 
 def split_weights(weights: dict[str, torch.Tensor], config: ModelConfig, world_size: int,
                   rank: int) -> dict[str, torch.Tensor]:
-    """Rank `rank`'s runtime-layout weights (quantized or not) out of the whole model's."""
+    """Rank `rank`'s runtime-layout weights (quantized or not) out of the whole model's,
+    each cut as its family's tensor_split says."""
     if world_size == 1:
         return weights
-    qkv_rows, gate_up_rows = _qkv_rows(config, world_size, rank), _gate_up_rows(config, world_size, rank)
+    split_of = family(config.model_type).tensor_split
+    rows = {"qkv": _qkv_rows(config, world_size, rank), "gate_up": _gate_up_rows(config, world_size, rank)}
     shard = {}
     for name, tensor in weights.items():
-        if name == "output_layer.weight":
+        split = split_of(name)
+        if split == "vocab":
             shard[name] = _vocab_rows(tensor, config, world_size, rank)
-        elif ".query_key_value." in name:
-            shard[name] = tensor.index_select(0, qkv_rows)
-        elif ".dense_h_to_4h." in name:
-            shard[name] = tensor.index_select(0, gate_up_rows)
-        elif name.endswith((".self_attention.dense.weight", ".dense_4h_to_h.weight")) or (
-                name.endswith((".self_attention.dense.weight_scales", ".dense_4h_to_h.weight_scales"))
-                and tensor.dim() == 2):  # scales per group of input columns go with their columns
+        elif split in rows:
+            shard[name] = tensor.index_select(0, rows[split])
+        elif split == "row_parallel" and tensor.dim() == 2:  # per-row tensors (bias, scales) stay whole
             shard[name] = _columns(tensor, world_size, rank)
-        else:  # embedding, norms, the row-parallel layers' per-output-row scales
+        else:  # embedding, norms
             shard[name] = tensor
     return shard
 
@@ -129,22 +125,22 @@ def merge_weights(rank_weights: list[dict[str, torch.Tensor]], config: ModelConf
     world_size = len(rank_weights)
     if world_size == 1:
         return rank_weights[0]
+    split_of = family(config.model_type).tensor_split
     whole = {}
     for name, first in rank_weights[0].items():
         slices = [weights[name] for weights in rank_weights]
-        if name == "output_layer.weight":
+        split = split_of(name)
+        if split == "vocab":
             whole[name] = torch.cat(slices)[:config.vocab_size]
-        elif ".query_key_value." in name or ".dense_h_to_4h." in name:
-            rows = _qkv_rows if ".query_key_value." in name else _gate_up_rows
+        elif split in ("qkv", "gate_up"):
+            rows = _qkv_rows if split == "qkv" else _gate_up_rows
             # Replicated K/V groups are written once per rank holding them, with equal values.
-            size = config.qkv_size if rows is _qkv_rows else 2 * config.ffn_hidden_size
+            size = config.qkv_size if split == "qkv" else 2 * config.ffn_hidden_size
             tensor = first.new_empty((size, *first.shape[1:]))
             for rank, part in enumerate(slices):
                 tensor.index_copy_(0, rows(config, world_size, rank), part)
             whole[name] = tensor
-        elif name.endswith((".self_attention.dense.weight", ".dense_4h_to_h.weight")) or (
-                name.endswith((".self_attention.dense.weight_scales", ".dense_4h_to_h.weight_scales"))
-                and first.dim() == 2):
+        elif split == "row_parallel" and first.dim() == 2:
             whole[name] = torch.cat(slices, dim=1)
         else:
             whole[name] = first

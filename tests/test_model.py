@@ -11,6 +11,7 @@ from transformers import GlmConfig, GlmForCausalLM
 
 import build
 from glm_engine.config import ModelConfig
+from glm_engine.models import read_model_config
 from glm_engine.compare import relative_error
 from glm_engine.kernels import reference
 from glm_engine.attention import StepLayout
@@ -133,9 +134,9 @@ def test_rope_ratio_readings(tiny_checkpoint_factory, tmp_path, mode, rope):
 def test_rope_ratio_mode_defaults():
     base = {"model_type": "chatglm", "num_layers": 1, "hidden_size": 8, "num_attention_heads": 2,
             "kv_channels": 4, "ffn_hidden_size": 8, "padded_vocab_size": 16}
-    assert ModelConfig.from_hf_config({**base, "rope_ratio": 16, "_name_or_path": "THUDM/chatglm2-6b-32k"}) \
+    assert read_model_config({**base, "rope_ratio": 16, "_name_or_path": "THUDM/chatglm2-6b-32k"}) \
         .position_scale == 1 / 16
-    glm3 = ModelConfig.from_hf_config({**base, "rope_ratio": 50, "_name_or_path": "THUDM/chatglm3-6b-32k"})
+    glm3 = read_model_config({**base, "rope_ratio": 50, "_name_or_path": "THUDM/chatglm3-6b-32k"})
     assert (glm3.position_scale, glm3.rotary_base) == (1.0, 500000.0)
 
 

@@ -18,7 +18,8 @@ from conftest import REPO_ROOT, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.layout import engine_tensor_specs
-from glm_engine.quantization import quantize_weights
+from glm_engine.layout import linear_weight_names
+from glm_engine.quantization import WeightOnly, quantize_weights
 from glm_engine.runtime import distributed
 from glm_engine.runtime.distributed import Launch, launch_from_environment, rank_device
 from glm_engine.tensor_parallel import check_world_size, merge_weights, split_weights
@@ -68,7 +69,7 @@ def engines(checkpoint, tmp_path_factory):
 def test_rank_slices_have_the_layout_shapes(world_size, precision):
     weights = dummy_weights(TINY, torch.float32, 0)
     if precision:
-        weights = quantize_weights(weights, TINY, precision)
+        weights = quantize_weights(weights, linear_weight_names(TINY), WeightOnly(precision))
     build = BuildConfig(dtype="float32", world_size=world_size, weight_only_precision=precision)
     specs = engine_tensor_specs(TINY, build)
     for rank in range(world_size):
@@ -82,7 +83,7 @@ def test_merging_the_rank_slices_gives_the_whole_model(world_size, precision):
     """What the Hugging Face reference of a tensor-parallel engine is built from."""
     weights = dummy_weights(TINY, torch.float32, 0)
     if precision:
-        weights = quantize_weights(weights, TINY, precision)
+        weights = quantize_weights(weights, linear_weight_names(TINY), WeightOnly(precision))
     merged = merge_weights([split_weights(weights, TINY, world_size, rank) for rank in range(world_size)], TINY)
     assert merged.keys() == weights.keys()
     assert all(torch.equal(merged[name], weights[name]) for name in weights)
@@ -99,7 +100,8 @@ def test_group_scales_split_with_their_columns(world_size):
 
     config = dataclasses.replace(TINY, ffn_hidden_size=128)  # 64 MLP channels per rank: whole groups
     check_world_size(config, world_size, "int4", 32)
-    weights = quantize_weights(dummy_weights(config, torch.float32, 0), config, "int4", 32)
+    weights = quantize_weights(dummy_weights(config, torch.float32, 0), linear_weight_names(config),
+                               WeightOnly("int4", 32))
     build = BuildConfig(dtype="float32", world_size=world_size, weight_only_precision="int4",
                         weight_only_group_size=32)
     specs = engine_tensor_specs(config, build)

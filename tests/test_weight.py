@@ -13,11 +13,12 @@ from checkpoints import CHECKPOINT_FORMATS
 from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
 from glm_engine.layout import weight_shapes
+from glm_engine.models import read_model_config
 from weight import dummy_weights, load_hf_config, load_hf_weights
 
 
 def model_config(model_dir) -> ModelConfig:
-    return ModelConfig.from_hf_config(load_hf_config(model_dir))
+    return read_model_config(load_hf_config(model_dir))
 
 
 def test_every_checkpoint_layout_gives_the_same_weights(tiny_checkpoint_factory):

@@ -146,7 +146,8 @@ def test_beams_share_their_prompt_blocks(model_dir, tmp_path):
     manager = session.block_manager
     assert manager.num_blocks - manager.free_blocks == 3 + 4
     session.runner.kv_cache.copy_blocks(plan.block_copies)
-    scheduler.postprocess(plan, *session.runner.execute(plan.block_tables, plan.cached, plan.new_tokens))
+    logits, greedy = session.runner.execute(plan.block_tables, plan.cached, plan.new_tokens)
+    scheduler.postprocess(plan, scheduler.sampler.sample(plan, logits, greedy))
     scheduler.release_all()
     assert manager.free_blocks == manager.num_blocks
 

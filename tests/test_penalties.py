@@ -92,7 +92,7 @@ def test_in_flight_with_preemption_mixes_penalized_and_plain_requests(model_dir,
     assert scheduler.preemptions > 0
     assert outputs == [hf_greedy(reference, p, s) for p, s in zip(prompts, samplings)]
     assert session.block_manager.free_blocks == session.block_manager.num_blocks
-    assert sorted(scheduler.history.free) == list(range(scheduler.max_in_flight))
+    assert sorted(scheduler.sampler.history.free) == list(range(scheduler.max_in_flight))
 
 
 def test_penalty_slots_are_given_back(model_dir, tmp_path):
@@ -103,7 +103,7 @@ def test_penalty_slots_are_given_back(model_dir, tmp_path):
                                                                                  repetition_penalty=1.5))
     while scheduler.has_work:
         session.step(scheduler)
-    assert sorted(scheduler.history.free) == list(range(scheduler.max_in_flight))
+    assert sorted(scheduler.sampler.history.free) == list(range(scheduler.max_in_flight))
 
 
 @pytest.mark.parametrize("setting, message", [(dict(repetition_penalty=0.0), "repetition_penalty"),

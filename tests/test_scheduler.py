@@ -9,10 +9,12 @@ import json
 import logging
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 
-from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
+from conftest import REPO_ROOT, TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
 from glm_engine.engine import read_engine_config
 from glm_engine.runtime.sampling import SamplingConfig
@@ -250,3 +252,52 @@ def test_max_tokens_per_step_bounds_the_prompts_admitted_per_step(paged_engine, 
         steps[budget] = json.loads((tmp_path / f"{budget}.json").read_text())["rows"][0]["prefill_steps"]["count"]
     assert steps["1"] == 6  # a prompt over the budget runs alone: one per step
     assert steps["1000"] < 6
+
+
+# Run with torch unimportable: the scheduler plans, records tokens and retires sequences in
+# plain Python (a stand-in sampler takes back the penalty slot; namespaces stand in for
+# SamplingConfig, whose module imports torch).
+WITHOUT_TORCH = """
+import json, sys
+sys.modules["torch"] = None
+from types import SimpleNamespace
+from glm_engine.runtime.block_manager import BlockManager
+from glm_engine.runtime.scheduler import SampledTokens, Scheduler, Sequence
+
+class Slots:
+    given_back = []
+    def give_back(self, slot):
+        self.given_back.append(slot)
+
+def sampling(**options):
+    return SimpleNamespace(**{"end_id": 2, "max_new_tokens": 3, "output_log_probs": False, **options})
+
+manager = BlockManager(16, 4)
+scheduler = Scheduler(manager, 4, tokens_per_step=8, chunked_prefill=True, sampler=Slots())
+scheduler.add(Sequence(0, [5] * 10, sampling(output_log_probs=True), seed=0))
+scheduler.add(Sequence(1, [6] * 3, sampling(), seed=0))
+steps = []
+for tokens in ([9], [7, 2], [8], [9]):
+    plan = scheduler.schedule()
+    for sequence in plan.sequences:
+        if sequence.index == 1:
+            sequence.penalty_slot = 3  # as the sampler gives a penalized sequence
+    result = scheduler.postprocess(plan, SampledTokens(tokens, [-float(t) for t in tokens]))
+    steps.append([plan.reading, result.tokens, result.log_probs, result.finished])
+print(json.dumps({"steps": steps, "slots": Slots.given_back, "free": manager.free_blocks,
+                  "torch": [name for name, module in sys.modules.items() if module and name.startswith("torch")]}))
+"""
+
+
+def test_the_scheduler_runs_without_torch():
+    """A 10-token prompt read in chunks of an 8-token budget, then decoded to its length
+    limit; a second request ends at its end token, its blocks and penalty slot given back."""
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH], cwd=REPO_ROOT, capture_output=True, text=True,
+                            check=True)
+    seen = json.loads(result.stdout)
+    assert seen["torch"] == []
+    assert seen["steps"] == [[[True], [], [], []],
+                             [[False, False], [[0, 7]], [[0, -7.0]], [1]],
+                             [[False], [[0, 8]], [[0, -8.0]], []],
+                             [[False], [[0, 9]], [[0, -9.0]], [0]]]
+    assert seen["slots"] == [3] and seen["free"] == 16

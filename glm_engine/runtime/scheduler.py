@@ -4,26 +4,28 @@ batch limit and the step's token budget allow and plans one packed forward of ev
 running sequence's new tokens (whole prompts of admitted requests, one token of the
 others; with chunked prefill, prompts in chunks that keep the step within its token
 budget, so that running sequences keep decoding while a long prompt is read); once
-the model runner has run it, postprocess chooses each sequence's token and retires
-finished sequences, whose blocks are free for the next step.
+the model runner has run it and the sampler (runtime/sampler.py) has chosen each
+row's token, postprocess records the tokens, applies the end token, length limit and
+stop strings, advances beam requests and retires finished sequences, whose blocks are
+free for the next step.
 When a running sequence needs a block and none is free, the newest running sequence
 is preempted: its blocks are freed and it goes back to the head of the queue with
-its tokens so far, to be recomputed. Pure: it holds the block manager and the
-sequences, never the network."""
+its tokens so far, to be recomputed. Pure bookkeeping in plain Python: it holds the
+block manager and the sequences, never a tensor, and does not import torch."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from glm_engine import GlmEngineError
-from glm_engine.runtime.beam_search import BeamGroup
 from glm_engine.runtime.block_manager import BlockManager
-from glm_engine.runtime.penalties import TokenHistory, apply_penalties, forbid_end
-from glm_engine.runtime.sampling import SamplingConfig, nucleus_logits, sample_rows
-from glm_engine.runtime.stop_words import StopStrings
+
+if TYPE_CHECKING:  # types only: beam_search and sampling import torch
+    from glm_engine.runtime.beam_search import BeamGroup
+    from glm_engine.runtime.sampling import SamplingConfig
+    from glm_engine.runtime.stop_words import StopStrings
 
 DEFAULT_TOKENS_PER_STEP = 16384  # prompt tokens admitted per step (a longer prompt still runs alone); 8192 measured 25% slower
 
@@ -39,7 +41,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V are in the cache
-    penalty_slot: int | None = None  # its row of the TokenHistory, while penalized and running
+    penalty_slot: int | None = None  # its row of the sampler's TokenHistory, while penalized and running
     stop: StopStrings | None = None  # its stop strings, when it has some
     reported: int = 0  # output tokens returned so far (stop strings hold some back)
     log_probs: list[float] = field(default_factory=list)  # of its output tokens, when asked
@@ -78,6 +80,11 @@ class StepPlan:
     sequences: list[Sequence]
     new_tokens: list[list[int]]
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, copy) before the forward
+    reading: list[bool] = field(default_factory=list)  # rows whose step reads a chunk of their prompt: no token yet
+
+    def __post_init__(self) -> None:
+        if not self.reading:
+            self.reading = [False] * len(self.sequences)
 
     @property
     def block_tables(self) -> list[list[int]]:
@@ -98,12 +105,35 @@ class StepResult:
     beams: list[tuple[int, list[tuple[list[int], float]]]] = field(default_factory=list)  # finished beam requests
 
 
+@dataclass
+class SampledTokens:
+    """One step's choices, on the host, row for row of its plan (the sampler's result)."""
+
+    tokens: list[int]  # rows still reading a prompt and beam rows hold their argmax, unused
+    log_probs: list[float] | None = None  # of each row's token, when any row asks
+    beam_parents: dict[BeamGroup, list[int]] = field(default_factory=dict)  # per beam request: each new beam's parent
+
+
+class TokenSampler(Protocol):
+    """What chooses a scheduler's tokens: runtime/sampler.py's Sampler, named here by
+    what Session.step and the scheduler call, so that this module needs no torch."""
+
+    def sample(self, plan: StepPlan, logits: Any, greedy: Any) -> SampledTokens:
+        """Each row's token of a step from its logits and argmax (device tensors)."""
+
+    def give_back(self, slot: int) -> None:
+        """Frees a retired sequence's penalty slot."""
+
+
 class Scheduler:
     """Plans steps of at most `max_in_flight` sequences over the blocks of `block_manager`;
-    knows nothing of the network that runs them."""
+    knows nothing of the network that runs them. `sampler` chooses the tokens of its
+    steps (Session.step runs it); the scheduler only gives it back retired sequences'
+    penalty slots."""
 
     def __init__(self, block_manager: BlockManager, max_in_flight: int,
-                 tokens_per_step: int | None = None, chunked_prefill: bool = False) -> None:
+                 tokens_per_step: int | None = None, chunked_prefill: bool = False,
+                 sampler: TokenSampler | None = None) -> None:
         """`tokens_per_step`: the prompt tokens admitted per step (a longer prompt runs
         alone), or with `chunked_prefill` the step's whole budget, decode tokens included:
         prompts are read in chunks that fill what the decoding sequences leave."""
@@ -117,7 +147,7 @@ class Scheduler:
         self.waiting: deque[list[Sequence]] = deque()  # a request's sequences: one, or its beams
         self.running: list[Sequence] = []
         self.preemptions = 0
-        self.history: TokenHistory | None = None  # made on the first penalized step, on the logits' device
+        self.sampler = sampler
 
     def fits(self, tokens: int, copies: int = 1) -> bool:
         """Whether `copies` sequences of `tokens` tokens can ever hold their blocks."""
@@ -164,7 +194,7 @@ class Scheduler:
         """Frees a sequence's blocks and penalty slot (it finished, was preempted or dropped)."""
         self.block_manager.release(sequence.block_table)
         if sequence.penalty_slot is not None:
-            self.history.give_back(sequence.penalty_slot)
+            self.sampler.give_back(sequence.penalty_slot)
             sequence.penalty_slot = None
 
     def _preempt_newest(self) -> Sequence:
@@ -209,9 +239,11 @@ class Scheduler:
         copies = self._reserve_decode_slots()
         if not self.running:
             raise GlmEngineError("no request fits the KV cache pool")  # callers check fits() first
-        new_tokens = self._chunks() if self.chunked_prefill else [sequence.uncached_tokens()
-                                                                    for sequence in self.running]
-        return StepPlan(list(self.running), new_tokens, copies)
+        if not self.chunked_prefill:
+            return StepPlan(list(self.running), [sequence.uncached_tokens() for sequence in self.running], copies)
+        new_tokens = self._chunks()  # only chunked steps cut prompts
+        reading = [sequence.cached + len(fed) < sequence.length for sequence, fed in zip(self.running, new_tokens)]
+        return StepPlan(list(self.running), new_tokens, copies, reading)
 
     def _chunks(self) -> list[list[int]]:
         """Each running sequence's tokens for a chunked step, in admission order: decoding
@@ -227,33 +259,30 @@ class Scheduler:
             chunks.append(tokens)
         return chunks
 
-    def postprocess(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor) -> StepResult:
-        """Chooses each sequence's next token from the step's float32 logits [B, vocab] and
-        `greedy` argmax (_choose), records it and retires the finished sequences, whose
-        blocks are free at once. `plan` is the running list schedule() returned. One pass
-        over the sequences: at hundreds in flight this bookkeeping is part of every step."""
-        # Rows whose step read a chunk of their prompt (only chunked steps cut prompts).
-        reading = [sequence.cached + len(fed) < sequence.length for sequence, fed in
-                   zip(plan.sequences, plan.new_tokens)] if self.chunked_prefill else [False] * len(plan.sequences)
-        chosen, log_probs = self._choose(plan, logits, greedy, reading)
+    def postprocess(self, plan: StepPlan, sampled: SampledTokens) -> StepResult:
+        """Records each sequence's token chosen by the sampler, applies the end token, the
+        length limit and stop strings, advances beam requests and retires the finished
+        sequences, whose blocks are free at once. `plan` is the running list schedule()
+        returned. One pass over the sequences: at hundreds in flight this bookkeeping is
+        part of every step."""
         result = StepResult([], [], len(plan.sequences), sum(map(len, plan.new_tokens)))
-        still_running: list[Sequence | BeamGroup] = []
+        still_running: list[Sequence] = []  # a beam request's first beam stands for all its beams
         for row, (sequence, fed) in enumerate(zip(plan.sequences, plan.new_tokens, strict=True)):
             sequence.cached += len(fed)
-            if reading[row]:  # a chunk of its prompt: no token yet
+            if plan.reading[row]:  # a chunk of its prompt: no token yet
                 still_running.append(sequence)
                 continue
             if sequence.group is not None:  # beams advance together, below
                 if sequence is sequence.group.sequences[0]:
-                    still_running.append(sequence.group)
+                    still_running.append(sequence)
                 continue
             sampling = sequence.sampling
-            token = chosen[row]
+            token = sampled.tokens[row]
             done = token == sampling.end_id
             if not done:
                 sequence.output.append(token)
                 if sampling.output_log_probs:
-                    sequence.log_probs.append(log_probs[row])
+                    sequence.log_probs.append(sampled.log_probs[row])
                 done = len(sequence.output) >= sampling.max_new_tokens
             done = self._report(sequence, done, result)
             if done:
@@ -262,19 +291,20 @@ class Scheduler:
             else:
                 still_running.append(sequence)
         self.running = []
-        for entry in still_running:
-            if isinstance(entry, BeamGroup):
-                self._advance_beams(entry, plan, logits, result)
-                entry = entry.sequences
-            self.running += entry if isinstance(entry, list) else [entry]
+        for sequence in still_running:
+            group = sequence.group  # none while reading: a beam request reads its prompt whole
+            if group is None:
+                self.running.append(sequence)
+                continue
+            self._advance_beams(group, sampled.beam_parents[group], result)
+            self.running += group.sequences
         return result
 
-    def _advance_beams(self, group: BeamGroup, plan: StepPlan, logits: torch.Tensor, result: StepResult) -> None:
-        """One beam-search step of a beam request from its rows' logits: its running beams
-        become the continuations chosen, each a table sharing its parent's blocks; once the
-        search is done, its blocks are freed and its best beams reported."""
-        rows = [row for row, sequence in enumerate(plan.sequences) if sequence.group is group]
-        parents = group.search.step(logits[torch.tensor(rows, device=logits.device)].log_softmax(dim=-1))
+    def _advance_beams(self, group: BeamGroup, parents: list[int], result: StepResult) -> None:
+        """A beam request after its search's step (the sampler's): its running beams become
+        the continuations chosen, each a table sharing its parent's blocks (`parents`: for
+        each, the beam it continues); once the search is done, its blocks are freed and its
+        best beams reported."""
         old = group.sequences
         if group.search.done:
             for sequence in old:
@@ -311,66 +341,6 @@ class Scheduler:
             result.log_probs += [(sequence.index, value) for value in sequence.log_probs[sequence.reported:count]]
         sequence.reported = count
         return done
-
-    def _choose(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor,
-                reading: list[bool]) -> tuple[list[int], list[float] | None]:
-        """Each row's token, and its log-probability when any row asks for them, each kind
-        of row all at once: plain greedy rows keep `greedy`; rows with penalties, bad words
-        or a minimum length get their logits adjusted (then the argmax when greedy);
-        sampled rows are drawn from their requests' seeds (runtime/sampling.py). Rows still
-        `reading` their prompts keep `greedy`, unused."""
-        sequences = plan.sequences
-        adjusted = [row for row, sequence in enumerate(sequences)
-                    if sequence.sampling.changes_logits and not reading[row]]
-        if adjusted:
-            logits, greedy = self._adjust(sequences, logits, greedy, adjusted)
-        sampled = [row for row, sequence in enumerate(sequences) if not sequence.sampling.greedy and not reading[row]]
-        if sampled:
-            index = torch.tensor(sampled, device=logits.device)
-            rows = [sequences[row] for row in sampled]
-            samplings = [sequence.sampling for sequence in rows]
-            tokens = sample_rows(logits[index], samplings, [sequence.seed for sequence in rows],
-                                 [len(sequence.output) for sequence in rows])
-            greedy = greedy.index_copy(0, index, tokens.to(greedy.dtype))
-        wants_log_probs = any(sequence.sampling.output_log_probs for sequence in sequences)
-        if wants_log_probs and sampled:  # the distributions the tokens came from
-            logits = logits.index_copy(0, index, nucleus_logits(logits[index], samplings))
-        log_probs = logits.log_softmax(dim=-1).gather(1, greedy[:, None])[:, 0].tolist() if wants_log_probs else None
-        chosen = greedy.tolist()  # one device-to-host copy for the whole step
-        if adjusted:
-            device = logits.device
-            self.history.record(torch.tensor([sequences[row].penalty_slot for row in adjusted], device=device),
-                                torch.tensor([chosen[row] for row in adjusted], device=device))
-        return chosen, log_probs
-
-    def _adjust(self, sequences: list[Sequence], logits: torch.Tensor, greedy: torch.Tensor,
-                rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's logits and argmax with the given rows' penalties, bad words and minimum
-        lengths applied (runtime/penalties.py), in a few batched ops."""
-        if self.history is None:
-            self.history = TokenHistory(self.max_in_flight, logits.shape[1], logits.device)
-        chosen = [sequences[row] for row in rows]
-        for sequence in chosen:
-            if sequence.penalty_slot is None:
-                sequence.penalty_slot = self.history.take(sequence.prompt, sequence.output)
-        device = logits.device
-        as_tensor = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
-        samplings = [sequence.sampling for sequence in chosen]
-        index = as_tensor(rows, torch.long)
-        adjusted = apply_penalties(logits[index], self.history,
-                                   as_tensor([sequence.penalty_slot for sequence in chosen], torch.long),
-                                   as_tensor([s.repetition_penalty for s in samplings]),
-                                   as_tensor([s.presence_penalty for s in samplings]),
-                                   as_tensor([s.frequency_penalty for s in samplings]))
-        banned = [(i, word[-1]) for i, sequence in enumerate(chosen) for word in sequence.sampling.bad_words
-                  if sequence.ends_with(word[:-1])]
-        if banned:
-            adjusted[as_tensor([i for i, _ in banned], torch.long), as_tensor([t for _, t in banned], torch.long)] = \
-                float("-inf")
-        too_short = [i for i, sequence in enumerate(chosen)
-                     if len(sequence.output) < sequence.sampling.min_length and sequence.sampling.end_id >= 0]
-        adjusted = forbid_end(adjusted, too_short, [chosen[i].sampling.end_id for i in too_short])
-        return logits.index_copy(0, index, adjusted), greedy.index_copy(0, index, adjusted.argmax(dim=-1))
 
     def abort(self, index: int) -> None:
         """Drops request `index` wherever it is (queued, or running with all its beams):

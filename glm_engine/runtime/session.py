@@ -1,4 +1,4 @@
-"""The generation session: the engine loop over a model runner and a scheduler.
+"""The generation session: the engine loop over a model runner, a sampler and a scheduler.
 It loads an engine, chooses its ops, has the caller's network builder build the
 network (model.py's, handed in by model.load_session: the library never imports
 the network), sizes the KV pool, checks requests against the engine's limits, and
@@ -30,6 +30,7 @@ from glm_engine.runtime.block_manager import BlockManager
 from glm_engine.runtime.distributed import Launch, TensorParallel, launch_from_environment, rank_device
 from glm_engine.runtime.model_runner import ModelRunner
 from glm_engine.runtime.kv_cache import pool_blocks
+from glm_engine.runtime.sampler import Sampler
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.scheduler import Scheduler, Sequence, StepResult
 from glm_engine.runtime.stop_words import StopStrings
@@ -164,10 +165,11 @@ class Session:
     def new_scheduler(self, max_in_flight: int | None = None, tokens_per_step: int | None = None,
                       chunked_prefill: bool = False) -> Scheduler:
         """A scheduler over this session's KV pool: at most `max_in_flight` sequences per
-        step (default and ceiling: max_batch_size), `tokens_per_step` tokens (Scheduler's)."""
+        step (default and ceiling: max_batch_size), `tokens_per_step` tokens (Scheduler's),
+        with the sampler that chooses its steps' tokens."""
         ceiling = self.build_config.max_batch_size
-        return Scheduler(self.block_manager, ceiling if max_in_flight is None else min(max_in_flight, ceiling),
-                         tokens_per_step, chunked_prefill)
+        max_in_flight = ceiling if max_in_flight is None else min(max_in_flight, ceiling)
+        return Scheduler(self.block_manager, max_in_flight, tokens_per_step, chunked_prefill, Sampler(max_in_flight))
 
     def submit(self, scheduler: Scheduler, index: int, prompt: list[int], sampling: SamplingConfig) -> None:
         """Queues request `index`; refuses one the engine or the KV pool can never hold."""
@@ -208,12 +210,14 @@ class Session:
 
     @torch.inference_mode()
     def step(self, scheduler: Scheduler) -> StepResult:
-        """One planned step: the runner's forward, then each sequence's next token and retirement."""
+        """One planned step: the runner's forward, the sampler's tokens, then the scheduler's
+        bookkeeping (each sequence's token recorded, finished ones retired)."""
         plan = scheduler.schedule()
         if plan.block_copies:  # beams about to write into blocks they shared
             self.runner.kv_cache.copy_blocks(plan.block_copies)
         logits, greedy = self.runner.execute(plan.block_tables, plan.cached, plan.new_tokens)
-        return scheduler.postprocess(plan, logits, greedy)
+        sampled = scheduler.sampler.sample(plan, logits, greedy)
+        return scheduler.postprocess(plan, sampled)
 
     @torch.inference_mode()
     def prompt_logits(self, prompt: list[int]) -> torch.Tensor:

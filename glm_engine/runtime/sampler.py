@@ -1,0 +1,116 @@
+"""Token choice beside the model runner: from one step's float32 logits [B, vocab] and
+their argmax, every row's token chosen on the logits' device, each kind of row all at
+once. Plain greedy rows keep the argmax; rows with penalties, bad words or a minimum
+length get their logits adjusted in a few batched ops (runtime/penalties.py, whose
+TokenHistory the sampler owns) and, when greedy, the adjusted argmax; sampled rows
+are drawn from their requests' seeds and output lengths (runtime/sampling.py). When
+any row asks, each row's log-probability under the distribution its token came from
+(the nucleus for sampled rows). A beam request's rows give their log-softmax to its
+BeamSearch, whose parents the scheduler turns into block tables. The result,
+SampledTokens (runtime/scheduler.py), is plain Python: the step's tokens and
+log-probs reach the host in one read; beam search reads its candidates itself."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from glm_engine.runtime.penalties import TokenHistory, apply_penalties, forbid_end
+from glm_engine.runtime.sampling import nucleus_logits, sample_rows
+from glm_engine.runtime.scheduler import SampledTokens, Sequence, StepPlan
+
+if TYPE_CHECKING:
+    from glm_engine.runtime.beam_search import BeamGroup
+
+
+class Sampler:
+    """Chooses the tokens of one scheduler's steps; holds the penalty tables of up to
+    `slots` penalized sequences (made on the first penalized step, on its device)."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.history: TokenHistory | None = None
+
+    def give_back(self, slot: int) -> None:
+        """Frees a retired sequence's penalty slot."""
+        self.history.give_back(slot)
+
+    def sample(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor) -> SampledTokens:
+        """Each row's token of a step from its float32 `logits` [B, vocab] and `greedy`
+        argmax [B], with log-probs when any row asks and each beam request's parents."""
+        sequences, reading = plan.sequences, plan.reading
+        chosen_logits = logits
+        adjusted = [row for row, sequence in enumerate(sequences)
+                    if sequence.sampling.changes_logits and not reading[row]]
+        if adjusted:
+            chosen_logits, greedy = self._adjust(sequences, chosen_logits, greedy, adjusted)
+        wants_log_probs = any(sequence.sampling.output_log_probs for sequence in sequences)
+        drawn = [row for row, sequence in enumerate(sequences) if not sequence.sampling.greedy and not reading[row]]
+        if drawn:
+            chosen_logits, greedy = self._draw(sequences, chosen_logits, greedy, drawn, wants_log_probs)
+        if adjusted:  # on the device: the counts need no read of the tokens
+            slots = torch.tensor([sequences[row].penalty_slot for row in adjusted], device=logits.device)
+            self.history.record(slots, greedy[torch.tensor(adjusted, device=logits.device)].long())
+        parents = self._beam_parents(plan, logits)
+        if not wants_log_probs:
+            return SampledTokens(greedy.tolist(), None, parents)  # the step's one read
+        log_probs = chosen_logits.log_softmax(dim=-1).gather(1, greedy[:, None].long())[:, 0]
+        # Token ids below 2**53 and float32 log-probs are exact in float64: one read for both.
+        tokens, values = torch.stack([greedy.double(), log_probs.double()]).tolist()
+        return SampledTokens([int(token) for token in tokens], values, parents)
+
+    def _adjust(self, sequences: list[Sequence], logits: torch.Tensor, greedy: torch.Tensor,
+                rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's logits and argmax with the given rows' penalties, bad words and minimum
+        lengths applied (runtime/penalties.py), in a few batched ops."""
+        if self.history is None:
+            self.history = TokenHistory(self.slots, logits.shape[1], logits.device)
+        chosen = [sequences[row] for row in rows]
+        for sequence in chosen:
+            if sequence.penalty_slot is None:
+                sequence.penalty_slot = self.history.take(sequence.prompt, sequence.output)
+        device = logits.device
+        as_tensor = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        samplings = [sequence.sampling for sequence in chosen]
+        index = as_tensor(rows, torch.long)
+        adjusted = apply_penalties(logits[index], self.history,
+                                   as_tensor([sequence.penalty_slot for sequence in chosen], torch.long),
+                                   as_tensor([s.repetition_penalty for s in samplings]),
+                                   as_tensor([s.presence_penalty for s in samplings]),
+                                   as_tensor([s.frequency_penalty for s in samplings]))
+        banned = [(i, word[-1]) for i, sequence in enumerate(chosen) for word in sequence.sampling.bad_words
+                  if sequence.ends_with(word[:-1])]
+        if banned:
+            adjusted[as_tensor([i for i, _ in banned], torch.long), as_tensor([t for _, t in banned], torch.long)] = \
+                float("-inf")
+        too_short = [i for i, sequence in enumerate(chosen)
+                     if len(sequence.output) < sequence.sampling.min_length and sequence.sampling.end_id >= 0]
+        adjusted = forbid_end(adjusted, too_short, [chosen[i].sampling.end_id for i in too_short])
+        return logits.index_copy(0, index, adjusted), greedy.index_copy(0, index, adjusted.argmax(dim=-1))
+
+    @staticmethod
+    def _draw(sequences: list[Sequence], logits: torch.Tensor, greedy: torch.Tensor, rows: list[int],
+              wants_log_probs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The argmax with the given rows' tokens drawn from their seeds; with log-probs
+        wanted, the logits with those rows' nucleus distributions (what they were drawn from)."""
+        index = torch.tensor(rows, device=logits.device)
+        drawn = [sequences[row] for row in rows]
+        samplings = [sequence.sampling for sequence in drawn]
+        tokens = sample_rows(logits[index], samplings, [sequence.seed for sequence in drawn],
+                             [len(sequence.output) for sequence in drawn])
+        greedy = greedy.index_copy(0, index, tokens.to(greedy.dtype))
+        if wants_log_probs:
+            logits = logits.index_copy(0, index, nucleus_logits(logits[index], samplings))
+        return logits, greedy
+
+    @staticmethod
+    def _beam_parents(plan: StepPlan, logits: torch.Tensor) -> dict[BeamGroup, list[int]]:
+        """One search step of each beam request that reads its running beams' log-softmax:
+        for each new running beam, the index of the beam it continues."""
+        rows: dict[BeamGroup, list[int]] = {}
+        for row, sequence in enumerate(plan.sequences):
+            if sequence.group is not None and not plan.reading[row]:
+                rows.setdefault(sequence.group, []).append(row)
+        return {group: group.search.step(logits[torch.tensor(group_rows, device=logits.device)].log_softmax(dim=-1))
+                for group, group_rows in rows.items()}

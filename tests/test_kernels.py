@@ -4,6 +4,7 @@ kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest)."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -279,25 +280,27 @@ def test_gemv_half2_refuses_what_it_cannot_run():
 
 
 def test_gemv_choices_follow_the_h100_measurements():
-    """The tuned choices of docs/PERFORMANCE.md: cuBLAS for fp16 qkv-shaped weights (N > K,
-    under 20M weights) at 2-16 rows and nowhere else; at two rows tl.dot on the large fp16
-    matrices and on int8, FMA in 8-column blocks on the small fp16 and int4 ones."""
-    config, faster = gemv_module.GemvConfig, gemv_module.cublas_is_faster
+    """The tuned choices of docs/PERFORMANCE.md (launch_configs.json's sm_90 entries): cuBLAS
+    for fp16 qkv-shaped weights at 2-16 rows and nowhere else; at two rows tl.dot on the
+    large fp16 matrices and on int8, FMA in 8-column blocks on the small fp16 and int4 ones."""
+    config = gemv_module.GemvConfig
+    faster = functools.partial(gemv_module.cublas_is_faster, arch="sm_90")
+    default_config = functools.partial(gemv_module.default_config, arch="sm_90")
     assert all(faster(rows, 4608, 4096, 0) for rows in (2, 4, 8, 16))
     assert not faster(1, 4608, 4096, 0) and not faster(17, 4608, 4096, 0)
     assert not any(faster(8, n, k, 0) for n, k in [(4096, 4096), (27392, 4096), (4096, 13696)])
     assert not any(faster(8, 4608, 4096, bits) for bits in (8, 4))
-    assert gemv_module.default_config(2, 4096, 13696, 0) == config(32, 512, 1, use_dot=True)
-    assert gemv_module.default_config(2, 4096, 4096, 0) == config(8, 512, 1, use_dot=False)
-    assert gemv_module.default_config(2, 4608, 4096, 8) == config(32, 256, 4, use_dot=True)
-    assert gemv_module.default_config(2, 4096, 4096, 4) == config(8, 512, 1, use_dot=False)
-    assert gemv_module.default_config(1, 4096, 13696, 0) == config(4, 512, 1, use_dot=False)
+    assert default_config(2, 4096, 13696, 0) == config(32, 512, 1, use_dot=True)
+    assert default_config(2, 4096, 4096, 0) == config(8, 512, 1, use_dot=False)
+    assert default_config(2, 4608, 4096, 8) == config(32, 256, 4, use_dot=True)
+    assert default_config(2, 4096, 4096, 4) == config(8, 512, 1, use_dot=False)
+    assert default_config(1, 4096, 13696, 0) == config(4, 512, 1, use_dot=False)
     # Group scales (int4 g128): half2 in 4-column blocks with K split 2 on up; K split 4 on tl.dot but on up.
-    assert gemv_module.default_config(1, 27392, 4096, 4, True) == config(32, 512, 1, False, half2=True)
-    assert gemv_module.default_config(1, 27392, 4096, 4, True, grouped=True) == config(4, 1024, 2, False, half2=True)
-    assert gemv_module.default_config(8, 4096, 13696, 4) == config(32, 256, 2, use_dot=True)
-    assert gemv_module.default_config(8, 4096, 13696, 4, grouped=True) == config(32, 256, 4, use_dot=True)
-    assert gemv_module.default_config(8, 27392, 4096, 4, grouped=True) == config(32, 256, 2, use_dot=True)
+    assert default_config(1, 27392, 4096, 4, True) == config(32, 512, 1, False, half2=True)
+    assert default_config(1, 27392, 4096, 4, True, grouped=True) == config(4, 1024, 2, False, half2=True)
+    assert default_config(8, 4096, 13696, 4) == config(32, 256, 2, use_dot=True)
+    assert default_config(8, 4096, 13696, 4, grouped=True) == config(32, 256, 4, use_dot=True)
+    assert default_config(8, 27392, 4096, 4, grouped=True) == config(32, 256, 2, use_dot=True)
 
 
 import glm_engine.kernels.dequantize as dequantize_module  # noqa: E402

@@ -10,7 +10,7 @@ import torch.utils.deterministic
 
 from glm_engine.compare import relative_error
 from glm_engine.config import BuildConfig, ModelConfig
-from glm_engine.kernels import reference, weight_only_mma
+from glm_engine.kernels import launch_configs, reference, weight_only_mma
 from glm_engine.ops import select_ops, shuffle_quantized_weights, uses_mma_gemm
 from glm_engine.quantization import quantize_symmetric
 
@@ -63,10 +63,15 @@ def test_shuffle_puts_each_lanes_fragment_in_its_words(bits):
 
 def test_launch_configs_are_all_listed():
     """LAUNCH_CONFIGS, which the GPU tests run one by one, holds every config launch_config
-    picks (ChatGLM2-6B's shapes, its halves at two ranks, small ones; every width)."""
-    chosen = {weight_only_mma.launch_config(n, k, bits, swiglu)
-              for n in (16, 64, 2304, 4096, 4608, 13696, 27392) for k in (64, 2048, 4096, 6848, 13696)
-              for bits in (4, 8, 16) for swiglu in (False, True) if not swiglu or n % 32 == 0}
+    picks (ChatGLM2-6B's shapes, its halves at two ranks, small ones, the table's shapes;
+    every width; every architecture of the launch table, and one it does not know)."""
+    archs = [*launch_configs.table()["weight_only_mma"], "sm_00"]
+    table_shapes = {(entry["n"], entry["k"]) for entries in launch_configs.table()["weight_only_mma"].values()
+                    for entry in entries if "n" in entry}
+    shapes = {(n, k) for n in (16, 64, 2304, 4096, 4608, 13696, 27392) for k in (64, 2048, 4096, 6848, 13696)}
+    chosen = {weight_only_mma.launch_config(n, k, bits, swiglu, arch)
+              for n, k in shapes | table_shapes for bits in (4, 8, 16) for swiglu in (False, True)
+              for arch in archs if not swiglu or n % 32 == 0}
     assert chosen == set(weight_only_mma.LAUNCH_CONFIGS)
 
 

@@ -11,7 +11,9 @@ partial sums and a second kernel adds them (no atomics: results do not depend
 on the order programs finish). Splitting K gives small matrices enough
 programs to keep every SM streaming. For one or two rows the products can be
 plain FMAs on CUDA cores (no tensor-core layout shuffles); otherwise tl.dot on
-rows padded to 16. `default_config` holds the measured choice per shape.
+rows padded to 16. `default_config` takes the choice per GPU architecture and shape
+from launch_configs.json (launch_configs.py), which benchmarks/tune_gemv.py writes from
+its measurements; `cublas_is_faster` the shapes where cuBLAS beat every choice.
 
 int4 packing: byte k//2 of a row holds weight k (even k) in its low nibble and
 weight k+1 in its high nibble, as two's-complement 4-bit values. Read as
@@ -32,12 +34,14 @@ Reference: `reference.linear` on the dequantized weight."""
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from glm_engine.kernels import launch_configs
 from glm_engine.kernels.launch import compiled, dependent_launch, wait_for_previous_kernel
 from glm_engine.kernels.reference import scale_group_size
 
@@ -90,9 +94,9 @@ def _unpack_float32(words, word_scales, BLOCK_N: tl.constexpr, BLOCK_K: tl.const
     """[BLOCK_N, BLOCK_K] float32 integer values (unscaled) of `_load_words`'s words. A value
     v is turned into a float with bit operations: v + 2^(QUANT-1) (v's sign bit flipped) set
     as the low mantissa bits of 2^23, minus 2^23 + 2^(QUANT-1), with no integer-to-float
-    conversion. On the H100 the FMA path measured 0-14% faster per shape with it than
-    sign-extending and converting; tl.dot's fp16 operands 32-56% slower, so tl.dot keeps
-    `_load_weight_tile` (docs/PERFORMANCE.md, "Decode kernels"). With GROUP, each value is
+    conversion. On the H100 the FMA path measured faster with it than sign-extending and
+    converting, tl.dot's fp16 operands slower, so tl.dot keeps `_load_weight_tile`
+    (docs/PERFORMANCE.md, "Decode kernels"). With GROUP, each value is
     multiplied by its word's scale (`word_scales`, ignored otherwise)."""
     PER_WORD: tl.constexpr = 32 // QUANT
     shifts = tl.arange(0, PER_WORD) * QUANT
@@ -213,7 +217,7 @@ def _word_scales(weight_scales, columns, column_ok, word_ids, K: tl.constexpr, G
     """[BLOCK_N, words] float32: the scale of each int32 word of quantized weights, with one scale
     per GROUP input channels ([N, K / GROUP] scales; GROUP >= 32, so a word lies in one group).
     Loaded in the words' own layout, one load per word (neighbours share an address, served
-    by L1): a load per weight measured 6x slower on the H100."""
+    by L1): a load per weight measured several times slower on the H100."""
     return tl.load(weight_scales + columns[:, None] * (K // GROUP) + (word_ids * PER_WORD // GROUP)[None, :],
                    mask=column_ok[:, None] & (word_ids < K // PER_WORD)[None, :], other=0.0).to(tl.float32)
 
@@ -237,7 +241,7 @@ def _quantized_fma(x, weight, weight_scales, columns, column_ok, split, row_ids,
     unscaled with per-channel scales (the caller applies them), scaled with group scales.
     The next block's words and inputs are loaded before this block is unpacked: the
     unpacking waits on a shared-memory exchange (the reshape), and without the prefetch
-    every block would wait out a whole memory latency (H100: int4 up 43.3 -> 37.3 us)."""
+    every block would wait out a whole memory latency."""
     PER_WORD: tl.constexpr = 32 // QUANT
     first = split * K_PER_SPLIT
     end = first + K_PER_SPLIT
@@ -329,40 +333,57 @@ def _epilogue_kernel(partial, weight_scales, bias, out, total, N: tl.constexpr, 
     tl.store(out + index, acc.to(out.dtype.element_ty), mask=ok)
 
 
+_PATHS = ("fma", "dot", "half2")  # a choice's "path" in launch_configs.json
+
+
+def config_from_choice(choice: dict) -> GemvConfig:
+    """The GemvConfig of a launch_configs.json choice."""
+    if choice["path"] not in _PATHS:
+        raise ValueError(f"a gemv choice's path is one of {_PATHS}, got {choice['path']!r}")
+    return GemvConfig(choice["block_n"], choice["block_k"], choice["split_k"], use_dot=choice["path"] == "dot",
+                      num_warps=choice["num_warps"], num_stages=choice["num_stages"], half2=choice["path"] == "half2")
+
+
+def choice_of(config: GemvConfig, cublas: bool = False) -> dict:
+    """`config` as a launch_configs.json choice; `cublas`: cuBLAS beat it (the op table then takes cuBLAS)."""
+    path = "half2" if config.half2 else "dot" if config.use_dot else "fma"
+    choice = {"block_n": config.block_n, "block_k": config.block_k, "split_k": config.split_k, "path": path,
+              "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return {**choice, "cublas": True} if cublas else choice
+
+
+@functools.cache
+def _tuned(arch: str, rows: int, n: int, k: int, quant_bits: int, half2: bool, grouped: bool) -> dict:
+    return launch_configs.choice("gemv", arch, rows, n=n, k=k, bits=quant_bits, grouped=grouped, half2=half2)
+
+
 def default_config(rows: int, n: int, k: int, quant_bits: int, half2_ok: bool = False,
-                   grouped: bool = False) -> GemvConfig:
-    """The fastest choice of benchmarks/tune_gemv.py on an H100 (timed inside CUDA graphs,
-    weights streamed from HBM; docs/PERFORMANCE.md): at one fp16 row on a GPU, the half2
-    path on every quantized matrix (`half2_ok`; int4 in 32-column blocks on the largest
-    matrices, 4 where K exceeds N; with group scales (`grouped`) 4-column blocks and K
-    split 2 on the largest); otherwise at one row FMA on int4 and on the smaller int8
-    matrices, and FMA on fp16 weights; at two rows FMA on the small fp16 and int4
-    matrices; tl.dot elsewhere, with K split 4 (int8, and grouped int4 but the largest
-    matrices) or 2 (int4) on quantized weights. (Feeding int4's nibbles to two half-K
-    products instead of interleaving them measured slower: 0.5 vs 1.2 TB/s.)"""
-    whole_words = quant_bits == 0 or k % (32 // quant_bits) == 0  # the quantized FMA path reads int32 words
-    largest = n * k >= 60_000_000  # ChatGLM2-6B's up projection
-    if rows == 1 and quant_bits and whole_words and half2_ok:
-        if quant_bits == 4 and largest:
-            return GemvConfig(4, 1024, 2, use_dot=False, half2=True) if grouped else \
-                GemvConfig(32, 512, 1, use_dot=False, half2=True)
-        return GemvConfig(8 if quant_bits == 4 and k <= n else 4, 1024, 1, use_dot=False, half2=True)
-    if rows == 1 and quant_bits and whole_words and (quant_bits == 4 or not largest):
-        return GemvConfig(8, 512, 1, use_dot=False)
-    if rows == 1 and quant_bits == 0:
-        return GemvConfig(4, 512, 1, use_dot=False)
-    if rows == 2 and whole_words and quant_bits != 8 and n * k < 20_000_000:
-        return GemvConfig(8, 512, 1, use_dot=False)
-    if quant_bits == 0:
-        return GemvConfig(32, 512, 1, use_dot=True)
-    return GemvConfig(32, 256, 4 if quant_bits == 8 or (grouped and not largest) else 2, use_dot=True)
+                   grouped: bool = False, arch: str | None = None) -> GemvConfig:
+    """The tuned choice for `rows` rows on an [n, k] weight of `quant_bits` (0: unquantized)
+    on `arch` (None: the current GPU's; off the GPU the table's default): launch_configs.json's
+    entry for the architecture and shape, else its default (launch_configs.py).
+    `half2_ok`: one fp16 row on quantized weights on a GPU, kernels compiled (the half2
+    path may run); `grouped`: scales per group of input channels. Where K is no whole
+    number of int32 words of quantized weights, the FMA and half2 paths cannot read them:
+    the tl.dot choice of MAX_ROWS rows serves."""
+    arch = arch or launch_configs.architecture()
+    whole_words = quant_bits == 0 or k % (32 // quant_bits) == 0
+    half2 = half2_ok and rows == 1 and quant_bits != 0 and whole_words
+    grouped = grouped and quant_bits != 0
+    config = config_from_choice(_tuned(arch, rows, n, k, quant_bits, half2, grouped))
+    if not config.use_dot and not whole_words:
+        config = config_from_choice(_tuned(arch, MAX_ROWS, n, k, quant_bits, False, grouped))
+    return config
 
 
-def cublas_is_faster(rows: int, n: int, k: int, quant_bits: int) -> bool:
-    """Where cuBLAS beat every config of this kernel on an H100 (benchmarks/tune_gemv.py,
-    docs/PERFORMANCE.md): unquantized weights at 2-16 rows with N > K and under 20M
-    weights (ChatGLM2-6B's qkv: 15.5-16.1 us against 15.9-16.4 at best)."""
-    return quant_bits == 0 and 2 <= rows <= MAX_ROWS and n > k and n * k < 20_000_000
+def cublas_is_faster(rows: int, n: int, k: int, quant_bits: int, arch: str | None = None) -> bool:
+    """Whether cuBLAS beat every config of this kernel for `rows` rows on an [n, k] weight of
+    `quant_bits` on `arch` (None: the current GPU's): the "cublas" mark of the tuned choice
+    (launch_configs.json). Never above MAX_ROWS rows, which this kernel does not take."""
+    if rows > MAX_ROWS:
+        return False
+    choice = _tuned(arch or launch_configs.architecture(), rows, n, k, quant_bits, False, False)
+    return choice.get("cublas", False)
 
 
 _COMPILED = compiled(_gemv_kernel)
@@ -387,7 +408,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if rows > MAX_ROWS:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {rows}")
     group = scale_group_size(weight_scales, k) if weight_scales is not None else 0
-    config = config or default_config(rows, n, k, quant_bits, _half2_possible(x, quant_bits), grouped=group > 0)
+    config = config or default_config(rows, n, k, quant_bits, _half2_possible(x, quant_bits), grouped=group > 0,
+                                      arch=launch_configs.architecture(x.device))
     if quant_bits and not config.use_dot and k % (32 // quant_bits):
         raise ValueError(f"the FMA and half2 paths read int{quant_bits} weights as int32 words: K must be a multiple "
                          f"of {32 // quant_bits}, got {k}")

@@ -26,8 +26,10 @@ pieces its A fragments, so cuBLAS (prefill) and this kernel share one copy; the 
 takes it for fp16 engines built with the GEMM plugin (H100: 143 against the Triton
 GEMV's 147 us a layer at one row). `gemm(..., swiglu=True)` computes the fused up
 projection's silu(gate) * up in the same kernel: a block takes gate tile t and up tile
-t + N/32. Reference: `reference.linear` on `reference.dequantize(unshuffle(weight, bits),
-...)`, or on the fp16 weight."""
+t + N/32. `launch_config` takes each shape's warps and loads per GPU architecture from
+launch_configs.json (launch_configs.py), which `benchmarks/tune_gemv.py --mma` writes from
+its measurements. Reference: `reference.linear` on `reference.dequantize(unshuffle(weight,
+bits), ...)`, or on the fp16 weight."""
 
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from glm_engine.kernels import launch_configs
 
 MAX_ROWS = 16  # two row blocks of the mma's 8 columns
 _SOURCE = Path(__file__).with_suffix(".cu")
@@ -148,29 +152,20 @@ def _launch(kernel, device_index: int, grid: int, threads: int, args: list, depe
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {result}")
 
 
-def launch_config(n: int, k: int, bits: int = 4, swiglu: bool = False) -> tuple[int, int, int]:
-    """(warps a block, chunks a warp loads at once, whether it loads the next ones first),
-    the fastest measured on an H100 (docs/PERFORMANCE.md) for ChatGLM2-6B's shapes. The up
-    projection with its SwiGLU epilogue (blocks of 16 gate + 16 up channels): 856 blocks
-    4 warps (int4 2 chunks, pipelined; int8 1), 428 (two ranks) 8 warps. Otherwise the
-    long-K down projection 16 warps, 2 chunks, pipelined; the small ones (256-288 blocks)
-    16 warps, pipelined; the up projection without SwiGLU (1712 blocks) 8 warps. fp16 weights
-    (bits 16): the up projection 4 warps, the others 8 warps with 2 chunks a load."""
-    if bits == 16:
-        return (4, 1, 0) if swiglu else (8, 2, 0)
-    if swiglu:
-        if n // 32 >= 800:
-            return (4, 2, 1) if bits == 4 else (4, 1, 1)
-        return 8, 1, 0
-    if n * k >= 60_000_000:
-        return 8, 1, 0
-    if k >= 8192:
-        return 16, 2, 1
-    return 16, 1, 1
+def launch_config(n: int, k: int, bits: int = 4, swiglu: bool = False,
+                  arch: str | None = None) -> tuple[int, int, int]:
+    """(warps a block, chunks a warp loads at once, whether it loads the next ones first) for
+    an [n, k] weight of `bits` (16: fp16), with the SwiGLU epilogue or not, on `arch` (None:
+    the current GPU's): launch_configs.json's entry for the architecture and shape, else its
+    default (launch_configs.py)."""
+    choice = launch_configs.choice("weight_only_mma", arch or launch_configs.architecture(), n=n, k=k, bits=bits,
+                                   swiglu=swiglu)
+    return choice["warps"], choice["unroll"], choice["pipe"]
 
 
-# Every value launch_config returns (the tests run each; test_launch_configs_are_all_listed checks the list).
-LAUNCH_CONFIGS = ((8, 1, 0), (16, 2, 1), (16, 1, 1), (4, 2, 1), (4, 1, 1), (8, 2, 0), (4, 1, 0))
+# Every value launch_config can return, in table order (the GPU tests run each one).
+LAUNCH_CONFIGS = tuple(dict.fromkeys((choice["warps"], choice["unroll"], choice["pipe"])
+                                     for choice in launch_configs.choices("weight_only_mma")))
 
 
 def compile_kernels(device: torch.device, bits: int, linears: Iterable[tuple[int, int, bool]]) -> None:
@@ -178,8 +173,9 @@ def compile_kernels(device: torch.device, bits: int, linears: Iterable[tuple[int
     each; bits 4, 8, or 16 for fp16 weights) at one and two row blocks, and the dequantize
     kernel: NVRTC errors surface here, at load, not while decode graphs are captured."""
     index = device.index if device.index is not None else torch.cuda.current_device()
+    arch = launch_configs.architecture(device)
     for n, k, swiglu in set(linears):
-        warps, unroll, pipe = launch_config(n, k, bits, swiglu)
+        warps, unroll, pipe = launch_config(n, k, bits, swiglu, arch)
         for row_blocks in (1, 2):
             _gemm_kernel(index, bits, warps, unroll, pipe, row_blocks, 2 if swiglu else 1)
     if bits != 16:
@@ -226,7 +222,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weigh
     if x.data_ptr() % 16:
         x = x.clone()  # read 16 bytes at a time
     bits = quant_bits or 16
-    warps, unroll, pipe = config or launch_config(n, k, bits, swiglu)
+    warps, unroll, pipe = config or launch_config(n, k, bits, swiglu, launch_configs.architecture(x.device))
     tiles = 2 if swiglu else 1
     kernel = _gemm_kernel(x.device.index, bits, warps, unroll, pipe, 1 if rows <= 8 else 2, tiles)
     out = torch.empty(rows, n // tiles, dtype=torch.float16, device=x.device)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from glm_engine import GlmEngineError
 from glm_engine.cli import (add_sampling_arguments, add_session_arguments, kv_cache_options, run_tool, sampling_options,
                             setup_logging)
+from glm_engine.detokenizer import IncrementalDetokenizer
 from glm_engine.prompts import clean_response, read_token_csv, write_token_csv
 from glm_engine.tokenizer import ChatGLMTokenizer
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from glm_engine.runtime.session import Session
 
 DEFAULT_INPUT_TEXT = "续写：北京市教育资源丰富"
+HELD_MARKS = ",!:;?"  # ASCII marks that clean_response turns full-width next to a Chinese character
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,14 +61,41 @@ def load_tokenizer(args: argparse.Namespace, required: bool) -> ChatGLMTokenizer
     return ChatGLMTokenizer.from_dir(directory)
 
 
-def response_text(tokenizer: ChatGLMTokenizer | None, output: list[int], streaming: bool = False) -> str:
-    """What run.py prints for generated ids: cleaned text, or the ids without a tokenizer.
-    While streaming, a character whose bytes are not all there yet is held back, and
-    so is a trailing ASCII mark that the next character may turn full-width."""
+def response_text(tokenizer: ChatGLMTokenizer | None, output: list[int]) -> str:
+    """What run.py prints for generated ids: cleaned text, or the ids without a tokenizer."""
     if tokenizer is None:
         return ",".join(map(str, output))
-    text = clean_response(tokenizer.decode(output, hold_incomplete=streaming))
-    return text.rstrip(",!:;?") if streaming else text
+    return clean_response(tokenizer.decode(output))
+
+
+class StreamedResponse:
+    """One prompt's response printed while it is generated: each step's new tokens are
+    decoded once (IncrementalDetokenizer) and cleaned as the whole text is
+    (clean_response), holding back what later text may still change: trailing
+    whitespace, which the final strip drops, and trailing ASCII marks, which a Chinese
+    character after them turns full-width. The pieces add up to response_text()."""
+
+    def __init__(self, tokenizer: ChatGLMTokenizer | None) -> None:
+        self.detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.shown = ""  # printed so far
+        self.waiting = ""  # text decoded but not printed yet
+        self.before = ""  # the last character printed, as decoded (a mark after a Chinese one turns full-width)
+
+    def add(self, tokens: list[int], final: bool) -> str:
+        """Takes a step's tokens of the prompt; returns the text to print after the rest."""
+        if self.detokenizer is None:
+            new = ("," if self.shown and tokens else "") + ",".join(map(str, tokens))
+            self.shown += new
+            return new
+        text = self.waiting + self.detokenizer.add(tokens) + (self.detokenizer.finish() if final else "")
+        ready = text.rstrip() if final else text.rstrip().rstrip(HELD_MARKS).rstrip()
+        self.waiting = text[len(ready):]
+        if not ready:
+            return ""
+        new = clean_response(self.before + ready)[len(self.before):]  # nothing printed yet: it strips the start
+        self.before = ready[-1]
+        self.shown += new
+        return new
 
 
 def print_block(text: str, response: str, label: str = "") -> None:
@@ -80,15 +109,28 @@ class LiveLines:
     def __init__(self, count: int, stream=sys.stdout) -> None:
         self.count, self.stream, self.drawn = count, stream, False
 
-    def draw(self, lines: list[str]) -> None:
+    def draw(self, texts: list[str]) -> None:
+        """Redraws the lines: prompt i's text after "[i] "."""
         width = shutil.get_terminal_size().columns - 1
         out = f"\x1b[{self.count}F" if self.drawn else ""  # back to the first line
-        for line in lines:
-            line = " ".join("".join(c if c.isprintable() else " " for c in line).split())  # one screen line each
-            out += "\x1b[2K" + (line if len(line) <= width else "…" + line[-(width - 1):]) + "\n"
+        for index, text in enumerate(texts):
+            out += "\x1b[2K" + screen_line(f"[{index}] ", text, width) + "\n"
         self.stream.write(out)
         self.stream.flush()
         self.drawn = True
+
+
+def screen_line(label: str, text: str, width: int) -> str:
+    """`label` and `text` on one screen line of `width` characters: unprintable
+    characters and runs of whitespace as one space, the ends stripped, and when it is
+    longer, "…" and its end. Reads only about as much of the end of `text` as it shows."""
+    size = 2 * width
+    while True:
+        part = text[-size:] if size < len(text) else label + text  # its screen text ends the whole one's
+        shown = " ".join("".join(c if c.isprintable() else " " for c in part).split())
+        if len(shown) > width or size >= len(text):
+            return shown if len(shown) <= width else "…" + shown[-(width - 1):]
+        size *= 2
 
 
 def print_beams(session: Session, prompts: list[list[int]], texts: list[str], sampling: SamplingConfig,
@@ -121,10 +163,11 @@ def stream_outputs(session: Session, prompts: list[list[int]], texts: list[str],
                    tokenizer: ChatGLMTokenizer | None, log_probs: list[list[float]]) -> list[list[int]]:
     """Generates while printing each prompt's text as it comes, once: one prompt streams
     into its Output block; several stream one line each on a terminal, or print each
-    labelled block as its prompt finishes when the output is not a terminal."""
+    labelled block as its prompt finishes when the output is not a terminal. Each
+    step's new tokens are decoded once (StreamedResponse)."""
     outputs: list[list[int]] = [[] for _ in prompts]
     single, live = len(prompts) == 1, len(prompts) > 1 and sys.stdout.isatty()
-    printed = ""
+    responses = [StreamedResponse(tokenizer) for _ in prompts]
     if single:
         print(f"\nInput --->\n\t{texts[0]}\n\nOutput --->\n\t", end="", flush=True)
     lines = None
@@ -132,23 +175,25 @@ def stream_outputs(session: Session, prompts: list[list[int]], texts: list[str],
         print("\nInput --->\n" + "\n".join(f"\t[{i}] {text}" for i, text in enumerate(texts)) + "\n\nOutput --->")
         lines = LiveLines(len(prompts))
     for step in session.stream_requests(prompts, [sampling] * len(prompts)):
+        new: dict[int, list[int]] = {}
         for index, token in step.tokens:
             outputs[index].append(token)
+            new.setdefault(index, []).append(token)
         for index, log_prob in step.log_probs:  # filled when --output_log_probs asks
             log_probs[index].append(log_prob)
         if single:
-            text = response_text(tokenizer, outputs[0], streaming=not step.finished)
-            if text.startswith(printed):
-                print(text[len(printed):], end="", flush=True)
-                printed = text
+            print(responses[0].add(new.get(0, []), final=bool(step.finished)), end="", flush=True)
         elif live:
-            lines.draw([f"[{i}] {response_text(tokenizer, output, streaming=True)}" for i, output in enumerate(outputs)])
+            for index in new.keys() | set(step.finished):
+                responses[index].add(new.get(index, []), final=index in step.finished)
+            lines.draw([response.shown for response in responses])
         for index in step.finished if not (single or live) else []:
             print_block(texts[index], response_text(tokenizer, outputs[index]), f" [{index}]")
-    if single and printed != response_text(tokenizer, outputs[0]):  # the text changed behind what was printed
-        print("\n\t" + response_text(tokenizer, outputs[0]), end="")
+    tails = [response.add([], final=True) for response in responses]  # held back by a stream that ended unfinished
+    if single:
+        print(tails[0], end="")
     if live:
-        lines.draw([f"[{i}] {response_text(tokenizer, output)}" for i, output in enumerate(outputs)])
+        lines.draw([response.shown for response in responses])
     print()
     return outputs
 

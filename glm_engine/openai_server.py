@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, ConfigDict, Field
 
 from glm_engine import GlmEngineError
+from glm_engine.detokenizer import IncrementalDetokenizer
 from glm_engine.prompts import chat_prompt_ids
 from glm_engine.runtime.engine_loop import LoopClosed, LoopRequest
 from glm_engine.runtime.engine_process import EngineProcess, QueueFull
@@ -301,48 +302,30 @@ def _sse(payload: dict) -> str:
 
 
 class _Answer:
-    """The response of one request (its n choices), built as tokens arrive."""
+    """The response of one request (its n choices), built as tokens arrive: each choice's
+    tokens become text once, as they come (IncrementalDetokenizer), for the stream and
+    the whole answer alike."""
 
     def __init__(self, kind: str, model: str, prompt_tokens: int, choices: int, max_tokens: int,
                  tokenizer: ChatGLMTokenizer) -> None:
-        self.kind, self.model, self.prompt_tokens, self.tokenizer = kind, model, prompt_tokens, tokenizer
+        self.kind, self.model, self.prompt_tokens = kind, model, prompt_tokens
         self.max_tokens = max_tokens
         self.id = ("chatcmpl-" if kind != "text_completion" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.tokens: list[list[int]] = [[] for _ in range(choices)]
+        self.generated = [0] * choices
+        self.texts = [IncrementalDetokenizer(tokenizer) for _ in range(choices)]
         self.finish: list[str | None] = [None] * choices
-        # Streaming decodes a window of each choice's last tokens, not its whole text every
-        # step: `anchor` is where the window starts, `shown` the text already sent from it.
-        self.anchor = [0] * choices
-        self.shown = [""] * choices
 
     def add(self, choice: int, tokens: list[int], finished: bool, streaming: bool) -> dict | None:
         """Takes a step's tokens of a choice; when streaming, the chunk of its new text, if any."""
-        ids = self.tokens[choice]
-        ids += tokens
+        self.generated[choice] += len(tokens)
+        delta = self.texts[choice].add(tokens)
         if finished:
-            self.finish[choice] = "length" if len(ids) >= self.max_tokens else "stop"
-        if not streaming:
-            return None
-        text = self.tokenizer.decode(ids[self.anchor[choice]:], hold_incomplete=not finished)
-        shown = self.shown[choice]
-        delta = text[len(shown):] if text.startswith(shown) else ""
-        self.shown[choice] = shown + delta
-        self._slide(choice)
-        if not delta and not finished:
+            delta += self.texts[choice].finish()
+            self.finish[choice] = "length" if self.generated[choice] >= self.max_tokens else "stop"
+        if not streaming or (not delta and not finished):
             return None
         return self._chunk(choice, delta, self.finish[choice])
-
-    def _slide(self, choice: int, keep: int = 4) -> None:
-        """Moves the window to the last `keep` tokens when their text is the end of what was
-        shown (a window's first piece may lose its leading space: that space was shown)."""
-        ids = self.tokens[choice]
-        if len(ids) - self.anchor[choice] <= 2 * keep:
-            return
-        tail = self.tokenizer.decode(ids[-keep:])
-        if tail and self.shown[choice].endswith(tail) and self.tokenizer.decode(ids[self.anchor[choice]:]) == \
-                self.shown[choice]:
-            self.anchor[choice], self.shown[choice] = len(ids) - keep, tail
 
     def _chunk(self, choice: int, delta: str, finish: str | None) -> dict:
         if self.kind == "text_completion":
@@ -354,7 +337,7 @@ class _Answer:
                 "choices": [body]}
 
     def usage(self) -> dict:
-        completion = sum(len(tokens) for tokens in self.tokens)
+        completion = sum(self.generated)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}
 
@@ -365,7 +348,7 @@ class _Answer:
         return chunk
 
     def whole(self) -> dict:
-        texts = [self.tokenizer.decode(tokens) for tokens in self.tokens]
+        texts = [text.text for text in self.texts]
         if self.kind == "text_completion":
             choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": self.finish[i]}
                        for i, text in enumerate(texts)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -78,6 +78,7 @@ class ChatGLMTokenizer:
         bos_token_id: ``<s>`` (1).
         eos_token_id: ``</s>`` (2), the end-of-text token.
         special_token_ids: name -> id of every appended special token.
+        silent_ids: the ids decode() renders as nothing (special tokens, bos, eos, pad).
     """
 
     def __init__(self, sp_model: spm.SentencePieceProcessor, flavor: str = "chatglm2") -> None:
@@ -94,10 +95,11 @@ class ChatGLMTokenizer:
         names = CHATGLM2_SPECIAL_TOKENS + (CHATGLM3_ROLE_TOKENS if flavor == "chatglm3" else ())
         self.special_token_ids: dict[str, int] = {name: self.sp_size + i for i, name in enumerate(names)}
         self.vocab_size: int = self.sp_size + len(names)
+        self._unknown_mark: str = sp_model.decode([sp_model.unk_id()])  # " ⁇ "
 
         # Ids that decode() renders as nothing, like the HF tokenizer with
         # skip_special_tokens=True (pad is the unk id there, so unk goes too).
-        self._silent_ids = frozenset(self.special_token_ids.values()) | {
+        self.silent_ids: frozenset[int] = frozenset(self.special_token_ids.values()) | {
             self.pad_token_id,
             self.bos_token_id,
             self.eos_token_id,
@@ -148,7 +150,7 @@ class ChatGLMTokenizer:
             ids = [self.special_token_ids["[gMASK]"], self.special_token_ids["sop"], *ids]
         return ids
 
-    def decode(self, ids: Iterable[int], hold_incomplete: bool = False) -> str:
+    def decode(self, ids: Iterable[int], hold_incomplete: bool = False, within_text: bool = False) -> str:
         """Text of ``ids`` with special tokens, bos, eos and pad (``<unk>``, 0) dropped.
 
         This matches ChatGLM2's HF tokenizer with ``skip_special_tokens=True``.
@@ -157,20 +159,42 @@ class ChatGLMTokenizer:
         UTF-8 character, print as SentencePiece's unknown mark ``⁇`` instead of
         raising or printing U+FFFD. With ``hold_incomplete`` (streaming), trailing
         byte pieces that begin a character not complete yet are left out, so that
-        the next call prints the whole character.
+        the next call prints the whole character. With ``within_text``, the ids
+        print as they do after other text: SentencePiece drops the leading space of
+        a text's first piece only at the start of a text.
         """
+        pieces = self._pieces(ids)
+        if hold_incomplete:
+            pieces = pieces[:len(pieces) - self._incomplete_character(pieces)]
+        if within_text:  # after the unknown mark as a text before them, cut off again
+            text = self.sp_model.decode([self.sp_model.unk_id(), *pieces])[len(self._unknown_mark):]
+        else:
+            text = self.sp_model.decode(pieces)
+        return text.replace("\ufffd", "⁇")
+
+    def unfinished_tail(self, ids: Sequence[int]) -> int:
+        """How many trailing ids ``decode(ids, hold_incomplete=True)`` leaves out: those
+        from the first byte piece of an unfinished last character on, silent ids among
+        them included; 0 when the last character is complete."""
+        held = self._incomplete_character(self._pieces(ids))
+        back = 0
+        while held:
+            back += 1
+            held -= int(ids[-back]) not in self.silent_ids
+        return back
+
+    def _pieces(self, ids: Iterable[int]) -> list[int]:
+        """The SentencePiece ids decode() renders: silent ids dropped, unknown ids as ``<unk>``."""
         pieces: list[int] = []
         for token_id in ids:
             token_id = int(token_id)
             if token_id < 0 or token_id >= self.vocab_size:
                 # sp renders its unknown id as " ⁇ "; the unk id itself is
-                # pad and gets dropped above, so only these ids reach it.
+                # pad and silent, so only these ids reach it.
                 pieces.append(self.sp_model.unk_id())
-            elif token_id not in self._silent_ids:
+            elif token_id not in self.silent_ids:
                 pieces.append(token_id)
-        if hold_incomplete:
-            pieces = pieces[:len(pieces) - self._incomplete_character(pieces)]
-        return self.sp_model.decode(pieces).replace("\ufffd", "⁇")
+        return pieces
 
     def _incomplete_character(self, pieces: list[int]) -> int:
         """How many trailing byte pieces begin a UTF-8 character that is not complete yet."""

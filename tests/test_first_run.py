@@ -93,6 +93,38 @@ def test_streaming_to_a_terminal_redraws_one_line_per_prompt(tiny_engine_factory
     assert text.count("Input") == 1
 
 
+def test_streamed_responses_add_up_to_the_printed_text(tiny_tokenizer_dir):
+    """run.py's streamed pieces of a prompt join into the text it prints at the end
+    (clean_response: stripped, ASCII marks next to Chinese full-width), for random token
+    streams of marks, spaces, Chinese, byte pieces and special ids, and with no tokenizer."""
+    import random
+
+    from run import StreamedResponse, response_text
+
+    tokenizer = ChatGLMTokenizer.from_dir(tiny_tokenizer_dir)
+    words = [tokenizer.encode(text, add_prefix=False) for text in (",", "!", ":", ";", "?", " ", "\n", "北京", "中",
+                                                                   "a", " b", "你好")]
+    rng = random.Random(0)
+    for trial in range(300):
+        output = [token for _ in range(rng.randrange(1, 12)) for token in rng.choice(
+            words + [[rng.randrange(tokenizer.vocab_size)], [tokenizer.eos_token_id]])]
+        for with_tokenizer in (tokenizer, None):
+            response, printed, given = StreamedResponse(with_tokenizer), "", 0
+            while given < len(output):
+                step = rng.randrange(1, 4)
+                printed += response.add(output[given:given + step], final=given + step >= len(output))
+                given += step
+            assert printed == response.shown == response_text(with_tokenizer, output), output
+
+
+def test_live_lines_show_the_end_of_long_texts():
+    from run import screen_line
+
+    for text in ["short", "a  b\tc\n" * 200, "x" * 500 + " " * 3000, " " * 3000 + "end", "中文" * 300 + "\x1b"]:
+        line = " ".join("".join(c if c.isprintable() else " " for c in "[1] " + text).split())
+        assert screen_line("[1] ", text, 40) == (line if len(line) <= 40 else "…" + line[-39:])
+
+
 def test_benchmark_reports_the_cuda_graphs_that_ran(tiny_engine_factory, tmp_path):
     engine_dir = tiny_engine_factory(*SMALL, "--vocab_size", "1024")
     result = run_tool("benchmark.py", "--engine_dir", engine_dir, "--input_len", "4", "--output_len", "2",

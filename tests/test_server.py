@@ -331,9 +331,10 @@ def test_benchmark_measures_a_server_over_http(server, engine, tmp_path):
 
 
 def test_streamed_text_adds_up_to_the_whole_text(tiny_tokenizer_dir):
-    """The streamed deltas (decoded over a sliding window of tokens) join into exactly the
-    text of all the tokens, for random token streams (byte pieces, spaces, special ids)
-    cut into random steps."""
+    """The streamed deltas (each choice's tokens decoded once, as they come) join into
+    exactly the text of all the tokens, for random token streams (byte pieces, spaces,
+    special ids) cut into random steps, two choices interleaved; the whole answer has
+    the same texts and counts every token."""
     import random
 
     from glm_engine.openai_server import _Answer
@@ -342,12 +343,21 @@ def test_streamed_text_adds_up_to_the_whole_text(tiny_tokenizer_dir):
     tokenizer = ChatGLMTokenizer.from_dir(tiny_tokenizer_dir)
     rng = random.Random(0)
     for _ in range(200):
-        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 60))]
-        answer = _Answer("text_completion", "tiny", 1, 1, 100, tokenizer)
-        streamed, start = "", 0
-        while start < len(ids):
+        choices = [[rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 60))] for _ in range(2)]
+        answer = _Answer("text_completion", "tiny", 1, 2, 100, tokenizer)
+        whole = _Answer("text_completion", "tiny", 1, 2, 100, tokenizer)
+        streamed, starts = ["", ""], [0, 0]
+        while starts != [len(ids) for ids in choices]:
+            choice = rng.choice([i for i in range(2) if starts[i] < len(choices[i])])
+            ids, start = choices[choice], starts[choice]
             end = min(len(ids), start + rng.randrange(1, 4))
-            chunk = answer.add(0, ids[start:end], end == len(ids), streaming=True)
-            streamed += chunk["choices"][0]["text"] if chunk else ""
-            start = end
-        assert streamed == tokenizer.decode(ids), ids
+            chunk = answer.add(choice, ids[start:end], end == len(ids), streaming=True)
+            assert whole.add(choice, ids[start:end], end == len(ids), streaming=False) is None
+            streamed[choice] += chunk["choices"][0]["text"] if chunk else ""
+            starts[choice] = end
+        for ids, text in zip(choices, streamed):
+            assert text == tokenizer.decode(ids), ids
+        body = whole.whole()
+        assert [choice["text"] for choice in body["choices"]] == streamed
+        assert [choice["finish_reason"] for choice in body["choices"]] == ["stop", "stop"]
+        assert body["usage"]["completion_tokens"] == sum(len(ids) for ids in choices)

@@ -4,6 +4,8 @@ token or spans several; tokens that might begin one are held back, not lost."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from glm_engine import GlmEngineError
@@ -11,6 +13,7 @@ from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.stop_words import StopStrings
 from glm_engine.tokenizer import ChatGLMTokenizer
 from model import load_session
+from test_detokenizer import DEMO_TOKENIZER, CountingTokenizer, random_ids
 from test_model import build_engine, random_prompt
 
 
@@ -63,8 +66,20 @@ def test_held_back_tokens_are_returned_when_no_stop_string_comes(session):
     assert outputs == plain
 
 
+class Letters:
+    """A tokenizer whose token i is the letter chr(ord("a") + i)."""
+
+    silent_ids: frozenset[int] = frozenset()
+
+    def decode(self, ids, hold_incomplete: bool = False, within_text: bool = False) -> str:
+        return "".join(chr(ord("a") + i) for i in ids)
+
+    def unfinished_tail(self, ids) -> int:
+        return 0
+
+
 def test_stop_strings_watch_only_the_text(session):
-    watcher = StopStrings(("ab", "xyz"), lambda ids: "".join(chr(ord("a") + i) for i in ids))
+    watcher = StopStrings(("ab", "xyz"), Letters())
     assert watcher.visible([0], final=False) == (0, False)  # "a" may begin "ab": held
     assert watcher.visible([0, 2], final=False) == (2, False)  # "ac": nothing to hold
     assert watcher.visible([2, 0, 1, 3], final=False) == (1, True)  # "cabd": cut before "ab"
@@ -91,3 +106,54 @@ def test_stop_words_need_a_tokenizer(session, tmp_path):
         bare.generate([[5, 6]], SamplingConfig(max_new_tokens=4, stop_words=("x",)))
     with pytest.raises(GlmEngineError, match="stop words must be non-empty strings"):
         SamplingConfig(max_new_tokens=4, stop_words=("",))
+
+
+def whole_text_visible(strings: tuple[str, ...], tokenizer, output: list[int], final: bool) -> tuple[int, bool]:
+    """StopStrings.visible as decoding the whole text, and every prefix, would answer."""
+    text = tokenizer.decode(output)
+
+    def within(chars: int) -> int:
+        count = len(output)
+        while count and len(tokenizer.decode(output[:count])) > chars:
+            count -= 1
+        return count
+
+    found = [position for position in (text.find(string) for string in strings) if position >= 0]
+    if found:
+        return within(min(found)), True
+    if final:
+        return len(output), False
+    held = max((size for string in strings for size in range(1, len(string)) if text.endswith(string[:size])),
+               default=0)
+    return within(len(text) - held), False
+
+
+def test_stop_strings_answer_as_decoding_the_whole_text_would():
+    """At every step whose text ends with a whole character, and at the end."""
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = random_ids(rng, rng.randrange(1, 40))
+        full = DEMO_TOKENIZER.decode(ids)
+        picks = [full[start:start + rng.randrange(1, 5)] for start in rng.sample(range(len(full)), min(2, len(full)))]
+        strings = tuple(string for string in picks if string) or ("\u2603",)
+        watcher, output = StopStrings(strings, DEMO_TOKENIZER), []
+        while len(output) < len(ids):
+            output += ids[len(output):len(output) + rng.randrange(1, 4)]
+            final = len(output) == len(ids)
+            answer = watcher.visible(output, final)
+            if final or DEMO_TOKENIZER.unfinished_tail(output) == 0:
+                assert answer == whole_text_visible(strings, DEMO_TOKENIZER, output, final), (ids, strings, output)
+            assert watcher.visible(output, final) == answer  # asked again (a preempted sequence): the same
+            if answer[1]:
+                break
+
+
+def test_stop_strings_decode_each_token_a_few_times_not_the_whole_text_each_step():
+    tokenizer = CountingTokenizer(DEMO_TOKENIZER)
+    ids = random_ids(random.Random(1), 3000)
+    watcher, output = StopStrings(("\u2603 never", "\u2604"), tokenizer), []
+    for token in ids:
+        output.append(token)
+        assert watcher.visible(output, final=False)[1] is False
+    assert watcher.visible(output, final=True) == (len(ids), False)
+    assert tokenizer.decoded <= 4 * len(ids)  # decoding the whole text each step: len(ids) ** 2 / 2

@@ -192,3 +192,21 @@ def test_training_rejects_empty_input(tmp_path: Path) -> None:
 def test_tokenizer_files_never_include_code() -> None:
     assert set(TOKENIZER_FILES) == {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"}
     assert not any(name.endswith(".py") for name in TOKENIZER_FILES)
+
+
+def test_decode_within_text_keeps_the_leading_space(tok: ChatGLMTokenizer) -> None:
+    ids = tok.encode("fell", add_prefix=False)  # "▁fell": SentencePiece marks the start of a text as a space
+    assert tok.decode(ids) == "fell"  # and drops it at the start of a text
+    assert tok.decode(ids, within_text=True) == " fell"
+    assert tok.decode([tok.eos_token_id], within_text=True) == ""
+
+
+def test_unfinished_tail_counts_what_hold_incomplete_leaves_out(tok: ChatGLMTokenizer) -> None:
+    byte = lambda value: tok.sp_model.piece_to_id(f"<0x{value:02X}>")  # noqa: E731
+    eos, head = tok.eos_token_id, tok.encode("Rain", add_prefix=False)
+    bei = [byte(0xE5), byte(0x8C), byte(0x97)]  # 北, byte by byte
+    assert tok.unfinished_tail(head + bei) == tok.unfinished_tail(head) == tok.unfinished_tail([]) == 0
+    assert tok.unfinished_tail(head + bei[:1]) == 1
+    assert tok.unfinished_tail(head + [bei[0], eos, bei[1], eos]) == 4  # silent ids after the first byte count
+    assert tok.unfinished_tail([eos, *bei[:2]]) == 2
+    assert tok.decode(head + [bei[0], eos, bei[1], eos], hold_incomplete=True) == tok.decode(head)

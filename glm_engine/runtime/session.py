@@ -206,7 +206,7 @@ class Session:
                 raise GlmEngineError(f"request {index} has stop words, which are matched on text, and the engine "
                                      "has no tokenizer; pass one (run.py --tokenizer_dir)")
             self.tokenizer = ChatGLMTokenizer.from_dir(self.engine_dir)
-        return StopStrings(sampling.stop_words, self.tokenizer.decode)
+        return StopStrings(sampling.stop_words, self.tokenizer)
 
     @torch.inference_mode()
     def step(self, scheduler: Scheduler) -> StepResult:

@@ -11,12 +11,18 @@ calls `backend(qkv, layer_index, metadata, kv_cache)` and never asks which one i
   FLASH_MIN_TOKENS each run torch's fused attention (SDPA) instead, one call a
   prompt: faster than our FMHA there (docs/PERFORMANCE.md).
 
+A new backend is a new AttentionBackend subclass with metadata(), __call__ and, if
+its kernels take fixed shapes, the CUDA-graph hooks (supports_cuda_graphs,
+supports_prompt_graphs, graph_inputs), plus a line in ops.select_ops.
+
 The KV storage itself is runtime/kv_cache.py's."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +32,7 @@ from glm_engine.kernels import reference
 from glm_engine.runtime.kv_cache import KVCache
 
 FLASH_MIN_TOKENS = 1024  # shortest prompt SDPA takes: its ~50-80 us of host work a call is hidden there (PERFORMANCE.md)
+SEQUENCE_COLUMNS = 3  # a graph-input row's leading columns: context length, new tokens, last token's index
 
 
 @dataclass
@@ -119,7 +126,116 @@ class PagedMetadata:
     reference: ReferenceFields | None = None  # prompts without context FMHA run the reference attention
 
 
-class ReferenceAttention:
+class GraphInputs(Protocol):
+    """A backend's part of the static inputs of one captured step (PagedGraphInputs is one):
+    int64 values placed after the token ids in the graph's one static tensor, which one
+    host-to-device copy fills each step."""
+
+    # [B] packed index of each sequence's last new token on the device, once bound; None
+    # where every sequence has one new token (the hidden rows are then the last tokens).
+    last_token_index: torch.Tensor | None
+
+    def append_step(self, inputs: list[int], block_tables: list[list[int]], cached: list[int],
+                    new_token_counts: Iterable[int]) -> None:
+        """Appends one step's values, padded to the graph's shape, to the host list `inputs`."""
+
+    def bind(self, inputs: torch.Tensor) -> object:
+        """The metadata the captured network reads, over `inputs` (the values on the device)."""
+
+    def prepare(self) -> None:
+        """Device work the captured step runs before the network (its kernels are captured)."""
+
+
+class AttentionBackend:
+    """What the network and the model runner ask of an attention backend:
+    - metadata(layout): the metadata of an eager step, built once a step;
+    - __call__(qkv, layer_index, metadata, kv_cache): a layer's rotary, cache write and
+      attention of the step's N new tokens, [N, heads * head_dim];
+    - supports_cuda_graphs: whether decode steps can be captured as CUDA graphs (the
+      backend's kernels take fixed shapes and read the step's sizes from device tensors);
+      supports_prompt_graphs: likewise one sequence's prompt step of a fixed token count;
+    - graph_inputs(...): where either is True, its part of a captured step's static inputs."""
+
+    supports_cuda_graphs = False
+    supports_prompt_graphs = False
+
+    def metadata(self, layout: StepLayout) -> object:
+        """This backend's metadata of the step `layout` describes, on its device."""
+        raise NotImplementedError
+
+    def __call__(self, qkv: torch.Tensor, layer_index: int, meta: object, kv_cache: KVCache) -> torch.Tensor:
+        """Layer `layer_index`'s attention context of the step's new tokens; writes their K/V."""
+        raise NotImplementedError
+
+    def graph_inputs(self, sequences: int, tokens: int, blocks_per_sequence: int, block_size: int,
+                     scratch_block: int) -> GraphInputs:
+        """The static inputs of a step captured for `sequences` rows of `tokens` packed new tokens
+        (decode: one a sequence), tables of `blocks_per_sequence` blocks of `block_size` tokens;
+        padding writes its K/V to `scratch_block`."""
+        raise NotImplementedError(f"{type(self).__name__} does not run in CUDA graphs")
+
+
+class PagedGraphInputs:
+    """PagedAttention's part of a captured step's static inputs: the tokens' positions and
+    cache slots, then a row per sequence (context length, new tokens, packed index of its
+    last new token, block table). Padding tokens sit at position 0 of the scratch block;
+    padding rows are one token long over that block."""
+
+    def __init__(self, sequences: int, tokens: int, blocks_per_sequence: int, block_size: int, scratch_block: int,
+                 max_context: int) -> None:
+        self.sequences, self.tokens, self.block_size = sequences, tokens, block_size
+        self.width, self.scratch, self.max_context = blocks_per_sequence, scratch_block, max_context
+        self.decode = sequences == tokens  # one new token a sequence: the decode-attention kernel
+        self.padding_row = [1, 1, 0] + [scratch_block] * blocks_per_sequence
+        self.last_token_index: torch.Tensor | None = None
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (dense tensor, static column), once bound
+
+    def append_step(self, inputs: list[int], block_tables: list[list[int]], cached: list[int],
+                    new_token_counts: Iterable[int]) -> None:
+        """Appends one step's positions, slots and sequence rows, padded to the graph's shape,
+        to the host list `inputs` (in place: no copies of the whole list)."""
+        block_size, width, scratch = self.block_size, self.width, self.scratch
+        positions, slots, rows = [], [], []
+        for table, done, count in zip(block_tables, cached, new_token_counts):
+            for position in range(done, done + count):
+                positions.append(position)
+                slots.append(table[position // block_size] * block_size + position % block_size)
+            rows += [done + count, count, len(positions) - 1] + table
+            rows += [scratch] * (width - len(table))
+        spare_tokens, spare_rows = self.tokens - len(positions), self.sequences - len(block_tables)
+        inputs += positions
+        inputs += [0] * spare_tokens
+        inputs += slots
+        inputs += [scratch * block_size] * spare_tokens
+        inputs += rows
+        inputs += self.padding_row * spare_rows
+
+    def bind(self, inputs: torch.Tensor) -> PagedMetadata:
+        """The metadata over `inputs` (append_step()'s values on the device): positions and
+        slots are views of it; the sequence columns get dense int32 tensors, which prepare() fills."""
+        tokens, sequences, device = self.tokens, self.sequences, inputs.device
+        positions, slots = inputs[:2 * tokens].view(2, tokens)
+        rows = inputs[2 * tokens:].view(sequences, SEQUENCE_COLUMNS + self.width)
+        context_lengths = torch.zeros(sequences, dtype=torch.int32, device=device)
+        block_tables = torch.zeros(sequences, self.width, dtype=torch.int32, device=device)
+        self.copies = [(context_lengths, rows[:, 0]), (block_tables, rows[:, SEQUENCE_COLUMNS:])]
+        new_token_counts = None
+        if not self.decode:  # the decode kernel reads neither
+            new_token_counts = torch.zeros_like(context_lengths)
+            self.last_token_index = torch.zeros(sequences, dtype=torch.int64, device=device)
+            self.copies += [(new_token_counts, rows[:, 1]), (self.last_token_index, rows[:, 2])]
+        return PagedMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
+                             context_lengths=context_lengths, max_context=self.max_context,
+                             new_token_counts=new_token_counts, last_token_index=self.last_token_index,
+                             max_new_tokens=1 if self.decode else tokens)
+
+    def prepare(self) -> None:
+        """The kernels take dense int32 copies of the sequence columns, made inside the graph."""
+        for dense, column in self.copies:
+            dense.copy_(column)
+
+
+class ReferenceAttention(AttentionBackend):
     """Rotary, cache write and unfused grouped-query attention in plain PyTorch."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
@@ -157,9 +273,13 @@ def attend_reference(query: torch.Tensor, layer_index: int, fields: ReferenceFie
     return context.flatten(1)
 
 
-class PagedAttention:
+class PagedAttention(AttentionBackend):
     """The attention plugin's Triton kernels over block tables (kernels imported here
-    only: engines without the plugin never import triton)."""
+    only: engines without the plugin never import triton). They read block tables,
+    context lengths and token counts from the device, so steps of fixed shapes can be
+    captured as CUDA graphs."""
+
+    supports_cuda_graphs = True
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, context_fmha: str | None,
                  max_sequence_len: int) -> None:
@@ -169,6 +289,8 @@ class PagedAttention:
         self.decode_attention = decode_attention.decode_attention
         self.context_attention = context_attention.context_attention if context_fmha else None
         self.fp16_accumulation = context_fmha == "enabled"
+        # Without context FMHA prompts take the reference attention, whose shapes follow the step.
+        self.supports_prompt_graphs = self.context_attention is not None
         self.heads, self.scale = config.num_attention_heads, 1.0 / math.sqrt(config.kv_channels)
         self.dtype, self.device, self.max_sequence_len = dtype, device, max_sequence_len
         self.inv_freq = reference.rotary_inv_freq(config.rotary_dim, config.rotary_base).to(device)
@@ -189,6 +311,12 @@ class PagedAttention:
             fresh_prompt_lengths=layout.new.tolist() if self._takes_flash(layout) else None,
             reference=ReferenceFields.of(layout, self.device, self.dtype)
             if max_new > 1 and self.context_attention is None else None)
+
+    def graph_inputs(self, sequences: int, tokens: int, blocks_per_sequence: int, block_size: int,
+                     scratch_block: int) -> PagedGraphInputs:
+        """See AttentionBackend.graph_inputs."""
+        return PagedGraphInputs(sequences, tokens, blocks_per_sequence, block_size, scratch_block,
+                                self.max_sequence_len)
 
     def _takes_flash(self, layout: StepLayout) -> bool:
         """Whether SDPA runs the step: fresh prompts (nothing cached), each at least FLASH_MIN_TOKENS long,

@@ -3,7 +3,9 @@ the CPU) and compute what the reference path computes."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 
 import pytest
 import torch
@@ -17,10 +19,12 @@ import glm_engine.kernels.swiglu as swiglu_module
 from checkpoints import tiny_config
 from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
+from glm_engine.attention import PagedAttention, ReferenceAttention, StepLayout
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.engine import Engine
 from glm_engine.layout import weight_shapes
 from glm_engine.runtime.cuda_graphs import PromptGraphs
+from glm_engine.runtime.model_runner import graphs_to_capture
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import Session
 from model import load_session
@@ -252,8 +256,8 @@ def test_prompt_graph_inputs_give_the_eager_step(tiny_checkpoint_factory, tmp_pa
     session = build_engine(tiny_checkpoint_factory("safetensors", seed=35), tmp_path / "engine", "float32",
                            *with_dtype(PLUGINS["attention"], "float32"), "--enable_context_fmha_fp32_acc")
     runner = session.runner
-    graphs = PromptGraphs(runner.network, runner.kv_cache, 40, runner.blocks_per_sequence, runner.scratch_block,
-                          session.build_config.max_sequence_len, session.device)
+    graphs = PromptGraphs(runner.network, runner.attention, runner.kv_cache, 40, runner.blocks_per_sequence,
+                          runner.scratch_block, session.device)
     assert sorted(graphs.graphs) == [16, 32, 64]
     assert graphs.takes([[1, 2]]) and graphs.takes([[1] * 64])
     assert not graphs.takes([[1]]) and not graphs.takes([[1] * 65]) and not graphs.takes([[1, 2], [3, 4]])
@@ -310,9 +314,8 @@ def test_decode_graph_inputs_give_the_eager_step(tiny_checkpoint_factory, tmp_pa
     session = build_engine(tiny_checkpoint_factory("safetensors", seed=34), tmp_path / "engine", "float32",
                            *with_dtype(PLUGINS["attention"], "float32"))
     runner = session.runner
-    graphs = DecodeGraphs(runner.network, runner.kv_cache, session.build_config.max_batch_size,
-                          runner.blocks_per_sequence, runner.scratch_block, session.build_config.max_sequence_len,
-                          session.device)
+    graphs = DecodeGraphs(runner.network, runner.attention, runner.kv_cache, session.build_config.max_batch_size,
+                          runner.blocks_per_sequence, runner.scratch_block, session.device)
     prompts = [random_prompt(length, seed) for seed, length in enumerate([3, 70, 11])]  # bucket 4: one padding row
     cached = [len(p) - 1 for p in prompts]
     tables = [[], [], []]
@@ -324,3 +327,68 @@ def test_decode_graph_inputs_give_the_eager_step(tiny_checkpoint_factory, tmp_pa
         eager = runner.forward(tables[:count], cached[:count], [[p[-1]] for p in prompts[:count]])
         assert relative_error(logits, eager) < 1e-5
         assert torch.equal(greedy, eager.argmax(-1))
+
+
+def test_graphs_only_for_backends_that_support_them():
+    """The reference attention (per-step shapes) gets no CUDA graphs; the plugin's gets decode
+    graphs, and prompt graphs with context FMHA on engines of one rank."""
+    config = ModelConfig.from_hf_config(tiny_config())
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # the backends live on the CPU; only the choice sees cuda
+    build = BuildConfig(dtype="float32", use_gpt_attention_plugin="float32", context_fmha="enabled_with_fp32_acc")
+    reference = ReferenceAttention(config, torch.float32, cpu)
+    assert not reference.supports_cuda_graphs and not reference.supports_prompt_graphs
+    assert graphs_to_capture(reference, build, cuda, True) == (False, False)
+    with pytest.raises(NotImplementedError, match="ReferenceAttention does not run in CUDA graphs"):
+        reference.graph_inputs(1, 1, 4, 16, 0)
+    paged = PagedAttention(config, torch.float32, cpu, build.context_fmha, build.max_sequence_len)
+    assert graphs_to_capture(paged, build, cuda, True) == (True, True)
+    assert graphs_to_capture(paged, build, cuda, False) == (False, False)
+    assert graphs_to_capture(paged, build, cpu, True) == (False, False)
+    assert graphs_to_capture(paged, dataclasses.replace(build, world_size=2), cuda, True) == (True, False)
+    without_fmha = PagedAttention(config, torch.float32, cpu, None, build.max_sequence_len)
+    assert graphs_to_capture(without_fmha, build, cuda, True) == (True, False)
+
+
+@pytest.mark.parametrize("sequences, tokens", [(1, 1), (4, 4), (1, 16), (1, 64)])
+def test_graph_metadata_equals_the_eager_metadata(sequences, tokens):
+    """The plugin's graph metadata, its static inputs filled for random steps (decode rows, or
+    one sequence's prompt or chunk), holds the eager metadata's values for the step; padding
+    tokens and rows address the scratch block."""
+    config = ModelConfig.from_hf_config(tiny_config())
+    backend = PagedAttention(config, torch.float32, torch.device("cpu"), "enabled_with_fp32_acc", 256)
+    block_size, width, scratch = 4, 20, 90
+    graph_inputs = backend.graph_inputs(sequences, tokens, width, block_size, scratch)
+    empty: list[int] = []
+    graph_inputs.append_step(empty, [], [], [])
+    inputs = torch.tensor(empty)
+    meta = graph_inputs.bind(inputs)
+    assert graph_inputs.last_token_index is meta.last_token_index
+    rng = random.Random(sequences * 1000 + tokens)
+    for _ in range(20):
+        rows = rng.randint(1, sequences)
+        new = [1] * rows if sequences == tokens else [rng.randint(2, tokens)]
+        cached = [rng.randint(0, width * block_size - count) for count in new]
+        tables = [rng.sample(range(scratch), -(-(done + count) // block_size)) for done, count in zip(cached, new)]
+        step: list[int] = []
+        graph_inputs.append_step(step, tables, cached, new)
+        inputs.copy_(torch.tensor(step))
+        graph_inputs.prepare()
+        eager = backend.metadata(StepLayout.of(tables, cached, new, block_size))
+        packed = sum(new)
+        assert torch.equal(meta.positions[:packed], eager.positions)
+        assert torch.equal(meta.slot_mapping[:packed], eager.slot_mapping)
+        assert torch.equal(meta.context_lengths[:rows], eager.context_lengths)
+        for row, table in enumerate(tables):
+            assert meta.block_tables[row, :len(table)].tolist() == eager.block_tables[row, :len(table)].tolist()
+        assert meta.max_context == eager.max_context
+        assert meta.fresh_prompt_lengths is None and eager.fresh_prompt_lengths is None
+        assert meta.reference is None and eager.reference is None
+        if sequences == tokens:  # decode: the decode kernel reads no token counts
+            assert meta.new_token_counts is None and meta.last_token_index is None
+            assert meta.max_new_tokens == eager.max_new_tokens == 1
+        else:
+            assert torch.equal(meta.new_token_counts[:rows], eager.new_token_counts)
+            assert torch.equal(meta.last_token_index[:rows], eager.last_token_index)
+            assert meta.max_new_tokens == tokens >= eager.max_new_tokens
+        assert meta.positions[packed:].eq(0).all() and meta.slot_mapping[packed:].eq(scratch * block_size).all()
+        assert meta.context_lengths[rows:].eq(1).all() and meta.block_tables[rows:].eq(scratch).all()

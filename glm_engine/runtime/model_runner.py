@@ -1,7 +1,8 @@
 """Runs a network's forward steps on one device: owns the network, the KV cache,
-the attention backend that builds each step's metadata, and the decode-step CUDA
-graphs. Its input is a step as the scheduler plans it (each sequence's block
-table, cached token count and new tokens); it knows nothing of requests."""
+the attention backend that builds each step's metadata, and the CUDA graphs of
+decode and prompt steps where that backend supports them. Its input is a step as
+the scheduler plans it (each sequence's block table, cached token count and new
+tokens); it knows nothing of requests."""
 
 from __future__ import annotations
 
@@ -10,13 +11,22 @@ from itertools import accumulate
 import torch
 from torch import nn
 
-from glm_engine.attention import PagedAttention, StepLayout
+from glm_engine.attention import AttentionBackend, StepLayout
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.ops import Ops
 from glm_engine.runtime.cuda_graphs import DecodeGraphs, PromptGraphs
 from glm_engine.runtime.kv_cache import KVCache, blocks_per_sequence
 
 PAD_TOKEN = 0  # what padded prompts are filled with (never attended to)
+
+
+def graphs_to_capture(attention: AttentionBackend, build: BuildConfig, device: torch.device,
+                      cuda_graphs: bool) -> tuple[bool, bool]:
+    """Whether a runner captures (decode graphs, prompt graphs): on a GPU, when asked and the
+    attention backend supports them. Several ranks run prompts eagerly: the prompt graphs
+    (NCCL inside) have not run on several GPUs yet."""
+    decode = cuda_graphs and device.type == "cuda" and attention.supports_cuda_graphs
+    return decode, decode and attention.supports_prompt_graphs and build.world_size == 1
 
 
 class ModelRunner:
@@ -33,15 +43,14 @@ class ModelRunner:
         self.kv_cache = KVCache(config.num_layers, num_blocks + 1, self.block_size, config.multi_query_group_num,
                                 config.kv_channels, build.torch_dtype, device)
         self.decode_graphs = self.prompt_graphs = None
-        if cuda_graphs and device.type == "cuda" and isinstance(self.attention, PagedAttention):
-            self.decode_graphs = DecodeGraphs(network, self.kv_cache, build.max_batch_size, self.blocks_per_sequence,
-                                              self.scratch_block, build.max_sequence_len, device)
-            # Without context FMHA prompts take host-sized shapes. Several ranks run prompts eagerly: the
-            # prompt graphs (NCCL inside) have not run on several GPUs yet.
-            if self.attention.context_attention is not None and build.world_size == 1:
-                self.prompt_graphs = PromptGraphs(network, self.kv_cache, build.max_input_len,
-                                                  self.blocks_per_sequence, self.scratch_block,
-                                                  build.max_sequence_len, device, self.decode_graphs.pool)
+        decode_graphs, prompt_graphs = graphs_to_capture(self.attention, build, device, cuda_graphs)
+        if decode_graphs:
+            self.decode_graphs = DecodeGraphs(network, self.attention, self.kv_cache, build.max_batch_size,
+                                              self.blocks_per_sequence, self.scratch_block, device)
+        if prompt_graphs:
+            self.prompt_graphs = PromptGraphs(network, self.attention, self.kv_cache, build.max_input_len,
+                                              self.blocks_per_sequence, self.scratch_block, device,
+                                              self.decode_graphs.pool)
 
     def forward(self, block_tables: list[list[int]], cached: list[int], new_tokens: list[list[int]],
                 logit_rows: list[int] | None = None) -> torch.Tensor:

@@ -20,9 +20,10 @@ from checkpoints import tiny_config
 from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
 from glm_engine.attention import PagedAttention, ReferenceAttention, StepLayout
-from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.config import BuildConfig
 from glm_engine.engine import Engine
 from glm_engine.layout import weight_shapes
+from glm_engine.models import read_model_config
 from glm_engine.runtime.cuda_graphs import PromptGraphs
 from glm_engine.runtime.model_runner import graphs_to_capture
 from glm_engine.runtime.sampling import SamplingConfig
@@ -285,7 +286,7 @@ on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs a
 def test_prompt_graphs_give_the_eager_tokens(monkeypatch, tmp_path):
     """On a GPU, a session with the prompt graphs generates the tokens of one without CUDA
     graphs, for a prompt in every token bucket, and runs the graphs for them."""
-    config = ModelConfig.from_hf_config(tiny_config())
+    config = read_model_config(tiny_config())
     generator = torch.Generator().manual_seed(36)
     weights = {name: (torch.randn(shape, generator=generator) * 0.1).half() for name, shape in
                weight_shapes(config).items()}
@@ -332,7 +333,7 @@ def test_decode_graph_inputs_give_the_eager_step(tiny_checkpoint_factory, tmp_pa
 def test_graphs_only_for_backends_that_support_them():
     """The reference attention (per-step shapes) gets no CUDA graphs; the plugin's gets decode
     graphs, and prompt graphs with context FMHA on engines of one rank."""
-    config = ModelConfig.from_hf_config(tiny_config())
+    config = read_model_config(tiny_config())
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # the backends live on the CPU; only the choice sees cuda
     build = BuildConfig(dtype="float32", use_gpt_attention_plugin="float32", context_fmha="enabled_with_fp32_acc")
     reference = ReferenceAttention(config, torch.float32, cpu)
@@ -354,7 +355,7 @@ def test_graph_metadata_equals_the_eager_metadata(sequences, tokens):
     """The plugin's graph metadata, its static inputs filled for random steps (decode rows, or
     one sequence's prompt or chunk), holds the eager metadata's values for the step; padding
     tokens and rows address the scratch block."""
-    config = ModelConfig.from_hf_config(tiny_config())
+    config = read_model_config(tiny_config())
     backend = PagedAttention(config, torch.float32, torch.device("cpu"), "enabled_with_fp32_acc", 256)
     block_size, width, scratch = 4, 20, 90
     graph_inputs = backend.graph_inputs(sequences, tokens, width, block_size, scratch)

@@ -31,7 +31,7 @@ from glm_engine.config import ModelConfig
 from glm_engine.kernels import reference
 from glm_engine.runtime.kv_cache import KVCache
 
-FLASH_MIN_TOKENS = 1024  # shortest prompt SDPA takes: its ~50-80 us of host work a call is hidden there (PERFORMANCE.md)
+FLASH_MIN_TOKENS = 1024  # shortest prompt SDPA takes: its host work a call is hidden from there on (PERFORMANCE.md)
 SEQUENCE_COLUMNS = 3  # a graph-input row's leading columns: context length, new tokens, last token's index
 
 

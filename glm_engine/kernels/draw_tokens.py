@@ -1,6 +1,6 @@
 """Sampling in Triton: one program per row draws its token from the softmax restricted
-to the row's top-k/top-p nucleus, without sorting the vocabulary (the sort took 1.25 ms
-of a 256-row step on the H200): Gumbel-max draws above a rising floor until a drawn token
+to the row's top-k/top-p nucleus, without sorting the vocabulary (a sort of the whole
+vocabulary would cost more than the step's other work at hundreds of rows): Gumbel-max draws above a rising floor until a drawn token
 is inside the nucleus, the noise hashed from the row's key, the draw and the token id
 (splitmix64), never stored. Reference and the method: `reference.draw_tokens`."""
 

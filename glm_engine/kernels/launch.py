@@ -5,10 +5,9 @@ Programmatic dependent launch (Hopper and later, Triton >= 3.3): a kernel launch
 with it is scheduled as the kernel ahead of it ends rather than after, and its
 programs wait in `gdc_wait` until that kernel has finished and its writes are
 visible. A decode step is ~300 short kernels in a CUDA graph; this hides part of
-each one's launch behind its predecessor's tail (H100: decode step at batch 1
--4% to -9%, at batch 8 -2% to -8%; docs/PERFORMANCE.md). The kernels do not
-signal the next one early (`gdc_launch_dependents`): that measured as fast at
-batch 1 but slower at batch 8 (int4 4.2 vs 3.7 ms a step; not profiled).
+each one's launch behind its predecessor's tail (docs/PERFORMANCE.md). The kernels do
+not signal the next one early (`gdc_launch_dependents`): that measured no faster at
+batch 1 and slower at batch 8.
 
 Every kernel launched this way calls `wait_for_previous_kernel` before it reads or
 writes anything another kernel touches. Since each waits for the one ahead of it,

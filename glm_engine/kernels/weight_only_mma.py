@@ -3,15 +3,14 @@ scale per output channel, or on fp16 weights) on tensor cores: a CUDA kernel
 (weight_only_mma.cu) compiled at load with NVRTC through torch.
 
 The Triton GEMV (gemv.py) spends ~20 instructions on each int32 word of int4 weights
-(8 values), and at one row its int4 kernels are bound by that, not by memory (H100:
-the down projection 14.7 us from HBM, 13.2 us with its weights in L2). Here one
+(8 values), and at one row its int4 kernels are bound by that, not by memory (as fast
+with the weights in L2 as from HBM: docs/PERFORMANCE.md). Here one
 `mma.m16n8k16` takes a warp's 256 weights: each lane turns its 8 into the four fp16
 pairs of its A fragment with bit operations (lop3 on int4 nibbles, prmt on int8
 bytes) and one exact fp16 subtract or FMA per pair, and the tensor core multiplies and
 accumulates in float32. x rows are the B fragment's columns, so 1 to 8 rows (16 with a
-second mma) cost the same weight stream: on the H100 an int4 layer's four linears take
-47.6 us at 8 rows against the Triton GEMV's 94.5, and about as long as it at one row
-(docs/PERFORMANCE.md). On Hopper it launches with programmatic dependent launch, as
+second mma) cost the same weight stream: at 8 rows it streams each weight once where
+the Triton GEMV is bound by its instructions (docs/PERFORMANCE.md). On Hopper it launches with programmatic dependent launch, as
 the Triton kernels do, and loads its first weights before it waits.
 
 That needs the weights in the fragments' order, written once at load by `shuffle`
@@ -23,8 +22,7 @@ chooses it for the whole engine or not at all, and larger inputs (prefill) go th
 `dequantize` and cuBLAS. fp16 weights (quant_bits 0) are read as they are, row-major:
 the same permutation of each chunk's input channels makes a lane's two 32-byte row
 pieces its A fragments, so cuBLAS (prefill) and this kernel share one copy; the op table
-takes it for fp16 engines built with the GEMM plugin (H100: 143 against the Triton
-GEMV's 147 us a layer at one row). `gemm(..., swiglu=True)` computes the fused up
+takes it for fp16 engines built with the GEMM plugin. `gemm(..., swiglu=True)` computes the fused up
 projection's silu(gate) * up in the same kernel: a block takes gate tile t and up tile
 t + N/32. `launch_config` takes each shape's warps and loads per GPU architecture from
 launch_configs.json (launch_configs.py), which `benchmarks/tune_gemv.py --mma` writes from

@@ -5,8 +5,7 @@ layer, final norm, output layer and greedy argmax):
   one graph per batch-size bucket;
 - on engines with context FMHA, the step of one sequence's prompt or prompt chunk
   of up to MAX_PROMPT_TOKENS tokens, one graph per token-count bucket. Run eagerly,
-  such a step is bound by the host's kernel launches (~0.7 ms a layer on the H100
-  host, docs/PERFORMANCE.md), not by the GPU.
+  such a step is bound by the host's kernel launches, not by the GPU.
 Needs an attention backend whose kernels take fixed shapes (supports_cuda_graphs,
 supports_prompt_graphs): its graph_inputs() lays out and binds the attention's part
 of the static inputs. Padding tokens and padding rows write their K/V to a scratch

@@ -45,6 +45,7 @@ from glm_engine.prompts import random_prompts
 if TYPE_CHECKING:
     import torch
 
+    from glm_engine.runtime.sampling import SamplingConfig
     from glm_engine.runtime.session import Session
 
 NEVER_ENDS = -1  # end_id no token equals: every run generates exactly output_len tokens
@@ -136,7 +137,7 @@ def measure_engine(session: Session, prompts: list[list[int]], output_len: int, 
     sampling = SamplingConfig(max_new_tokens=output_len, end_id=NEVER_ENDS, **options)
 
     def run(first_token_out: Callable[[], None]) -> None:
-        stream = session.generate_stream(prompts, sampling)
+        stream = session.stream(prompts, sampling)
         next(stream)
         first_token_out()
         for _ in stream:
@@ -338,13 +339,17 @@ def serve_over_http(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
             "tpot_s": percentiles([r["tpot"] for r in results])}
 
 
-def run_serving(session: Session, prompts: list[list[int]], args: argparse.Namespace) -> dict:
-    """Feeds the requests to the scheduler (all at once, or at Poisson arrival times)
-    and records when each one's tokens reach the host."""
+def serving_sampling(args: argparse.Namespace) -> SamplingConfig:
+    """The serving modes' requests' sampling: exactly --output_len tokens, the sampling flags."""
     from glm_engine.runtime.sampling import SamplingConfig
 
-    sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS, **sampling_options(args, None))
-    scheduler = session.new_scheduler(**scheduler_options(args))
+    return SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS, **sampling_options(args, None))
+
+
+def run_serving(session: Session, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+    """Adds the requests to the session (all at once, or at Poisson arrival times), steps
+    it and records when each one's tokens reach the host."""
+    sampling = serving_sampling(args)
     # Where the time goes: steps that carry prompt tokens, and decode-only steps.
     split = {"prefill_steps": {"count": 0, "seconds": 0.0, "tokens": 0},
              "decode_steps": {"count": 0, "seconds": 0.0, "tokens": 0}}
@@ -353,18 +358,18 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
     submitted = steps = 0
     synchronize()
     start = time.perf_counter()
-    while submitted < len(prompts) or scheduler.has_work:
+    while submitted < len(prompts) or session.has_work:
         now = time.perf_counter() - start
         arrived = bisect.bisect_right(arrivals, now)
         if args.mode == "rate":  # arrivals follow rank 0's clock, so that every rank plans the same steps
             arrived = session.parallel.rank0_value(arrived)
         for index in range(submitted, arrived):
-            session.submit(scheduler, index, prompts[index], sampling)
+            session.add_request(prompts[index], sampling, index)
         submitted = arrived
-        if not scheduler.has_work:
+        if not session.has_work:
             time.sleep(max(0.0, arrivals[submitted] - now))
             continue
-        step = session.step(scheduler)
+        step = session.step()
         steps += 1
         before, now = now, time.perf_counter() - start
         kind = split["decode_steps" if step.forwarded_tokens == step.sequences else "prefill_steps"]
@@ -384,7 +389,8 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
     tpot = [(end - first) / max(1, count - 1) for end, first, count in zip(finish, first_token, produced)]
     manager = session.block_manager
     return {"side": "glm_engine", "requests": len(prompts), "seconds": elapsed,
-            "output_tokens_per_s": sum(produced) / elapsed, "steps": steps, "preemptions": scheduler.preemptions,
+            "output_tokens_per_s": sum(produced) / elapsed, "steps": steps,
+            "preemptions": session.scheduler.preemptions,
             "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
             "kv_pool_tokens": manager.num_blocks * manager.block_size, "blocks_free_at_end": manager.free_blocks,
             "blocks_total": manager.num_blocks, **split}
@@ -435,12 +441,14 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
               f"p99 {row['tpot_s']['p99'] * 1e3:.1f} ms (at the client)")
         return
 
-    session = load_session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))
+    session = load_session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args),
+                           **scheduler_options(args))
     result["cuda_graphs"] = session.runner.decode_graphs is not None
     result["prompt_graphs"] = session.runner.prompt_graphs is not None
     prompts = serving_requests(args, session.model_config.vocab_size)
-    for index, prompt in enumerate(prompts):  # refuse before any work
-        session.check_prompt(index, prompt, args.output_len)
+    sampling = serving_sampling(args)
+    for index, prompt in enumerate(prompts):  # refuse before any work (any number of requests: not a static batch)
+        session.limits.check(prompt, sampling, index)
     result.update(num_requests=args.num_requests, input_len_range=args.input_len_range,
                   request_rate=args.request_rate, mode=args.mode)
     reset_peak(device)

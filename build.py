@@ -297,7 +297,10 @@ def run_engine_once(engine_dir: Path) -> None:
                              random_seed=0)
     for length in sorted({min(40, build.max_input_len), min(5, build.max_input_len)}):
         prompt = [token % vocab for token in range(3, 3 + length)]
-        session.generate_requests([prompt, prompt], [greedy, sampled])
+        for sampling in (greedy, sampled):  # requests, not a static batch: any max_batch_size takes them
+            session.add_request(prompt, sampling)
+        while session.has_work:
+            session.step()
 
 
 def convert_weights(args: argparse.Namespace, model_config: ModelConfig, build_config: BuildConfig,

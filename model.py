@@ -24,6 +24,7 @@ def build_model(config: ModelConfig, ops: Ops, weights: dict[str, torch.Tensor],
 
 def load_session(engine: Engine | str | Path, device: str | torch.device | None = None,
                  **options) -> Session:
-    """A generation session running its family's network on an engine (a directory or a
-    loaded Engine); `options` as Session's (cuda_graphs, KV-pool sizing, tokenizer)."""
+    """The engine object (Session) running its family's network on an engine (a directory
+    or a loaded Engine); `options` as Session's (cuda_graphs, KV-pool sizing, tokenizer,
+    the scheduler's max_in_flight, tokens_per_step and chunked_prefill)."""
     return Session(engine, build_model, device, **options)

@@ -20,8 +20,8 @@ from glm_engine.prompts import clean_response, read_token_csv, write_token_csv
 from glm_engine.tokenizer import ChatGLMTokenizer
 
 if TYPE_CHECKING:
-    from glm_engine.runtime.sampling import SamplingConfig
-    from glm_engine.runtime.session import Session
+    from glm_engine.runtime.scheduler import StepResult
+    from glm_engine.runtime.session import RequestOutput
 
 DEFAULT_INPUT_TEXT = "续写：北京市教育资源丰富"
 HELD_MARKS = ",!:;?"  # ASCII marks that clean_response turns full-width next to a Chinese character
@@ -133,20 +133,16 @@ def screen_line(label: str, text: str, width: int) -> str:
         size *= 2
 
 
-def print_beams(session: Session, prompts: list[list[int]], texts: list[str], sampling: SamplingConfig,
-                tokenizer: ChatGLMTokenizer | None, output_csv: str | None) -> None:
-    """--num_beams: each prompt's best beam, or its --num_return_sequences best with their
-    scores; --output_csv gets one line per returned beam, prompt by prompt."""
-    results = session.generate_beams(prompts, [sampling] * len(prompts))
-    for text, beams in zip(texts, results):
-        if len(beams) == 1:
-            print_block(text, response_text(tokenizer, beams[0][0]))
+def print_outputs(texts: list[str], outputs: list[RequestOutput], tokenizer: ChatGLMTokenizer | None) -> None:
+    """Each prompt's Output block; a prompt given several beams (--num_return_sequences)
+    prints each with its score."""
+    for text, output in zip(texts, outputs):
+        if len(output.beams) < 2:
+            print_block(text, response_text(tokenizer, output.token_ids))
             continue
         print(f"\nInput --->\n\t{text}")
-        for rank, (output, score) in enumerate(beams):
-            print(f"\nOutput beam {rank} (score {score:.4f}) --->\n\t{response_text(tokenizer, output)}")
-    if output_csv is not None:
-        write_token_csv(output_csv, [output for beams in results for output, _ in beams])
+        for rank, (ids, score) in enumerate(output.beams):
+            print(f"\nOutput beam {rank} (score {score:.4f}) --->\n\t{response_text(tokenizer, ids)}")
 
 
 def write_log_probs(path: str, log_probs: list[list[float]]) -> None:
@@ -159,43 +155,57 @@ def write_log_probs(path: str, log_probs: list[list[float]]) -> None:
         json.dump([{"log_probs": values, "cum_log_prob": sum(values)} for values in log_probs], stream, indent=1)
 
 
-def stream_outputs(session: Session, prompts: list[list[int]], texts: list[str], sampling: SamplingConfig,
-                   tokenizer: ChatGLMTokenizer | None, log_probs: list[list[float]]) -> list[list[int]]:
-    """Generates while printing each prompt's text as it comes, once: one prompt streams
-    into its Output block; several stream one line each on a terminal, or print each
-    labelled block as its prompt finishes when the output is not a terminal. Each
-    step's new tokens are decoded once (StreamedResponse)."""
-    outputs: list[list[int]] = [[] for _ in prompts]
-    single, live = len(prompts) == 1, len(prompts) > 1 and sys.stdout.isatty()
-    responses = [StreamedResponse(tokenizer) for _ in prompts]
-    if single:
-        print(f"\nInput --->\n\t{texts[0]}\n\nOutput --->\n\t", end="", flush=True)
-    lines = None
-    if live:
-        print("\nInput --->\n" + "\n".join(f"\t[{i}] {text}" for i, text in enumerate(texts)) + "\n\nOutput --->")
-        lines = LiveLines(len(prompts))
-    for step in session.stream_requests(prompts, [sampling] * len(prompts)):
+class StreamDisplay:
+    """--streaming: each prompt's text printed as it comes, once: one prompt streams into
+    its Output block; several stream one line each on a terminal, or print each labelled
+    block as its prompt finishes when the output is not a terminal. Each step's new
+    tokens are decoded once (StreamedResponse)."""
+
+    def __init__(self, texts: list[str], tokenizer: ChatGLMTokenizer | None) -> None:
+        self.texts, self.tokenizer = texts, tokenizer
+        self.single, self.live = len(texts) == 1, len(texts) > 1 and sys.stdout.isatty()
+        self.responses = [StreamedResponse(tokenizer) for _ in texts]
+        self.lines = None
+        if self.single:
+            print(f"\nInput --->\n\t{texts[0]}\n\nOutput --->\n\t", end="", flush=True)
+        if self.live:
+            print("\nInput --->\n" + "\n".join(f"\t[{i}] {text}" for i, text in enumerate(texts)) + "\n\nOutput --->")
+            self.lines = LiveLines(len(texts))
+
+    def show(self, step: StepResult, outputs: list[RequestOutput]) -> None:
+        """Prints a step's news; `outputs` already hold its tokens."""
         new: dict[int, list[int]] = {}
         for index, token in step.tokens:
-            outputs[index].append(token)
             new.setdefault(index, []).append(token)
-        for index, log_prob in step.log_probs:  # filled when --output_log_probs asks
-            log_probs[index].append(log_prob)
-        if single:
-            print(responses[0].add(new.get(0, []), final=bool(step.finished)), end="", flush=True)
-        elif live:
+        if self.single:
+            print(self.responses[0].add(new.get(0, []), final=bool(step.finished)), end="", flush=True)
+        elif self.live:
             for index in new.keys() | set(step.finished):
-                responses[index].add(new.get(index, []), final=index in step.finished)
-            lines.draw([response.shown for response in responses])
-        for index in step.finished if not (single or live) else []:
-            print_block(texts[index], response_text(tokenizer, outputs[index]), f" [{index}]")
-    tails = [response.add([], final=True) for response in responses]  # held back by a stream that ended unfinished
-    if single:
-        print(tails[0], end="")
-    if live:
-        lines.draw([response.shown for response in responses])
-    print()
-    return outputs
+                self.responses[index].add(new.get(index, []), final=index in step.finished)
+            self.lines.draw([response.shown for response in self.responses])
+        else:
+            for index in step.finished:
+                print_block(self.texts[index], response_text(self.tokenizer, outputs[index].token_ids), f" [{index}]")
+
+    def finish(self) -> None:
+        """Prints what a stream that ended unfinished held back, and ends the output."""
+        tails = [response.add([], final=True) for response in self.responses]
+        if self.single:
+            print(tails[0], end="")
+        if self.live:
+            self.lines.draw([response.shown for response in self.responses])
+        print()
+
+
+def read_prompts(args: argparse.Namespace, tokenizer: ChatGLMTokenizer | None) -> tuple[list[list[int]], list[str]]:
+    """The prompts' token ids and the texts shown for them (--input_tokens or --input_text)."""
+    if args.input_tokens is not None:
+        prompts = read_token_csv(args.input_tokens)
+        return prompts, [tokenizer.decode(p) if tokenizer else ",".join(map(str, p)) for p in prompts]
+    texts = args.input_text or [DEFAULT_INPUT_TEXT]
+    if not all(text.strip() for text in texts):
+        raise GlmEngineError("--input_text holds an empty prompt")
+    return [tokenizer.encode(text) for text in texts], texts
 
 
 def main() -> None:
@@ -204,7 +214,7 @@ def main() -> None:
     from glm_engine.engine import engine_configs
     from glm_engine.output_file import check_output_file
     from glm_engine.runtime.sampling import SamplingConfig
-    from glm_engine.runtime.session import resolve_device
+    from glm_engine.runtime.session import RequestOutput, record_step, resolve_device
     from model import load_session
 
     if args.input_tokens is not None and args.input_text is not None:
@@ -221,34 +231,26 @@ def main() -> None:
     if args.streaming and sampling.num_beams > 1:
         raise GlmEngineError("--streaming shows tokens as they come, and beams are known only when the search ends; "
                              "drop --streaming or --num_beams")
-    if args.input_tokens is not None:
-        prompts = read_token_csv(args.input_tokens)
-        texts = [tokenizer.decode(p) if tokenizer else ",".join(map(str, p)) for p in prompts]
-    else:
-        texts = args.input_text or [DEFAULT_INPUT_TEXT]
-        if not all(text.strip() for text in texts):
-            raise GlmEngineError("--input_text holds an empty prompt")
-        prompts = [tokenizer.encode(text) for text in texts]
+    prompts, texts = read_prompts(args, tokenizer)
     session = load_session(args.engine_dir, device, tokenizer=tokenizer, **kv_cache_options(args))
-    if not session.build_config.use_inflight_batching:  # a static batch: all prompts at once
-        session.check_request(prompts, sampling.max_new_tokens, sampling.num_beams)
-    if not session.is_main_rank:  # tensor parallelism: the other ranks compute the same steps, rank 0 prints
-        session.generate_requests(prompts, [sampling] * len(prompts))
+    session.check_requests(prompts, sampling)  # before anything is printed
+    # Tensor parallelism: every rank computes the same steps, rank 0 prints.
+    display = StreamDisplay(texts, tokenizer) if args.streaming and session.is_main_rank else None
+    outputs = [RequestOutput() for _ in prompts]
+    for step in session.stream(prompts, sampling):
+        record_step(outputs, step)
+        if display is not None:
+            display.show(step, outputs)
+    if not session.is_main_rank:
         return
-    if sampling.num_beams > 1:
-        print_beams(session, prompts, texts, sampling, tokenizer, args.output_csv)
-        return
-    log_probs: list[list[float]] = [[] for _ in prompts]
-    if args.streaming:
-        outputs = stream_outputs(session, prompts, texts, sampling, tokenizer, log_probs)
+    if display is not None:
+        display.finish()
     else:
-        outputs, log_probs = session.generate_with_log_probs(prompts, [sampling] * len(prompts))
-        for text, output in zip(texts, outputs):
-            print_block(text, response_text(tokenizer, output))
+        print_outputs(texts, outputs, tokenizer)
     if args.output_csv is not None:
-        write_token_csv(args.output_csv, outputs)
+        write_token_csv(args.output_csv, [ids for output in outputs for ids in output.returned])
     if args.output_log_probs is not None:
-        write_log_probs(args.output_log_probs, log_probs)
+        write_log_probs(args.output_log_probs, [output.log_probs for output in outputs])
     sys.stdout.flush()
 
 

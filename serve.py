@@ -56,8 +56,8 @@ def main() -> None:
     tokenizer = ChatGLMTokenizer.from_dir(tokenizer_dir)
     # Both run in the engine process: module-level functions, so that they pickle however serve.py was started.
     session_factory = functools.partial(load_session, args.engine_dir, args.device, tokenizer=tokenizer,
-                                        **kv_cache_options(args))
-    engine = EngineProcess(session_factory, scheduler_options(args), args.max_queue,
+                                        **kv_cache_options(args), **scheduler_options(args))
+    engine = EngineProcess(session_factory, args.max_queue,
                            process_setup=functools.partial(setup_logging, args.log_level))
     app = create_app(engine, tokenizer, args.model_name or Path(args.engine_dir).resolve().name,
                      args.shutdown_timeout)

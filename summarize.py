@@ -185,21 +185,16 @@ def main() -> None:
     sides = []
     if args.test_engine:
         session = load_session(args.engine_dir, device, **kv_cache_options(args))
-        inflight = session.build_config.use_inflight_batching
-        for batch in batches:  # every batch checked before the first is generated
-            for index, prompt in enumerate(batch) if inflight else []:
-                session.check_prompt(index, prompt, args.output_len)
-            if not inflight:
-                session.check_request(batch, args.output_len, args.num_beams)
         sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=session.model_config.eos_token_id,
                                   num_beams=args.num_beams)
-        sides.append(SideResult("glm_engine"))
+        for batch in batches:  # every batch checked before the first is generated
+            session.check_requests(batch, sampling)
+        inflight = session.build_config.use_inflight_batching
         if inflight:  # all articles queued, batch_size in flight
-            run_side(sides[-1], lambda batch: session.generate_requests(batch, [sampling] * len(batch),
-                                                                        args.batch_size * args.num_beams),
-                     [prompts], tokenizer)
-        else:
-            run_side(sides[-1], lambda batch: session.generate(batch, sampling), batches, tokenizer)
+            session.configure_scheduler(max_in_flight=args.batch_size * args.num_beams)
+        sides.append(SideResult("glm_engine"))
+        run_side(sides[-1], lambda batch: [output.token_ids for output in session.generate(batch, sampling)],
+                 [prompts] if inflight else batches, tokenizer)
         if not session.is_main_rank:  # tensor parallelism: rank 0 alone runs the reference and scores
             return
         del session

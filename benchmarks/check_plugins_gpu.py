@@ -26,7 +26,7 @@ def main() -> None:
     for name, directory, graphs in [("plugin+graphs", plugin_dir, True), ("plugin eager", plugin_dir, False),
                                     ("reference", reference_dir, False)]:
         session = load_session(directory, "cuda", cuda_graphs=graphs)
-        outputs[name] = session.generate(prompts, sampling)
+        outputs[name] = [output.token_ids for output in session.generate(prompts, sampling)]
         if name == "plugin eager":
             plugin_logits = session.prompt_logits(prompts[1])
         if name == "reference":

@@ -1,13 +1,15 @@
 """The OpenAI-compatible HTTP API of serve.py, on FastAPI: /v1/completions,
 /v1/chat/completions (streamed as server-sent events or whole), /v1/models, /health
 and /metrics (Prometheus text). Every request goes to the one engine process
-(runtime/engine_process.py), whose loop batches them in flight; a client that disconnects is cancelled (its KV blocks freed before the next step); errors
-have OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+(runtime/engine_process.py), whose loop batches them in flight; a client that
+disconnects is cancelled (its KV blocks freed before the next step); errors have
+OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import threading
 import time
@@ -24,8 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from glm_engine import GlmEngineError
 from glm_engine.detokenizer import IncrementalDetokenizer
 from glm_engine.prompts import chat_prompt_ids
-from glm_engine.runtime.engine_loop import LoopClosed, LoopRequest
-from glm_engine.runtime.engine_process import EngineProcess, QueueFull
+from glm_engine.runtime.engine_process import EngineClosed, EngineProcess, EngineRequest, QueueFull
 from glm_engine.config import MAX_SEED
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.tokenizer import ChatGLMTokenizer
@@ -77,9 +78,10 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 
 class Metrics:
-    """The Prometheus series of one server (its own registry)."""
+    """The Prometheus series of one server (its own registry); the gauges read `engine`'s
+    latest stats."""
 
-    def __init__(self, loop_stats) -> None:
+    def __init__(self, engine: EngineProcess) -> None:
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("glm_requests", "requests finished, by outcome", ["outcome"], registry=registry)
         self.prompt_tokens = Counter("glm_prompt_tokens", "prompt tokens of admitted requests", registry=registry)
@@ -89,13 +91,14 @@ class Metrics:
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.tpot = Histogram("glm_time_per_output_token_seconds", "first to last token, per later token",
                               registry=registry, buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28))
-        for name, text, read in (("glm_requests_running", "sequences in flight", lambda: loop_stats.running),
-                                 ("glm_queue_length", "requests waiting for a slot", lambda: loop_stats.waiting),
-                                 ("glm_kv_blocks_free", "free blocks of the KV pool", lambda: loop_stats.free_blocks),
-                                 ("glm_kv_blocks_total", "blocks of the KV pool", lambda: loop_stats.total_blocks)):
+        for name, text, read in (("glm_requests_running", "sequences in flight", lambda: engine.stats.running),
+                                 ("glm_queue_length", "requests waiting for a slot", lambda: engine.stats.waiting),
+                                 ("glm_kv_blocks_free", "free blocks of the KV pool",
+                                  lambda: engine.stats.free_blocks),
+                                 ("glm_kv_blocks_total", "blocks of the KV pool", lambda: engine.stats.total_blocks)):
             Gauge(name, text, registry=registry).set_function(read)
 
-    def record_step(self, request: LoopRequest, new_tokens: int, finished: bool) -> None:
+    def record_step(self, request: EngineRequest, new_tokens: int, finished: bool) -> None:
         """The engine's on_step: token counts, and the latencies of a finished request."""
         self.generated_tokens.inc(new_tokens)
         if finished and request.first_token_at is not None:
@@ -105,17 +108,18 @@ class Metrics:
 
 
 class _Inbox:
-    """Hands tokens from the engine loop's thread to the requests' asyncio queues with one
-    wake-up of the event loop per batch (a step's deliveries), not one per request."""
+    """Hands tokens from the engine's receiving thread to the requests' asyncio queues with
+    one wake-up of the event loop per batch (a step's deliveries), not one per request."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.lock = threading.Lock()
         self.pending: list[tuple[asyncio.Queue, tuple]] = []
 
-    def put(self, queue: asyncio.Queue, item: tuple) -> None:
+    def put(self, queue: asyncio.Queue, choice: int, tokens: list[int], finished: bool, error: str | None) -> None:
+        """A choice's news (its request's deliver), for `queue` on the event loop."""
         with self.lock:
-            self.pending.append((queue, item))
+            self.pending.append((queue, (choice, tokens, finished, error)))
             if len(self.pending) > 1:  # a wake-up is already on its way
                 return
         self.loop.call_soon_threadsafe(self._drain)
@@ -138,9 +142,16 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
         await asyncio.to_thread(engine.close, shutdown_timeout)
 
     app = FastAPI(title="glm_engine OpenAI-compatible API", lifespan=lifespan)
-    metrics = Metrics(engine.stats)
+    metrics = Metrics(engine)
     engine.on_step = metrics.record_step
-    build, end_id = engine.limits.build_config, engine.limits.end_id
+    _add_error_handlers(app)
+    _add_info_routes(app, engine, metrics, model_name)
+    _add_generation_routes(app, _Generations(engine, tokenizer, model_name, metrics))
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """OpenAI's error body for invalid requests (400) and refusals (ApiError's status)."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -151,6 +162,10 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
     @app.exception_handler(ApiError)
     async def refused(_: Request, error: ApiError) -> JSONResponse:
         return error_response(error.status, error.message, error.kind, error.param)
+
+
+def _add_info_routes(app: FastAPI, engine: EngineProcess, metrics: Metrics, model_name: str) -> None:
+    """/health, /metrics and /v1/models."""
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -168,10 +183,42 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "glm_engine",
                                             "created": 0}]}
 
-    def samplings(body: _Generation) -> list[SamplingConfig]:
-        if body.model != model_name:
-            raise ApiError(404, f"model {body.model!r} is not served here; /v1/models lists {model_name!r}",
+
+def _add_generation_routes(app: FastAPI, generations: _Generations) -> None:
+    """/v1/completions and /v1/chat/completions."""
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        tokenizer = generations.tokenizer
+        prompt = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        return await generations.answer(prompt, body, "text_completion", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        messages = [(message.role, message.content) for message in body.messages]
+        try:
+            prompt = chat_prompt_ids(generations.tokenizer, messages)
+        except GlmEngineError as error:
+            raise ApiError(400, str(error), param="messages") from None
+        return await generations.answer(prompt, body, "chat.completion", request)
+
+
+class _Generations:
+    """The completions of one server: each request's choices sent to the engine, their
+    news gathered into server-sent events or one whole answer, and the choices of a
+    client that leaves cancelled (their KV blocks freed before the next step)."""
+
+    def __init__(self, engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: str, metrics: Metrics) -> None:
+        self.engine, self.tokenizer, self.model_name, self.metrics = engine, tokenizer, model_name, metrics
+        self.inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
+
+    def samplings(self, body: _Generation) -> list[SamplingConfig]:
+        """One SamplingConfig per choice (n) of a request; refuses another model's name and
+        lengths outside the engine's."""
+        if body.model != self.model_name:
+            raise ApiError(404, f"model {body.model!r} is not served here; /v1/models lists {self.model_name!r}",
                            param="model")
+        build = self.engine.limits.build_config
         max_tokens = build.max_output_len if body.max_tokens is None else body.max_tokens
         if max_tokens > build.max_output_len:
             raise ApiError(400, f"max_tokens {max_tokens} is over the engine's max_output_len {build.max_output_len}",
@@ -181,44 +228,44 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         greedy = body.temperature == 0.0
         return [SamplingConfig(max_new_tokens=max_tokens, temperature=1.0 if greedy else body.temperature,
-                               top_k=1 if greedy else 0, top_p=body.top_p, end_id=end_id, stop_words=stop,
+                               top_k=1 if greedy else 0, top_p=body.top_p, end_id=self.engine.limits.end_id,
+                               stop_words=stop,
                                random_seed=None if body.seed is None else (body.seed + choice) % (MAX_SEED + 1),
                                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                                min_length=body.min_tokens)
                 for choice in range(body.n)]
 
-    inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
-
-    async def run(prompt: list[int], body: _Generation, kind: str, request: Request):
+    async def answer(self, prompt: list[int], body: _Generation, kind: str, request: Request):
+        """Sends the request's choices to the engine; the streamed events or the whole answer."""
         loop = asyncio.get_running_loop()
-        inbox = inboxes.get(loop) or inboxes.setdefault(loop, _Inbox(loop))
+        inbox = self.inboxes.get(loop) or self.inboxes.setdefault(loop, _Inbox(loop))
         queue: asyncio.Queue = asyncio.Queue()  # (choice, tokens, finished, error) of all the request's choices
         ids: list[int] = []
         try:
-            for choice, sampling in enumerate(samplings(body)):
-                deliver = lambda tokens, finished, error, choice=choice: inbox.put(  # noqa: E731
-                    queue, (choice, tokens, finished, error))
-                ids.append(engine.submit(LoopRequest(prompt, sampling, deliver)))
+            for choice, sampling in enumerate(self.samplings(body)):
+                deliver = functools.partial(inbox.put, queue, choice)
+                ids.append(self.engine.submit(EngineRequest(prompt, sampling, deliver)))
         except QueueFull as error:
-            _cancel(ids)
+            self.cancel(ids)
             raise ApiError(429, str(error), "rate_limit_exceeded") from None
-        except LoopClosed as error:
-            _cancel(ids)
+        except EngineClosed as error:
+            self.cancel(ids)
             raise ApiError(503, str(error), "server_error") from None
         except GlmEngineError as error:
-            _cancel(ids)
+            self.cancel(ids)
             raise ApiError(400, str(error)) from None
-        metrics.prompt_tokens.inc(len(prompt) * len(ids))
-        answer = _Answer(kind, model_name, len(prompt), body.n, sampling.max_new_tokens, tokenizer)
+        self.metrics.prompt_tokens.inc(len(prompt) * len(ids))
+        answer = _Answer(kind, self.model_name, len(prompt), body.n, sampling.max_new_tokens, self.tokenizer)
         if body.stream:
-            return StreamingResponse(_events(answer, queue, ids), media_type="text/event-stream")
-        return await _whole_unless_left(request, answer, queue, ids)
+            return StreamingResponse(self.events(answer, queue, ids), media_type="text/event-stream")
+        return await self.whole_unless_left(request, answer, queue, ids)
 
-    def _cancel(ids: list[int]) -> None:
+    def cancel(self, ids: list[int]) -> None:
+        """Drops the requests of choices still open (their client left, or one failed)."""
         for request_id in ids:
-            engine.cancel(request_id)
+            self.engine.cancel(request_id)
 
-    async def _news(queue: asyncio.Queue, open_choices: set[int]) -> list[tuple]:
+    async def news(self, queue: asyncio.Queue, open_choices: set[int]) -> list[tuple]:
         """The request's news (choice, tokens, finished, error) waiting in `queue`, at least
         one, merged per choice: when this side falls behind the engine, several steps' tokens
         go out as one event instead of one event per step. A choice that ends or fails
@@ -233,16 +280,16 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
         for choice, _, finished, error in merged.values():
             if finished or error is not None:
                 open_choices.discard(choice)
-                metrics.requests.labels("ok" if error is None else "error").inc()
+                self.metrics.requests.labels("ok" if error is None else "error").inc()
         return list(merged.values())
 
-    async def _events(answer: _Answer, queue: asyncio.Queue, ids: list[int]) -> AsyncIterator[str]:
+    async def events(self, answer: _Answer, queue: asyncio.Queue, ids: list[int]) -> AsyncIterator[str]:
         """The request's server-sent events. A client that leaves closes this generator
         (Starlette cancels it, or the next send fails): its open choices are cancelled."""
         open_choices = set(range(len(ids)))
         try:
             while open_choices:
-                for choice, tokens, finished, error in await _news(queue, open_choices):
+                for choice, tokens, finished, error in await self.news(queue, open_choices):
                     if error is not None:
                         yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": None}})
                         continue
@@ -252,49 +299,35 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
             yield _sse(answer.usage_chunk())
             yield "data: [DONE]\n\n"
         finally:  # the client left: free its blocks now
-            _cancel([ids[choice] for choice in open_choices])
-            metrics.requests.labels("cancelled").inc(len(open_choices))
+            self.cancel([ids[choice] for choice in open_choices])
+            self.metrics.requests.labels("cancelled").inc(len(open_choices))
 
-    async def _whole_unless_left(request: Request, answer: _Answer, queue: asyncio.Queue,
-                                 ids: list[int]) -> JSONResponse:
+    async def whole_unless_left(self, request: Request, answer: _Answer, queue: asyncio.Queue,
+                                ids: list[int]) -> JSONResponse:
         """The whole answer; a client that disconnects before it is ready is cancelled
         (looked for every DISCONNECT_POLL_SECONDS), its blocks freed."""
         open_choices = set(range(len(ids)))
-        whole = asyncio.ensure_future(_whole(answer, queue, ids, open_choices))
+        whole = asyncio.ensure_future(self.whole(answer, queue, ids, open_choices))
         while not (await asyncio.wait({whole}, timeout=DISCONNECT_POLL_SECONDS))[0]:
             if await request.is_disconnected():
-                whole.cancel()  # _whole's finally cancels the open choices
+                whole.cancel()  # whole's finally cancels the open choices
                 with contextlib.suppress(asyncio.CancelledError):
                     await whole
-                metrics.requests.labels("cancelled").inc(len(open_choices))
+                self.metrics.requests.labels("cancelled").inc(len(open_choices))
                 return error_response(499, "the client closed the connection")  # nobody reads it
         return JSONResponse(whole.result())
 
-    async def _whole(answer: _Answer, queue: asyncio.Queue, ids: list[int], open_choices: set[int]) -> dict:
+    async def whole(self, answer: _Answer, queue: asyncio.Queue, ids: list[int], open_choices: set[int]) -> dict:
+        """Every choice's text, once all have finished."""
         try:
             while open_choices:
-                for choice, tokens, finished, error in await _news(queue, open_choices):
+                for choice, tokens, finished, error in await self.news(queue, open_choices):
                     if error is not None:
                         raise ApiError(503, error, "server_error")
                     answer.add(choice, tokens, finished, streaming=False)
         finally:
-            _cancel([ids[choice] for choice in open_choices])
+            self.cancel([ids[choice] for choice in open_choices])
         return answer.whole()
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        prompt = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
-        return await run(prompt, body, "text_completion", request)
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
-        try:
-            prompt = chat_prompt_ids(tokenizer, [(message.role, message.content) for message in body.messages])
-        except GlmEngineError as error:
-            raise ApiError(400, str(error), param="messages") from None
-        return await run(prompt, body, "chat.completion", request)
-
-    return app
 
 
 def _sse(payload: dict) -> str:

@@ -23,8 +23,11 @@ def main(engine_dir: str, output: str) -> None:
     vocab = session.model_config.vocab_size
     prompts = [[token % vocab for token in prompt] for prompt in PROMPTS]
     greedy = SamplingConfig(max_new_tokens=10, end_id=-1)
-    tokens = session.generate_requests(prompts, [greedy] * len(prompts), max_in_flight=2)
-    sampled = session.generate_requests(prompts[:2], [SamplingConfig(max_new_tokens=6, top_k=0, end_id=-1)] * 2)
+    session.configure_scheduler(max_in_flight=2)
+    tokens = [output.token_ids for output in session.generate(prompts, greedy)]
+    session.configure_scheduler()
+    sampled = [output.token_ids for output in session.generate(prompts[:2], SamplingConfig(max_new_tokens=6, top_k=0,
+                                                                                           end_id=-1))]
     logits = session.prompt_logits(prompts[2])
     if session.is_main_rank:
         torch.save({"tokens": tokens, "sampled": sampled, "logits": logits}, output)

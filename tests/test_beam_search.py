@@ -90,7 +90,7 @@ def test_engine_beams_match_hugging_face_static_batch(model_dir, reference, tmp_
     prompts = [random_prompt(6, 1), random_prompt(13, 2)]
     samplings = [SamplingConfig(max_new_tokens=12, end_id=end_token(reference, prompt), num_beams=num_beams,
                                 length_penalty=length_penalty, num_return_sequences=num_beams) for prompt in prompts]
-    results = session.generate_beams(prompts, samplings)
+    results = [output.beams for output in session.generate(prompts, samplings)]
     for prompt, sampling, ours in zip(prompts, samplings, results):
         theirs = hf_beam_search(reference, prompt, num_beams, sampling.end_id, 12, length_penalty=length_penalty)
         assert [tokens for tokens, _ in ours] == [tokens for tokens, _ in theirs]
@@ -133,9 +133,9 @@ def test_beams_share_their_prompt_blocks(model_dir, tmp_path):
 
     session = build_engine(model_dir, tmp_path / "engine", "float32", "--max_batch_size", "8", "--paged_kv_cache",
                            "--tokens_per_block", "4")
-    scheduler = session.new_scheduler()
-    session.submit(scheduler, 0, random_prompt(13, 2), SamplingConfig(max_new_tokens=12, end_id=-1, num_beams=4))
-    session.step(scheduler)  # the prompt, then the fork into 4 beams
+    scheduler = session.scheduler
+    session.add_request(random_prompt(13, 2), SamplingConfig(max_new_tokens=12, end_id=-1, num_beams=4))
+    session.step()  # the prompt, then the fork into 4 beams
     tables = [sequence.block_table for sequence in scheduler.running]
     assert len(tables) == 4 and all(table[:3] == tables[0][:3] for table in tables)
     shared = tables[0][3]

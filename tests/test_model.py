@@ -85,7 +85,7 @@ def test_greedy_batch_of_mixed_lengths_matches_glm_for_causal_lm(tiny_checkpoint
     session = build_engine(model_dir, tmp_path / "engine")
     reference_model = oracle(model_dir)
     prompts = [random_prompt(length, seed) for seed, length in enumerate([3, 17, 9, 30])]
-    outputs = session.generate(prompts, SamplingConfig(max_new_tokens=24))
+    outputs = [output.token_ids for output in session.generate(prompts, SamplingConfig(max_new_tokens=24))]
     for prompt, output in zip(prompts, outputs):
         with torch.no_grad():
             generated = reference_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,

@@ -18,6 +18,11 @@ from test_scheduler import run_all
 END = 2
 
 
+def generate(session, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
+    """Each prompt's generated ids (a static batch)."""
+    return [output.token_ids for output in session.generate(prompts, sampling)]
+
+
 class OpenAIPenalties(LogitsProcessor):
     """Presence and frequency penalties over the generated tokens, as OpenAI defines them
     (Hugging Face has no such processor): the test's reference, one row at a time."""
@@ -64,20 +69,20 @@ def test_static_batch_matches_hugging_face(model_dir, reference, tmp_path, setti
     session = build_engine(model_dir, tmp_path / "engine")
     prompts = [random_prompt(length, seed) for seed, length in enumerate([3, 17, 9])]
     sampling = SamplingConfig(max_new_tokens=24, end_id=END, **setting)
-    outputs = session.generate(prompts, sampling)
+    outputs = generate(session, prompts, sampling)
     for prompt, output in zip(prompts, outputs):
         assert output == hf_greedy(reference, prompt, sampling)
-    plain = session.generate(prompts, SamplingConfig(max_new_tokens=24, end_id=END))
+    plain = generate(session, prompts, SamplingConfig(max_new_tokens=24, end_id=END))
     assert outputs != plain  # the setting changed the tokens
 
 
 def test_min_length_holds_the_end_token_back(model_dir, reference, tmp_path):
     session = build_engine(model_dir, tmp_path / "engine")
     prompt = random_prompt(9, 3)
-    end = session.generate([prompt], SamplingConfig(max_new_tokens=8, end_id=-1))[0][3]  # greedy's 4th token
-    assert len(session.generate([prompt], SamplingConfig(max_new_tokens=24, end_id=end))[0]) <= 3
+    end = generate(session, [prompt], SamplingConfig(max_new_tokens=8, end_id=-1))[0][3]  # greedy's 4th token
+    assert len(generate(session, [prompt], SamplingConfig(max_new_tokens=24, end_id=end))[0]) <= 3
     sampling = SamplingConfig(max_new_tokens=24, end_id=end, min_length=12)
-    output = session.generate([prompt], sampling)[0]
+    output = generate(session, [prompt], sampling)[0]
     assert len(output) >= 12 and output == hf_greedy(reference, prompt, sampling)
 
 
@@ -97,12 +102,11 @@ def test_in_flight_with_preemption_mixes_penalized_and_plain_requests(model_dir,
 
 def test_penalty_slots_are_given_back(model_dir, tmp_path):
     session = build_engine(model_dir, tmp_path / "engine")
-    scheduler = session.new_scheduler()
+    scheduler = session.scheduler
     for index in range(3):
-        session.submit(scheduler, index, random_prompt(6, index), SamplingConfig(max_new_tokens=5,
-                                                                                 repetition_penalty=1.5))
-    while scheduler.has_work:
-        session.step(scheduler)
+        session.add_request(random_prompt(6, index), SamplingConfig(max_new_tokens=5, repetition_penalty=1.5))
+    while session.has_work:
+        session.step()
     assert sorted(scheduler.sampler.history.free) == list(range(scheduler.max_in_flight))
 
 
@@ -120,10 +124,10 @@ def test_bad_words_match_hugging_face(model_dir, reference, tmp_path):
     after the rest of the word (across the prompt's end too)."""
     session = build_engine(model_dir, tmp_path / "engine")
     prompts = [random_prompt(length, seed) for seed, length in enumerate([4, 11])]
-    plain = session.generate(prompts, SamplingConfig(max_new_tokens=16, end_id=END))
+    plain = generate(session, prompts, SamplingConfig(max_new_tokens=16, end_id=END))
     words = ((plain[0][2],), (plain[1][4],), (plain[0][6], plain[0][7]), (prompts[1][-1], plain[1][0]))
     sampling = SamplingConfig(max_new_tokens=16, end_id=END, bad_words=words)
-    outputs = session.generate(prompts, sampling)
+    outputs = generate(session, prompts, sampling)
     assert outputs != plain
     for prompt, output in zip(prompts, outputs):
         with torch.no_grad():
@@ -139,13 +143,14 @@ def test_log_probs_are_those_of_the_chosen_tokens(model_dir, reference, tmp_path
     greedy = SamplingConfig(max_new_tokens=6, end_id=-1, output_log_probs=True)
     sampled = SamplingConfig(max_new_tokens=6, end_id=-1, output_log_probs=True, top_k=0, temperature=0.7,
                              random_seed=3)
-    outputs, log_probs = session.generate_with_log_probs([prompt, prompt], [greedy, sampled])
+    results = session.generate([prompt, prompt], [greedy, sampled])
+    outputs, log_probs = [result.token_ids for result in results], [result.log_probs for result in results]
     for output, values, temperature in zip(outputs, log_probs, (1.0, 0.7)):
         with torch.no_grad():
             logits = reference(torch.tensor([prompt + output])).logits[0, len(prompt) - 1:-1] / temperature
         expected = logits.log_softmax(-1).gather(1, torch.tensor(output)[:, None])[:, 0]
         assert torch.allclose(torch.tensor(values), expected, atol=1e-4)
-    assert session.generate_with_log_probs([prompt], [SamplingConfig(max_new_tokens=3, end_id=-1)])[1] == [[]]
+    assert session.generate([prompt], [SamplingConfig(max_new_tokens=3, end_id=-1)])[0].log_probs == []
 
 
 def test_run_py_flags_reach_the_runtime(model_dir, tmp_path):
@@ -164,8 +169,8 @@ def test_run_py_flags_reach_the_runtime(model_dir, tmp_path):
         assert result.returncode == 0, result.stderr
         return [int(token) for token in (tmp_path / "o.csv").read_text().strip().split(",")]
 
-    expected = session.generate([[5, 6, 7, 8]], SamplingConfig(max_new_tokens=10, repetition_penalty=1.7,
-                                                               presence_penalty=0.4))[0]
+    expected = generate(session, [[5, 6, 7, 8]], SamplingConfig(max_new_tokens=10, repetition_penalty=1.7,
+                                                                presence_penalty=0.4))[0]
     assert run("--repetition_penalty", "1.7", "--presence_penalty", "0.4") == expected
     plain = run("--output_log_probs", tmp_path / "lp.json")
     records = json.loads((tmp_path / "lp.json").read_text())

@@ -161,7 +161,7 @@ def test_kernel_engines_run_the_reference_ops_on_the_cpu(tiny_checkpoint_factory
                             dequantize_weights(engine.weights, torch.float32)), "cpu")
     prompts = [random_prompt(length, seed) for seed, length in enumerate([6, 19, 2])]
     sampling = SamplingConfig(max_new_tokens=16, end_id=-1)
-    assert session.generate_requests(prompts, [sampling] * 3) == oracle.generate(prompts, sampling)
+    assert session.generate(prompts, [sampling] * 3) == oracle.generate(prompts, sampling)
     assert kernel_calls == {}
 
 

@@ -32,20 +32,26 @@ def mixed_prompts(count: int, seed: int, longest: int = 30) -> list[list[int]]:
 
 def run_all(session: Session, prompts: list[list[int]], samplings: list[SamplingConfig],
             max_in_flight: int, **scheduler_options) -> tuple[list[list[int]], Scheduler]:
-    scheduler = session.new_scheduler(max_in_flight, **scheduler_options)
+    session.configure_scheduler(max_in_flight, **scheduler_options)
+    scheduler = session.scheduler
     scheduler.step_tokens = []  # tokens forwarded by each step
     for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
-        session.submit(scheduler, index, prompt, sampling)
+        session.add_request(prompt, sampling, index)
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = []
-    while scheduler.has_work:
-        step = session.step(scheduler)
+    while session.has_work:
+        step = session.step()
         scheduler.step_tokens.append(step.forwarded_tokens)
         for index, token in step.tokens:
             outputs[index].append(token)
         finished += step.finished
     assert sorted(finished) == list(range(len(prompts)))  # every request ends, once
     return outputs, scheduler
+
+
+def alone(session: Session, prompt: list[int], sampling: SamplingConfig) -> list[int]:
+    """The ids one request generates alone."""
+    return session.generate([prompt], sampling)[0].token_ids
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +72,7 @@ def test_preempting_inflight_batching_gives_each_prompt_its_alone_tokens(paged_e
     assert scheduler.preemptions > 0
     assert small.block_manager.free_blocks == small.block_manager.num_blocks  # no leak
     roomy = load_session(paged_engine, "cpu")
-    alone = [roomy.generate_requests([prompt], [sampling])[0] for prompt in prompts]
-    assert outputs == alone
+    assert outputs == [alone(roomy, prompt, sampling) for prompt in prompts]
 
 
 def test_inflight_batching_engine_with_plugins_matches_alone(tiny_engine_factory):
@@ -84,7 +89,7 @@ def test_inflight_batching_engine_with_plugins_matches_alone(tiny_engine_factory
     sampling = SamplingConfig(max_new_tokens=8, end_id=-1)
     outputs, scheduler = run_all(session, prompts, [sampling] * len(prompts), max_in_flight=3)
     assert scheduler.preemptions > 0
-    assert outputs == [session.generate_requests([prompt], [sampling])[0] for prompt in prompts]
+    assert outputs == [alone(session, prompt, sampling) for prompt in prompts]
     assert session.block_manager.free_blocks == session.block_manager.num_blocks
 
 
@@ -110,8 +115,7 @@ def test_chunked_prefill_keeps_every_token_within_the_step_budget(paged_engine, 
     assert max(scheduler.step_tokens) <= budget + 3  # plus at most one token per other prefilling sequence
     assert sum(scheduler.step_tokens) >= sum(map(len, prompts))
     assert scheduler.preemptions > 0 and session.block_manager.free_blocks == session.block_manager.num_blocks
-    alone = [session.generate_requests([prompt], [sampling])[0] for prompt, sampling in zip(prompts, samplings)]
-    assert outputs == alone
+    assert outputs == [alone(session, prompt, sampling) for prompt, sampling in zip(prompts, samplings)]
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(paged_engine):
@@ -119,32 +123,32 @@ def test_seeded_sampling_does_not_depend_on_the_batch(paged_engine):
     prompts = mixed_prompts(6, seed=3)
     samplings = [SamplingConfig(max_new_tokens=12, top_k=0, temperature=1.3, random_seed=100 + i, end_id=-1)
                  for i in range(len(prompts))]
-    together = session.generate_requests(prompts, samplings, max_in_flight=4)
-    alone = [session.generate_requests([prompt], [sampling])[0] for prompt, sampling in zip(prompts, samplings)]
-    assert together == alone
+    together, _ = run_all(session, prompts, samplings, max_in_flight=4)
+    assert together == [alone(session, prompt, sampling) for prompt, sampling in zip(prompts, samplings)]
     reseeded = [SamplingConfig(max_new_tokens=12, top_k=0, temperature=1.3, random_seed=7, end_id=-1)] * 6
-    assert session.generate_requests(prompts, reseeded) != together
+    assert run_all(session, prompts, reseeded, max_in_flight=4)[0] != together
 
 
 def test_a_stream_stopped_early_frees_its_blocks(paged_engine):
-    session = load_session(paged_engine, "cpu")
-    stream = session.stream_requests(mixed_prompts(6, seed=4), [SamplingConfig(max_new_tokens=10, end_id=-1)] * 6)
+    session = load_session(paged_engine, "cpu", max_in_flight=2)  # two of the four requests still wait
+    stream = session.stream(mixed_prompts(4, seed=4), [SamplingConfig(max_new_tokens=10, end_id=-1)] * 4)
     next(stream)
     next(stream)
     assert session.block_manager.free_blocks < session.block_manager.num_blocks
     stream.close()
     assert session.block_manager.free_blocks == session.block_manager.num_blocks
+    assert not session.has_work
 
 
 def test_requests_beyond_the_limits_are_refused(paged_engine):
     session = load_session(paged_engine, "cpu", max_tokens_in_paged_kv_cache=32)
     sampling = SamplingConfig(max_new_tokens=16, end_id=-1)
     with pytest.raises(GlmEngineError, match="over the engine's max_input_len 32"):
-        session.generate_requests([[5] * 33], [sampling])
+        session.generate([[5] * 33], sampling)
     with pytest.raises(GlmEngineError, match="more than the pool's 32"):
-        session.generate_requests([[5] * 20], [sampling])
+        session.generate([[5] * 20], sampling)
     with pytest.raises(GlmEngineError, match="exceeds the engine's max_output_len 16"):
-        session.generate_requests([[5]], [SamplingConfig(max_new_tokens=17)])
+        session.generate([[5]], SamplingConfig(max_new_tokens=17))
     assert session.block_manager.free_blocks == session.block_manager.num_blocks
 
 
@@ -222,7 +226,7 @@ def test_run_py_on_an_inflight_engine_takes_more_prompts_than_max_batch_size(pag
     written = [list(map(int, line.split(","))) for line in (tmp_path / "out.csv").read_text().split()]
     session = load_session(engine_dir, "cpu")
     sampling = SamplingConfig(max_new_tokens=4, end_id=session.model_config.eos_token_id)
-    assert written == [session.generate_requests([prompt], [sampling])[0] for prompt in prompts]
+    assert written == [alone(session, prompt, sampling) for prompt in prompts]
 
 
 @pytest.mark.parametrize("options, message", [
@@ -239,7 +243,7 @@ def test_scheduler_limits_must_be_positive(paged_engine):
     session = load_session(paged_engine, "cpu")
     for options in ({"max_in_flight": 0}, {"tokens_per_step": 0}):
         with pytest.raises(GlmEngineError, match="must be at least 1"):
-            session.new_scheduler(**options)
+            session.configure_scheduler(**options)
 
 
 def test_max_tokens_per_step_bounds_the_prompts_admitted_per_step(paged_engine, tmp_path):

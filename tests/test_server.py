@@ -133,7 +133,7 @@ def test_chat_follows_the_chatglm2_rounds(server, engine):
     ids = chat_prompt_ids(tokenizer, messages)
     assert tokenizer.decode(ids) == "[Round 1]\n\n问：你好\n\n答：你好！\n\n[Round 2]\n\n问：北京\n\n答："
     session = load_session(engine, "cpu")
-    expected = tokenizer.decode(session.generate([ids], SamplingConfig(max_new_tokens=10))[0])
+    expected = tokenizer.decode(session.generate([ids], SamplingConfig(max_new_tokens=10))[0].token_ids)
     reply = server.client.chat.completions.create(model="tiny", max_tokens=10, temperature=0,
                                                   messages=[{"role": r, "content": c} for r, c in messages])
     assert reply.choices[0].message.content == expected

@@ -22,17 +22,22 @@ def session(tiny_engine_factory) -> Session:
 PROMPTS = [[5, 6, 7], [100, 200, 300, 400, 500], [9]]
 
 
+def generate(session: Session, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
+    """Each prompt's generated ids (a static batch)."""
+    return [output.token_ids for output in session.generate(prompts, sampling)]
+
+
 def test_greedy_is_deterministic_and_runs_to_max_output_len(session):
     sampling = SamplingConfig(max_new_tokens=12, end_id=-1)  # -1: no end token
-    first = session.generate(PROMPTS, sampling)
-    assert first == session.generate(PROMPTS, sampling)
+    first = generate(session, PROMPTS, sampling)
+    assert first == generate(session, PROMPTS, sampling)
     assert [len(output) for output in first] == [12, 12, 12]
 
 
 def test_stops_at_the_end_token_and_leaves_it_out(session):
-    greedy = session.generate(PROMPTS, SamplingConfig(max_new_tokens=12))
+    greedy = generate(session, PROMPTS, SamplingConfig(max_new_tokens=12))
     end_id = greedy[1][3]
-    outputs = session.generate(PROMPTS, SamplingConfig(max_new_tokens=12, end_id=end_id))
+    outputs = generate(session, PROMPTS, SamplingConfig(max_new_tokens=12, end_id=end_id))
     assert outputs[1] == greedy[1][:greedy[1].index(end_id)]
     for output, full in zip(outputs, greedy):
         assert end_id not in output
@@ -40,28 +45,28 @@ def test_stops_at_the_end_token_and_leaves_it_out(session):
 
 
 def test_a_batch_gives_each_prompt_its_own_output(session):
-    batched = session.generate(PROMPTS, SamplingConfig(max_new_tokens=8))
-    alone = [session.generate([prompt], SamplingConfig(max_new_tokens=8))[0] for prompt in PROMPTS]
+    batched = generate(session, PROMPTS, SamplingConfig(max_new_tokens=8))
+    alone = [generate(session, [prompt], SamplingConfig(max_new_tokens=8))[0] for prompt in PROMPTS]
     assert batched == alone
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(session):
     def run(seed):
-        return session.generate(PROMPTS, SamplingConfig(max_new_tokens=12, top_k=0, temperature=1.5,
-                                                        random_seed=seed))
+        return generate(session, PROMPTS, SamplingConfig(max_new_tokens=12, top_k=0, temperature=1.5,
+                                                         random_seed=seed))
     assert run(1) == run(1)
     assert run(1) != run(2)
-    assert run(1) != session.generate(PROMPTS, SamplingConfig(max_new_tokens=12))
+    assert run(1) != generate(session, PROMPTS, SamplingConfig(max_new_tokens=12))
 
 
 def test_streaming_yields_what_generate_returns(session):
     sampling = SamplingConfig(max_new_tokens=6)
     streamed = [[] for _ in PROMPTS]
-    for step in session.generate_stream(PROMPTS, sampling):
-        assert len(step) <= len(PROMPTS)
-        for index, token in step:
+    for step in session.stream(PROMPTS, sampling):
+        assert len(step.tokens) <= len(PROMPTS)
+        for index, token in step.tokens:
             streamed[index].append(token)
-    assert streamed == session.generate(PROMPTS, sampling)
+    assert streamed == generate(session, PROMPTS, sampling)
 
 
 def test_top_k_and_top_p_keep_only_the_best_tokens():

@@ -25,7 +25,8 @@ def session(tiny_checkpoint_factory, tmp_path_factory):
 
 def texts(session, prompts: list[list[int]], **setting) -> tuple[list[list[int]], list[str]]:
     tokenizer = ChatGLMTokenizer.from_dir(session.engine_dir)
-    outputs = session.generate(prompts, SamplingConfig(max_new_tokens=20, end_id=-1, **setting))
+    outputs = [output.token_ids for output in session.generate(prompts, SamplingConfig(max_new_tokens=20, end_id=-1,
+                                                                                        **setting))]
     return outputs, [tokenizer.decode(output) for output in outputs]
 
 

@@ -4,84 +4,79 @@ engine's steps never wait on the HTTP side's Python for the GIL (sharing one pro
 the server ran at 0.54x the engine's in-process throughput).
 
 EngineProcess, in the server's process, is what the HTTP side calls (submit, cancel,
-close, alive, stats, on_step for metrics); it checks each request against the engine's
-limits and the queue limit before it sends it. One pipe carries commands to the engine
-process; the other carries, once per engine step, every request's news and the loop's
-stats."""
+close, alive, stats, on_step for metrics); it keeps the requests open (the one map of
+them) and checks each against the engine's limits (EngineLimits.check, the session's
+own check, on the limits the engine process sent) and the queue limit before it sends
+it. One pipe carries commands to the engine process's loop (runtime/engine_loop.py);
+the other carries, once per engine step, every request's news and the engine's stats."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import multiprocessing
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from glm_engine import GlmEngineError
-from glm_engine.config import BuildConfig
-from glm_engine.runtime.engine_loop import EngineLoop, LoopClosed, LoopRequest, LoopStats
-from glm_engine.runtime.session import Session, check_prompt
+from glm_engine.runtime.engine_loop import EngineLoop, News
+from glm_engine.runtime.sampling import SamplingConfig
+from glm_engine.runtime.session import EngineLimits, EngineStats, Session
 
 logger = logging.getLogger("engine_process")
-
-POLL_SECONDS = 0.5  # how often the engine process looks whether its loop has stopped
 
 
 class QueueFull(GlmEngineError):
     """More requests wait than the server's queue limit."""
 
 
-@dataclass(frozen=True)
-class EngineLimits:
-    """What the server checks a request against without asking the engine process."""
+class EngineClosed(GlmEngineError):
+    """The engine is shutting down or has stopped."""
 
-    build_config: BuildConfig
-    vocab_size: int
-    end_id: int
-    num_blocks: int
-    block_size: int
 
-    def check(self, prompt: list[int], max_new_tokens: int) -> None:
-        """Raises GlmEngineError for a request the engine can never hold."""
-        check_prompt(self.build_config, self.vocab_size, 0, prompt, max_new_tokens)
-        tokens = len(prompt) + max_new_tokens
-        if -(-tokens // self.block_size) > self.num_blocks:
-            raise GlmEngineError(f"the prompt and max_tokens need {tokens} tokens of KV cache, more than the "
-                                 f"engine's pool of {self.num_blocks * self.block_size}")
+@dataclass
+class EngineRequest:
+    """A request and where its tokens go. `deliver(tokens, finished, error)` runs on the
+    receiving thread after each engine step that gives the request tokens or ends it.
+    The times and count are for the server's metrics."""
+
+    prompt: list[int]
+    sampling: SamplingConfig
+    deliver: Callable[[list[int], bool, str | None], None]
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    generated: int = 0
 
 
 class EngineProcess:
     """Starts the engine process (a session from `session_factory`, run by an EngineLoop)
     and talks to it; requests are submitted, cancelled and closed from any thread."""
 
-    def __init__(self, session_factory: Callable[[], Session], scheduler_options: dict | None = None,
-                 max_queue: int = 1024, on_step: Callable[[LoopRequest, int, bool], None] | None = None,
+    def __init__(self, session_factory: Callable[[], Session], max_queue: int = 1024,
+                 on_step: Callable[[EngineRequest, int, bool], None] | None = None,
                  process_setup: Callable[[], None] | None = None) -> None:
         """`session_factory` runs in the new process, after `process_setup` (logging); both
-        must pickle (module-level functions or functools.partials of them). The loop runs
-        the session's new_scheduler(**scheduler_options). Returns once the engine is loaded;
-        raises GlmEngineError with the engine process's message if it could not start."""
+        must pickle (module-level functions or functools.partials of them). Returns once
+        the engine is loaded; raises GlmEngineError with the engine process's message if
+        it could not start."""
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._commands, child_commands = context.Pipe(duplex=False)[::-1]
         events, self._child_events = context.Pipe(duplex=False)
         self.process = context.Process(target=_engine_main, name="glm-engine",
-                                       args=(session_factory, scheduler_options or {}, process_setup,
-                                             child_commands, self._child_events))
+                                       args=(session_factory, process_setup, child_commands, self._child_events))
         self.process.start()
         child_commands.close()
         self._child_events.close()
         self._events = events
-        self.limits = self._wait_ready()
+        self.limits, self.stats = self._wait_ready()  # stats: the engine's latest, replaced at each step
         self.max_queue = max_queue
         self.on_step = on_step
-        self.stats = LoopStats(total_blocks=self.limits.num_blocks, free_blocks=self.limits.num_blocks)
         self._send_lock = threading.Lock()
-        self._active: dict[int, LoopRequest] = {}
+        self._active: dict[int, EngineRequest] = {}
         self._submitted = 0  # requests sent; the engine process counts those it has taken
         self._taken = 0
         self._closing = False
@@ -89,7 +84,7 @@ class EngineProcess:
         self._receiver = threading.Thread(target=self._receive, name="engine-events", daemon=True)
         self._receiver.start()
 
-    def _wait_ready(self) -> EngineLimits:
+    def _wait_ready(self) -> tuple[EngineLimits, EngineStats]:
         try:
             message = self._events.recv()
         except EOFError:
@@ -99,20 +94,20 @@ class EngineProcess:
         if message[0] == "failed":
             self.process.join()
             raise GlmEngineError(message[1])
-        return message[1]
+        return message[1], message[2]
 
     @property
     def alive(self) -> bool:
         """Whether the engine still takes requests (False once closing, or after a failure)."""
         return self._engine_alive and not self._closing and self.process.is_alive()
 
-    def submit(self, request: LoopRequest) -> int:
+    def submit(self, request: EngineRequest) -> int:
         """Sends a request to the engine; returns its id. Refuses one the engine can never
-        hold (GlmEngineError), one past the queue limit (QueueFull), any once closing (LoopClosed)."""
-        self.limits.check(request.prompt, request.sampling.max_new_tokens)
+        hold (GlmEngineError), one past the queue limit (QueueFull), any once closing (EngineClosed)."""
+        self.limits.check(request.prompt, request.sampling)
         with self._send_lock:
             if not self.alive:
-                raise LoopClosed("the server is shutting down" if self._closing else "the engine has stopped")
+                raise EngineClosed("the server is shutting down" if self._closing else "the engine has stopped")
             # Requests not yet taken by the engine process count as waiting.
             if self.stats.waiting + self._submitted - self._taken >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
@@ -120,7 +115,7 @@ class EngineProcess:
             try:
                 self._commands.send(("submit", request_id, request.prompt, request.sampling))
             except OSError:  # it died a moment ago (BrokenPipeError); the receiver is finding out
-                raise LoopClosed("the engine has stopped") from None
+                raise EngineClosed("the engine has stopped") from None
             self._submitted += 1
             self._active[request_id] = request
         return request_id
@@ -167,13 +162,10 @@ class EngineProcess:
         for request in orphans:
             request.deliver([], True, message)
 
-    def _deliver(self, news: list[tuple[int, list[int], bool, str | None]], stats: LoopStats, taken: int) -> None:
+    def _deliver(self, news: list[News], stats: EngineStats, taken: int) -> None:
         now = time.monotonic()
         with self._send_lock:
-            # In place: metrics read this object.
-            self.stats.running, self.stats.waiting, self.stats.free_blocks = stats.running, stats.waiting, \
-                stats.free_blocks
-            self._taken = taken
+            self.stats, self._taken = stats, taken
             requests = [self._active.get(request_id) for request_id, *_ in news]
             for request_id, _, finished, _ in news:
                 if finished:
@@ -189,37 +181,10 @@ class EngineProcess:
             request.deliver(tokens, finished, error)
 
 
-class _Outbox:
-    """The engine process's side of the events pipe: news gathered during a step, sent
-    in one message when the loop has changed something. Its two threads (the loop's and
-    the commands') both add to it."""
-
-    def __init__(self, events: Connection) -> None:
-        self.events = events
-        self.lock = threading.Lock()
-        self.news: list[tuple[int, list[int], bool, str | None]] = []
-        self.stats = LoopStats()
-        self.taken = 0
-        self.sent: tuple | None = None
-
-    def put(self, request_id: int, tokens: list[int], finished: bool, error: str | None) -> None:
-        with self.lock:
-            self.news.append((request_id, tokens, finished, error))
-
-    def flush(self) -> None:
-        with self.lock:
-            stats = self.stats
-            state = (stats.running, stats.waiting, stats.free_blocks, stats.total_blocks, self.taken)
-            if not self.news and state == self.sent:
-                return
-            news, self.news, self.sent = self.news, [], state
-            self.events.send(("step", news, LoopStats(*state[:4]), self.taken))
-
-
-def _engine_main(session_factory: Callable[[], Session], scheduler_options: dict,
-                 process_setup: Callable[[], None] | None, commands: Connection, events: Connection) -> None:
+def _engine_main(session_factory: Callable[[], Session], process_setup: Callable[[], None] | None,
+                 commands: Connection, events: Connection) -> None:
     """The engine process: loads the session, then runs its loop on the commands until
-    told to close, the server's end of the pipe closes, or the loop fails."""
+    told to close, the server's end of the pipe closes, or a step fails."""
     # Ctrl-C reaches the whole process group: the server decides when the engine stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -227,48 +192,11 @@ def _engine_main(session_factory: Callable[[], Session], scheduler_options: dict
         process_setup()
     try:
         session = session_factory()
-        scheduler = session.new_scheduler(**scheduler_options)
     except Exception as error:  # noqa: BLE001 - the server prints it as its one-line error
         events.send(("failed", str(error) if isinstance(error, GlmEngineError) else
                      f"the engine could not start: {type(error).__name__}: {error}"))
         return
-    outbox = _Outbox(events)
-    engine_loop = EngineLoop(session, scheduler, after_changes=outbox.flush)
-    outbox.stats = engine_loop.stats
-    manager = session.block_manager
-    events.send(("ready", EngineLimits(session.build_config, session.model_config.vocab_size,
-                                       session.model_config.eos_token_id, manager.num_blocks, manager.block_size)))
-    timeout = _serve_commands(engine_loop, outbox, commands)
-    if timeout is not None:
-        engine_loop.close(timeout)
+    events.send(("ready", session.limits, session.stats()))
+    message = EngineLoop(session, commands, events).run()
     with contextlib.suppress(OSError):  # the server may be gone
-        events.send(("stopped", "the server shut down before the request finished" if timeout is not None
-                     else "the engine failed; see the server's log"))
-
-
-def _serve_commands(engine_loop: EngineLoop, outbox: _Outbox, commands: Connection) -> float | None:
-    """Passes the server's requests and cancellations to the loop. Returns the seconds
-    running requests get once the server closes (0 when it is gone), None if the loop failed."""
-    while True:
-        if not commands.poll(POLL_SECONDS):
-            if not engine_loop.alive:
-                return None  # it failed: every request already heard why
-            continue
-        try:
-            command = commands.recv()
-        except EOFError:  # the server is gone: nobody waits for the rest
-            return 0.0
-        if command[0] == "submit":
-            _, request_id, prompt, sampling = command
-            deliver = functools.partial(outbox.put, request_id)
-            try:
-                engine_loop.submit(request_id, LoopRequest(prompt, sampling, deliver))
-            except GlmEngineError as error:
-                deliver([], True, str(error))
-            with outbox.lock:
-                outbox.taken += 1
-            outbox.flush()
-        elif command[0] == "cancel":
-            engine_loop.cancel(command[1])  # one that finished meanwhile is no longer there
-        else:  # close
-            return command[1]
+        events.send(("stopped", message))

@@ -1,11 +1,12 @@
-"""The generation session: the engine loop over a model runner, a sampler and a scheduler.
+"""The engine object: one loaded engine with its scheduler and sampler, run as requests.
 It loads an engine, chooses its ops, has the caller's network builder build the
 network (model.py's, handed in by model.load_session: the library never imports
-the network), sizes the KV pool, checks requests against the engine's limits, and
-runs planned steps (packed prefill and decode forwards, CUDA-graph decode steps)
-until every request stops. APIs: generate / generate_stream (a static batch),
-generate_requests / stream_requests (any number, in flight), prompt_logits and
-decode_logits (accuracy checks)."""
+the network), sizes the KV pool and makes the scheduler over it. add_request queues
+a request (checked against the engine's limits: EngineLimits, which serve.py's HTTP
+side checks with too), step runs one planned step of every queued and running
+request (packed prefill and decode forwards, CUDA-graph decode steps), abort drops
+one; stream and generate run a list of prompts to the end over them.
+prompt_logits and decode_logits serve accuracy checks."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -75,31 +77,104 @@ def check_launch(engine_world_size: int, launch: Launch) -> None:
                          f"{launch.world_size}")
 
 
-def check_prompt(build: BuildConfig, vocab: int, index: int, prompt: list[int], max_new_tokens: int) -> None:
-    """Raises GlmEngineError when request `index` breaks the engine's limits."""
-    if max_new_tokens > build.max_output_len:
-        raise GlmEngineError(f"max_output_len {max_new_tokens} exceeds the engine's max_output_len "
-                             f"{build.max_output_len}; ask for fewer tokens or rebuild")
-    if not prompt:
-        raise GlmEngineError(f"prompt {index} is empty")
-    if len(prompt) > build.max_input_len:
-        raise GlmEngineError(f"prompt {index} has {len(prompt)} tokens, over the engine's "
-                             f"max_input_len {build.max_input_len}; shorten it or rebuild")
-    bad = [token for token in prompt if not 0 <= token < vocab]
-    if bad:
-        raise GlmEngineError(f"prompt {index} holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
+@dataclass(frozen=True)
+class EngineLimits:
+    """What a request is checked against: the engine's build limits, vocabulary, KV pool
+    and sequences in flight. Plain data: serve.py's HTTP side holds the copy its engine
+    process sent and refuses a request with the same checks before sending it."""
+
+    build_config: BuildConfig
+    vocab_size: int
+    end_id: int
+    num_blocks: int
+    block_size: int
+    max_in_flight: int
+    pool_flags: str  # the flags that size the KV pool on the engine's device
+
+    def check_prompt(self, prompt: list[int], max_new_tokens: int, index: int = 0) -> None:
+        """Raises GlmEngineError when request `index`'s prompt or length breaks the engine's limits."""
+        build = self.build_config
+        if max_new_tokens > build.max_output_len:
+            raise GlmEngineError(f"max_output_len {max_new_tokens} exceeds the engine's max_output_len "
+                                 f"{build.max_output_len}; ask for fewer tokens or rebuild")
+        if not prompt:
+            raise GlmEngineError(f"prompt {index} is empty")
+        if len(prompt) > build.max_input_len:
+            raise GlmEngineError(f"prompt {index} has {len(prompt)} tokens, over the engine's "
+                                 f"max_input_len {build.max_input_len}; shorten it or rebuild")
+        bad = [token for token in prompt if not 0 <= token < self.vocab_size]
+        if bad:
+            raise GlmEngineError(f"prompt {index} holds token id {bad[0]}, outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
+
+    def check(self, prompt: list[int], sampling: SamplingConfig, index: int = 0) -> None:
+        """Raises GlmEngineError for request `index` when the engine or its KV pool can never hold it."""
+        self.check_prompt(prompt, sampling.max_new_tokens, index)
+        vocab = self.vocab_size
+        if any(token >= vocab for word in sampling.bad_words for token in word):
+            raise GlmEngineError(f"a bad word of request {index} holds a token id outside the vocabulary [0, {vocab})")
+        beams = sampling.num_beams
+        if beams > self.max_in_flight:
+            raise GlmEngineError(f"request {index} asks for {beams} beams, more than the {self.max_in_flight} "
+                                 "sequences in flight; use fewer beams or a larger --max_batch_size")
+        # Beams recomputed after a preemption hold their prompts apart: the pool must hold them so.
+        tokens = len(prompt) + sampling.max_new_tokens
+        if beams * -(-tokens // self.block_size) > self.num_blocks:
+            raise GlmEngineError(f"prompt {index} needs {beams} x {tokens} tokens of KV cache, more than the "
+                                 f"pool's {self.num_blocks * self.block_size}; raise {self.pool_flags}")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's load: sequences running and waiting, free and total KV-pool blocks."""
+
+    running: int = 0
+    waiting: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+
+
+@dataclass
+class RequestOutput:
+    """One request's result: its generated ids (end token excluded), each one's
+    log-probability when the request asked (output_log_probs), and for a beam request its
+    num_return_sequences best beams (ids, Hugging Face's score: cumulative log-probability
+    / length ** length_penalty), best first; its ids are the best beam's."""
+
+    token_ids: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    beams: list[tuple[list[int], float]] = field(default_factory=list)
+
+    @property
+    def returned(self) -> list[list[int]]:
+        """The ids it returns: each returned beam's, or its one output's."""
+        return [ids for ids, _ in self.beams] or [self.token_ids]
+
+
+def record_step(outputs: list[RequestOutput], step: StepResult) -> None:
+    """Adds a step's tokens, log-probs and finished beams to `outputs` (indexed by request id)."""
+    for request_id, token in step.tokens:
+        outputs[request_id].token_ids.append(token)
+    for request_id, log_prob in step.log_probs:
+        outputs[request_id].log_probs.append(log_prob)
+    for request_id, best in step.beams:
+        outputs[request_id].beams = best
 
 
 class Session:
-    """Generates with one loaded engine: static batches (`generate`) or any number of
-    requests under in-flight batching (`generate_requests`), both through the scheduler
-    over one block-addressed KV cache."""
+    """One loaded engine and the requests it runs, in flight over one block-addressed KV
+    cache: add_request, step, abort, and the loops stream and generate over them. An
+    engine built without in-flight batching takes a static batch: stream and generate
+    refuse more sequences than its max_batch_size."""
 
     def __init__(self, engine: Engine | str | Path, build_network: NetworkBuilder,
                  device: str | torch.device | None = None, cuda_graphs: bool = True,
                  kv_cache_free_gpu_mem_fraction: float | None = None,
-                 max_tokens_in_paged_kv_cache: int | None = None, tokenizer: ChatGLMTokenizer | None = None) -> None:
-        """`tokenizer` decodes text for stop strings (default: the engine's own, when it has one)."""
+                 max_tokens_in_paged_kv_cache: int | None = None, tokenizer: ChatGLMTokenizer | None = None,
+                 max_in_flight: int | None = None, tokens_per_step: int | None = None,
+                 chunked_prefill: bool = False) -> None:
+        """`tokenizer` decodes text for stop strings (default: the engine's own, when it has
+        one); the scheduler's options as configure_scheduler's."""
         launch = launch_from_environment()
         _, build = (engine.model_config, engine.build_config) if isinstance(engine, Engine) else engine_configs(engine)
         check_launch(build.world_size, launch)  # on every rank, before any waits for the others
@@ -136,6 +211,8 @@ class Session:
                     ", paged" if build.paged_kv_cache else ", a full sequence per batch row")
         # Unseeded requests draw their seeds from here: the same on every rank.
         self.seeds = random.Random(self.parallel.shared_seed())
+        self._next_id = 0  # the id of the next request added without one
+        self._new_scheduler(max_in_flight, tokens_per_step, chunked_prefill)
         # Seconds per start-up stage, for benchmark.py (a lazy CUDA-graph capture would hide in the first step).
         self.startup_seconds = {"load_engine": loaded - start, "build_model": built - loaded,
                                 "capture_graphs": time.perf_counter() - built}
@@ -145,57 +222,57 @@ class Session:
         """Whether this process prints and writes files (rank 0, or the only one)."""
         return self.parallel.is_main
 
-    def check_prompt(self, index: int, prompt: list[int], max_new_tokens: int) -> None:
-        """Raises GlmEngineError when a request breaks the engine's limits."""
-        check_prompt(self.build_config, self.model_config.vocab_size, index, prompt, max_new_tokens)
+    def configure_scheduler(self, max_in_flight: int | None = None, tokens_per_step: int | None = None,
+                            chunked_prefill: bool = False) -> None:
+        """Schedules the coming requests with at most `max_in_flight` sequences per step
+        (default and ceiling: max_batch_size) and `tokens_per_step` tokens (Scheduler's;
+        with `chunked_prefill`, long prompts read in chunks within it). Refused while
+        requests are queued or running."""
+        if self.has_work:
+            raise GlmEngineError("the scheduler's options change only while no request is queued or running")
+        self._new_scheduler(max_in_flight, tokens_per_step, chunked_prefill)
 
-    def check_request(self, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1) -> None:
-        """Checks a static batch: every prompt, and no more prompts (times beams) than
-        max_batch_size."""
-        if not prompts:
-            raise GlmEngineError("no prompts given")
-        if len(prompts) * num_beams > self.build_config.max_batch_size:
-            beams = f" x {num_beams} beams" if num_beams > 1 else ""
-            raise GlmEngineError(f"{len(prompts)} prompts{beams} exceed the engine's max_batch_size "
-                                 f"{self.build_config.max_batch_size}; send fewer or rebuild with a larger "
-                                 "--max_batch_size")
-        for index, prompt in enumerate(prompts):
-            self.check_prompt(index, prompt, max_new_tokens)
-
-    def new_scheduler(self, max_in_flight: int | None = None, tokens_per_step: int | None = None,
-                      chunked_prefill: bool = False) -> Scheduler:
-        """A scheduler over this session's KV pool: at most `max_in_flight` sequences per
-        step (default and ceiling: max_batch_size), `tokens_per_step` tokens (Scheduler's),
-        with the sampler that chooses its steps' tokens."""
+    def _new_scheduler(self, max_in_flight: int | None, tokens_per_step: int | None, chunked_prefill: bool) -> None:
+        """A scheduler (with the sampler that chooses its steps' tokens) over the KV pool, and
+        the limits it puts on requests."""
         ceiling = self.build_config.max_batch_size
         max_in_flight = ceiling if max_in_flight is None else min(max_in_flight, ceiling)
-        return Scheduler(self.block_manager, max_in_flight, tokens_per_step, chunked_prefill, Sampler(max_in_flight))
+        self.scheduler = Scheduler(self.block_manager, max_in_flight, tokens_per_step, chunked_prefill,
+                                   Sampler(max_in_flight))
+        self._scheduler_options = (max_in_flight, tokens_per_step, chunked_prefill)
+        manager = self.block_manager
+        flags = "--max_tokens_in_paged_kv_cache" if self.device.type != "cuda" else \
+            "--kv_cache_free_gpu_mem_fraction or --max_tokens_in_paged_kv_cache"  # the CPU takes only the first
+        self.limits = EngineLimits(self.build_config, self.model_config.vocab_size, self.model_config.eos_token_id,
+                                   manager.num_blocks, manager.block_size, max_in_flight, flags)
 
-    def submit(self, scheduler: Scheduler, index: int, prompt: list[int], sampling: SamplingConfig) -> None:
-        """Queues request `index`; refuses one the engine or the KV pool can never hold."""
-        self.check_prompt(index, prompt, sampling.max_new_tokens)
-        vocab = self.model_config.vocab_size
-        if any(token >= vocab for word in sampling.bad_words for token in word):
-            raise GlmEngineError(f"a bad word of request {index} holds a token id outside the vocabulary [0, {vocab})")
-        beams = sampling.num_beams
-        if beams > scheduler.max_in_flight:
-            raise GlmEngineError(f"request {index} asks for {beams} beams, more than the {scheduler.max_in_flight} "
-                                 "sequences in flight; use fewer beams or a larger --max_batch_size")
-        # Beams recomputed after a preemption hold their prompts apart: the pool must hold them so.
-        if not scheduler.fits(len(prompt) + sampling.max_new_tokens, copies=beams):
-            manager = self.block_manager
-            flags = "--max_tokens_in_paged_kv_cache" if self.device.type != "cuda" else \
-                "--kv_cache_free_gpu_mem_fraction or --max_tokens_in_paged_kv_cache"  # the CPU takes only the first
-            raise GlmEngineError(f"prompt {index} needs {beams} x {len(prompt) + sampling.max_new_tokens} tokens of "
-                                 f"KV cache, more than the pool's {manager.num_blocks * manager.block_size}; raise "
-                                 f"{flags}")
+    @property
+    def has_work(self) -> bool:
+        """Whether a request is queued or running."""
+        return self.scheduler.has_work
+
+    def stats(self) -> EngineStats:
+        """Sequences running and waiting, and the KV pool's free and total blocks, now."""
+        scheduler, manager = self.scheduler, self.block_manager
+        return EngineStats(len(scheduler.running), sum(len(unit) for unit in scheduler.waiting), manager.free_blocks,
+                           manager.num_blocks)
+
+    def add_request(self, prompt: list[int], sampling: SamplingConfig, request_id: int | None = None) -> int:
+        """Queues a request; returns its id: `request_id` (unique among the queued and
+        running requests) or the next unused number. Refuses (GlmEngineError) one the
+        engine or the KV pool can never hold (`limits`)."""
+        if request_id is None:
+            request_id = self._next_id
+        self.limits.check(prompt, sampling, request_id)
         seed = self.seeds.getrandbits(63) if sampling.random_seed is None else sampling.random_seed
         group = None
-        if beams > 1:
-            group = BeamGroup(BeamSearch(beams, sampling.length_penalty, sampling.early_stopping, sampling.end_id,
-                                         len(prompt), sampling.max_new_tokens))
-        scheduler.add(Sequence(index, list(prompt), sampling, seed, stop=self._stop_strings(index, sampling),
-                               group=group))
+        if sampling.num_beams > 1:
+            group = BeamGroup(BeamSearch(sampling.num_beams, sampling.length_penalty, sampling.early_stopping,
+                                         sampling.end_id, len(prompt), sampling.max_new_tokens))
+        self.scheduler.add(Sequence(request_id, list(prompt), sampling, seed,
+                                    stop=self._stop_strings(request_id, sampling), group=group))
+        self._next_id = max(self._next_id, request_id + 1)
+        return request_id
 
     def _stop_strings(self, index: int, sampling: SamplingConfig) -> StopStrings | None:
         """The watcher of a request's stop strings, which are matched on decoded text."""
@@ -209,20 +286,77 @@ class Session:
         return StopStrings(sampling.stop_words, self.tokenizer)
 
     @torch.inference_mode()
-    def step(self, scheduler: Scheduler) -> StepResult:
-        """One planned step: the runner's forward, the sampler's tokens, then the scheduler's
-        bookkeeping (each sequence's token recorded, finished ones retired)."""
+    def step(self) -> StepResult:
+        """One planned step of the queued and running requests: the scheduler's plan, the
+        runner's forward, the sampler's tokens, then the scheduler's bookkeeping (each
+        sequence's token recorded, finished ones retired, their blocks free)."""
+        scheduler = self.scheduler
         plan = scheduler.schedule()
         if plan.block_copies:  # beams about to write into blocks they shared
             self.runner.kv_cache.copy_blocks(plan.block_copies)
         logits, greedy = self.runner.execute(plan.block_tables, plan.cached, plan.new_tokens)
-        sampled = scheduler.sampler.sample(plan, logits, greedy)
-        return scheduler.postprocess(plan, sampled)
+        return scheduler.postprocess(plan, scheduler.sampler.sample(plan, logits, greedy))
+
+    def abort(self, request_id: int) -> None:
+        """Drops a queued or running request: its blocks are free at once and it reports nothing more."""
+        self.scheduler.abort(request_id)
+
+    def check_requests(self, prompts: list[list[int]], samplings: SamplingConfig | list[SamplingConfig]) -> None:
+        """Raises GlmEngineError unless there are prompts, each request is within `limits`
+        and, on an engine built without in-flight batching (a static batch: all at once),
+        their sequences (prompts times beams) fit max_batch_size."""
+        if not prompts:
+            raise GlmEngineError("no prompts given")
+        samplings = self._per_prompt(prompts, samplings)
+        limit = self.build_config.max_batch_size
+        if not self.build_config.use_inflight_batching and sum(s.num_beams for s in samplings) > limit:
+            beams = {sampling.num_beams for sampling in samplings}
+            label = f" x {max(beams)} beams" if len(beams) == 1 and max(beams) > 1 else ""
+            raise GlmEngineError(f"{len(prompts)} prompts{label} exceed the engine's max_batch_size {limit}; send "
+                                 "fewer or rebuild with a larger --max_batch_size")
+        for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+            self.limits.check(prompt, sampling, index)
+
+    @staticmethod
+    def _per_prompt(prompts: list[list[int]], samplings: SamplingConfig | list[SamplingConfig]) -> list[SamplingConfig]:
+        """One sampling per prompt: `samplings` itself, or the one given for all."""
+        if isinstance(samplings, SamplingConfig):
+            return [samplings] * len(prompts)
+        if len(samplings) != len(prompts):
+            raise GlmEngineError(f"{len(samplings)} samplings for {len(prompts)} prompts; give one per prompt")
+        return list(samplings)
+
+    def stream(self, prompts: list[list[int]],
+               samplings: SamplingConfig | list[SamplingConfig]) -> Iterator[StepResult]:
+        """Runs a request per prompt (request i for prompt i; `samplings`: one per prompt, or
+        one for all) on an idle engine until all finish, yielding each step's result. A
+        consumer that stops early leaves no request queued and no block taken."""
+        samplings = self._per_prompt(prompts, samplings)
+        if self.has_work:
+            raise GlmEngineError("stream and generate run on an idle engine; finish or abort its requests first")
+        self.check_requests(prompts, samplings)
+        try:
+            for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+                self.add_request(prompt, sampling, index)
+            while self.has_work:
+                yield self.step()
+        finally:
+            if self.has_work:  # stopped early, or a step failed: every request left is this stream's
+                self.scheduler.release_all()
+                self._new_scheduler(*self._scheduler_options)
+
+    def generate(self, prompts: list[list[int]],
+                 samplings: SamplingConfig | list[SamplingConfig]) -> list[RequestOutput]:
+        """Each prompt's RequestOutput, in prompt order (stream's requests, run to the end)."""
+        outputs = [RequestOutput() for _ in prompts]
+        for step in self.stream(prompts, samplings):
+            record_step(outputs, step)
+        return outputs
 
     @torch.inference_mode()
     def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
         """Float32 logits [len(prompt), vocab] at every position of one prompt."""
-        self.check_request([prompt], 1)
+        self.limits.check_prompt(prompt, 1)
         with self._blocks_for(prompt) as block_table:
             return self.runner.prompt_logits(block_table, prompt)
 
@@ -230,7 +364,7 @@ class Session:
         """Float32 logits [decoded, vocab] at the last `decoded` positions of one prompt, each
         from a decode step (one new token; the decode graphs when captured) after a prefill
         of the tokens before them: generation's path, fed the prompt's tokens."""
-        self.check_request([prompt], 1)
+        self.limits.check_prompt(prompt, 1)
         if not 0 < decoded < len(prompt):
             raise GlmEngineError(f"decode_logits: {decoded} decoded positions of a {len(prompt)}-token prompt; "
                                  "take at least 1 and fewer than the prompt's tokens")
@@ -243,7 +377,7 @@ class Session:
 
     @contextmanager
     def _blocks_for(self, prompt: list[int]) -> Iterator[list[int]]:
-        """A block table holding `prompt`'s K/V outside any scheduler, released afterwards."""
+        """A block table holding `prompt`'s K/V outside any request, released afterwards."""
         block_table: list[int] = []
         if not self.block_manager.grow(block_table, len(prompt)):
             raise GlmEngineError("the KV cache pool is too small for this prompt")
@@ -251,72 +385,3 @@ class Session:
             yield block_table
         finally:
             self.block_manager.release(block_table)
-
-    def stream_requests(self, prompts: list[list[int]], samplings: list[SamplingConfig],
-                        max_in_flight: int | None = None) -> Iterator[StepResult]:
-        """Runs every request (any number) under in-flight batching, at most
-        `max_in_flight` at a time (default max_batch_size); yields each step's result."""
-        if not prompts:
-            raise GlmEngineError("no prompts given")
-        scheduler = self.new_scheduler(max_in_flight)
-        for index, (prompt, sampling) in enumerate(zip(prompts, samplings, strict=True)):
-            self.submit(scheduler, index, prompt, sampling)
-        try:
-            while scheduler.has_work:
-                yield self.step(scheduler)
-        finally:
-            scheduler.release_all()  # a consumer that stops early leaks no blocks
-
-    def _collect(self, prompts: list[list[int]], samplings: list[SamplingConfig],
-                 max_in_flight: int | None) -> tuple[list[list[int]], list[list[float]], list[list]]:
-        """Runs every request in flight; per request its ids, log-probs (when asked) and best
-        beams (beam requests)."""
-        outputs: list[list[int]] = [[] for _ in prompts]
-        log_probs: list[list[float]] = [[] for _ in prompts]
-        beams: list[list] = [[] for _ in prompts]
-        for step in self.stream_requests(prompts, samplings, max_in_flight):
-            for index, token in step.tokens:
-                outputs[index].append(token)
-            for index, log_prob in step.log_probs:
-                log_probs[index].append(log_prob)
-            for index, best in step.beams:
-                beams[index] = best
-        return outputs, log_probs, beams
-
-    def generate_requests(self, prompts: list[list[int]], samplings: list[SamplingConfig],
-                          max_in_flight: int | None = None) -> list[list[int]]:
-        """Generated ids of each request, in request order (in-flight batching)."""
-        return self._collect(prompts, samplings, max_in_flight)[0]
-
-    def generate_with_log_probs(self, prompts: list[list[int]], samplings: list[SamplingConfig],
-                                max_in_flight: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
-        """Generated ids of each request and, for requests with output_log_probs, each
-        token's log-probability under the distribution it was chosen from (greedy: the
-        softmax of the adjusted logits; sampled: after temperature, top-k and top-p)."""
-        outputs, log_probs, _ = self._collect(prompts, samplings, max_in_flight)
-        return outputs, log_probs
-
-    def generate_beams(self, prompts: list[list[int]], samplings: list[SamplingConfig],
-                       max_in_flight: int | None = None) -> list[list[tuple[list[int], float | None]]]:
-        """Each request's num_return_sequences best beams (ids, Hugging Face's score:
-        cumulative log-probability / length ** length_penalty), best first; a one-beam
-        request gives its output with no score (None)."""
-        outputs, _, beams = self._collect(prompts, samplings, max_in_flight)
-        return [found or [(output, None)] for found, output in zip(beams, outputs)]
-
-    def generate_stream(self, prompts: list[list[int]],
-                        sampling: SamplingConfig) -> Iterator[list[tuple[int, int]]]:
-        """A static batch (at most max_batch_size prompts), all with `sampling`: yields,
-        after each step, the (prompt index, token) pairs it produced; a sequence stops at
-        `sampling.end_id` (not yielded) or after max_new_tokens."""
-        self.check_request(prompts, sampling.max_new_tokens, sampling.num_beams)
-        for step in self.stream_requests(prompts, [sampling] * len(prompts)):
-            yield step.tokens
-
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
-        """Generated ids of each prompt of a static batch (prompt and end token excluded)."""
-        outputs: list[list[int]] = [[] for _ in prompts]
-        for step in self.generate_stream(prompts, sampling):
-            for index, token in step:
-                outputs[index].append(token)
-        return outputs

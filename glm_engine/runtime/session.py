@@ -80,8 +80,9 @@ def check_launch(engine_world_size: int, launch: Launch) -> None:
 @dataclass(frozen=True)
 class EngineLimits:
     """What a request is checked against: the engine's build limits, vocabulary, KV pool
-    and sequences in flight. Plain data: serve.py's HTTP side holds the copy its engine
-    process sent and refuses a request with the same checks before sending it."""
+    and sequences in flight (and its end token, which requests stop at). Plain data:
+    serve.py's HTTP side holds the copy its engine process sent and refuses a request
+    with the same checks before sending it."""
 
     build_config: BuildConfig
     vocab_size: int

@@ -116,7 +116,7 @@ def add_scheduler_arguments(parser: argparse.ArgumentParser, applies_to: str = "
 
 
 def scheduler_options(args: argparse.Namespace) -> dict:
-    """Session.new_scheduler keyword arguments from add_scheduler_arguments' flags."""
+    """Scheduler keyword arguments of load_session / Session from add_scheduler_arguments' flags."""
     return {"max_in_flight": args.max_in_flight, "tokens_per_step": args.max_tokens_per_step,
             "chunked_prefill": args.enable_chunked_context}
 

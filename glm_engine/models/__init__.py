@@ -25,7 +25,7 @@ FAMILIES: dict[str, ModuleType] = {chatglm.MODEL_TYPE: chatglm}
 
 def family(model_type: str) -> ModuleType:
     """The family module of `model_type`."""
-    found = FAMILIES.get(model_type)
+    found = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if found is None:
         raise GlmEngineError(f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
     return found
@@ -34,7 +34,7 @@ def family(model_type: str) -> ModuleType:
 def checkpoint_family(hf_config: dict[str, Any]) -> ModuleType:
     """The family of a checkpoint's config.json, with a clear error for any other."""
     model_type = hf_config.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise GlmEngineError(f"config.json has model_type {model_type!r}; only ChatGLM2/ChatGLM3 "
                              "checkpoints (model_type 'chatglm') are supported")
     return FAMILIES[model_type]

@@ -37,7 +37,7 @@ class SamplingConfig:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True, False or "never"
-    num_return_sequences: int = 1  # best beams returned (Session.generate_beams)
+    num_return_sequences: int = 1  # best beams returned (RequestOutput.beams)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING
 # Light imports only up here: --help answers without loading torch or transformers;
 # each function imports what it measures with.
 from glm_engine import GlmEngineError
-from glm_engine.cli import (add_kv_cache_arguments, add_sampling_arguments, add_scheduler_arguments, kv_cache_options,
+from glm_engine.tools.cli import (add_kv_cache_arguments, add_sampling_arguments, add_scheduler_arguments, kv_cache_options,
                             launched_rank, run_tool, sampling_options, scheduler_options)
-from glm_engine.compare import relative_error
-from glm_engine.output_file import check_output_file, output_stream
-from glm_engine.prompts import random_prompts
+from glm_engine.tools.compare import relative_error
+from glm_engine.tools.output_file import check_output_file, output_stream
+from glm_engine.text.prompts import random_prompts
 
 if TYPE_CHECKING:
     import torch
@@ -224,8 +224,8 @@ def measured_rows(side: str, measure: Callable[[list[list[int]]], dict], vocab_s
 
 def hf_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """GlmForCausalLM, eager attention, in the engine's dtype and with its weights."""
-    from glm_engine.engine import load_whole_engine
-    from glm_engine.hf_reference import build_glm_model
+    from glm_engine.engine_format.engine import load_whole_engine
+    from glm_engine.tools.hf_reference import build_glm_model
 
     engine = load_whole_engine(args.engine_dir, "cpu")
     model = build_glm_model(engine.model_config, engine.weights, device, attn_implementation="eager")
@@ -245,8 +245,8 @@ def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -
     in the engine's forwards only."""
     import torch
 
-    from glm_engine.engine import load_whole_engine
-    from glm_engine.hf_reference import build_glm_model
+    from glm_engine.engine_format.engine import load_whole_engine
+    from glm_engine.tools.hf_reference import build_glm_model
 
     prompt = random_prompts([min(args.input_len, 256)], min(session.model_config.vocab_size, 60000), seed=1)[0]
     decoded = min(DECODED_POSITIONS, len(prompt) - 1)  # none for a one-token prompt
@@ -326,8 +326,8 @@ def http_sampling(args: argparse.Namespace) -> dict:
 
 
 def serve_over_http(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
-    """--server_url: the same requests and arrivals, sent to a server (glm_engine/load_generator.py)."""
-    from glm_engine.load_generator import run_http_load
+    """--server_url: the same requests and arrivals, sent to a server (glm_engine/serving/load_generator.py)."""
+    from glm_engine.serving.load_generator import run_http_load
 
     results, elapsed = run_http_load(args.server_url, prompts, arrival_times(args, len(prompts)), args.output_len,
                                      http_sampling(args))
@@ -401,8 +401,8 @@ def hf_static_throughput(args: argparse.Namespace, prompts: list[list[int]], dev
     exactly --output_len new tokens each, over the first --hf_num_requests prompts."""
     import torch
     
-    from glm_engine.engine import load_whole_engine
-    from glm_engine.hf_reference import build_glm_model, left_padded
+    from glm_engine.engine_format.engine import load_whole_engine
+    from glm_engine.tools.hf_reference import build_glm_model, left_padded
 
     engine = load_whole_engine(args.engine_dir, "cpu")
     model = build_glm_model(engine.model_config, engine.weights, device, attn_implementation="eager")
@@ -428,7 +428,7 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
     from model import load_session
 
     if args.server_url is not None:
-        from glm_engine.engine import engine_configs
+        from glm_engine.engine_format.engine import engine_configs
 
         prompts = serving_requests(args, engine_configs(args.engine_dir)[0].vocab_size)
         result.update(num_requests=args.num_requests, input_len_range=args.input_len_range,
@@ -479,7 +479,7 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Every flag checked before any measurement, against the engine's limits too."""
-    from glm_engine.engine import engine_configs
+    from glm_engine.engine_format.engine import engine_configs
 
     counts = {"--input_len": args.input_len, "--output_len": args.output_len, "--repeats": args.repeats,
               "--num_requests": args.num_requests, "--hf_batch_size": args.hf_batch_size,
@@ -545,7 +545,7 @@ def write_json(result: dict, path: str) -> None:
 
 def main() -> None:
     args = parse_arguments()
-    from glm_engine.engine import read_engine_config
+    from glm_engine.engine_format.engine import read_engine_config
     from glm_engine.runtime.session import resolve_device
     from model import load_session
 

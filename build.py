@@ -12,12 +12,12 @@ from pathlib import Path
 # Light imports only up here: --help answers without loading torch (weights, engine
 # writing and quantization are imported where they are used).
 from glm_engine import GlmEngineError
-from glm_engine.cli import LOG_LEVELS, run_tool, setup_logging
+from glm_engine.tools.cli import LOG_LEVELS, run_tool, setup_logging
 from glm_engine.config import DTYPES, ROPE_RATIO_MODES, BuildConfig, ModelConfig
-from glm_engine.engine_dir import check_output_dir, restore_interrupted_build
+from glm_engine.engine_format.engine_dir import check_output_dir, restore_interrupted_build
 from glm_engine.presets import CHATGLM2_6B
-from glm_engine.source_files import file_inside
-from glm_engine.tokenizer import CHATGLM2_SPECIAL_TOKENS, TOKENIZER_FILES, ChatGLMTokenizer, TokenizerError
+from glm_engine.engine_format.source_files import file_inside
+from glm_engine.text.tokenizer import CHATGLM2_SPECIAL_TOKENS, TOKENIZER_FILES, ChatGLMTokenizer, TokenizerError
 
 logger = logging.getLogger("build")
 
@@ -203,7 +203,7 @@ def build(args: argparse.Namespace) -> Path:
     check_output_dir(output_dir, sources)  # checked again when the engine moves in
     build_config = build_config_of(args)
     model_config = model_config_of(args)
-    from glm_engine.tensor_parallel import check_world_size
+    from glm_engine.engine_format.tensor_parallel import check_world_size
 
     check_world_size(model_config, build_config.world_size, build_config.weight_only_precision,
                      build_config.weight_only_group_size)
@@ -219,7 +219,7 @@ def convert_and_save(args: argparse.Namespace, output_dir: Path, sources: dict[s
     """Converts (or makes) the weights and writes the engine, every input being checked."""
     import torch
 
-    from glm_engine.engine import save_engine
+    from glm_engine.engine_format.engine import save_engine
 
     restore_interrupted_build(output_dir.resolve())  # the old engine stays usable if this build fails
     if args.model_dir is None:
@@ -251,14 +251,14 @@ def compile_kernels(staging: Path) -> None:
     """Runs the finished engine once on this GPU, in a child process whose Triton cache is
     the engine's kernels/ directory, and lists what it compiled (kernels.json): the
     engine then starts without compiling on a GPU of this architecture
-    (glm_engine/kernel_cache.py). If that run fails, the engine is kept without them."""
+    (glm_engine/engine_format/kernel_cache.py). If that run fails, the engine is kept without them."""
     import multiprocessing
     import shutil
 
     import torch
 
-    from glm_engine.engine_dir import KERNELS_DIR
-    from glm_engine.kernel_cache import compile_target, write_manifest
+    from glm_engine.engine_format.engine_dir import KERNELS_DIR
+    from glm_engine.engine_format.kernel_cache import compile_target, write_manifest
 
     start = time.perf_counter()
     # A daemon: a build stopped (Ctrl-C, SIGTERM) takes it down too.
@@ -282,7 +282,7 @@ def run_engine_once(engine_dir: Path) -> None:
     sampled, for a prompt long enough for cuBLAS and one short enough for the skinny GEMM."""
     import os
 
-    from glm_engine.engine_dir import KERNELS_DIR
+    from glm_engine.engine_format.engine_dir import KERNELS_DIR
 
     os.environ["TRITON_CACHE_DIR"] = str(engine_dir / KERNELS_DIR)  # before Triton is imported
     setup_logging("warning")
@@ -307,7 +307,7 @@ def convert_weights(args: argparse.Namespace, model_config: ModelConfig, build_c
                     progress: bool) -> dict:
     """The whole model's runtime-layout weights: dummy or the checkpoint's, quantized
     when asked."""
-    from glm_engine.layout import linear_weight_names
+    from glm_engine.engine_format.layout import linear_weight_names
     from glm_engine.quantization import linear_method, quantize_weights
     from weight import dummy_weights, load_hf_weights
 
@@ -321,8 +321,8 @@ def convert_weights(args: argparse.Namespace, model_config: ModelConfig, build_c
 def write_rank(weights: dict, model_config: ModelConfig, build_config: BuildConfig, rank: int, staging: Path,
                progress: bool) -> tuple[str, dict]:
     """Writes rank `rank`'s slice of the weights into the staging directory."""
-    from glm_engine.engine import write_rank_file
-    from glm_engine.tensor_parallel import split_weights
+    from glm_engine.engine_format.engine import write_rank_file
+    from glm_engine.engine_format.tensor_parallel import split_weights
 
     return write_rank_file(staging, rank, split_weights(weights, model_config, build_config.world_size, rank),
                            progress)
@@ -383,8 +383,8 @@ def check_weights_fit(model_config: ModelConfig, build_config: BuildConfig, copi
     the whole model): refuse a shape that cannot fit."""
     import torch
 
-    from glm_engine.layout import parameter_bytes
-    from glm_engine.memory import check_fits
+    from glm_engine.engine_format.layout import parameter_bytes
+    from glm_engine.runtime.memory import check_fits
 
     check_fits(f"the engine's weights ({model_config.num_layers} layers, hidden size "
                f"{model_config.hidden_size}, vocabulary {model_config.vocab_size}, {build_config.dtype})",

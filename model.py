@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from glm_engine.config import ModelConfig
-from glm_engine.engine import Engine
+from glm_engine.engine_format.engine import Engine
 from glm_engine.models import family
-from glm_engine.ops import Ops
+from glm_engine.runtime.ops import Ops
 from glm_engine.runtime.session import Session
 
 

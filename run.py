@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 # Light imports only up here: --help answers without loading torch; main() imports the rest.
 from glm_engine import GlmEngineError
-from glm_engine.cli import (add_sampling_arguments, add_session_arguments, kv_cache_options, run_tool, sampling_options,
+from glm_engine.tools.cli import (add_sampling_arguments, add_session_arguments, kv_cache_options, run_tool, sampling_options,
                             setup_logging)
-from glm_engine.detokenizer import IncrementalDetokenizer
-from glm_engine.prompts import clean_response, read_token_csv, write_token_csv
-from glm_engine.tokenizer import ChatGLMTokenizer
+from glm_engine.text.detokenizer import IncrementalDetokenizer
+from glm_engine.text.prompts import clean_response, read_token_csv, write_token_csv
+from glm_engine.text.tokenizer import ChatGLMTokenizer
 
 if TYPE_CHECKING:
     from glm_engine.runtime.scheduler import StepResult
@@ -149,7 +149,7 @@ def write_log_probs(path: str, log_probs: list[list[float]]) -> None:
     """--output_log_probs: one object per prompt, its tokens' log-probabilities and their sum."""
     import json
 
-    from glm_engine.output_file import output_stream
+    from glm_engine.tools.output_file import output_stream
 
     with output_stream(path, "--output_log_probs") as stream:
         json.dump([{"log_probs": values, "cum_log_prob": sum(values)} for values in log_probs], stream, indent=1)
@@ -211,8 +211,8 @@ def read_prompts(args: argparse.Namespace, tokenizer: ChatGLMTokenizer | None) -
 def main() -> None:
     args = parse_arguments()
     setup_logging(args.log_level)
-    from glm_engine.engine import engine_configs
-    from glm_engine.output_file import check_output_file
+    from glm_engine.engine_format.engine import engine_configs
+    from glm_engine.tools.output_file import check_output_file
     from glm_engine.runtime.sampling import SamplingConfig
     from glm_engine.runtime.session import RequestOutput, record_step, resolve_device
     from model import load_session

@@ -1,7 +1,7 @@
 """Serves an engine over HTTP with OpenAI's API (/v1/completions,
 /v1/chat/completions, /v1/models), plus /health and /metrics: one engine loop, in a
 process of its own, batches every client's requests in flight
-(glm_engine/openai_server.py, glm_engine/runtime/engine_process.py)."""
+(glm_engine/serving/openai_server.py, glm_engine/serving/engine_process.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 # Light imports only up here: --help answers without loading torch; main() imports the rest.
 from glm_engine import GlmEngineError
-from glm_engine.cli import (add_scheduler_arguments, add_session_arguments, kv_cache_options, run_tool,
+from glm_engine.tools.cli import (add_scheduler_arguments, add_session_arguments, kv_cache_options, run_tool,
                             scheduler_options, setup_logging)
 
 
@@ -39,10 +39,10 @@ def main() -> None:
     setup_logging(args.log_level)
     import uvicorn
 
-    from glm_engine.engine import engine_configs
-    from glm_engine.openai_server import create_app
-    from glm_engine.runtime.engine_process import EngineProcess
-    from glm_engine.tokenizer import ChatGLMTokenizer
+    from glm_engine.engine_format.engine import engine_configs
+    from glm_engine.serving.openai_server import create_app
+    from glm_engine.serving.engine_process import EngineProcess
+    from glm_engine.text.tokenizer import ChatGLMTokenizer
     from model import load_session
 
     _, build_config = engine_configs(args.engine_dir)  # a clear error before any other work

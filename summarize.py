@@ -16,11 +16,11 @@ from tqdm import tqdm
 # Light imports only up here: --help answers without loading torch or transformers;
 # the functions import the rest.
 from glm_engine import GlmEngineError
-from glm_engine.cli import add_session_arguments, kv_cache_options, launched_rank, run_tool, setup_logging
-from glm_engine.compare import first_divergence
+from glm_engine.tools.cli import add_session_arguments, kv_cache_options, launched_rank, run_tool, setup_logging
+from glm_engine.tools.compare import first_divergence
 from glm_engine.config import ModelConfig
-from glm_engine.dataset import load_articles
-from glm_engine.tokenizer import ChatGLMTokenizer
+from glm_engine.text.dataset import load_articles
+from glm_engine.text.tokenizer import ChatGLMTokenizer
 
 logger = logging.getLogger("summarize")
 
@@ -130,8 +130,8 @@ def hf_model(args: argparse.Namespace, device):
     """The Hugging Face side: the checkpoint given, or GlmForCausalLM with the engine's weights."""
     import torch
 
-    from glm_engine.engine import load_whole_engine, read_engine_config
-    from glm_engine.hf_reference import build_glm_model
+    from glm_engine.engine_format.engine import load_whole_engine, read_engine_config
+    from glm_engine.tools.hf_reference import build_glm_model
     from weight import load_hf_model
 
     dtype = getattr(torch, HF_DTYPES[args.data_type])
@@ -154,8 +154,8 @@ def print_side(side: SideResult, references: list[str]) -> dict[str, float]:
 def main() -> None:
     args = parse_arguments()
     setup_logging(args.log_level)
-    from glm_engine.engine import read_engine_config
-    from glm_engine.hf_reference import hf_generate
+    from glm_engine.engine_format.engine import read_engine_config
+    from glm_engine.tools.hf_reference import hf_generate
     from glm_engine.runtime.sampling import SamplingConfig
     from glm_engine.runtime.session import resolve_device
     from model import load_session

@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
-from glm_engine.hf_reference import build_glm_model
-from glm_engine.layout import weight_shapes
+from glm_engine.tools.hf_reference import build_glm_model
+from glm_engine.engine_format.layout import weight_shapes
 from glm_engine.models import family, read_model_config
-from glm_engine.source_files import file_inside
+from glm_engine.engine_format.source_files import file_inside
 
 # Index file, single file, in order of preference.
 _CHECKPOINT_LAYOUTS = (

@@ -19,7 +19,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glm_engine.compare import relative_error  # noqa: E402
+from glm_engine.tools.compare import relative_error  # noqa: E402
 from glm_engine.kernels.context_attention import context_attention  # noqa: E402
 
 HEADS, GROUPS, HEAD_DIM, BLOCK_SIZE = 32, 2, 128, 64

@@ -12,10 +12,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glm_engine.compare import relative_error  # noqa: E402
-from glm_engine.engine import load_whole_engine  # noqa: E402
-from glm_engine.hf_reference import build_glm_model  # noqa: E402
-from glm_engine.prompts import random_prompts  # noqa: E402
+from glm_engine.tools.compare import relative_error  # noqa: E402
+from glm_engine.engine_format.engine import load_whole_engine  # noqa: E402
+from glm_engine.tools.hf_reference import build_glm_model  # noqa: E402
+from glm_engine.text.prompts import random_prompts  # noqa: E402
 from model import load_session  # noqa: E402
 
 

@@ -12,8 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glm_engine.compare import first_divergence, relative_error  # noqa: E402
-from glm_engine.prompts import random_prompts  # noqa: E402
+from glm_engine.tools.compare import first_divergence, relative_error  # noqa: E402
+from glm_engine.text.prompts import random_prompts  # noqa: E402
 from glm_engine.runtime.sampling import SamplingConfig  # noqa: E402
 from model import load_session  # noqa: E402
 

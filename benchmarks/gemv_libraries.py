@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tune_gemv import SHAPES, graph_us  # noqa: E402
 
-from glm_engine.compare import relative_error  # noqa: E402
+from glm_engine.tools.compare import relative_error  # noqa: E402
 from glm_engine.kernels import reference  # noqa: E402
 from glm_engine.kernels.gemv import gemv  # noqa: E402
 from glm_engine.quantization import quantize_symmetric  # noqa: E402

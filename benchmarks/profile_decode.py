@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glm_engine.prompts import random_prompts  # noqa: E402
+from glm_engine.text.prompts import random_prompts  # noqa: E402
 from glm_engine.runtime.sampling import SamplingConfig  # noqa: E402
 from model import load_session  # noqa: E402
 

@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from glm_engine.config import BuildConfig, ModelConfig  # noqa: E402
 from glm_engine.models import read_model_config  # noqa: E402
 from glm_engine.presets import CHATGLM2_6B  # noqa: E402
-from glm_engine.engine import Engine  # noqa: E402
-from glm_engine.hf_reference import build_glm_model  # noqa: E402
+from glm_engine.engine_format.engine import Engine  # noqa: E402
+from glm_engine.tools.hf_reference import build_glm_model  # noqa: E402
 from glm_engine.runtime.sampling import SamplingConfig  # noqa: E402
-from glm_engine.layout import weight_shapes  # noqa: E402
-from glm_engine.prompts import random_prompts  # noqa: E402
+from glm_engine.engine_format.layout import weight_shapes  # noqa: E402
+from glm_engine.text.prompts import random_prompts  # noqa: E402
 from model import load_session  # noqa: E402
 
 

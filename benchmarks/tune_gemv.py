@@ -35,7 +35,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glm_engine.compare import relative_error  # noqa: E402
+from glm_engine.tools.compare import relative_error  # noqa: E402
 from glm_engine.kernels import launch_configs, reference, weight_only_mma  # noqa: E402
 from glm_engine.kernels.gemv import MAX_FMA_ROWS, GemvConfig, choice_of, default_config, gemv  # noqa: E402
 from glm_engine.quantization import quantize_symmetric  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from glm_engine.tokenizer import TokenizerError, train_sentencepiece  # noqa: E402
+from glm_engine.text.tokenizer import TokenizerError, train_sentencepiece  # noqa: E402
 
 SAMPLE_DATA = REPO_ROOT / "data" / "cnn_dailymail_sample.jsonl"
 BUNDLED_DIR = REPO_ROOT / "data" / "demo_tokenizer"

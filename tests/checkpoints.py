@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from glm_engine.tokenizer import TOKENIZER_FILES
+from glm_engine.text.tokenizer import TOKENIZER_FILES
 
 CHECKPOINT_FORMATS: tuple[str, ...] = ("bin", "safetensors", "single_bin", "single_safetensors")
 

@@ -90,8 +90,8 @@ def test_the_checker_sees_imports_in_functions_and_under_type_checking(tmp_path)
 def test_the_runtime_imports_from_another_directory_whatever_model_py_is_there(tmp_path):
     (tmp_path / "model.py").write_text("raise ImportError('a stray model.py was imported')\n")
     (tmp_path / "weight.py").write_text("raise ImportError('a stray weight.py was imported')\n")
-    script = ("import glm_engine.runtime.session, glm_engine.runtime.model_runner, glm_engine.hf_reference, "
-              "glm_engine.ops; print('ok')")
+    script = ("import glm_engine.runtime.session, glm_engine.runtime.model_runner, glm_engine.tools.hf_reference, "
+              "glm_engine.runtime.ops; print('ok')")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                             env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

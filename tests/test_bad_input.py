@@ -23,9 +23,9 @@ from checkpoints import tiny_config
 from conftest import REPO_ROOT, TINY_SHAPE_FLAGS, run_tool
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
-from glm_engine.layout import weight_shapes
+from glm_engine.engine_format.layout import weight_shapes
 from glm_engine.models import read_model_config
-from glm_engine.prompts import read_token_csv
+from glm_engine.text.prompts import read_token_csv
 from test_safety import tree
 
 LIMITS = ["--max_batch_size", "2", "--max_input_len", "32", "--max_output_len", "8"]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoints import CHECKPOINT_FORMATS, chatglm2_state_dict, tiny_config, write_checkpoint
-from glm_engine.tokenizer import ChatGLMTokenizer
+from glm_engine.text.tokenizer import ChatGLMTokenizer
 
 # Every config field of THUDM/chatglm2-6b's config.json.
 DESIGN_FIELDS = {

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO_ROOT
-from glm_engine.detokenizer import IncrementalDetokenizer
-from glm_engine.tokenizer import ChatGLMTokenizer, train_sentencepiece
+from glm_engine.text.detokenizer import IncrementalDetokenizer
+from glm_engine.text.tokenizer import ChatGLMTokenizer, train_sentencepiece
 
 DEMO_TOKENIZER = ChatGLMTokenizer.from_dir(REPO_ROOT / "data" / "demo_tokenizer")
 TEXTS = ["北京是中国的首都。Beijing is the capital.", "Zürich, 東京 and émigré: ∑ ≠ 🙂", "  two  spaces ",

@@ -9,7 +9,7 @@ import torch
 
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
-from glm_engine.engine import ENGINE_FORMAT_VERSION, load_engine, save_engine, write_rank_file
+from glm_engine.engine_format.engine import ENGINE_FORMAT_VERSION, load_engine, save_engine, write_rank_file
 from weight import dummy_weights
 
 CONFIG = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, kv_channels=8,
@@ -116,7 +116,7 @@ def test_weights_file_is_standard_safetensors_with_true_checksums(tmp_path, monk
 
     from safetensors.torch import load_file
 
-    from glm_engine import engine as engine_module
+    from glm_engine.engine_format import engine as engine_module
 
     monkeypatch.setattr(engine_module, "CHECKSUM_CHUNK_BYTES", chunk_bytes)
     tensors = {"half": torch.randn(3, 5).half(), "brain": torch.randn(7).bfloat16(),

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, TINY_SHAPE_FLAGS, run_tool
-from glm_engine.tokenizer import ChatGLMTokenizer
+from glm_engine.text.tokenizer import ChatGLMTokenizer
 
 SMALL = [*TINY_SHAPE_FLAGS[:-2], "--max_input_len", "64", "--max_output_len", "8"]
 

@@ -1,4 +1,4 @@
-"""The kernels build.py compiles on a GPU travel with the engine (glm_engine/kernel_cache.py):
+"""The kernels build.py compiles on a GPU travel with the engine (glm_engine/engine_format/kernel_cache.py):
 listed in kernels.json with their group files made relative, copied at start-up into
 Triton's cache where Triton's own reader finds them, never over what is there, and
 only for the architecture and Triton version they were compiled for. The cache
@@ -17,8 +17,8 @@ from triton.runtime.cache import FileCacheManager
 
 from conftest import TINY_SHAPE_FLAGS
 from glm_engine import GlmEngineError
-from glm_engine import kernel_cache
-from glm_engine.engine_dir import check_output_dir
+from glm_engine.engine_format import kernel_cache
+from glm_engine.engine_format.engine_dir import check_output_dir
 
 TARGET = {"arch": "sm_90", "triton": "3.6.0", "gpu": "NVIDIA H100 80GB HBM3"}
 

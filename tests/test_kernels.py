@@ -14,10 +14,10 @@ import glm_engine.kernels.decode_attention as decode_attention_module
 import glm_engine.kernels.norm as norm_module
 import glm_engine.kernels.rotary_kv as rotary_kv_module
 import glm_engine.kernels.swiglu as swiglu_module
-from glm_engine.compare import relative_error
+from glm_engine.tools.compare import relative_error
 from glm_engine.kernels import reference
 from glm_engine.quantization import quantize_symmetric
-from glm_engine.attention import ReferenceFields, StepLayout
+from glm_engine.runtime.attention import ReferenceFields, StepLayout
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -470,10 +470,10 @@ def test_prompt_attention_matches_reference(monkeypatch, context_fmha, lengths, 
     reference attention, whether SDPA takes it (fresh prompts of at least FLASH_MIN_TOKENS,
     lowered to 4 here, float32 accumulation) or the Triton FMHA does; the cache holds the
     same keys and values either way."""
-    from glm_engine.attention import PagedAttention, ReferenceAttention
+    from glm_engine.runtime.attention import PagedAttention, ReferenceAttention
     from glm_engine.config import ModelConfig
     from glm_engine.runtime.kv_cache import KVCache
-    import glm_engine.attention as attention_module
+    import glm_engine.runtime.attention as attention_module
 
     monkeypatch.setattr(attention_module, "FLASH_MIN_TOKENS", 4)
     dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32

@@ -12,14 +12,14 @@ from transformers import GlmConfig, GlmForCausalLM
 import build
 from glm_engine.config import ModelConfig
 from glm_engine.models import read_model_config
-from glm_engine.compare import relative_error
+from glm_engine.tools.compare import relative_error
 from glm_engine.kernels import reference
-from glm_engine.attention import StepLayout
+from glm_engine.runtime.attention import StepLayout
 from glm_engine.runtime.kv_cache import KVCache
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import Session
 from model import load_session
-from glm_engine.prompts import random_prompts
+from glm_engine.text.prompts import random_prompts
 from weight import iter_checkpoint_tensors, load_hf_model
 
 

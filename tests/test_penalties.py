@@ -176,7 +176,7 @@ def test_run_py_flags_reach_the_runtime(model_dir, tmp_path):
     records = json.loads((tmp_path / "lp.json").read_text())
     assert len(records) == 1 and len(records[0]["log_probs"]) == len(plain)
     assert abs(records[0]["cum_log_prob"] - sum(records[0]["log_probs"])) < 1e-9
-    from glm_engine.tokenizer import ChatGLMTokenizer
+    from glm_engine.text.tokenizer import ChatGLMTokenizer
 
     tokenizer = ChatGLMTokenizer.from_dir(tmp_path / "engine")
     words = [tokenizer.decode([token]) for token in plain]
@@ -191,7 +191,7 @@ def test_run_py_flags_reach_the_runtime(model_dir, tmp_path):
 def test_every_sampling_flag_reaches_the_sampling_config():
     """run.py's (and benchmark.py's) generation flags, each to its SamplingConfig field."""
     import run
-    from glm_engine.cli import sampling_options
+    from glm_engine.tools.cli import sampling_options
 
     class Words:  # a tokenizer stand-in: one id per character
         @staticmethod

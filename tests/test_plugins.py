@@ -19,10 +19,10 @@ import glm_engine.kernels.swiglu as swiglu_module
 from checkpoints import tiny_config
 from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
-from glm_engine.attention import PagedAttention, ReferenceAttention, StepLayout
+from glm_engine.runtime.attention import PagedAttention, ReferenceAttention, StepLayout
 from glm_engine.config import BuildConfig
-from glm_engine.engine import Engine
-from glm_engine.layout import weight_shapes
+from glm_engine.engine_format.engine import Engine
+from glm_engine.engine_format.layout import weight_shapes
 from glm_engine.models import read_model_config
 from glm_engine.runtime.cuda_graphs import PromptGraphs
 from glm_engine.runtime.model_runner import graphs_to_capture
@@ -144,7 +144,7 @@ def test_kernel_engines_run_the_reference_ops_on_the_cpu(tiny_checkpoint_factory
 
     import build as build_tool
     from glm_engine.config import BuildConfig
-    from glm_engine.engine import Engine, load_engine
+    from glm_engine.engine_format.engine import Engine, load_engine
     from glm_engine.quantization import dequantize_weights
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -174,7 +174,7 @@ def test_weight_only_engine_equals_reference_network_on_dequantized_weights(tiny
     and a float32 scale per output channel or per `group` input channels of each."""
     import build as build_tool
     from glm_engine.config import BuildConfig
-    from glm_engine.engine import Engine, load_engine
+    from glm_engine.engine_format.engine import Engine, load_engine
     from glm_engine.quantization import dequantize_weights
 
     model_dir = tiny_checkpoint_factory("safetensors", seed=33)
@@ -212,8 +212,8 @@ def test_group_wise_int4_is_closer_to_the_weights_than_per_channel(tiny_checkpoi
     """--weight_only_group_size 32: one scale per 32 input channels, so every decoder
     linear's dequantized weight is closer to the float weight than per-channel int4's."""
     import build as build_tool
-    from glm_engine.compare import relative_error
-    from glm_engine.engine import load_engine
+    from glm_engine.tools.compare import relative_error
+    from glm_engine.engine_format.engine import load_engine
     from glm_engine.quantization import dequantize_weights
 
     model_dir = tiny_checkpoint_factory("safetensors", seed=36)

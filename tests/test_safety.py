@@ -22,8 +22,8 @@ import torch
 
 from conftest import REPO_ROOT, TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
-from glm_engine.engine import config_digest
-from glm_engine.output_file import check_output_file, output_stream
+from glm_engine.engine_format.engine import config_digest
+from glm_engine.tools.output_file import check_output_file, output_stream
 
 SMALL = [*TINY_SHAPE_FLAGS, "--max_input_len", "8", "--max_output_len", "4"]
 

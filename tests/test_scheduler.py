@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO_ROOT, TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
-from glm_engine.engine import read_engine_config
+from glm_engine.engine_format.engine import read_engine_config
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.scheduler import Scheduler
 from glm_engine.runtime.session import Session

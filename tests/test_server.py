@@ -99,8 +99,8 @@ def server(engine):
 
 def run_py_outputs(engine: Path, prompts: list[str], max_tokens: int) -> list[str]:
     """run.py's greedy tokens for the prompts, decoded with the engine's tokenizer."""
-    from glm_engine.prompts import read_token_csv
-    from glm_engine.tokenizer import ChatGLMTokenizer
+    from glm_engine.text.prompts import read_token_csv
+    from glm_engine.text.tokenizer import ChatGLMTokenizer
 
     csv = engine.parent / f"run_{max_tokens}.csv"
     result = run_tool("run.py", "--engine_dir", engine, "--input_text", *prompts, "--max_output_len", max_tokens,
@@ -123,8 +123,8 @@ def test_completions_equal_run_py_streamed_or_not(server, engine):
 
 
 def test_chat_follows_the_chatglm2_rounds(server, engine):
-    from glm_engine.prompts import chat_prompt_ids
-    from glm_engine.tokenizer import ChatGLMTokenizer
+    from glm_engine.text.prompts import chat_prompt_ids
+    from glm_engine.text.tokenizer import ChatGLMTokenizer
     from model import load_session
     from glm_engine.runtime.sampling import SamplingConfig
 
@@ -297,8 +297,8 @@ def test_chat_formats_of_both_flavors(tiny_tokenizer_dir):
     """ChatGLM3: [gMASK] sop, a role token and "\\n" + content per message, then
     <|assistant|>; ChatGLM2 refuses chats its rounds cannot hold."""
     from glm_engine import GlmEngineError
-    from glm_engine.prompts import chat_prompt_ids
-    from glm_engine.tokenizer import ChatGLMTokenizer
+    from glm_engine.text.prompts import chat_prompt_ids
+    from glm_engine.text.tokenizer import ChatGLMTokenizer
 
     three = ChatGLMTokenizer.from_dir(tiny_tokenizer_dir, flavor="chatglm3")
     role = three.special_token_ids
@@ -337,8 +337,8 @@ def test_streamed_text_adds_up_to_the_whole_text(tiny_tokenizer_dir):
     the same texts and counts every token."""
     import random
 
-    from glm_engine.openai_server import _Answer
-    from glm_engine.tokenizer import ChatGLMTokenizer
+    from glm_engine.serving.openai_server import _Answer
+    from glm_engine.text.tokenizer import ChatGLMTokenizer
 
     tokenizer = ChatGLMTokenizer.from_dir(tiny_tokenizer_dir)
     rng = random.Random(0)

@@ -10,8 +10,8 @@ import pytest
 
 from glm_engine import GlmEngineError
 from glm_engine.runtime.sampling import SamplingConfig
-from glm_engine.runtime.stop_words import StopStrings
-from glm_engine.tokenizer import ChatGLMTokenizer
+from glm_engine.text.stop_words import StopStrings
+from glm_engine.text.tokenizer import ChatGLMTokenizer
 from model import load_session
 from test_detokenizer import DEMO_TOKENIZER, CountingTokenizer, random_ids
 from test_model import build_engine, random_prompt
@@ -98,7 +98,7 @@ def test_stop_words_need_a_tokenizer(session, tmp_path):
     config = json.loads((engine / "config.json").read_text())
     config["tokenizer_files"].remove("tokenizer.model")
     del config["checksums"]["tokenizer.model"]
-    from glm_engine.engine import config_digest
+    from glm_engine.engine_format.engine import config_digest
 
     config["config_sha256"] = config_digest(config)
     (engine / "config.json").write_text(json.dumps(config))

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import REPO_ROOT
 from glm_engine import GlmEngineError
-from glm_engine.dataset import load_articles
-from glm_engine.tokenizer import ChatGLMTokenizer
+from glm_engine.text.dataset import load_articles
+from glm_engine.text.tokenizer import ChatGLMTokenizer
 from summarize import agreement, rouge_scores, summarize_prompt
 
 SAMPLE = REPO_ROOT / "data" / "cnn_dailymail_sample.jsonl"

@@ -17,12 +17,12 @@ import torch
 from conftest import REPO_ROOT, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
-from glm_engine.layout import engine_tensor_specs
-from glm_engine.layout import linear_weight_names
+from glm_engine.engine_format.layout import engine_tensor_specs
+from glm_engine.engine_format.layout import linear_weight_names
 from glm_engine.quantization import WeightOnly, quantize_weights
 from glm_engine.runtime import distributed
 from glm_engine.runtime.distributed import Launch, launch_from_environment, rank_device
-from glm_engine.tensor_parallel import check_world_size, merge_weights, split_weights
+from glm_engine.engine_format.tensor_parallel import check_world_size, merge_weights, split_weights
 from weight import dummy_weights
 
 TINY = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,

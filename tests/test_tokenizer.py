@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from glm_engine.tokenizer import (
+from glm_engine.text.tokenizer import (
     CHATGLM2_SPECIAL_TOKENS,
     CHATGLM3_ROLE_TOKENS,
     TOKENIZER_FILES,

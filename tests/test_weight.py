@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from checkpoints import CHECKPOINT_FORMATS
 from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig
-from glm_engine.layout import weight_shapes
+from glm_engine.engine_format.layout import weight_shapes
 from glm_engine.models import read_model_config
 from weight import dummy_weights, load_hf_config, load_hf_weights
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.utils.deterministic
 
-from glm_engine.compare import relative_error
+from glm_engine.tools.compare import relative_error
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.kernels import launch_configs, reference, weight_only_mma
-from glm_engine.ops import select_ops, shuffle_quantized_weights, uses_mma_gemm
+from glm_engine.runtime.ops import select_ops, shuffle_quantized_weights, uses_mma_gemm
 from glm_engine.quantization import quantize_symmetric
 
 ON_GPU = torch.cuda.is_available() and weight_only_mma.runs_on(torch.device("cuda"))

@@ -18,7 +18,7 @@ from glm_engine import GlmEngineError
 from glm_engine.config import ModelConfig, vocab_rows_per_rank
 from glm_engine.models.layers import DecoderLinear, RMSNorm, Table
 from glm_engine.presets import CHATGLM2_6B
-from glm_engine.op_table import Ops
+from glm_engine.runtime.op_table import Ops
 from glm_engine.runtime.kv_cache import KVCache
 
 MODEL_TYPE = "chatglm"
@@ -173,7 +173,7 @@ class SelfAttention(nn.Module):
         self.all_reduce = ops.all_reduce
 
     def forward(self, hidden: torch.Tensor, metadata, kv_cache: KVCache) -> torch.Tensor:
-        """`metadata`: the attention backend's for this step (glm_engine/attention.py)."""
+        """`metadata`: the attention backend's for this step (glm_engine/runtime/attention.py)."""
         context = self.attention(self.query_key_value(hidden), self.layer_index, metadata, kv_cache)
         return self.all_reduce(self.dense(context))  # row-parallel: the ranks' partial sums
 
@@ -212,7 +212,7 @@ class DecoderLayer(nn.Module):
 
 class ChatGLM2Model(nn.Module):
     """Embedding, decoder layers, final RMSNorm and the (untied) output layer. Under
-    tensor parallelism, one rank's share (glm_engine/tensor_parallel.py): `config` is
+    tensor parallelism, one rank's share (glm_engine/engine_format/tensor_parallel.py): `config` is
     the shape the rank computes, the output layer holds its share of the vocabulary."""
 
     def __init__(self, config: ModelConfig, ops: Ops) -> None:

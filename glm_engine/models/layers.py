@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from glm_engine.op_table import Ops
+from glm_engine.runtime.op_table import Ops
 
 # (A `with torch.device("meta")` block instead routes every factory call through
 # torch._refs, whose first use imports torch._dynamo: seconds of start-up.)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from glm_engine.attention import AttentionBackend, GraphInputs
+from glm_engine.runtime.attention import AttentionBackend, GraphInputs
 from glm_engine.runtime.kv_cache import KVCache
 
 # Longer prompts keep the GPU busier than the host (and from 1024 tokens take SDPA, eagerly).

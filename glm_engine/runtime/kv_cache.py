@@ -1,7 +1,7 @@
 """The KV cache's storage: one pool of fixed-size blocks for all layers, addressed
 through per-sequence block tables (runtime/block_manager.py hands the blocks out),
 and the pool's size. The attention metadata that addresses it is the attention
-backends' (glm_engine/attention.py)."""
+backends' (glm_engine/runtime/attention.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
-from glm_engine.memory import check_fits
+from glm_engine.runtime.memory import check_fits
 
 
 class KVCache:

@@ -11,9 +11,9 @@ from itertools import accumulate
 import torch
 from torch import nn
 
-from glm_engine.attention import AttentionBackend, StepLayout
+from glm_engine.runtime.attention import AttentionBackend, StepLayout
 from glm_engine.config import BuildConfig, ModelConfig
-from glm_engine.ops import Ops
+from glm_engine.runtime.ops import Ops
 from glm_engine.runtime.cuda_graphs import DecodeGraphs, PromptGraphs
 from glm_engine.runtime.kv_cache import KVCache, blocks_per_sequence
 

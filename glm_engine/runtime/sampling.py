@@ -32,7 +32,7 @@ class SamplingConfig:
     min_length: int = 0  # new tokens before the end token may come
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never completed (a word's last token is banned)
     output_log_probs: bool = False  # report each token's log-probability (StepResult.log_probs)
-    stop_words: tuple[str, ...] = ()  # text that ends a request, not returned (runtime/stop_words.py)
+    stop_words: tuple[str, ...] = ()  # text that ends a request, not returned (text/stop_words.py)
     # Beam search (runtime/beam_search.py), as Hugging Face generate's; 1 beam: greedy or sampling.
     num_beams: int = 1
     length_penalty: float = 1.0

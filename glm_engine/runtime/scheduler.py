@@ -25,7 +25,7 @@ from glm_engine.runtime.block_manager import BlockManager
 if TYPE_CHECKING:  # types only: beam_search and sampling import torch
     from glm_engine.runtime.beam_search import BeamGroup
     from glm_engine.runtime.sampling import SamplingConfig
-    from glm_engine.runtime.stop_words import StopStrings
+    from glm_engine.text.stop_words import StopStrings
 
 DEFAULT_TOKENS_PER_STEP = 16384  # prompt tokens admitted per step (a longer prompt still runs alone); 8192 measured 25% slower
 

@@ -1,7 +1,7 @@
 """The engine object: one loaded engine with its scheduler and sampler, run as requests.
 It loads an engine, chooses its ops, has the caller's network builder build the
-network (model.py's, handed in by model.load_session: the library never imports
-the network), sizes the KV pool and makes the scheduler over it. add_request queues
+network (model.load_session hands in model.py's, which picks the engine's model family
+from glm_engine/models), sizes the KV pool and makes the scheduler over it. add_request queues
 a request (checked against the engine's limits: EngineLimits, which serve.py's HTTP
 side checks with too), step runs one planned step of every queued and running
 request (packed prefill and decode forwards, CUDA-graph decode steps), abort drops
@@ -23,9 +23,9 @@ from torch import nn
 
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
-from glm_engine.engine import Engine, engine_configs, load_engine
-from glm_engine.kernel_cache import seed_triton_cache
-from glm_engine.ops import Ops, select_ops
+from glm_engine.engine_format.engine import Engine, engine_configs, load_engine
+from glm_engine.engine_format.kernel_cache import seed_triton_cache
+from glm_engine.runtime.ops import Ops, select_ops
 from glm_engine.quantization import dequantize_weights
 from glm_engine.runtime.beam_search import BeamGroup, BeamSearch
 from glm_engine.runtime.block_manager import BlockManager
@@ -35,9 +35,9 @@ from glm_engine.runtime.kv_cache import pool_blocks
 from glm_engine.runtime.sampler import Sampler
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.scheduler import Scheduler, Sequence, StepResult
-from glm_engine.runtime.stop_words import StopStrings
-from glm_engine.tensor_parallel import rank_model_config
-from glm_engine.tokenizer import ChatGLMTokenizer
+from glm_engine.text.stop_words import StopStrings
+from glm_engine.engine_format.tensor_parallel import rank_model_config
+from glm_engine.text.tokenizer import ChatGLMTokenizer
 
 # (model config, op table, runtime-layout weights, device) -> the network on that device
 NetworkBuilder = Callable[[ModelConfig, Ops, dict[str, torch.Tensor], torch.device], nn.Module]

@@ -24,10 +24,10 @@ from tqdm import tqdm
 import glm_engine
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
-from glm_engine.engine_dir import (CONFIG_NAME, ENGINE_MARKER, clean_stale_staging, hidden_old_engines,
+from glm_engine.engine_format.engine_dir import (CONFIG_NAME, ENGINE_MARKER, clean_stale_staging, hidden_old_engines,
                                    move_into_place, staging_dir)
-from glm_engine.layout import engine_tensor_specs
-from glm_engine.tensor_parallel import merge_weights
+from glm_engine.engine_format.layout import engine_tensor_specs
+from glm_engine.engine_format.tensor_parallel import merge_weights
 
 # 2: the format marker, and checksums of config.json and the tokenizer files.
 ENGINE_FORMAT_VERSION = 2

@@ -19,12 +19,12 @@ from collections.abc import Callable
 import torch
 
 from glm_engine import GlmEngineError
-from glm_engine.attention import PagedAttention, ReferenceAttention
+from glm_engine.runtime.attention import PagedAttention, ReferenceAttention
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.kernels import reference
-from glm_engine.layout import linear_weight_names, weight_shapes
+from glm_engine.engine_format.layout import linear_weight_names, weight_shapes
 from glm_engine.models import family
-from glm_engine.op_table import Linear, Ops
+from glm_engine.runtime.op_table import Linear, Ops
 from glm_engine.quantization import linear_method
 from glm_engine.runtime.distributed import TensorParallel
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from glm_engine.engine_dir import KERNELS_DIR, KERNELS_MANIFEST
+from glm_engine.engine_format.engine_dir import KERNELS_DIR, KERNELS_MANIFEST
 
 logger = logging.getLogger("kernels")
 

@@ -19,7 +19,7 @@ CHUNK_TOKENS = 8  # new tokens per window: each one's end is measured on a prefi
 
 
 class TextDecoder(Protocol):
-    """What the detokenizer needs of a tokenizer (glm_engine.tokenizer.ChatGLMTokenizer)."""
+    """What the detokenizer needs of a tokenizer (glm_engine.text.tokenizer.ChatGLMTokenizer)."""
 
     silent_ids: frozenset[int]
 

@@ -3,7 +3,7 @@ server. Between steps it takes the server's commands from a pipe (submit: the
 session's add_request; cancel: its abort; close), runs a step while there is work,
 and sends back, once per turn that changed something, every request's news (new
 tokens, finished, error) with the engine's stats. The requests' callbacks, the queue
-limit and the metrics are the server's (runtime/engine_process.py).
+limit and the metrics are the server's (serving/engine_process.py).
 
 Commands: ("submit", request_id, prompt, sampling), ("cancel", request_id),
 ("close", seconds running requests get). Events: ("step", news, EngineStats, commands

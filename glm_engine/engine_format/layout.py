@@ -10,7 +10,7 @@ import torch
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.models import family
 from glm_engine.quantization import linear_method
-from glm_engine.tensor_parallel import rank_model_config, vocab_rows_per_rank
+from glm_engine.engine_format.tensor_parallel import rank_model_config, vocab_rows_per_rank
 
 
 def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -25,7 +25,7 @@ def linear_weight_names(config: ModelConfig) -> list[str]:
 
 
 def rank_weight_shapes(config: ModelConfig, world_size: int) -> dict[str, tuple[int, ...]]:
-    """Runtime-layout parameter name -> shape of one rank's slice (glm_engine/tensor_parallel.py)."""
+    """Runtime-layout parameter name -> shape of one rank's slice (glm_engine/engine_format/tensor_parallel.py)."""
     shapes = weight_shapes(rank_model_config(config, world_size))
     shapes["output_layer.weight"] = (vocab_rows_per_rank(config, world_size), config.hidden_size)
     return shapes

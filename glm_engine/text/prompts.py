@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from glm_engine import GlmEngineError
-from glm_engine.output_file import output_stream
+from glm_engine.tools.output_file import output_stream
 
 # ASCII punctuation next to a CJK character becomes its full-width form.
 _FULL_WIDTH = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？"))

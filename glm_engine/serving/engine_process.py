@@ -7,7 +7,7 @@ EngineProcess, in the server's process, is what the HTTP side calls (submit, can
 close, alive, stats, on_step for metrics); it keeps the requests open (the one map of
 them) and checks each against the engine's limits (EngineLimits.check, the session's
 own check, on the limits the engine process sent) and the queue limit before it sends
-it. One pipe carries commands to the engine process's loop (runtime/engine_loop.py);
+it. One pipe carries commands to the engine process's loop (serving/engine_loop.py);
 the other carries, once per engine step, every request's news and the engine's stats."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from glm_engine import GlmEngineError
-from glm_engine.runtime.engine_loop import EngineLoop, News
+from glm_engine.serving.engine_loop import EngineLoop, News
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import EngineLimits, EngineStats, Session
 

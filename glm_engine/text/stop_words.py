@@ -8,7 +8,7 @@ before it that a stop string could start in."""
 
 from __future__ import annotations
 
-from glm_engine.detokenizer import IncrementalDetokenizer, TextDecoder
+from glm_engine.text.detokenizer import IncrementalDetokenizer, TextDecoder
 
 
 class StopStrings:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from glm_engine.attention import PagedAttention, ReferenceAttention
+from glm_engine.runtime.attention import PagedAttention, ReferenceAttention
 from glm_engine.config import BuildConfig
 from glm_engine.quantization import Unquantized, linear_method
 

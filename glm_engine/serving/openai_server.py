@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API of serve.py, on FastAPI: /v1/completions,
 /v1/chat/completions (streamed as server-sent events or whole), /v1/models, /health
 and /metrics (Prometheus text). Every request goes to the one engine process
-(runtime/engine_process.py), whose loop batches them in flight; a client that
+(serving/engine_process.py), whose loop batches them in flight; a client that
 disconnects is cancelled (its KV blocks freed before the next step); errors have
 OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
@@ -24,12 +24,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, ConfigDict, Field
 
 from glm_engine import GlmEngineError
-from glm_engine.detokenizer import IncrementalDetokenizer
-from glm_engine.prompts import chat_prompt_ids
-from glm_engine.runtime.engine_process import EngineClosed, EngineProcess, EngineRequest, QueueFull
+from glm_engine.text.detokenizer import IncrementalDetokenizer
+from glm_engine.text.prompts import chat_prompt_ids
+from glm_engine.serving.engine_process import EngineClosed, EngineProcess, EngineRequest, QueueFull
 from glm_engine.config import MAX_SEED
 from glm_engine.runtime.sampling import SamplingConfig
-from glm_engine.tokenizer import ChatGLMTokenizer
+from glm_engine.text.tokenizer import ChatGLMTokenizer
 
 
 DISCONNECT_POLL_SECONDS = 0.5  # how often a whole (not streamed) answer's client is checked

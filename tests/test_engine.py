@@ -141,3 +141,21 @@ def test_engines_written_before_group_wise_scales_still_load():
     assert BuildConfig.from_dict(written) == BuildConfig(weight_only_precision="int4", weight_only_group_size=0)
     with pytest.raises(GlmEngineError, match="the engine's build config has no field 'world_size'"):
         BuildConfig.from_dict({name: value for name, value in written.items() if name != "world_size"})
+
+
+def test_engines_written_before_model_families_load_as_chatglm_and_other_families_are_refused(tmp_path):
+    """A model config without `model_type` (engines built before the registry) reads as
+    ChatGLM; an engine of a family this build does not know is refused in one line, before
+    any weight is read."""
+    written = {name: value for name, value in CONFIG.to_dict().items() if name != "model_type"}
+    assert ModelConfig.from_dict(written) == CONFIG and CONFIG.model_type == "chatglm"
+    write(tmp_path / "engine")
+    config_path = tmp_path / "engine" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["model_type"] = "llama"
+    from glm_engine.engine_format.engine import config_digest
+
+    config["config_sha256"] = config_digest(config)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(GlmEngineError, match="model_type 'llama' is not supported; supported: chatglm"):
+        load_engine(tmp_path / "engine", torch.device("cpu"))

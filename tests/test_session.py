@@ -144,3 +144,17 @@ def test_decode_graph_buckets_cover_every_batch_size():
     assert batch_buckets(12) == [1, 2, 4, 8, 12]
     for size in range(1, 13):
         assert min(bucket for bucket in batch_buckets(12) if bucket >= size) - size < max(size, 4)
+
+
+def test_a_live_request_id_is_not_given_twice(session):
+    """add_request refuses the id of a queued or running request (their tokens would mix);
+    once that request has finished, its id is free again."""
+    sampling = SamplingConfig(max_new_tokens=3, end_id=-1)
+    session.add_request([5, 6, 7], sampling, request_id=41)
+    with pytest.raises(GlmEngineError, match="request id 41 is already queued or running"):
+        session.add_request([8, 9], sampling, request_id=41)
+    while session.has_work:
+        session.step()
+    assert session.add_request([8, 9], sampling, request_id=41) == 41
+    while session.has_work:
+        session.step()

@@ -342,6 +342,11 @@ class Scheduler:
         sequence.reported = count
         return done
 
+    def holds(self, index: int) -> bool:
+        """Whether request `index` is queued or running."""
+        return any(unit[0].index == index for unit in self.waiting) or \
+            any(sequence.index == index for sequence in self.running)
+
     def abort(self, index: int) -> None:
         """Drops request `index` wherever it is (queued, or running with all its beams):
         its blocks and penalty slot are free at once and it reports nothing more."""

@@ -264,6 +264,9 @@ class Session:
         engine or the KV pool can never hold (`limits`)."""
         if request_id is None:
             request_id = self._next_id
+        elif self.scheduler.holds(request_id):  # its tokens and abort() would reach the other request
+            raise GlmEngineError(f"request id {request_id} is already queued or running; give each live request "
+                                 "its own id")
         self.limits.check(prompt, sampling, request_id)
         seed = self.seeds.getrandbits(63) if sampling.random_seed is None else sampling.random_seed
         group = None

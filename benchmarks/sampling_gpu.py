@@ -3,7 +3,7 @@
 warm-up; host work inside the window counts): the greedy argmax, the draw without
 sorting (kernels/draw_tokens.py) and its PyTorch reference, torch.sort (what the
 top-k/top-p filter cost before the draw kernel), the penalties, and
-runtime/sampling.sample_rows as the scheduler calls it. Checks that the kernel draws
+runtime/sampling.sample_rows as the sampler (runtime/sampler.py) calls it. Checks that the kernel draws
 the reference's tokens. Usage: PYTHONPATH=. python3 benchmarks/sampling_gpu.py"""
 
 from __future__ import annotations

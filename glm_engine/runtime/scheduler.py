@@ -146,6 +146,7 @@ class Scheduler:
         self.chunked_prefill = chunked_prefill
         self.waiting: deque[list[Sequence]] = deque()  # a request's sequences: one, or its beams
         self.running: list[Sequence] = []
+        self.requests: set[int] = set()  # the indices of queued and running requests
         self.preemptions = 0
         self.sampler = sampler
 
@@ -158,6 +159,7 @@ class Scheduler:
         if sequence.group is not None:
             sequence.group.sequences = [sequence]
         self.waiting.append([sequence])
+        self.requests.add(sequence.index)
 
     @property
     def has_work(self) -> bool:
@@ -288,6 +290,7 @@ class Scheduler:
             if done:
                 self._retire(sequence)
                 result.finished.append(sequence.index)
+                self.requests.discard(sequence.index)
             else:
                 still_running.append(sequence)
         self.running = []
@@ -315,6 +318,7 @@ class Scheduler:
             result.tokens += [(index, token) for token in best[0][0]]
             result.beams.append((index, best))
             result.finished.append(index)
+            self.requests.discard(index)
             return
         tables = [self.block_manager.share(old[parent].block_table) for parent in parents]
         for sequence in old:
@@ -344,12 +348,12 @@ class Scheduler:
 
     def holds(self, index: int) -> bool:
         """Whether request `index` is queued or running."""
-        return any(unit[0].index == index for unit in self.waiting) or \
-            any(sequence.index == index for sequence in self.running)
+        return index in self.requests
 
     def abort(self, index: int) -> None:
         """Drops request `index` wherever it is (queued, or running with all its beams):
         its blocks and penalty slot are free at once and it reports nothing more."""
+        self.requests.discard(index)
         self.waiting = deque(unit for unit in self.waiting if unit[0].index != index)
         for sequence in [sequence for sequence in self.running if sequence.index == index]:
             self.running.remove(sequence)

@@ -46,6 +46,7 @@ class Sequence:
     reported: int = 0  # output tokens returned so far (stop strings hold some back)
     log_probs: list[float] = field(default_factory=list)  # of its output tokens, when asked
     group: BeamGroup | None = None  # its beam request, when it is one of its beams
+    block_contents: list[int] = field(default_factory=list)  # content ids of its leading full blocks (prefix caching)
 
     @property
     def tokens(self) -> list[int]:
@@ -177,7 +178,8 @@ class Scheduler:
             group = unit[0].group
             if len(self.running) + (group.search.num_beams if group else 1) > self.max_in_flight:
                 break
-            tokens = sum(sequence.length for sequence in unit)
+            cached, content_ids = self._cached_prefix(unit)
+            tokens = sum(sequence.length for sequence in unit) - len(cached) * manager.block_size  # to compute
             if self.chunked_prefill and group is None:
                 if budget < 1:
                     break
@@ -185,12 +187,47 @@ class Scheduler:
             elif tokens > budget and budget < self.tokens_per_step:
                 break  # a long prompt waits for a step of its own
             # Room for the prompt and the first generated token, so it is not preempted at once.
-            if sum(manager.blocks_for(sequence.length + 1) for sequence in unit) > manager.free_blocks:
+            needed = sum(manager.blocks_for(sequence.length + 1) for sequence in unit) - len(cached)
+            if needed + manager.taken_from_free(cached) > manager.free_blocks:
                 break
+            if manager.prefix_caching and group is None:
+                self._take_cached_prefix(unit[0], cached, content_ids)
             for sequence in unit:
                 manager.grow(sequence.block_table, sequence.length)
             self.running += self.waiting.popleft()
             budget -= tokens
+
+    def _cached_prefix(self, unit: list[Sequence]) -> tuple[list[int], list[int]]:
+        """(blocks, content ids) a queued request would start from: with prefix caching, the
+        full blocks of its tokens found in the cache, all but the one its last token falls
+        in (that token is computed, for its logits, and no shared block is written).
+        Beam requests compute their prompt."""
+        sequence, manager = unit[0], self.block_manager
+        if not manager.prefix_caching or sequence.group is not None:
+            return [], []
+        return manager.cached_prefix(sequence.tokens, (sequence.length - 1) // manager.block_size)
+
+    def _take_cached_prefix(self, sequence: Sequence, blocks: list[int], content_ids: list[int]) -> None:
+        """Starts an admitted sequence's table with its cached prefix, counted as computed."""
+        manager = self.block_manager
+        manager.take_cached(sequence.block_table, blocks)
+        sequence.block_contents = content_ids
+        sequence.cached = len(blocks) * manager.block_size
+        manager.queried_tokens += sequence.length
+        manager.hit_tokens += sequence.cached
+
+    def _register_full_blocks(self, sequence: Sequence) -> None:
+        """With prefix caching, registers the sequence's blocks that its computed tokens have
+        filled since the last step, so that later requests can start from them."""
+        manager, size = self.block_manager, self.block_manager.block_size
+        contents = sequence.block_contents
+        while len(contents) < sequence.cached // size:
+            start, prompt_length = len(contents) * size, len(sequence.prompt)
+            tokens = sequence.prompt[start:start + size]
+            if len(tokens) < size:
+                tokens += sequence.output[max(0, start - prompt_length):start + size - prompt_length]
+            contents.append(manager.register(sequence.block_table[len(contents)], contents[-1] if contents else 0,
+                                             tokens))
 
     def _retire(self, sequence: Sequence) -> None:
         """Frees a sequence's blocks and penalty slot (it finished, was preempted or dropped)."""
@@ -209,6 +246,7 @@ class Scheduler:
         for victim in victims:
             self._retire(victim)
             victim.cached = 0
+            victim.block_contents = []
         self.waiting.appendleft(victims)
         self.preemptions += 1
         return victims[-1]
@@ -269,8 +307,11 @@ class Scheduler:
         part of every step."""
         result = StepResult([], [], len(plan.sequences), sum(map(len, plan.new_tokens)))
         still_running: list[Sequence] = []  # a beam request's first beam stands for all its beams
+        caching = self.block_manager.prefix_caching
         for row, (sequence, fed) in enumerate(zip(plan.sequences, plan.new_tokens, strict=True)):
             sequence.cached += len(fed)
+            if caching and sequence.group is None:
+                self._register_full_blocks(sequence)
             if plan.reading[row]:  # a chunk of its prompt: no token yet
                 still_running.append(sequence)
                 continue

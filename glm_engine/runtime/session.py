@@ -173,9 +173,11 @@ class Session:
                  kv_cache_free_gpu_mem_fraction: float | None = None,
                  max_tokens_in_paged_kv_cache: int | None = None, tokenizer: ChatGLMTokenizer | None = None,
                  max_in_flight: int | None = None, tokens_per_step: int | None = None,
-                 chunked_prefill: bool = False) -> None:
+                 chunked_prefill: bool = False, prefix_caching: bool = False) -> None:
         """`tokenizer` decodes text for stop strings (default: the engine's own, when it has
-        one); the scheduler's options as configure_scheduler's."""
+        one); the scheduler's options as configure_scheduler's; `prefix_caching`: requests
+        reuse the cached K/V blocks of the prompt prefix they share with earlier ones
+        (runtime/block_manager.py)."""
         launch = launch_from_environment()
         _, build = (engine.model_config, engine.build_config) if isinstance(engine, Engine) else engine_configs(engine)
         check_launch(build.world_size, launch)  # on every rank, before any waits for the others
@@ -203,7 +205,7 @@ class Session:
             torch.cuda.empty_cache()
         num_blocks = self.parallel.minimum(pool_blocks(build, rank_config, self.device, kv_cache_free_gpu_mem_fraction,
                                                        max_tokens_in_paged_kv_cache))
-        self.block_manager = BlockManager(num_blocks, build.tokens_per_block)
+        self.block_manager = BlockManager(num_blocks, build.tokens_per_block, prefix_caching)
         built = time.perf_counter()
         self.runner = ModelRunner(network, ops, rank_config, build, self.device, num_blocks, cuda_graphs)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB%s)%s", num_blocks, build.tokens_per_block,

@@ -36,6 +36,7 @@ CHATGLM3_ROLE_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 FLAVORS: tuple[str, ...] = ("chatglm2", "chatglm3")
+_MARKER = "\u2603"  # a character no piece joins with the text after it (encode_within_text)
 
 class TokenizerError(GlmEngineError, ValueError):
     """A tokenizer directory or its files are missing or unusable."""
@@ -208,6 +209,35 @@ class ChatGLMTokenizer:
             if length > len(trailing) - start and all(0x80 <= byte < 0xC0 for byte in trailing[start + 1:]):
                 return len(trailing) - start
         return 0
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for in a text (a byte piece its byte, "▁" a space);
+        special, control and unknown ids as 0xFF and their name, bytes no text holds
+        (how grammar libraries tell special tokens apart)."""
+        sp = self.sp_model
+        names = {token_id: name for name, token_id in self.special_token_ids.items()}
+        pieces = []
+        for token_id in range(self.vocab_size):
+            if token_id in names:
+                pieces.append(b"\xff" + names[token_id].encode())
+            elif sp.is_byte(token_id):
+                pieces.append(bytes([int(sp.id_to_piece(token_id)[3:5], 16)]))
+            elif sp.is_control(token_id) or sp.is_unknown(token_id):
+                pieces.append(b"\xff" + sp.id_to_piece(token_id).encode())
+            else:
+                pieces.append(sp.id_to_piece(token_id).replace("\u2581", " ").encode())
+        return pieces
+
+    def encode_within_text(self, text: str) -> list[int]:
+        """Token ids of `text` as it is tokenized after other text: without the space
+        SentencePiece puts before a text's first piece (encoded behind a marker that
+        is cut off again)."""
+        marker = self.sp_model.encode(_MARKER)
+        ids = self.sp_model.encode(_MARKER + text)
+        if ids[:len(marker)] != marker:  # the marker merged with the text: no exact cut
+            ids = self.sp_model.encode(text)
+            return ids[1:] if ids and self.sp_model.id_to_piece(ids[0]) == "\u2581" else ids
+        return ids[len(marker):]
 
     @staticmethod
     def chat_prompt(query: str) -> str:

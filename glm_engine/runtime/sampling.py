@@ -1,6 +1,8 @@
 """Token selection: greedy (top_k 1), or sampling with temperature, top_k and
 top_p, for every sampled row of a step at once, reproducible per request from its
-seed. top_p 0 (the default, as in TensorRT-LLM) or 1 means no nucleus filtering."""
+seed. top_p 0 (the default, as in TensorRT-LLM) or 1 means no nucleus filtering.
+Any positive temperature works: the tiniest sample what greedy chooses (their limit),
+never overflowing into NaN."""
 
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ import torch
 from glm_engine import GlmEngineError
 from glm_engine.config import MAX_SEED
 from glm_engine.kernels import reference
+
+# Penalties beyond these already outweigh any logit a model gives, and larger ones would
+# overflow float32 logits into inf and NaN: refused rather than saturated.
+MAX_PENALTY = 1e20  # |presence_penalty|, |frequency_penalty|; repetition_penalty within [1 / this, this]
 
 
 @dataclass(frozen=True)
@@ -47,18 +53,16 @@ class SamplingConfig:
         if self.random_seed is not None and not 0 <= self.random_seed <= MAX_SEED:
             raise GlmEngineError(f"random_seed must be within [0, 2**64), got {self.random_seed}")
         if self.temperature <= 0:
-            raise GlmEngineError(f"temperature must be positive, got {self.temperature}; use --top_k 1 "
-                                 "for greedy decoding")
+            raise GlmEngineError(f"temperature must be positive, got {self.temperature}; for greedy decoding "
+                                 "use top_k 1 and leave temperature out")
         if self.top_k < 0:
             raise GlmEngineError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
+        if self.top_k == 1 and self.temperature != 1.0:
+            raise GlmEngineError(f"temperature {self.temperature} has no effect with top_k 1 (greedy decoding); "
+                                 "set top_k 0 (or above 1) to sample, or leave temperature out")
         if not 0.0 <= self.top_p <= 1.0:
             raise GlmEngineError(f"top_p must be within [0, 1], got {self.top_p}")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise GlmEngineError(f"repetition_penalty must be a positive finite number (1: off), got "
-                                 f"{self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise GlmEngineError(f"{name} must be a finite number (0: off), got {getattr(self, name)}")
+        self._check_penalties()
         if self.min_length < 0:
             raise GlmEngineError(f"min_length must be >= 0, got {self.min_length}")
         self._check_beams()
@@ -66,6 +70,21 @@ class SamplingConfig:
             raise GlmEngineError(f"stop words must be non-empty strings, got {self.stop_words!r}")
         if not all(word and all(isinstance(token, int) and token >= 0 for token in word) for word in self.bad_words):
             raise GlmEngineError(f"bad words must be non-empty sequences of token ids, got {self.bad_words!r}")
+
+    def _check_penalties(self) -> None:
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise GlmEngineError(f"repetition_penalty must be a positive finite number (1: off), got "
+                                 f"{self.repetition_penalty}")
+        if not 1 / MAX_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
+            raise GlmEngineError(f"repetition_penalty must be within [{1 / MAX_PENALTY:g}, {MAX_PENALTY:g}] (1: off; "
+                                 f"the bounds already outweigh any logit), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise GlmEngineError(f"{name} must be a finite number (0: off), got {value}")
+            if abs(value) > MAX_PENALTY:
+                raise GlmEngineError(f"{name} must be within [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0: off; the bounds "
+                                     f"already outweigh any logit), got {value}")
 
     def _check_beams(self) -> None:
         if self.num_beams < 1:
@@ -120,13 +139,27 @@ def _top_p(sampling: SamplingConfig) -> float:
     return sampling.top_p if 0.0 < sampling.top_p < 1.0 else 1.0
 
 
+def tempered_logits(logits: torch.Tensor, samplings: list[SamplingConfig]) -> torch.Tensor:
+    """Float32 logits [R, vocab], each row less its largest logit, over its temperature:
+    softmax and draws are those of logits / temperature, but no temperature overflows.
+    The largest become 0 and the others go to -inf as the temperature goes to 0, so the
+    tiniest temperatures draw what greedy chooses. Below float32's smallest normal
+    number a temperature acts as that number, which draws the same."""
+    tiny = torch.finfo(torch.float32).tiny
+    temperature = torch.tensor([max(sampling.temperature, tiny) for sampling in samplings], device=logits.device)
+    top = logits.max(dim=-1, keepdim=True).values
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row of -inf has nothing to shift
+    return (logits - top) / temperature[:, None]
+
+
 def sample_rows(logits: torch.Tensor, samplings: list[SamplingConfig], seeds: list[int],
                 steps: list[int]) -> torch.Tensor:
     """One token id per row of float32 logits [R, vocab], row r drawn with samplings[r]
     (temperature, top-k, top-p) from the noise of (seeds[r], steps[r]), all rows at once
-    (kernels/draw_tokens.py on a GPU; reference.draw_tokens, the same draws, elsewhere)."""
+    (kernels/draw_tokens.py on a GPU; reference.draw_tokens, the same draws, elsewhere:
+    both take the same tempered logits)."""
     device = logits.device
-    logits = logits / torch.tensor([sampling.temperature for sampling in samplings], device=device)[:, None]
+    logits = tempered_logits(logits, samplings)
     keys = row_keys(seeds, steps).to(device)
     top_k = torch.tensor([sampling.top_k for sampling in samplings], dtype=torch.int32, device=device)
     top_p = torch.tensor([_top_p(sampling) for sampling in samplings], dtype=torch.float64, device=device)
@@ -138,13 +171,13 @@ def sample_rows(logits: torch.Tensor, samplings: list[SamplingConfig], seeds: li
 
 
 def nucleus_logits(logits: torch.Tensor, samplings: list[SamplingConfig]) -> torch.Tensor:
-    """The distributions sample_rows draws from, as logits: each row's logits / temperature
-    with the tokens outside its top-k/top-p nucleus at -inf (for log-probabilities).
-    Sorted, so tied logits at the nucleus' edge fall in sort order, where the draw keeps
-    the whole tie."""
+    """The distributions sample_rows draws from, as logits: each row's tempered logits
+    (tempered_logits) with the tokens outside its top-k/top-p nucleus at -inf (for
+    log-probabilities). Sorted, so tied logits at the nucleus' edge fall in sort order,
+    where the draw keeps the whole tie."""
     device = logits.device
     column = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)[:, None]  # noqa: E731
-    logits = logits / column([sampling.temperature for sampling in samplings])
+    logits = tempered_logits(logits, samplings)
     top_ps = [_top_p(sampling) for sampling in samplings]
     if not any(sampling.top_k > 0 for sampling in samplings) and min(top_ps) >= 1.0:
         return logits

@@ -130,9 +130,14 @@ def kv_cache_options(args: argparse.Namespace) -> dict:
 def add_sampling_arguments(parser: argparse.ArgumentParser, words: bool = True) -> None:
     """How tokens are chosen: sampling, penalties, minimum length, beam search and (`words`,
     for tools with a tokenizer) bad and stop words: the fields of runtime/sampling.SamplingConfig."""
-    parser.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
-    parser.add_argument("--top_k", type=int, default=1, help="1: greedy, 0: no top-k filter (default: %(default)s)")
-    parser.add_argument("--top_p", type=float, default=0.0, help="0 or 1: no nucleus filter (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature; given, it samples (--top_k 0 unless set) (default: 1.0)")
+    parser.add_argument("--top_k", type=int, default=None,
+                        help="1: greedy, 0: no top-k filter (default: 1, or 0 when --temperature or --top_p is "
+                             "given)")
+    parser.add_argument("--top_p", type=float, default=None,
+                        help="nucleus sampling; given, it samples (--top_k 0 unless set); 0 or 1: no nucleus "
+                             "filter (default: 0.0)")
     parser.add_argument("--repetition_penalty", type=float, default=1.0,
                         help="logits of tokens in the prompt or output divided by it when positive, multiplied "
                              "when negative, as Hugging Face's (default: %(default)s: off)")
@@ -161,6 +166,20 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, words: bool = True) 
                                  "returned (default: none)")
 
 
+def token_choice(args: argparse.Namespace) -> dict:
+    """temperature, top_k and top_p from their flags: greedy when none is given; --temperature
+    or --top_p samples, from the whole distribution unless --top_k narrows it. --top_k 1
+    (greedy) with either is refused: they would change nothing."""
+    sampling_flags = [flag for flag, value in (("--temperature", args.temperature), ("--top_p", args.top_p))
+                      if value is not None]
+    top_k = args.top_k if args.top_k is not None else (0 if sampling_flags else 1)
+    if top_k == 1 and sampling_flags:
+        raise GlmEngineError(f"{sampling_flags[0]} shapes sampling, which --top_k 1 (greedy decoding) turns off; "
+                             "drop --top_k 1 to sample, or drop " + " and ".join(sampling_flags))
+    return {"temperature": 1.0 if args.temperature is None else args.temperature, "top_k": top_k,
+            "top_p": 0.0 if args.top_p is None else args.top_p}
+
+
 def sampling_options(args: argparse.Namespace, tokenizer) -> dict:
     """SamplingConfig keyword arguments from add_sampling_arguments' flags; `tokenizer`
     turns --bad_words into token ids (None: refused when --bad_words is given)."""
@@ -174,9 +193,9 @@ def sampling_options(args: argparse.Namespace, tokenizer) -> dict:
         empty = [word for word, ids in zip(args.bad_words, bad_words) if not ids]
         if empty:
             raise GlmEngineError(f"--bad_words {empty[0]!r} has no tokens")
-    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-            "repetition_penalty": args.repetition_penalty, "presence_penalty": args.presence_penalty,
-            "frequency_penalty": args.frequency_penalty, "min_length": args.min_length, "bad_words": bad_words,
+    return {**token_choice(args), "repetition_penalty": args.repetition_penalty,
+            "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
+            "min_length": args.min_length, "bad_words": bad_words,
             "stop_words": stop_words, "num_beams": args.num_beams, "length_penalty": args.length_penalty,
             "early_stopping": {"false": False, "true": True, "never": "never"}[args.early_stopping],
             "num_return_sequences": args.num_return_sequences}

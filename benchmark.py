@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING
 # Light imports only up here: --help answers without loading torch or transformers;
 # each function imports what it measures with.
 from glm_engine import GlmEngineError
-from glm_engine.tools.cli import (add_kv_cache_arguments, add_sampling_arguments, add_scheduler_arguments, kv_cache_options,
-                            launched_rank, run_tool, sampling_options, scheduler_options)
+from glm_engine.tools.cli import (MAX_PROMPT_TOKENS, MAX_PROMPTS, add_kv_cache_arguments, add_sampling_arguments,
+                                  add_scheduler_arguments, kv_cache_options, launched_rank, run_tool, sampling_options,
+                                  scheduler_options)
 from glm_engine.tools.compare import relative_error
 from glm_engine.tools.output_file import check_output_file, output_stream
 from glm_engine.text.prompts import random_prompts
@@ -501,6 +502,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     low, high = args.input_len_range
     if not 1 <= low <= high:
         raise GlmEngineError(f"--input_len_range {low} {high}: need 1 <= MIN <= MAX")
+    if args.mode != "latency" and (args.num_requests > MAX_PROMPTS or args.num_requests * high > MAX_PROMPT_TOKENS):
+        raise GlmEngineError(f"--num_requests {args.num_requests} of up to {high} prompt tokens is more than one run "
+                             f"holds ({MAX_PROMPTS} requests, {MAX_PROMPT_TOKENS} prompt tokens); use fewer requests "
+                             "or shorter prompts")
     if args.mode == "rate" and (args.request_rate is None or not MIN_REQUEST_RATE <= args.request_rate < math.inf):
         raise GlmEngineError(f"--mode rate needs a finite --request_rate of at least {MIN_REQUEST_RATE} "
                              f"requests/s, got {args.request_rate}")
@@ -598,4 +603,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_tool(main)
+    run_tool(main, writes_stdout=True)

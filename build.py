@@ -11,13 +11,18 @@ from pathlib import Path
 
 # Light imports only up here: --help answers without loading torch (weights, engine
 # writing and quantization are imported where they are used).
-from glm_engine import GlmEngineError
-from glm_engine.tools.cli import LOG_LEVELS, run_tool, setup_logging
-from glm_engine.config import DTYPES, ROPE_RATIO_MODES, BuildConfig, ModelConfig
-from glm_engine.engine_format.engine_dir import check_output_dir, restore_interrupted_build
-from glm_engine.presets import CHATGLM2_6B
-from glm_engine.engine_format.source_files import file_inside
-from glm_engine.text.tokenizer import CHATGLM2_SPECIAL_TOKENS, TOKENIZER_FILES, ChatGLMTokenizer, TokenizerError
+from glm_engine.tools.cli import missing_package  # the standard library only: imports in any Python
+
+try:
+    from glm_engine import GlmEngineError
+    from glm_engine.tools.cli import LOG_LEVELS, run_tool, setup_logging
+    from glm_engine.config import DTYPES, ROPE_RATIO_MODES, BuildConfig, ModelConfig
+    from glm_engine.engine_format.engine_dir import check_output_dir, restore_interrupted_build
+    from glm_engine.presets import CHATGLM2_6B
+    from glm_engine.engine_format.source_files import file_inside
+    from glm_engine.text.tokenizer import CHATGLM2_SPECIAL_TOKENS, TOKENIZER_FILES, ChatGLMTokenizer, TokenizerError
+except ModuleNotFoundError as error:
+    missing_package(error)
 
 logger = logging.getLogger("build")
 

@@ -5,21 +5,30 @@ take any number of prompts, max_batch_size of them in flight at a time."""
 from __future__ import annotations
 
 import argparse
+import csv
+import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 # Light imports only up here: --help answers without loading torch; main() imports the rest.
-from glm_engine import GlmEngineError
-from glm_engine.tools.cli import (add_sampling_arguments, add_session_arguments, kv_cache_options, run_tool, sampling_options,
-                            setup_logging)
-from glm_engine.text.detokenizer import IncrementalDetokenizer
-from glm_engine.text.prompts import clean_response, read_token_csv, write_token_csv
-from glm_engine.text.tokenizer import ChatGLMTokenizer
+from glm_engine.tools.cli import missing_package  # the standard library only: imports in any Python
+
+try:
+    from glm_engine import GlmEngineError
+    from glm_engine.tools.cli import (MAX_PROMPT_TOKENS, MAX_PROMPTS, add_sampling_arguments, add_session_arguments,
+                                      kv_cache_options, run_tool, sampling_options, setup_logging)
+    from glm_engine.text.detokenizer import IncrementalDetokenizer
+    from glm_engine.text.prompts import clean_response, write_token_csv
+    from glm_engine.text.tokenizer import ChatGLMTokenizer
+except ModuleNotFoundError as error:
+    missing_package(error)
 
 if TYPE_CHECKING:
+    from glm_engine.config import BuildConfig
     from glm_engine.runtime.scheduler import StepResult
     from glm_engine.runtime.session import RequestOutput
 
@@ -157,9 +166,9 @@ def write_log_probs(path: str, log_probs: list[list[float]]) -> None:
 
 class StreamDisplay:
     """--streaming: each prompt's text printed as it comes, once: one prompt streams into
-    its Output block; several stream one line each on a terminal, or print each labelled
-    block as its prompt finishes when the output is not a terminal. Each step's new
-    tokens are decoded once (StreamedResponse)."""
+    its Output block; several stream one line each on a terminal, or print each block,
+    as without --streaming, as its prompt finishes when the output is not a terminal.
+    Each step's new tokens are decoded once (StreamedResponse)."""
 
     def __init__(self, texts: list[str], tokenizer: ChatGLMTokenizer | None) -> None:
         self.texts, self.tokenizer = texts, tokenizer
@@ -185,7 +194,7 @@ class StreamDisplay:
             self.lines.draw([response.shown for response in self.responses])
         else:
             for index in step.finished:
-                print_block(self.texts[index], response_text(self.tokenizer, outputs[index].token_ids), f" [{index}]")
+                print_block(self.texts[index], response_text(self.tokenizer, outputs[index].token_ids))
 
     def finish(self) -> None:
         """Prints what a stream that ended unfinished held back, and ends the output."""
@@ -197,15 +206,97 @@ class StreamDisplay:
         print()
 
 
-def read_prompts(args: argparse.Namespace, tokenizer: ChatGLMTokenizer | None) -> tuple[list[list[int]], list[str]]:
+def decoded_line(path: str, line: bytes, offset: int) -> str:
+    """A line of an --input_tokens file (starting at byte `offset`) as text."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise GlmEngineError(f"--input_tokens {path} is not UTF-8 text (byte {offset + error.start}); give a CSV "
+                             "file of token ids") from None
+
+
+def prompt_ids(path: str, line_number: int, text: str) -> list[int]:
+    """The token ids of a line of an --input_tokens file."""
+    try:
+        cells = [cell.strip() for cell in next(csv.reader([text]), [])]
+    except csv.Error as error:
+        raise GlmEngineError(f"--input_tokens {path} is not a CSV file ({error})") from None
+    if not any(cells):
+        raise GlmEngineError(f"{path} line {line_number}: empty prompt")
+    bad = next((cell for cell in cells if not re.fullmatch(r"-?[0-9]{1,100}", cell)), None)
+    if bad is not None:
+        raise GlmEngineError(f"{path} line {line_number}: {bad[:40]!r} is not a token id; each line must be "
+                             "comma-separated integers")
+    return [int(cell) for cell in cells]
+
+
+def read_input_tokens(path: str, max_input_len: int, batch_limit: int | None) -> list[list[int]]:
+    """--input_tokens: one prompt of comma-separated token ids per line, from a file or a
+    pipe, read a line at a time with the limits checked as it goes, so that no input,
+    an endless one included, takes more memory than a run can use: a line longer than
+    max_input_len ids can be (csv's field limit, plus 32 bytes an id) is refused as soon
+    as it is; an engine without in-flight batching keeps `batch_limit` prompts and
+    counts the lines after them; at most MAX_PROMPTS prompts, MAX_PROMPT_TOKENS tokens
+    in all. Text that is not UTF-8 is named before a line that is not token ids."""
+    source = Path(path)
+    if not source.exists():
+        raise GlmEngineError(f"--input_tokens {path}: no such file")
+    if source.is_dir():
+        raise GlmEngineError(f"--input_tokens {path} is a directory; give a CSV file")
+    line_limit = csv.field_size_limit() + 32 * max_input_len
+    prompts, count, tokens, lines, offset, bad_line = [], 0, 0, 0, 0, None  # count: prompts read, kept or not
+    try:
+        with open(source, "rb") as stream:
+            while count <= MAX_PROMPTS and tokens <= MAX_PROMPT_TOKENS and (line := stream.readline(line_limit + 1)):
+                lines += 1
+                if len(line) > line_limit:
+                    raise GlmEngineError(f"--input_tokens {path} is not a CSV file of prompts this engine takes: line "
+                                         f"{lines} runs past {line_limit} bytes, more than {max_input_len} token ids "
+                                         "(its max_input_len) can take")
+                text = decoded_line(path, line, offset)
+                if bad_line is None and (batch_limit is None or len(prompts) < batch_limit):
+                    try:
+                        prompts.append(prompt_ids(path, lines, text))
+                        tokens += len(prompts[-1])
+                    except GlmEngineError as error:  # told once the rest is known to be text
+                        bad_line = error
+                count, offset = count + bool(text.strip()), offset + len(line)  # past the batch: only counted
+    except OSError as error:
+        raise GlmEngineError(f"--input_tokens {path}: {error.strerror}") from None
+    if bad_line is not None:
+        raise bad_line
+    if count > len(prompts):
+        many = f"more than {MAX_PROMPTS}" if count > MAX_PROMPTS else str(count)
+        raise GlmEngineError(f"{many} prompts exceed the engine's max_batch_size {batch_limit}; send fewer or "
+                             "rebuild with a larger --max_batch_size")
+    if count > MAX_PROMPTS or tokens > MAX_PROMPT_TOKENS:
+        raise GlmEngineError(f"--input_tokens {path} holds more than {MAX_PROMPTS} prompts or {MAX_PROMPT_TOKENS} "
+                             "tokens, more than one run takes; split it into several runs")
+    if not prompts:
+        raise GlmEngineError(f"--input_tokens {path} holds no prompt")
+    return prompts
+
+
+def read_prompts(args: argparse.Namespace, tokenizer: ChatGLMTokenizer | None,
+                 build_config: BuildConfig) -> tuple[list[list[int]], list[str]]:
     """The prompts' token ids and the texts shown for them (--input_tokens or --input_text)."""
     if args.input_tokens is not None:
-        prompts = read_token_csv(args.input_tokens)
+        batch_limit = None if build_config.use_inflight_batching else build_config.max_batch_size
+        prompts = read_input_tokens(args.input_tokens, build_config.max_input_len, batch_limit)
         return prompts, [tokenizer.decode(p) if tokenizer else ",".join(map(str, p)) for p in prompts]
     texts = args.input_text or [DEFAULT_INPUT_TEXT]
     if not all(text.strip() for text in texts):
         raise GlmEngineError("--input_text holds an empty prompt")
     return [tokenizer.encode(text) for text in texts], texts
+
+
+def print_summary(args: argparse.Namespace, prompts: int, tokens: int, seconds: float) -> None:
+    """The run in one line on stderr (stdout holds the outputs alone): tokens, time, speed
+    and where the files went."""
+    written = "".join(f"; {flag} {path}" for flag, path in (("--output_csv", args.output_csv),
+                                                            ("--output_log_probs", args.output_log_probs)) if path)
+    print(f"run.py: {prompts} prompt{'s' if prompts != 1 else ''}, {tokens} tokens generated in {seconds:.2f} s "
+          f"({tokens / max(seconds, 1e-9):.1f} tokens/s){written}", file=sys.stderr)
 
 
 def main() -> None:
@@ -231,16 +322,19 @@ def main() -> None:
     if args.streaming and sampling.num_beams > 1:
         raise GlmEngineError("--streaming shows tokens as they come, and beams are known only when the search ends; "
                              "drop --streaming or --num_beams")
-    prompts, texts = read_prompts(args, tokenizer)
+    prompts, texts = read_prompts(args, tokenizer, build_config)
     session = load_session(args.engine_dir, device, tokenizer=tokenizer, **kv_cache_options(args))
     session.check_requests(prompts, sampling)  # before anything is printed
     # Tensor parallelism: every rank computes the same steps, rank 0 prints.
     display = StreamDisplay(texts, tokenizer) if args.streaming and session.is_main_rank else None
     outputs = [RequestOutput() for _ in prompts]
+    start, tokens = time.perf_counter(), 0
     for step in session.stream(prompts, sampling):
         record_step(outputs, step)
+        tokens += len(step.tokens)
         if display is not None:
             display.show(step, outputs)
+    seconds = time.perf_counter() - start
     if not session.is_main_rank:
         return
     if display is not None:
@@ -251,8 +345,9 @@ def main() -> None:
         write_token_csv(args.output_csv, [ids for output in outputs for ids in output.returned])
     if args.output_log_probs is not None:
         write_log_probs(args.output_log_probs, [output.log_probs for output in outputs])
-    sys.stdout.flush()
+    sys.stdout.flush()  # the outputs before the summary, where both go to one terminal
+    print_summary(args, len(prompts), tokens, seconds)
 
 
 if __name__ == "__main__":
-    run_tool(main)
+    run_tool(main, writes_stdout=True)

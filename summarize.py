@@ -11,16 +11,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 # Light imports only up here: --help answers without loading torch or transformers;
 # the functions import the rest.
-from glm_engine import GlmEngineError
-from glm_engine.tools.cli import add_session_arguments, kv_cache_options, launched_rank, run_tool, setup_logging
-from glm_engine.tools.compare import first_divergence
-from glm_engine.config import ModelConfig
-from glm_engine.text.dataset import load_articles
-from glm_engine.text.tokenizer import ChatGLMTokenizer
+from glm_engine.tools.cli import missing_package  # the standard library only: imports in any Python
+
+try:
+    from tqdm import tqdm
+
+    from glm_engine import GlmEngineError
+    from glm_engine.tools.cli import add_session_arguments, kv_cache_options, launched_rank, run_tool, setup_logging
+    from glm_engine.tools.compare import first_divergence
+    from glm_engine.config import ModelConfig
+    from glm_engine.text.dataset import load_articles
+    from glm_engine.text.tokenizer import ChatGLMTokenizer
+except ModuleNotFoundError as error:
+    missing_package(error)
 
 logger = logging.getLogger("summarize")
 
@@ -218,4 +223,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_tool(main)
+    run_tool(main, writes_stdout=True)

@@ -110,6 +110,26 @@ def tree(root: Path) -> dict[str, tuple]:
             for path in sorted(root.rglob("*"))}
 
 
+# --- bounded memory -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source, message", [
+    ("/dev/zero", "line 1 runs past"),  # one endless line
+    ("<(yes 5)", "prompts exceed the engine's max_batch_size 2"),  # endless prompts for a static batch
+])
+def test_run_py_checks_its_prompt_file_while_reading_it(engine, source, message):
+    start = time.perf_counter()
+    result = run_shell(tool_line("run.py", "--engine_dir", engine) + f" --input_tokens {source}", memory=MEMORY_CAP)
+    assert_one_line_error(result, message)
+    assert time.perf_counter() - start < 60
+
+
+def test_benchmark_refuses_more_requests_than_a_run_can_hold_before_making_them(engine):
+    result = run_shell(tool_line("benchmark.py", "--engine_dir", engine, "--mode", "throughput", "--num_requests",
+                                 "1000000000", "--input_len_range", "4", "8", "--output_len", "2"), memory=MEMORY_CAP)
+    assert_one_line_error(result, "--num_requests 1000000000")
+
+
 # --- sampling values at their limits --------------------------------------------------------------
 
 
@@ -177,3 +197,67 @@ def test_run_py_samples_when_a_sampling_flag_is_given(flags, expected):
             token_choice(args)
     else:
         assert token_choice(args) == expected
+
+
+# --- a full disk, a closed pipe, a closed stdout --------------------------------------------------
+
+
+def test_a_full_device_under_output_csv_is_one_line(engine, prompts_csv, monkeypatch, capsys):
+    result = run_in_process("run.py", "--engine_dir", engine, "--input_tokens", prompts_csv, "--output_csv",
+                            "/dev/full", monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_line_error(result, "No space left on device")
+
+
+def test_a_build_stopped_by_a_full_disk_is_one_line_and_keeps_the_old_engine(engine, tmp_path):
+    import shutil
+
+    engine_dir = tmp_path / "engine"
+    shutil.copytree(engine, engine_dir)  # an engine build.py wrote: a new build may replace it
+    old = tree(engine_dir)
+    result = run_shell(tool_line("build.py", *TINY_SHAPE_FLAGS, "--output_dir", engine_dir, "--random_seed", "9",
+                                 "--log_level", "error"), file_size=100_000)
+    assert_one_line_error(result, "File too large")
+    assert tree(engine_dir) == old and sorted(path.name for path in tmp_path.iterdir()) == ["engine"]
+
+
+def test_run_py_stops_quietly_when_the_reader_of_its_output_goes_away(engine, prompts_csv):
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "run.py"), "--engine_dir", str(engine),
+                                "--input_tokens", str(prompts_csv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=tool_env(), cwd=REPO_ROOT)
+    process.stdout.close()  # as `| head -c 10` does once it has its bytes
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) in (1, 141)
+    assert stderr == ""
+
+
+def test_run_py_with_stdout_closed_says_so_in_one_line(engine, prompts_csv):
+    result = run_shell(tool_line("run.py", "--engine_dir", engine, "--input_tokens", prompts_csv) + " >&-")
+    assert_one_line_error(result, "standard output is closed")
+
+
+# --- as a newcomer meets them ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["build.py --help", "run.py --help", "summarize.py --help",
+                                     "benchmark.py --engine_dir nowhere"])
+def test_a_python_without_the_dependencies_is_told_to_use_the_venv(command):
+    script, *args = command.split()
+    # -S: no site-packages, as a bare system python3 has none of the project's packages.
+    result = subprocess.run([sys.executable, "-S", str(REPO_ROOT / script), *args], capture_output=True, text=True,
+                            cwd=REPO_ROOT, env=tool_env(), timeout=120)
+    assert_one_line_error(result, ".venv/bin/python")
+
+
+def test_run_py_labels_blocks_alike_streaming_or_not_and_ends_with_a_summary(engine, tmp_path, monkeypatch, capsys):
+    common = ["--engine_dir", engine, "--max_output_len", "6", "--input_text", "Hello", "北京"]
+    plain = run_in_process("run.py", *common, "--output_csv", tmp_path / "out.csv", monkeypatch=monkeypatch,
+                           capsys=capsys)
+    streamed = run_in_process("run.py", *common, "--streaming", monkeypatch=monkeypatch, capsys=capsys)
+    assert plain.returncode == 0 and streamed.returncode == 0, streamed.stderr
+    blocks = lambda text: sorted(re.findall(r"Input.*?--->\n\t.*\n\nOutput.*?--->\n\t.*\n", text))  # noqa: E731
+    assert len(blocks(plain.stdout)) == 2 and blocks(plain.stdout) == blocks(streamed.stdout)
+    tokens = sum(len(row) for row in csv_rows(tmp_path / "out.csv"))
+    summary = plain.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"run\.py: 2 prompts, {tokens} tokens generated in [0-9.]+ s \([0-9.]+ tokens/s\); "
+                        rf"--output_csv {re.escape(str(tmp_path / 'out.csv'))}", summary), summary
+    assert streamed.stderr.strip().splitlines()[-1].startswith("run.py: 2 prompts, ")

@@ -1,20 +1,31 @@
 """What the command-line tools share: logging set-up and turning user errors
-into one-line messages."""
+into one-line messages. The standard library only, so that a tool started by a
+Python without the project's packages can still say so in one line."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from glm_engine import GlmEngineError
 
 LOG_LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
               "warning": logging.WARNING, "error": logging.ERROR, "internal_error": logging.ERROR}
 
+
+# The most prompts, and prompt tokens, one run of run.py or benchmark.py holds in memory
+# (as Python lists, about 40 bytes a token: under a GiB).
+MAX_PROMPTS = 2**20
+MAX_PROMPT_TOKENS = 2**24
+
+# Writes that fail for want of room: a full disk, a full quota, a file size limit.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 # Libraries whose info lines are noise in a tool's output (absl: rouge_score's "Using default tokenizer.").
 THIRD_PARTY_LOGGERS = ("absl", "datasets", "transformers", "huggingface_hub", "urllib3", "filelock", "fsspec")
@@ -56,23 +67,67 @@ def _cuda_out_of_memory() -> tuple[type[BaseException], ...]:
     return (torch.cuda.OutOfMemoryError,) if torch is not None else ()
 
 
-def run_tool(main: Callable[[], None]) -> None:
-    """Runs a tool's main; a GlmEngineError becomes `prog: error: message` and exit status 1,
-    running out of memory a one-line error too, SIGTERM and Ctrl-C a clean exit."""
+def tool_name() -> str:
+    """The running tool's name for its messages ("run.py"; "run.py (rank 1)" past rank 0)."""
     prog = sys.argv[0].rsplit("/", 1)[-1]
-    if launched_rank():  # every rank reports its own failure; ranks past 0 say which they are
-        prog = f"{prog} (rank {launched_rank()})"
+    return f"{prog} (rank {launched_rank()})" if launched_rank() else prog
+
+
+def fail(message: str) -> NoReturn:
+    """Ends the tool with `prog: error: message` on one line and exit status 1."""
+    print(f"{tool_name()}: error: {message}".replace("\n", "\\n"), file=sys.stderr)
+    sys.exit(1)
+
+
+def missing_package(error: ModuleNotFoundError) -> NoReturn:
+    """Ends the tool in one line when a package it needs is not installed in this Python
+    (a bare python3 instead of the project's .venv, or a partial install)."""
+    if sys.prefix != sys.base_prefix:  # a virtual environment, missing the package
+        fix = "install the project's requirements into it: bash scripts/setup.sh, or pip install -r requirements.txt"
+    else:
+        fix = "run the tools with the project's .venv/bin/python (bash scripts/setup.sh creates .venv)"
+    fail(f"the Python package {error.name!r} is not installed for {sys.executable}; {fix}")
+
+
+def _drop_stdout() -> None:
+    """Points stdout at /dev/null, so that Python's flush at exit does not fail again on
+    what is still buffered for a closed pipe or a full disk."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no stdout, or one without a descriptor
+        pass
+
+
+def run_tool(main: Callable[[], None], writes_stdout: bool = False) -> None:
+    """Runs a tool's main; a GlmEngineError becomes `prog: error: message` and exit status 1,
+    running out of memory or disk space a one-line error too, a missing package one naming
+    the fix, SIGTERM and Ctrl-C a clean exit. A tool that `writes_stdout` (its results)
+    refuses a closed stdout at once, and stops quietly, as Unix tools do, when the reader
+    of its output goes away (`| head`)."""
+    if writes_stdout and sys.stdout is None:
+        fail(f"standard output is closed, and {tool_name()} prints its results there; redirect it instead "
+             "(> file, or > /dev/null)")
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
+        if writes_stdout:
+            sys.stdout.flush()  # a closed pipe or a full disk shows here, not in Python's exit
     except GlmEngineError as error:
-        print(f"{prog}: error: {error}".replace("\n", "\\n"), file=sys.stderr)
-        sys.exit(1)
+        fail(str(error))
     except (MemoryError, *_cuda_out_of_memory()) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"{prog}: error: out of memory ({reason}); use a smaller batch, shorter sequences or a "
-              "smaller engine", file=sys.stderr)
-        sys.exit(1)
+        fail(f"out of memory ({reason}); use a smaller batch, shorter sequences or a smaller engine")
+    except BrokenPipeError:  # the reader went away: nothing more to say to it, nor on stderr
+        _drop_stdout()
+        sys.exit(128 + signal.SIGPIPE)  # the status of a tool a closed pipe stops
+    except OSError as error:
+        if error.errno not in NO_ROOM:
+            raise
+        _drop_stdout()
+        written = f" {error.filename}" if error.filename else ""
+        fail(f"writing{written} failed: {error.strerror}; free some space or write elsewhere, then run it again")
+    except ModuleNotFoundError as error:
+        missing_package(error)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

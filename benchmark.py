@@ -103,6 +103,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def progress(message: str) -> None:
+    """A line on stderr as each phase starts (rank 0), since a phase may take minutes."""
+    if launched_rank() == 0:
+        print(f"benchmark.py: {message}", file=sys.stderr, flush=True)
+
+
 def synchronize() -> None:
     import torch
 
@@ -189,17 +195,25 @@ def environment(device: torch.device) -> dict:
             "python": platform.python_version()}
 
 
+def gib_text(value: float | None) -> str:
+    """A peak memory as printed: GiB, or "n/a" where it is not measured (the CPU)."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'side':<14}{'batch':>6}{'prefill ms':>12}{'decode ms/step':>16}{'tok/s':>10}{'peak GiB':>10}")
     for row in rows:
         print(f"{row['side']:<14}{row['batch_size']:>6}{row['prefill_ms']:>12.2f}"
-              f"{row['decode_ms_per_step']:>16.2f}{row['decode_tokens_per_s']:>10.1f}{row['peak_gib']:>10.2f}")
+              f"{row['decode_ms_per_step']:>16.2f}{row['decode_tokens_per_s']:>10.1f}{gib_text(row['peak_gib']):>10}")
+    if any(row["peak_gib"] is None for row in rows):
+        print("peak GiB: n/a, not measured on the CPU (CUDA's allocator counts it on a GPU)")
 
 
-def peak_gib(device: torch.device) -> float:
+def peak_gib(device: torch.device) -> float | None:
+    """The GPU memory allocated at most since reset_peak, in GiB; None on the CPU."""
     import torch
 
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def reset_peak(device: torch.device) -> None:
@@ -217,6 +231,8 @@ def measured_rows(side: str, measure: Callable[[list[list[int]]], dict], vocab_s
     """One row per batch size: `measure(prompts)` timings and the peak memory during them."""
     rows = []
     for batch_size in args.batch_size:
+        progress(f"{side}, batch {batch_size}: a warm-up and {args.repeats} timed runs of {args.input_len} prompt "
+                 f"and {args.output_len} new tokens")
         reset_peak(device)
         row = measure(random_prompts([args.input_len] * batch_size, min(vocab_size, 60000), seed=0))
         rows.append({"side": side, **row, "peak_gib": peak_gib(device)})
@@ -228,6 +244,7 @@ def hf_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     from glm_engine.engine_format.engine import load_whole_engine
     from glm_engine.tools.hf_reference import build_glm_model
 
+    progress("loading GlmForCausalLM (Hugging Face, eager) with the engine's weights")
     engine = load_whole_engine(args.engine_dir, "cpu")
     model = build_glm_model(engine.model_config, engine.weights, device, attn_implementation="eager")
     del engine
@@ -249,6 +266,7 @@ def accuracy(session: Session, args: argparse.Namespace, device: torch.device) -
     from glm_engine.engine_format.engine import load_whole_engine
     from glm_engine.tools.hf_reference import build_glm_model
 
+    progress("--accuracy: the engine's logits against GlmForCausalLM in float32")
     prompt = random_prompts([min(args.input_len, 256)], min(session.model_config.vocab_size, 60000), seed=1)[0]
     decoded = min(DECODED_POSITIONS, len(prompt) - 1)  # none for a one-token prompt
     prefill = session.prompt_logits(prompt)
@@ -290,6 +308,7 @@ def serving_requests(args: argparse.Namespace, vocab_size: int) -> list[list[int
     import torch
 
     low, high = args.input_len_range
+    progress(f"making {args.num_requests} prompts of {low} to {high} tokens")
     lengths = torch.randint(low, high + 1, (args.num_requests,), generator=torch.Generator().manual_seed(0)).tolist()
     return random_prompts(lengths, min(vocab_size, 60000), seed=1)
 
@@ -330,6 +349,7 @@ def serve_over_http(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
     """--server_url: the same requests and arrivals, sent to a server (glm_engine/serving/load_generator.py)."""
     from glm_engine.serving.load_generator import run_http_load
 
+    progress(f"sending {len(prompts)} requests to {args.server_url} ({args.mode} mode)")
     results, elapsed = run_http_load(args.server_url, prompts, arrival_times(args, len(prompts)), args.output_len,
                                      http_sampling(args))
     produced = sum(result["tokens"] for result in results)
@@ -405,10 +425,11 @@ def hf_static_throughput(args: argparse.Namespace, prompts: list[list[int]], dev
     from glm_engine.engine_format.engine import load_whole_engine
     from glm_engine.tools.hf_reference import build_glm_model, left_padded
 
+    chosen = prompts[:args.hf_num_requests]
+    progress(f"GlmForCausalLM (Hugging Face, eager): {len(chosen)} requests in static batches of {args.hf_batch_size}")
     engine = load_whole_engine(args.engine_dir, "cpu")
     model = build_glm_model(engine.model_config, engine.weights, device, attn_implementation="eager")
     del engine
-    chosen = prompts[:args.hf_num_requests]
     synchronize()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -442,6 +463,7 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
               f"p99 {row['tpot_s']['p99'] * 1e3:.1f} ms (at the client)")
         return
 
+    progress(f"loading the engine {args.engine_dir}")
     session = load_session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args),
                            **scheduler_options(args))
     result["cuda_graphs"] = session.runner.decode_graphs is not None
@@ -453,6 +475,7 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
     result.update(num_requests=args.num_requests, input_len_range=args.input_len_range,
                   request_rate=args.request_rate, mode=args.mode)
     reset_peak(device)
+    progress(f"serving {len(prompts)} requests ({args.mode} mode)")
     rows = [run_serving(session, prompts, args)]
     rows[0]["peak_gib"] = peak_gib(device)
     if not session.is_main_rank:  # tensor parallelism: rank 0 alone runs the reference and reports
@@ -465,7 +488,7 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
     result["rows"] = rows
     for row in rows:
         line = (f"{row['side']:<16} {row['requests']:>5} requests in {row['seconds']:8.2f} s: "
-                f"{row['output_tokens_per_s']:9.1f} output tok/s, peak {row['peak_gib']:.2f} GiB")
+                f"{row['output_tokens_per_s']:9.1f} output tok/s, peak {gib_text(row['peak_gib'])} GiB")
         if "ttft_s" in row:
             line += (f"; TTFT p50 {row['ttft_s']['p50'] * 1e3:.0f} ms p99 {row['ttft_s']['p99'] * 1e3:.0f} ms, "
                      f"TPOT p50 {row['tpot_s']['p50'] * 1e3:.1f} ms p99 {row['tpot_s']['p99'] * 1e3:.1f} ms, "
@@ -564,6 +587,7 @@ def main() -> None:
         if args.output_json is not None and launched_rank() == 0:
             write_json(result, args.output_json)
         return
+    progress(f"loading the engine {args.engine_dir}")
     synchronize()
     start = time.perf_counter()
     session = load_session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))

@@ -248,6 +248,38 @@ def test_a_python_without_the_dependencies_is_told_to_use_the_venv(command):
     assert_one_line_error(result, ".venv/bin/python")
 
 
+def test_the_readme_python_example_runs_from_any_directory(tmp_path):
+    """As a user of the installed package: its own directory, no PYTHONPATH, so only
+    glm_engine imports (not the repository's root files), on the engine the README builds."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    flags = re.search(r"python build\.py (.*--output_dir tiny_engine)\n", readme).group(1)
+    assert run_tool("build.py", *shlex.split(flags), "--log_level", "error", cwd=tmp_path).returncode == 0
+    example = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    env = {key: value for key, value in tool_env().items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_benchmark_says_what_it_is_doing_and_that_the_cpu_has_no_peak_memory(engine, tmp_path):
+    result = run_tool("benchmark.py", "--engine_dir", engine, "--batch_size", "1", "2", "--input_len", "4",
+                      "--output_len", "2", "--repeats", "1", "--device", "cpu", "--output_json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stderr.splitlines() if line.startswith("benchmark.py: ")]
+    assert any("loading the engine" in line for line in progress)
+    assert all(any(f"batch {size}:" in line for line in progress) for size in (1, 2))
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("glm_engine")]
+    assert "peak GiB" in result.stdout and [row[-1] for row in rows] == ["n/a", "n/a"]
+    assert all(row["peak_gib"] is None for row in json.loads((tmp_path / "r.json").read_text())["rows"])
+
+
+def test_summarize_offline_names_the_bundled_sample(engine, monkeypatch, capsys):
+    result = run_in_process("summarize.py", "--engine_dir", engine, "--max_ite", "1", monkeypatch=monkeypatch,
+                            capsys=capsys)
+    assert_one_line_error(result, "--dataset_path data/cnn_dailymail_sample.jsonl")
+
+
 def test_run_py_labels_blocks_alike_streaming_or_not_and_ends_with_a_summary(engine, tmp_path, monkeypatch, capsys):
     common = ["--engine_dir", engine, "--max_output_len", "6", "--input_text", "Hello", "北京"]
     plain = run_in_process("run.py", *common, "--output_csv", tmp_path / "out.csv", monkeypatch=monkeypatch,

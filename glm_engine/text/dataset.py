@@ -14,6 +14,8 @@ from glm_engine import GlmEngineError
 
 HUB_DATASET = ("ccdv/cnn_dailymail", "3.0.0")
 HUB_PROBE_SECONDS = 5
+# The cnn_dailymail articles that come with the repository, for a run without the hub.
+BUNDLED_SAMPLE = Path(__file__).resolve().parents[2] / "data" / "cnn_dailymail_sample.jsonl"
 
 
 def _read_records(path: Path) -> list:
@@ -78,6 +80,19 @@ def _hub_unreachable() -> str | None:
     return None
 
 
+def _local_copy_hint() -> str:
+    """What to pass instead of the hub: the bundled sample (as a path from the working
+    directory where it lies under it), or any local copy."""
+    if not BUNDLED_SAMPLE.is_file():  # an installed library without the repository's data
+        return "pass --dataset_path with a local copy (json/jsonl/csv/parquet or a save_to_disk directory)"
+    try:
+        sample = BUNDLED_SAMPLE.relative_to(Path.cwd().resolve())
+    except ValueError:
+        sample = BUNDLED_SAMPLE
+    return (f"pass --dataset_path {sample} (the bundled sample) or another local copy (json/jsonl/csv/parquet "
+            "or a save_to_disk directory)")
+
+
 def _read_hub_dataset() -> list[dict]:
     reason = _hub_unreachable()
     try:
@@ -89,8 +104,7 @@ def _read_hub_dataset() -> list[dict]:
     except Exception as error:  # noqa: BLE001 - offline, missing package or hub error alike
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise GlmEngineError(f"cannot load {HUB_DATASET[0]} {HUB_DATASET[1]} from the Hugging Face hub "
-                             f"({first_line}); pass --dataset_path with a local copy "
-                             "(json/jsonl/csv/parquet or a save_to_disk directory)") from None
+                             f"({first_line}); {_local_copy_hint()}") from None
 
 
 def load_articles(dataset_path: str | None) -> list[dict]:

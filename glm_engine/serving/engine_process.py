@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -29,9 +30,11 @@ from glm_engine.runtime.session import EngineLimits, EngineStats, Session
 
 logger = logging.getLogger("engine_process")
 
+REAP_SECONDS = 30.0  # how long an engine process that is ending may take before it is killed
+
 
 class QueueFull(GlmEngineError):
-    """More requests wait than the server's queue limit."""
+    """More sequences would wait than the server's queue limit."""
 
 
 class EngineClosed(GlmEngineError):
@@ -72,7 +75,12 @@ class EngineProcess:
         child_commands.close()
         self._child_events.close()
         self._events = events
-        self.limits, self.stats = self._wait_ready()  # stats: the engine's latest, replaced at each step
+        try:
+            self.limits, self.stats = self._wait_ready()  # stats: the engine's latest, replaced at each step
+        except BaseException:  # SIGTERM or Ctrl-C while it loads: it must not load on, nobody to serve
+            self.process.kill()
+            self.process.join()
+            raise
         self.max_queue = max_queue
         self.on_step = on_step
         self._send_lock = threading.Lock()
@@ -81,6 +89,7 @@ class EngineProcess:
         self._taken = 0
         self._closing = False
         self._engine_alive = True
+        self.stop_reason: str | None = None  # why the engine process ended, once it has
         self._receiver = threading.Thread(target=self._receive, name="engine-events", daemon=True)
         self._receiver.start()
 
@@ -101,24 +110,44 @@ class EngineProcess:
         """Whether the engine still takes requests (False once closing, or after a failure)."""
         return self._engine_alive and not self._closing and self.process.is_alive()
 
-    def submit(self, request: EngineRequest) -> int:
-        """Sends a request to the engine; returns its id. Refuses one the engine can never
-        hold (GlmEngineError), one past the queue limit (QueueFull), any once closing (EngineClosed)."""
-        self.limits.check(request.prompt, request.sampling)
+    def submit(self, requests: list[EngineRequest]) -> list[int]:
+        """Sends one API request's sequences (its choices) to the engine, all or none;
+        returns their ids. Refuses sequences the engine can never hold, or more than its
+        slots and the queue can ever hold (GlmEngineError), sequences that would take the
+        queue past its limit (QueueFull), any once closing (EngineClosed)."""
+        for request in requests:
+            self.limits.check(request.prompt, request.sampling)
+        capacity = self.limits.max_in_flight + self.max_queue
+        if len(requests) > capacity:
+            raise GlmEngineError(f"{len(requests)} choices are more than the {self.limits.max_in_flight} sequences "
+                                 f"in flight and the {self.max_queue} of the queue; ask for fewer or raise "
+                                 "--max_queue")
         with self._send_lock:
             if not self.alive:
                 raise EngineClosed("the server is shutting down" if self._closing else "the engine has stopped")
-            # Requests not yet taken by the engine process count as waiting.
-            if self.stats.waiting + self._submitted - self._taken >= self.max_queue:
-                raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
-            request_id = self._submitted
-            try:
-                self._commands.send(("submit", request_id, request.prompt, request.sampling))
-            except OSError:  # it died a moment ago (BrokenPipeError); the receiver is finding out
-                raise EngineClosed("the engine has stopped") from None
-            self._submitted += 1
-            self._active[request_id] = request
-        return request_id
+            if self._waiting_with(len(requests)) > self.max_queue:
+                raise QueueFull(f"{self.max_queue} sequences may wait and this request's {len(requests)} would "
+                                "not fit; retry later")
+            ids = []
+            for request in requests:
+                request_id = self._submitted
+                try:
+                    self._commands.send(("submit", request_id, request.prompt, request.sampling))
+                except OSError:  # it died a moment ago (BrokenPipeError); the receiver is finding out
+                    raise EngineClosed("the engine has stopped") from None
+                self._submitted += 1
+                self._active[request_id] = request
+                ids.append(request_id)
+        return ids
+
+    def _waiting_with(self, new: int) -> int:
+        """Sequences that would wait for a slot with `new` more: those the engine last
+        reported waiting, and of those sent since (and the new) the ones beyond the slots
+        it then had free. Sent-but-not-taken sequences that will find a slot do not count,
+        so an idle server takes whatever fits its slots."""
+        stats = self.stats
+        free = max(0, self.limits.max_in_flight - stats.running - stats.waiting)
+        return stats.waiting + max(0, self._submitted - self._taken + new - free)
 
     def cancel(self, request_id: int) -> None:
         """Drops a request (its client left): its blocks are freed before the next step."""
@@ -135,16 +164,17 @@ class EngineProcess:
             if self._engine_alive:
                 with contextlib.suppress(OSError):
                     self._commands.send(("close", timeout))
-        self._receiver.join()
-        self.process.join(timeout + 30)
-        if self.process.is_alive():
-            logger.warning("the engine process did not exit; killing it")
+        # The close command ends the requests still running after `timeout`; the receiver then reaps the process.
+        self._receiver.join(timeout + REAP_SECONDS)
+        if self._receiver.is_alive():  # the engine hangs in a step: kill it, the receiver ends its requests
+            logger.warning("the engine process did not stop; killing it")
             self.process.kill()
-            self.process.join()
+            self._receiver.join()
 
     def _receive(self) -> None:
-        """Hands each step's news to the requests (on this thread) until the engine process ends."""
-        message = "the engine process stopped"
+        """Hands each step's news to the requests (on this thread) until the engine process
+        ends; then reaps it and ends the requests still open with the reason."""
+        message = None
         try:
             while True:
                 kind, *payload = self._events.recv()
@@ -153,14 +183,28 @@ class EngineProcess:
                     break
                 self._deliver(*payload)
         except (EOFError, OSError):
-            message = f"the engine process exited unexpectedly (exit code {self.process.exitcode})"
+            pass
+        self._reap()
+        if message is None:
+            message = f"the engine process exited unexpectedly ({_exit_reason(self.process.exitcode)})"
         with self._send_lock:
             self._engine_alive = False
+            self.stop_reason = message
+            self.stats = EngineStats()  # nothing runs or waits in a stopped engine
             orphans, self._active = list(self._active.values()), {}
         if orphans:
             logger.error("%s; ending %d requests", message, len(orphans))
         for request in orphans:
             request.deliver([], True, message)
+
+    def _reap(self) -> None:
+        """Waits for the engine process to exit (it has closed its pipe or said it stops),
+        so that its exit code is known and it leaves no zombie; kills one that hangs."""
+        self.process.join(REAP_SECONDS)
+        if self.process.is_alive():
+            logger.warning("the engine process did not exit; killing it")
+            self.process.kill()
+            self.process.join()
 
     def _deliver(self, news: list[News], stats: EngineStats, taken: int) -> None:
         now = time.monotonic()
@@ -181,6 +225,24 @@ class EngineProcess:
             request.deliver(tokens, finished, error)
 
 
+def _exit_reason(exit_code: int | None) -> str:
+    """An exit code in words: `exit code 1`, `killed by SIGKILL`."""
+    if exit_code is not None and exit_code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-exit_code).name}"
+    return f"exit code {exit_code}"
+
+
+def _leave_a_core() -> None:
+    """On the CPU, torch's threads take one core fewer than this process may use, leaving
+    one to the HTTP side (torch's busy-waiting threads starved it: one long request
+    slowed every other request's answer several times over)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
+
+
 def _engine_main(session_factory: Callable[[], Session], process_setup: Callable[[], None] | None,
                  commands: Connection, events: Connection) -> None:
     """The engine process: loads the session, then runs its loop on the commands until
@@ -193,10 +255,16 @@ def _engine_main(session_factory: Callable[[], Session], process_setup: Callable
     try:
         session = session_factory()
     except Exception as error:  # noqa: BLE001 - the server prints it as its one-line error
-        events.send(("failed", str(error) if isinstance(error, GlmEngineError) else
-                     f"the engine could not start: {type(error).__name__}: {error}"))
+        with contextlib.suppress(OSError):  # the server may have stopped meanwhile
+            events.send(("failed", str(error) if isinstance(error, GlmEngineError) else
+                         f"the engine could not start: {type(error).__name__}: {error}"))
         return
-    events.send(("ready", session.limits, session.stats()))
+    if session.device.type == "cpu":
+        _leave_a_core()
+    try:
+        events.send(("ready", session.limits, session.stats()))
+    except OSError:  # the server stopped while this process was loading: nobody to serve
+        return
     message = EngineLoop(session, commands, events).run()
     with contextlib.suppress(OSError):  # the server may be gone
         events.send(("stopped", message))

@@ -170,9 +170,12 @@ def _add_info_routes(app: FastAPI, engine: EngineProcess, metrics: Metrics, mode
     @app.get("/health")
     async def health() -> JSONResponse:
         stats, alive = engine.stats, engine.alive
-        return JSONResponse({"status": "ok" if alive else "stopped", "requests_running": stats.running,
-                             "queue_length": stats.waiting, "kv_blocks_free": stats.free_blocks,
-                             "kv_blocks_total": stats.total_blocks}, 200 if alive else 503)
+        body = {"status": "ok" if alive else "stopped", "requests_running": stats.running,
+                "queue_length": stats.waiting, "kv_blocks_free": stats.free_blocks,
+                "kv_blocks_total": stats.total_blocks}
+        if not alive:
+            body["reason"] = engine.stop_reason or "the server is shutting down"
+        return JSONResponse(body, 200 if alive else 503)
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -240,22 +243,18 @@ class _Generations:
         loop = asyncio.get_running_loop()
         inbox = self.inboxes.get(loop) or self.inboxes.setdefault(loop, _Inbox(loop))
         queue: asyncio.Queue = asyncio.Queue()  # (choice, tokens, finished, error) of all the request's choices
-        ids: list[int] = []
+        samplings = self.samplings(body)
         try:
-            for choice, sampling in enumerate(self.samplings(body)):
-                deliver = functools.partial(inbox.put, queue, choice)
-                ids.append(self.engine.submit(EngineRequest(prompt, sampling, deliver)))
+            ids = self.engine.submit([EngineRequest(prompt, sampling, functools.partial(inbox.put, queue, choice))
+                                      for choice, sampling in enumerate(samplings)])
         except QueueFull as error:
-            self.cancel(ids)
             raise ApiError(429, str(error), "rate_limit_exceeded") from None
         except EngineClosed as error:
-            self.cancel(ids)
             raise ApiError(503, str(error), "server_error") from None
         except GlmEngineError as error:
-            self.cancel(ids)
             raise ApiError(400, str(error)) from None
         self.metrics.prompt_tokens.inc(len(prompt) * len(ids))
-        answer = _Answer(kind, self.model_name, len(prompt), body.n, sampling.max_new_tokens, self.tokenizer)
+        answer = _Answer(kind, self.model_name, len(prompt), body.n, samplings[0].max_new_tokens, self.tokenizer)
         if body.stream:
             return StreamingResponse(self.events(answer, queue, ids), media_type="text/event-stream")
         return await self.whole_unless_left(request, answer, queue, ids)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import signal
+import math
+import socket
 from pathlib import Path
 
 # Light imports only up here: --help answers without loading torch; main() imports the rest.
@@ -34,13 +35,36 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), for the server to listen on: a taken port is
+    refused in one line before the engine loads."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+        listener = socket.socket(family, kind)
+    except (OSError, OverflowError) as error:
+        raise GlmEngineError(f"cannot listen on {host}:{port}: {error}; check --host and --port") from None
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over old TIME_WAITs
+    try:
+        listener.bind(address)
+    except OSError as error:
+        listener.close()
+        raise GlmEngineError(f"cannot listen on {host}:{port}: {error.strerror}; pick another --port or stop "
+                             "what uses it") from None
+    return listener
+
+
 def main() -> None:
     args = parse_arguments()
     setup_logging(args.log_level)
-    import uvicorn
-
+    if args.max_queue < 1:
+        raise GlmEngineError(f"--max_queue must be at least 1, got {args.max_queue}")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise GlmEngineError(f"--shutdown_timeout must be a finite number of seconds, 0 or more, got "
+                             f"{args.shutdown_timeout}")
+    listener = listening_socket(args.host, args.port)
     from glm_engine.engine_format.engine import engine_configs
-    from glm_engine.serving.openai_server import create_app
+    from glm_engine.serving.openai_server import create_app, run_server
     from glm_engine.serving.engine_process import EngineProcess
     from glm_engine.text.tokenizer import ChatGLMTokenizer
     from model import load_session
@@ -48,8 +72,6 @@ def main() -> None:
     _, build_config = engine_configs(args.engine_dir)  # a clear error before any other work
     if build_config.world_size > 1:
         raise GlmEngineError(f"serve.py runs one-GPU engines; {args.engine_dir} has {build_config.world_size} ranks")
-    if args.max_queue < 1:
-        raise GlmEngineError(f"--max_queue must be at least 1, got {args.max_queue}")
     tokenizer_dir = Path(args.tokenizer_dir or args.engine_dir)
     if not (tokenizer_dir / "tokenizer.model").is_file():
         raise GlmEngineError(f"no tokenizer.model in {tokenizer_dir}: the API takes text; pass --tokenizer_dir")
@@ -59,16 +81,12 @@ def main() -> None:
                                         **kv_cache_options(args), **scheduler_options(args))
     engine = EngineProcess(session_factory, args.max_queue,
                            process_setup=functools.partial(setup_logging, args.log_level))
-    app = create_app(engine, tokenizer, args.model_name or Path(args.engine_dir).resolve().name,
-                     args.shutdown_timeout)
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again to the handler it
-    # found: from here on that handler is this no-op, so a graceful stop exits with status 0.
-    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level if args.log_level != "verbose"
-                    else "debug", timeout_graceful_shutdown=args.shutdown_timeout + 5)
+        app = create_app(engine, tokenizer, args.model_name or Path(args.engine_dir).resolve().name,
+                         args.shutdown_timeout)
+        run_server(app, engine, listener, args.shutdown_timeout, args.log_level)
     finally:
-        engine.close(0.0)  # uvicorn never started (port taken): the engine process must not outlive it
+        engine.close(0.0)  # the server stopped another way: the engine process must not outlive it
 
 
 if __name__ == "__main__":

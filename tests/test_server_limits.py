@@ -1,5 +1,8 @@
-"""serve.py at its edges, over real HTTP to a serve.py subprocess on a tiny engine:
-queue accounting, the engine process's death or a stop while it loads."""
+"""serve.py against requests meant to hold it up and at its edges, over real HTTP to a
+serve.py subprocess on a tiny engine: limits on bodies, prompt text and stop strings
+(checked before any work), types as strict as OpenAI's, OpenAI's error body for every
+error, queue accounting, graceful shutdown, the engine process's death or a stop while
+it loads, a taken port, and one worst-case client beside a short request."""
 
 from __future__ import annotations
 
@@ -7,8 +10,10 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -146,10 +151,126 @@ def engine(tiny_engine_factory) -> Path:
                                "--random_seed", "3")
 
 
+@pytest.fixture(scope="module")
+def limits(engine):
+    from glm_engine.serving.openai_server import RequestLimits
+    from glm_engine.text.tokenizer import ChatGLMTokenizer
+
+    return RequestLimits.of(ChatGLMTokenizer.from_dir(engine), MAX_INPUT_LEN)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    running_server = Server(engine)
+    yield running_server
+    result = running_server.stop()
+    assert result.returncode == 0, result.stderr
+
+
 LONG = {"model": "tiny", "prompt": "a", "max_tokens": 4096, "min_tokens": 4096}  # minutes on the CPU
 
 
-# --- queue accounting -------------------------------------------------------------------
+# --- limits checked before any work -------------------------------------------------------
+
+
+def test_a_body_over_the_limit_gets_413_and_health_answers_meanwhile(server, limits):
+    """A 20 MB body (declared, or chunked without a length) is refused with 413 at once;
+    /health answers while it is sent."""
+    huge = json.dumps({"model": "tiny", "prompt": "长" * ((20 << 20) // 3)}, ensure_ascii=False).encode()
+    assert len(huge) > limits.max_body_bytes
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(server.post, huge, timeout=120)
+        health = []
+        while not sent.done():
+            started = time.perf_counter()
+            assert server.health().status_code == 200
+            health.append(time.perf_counter() - started)
+        assert_openai_error(sent.result(), 413, f"{limits.max_body_bytes} bytes")
+    assert max(health, default=0) < 2, health
+    chunked = server.http.post("/v1/completions", content=iter([huge[i:i + 65536] for i in range(0, len(huge), 65536)]),
+                               headers={"content-type": "application/json"})
+    assert_openai_error(chunked, 413, f"{limits.max_body_bytes} bytes")
+    assert server.health().json()["requests_running"] == 0
+
+
+@pytest.mark.parametrize("path, field", [("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")])
+def test_text_longer_than_max_input_len_tokens_can_hold_is_refused_untokenized(server, limits, path, field):
+    """One character over max_input_len x the most characters a token stands for: 400
+    naming the characters (the longest text allowed is tokenized, and refused for its
+    tokens)."""
+    def body(chars: int) -> dict:
+        if field == "prompt":
+            return {"model": "tiny", "prompt": "x" * chars}
+        half = chars // 2
+        return {"model": "tiny", "messages": [{"role": "system", "content": "x" * half},
+                                              {"role": "user", "content": "x" * (chars - half)}]}
+
+    assert len(json.dumps(body(limits.max_prompt_chars + 1))) < limits.max_body_bytes
+    assert_openai_error(server.post(body(limits.max_prompt_chars + 1), path), 400,
+                        f"{limits.max_prompt_chars + 1} characters, more than the engine's max_input_len", field)
+    assert_openai_error(server.post(body(limits.max_prompt_chars), path), 400, f"max_input_len {MAX_INPUT_LEN}")
+
+
+@pytest.mark.parametrize("stop, fragment", [
+    (["a", "b", "c", "d", "e"], "stop holds 5 strings; at most 4"),
+    ("x" * 257, "stop string 0 has 257 characters"),
+    (["a", "y" * 257], "stop string 1 has 257 characters"),
+    ([""], "stop string 0 has 0 characters"),
+])
+def test_stop_strings_have_limits(server, stop, fragment):
+    assert_openai_error(server.post({"model": "tiny", "prompt": "a", "max_tokens": 2, "stop": stop}), 400, fragment,
+                        "stop")
+
+
+def test_stop_strings_at_their_limits_are_taken(server):
+    from glm_engine.serving.openai_server import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    stop = [chr(0x4E00 + i) * MAX_STOP_CHARS for i in range(MAX_STOP_STRINGS)]
+    response = server.post({"model": "tiny", "prompt": "a", "max_tokens": 3, "stop": stop})
+    assert response.status_code == 200, response.text
+
+
+# --- OpenAI's error body, strict types ----------------------------------------------------
+
+
+@pytest.mark.parametrize("path, content, fragment", [
+    ("/v1/completions", '{"model": "tiny", "prompt": "\\ud800"}', "not valid JSON"),  # a lone surrogate
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}',
+     "not valid JSON"),
+    ("/v1/completions", '{"model": "tiny", "prompt": ' + "[" * 5000 + "]" * 5000 + "}", "not valid JSON"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "a", "seed": ' + "9" * 5000 + "}", "number out of range"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', "not valid JSON"),  # not UTF-8
+    ("/v1/completions", '{"model": "tiny", "prompt": "a",', "not valid JSON"),
+    ("/v1/completions", '{"model": "tiny"} {}', "not valid JSON"),
+    ("/v1/completions", "[1, 2]", "body: Input should be an object"),
+])
+def test_unparsable_bodies_get_openai_errors(server, path, content, fragment):
+    """400 with OpenAI's body, a JSON syntax error's place in the message and never in param."""
+    assert_openai_error(server.post(content, path), 400, fragment, None)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", True), ("max_tokens", 8.0), ("prompt", [True, 2]), ("prompt", [1.0, 2]), ("stream", "yes"),
+    ("stream", 1), ("n", "2"), ("temperature", "0"), ("stop", [1]), ("seed", 1.5), ("model", 5),
+])
+def test_wrong_types_are_refused_as_openai_does(server, field, value):
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 2, field: value}
+    assert_openai_error(server.post(body), 400, field, field)
+
+
+def test_integer_temperature_and_chat_content_types(server):
+    assert server.post({"model": "tiny", "prompt": "a", "max_tokens": 2, "temperature": 0}).status_code == 200
+    chat = server.post({"model": "tiny", "messages": [{"role": "user", "content": 5}]}, "/v1/chat/completions")
+    assert_openai_error(chat, 400, "messages.0.content", "messages.0.content")
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/nowhere", 404), ("GET", "/v1/completions", 405),
+                                                  ("POST", "/health", 405)])
+def test_unknown_paths_and_methods_get_openai_errors(server, method, path, status):
+    assert_openai_error(server.http.request(method, path), status, path)
+
+
+# --- queue accounting and graceful shutdown -------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +309,32 @@ def test_the_queue_counts_waiting_sequences(small_server):
     small_server.wait_for(lambda health: health["requests_running"] == 0 and health["queue_length"] == 0)
 
 
-# --- the engine process's death, a stop while it loads ----------------------------------------
+def test_sigterm_ends_every_running_request_as_promised(small_server):
+    """--shutdown_timeout 1: a whole answer and a stream still running get, within about
+    that second, a 503 in OpenAI's body and an error event per open choice followed by
+    the usage chunk and [DONE]; the process exits 0."""
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(small_server.post, LONG, timeout=120)
+        stream = OpenStream(small_server, {**LONG, "n": 2})
+        small_server.wait_for(lambda health: health["requests_running"] == 3)
+        stopped_at = time.monotonic()
+        small_server.terminate()
+        seen = stream.rest()
+        stream.close()
+        response = whole.result()
+    assert time.monotonic() - stopped_at < 1 + 10
+    assert_openai_error(response, 503, "the server shut down before the request finished")
+    assert seen[-1] == "data: [DONE]", seen[-3:]
+    events = [json.loads(line.removeprefix("data: ")) for line in seen[:-1]]
+    errors = [event["error"] for event in events if "error" in event]
+    assert len(errors) == 2 and all(error["message"] == "the server shut down before the request finished"
+                                    and set(error) == {"message", "type", "param", "code"} for error in errors)
+    assert "usage" in events[-1] and events[-1]["usage"]["completion_tokens"] > 0
+    result = small_server.stop()
+    assert result.returncode == 0, result.stderr
+
+
+# --- the engine process's death, a stop while it loads, a taken port --------------------------
 
 
 def test_a_dead_engine_is_reported_with_its_signal_reaped_and_idle(engine):
@@ -234,3 +380,66 @@ def test_sigterm_while_the_engine_loads_stops_it_at_once(engine):
     assert "Traceback" not in stderr, stderr
     assert not running(child), "the engine process outlived the server"
     assert process.returncode == 143 and stderr.strip().splitlines()[-1] == "terminated", stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "cannot listen on 127.0.0.1:{port}: Address already in use; pick another --port or stop what uses it"),
+    (["--shutdown_timeout", "nan"], "--shutdown_timeout must be a finite number of seconds, 0 or more, got nan"),
+])
+def test_a_server_that_cannot_start_says_why_before_loading(engine, flags, message):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run(serve_command(engine, port, *flags), env=serve_env(), capture_output=True, text=True,
+                                timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "serve.py: error: " + message.format(port=port), result.stderr
+    assert "startup complete" not in result.stderr + result.stdout
+    assert time.monotonic() - started < 30
+
+
+# --- one request cannot hold up the others -------------------------------------------------
+
+
+def test_a_worst_case_request_does_not_hold_up_a_short_one(server, limits):
+    """While one client's worst request within the limits runs (a body of the most bytes,
+    its prompt max_input_len tokens, 16 choices of max_output_len tokens, 4 stop strings
+    of the most characters that never match, streamed and read), another client's
+    4-token request takes at most twice its idle time (medians of 7; 0.1 s of slack for
+    a busy box)."""
+    from glm_engine.serving.openai_server import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    short = {"model": "tiny", "prompt": "hello world", "max_tokens": 4, "min_tokens": 4, "temperature": 0}
+
+    def latency() -> float:
+        started = time.perf_counter()
+        assert server.post(short).status_code == 200
+        return time.perf_counter() - started
+
+    for _ in range(3):
+        latency()
+    idle = statistics.median(latency() for _ in range(7))
+    stop = [chr(0x4E00 + i) * MAX_STOP_CHARS for i in range(MAX_STOP_STRINGS)]
+    worst = json.dumps({**LONG, "prompt": list(range(5, 5 + MAX_INPUT_LEN)), "n": 16, "stop": stop, "stream": True})
+    worst += " " * (limits.max_body_bytes - len(worst))  # JSON allows the padding: the largest body taken
+    measured = threading.Event()
+
+    def read_worst() -> int:
+        """Reads the worst request's events until the short requests are measured; how many."""
+        with server.http.stream("POST", "/v1/completions", content=worst,
+                                headers={"content-type": "application/json"}) as response:
+            assert response.status_code == 200, response.read()
+            for count, _ in enumerate(response.iter_lines()):
+                if measured.is_set():
+                    return count
+
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(read_worst)
+        server.wait_for(lambda health: health["requests_running"] == 16)
+        busy = statistics.median(latency() for _ in range(7))
+        measured.set()
+        assert reading.result() > 16  # it ran all along
+    server.wait_for(lambda health: health["requests_running"] == 0)  # it left: cancelled
+    assert busy <= 2 * idle + 0.1, (busy, idle)

@@ -3,7 +3,14 @@
 and /metrics (Prometheus text). Every request goes to the one engine process
 (serving/engine_process.py), whose loop batches them in flight; a client that
 disconnects is cancelled (its KV blocks freed before the next step); errors have
-OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+OpenAI's body: {"error": {"message", "type", "param", "code"}}.
+
+One request cannot hold up the others: bodies, prompt text and stop strings have
+limits checked before any work, JSON is parsed with types as strict as OpenAI's, and
+prompts are tokenized on a worker thread (SentencePiece lets go of the GIL, so the
+event loop serves on). On SIGTERM the engine is closed first (new requests get 503,
+running ones the shutdown timeout to finish, then an error), and only then does
+uvicorn close the connections, so every request gets its last event."""
 
 from __future__ import annotations
 
@@ -11,17 +18,23 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
+import signal
+import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Literal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Literal, TypeVar
 
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
 
 from glm_engine import GlmEngineError
 from glm_engine.text.detokenizer import IncrementalDetokenizer
@@ -32,11 +45,22 @@ from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.text.tokenizer import ChatGLMTokenizer
 
 
+logger = logging.getLogger("openai_server")
+
 DISCONNECT_POLL_SECONDS = 0.5  # how often a whole (not streamed) answer's client is checked
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # each stop string's; the engine searches every step's new text for each
+COMPOSED_CHARS = 4  # code points Unicode normalization (NFKC) may compose into one: a Greek vowel and 3 marks
+JSON_BYTES_PER_CHAR = 12  # the most one character takes in JSON: a pair of \uXXXX escapes
+MESSAGE_JSON_BYTES = 64  # a chat message's JSON around its content (each message adds a token at least)
+OTHER_FIELDS_BYTES = 64 * 1024  # the body's other fields, stop strings included
+CONNECTIONS_CLOSE_SECONDS = 5.0  # once the engine is closed, for the last events to reach their clients
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a field we do not implement is an error, never ignored
+    # A field we do not implement is an error, never ignored; types are OpenAI's: no 8.0 or true
+    # for an integer, no "yes" for a boolean (an integer is still a number).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Generation(_Strict):
@@ -66,7 +90,13 @@ class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
+_Body = TypeVar("_Body", bound=_Strict)
+_UNION_TYPES = {"str", "list[int]", "list[str]"}  # of prompt and stop, as pydantic names them in a field's path
+
+
 class ApiError(Exception):
+    """A request refused with HTTP `status` and OpenAI's error body."""
+
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
@@ -74,7 +104,86 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error",
                    param: str | None = None) -> JSONResponse:
+    """OpenAI's error body with HTTP `status`."""
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+def longest_piece_chars(tokenizer: ChatGLMTokenizer) -> int:
+    """Characters of the tokenizer's longest text piece (byte, control and unknown pieces
+    aside): the most text one token stands for, before Unicode normalization."""
+    pieces = tokenizer.sp_model
+    return max(len(pieces.id_to_piece(i)) for i in range(pieces.get_piece_size())
+               if not (pieces.is_byte(i) or pieces.is_control(i) or pieces.is_unknown(i)))
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request may hold, checked before any work is done on it: the characters of
+    prompt text that max_input_len tokens can stand for (longer text is refused without
+    being tokenized) and the bytes of a body holding such a prompt (larger: HTTP 413)."""
+
+    max_input_len: int
+    chars_per_token: int
+    max_prompt_chars: int
+    max_body_bytes: int
+
+    @classmethod
+    def of(cls, tokenizer: ChatGLMTokenizer, max_input_len: int) -> RequestLimits:
+        """The limits of an engine taking `max_input_len` tokens with `tokenizer`."""
+        chars_per_token = COMPOSED_CHARS * longest_piece_chars(tokenizer)
+        body_bytes = OTHER_FIELDS_BYTES + max_input_len * (JSON_BYTES_PER_CHAR * chars_per_token + MESSAGE_JSON_BYTES)
+        return cls(max_input_len, chars_per_token, max_input_len * chars_per_token, body_bytes)
+
+    def check_text(self, chars: int, param: str) -> None:
+        """Refuses prompt text of `chars` characters that max_input_len tokens cannot hold."""
+        if chars > self.max_prompt_chars:
+            raise ApiError(400, f"{param} holds {chars} characters, more than the engine's max_input_len "
+                                f"{self.max_input_len} tokens can hold ({self.max_prompt_chars}, at most "
+                                f"{self.chars_per_token} a token); shorten it", param=param)
+
+
+async def read_body(request: Request, model: type[_Body], max_bytes: int) -> _Body:
+    """The request's JSON body as a `model`. Refused with 413 past `max_bytes` (before it
+    is read when its Content-Length says so), with 400 when it is not JSON of the
+    model's fields and types."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    try:
+        return model.model_validate_json(b"".join(chunks))
+    except ValidationError as error:
+        raise _invalid(error) from None
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"the body is over this server's {max_bytes} bytes, more than a prompt of the "
+                         "engine's max_input_len tokens takes; shorten the prompt")
+
+
+def _invalid(error: ValidationError) -> ApiError:
+    """400 naming the problems of a body's first wrong field (each type a field may take,
+    for one such as prompt's `str | list[int]`); param names the field (a JSON syntax
+    error's place in the text is part of the message, not a field)."""
+    problems = error.errors(include_url=False)
+    if problems[0]["type"] == "json_invalid":
+        return ApiError(400, f"the body is not valid JSON: {problems[0]['msg'].removeprefix('Invalid JSON: ')}; "
+                             "send one UTF-8 JSON object")
+    field = problems[0]["loc"][:1]
+    said = dict.fromkeys(f"{_where(problem['loc']) or 'body'}: {problem['msg']}" for problem in problems
+                         if problem["loc"][:1] == field)
+    return ApiError(400, "; ".join(said), param=_where(problems[0]["loc"]))
+
+
+def _where(loc: tuple) -> str | None:
+    """A field's path as `messages.0.content`, without the names pydantic gives a union's
+    types in it (`prompt.list[int].0`)."""
+    return ".".join(str(part) for part in loc if part not in _UNION_TYPES) or None
 
 
 class Metrics:
@@ -133,8 +242,9 @@ class _Inbox:
 
 def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: str,
                shutdown_timeout: float = 30.0) -> FastAPI:
-    """The API over `engine`, naming its one model `model_name`. When the server
-    stops, running requests get `shutdown_timeout` seconds to finish, then an error."""
+    """The API over `engine`, naming its one model `model_name`. When the app stops
+    (run_server closes the engine earlier), running requests get `shutdown_timeout`
+    seconds to finish, then an error."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -146,22 +256,71 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
     engine.on_step = metrics.record_step
     _add_error_handlers(app)
     _add_info_routes(app, engine, metrics, model_name)
-    _add_generation_routes(app, _Generations(engine, tokenizer, model_name, metrics))
+    limits = RequestLimits.of(tokenizer, engine.limits.build_config.max_input_len)
+    logger.info("requests: bodies up to %d bytes, prompt text up to %d characters", limits.max_body_bytes,
+                limits.max_prompt_chars)
+    _add_generation_routes(app, _Generations(engine, tokenizer, model_name, metrics, limits))
     return app
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    """OpenAI's error body for invalid requests (400) and refusals (ApiError's status)."""
+def run_server(app: FastAPI, engine: EngineProcess, listener: socket.socket, shutdown_timeout: float,
+               log_level: str) -> None:
+    """Serves `app` on `listener` (a bound socket) until SIGTERM or SIGINT; then the
+    engine closes first (_DrainingServer) and the process returns."""
+    level = {"verbose": "debug", "internal_error": "error"}.get(log_level, log_level)  # the tools' names, uvicorn's
+    config = uvicorn.Config(app, log_level=level, timeout_graceful_shutdown=CONNECTIONS_CLOSE_SECONDS)
+    _DrainingServer(config, engine, shutdown_timeout).run(sockets=[listener])
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
-        return error_response(400, f"{where or 'body'}: {first.get('msg')}", param=where)
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, stopping in the order the API promises: the first SIGTERM or
+    SIGINT closes the engine (new requests get 503, running ones `shutdown_timeout`
+    seconds to finish, then an error), so every handler has its last event; only then
+    does uvicorn close the connections. (uvicorn alone cancels the handlers when its own
+    timeout passes, before the app closes the engine: an HTTP 500, a stream cut short.)
+    A second Ctrl-C stops at once, as uvicorn's does; a second SIGTERM changes nothing."""
+
+    def __init__(self, config: uvicorn.Config, engine: EngineProcess, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+        self.draining: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """The signal handler (main thread, inside the event loop): starts the drain; a
+        second Ctrl-C makes uvicorn stop without waiting (and raises it again at the end)."""
+        if self.draining is not None:
+            if sig == signal.SIGINT:
+                super().handle_exit(sig, frame)
+                self.force_exit = True
+            return
+        logger.info("%s: closing the engine, running requests get %g s", signal.Signals(sig).name,
+                    self.shutdown_timeout)
+        self.draining = threading.Thread(target=self._drain, name="drain", daemon=True)
+        self.draining.start()
+
+    def _drain(self) -> None:
+        self.engine.close(self.shutdown_timeout)
+        self.should_exit = True  # uvicorn's loop looks every 0.1 s
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """OpenAI's error body for every error: refusals (ApiError's status), Starlette's own
+    (an unknown path, a wrong method) and 500 for a fault of the server's."""
 
     @app.exception_handler(ApiError)
     async def refused(_: Request, error: ApiError) -> JSONResponse:
         return error_response(error.status, error.message, error.kind, error.param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        response = error_response(error.status_code, f"{error.detail}: {request.method} {request.url.path}",
+                                  "invalid_request_error" if error.status_code < 500 else "server_error")
+        response.headers.update(error.headers or {})  # 405's Allow
+        return response
+
+    @app.exception_handler(Exception)
+    async def fault(_: Request, error: Exception) -> JSONResponse:
+        return error_response(500, f"the server failed: {type(error).__name__}", "server_error")
 
 
 def _add_info_routes(app: FastAPI, engine: EngineProcess, metrics: Metrics, model_name: str) -> None:
@@ -191,18 +350,21 @@ def _add_generation_routes(app: FastAPI, generations: _Generations) -> None:
     """/v1/completions and /v1/chat/completions."""
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        tokenizer = generations.tokenizer
-        prompt = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+    async def completions(request: Request):
+        body = await read_body(request, CompletionRequest, generations.limits.max_body_bytes)
+        if isinstance(body.prompt, str):
+            text = body.prompt
+            prompt = await generations.tokenize(lambda: generations.tokenizer.encode(text), len(text), "prompt")
+        else:
+            prompt = list(body.prompt)
         return await generations.answer(prompt, body, "text_completion", request)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
+    async def chat(request: Request):
+        body = await read_body(request, ChatRequest, generations.limits.max_body_bytes)
         messages = [(message.role, message.content) for message in body.messages]
-        try:
-            prompt = chat_prompt_ids(generations.tokenizer, messages)
-        except GlmEngineError as error:
-            raise ApiError(400, str(error), param="messages") from None
+        prompt = await generations.tokenize(lambda: chat_prompt_ids(generations.tokenizer, messages),
+                                            sum(len(content) for _, content in messages), "messages")
         return await generations.answer(prompt, body, "chat.completion", request)
 
 
@@ -211,9 +373,20 @@ class _Generations:
     news gathered into server-sent events or one whole answer, and the choices of a
     client that leaves cancelled (their KV blocks freed before the next step)."""
 
-    def __init__(self, engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: str, metrics: Metrics) -> None:
+    def __init__(self, engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: str, metrics: Metrics,
+                 limits: RequestLimits) -> None:
         self.engine, self.tokenizer, self.model_name, self.metrics = engine, tokenizer, model_name, metrics
+        self.limits = limits
         self.inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
+
+    async def tokenize(self, encode: Callable[[], list[int]], chars: int, param: str) -> list[int]:
+        """`encode()`'s token ids of a request's `chars` characters of text, on a worker
+        thread; text that max_input_len tokens cannot hold is refused untokenized."""
+        self.limits.check_text(chars, param)
+        try:
+            return await asyncio.to_thread(encode)
+        except GlmEngineError as error:
+            raise ApiError(400, str(error), param=param) from None
 
     def samplings(self, body: _Generation) -> list[SamplingConfig]:
         """One SamplingConfig per choice (n) of a request; refuses another model's name and
@@ -228,7 +401,7 @@ class _Generations:
                            param="max_tokens")
         if body.min_tokens > max_tokens:
             raise ApiError(400, f"min_tokens {body.min_tokens} is over max_tokens {max_tokens}", param="min_tokens")
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        stop = _stop_strings(body.stop)
         greedy = body.temperature == 0.0
         return [SamplingConfig(max_new_tokens=max_tokens, temperature=1.0 if greedy else body.temperature,
                                top_k=1 if greedy else 0, top_p=body.top_p, end_id=self.engine.limits.end_id,
@@ -327,6 +500,20 @@ class _Generations:
         finally:
             self.cancel([ids[choice] for choice in open_choices])
         return answer.whole()
+
+
+def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    """A request's stop strings; refuses more than MAX_STOP_STRINGS, empty ones and ones
+    over MAX_STOP_CHARS characters (the engine searches each step's text for each)."""
+    strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(strings) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"stop holds {len(strings)} strings; at most {MAX_STOP_STRINGS} are allowed",
+                       param="stop")
+    for index, string in enumerate(strings):
+        if not 1 <= len(string) <= MAX_STOP_CHARS:
+            raise ApiError(400, f"stop string {index} has {len(string)} characters; each must have 1 to "
+                                f"{MAX_STOP_CHARS}", param="stop")
+    return strings
 
 
 def _sse(payload: dict) -> str:

@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from conftest import TINY_SHAPE_FLAGS
 from glm_engine import GlmEngineError
 from glm_engine.text.tokenizer import ChatGLMTokenizer
 
@@ -18,7 +19,7 @@ llguidance = pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
 from glm_engine.runtime.structured_output import (  # noqa: E402
-    GrammarTokenizer, allowed_tokens, mask_logits, response_format_grammar)
+    GrammarTokenizer, allowed_tokens, fill_masks, mask_logits, response_format_grammar)
 
 
 def random_schema(rng: random.Random, depth: int = 0) -> dict:
@@ -62,7 +63,7 @@ def walk(tokenizer: ChatGLMTokenizer, grammar_tokenizer: GrammarTokenizer, gramm
     generator = torch.Generator().manual_seed(seed)
     tokens: list[int] = []
     for _ in range(limit):
-        words = grammar_tokenizer.fill_masks([matcher])
+        words = fill_masks([matcher], grammar_tokenizer.vocab_size, [tokenizer.eos_token_id])
         logits = mask_logits(torch.randn(1, grammar_tokenizer.vocab_size, generator=generator), words)
         token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
         if token == tokenizer.eos_token_id:
@@ -117,7 +118,8 @@ def test_mask_bits_name_exactly_the_allowed_tokens(rows, vocab):
 
 def test_ids_past_the_tokenizer_are_never_allowed(grammars):
     tokenizer, grammar_tokenizer = grammars
-    words = grammar_tokenizer.fill_masks([grammar_tokenizer.matcher(response_format_grammar({"type": "json_object"}))])
+    matcher = grammar_tokenizer.matcher(response_format_grammar({"type": "json_object"}))
+    words = fill_masks([matcher], grammar_tokenizer.vocab_size, [tokenizer.eos_token_id])
     allowed = allowed_tokens(words, grammar_tokenizer.vocab_size)[0]
     assert allowed.any() and not allowed[tokenizer.vocab_size:].any()
 
@@ -126,3 +128,34 @@ def test_text_encodes_within_text_without_a_leading_space(grammars):
     tokenizer, _ = grammars
     for text in ['{"a": 1}', "hello world", " leading", "北京"]:
         assert tokenizer.decode(tokenizer.encode_within_text(text), within_text=True) == text
+
+
+def test_constrained_requests_in_flight_give_valid_json_greedy_and_sampled(tiny_engine_factory):
+    """On a tiny random engine, in flight with unconstrained requests: every constrained
+    output parses and validates, greedy and sampled; the unconstrained ones get the
+    tokens they get alone."""
+    from glm_engine.runtime.sampling import SamplingConfig
+    from model import load_session
+
+    engine = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_batch_size", "8",
+                                 "--max_input_len", "16", "--max_output_len", "128", "--paged_kv_cache",
+                                 "--remove_input_padding", "--random_seed", "3")
+    session = load_session(engine, "cpu")
+    rng = random.Random(5)
+    schemas = [top_schema(rng) for _ in range(25)]
+    free = SamplingConfig(max_new_tokens=12, end_id=-1)
+    requests = [([7, 8, 9 + case], free) for case in range(4)]
+    for case, schema in enumerate(schemas):
+        response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+        requests.append(([5 + case, 9, 11], SamplingConfig(max_new_tokens=128, top_k=0 if case % 2 else 1,
+                                                          random_seed=case, response_format=response_format)))
+    outputs: list[list[int]] = [[] for _ in requests]
+    for index, (prompt, sampling) in enumerate(requests):
+        session.add_request(prompt, sampling, index)
+    while session.has_work:
+        for index, token in session.step().tokens:
+            outputs[index].append(token)
+    for schema, output in zip(schemas, outputs[4:]):
+        jsonschema.validate(json.loads(session.tokenizer.decode(output)), schema)
+    for (prompt, _), output in zip(requests[:4], outputs[:4]):
+        assert output == session.generate([prompt], free)[0].token_ids

@@ -1,6 +1,7 @@
 """Token choice beside the model runner: from one step's float32 logits [B, vocab] and
 their argmax, every row's token chosen on the logits' device, each kind of row all at
-once. Plain greedy rows keep the argmax; rows with penalties, bad words or a minimum
+once. Rows under a grammar (structured output) have the tokens it forbids masked
+first. Plain greedy rows keep the argmax; rows with penalties, bad words or a minimum
 length get their logits adjusted in a few batched ops (runtime/penalties.py, whose
 TokenHistory the sampler owns) and, when greedy, the adjusted argmax; sampled rows
 are drawn from their requests' seeds and output lengths (runtime/sampling.py). When
@@ -19,6 +20,7 @@ import torch
 from glm_engine.runtime.penalties import TokenHistory, apply_penalties, forbid_end
 from glm_engine.runtime.sampling import nucleus_logits, sample_rows
 from glm_engine.runtime.scheduler import SampledTokens, Sequence, StepPlan
+from glm_engine.runtime.structured_output import fill_masks, mask_logits
 
 if TYPE_CHECKING:
     from glm_engine.runtime.beam_search import BeamGroup
@@ -41,6 +43,11 @@ class Sampler:
         argmax [B], with log-probs when any row asks and each beam request's parents."""
         sequences, reading = plan.sequences, plan.reading
         chosen_logits = logits
+        # First: the grammar masks are made on the host while the GPU still runs the forward.
+        constrained = [row for row, sequence in enumerate(sequences)
+                       if sequence.grammar is not None and not reading[row]]
+        if constrained:
+            chosen_logits, greedy = self._constrain(sequences, chosen_logits, greedy, constrained)
         adjusted = [row for row, sequence in enumerate(sequences)
                     if sequence.sampling.changes_logits and not reading[row]]
         if adjusted:
@@ -59,6 +66,19 @@ class Sampler:
         # Token ids below 2**53 and float32 log-probs are exact in float64: one read for both.
         tokens, values = torch.stack([greedy.double(), log_probs.double()]).tolist()
         return SampledTokens([int(token) for token in tokens], values, parents)
+
+    @staticmethod
+    def _constrain(sequences: list[Sequence], logits: torch.Tensor, greedy: torch.Tensor,
+                   rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's logits and argmax with the given rows' tokens that their grammar does not
+        allow at -inf (runtime/structured_output.py): greedy and sampled choices, penalties and
+        log-probs all see the masked logits."""
+        words = fill_masks([sequences[row].grammar for row in rows], logits.shape[1],
+                           [sequences[row].sampling.end_id for row in rows])
+        index = torch.tensor(rows, device=logits.device)
+        masked = mask_logits(logits[index], words)
+        greedy = greedy.index_copy(0, index, masked.argmax(dim=-1).to(greedy.dtype))
+        return logits.index_copy(0, index, masked), greedy
 
     def _adjust(self, sequences: list[Sequence], logits: torch.Tensor, greedy: torch.Tensor,
                 rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

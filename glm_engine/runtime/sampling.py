@@ -7,7 +7,7 @@ never overflowing into NaN."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ class SamplingConfig:
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True, False or "never"
     num_return_sequences: int = 1  # best beams returned (RequestOutput.beams)
+    # OpenAI's response_format ({"type": "json_object"} or "json_schema"): outputs kept to
+    # the grammar it compiles to (runtime/structured_output.py); None or "text": free text.
+    response_format: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -66,6 +69,9 @@ class SamplingConfig:
         if self.min_length < 0:
             raise GlmEngineError(f"min_length must be >= 0, got {self.min_length}")
         self._check_beams()
+        if self.response_format is not None and not isinstance(self.response_format, dict):
+            raise GlmEngineError(f"response_format must be an object such as {{\"type\": \"json_object\"}}, got "
+                                 f"{self.response_format!r}")
         if not all(isinstance(word, str) and word for word in self.stop_words):
             raise GlmEngineError(f"stop words must be non-empty strings, got {self.stop_words!r}")
         if not all(word and all(isinstance(token, int) and token >= 0 for token in word) for word in self.bad_words):
@@ -101,7 +107,8 @@ class SamplingConfig:
         others = [name for name, on in (("sampling (top_k != 1)", self.top_k != 1),
                                          ("penalties, min_length or bad words", self.changes_logits),
                                          ("stop words", bool(self.stop_words)),
-                                         ("log-probs", self.output_log_probs)) if on]
+                                         ("log-probs", self.output_log_probs),
+                                         ("response_format", self.response_format is not None)) if on]
         if others:
             raise GlmEngineError(f"beam search with {others[0]} is not built yet; use num_beams 1 or drop it")
 

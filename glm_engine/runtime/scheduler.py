@@ -47,6 +47,7 @@ class Sequence:
     log_probs: list[float] = field(default_factory=list)  # of its output tokens, when asked
     group: BeamGroup | None = None  # its beam request, when it is one of its beams
     block_contents: list[int] = field(default_factory=list)  # content ids of its leading full blocks (prefix caching)
+    grammar: Any = None  # its structured-output matcher (runtime/structured_output.py), when constrained
 
     @property
     def tokens(self) -> list[int]:
@@ -327,6 +328,9 @@ class Scheduler:
                 if sampling.output_log_probs:
                     sequence.log_probs.append(sampled.log_probs[row])
                 done = len(sequence.output) >= sampling.max_new_tokens
+                if sequence.grammar is not None:  # a complete text ends the request, end token or not
+                    sequence.grammar.consume_token(token)
+                    done = done or sequence.grammar.is_stopped()
             done = self._report(sequence, done, result)
             if done:
                 self._retire(sequence)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from glm_engine.runtime.kv_cache import pool_blocks
 from glm_engine.runtime.sampler import Sampler
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.scheduler import Scheduler, Sequence, StepResult
+from glm_engine.runtime.structured_output import GrammarTokenizer, response_format_grammar
 from glm_engine.text.stop_words import StopStrings
 from glm_engine.engine_format.tensor_parallel import rank_model_config
 from glm_engine.text.tokenizer import ChatGLMTokenizer
@@ -215,6 +217,7 @@ class Session:
         # Unseeded requests draw their seeds from here: the same on every rank.
         self.seeds = random.Random(self.parallel.shared_seed())
         self._next_id = 0  # the id of the next request added without one
+        self._grammar_tokenizer: GrammarTokenizer | None = None  # made for the first response_format
         self._new_scheduler(max_in_flight, tokens_per_step, chunked_prefill)
         # Seconds per start-up stage, for benchmark.py (a lazy CUDA-graph capture would hide in the first step).
         self.startup_seconds = {"load_engine": loaded - start, "build_model": built - loaded,
@@ -276,7 +279,8 @@ class Session:
             group = BeamGroup(BeamSearch(sampling.num_beams, sampling.length_penalty, sampling.early_stopping,
                                          sampling.end_id, len(prompt), sampling.max_new_tokens))
         self.scheduler.add(Sequence(request_id, list(prompt), sampling, seed,
-                                    stop=self._stop_strings(request_id, sampling), group=group))
+                                    stop=self._stop_strings(request_id, sampling), group=group,
+                                    grammar=self._grammar(request_id, sampling)))
         self._next_id = max(self._next_id, request_id + 1)
         return request_id
 
@@ -284,12 +288,26 @@ class Session:
         """The watcher of a request's stop strings, which are matched on decoded text."""
         if not sampling.stop_words:
             return None
+        return StopStrings(sampling.stop_words, self._text_tokenizer(index, "stop words, which are matched on text"))
+
+    def _grammar(self, index: int, sampling: SamplingConfig) -> Any:
+        """The structured-output matcher of a request with a response_format (None without)."""
+        grammar = response_format_grammar(sampling.response_format) if sampling.response_format else None
+        if grammar is None:
+            return None
+        if self._grammar_tokenizer is None:
+            tokenizer = self._text_tokenizer(index, "a response_format, whose grammar is over text")
+            self._grammar_tokenizer = GrammarTokenizer(tokenizer, self.model_config.vocab_size)
+        return self._grammar_tokenizer.matcher(grammar)
+
+    def _text_tokenizer(self, index: int, needs: str) -> ChatGLMTokenizer:
+        """The session's tokenizer, loaded from the engine on first need."""
         if self.tokenizer is None:
             if not (Path(self.engine_dir) / "tokenizer.model").is_file():
-                raise GlmEngineError(f"request {index} has stop words, which are matched on text, and the engine "
-                                     "has no tokenizer; pass one (run.py --tokenizer_dir)")
+                raise GlmEngineError(f"request {index} has {needs}, and the engine has no tokenizer; pass one "
+                                     "(run.py --tokenizer_dir)")
             self.tokenizer = ChatGLMTokenizer.from_dir(self.engine_dir)
-        return StopStrings(sampling.stop_words, self.tokenizer)
+        return self.tokenizer
 
     @torch.inference_mode()
     def step(self) -> StepResult:

@@ -12,6 +12,7 @@ llguidance's own threads."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -80,40 +81,42 @@ class _Vocabulary:
 
 class GrammarTokenizer:
     """llguidance's view of a tokenizer over an engine's `vocab_size` ids: makes each
-    request's matcher and fills a step's masks."""
+    request's matcher."""
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         llguidance = _llguidance()
         self.vocab_size = vocab_size
-        self.end_id = tokenizer.eos_token_id
         self.lltokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(tokenizer, vocab_size)),
                                                   n_vocab=vocab_size)
-        self.executor = llguidance.LLExecutor()
-        self._llguidance = llguidance
-
-    @property
-    def mask_words(self) -> int:
-        """int32 words of one row's mask."""
-        return (self.vocab_size + 31) // 32
+        self._matcher = llguidance.LLMatcher
 
     def matcher(self, grammar: str) -> Any:
         """A fresh matcher of `grammar` (response_format_grammar's)."""
-        matcher = self._llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
+        matcher = self._matcher(self.lltokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GlmEngineError(f"response_format cannot be used: {matcher.get_error()}")
         return matcher
 
-    def fill_masks(self, matchers: list[Any]) -> torch.Tensor:
-        """int32 [len(matchers), mask_words] on the host: bit j of word i allows token 32 i + j.
-        A matcher in an error state allows only the end token."""
-        words = torch.zeros(len(matchers), self.mask_words, dtype=torch.int32)
-        self.executor.unsafe_compute_mask_ptr([(matcher, row) for row, matcher in enumerate(matchers)],
-                                              words.data_ptr(), self.mask_words * 4, len(matchers))
-        for row, matcher in enumerate(matchers):
-            if matcher.is_error() or not bool(words[row].any()):
-                words[row] = 0
-                words[row, self.end_id // 32] = _bit(self.end_id % 32)
-        return words
+
+@functools.cache
+def _executor() -> Any:
+    return _llguidance().LLExecutor()
+
+
+def fill_masks(matchers: list[Any], vocab_size: int, end_ids: list[int]) -> torch.Tensor:
+    """int32 [len(matchers), ceil(vocab_size / 32)] on the host: bit j of word i allows
+    token 32 i + j, all rows filled at once on llguidance's threads. A row whose matcher
+    failed, or allows nothing, allows only its end id (every token when it has none: the
+    scheduler ends it on the matcher's stop)."""
+    words = torch.zeros(len(matchers), (vocab_size + 31) // 32, dtype=torch.int32)
+    _executor().unsafe_compute_mask_ptr([(matcher, row) for row, matcher in enumerate(matchers)],
+                                        words.data_ptr(), words.shape[1] * 4, len(matchers))
+    for row, (matcher, end_id) in enumerate(zip(matchers, end_ids)):
+        if matcher.is_error() or not bool(words[row].any()):
+            words[row] = 0 if 0 <= end_id < vocab_size else -1
+            if 0 <= end_id < vocab_size:
+                words[row, end_id // 32] = _bit(end_id % 32)
+    return words
 
 
 def _bit(index: int) -> int:

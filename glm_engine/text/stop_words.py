@@ -3,27 +3,43 @@ from it on is not returned. The check is on text, so a stop string is found howe
 the tokens split it; tokens that might begin one are held back until they cannot.
 
 The text comes from an IncrementalDetokenizer: each check decodes only the tokens
-added since the last one and searches only the new text and the few characters
-before it that a stop string could start in."""
+added since the last one and reads only the new text, character by character, with
+each string's matching state carried over."""
 
 from __future__ import annotations
 
 from glm_engine.text.detokenizer import IncrementalDetokenizer, TextDecoder
 
 
+def _failure(string: str) -> list[int]:
+    """KMP's failure table: for each prefix string[:i + 1], the length of its longest proper
+    prefix that is also its suffix."""
+    table, length = [0] * len(string), 0
+    for index in range(1, len(string)):
+        while length and string[index] != string[length]:
+            length = table[length - 1]
+        if string[index] == string[length]:
+            length += 1
+        table[index] = length
+    return table
+
+
 class StopStrings:
-    """Watches one request's generated text for its stop strings."""
+    """Watches one request's generated text for its stop strings. Each string's state is
+    the length of its longest prefix the text ends with (Knuth-Morris-Pratt), so each new
+    character costs a few steps per string, whatever the strings' lengths: the text held
+    back is the longest such prefix, and a string is found when its state reaches its length."""
 
     def __init__(self, strings: tuple[str, ...], tokenizer: TextDecoder) -> None:
         self.strings, self.tokenizer = strings, tokenizer
-        self.overlap = max(len(string) for string in strings) - 1  # where a stop string ending in new text may start
+        self.failures = [_failure(string) for string in strings]
         self._watch_from_start()
 
     def _watch_from_start(self) -> None:
         self.text = IncrementalDetokenizer(self.tokenizer)
         self.seen = 0  # tokens of the output given to the detokenizer
         self.last: int | None = None  # the last of them
-        self.tail = ""  # the last `overlap` characters searched
+        self.states = [0] * len(self.strings)  # per string: its longest prefix the text ends with
         self.found: int | None = None  # where the first stop string starts in the text
 
     def visible(self, output: list[int], final: bool) -> tuple[int, bool]:
@@ -38,16 +54,30 @@ class StopStrings:
         self.seen, self.last = len(output), output[-1] if output else None
         if final:
             new += self.text.finish()
-        window = self.tail + new
-        start = self.text.length - len(window)  # of the window in the text
-        self.tail = window[len(window) - self.overlap:] if len(window) > self.overlap else window
-        found = [position for position in (window.find(string) for string in self.strings) if position >= 0]
-        if found and self.found is None:
-            self.found = start + min(found)
+        if self.found is None:
+            self.found = self._feed(new, self.text.length - len(new))
         if self.found is not None:
             return self.text.tokens_within(self.found), True
         if final:
             return len(output), False
-        held = max((size for string in self.strings for size in range(1, len(string))
-                    if window.endswith(string[:size])), default=0)
-        return self.text.tokens_within(self.text.length - held), False
+        return self.text.tokens_within(self.text.length - max(self.states)), False
+
+    def _feed(self, new: str, offset: int) -> int | None:
+        """Advances every string's state over `new` (which starts at text position `offset`);
+        the earliest start of a stop string completed in it (as a search of the whole text
+        so far would find), or None."""
+        strings, failures, states = self.strings, self.failures, self.states
+        earliest = None
+        for position, character in enumerate(new, offset):
+            for index, string in enumerate(strings):
+                state = states[index]
+                while state and string[state] != character:
+                    state = failures[index][state - 1]
+                if string[state] == character:
+                    state += 1
+                if state == len(string):
+                    start = position + 1 - len(string)
+                    earliest = start if earliest is None else min(earliest, start)
+                    state = failures[index][state - 1]
+                states[index] = state
+        return earliest

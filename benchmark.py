@@ -231,8 +231,9 @@ def measured_rows(side: str, measure: Callable[[list[list[int]]], dict], vocab_s
     """One row per batch size: `measure(prompts)` timings and the peak memory during them."""
     rows = []
     for batch_size in args.batch_size:
-        progress(f"{side}, batch {batch_size}: a warm-up and {args.repeats} timed runs of {args.input_len} prompt "
-                 f"and {args.output_len} new tokens")
+        runs = f"{args.repeats} timed run{'s' if args.repeats != 1 else ''}"
+        progress(f"{side}, batch {batch_size}: a warm-up and {runs} of {args.input_len} prompt and {args.output_len} "
+                 "new tokens")
         reset_peak(device)
         row = measure(random_prompts([args.input_len] * batch_size, min(vocab_size, 60000), seed=0))
         rows.append({"side": side, **row, "peak_gib": peak_gib(device)})

@@ -43,17 +43,6 @@ def test_the_bundled_demo_tokenizer_is_the_one_the_script_makes(tmp_path):
     assert (fresh / "tokenizer.model").read_bytes() == (BUNDLED_DIR / "tokenizer.model").read_bytes()
 
 
-def test_the_readme_python_example_runs_as_copied(tmp_path):
-    readme = (REPO_ROOT / "README.md").read_text()
-    example = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ""}
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()
-
-
 def test_streaming_several_prompts_prints_each_block_once(tiny_engine_factory, tmp_path):
     engine_dir = tiny_engine_factory(*SMALL, "--vocab_size", "1024")
     prompts = ["Hello", "北京", "The weather"]
@@ -63,9 +52,9 @@ def test_streaming_several_prompts_prints_each_block_once(tiny_engine_factory, t
     assert streamed.returncode == 0, streamed.stderr
     assert (tmp_path / "plain.csv").read_text() == (tmp_path / "streamed.csv").read_text()
     plain_outputs = re.findall(r"Output --->\n\t(.*)\n", plain.stdout)
-    for index, prompt in enumerate(prompts):  # not a terminal: each labelled block once, when it finishes
-        assert streamed.stdout.count(f"Input [{index}] --->\n\t{prompt}\n") == 1
-        assert streamed.stdout.count(f"Output [{index}] --->\n\t{plain_outputs[index]}\n") == 1
+    for index, prompt in enumerate(prompts):  # not a terminal: each block once, when it finishes, as without streaming
+        assert streamed.stdout.count(f"Input --->\n\t{prompt}\n") == 1
+        assert streamed.stdout.count(f"Output --->\n\t{plain_outputs[index]}\n") == 1
 
 
 def test_streaming_to_a_terminal_redraws_one_line_per_prompt(tiny_engine_factory):

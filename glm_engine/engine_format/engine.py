@@ -11,29 +11,26 @@ import os
 import platform
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 import glm_engine
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.engine_format.checksums import (CHECKSUM_CHUNK_BYTES, check_file_records, check_size,
+                                                verify_checksums)
 from glm_engine.engine_format.engine_dir import (CONFIG_NAME, ENGINE_MARKER, clean_stale_staging, hidden_old_engines,
                                    move_into_place, staging_dir)
 from glm_engine.engine_format.layout import engine_tensor_specs
 from glm_engine.engine_format.tensor_parallel import merge_weights
+from glm_engine.engine_format.weights_file import SAFETENSORS_DTYPES, read_weights
 
 # 2: the format marker, and checksums of config.json and the tokenizer files.
 ENGINE_FORMAT_VERSION = 2
-# Checksums are kept per chunk too, so that loading verifies chunks in parallel
-# threads (hashlib releases the GIL) instead of one sequential pass over 12 GB.
-CHECKSUM_CHUNK_BYTES = 64 << 20
 
 
 @dataclass
@@ -48,12 +45,6 @@ class Engine:
 
 def weights_file_name(rank: int) -> str:
     return f"rank{rank}.safetensors"
-
-
-def _chunk_digest(path: Path, offset: int) -> str:
-    with open(path, "rb") as stream:
-        stream.seek(offset)
-        return hashlib.sha256(stream.read(CHECKSUM_CHUNK_BYTES)).hexdigest()
 
 
 class _Checksums:
@@ -99,10 +90,6 @@ def config_digest(config: dict) -> str:
                                      ensure_ascii=False).encode()).hexdigest()
 
 
-_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int8: "I8",
-                       torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
-
-
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                       progress: bool = False) -> dict:
     """Writes `tensors` in the safetensors format one tensor at a time (no second
@@ -111,10 +98,10 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, tensor in tensors.items():
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
             raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which engines do not store")
         size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
@@ -132,26 +119,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)
             emit(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
     return checksums.result()
-
-
-def check_size(path: Path, expected: dict) -> None:
-    """Raises GlmEngineError when the file is missing or its size is not `expected`'s."""
-    if not path.is_file():
-        raise GlmEngineError(f"engine file {path} is missing; rebuild the engine with build.py")
-    if path.stat().st_size != expected["size"]:
-        raise GlmEngineError(f"engine file {path} has {path.stat().st_size} bytes, its config.json says "
-                             f"{expected['size']}: the engine is corrupted or truncated; rebuild it")
-
-
-def verify_checksums(path: Path, expected: dict) -> None:
-    """Raises GlmEngineError naming the file when it differs from `expected`."""
-    check_size(path, expected)
-    offsets = range(0, expected["size"], expected["chunk_bytes"])
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda offset: _chunk_digest(path, offset), offsets))
-    if digests != expected["chunk_sha256"]:
-        raise GlmEngineError(f"engine file {path} fails its sha256 check: the engine is corrupted; "
-                             "rebuild it with build.py")
 
 
 def _environment() -> dict:
@@ -244,6 +211,7 @@ def read_engine_config(engine_dir: str | Path) -> dict:
     if config.get("config_sha256") != config_digest(config):
         raise GlmEngineError(f"{path} fails its sha256 check: it was edited or damaged after the build; "
                              "rebuild the engine with build.py")
+    check_file_records(path, config)
     for name in config["tokenizer_files"]:
         verify_checksums(engine_dir / name, config["checksums"][name])
     _check_rank_files(engine_dir, config)
@@ -263,25 +231,6 @@ def _check_rank_files(engine_dir: Path, config: dict) -> None:
         check_size(engine_dir / name, config["checksums"][name])
 
 
-def _check_tensor_specs(path: Path, model_config: ModelConfig, build_config: BuildConfig) -> None:
-    """The weights file holds exactly the tensors, shapes and dtypes the configs imply
-    (read from its header; no tensor is loaded)."""
-    expected = {name: (list(shape), _SAFETENSORS_DTYPES[dtype])
-                for name, (shape, dtype) in engine_tensor_specs(model_config, build_config).items()}
-    try:
-        with safe_open(path, framework="pt") as weights:
-            found = {name: (weights.get_slice(name).get_shape(), weights.get_slice(name).get_dtype())
-                     for name in weights.keys()}
-    except Exception as error:  # noqa: BLE001 - any header failure means a damaged file
-        raise GlmEngineError(f"engine file {path} cannot be read ({error}); rebuild the engine") from None
-    for name in sorted(set(expected) | set(found)):
-        if expected.get(name) != found.get(name):
-            have = "absent" if name not in found else f"{found[name][1]} {found[name][0]}"
-            want = "no such tensor" if name not in expected else f"{expected[name][1]} {expected[name][0]}"
-            raise GlmEngineError(f"engine {path.parent}: tensor {name!r} is {have} but its config.json implies "
-                                 f"{want}; the engine's files do not belong together: rebuild it")
-
-
 def engine_configs(engine_dir: str | Path) -> tuple[ModelConfig, BuildConfig]:
     """The model and build configs of an engine (its config.json checked as a whole)."""
     return _configs_of(read_engine_config(engine_dir))
@@ -293,7 +242,9 @@ def _configs_of(config: dict) -> tuple[ModelConfig, BuildConfig]:
 
 def load_engine(engine_dir: str | Path, device: torch.device | str = "cpu", rank: int = 0) -> Engine:
     """Loads one rank of an engine onto `device` after checking it as a whole: config
-    checksum, file checksums, configs against the weights' names, shapes and dtypes."""
+    checksum, file checksums, configs against the weights' names, shapes and dtypes. The
+    weights are read into memory of their own (weights_file.py), so no later change of
+    the files reaches them; on a GPU they pass through host memory, the rank file's size."""
     engine_dir = Path(engine_dir)
     if engine_dir.parent.is_dir():
         clean_stale_staging(engine_dir.resolve())
@@ -303,9 +254,10 @@ def load_engine(engine_dir: str | Path, device: torch.device | str = "cpu", rank
         raise GlmEngineError(f"engine {engine_dir} was built for {build_config.world_size} rank(s); there is "
                              f"no rank {rank}")
     path = engine_dir / weights_file_name(rank)
-    verify_checksums(path, config["checksums"][path.name])
-    _check_tensor_specs(path, model_config, build_config)
-    weights = load_file(path, device=str(device))
+    weights = read_weights(path, config["checksums"][path.name], engine_tensor_specs(model_config, build_config))
+    if torch.device(device).type != "cpu":
+        for name in list(weights):  # one at a time: each host copy goes as its device copy comes
+            weights[name] = weights[name].to(device)
     return Engine(engine_dir, model_config, build_config, weights)
 
 

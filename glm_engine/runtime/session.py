@@ -24,7 +24,7 @@ from torch import nn
 
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
-from glm_engine.engine_format.engine import Engine, engine_configs, load_engine
+from glm_engine.engine_format.engine import Engine, engine_configs, load_engine, weights_file_name
 from glm_engine.engine_format.kernel_cache import seed_triton_cache
 from glm_engine.runtime.ops import Ops, select_ops
 from glm_engine.quantization import dequantize_weights
@@ -33,6 +33,7 @@ from glm_engine.runtime.block_manager import BlockManager
 from glm_engine.runtime.distributed import Launch, TensorParallel, launch_from_environment, rank_device
 from glm_engine.runtime.model_runner import ModelRunner
 from glm_engine.runtime.kv_cache import pool_blocks
+from glm_engine.runtime.memory import check_fits
 from glm_engine.runtime.sampler import Sampler
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.scheduler import Scheduler, Sequence, StepResult
@@ -77,6 +78,15 @@ def check_launch(engine_world_size: int, launch: Launch) -> None:
     raise GlmEngineError(f"{launch.world_size} ranks were started but the engine was built with --world_size "
                          f"{engine_world_size}; start {engine_world_size}, or rebuild with --world_size "
                          f"{launch.world_size}")
+
+
+def check_weights_fit(engine_dir: Path, rank: int) -> None:
+    """Raises GlmEngineError when host memory cannot hold the rank's weights file, which
+    loading reads into memory of its own (on the way to a GPU too)."""
+    path = engine_dir / weights_file_name(rank)
+    if path.is_file():  # a missing file is the loader's to name
+        check_fits(f"loading {path}", path.stat().st_size, torch.device("cpu"),
+                   "free host memory, or load the engine on a host with more")
 
 
 @dataclass(frozen=True)
@@ -186,6 +196,7 @@ class Session:
         self.device = resolve_device(rank_device(launch, str(device) if device is not None else None))
         start = time.perf_counter()
         if not isinstance(engine, Engine):
+            check_weights_fit(Path(engine), launch.rank)
             engine = load_engine(engine, self.device, launch.rank)
         loaded = time.perf_counter()
         self.model_config = config = engine.model_config

@@ -1,6 +1,6 @@
 """What an engine was checked to be at load is what it runs: its weights live in the
 process's own memory (a later change of its files reaches nothing), and config.json's
-file list and checksums are checked like its other fields."""
+file list and checksums are checked like its other fields. CPU sessions' threads."""
 
 from __future__ import annotations
 
@@ -133,3 +133,25 @@ def test_run_py_refuses_a_one_byte_checksum_chunk_in_one_line(engine_copy):
     (engine_copy / "config.json").write_text(json.dumps(config))
     result = run_tool("run.py", "--engine_dir", engine_copy, "--max_output_len", "2", "--device", "cpu")
     assert_one_line_error(result, "checksums['rank0.safetensors'].chunk_bytes is 1")
+
+
+# --- CPU threads ----------------------------------------------------------------------------------
+
+REPORT_THREADS = """
+import sys, torch
+from model import load_session
+load_session(sys.argv[1], "cpu")
+print(torch.get_num_threads())
+"""
+
+
+def test_a_cpu_session_computes_on_half_the_cores_it_may_use(engine_copy):
+    """Without OMP_NUM_THREADS, a CPU session leaves half the cores to the other processes
+    (beside a busy process, two threads decoded many times slower than one on two cores);
+    with it, the launcher's count stands."""
+    chosen = run_python(REPORT_THREADS, engine_copy, env={"OMP_NUM_THREADS": None})
+    assert chosen.returncode == 0, chosen.stderr[-2000:]
+    assert int(chosen.stdout.split()[-1]) == max(1, len(os.sched_getaffinity(0)) // 2)
+    given = run_python(REPORT_THREADS, engine_copy, env={"OMP_NUM_THREADS": "1"})  # as torchrun sets it
+    assert given.returncode == 0, given.stderr[-2000:]
+    assert int(given.stdout.split()[-1]) == 1

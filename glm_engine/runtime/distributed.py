@@ -89,16 +89,32 @@ def rank_device(launch: Launch, name: str | None) -> str | None:
     return f"cuda:{launch.local_rank}"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. under taskset or a cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def share_cores(launch: Launch, device: torch.device) -> None:
     """Sizes this rank's host thread pool when the launcher did not (torchrun sets
     OMP_NUM_THREADS=1; mpirun leaves it unset). A GPU rank's host work is many small ops,
     fastest on one thread: TP2 serving on an H200 host ran at 9,377 output tok/s with 1
     thread per rank, 5,500 with all of them (7,041 with half the cores each, on a second host
     of that kind); one GPU likewise, once other processes share the cores (serve.py's engine
-    beside its HTTP side and clients). CPU ranks compute on their share of the cores."""
+    beside its HTTP side and clients). A CPU rank computes on half its share of the cores:
+    torch's threads meet at the end of every op, so one thread that another process holds off
+    its core stalls the others. Measured on a 2-core host (decode of a tiny and of a
+    150M-parameter float32 engine), two threads were no faster than one on an idle host
+    (decode reads every weight once per token: memory-bound) and several to tens of times
+    slower beside one busy process; half the cores leaves the other half to the engine's
+    neighbours (serve.py's HTTP side, other users)."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    torch.set_num_threads(1 if device.type == "cuda" else max(1, (os.cpu_count() or 1) // launch.local_world_size))
+    if device.type == "cuda":
+        torch.set_num_threads(1)
+    else:
+        torch.set_num_threads(max(1, usable_cores() // (2 * launch.local_world_size)))
 
 
 class TensorParallel:

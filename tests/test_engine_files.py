@@ -1,6 +1,7 @@
 """What an engine was checked to be at load is what it runs: its weights live in the
 process's own memory (a later change of its files reaches nothing), and config.json's
-file list and checksums are checked like its other fields. CPU sessions' threads."""
+file list and checksums are checked like its other fields. CPU sessions' threads, and
+static engines given more sequences than their max_batch_size."""
 
 from __future__ import annotations
 
@@ -155,3 +156,29 @@ def test_a_cpu_session_computes_on_half_the_cores_it_may_use(engine_copy):
     given = run_python(REPORT_THREADS, engine_copy, env={"OMP_NUM_THREADS": "1"})  # as torchrun sets it
     assert given.returncode == 0, given.stderr[-2000:]
     assert int(given.stdout.split()[-1]) == 1
+
+
+# --- static engines: more sequences than max_batch_size --------------------------------------------
+
+
+def test_run_py_beam_searches_more_prompts_than_a_static_batch_holds_as_each_alone(engine_copy, tmp_path):
+    """3 prompts x 4 beams on a static engine of max_batch_size 8 run in successive batches,
+    each prompt's beams those it gets alone."""
+    from glm_engine.runtime.sampling import SamplingConfig
+    from model import load_session
+
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    (tmp_path / "prompts.csv").write_text("\n".join(",".join(map(str, p)) for p in prompts) + "\n")
+    result = run_tool("run.py", "--engine_dir", engine_copy, "--input_tokens", tmp_path / "prompts.csv",
+                      "--max_output_len", "8", "--num_beams", "4", "--num_return_sequences", "2",
+                      "--device", "cpu", "--output_csv", tmp_path / "out.csv")
+    assert result.returncode == 0, result.stderr
+    rows = [[int(token) for token in line.split(",") if token]
+            for line in (tmp_path / "out.csv").read_text().splitlines()]
+    session = load_session(engine_copy, "cpu")
+    sampling = SamplingConfig(max_new_tokens=8, end_id=session.model_config.eos_token_id, num_beams=4,
+                              num_return_sequences=2)
+    alone = [ids for prompt in prompts for ids in session.generate([prompt], sampling)[0].returned]
+    assert rows == alone
+    batched = session.generate(prompts, sampling)
+    assert [ids for output in batched for ids in output.returned] == alone

@@ -176,9 +176,10 @@ def record_step(outputs: list[RequestOutput], step: StepResult) -> None:
 
 class Session:
     """One loaded engine and the requests it runs, in flight over one block-addressed KV
-    cache: add_request, step, abort, and the loops stream and generate over them. An
-    engine built without in-flight batching takes a static batch: stream and generate
-    refuse more sequences than its max_batch_size."""
+    cache: add_request, step, abort, and the loops stream and generate over them. At most
+    max_batch_size sequences run at a time, on engines built with or without in-flight
+    batching: the requests beyond them wait in the queue and start as others finish, each
+    with the tokens it gets alone."""
 
     def __init__(self, engine: Engine | str | Path, build_network: NetworkBuilder,
                  device: str | torch.device | None = None, cuda_graphs: bool = True,
@@ -337,18 +338,11 @@ class Session:
         self.scheduler.abort(request_id)
 
     def check_requests(self, prompts: list[list[int]], samplings: SamplingConfig | list[SamplingConfig]) -> None:
-        """Raises GlmEngineError unless there are prompts, each request is within `limits`
-        and, on an engine built without in-flight batching (a static batch: all at once),
-        their sequences (prompts times beams) fit max_batch_size."""
+        """Raises GlmEngineError unless there are prompts and each request is within `limits`
+        (more sequences than max_batch_size wait in the queue, on any engine)."""
         if not prompts:
             raise GlmEngineError("no prompts given")
         samplings = self._per_prompt(prompts, samplings)
-        limit = self.build_config.max_batch_size
-        if not self.build_config.use_inflight_batching and sum(s.num_beams for s in samplings) > limit:
-            beams = {sampling.num_beams for sampling in samplings}
-            label = f" x {max(beams)} beams" if len(beams) == 1 and max(beams) > 1 else ""
-            raise GlmEngineError(f"{len(prompts)} prompts{label} exceed the engine's max_batch_size {limit}; send "
-                                 "fewer or rebuild with a larger --max_batch_size")
         for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
             self.limits.check(prompt, sampling, index)
 

@@ -1,5 +1,5 @@
-"""Builds an engine directory from a Hugging Face ChatGLM2 checkpoint, or from
-dummy weights when --model_dir is left out (TensorRT-LLM's build.py flags)."""
+"""Builds an engine directory from a Hugging Face ChatGLM2/ChatGLM3/GLM-4 checkpoint, or
+from dummy weights of a model's shape when --model_dir is left out (TensorRT-LLM's build.py flags)."""
 
 from __future__ import annotations
 
@@ -18,18 +18,17 @@ try:
     from glm_engine.tools.cli import LOG_LEVELS, run_tool, setup_logging
     from glm_engine.config import DTYPES, ROPE_RATIO_MODES, BuildConfig, ModelConfig
     from glm_engine.engine_format.engine_dir import check_output_dir, restore_interrupted_build
-    from glm_engine.presets import CHATGLM2_6B
+    from glm_engine.presets import CHATGLM2_6B, CHATGLM_SHAPE_FIELDS, MODEL_NAMES, shape_fields
     from glm_engine.engine_format.source_files import file_inside
-    from glm_engine.text.tokenizer import CHATGLM2_SPECIAL_TOKENS, TOKENIZER_FILES, ChatGLMTokenizer, TokenizerError
+    from glm_engine.text.tokenizer import (ALL_TOKENIZER_FILES, CHATGLM2_SPECIAL_TOKENS, ChatGLMTokenizer,
+                                           TokenizerError, load_tokenizer)
 except ModuleNotFoundError as error:
     missing_package(error)
 
 logger = logging.getLogger("build")
 
-# Dummy-shape flag -> ChatGLM2 config.json field.
-SHAPE_FLAGS = {"n_layer": "num_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
-               "multi_query_group_num": "multi_query_group_num", "inter_size": "ffn_hidden_size",
-               "vocab_size": "padded_vocab_size"}
+# Dummy-shape flag -> ChatGLM2 config.json field (glm4 presets: presets.GLM_SHAPE_FIELDS).
+SHAPE_FLAGS = CHATGLM_SHAPE_FIELDS
 
 
 PLUGIN_HELP = {
@@ -52,7 +51,7 @@ SWITCH_HELP = {
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model_dir", type=str, default=None,
-                        help="Hugging Face ChatGLM2/ChatGLM3 checkpoint (default: none, dummy weights)")
+                        help="Hugging Face ChatGLM2/ChatGLM3/GLM-4 checkpoint (default: none, dummy weights)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float16", help="weights and activations "
                         "(default: %(default)s)")
     parser.add_argument("--output_dir", type=str, default="trtModel",
@@ -71,9 +70,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rope_ratio_mode", choices=ROPE_RATIO_MODES, default=None,
                         help="how a checkpoint's rope_ratio applies (default: positions for ChatGLM2-32k, "
                              "base otherwise)")
+    parser.add_argument("--model_name", choices=list(MODEL_NAMES), default=None,
+                        help="dummy engines: the model whose config.json gives the shape, end ids and family, "
+                             "the shape flags below overriding it (default: chatglm2_6b)")
     for flag, field in SHAPE_FLAGS.items():
         parser.add_argument(f"--{flag}", type=int, default=None,
-                            help=f"dummy engines: {field} (default: {CHATGLM2_6B[field]}, ChatGLM2-6B's)")
+                            help=f"dummy engines: {field} (default: --model_name's; ChatGLM2-6B's "
+                                 f"{CHATGLM2_6B[field]})")
     parser.add_argument("--world_size", type=int, default=1,
                         help="tensor-parallel GPUs: writes one weights file per rank, run with torchrun or mpirun "
                              "(default: %(default)s)")
@@ -138,17 +141,25 @@ def serving_flags(args: argparse.Namespace) -> dict:
 
 
 def dummy_model_config(args: argparse.Namespace) -> ModelConfig:
-    hf_config = dict(CHATGLM2_6B)
-    for flag, field in SHAPE_FLAGS.items():
+    """The config of --model_name (default ChatGLM2-6B) with the shape flags' fields replaced."""
+    hf_config = dict(MODEL_NAMES[args.model_name or "chatglm2_6b"])
+    fields, head_size = shape_fields(hf_config)
+    for flag, field in fields.items():
         if getattr(args, flag) is not None:
             if getattr(args, flag) < 1:
                 raise GlmEngineError(f"--{flag} must be positive, got {getattr(args, flag)}")
             hf_config[field] = getattr(args, flag)
+    hidden, heads = hf_config[fields["n_embd"]], hf_config[fields["n_head"]]
     if args.n_embd is not None or args.n_head is not None:
-        if hf_config["hidden_size"] % hf_config["num_attention_heads"]:
-            raise GlmEngineError(f"--n_embd {hf_config['hidden_size']} must be a multiple of --n_head "
-                                 f"{hf_config['num_attention_heads']}")
-        hf_config["kv_channels"] = hf_config["hidden_size"] // hf_config["num_attention_heads"]
+        if hidden % heads:
+            raise GlmEngineError(f"--n_embd {hidden} must be a multiple of --n_head {heads}")
+        hf_config[head_size] = hidden // heads
+    ids = hf_config["eos_token_id"] if isinstance(hf_config["eos_token_id"], list) else [hf_config["eos_token_id"]]
+    if max(ids + [hf_config["pad_token_id"]]) >= hf_config[fields["vocab_size"]] and args.model_name:
+        # A vocabulary cut below the model's special ids: the bundled demo tokenizer's end and pad ids.
+        logger.info("--vocab_size %d leaves out %s's end ids: using end id 2 and pad id 0",
+                    hf_config[fields["vocab_size"]], args.model_name)
+        hf_config.update(eos_token_id=2, pad_token_id=0)
     from glm_engine.models import read_model_config
 
     return read_model_config(hf_config)
@@ -157,14 +168,20 @@ def dummy_model_config(args: argparse.Namespace) -> ModelConfig:
 def tokenizer_files(directory: Path | None, vocab_size: int) -> list[Path]:
     """The tokenizer files to copy into the engine (regular files inside `directory`
     only), checked to fit the model's vocabulary."""
-    if directory is None or file_inside(directory, "tokenizer.model", "tokenizer file") is None:
+    if directory is None or not has_tokenizer_file(directory):
         return []
-    files = [file_inside(directory, name, "tokenizer file") for name in TOKENIZER_FILES]
-    tokenizer = ChatGLMTokenizer.from_dir(directory)
+    files = [file_inside(directory, name, "tokenizer file") for name in ALL_TOKENIZER_FILES]
+    tokenizer = load_tokenizer(directory)
     if tokenizer.vocab_size > vocab_size:
         raise GlmEngineError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens, more than "
                              f"the model's vocabulary of {vocab_size}")
     return [path for path in files if path is not None]
+
+
+def has_tokenizer_file(directory: Path) -> bool:
+    """Whether `directory` holds tokenizer.model or tokenizer.json (each checked to lie inside it)."""
+    return any(file_inside(directory, name, "tokenizer file") is not None
+               for name in ("tokenizer.model", "tokenizer.json"))
 
 
 def source_dirs(args: argparse.Namespace) -> dict[str, Path]:
@@ -189,16 +206,17 @@ def model_config_of(args: argparse.Namespace) -> ModelConfig:
             raise GlmEngineError("--rope_ratio_mode applies to a checkpoint's rope_ratio; dummy engines "
                                  "have none")
         return dummy_model_config(args)
-    given = [f"--{flag}" for flag in SHAPE_FLAGS if getattr(args, flag) is not None]
+    given = [f"--{flag}" for flag in (*SHAPE_FLAGS, "model_name") if getattr(args, flag) is not None]
     if given:
         raise GlmEngineError(f"{given[0]} sets a dummy engine's shape; a checkpoint's shape comes from "
                              "its config.json, so drop it or drop --model_dir")
     if args.random_seed is not None:
         raise GlmEngineError("--random_seed seeds dummy weights; it has no effect with --model_dir")
     from glm_engine.models import read_model_config
-    from weight import load_hf_config
+    from weight import load_generation_config, load_hf_config
 
-    return read_model_config(load_hf_config(args.model_dir), args.rope_ratio_mode)
+    hf_config = load_hf_config(args.model_dir)  # first: a directory without config.json is named as such
+    return read_model_config(hf_config, args.rope_ratio_mode, load_generation_config(args.model_dir))
 
 
 def build(args: argparse.Namespace) -> Path:
@@ -360,14 +378,14 @@ def tokenizer_source(args: argparse.Namespace, vocab_size: int, scratch: Path) -
     a smaller vocabulary)."""
     if args.tokenizer_dir:
         directory = Path(args.tokenizer_dir)
-        if file_inside(directory, "tokenizer.model", "tokenizer file") is None:
-            raise GlmEngineError(f"--tokenizer_dir {directory} holds no tokenizer.model")
+        if not has_tokenizer_file(directory):
+            raise GlmEngineError(f"--tokenizer_dir {directory} holds no tokenizer.model or tokenizer.json")
         logger.info("tokenizer: --tokenizer_dir %s", directory)
         return directory
     if args.model_dir:
-        has_one = file_inside(Path(args.model_dir), "tokenizer.model", "tokenizer file") is not None
-        logger.info("tokenizer: %s", "the checkpoint's" if has_one else "none (the checkpoint has no tokenizer.model; "
-                    "give run.py --tokenizer_dir or --input_tokens)")
+        has_one = has_tokenizer_file(Path(args.model_dir))
+        logger.info("tokenizer: %s", "the checkpoint's" if has_one else "none (the checkpoint has no tokenizer.model "
+                    "or tokenizer.json; give run.py --tokenizer_dir or --input_tokens)")
         return Path(args.model_dir)
     from scripts.make_demo_tokenizer import BUNDLED_DIR, train_demo_tokenizer
 

@@ -37,16 +37,32 @@ def load_hf_config(model_dir: str | Path) -> dict:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise GlmEngineError(f"--model_dir {model_dir} is not a directory; point it at a Hugging Face "
-                             "ChatGLM2 checkpoint, or leave it out for dummy weights")
+                             "ChatGLM2/ChatGLM3/GLM-4 checkpoint, or leave it out for dummy weights")
     path = model_dir / "config.json"
     if not path.is_file():
-        raise GlmEngineError(f"{path} not found: --model_dir must hold a ChatGLM2 checkpoint's config.json")
+        raise GlmEngineError(f"{path} not found: --model_dir must hold a ChatGLM2/ChatGLM3/GLM-4 checkpoint's "
+                             "config.json")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, int digit limit
         raise GlmEngineError(f"{path} is not valid JSON ({str(error)[:200]})") from None
     if not isinstance(config, dict):
         raise GlmEngineError(f"{path} holds a JSON {type(config).__name__}, not the object of a model config")
+    return config
+
+
+def load_generation_config(model_dir: str | Path) -> dict:
+    """The checkpoint's generation_config.json as a dict ({} when it has none): its
+    eos_token_id may list end ids config.json lacks."""
+    path = file_inside(Path(model_dir), "generation_config.json", "generation config")
+    if path is None:
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise GlmEngineError(f"{path} is not valid JSON ({str(error)[:200]}); fix or remove it") from None
+    if not isinstance(config, dict):
+        raise GlmEngineError(f"{path} holds a JSON {type(config).__name__}, not the object of a generation config")
     return config
 
 
@@ -113,35 +129,52 @@ def iter_checkpoint_tensors(model_dir: str | Path, progress: bool = False) -> It
 def load_hf_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
                     progress: bool = False) -> dict[str, torch.Tensor]:
     """Runtime-layout weights in `dtype` from a checkpoint; every expected tensor
-    must be there with its shape, and nothing else."""
-    shapes = weight_shapes(config)
+    must be there with its shape, and nothing else. Tensors the runtime fuses (GLM-4's
+    q/k/v projections) are joined, in the family's order, once all their parts are read."""
     model_family = family(config.model_type)
+    expected = model_family.checkpoint_tensors(config)
+    parts_of: dict[str, list[str]] = {}
+    for name, (target, _) in expected.items():
+        parts_of.setdefault(target, []).append(name)
+    seen: set[str] = set()
+    read: dict[str, torch.Tensor] = {}  # parts waiting for the rest of their runtime tensor
     weights: dict[str, torch.Tensor] = {}
     for name, tensor in iter_checkpoint_tensors(model_dir, progress):
         if name in model_family.IGNORED_TENSORS:
             continue
-        target = model_family.runtime_name(name)
-        if target in weights:
-            raise GlmEngineError(f"tensor {name!r} appears twice in {model_dir}; remove the extra copy")
-        if target not in shapes:
-            raise GlmEngineError(f"unexpected tensor {name!r} in {model_dir}: not part of a ChatGLM2 "
-                                 "network with this config.json")
-        if tuple(tensor.shape) != shapes[target]:
-            raise GlmEngineError(f"tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies "
-                                 f"{shapes[target]}")
-        if not tensor.is_floating_point():
-            raise GlmEngineError(f"tensor {name!r} has dtype {tensor.dtype}; expected floating-point "
-                                 "weights (quantized checkpoints are not supported)")
-        weights[target] = converted = tensor.to(dtype).contiguous()
-        if not torch.isfinite(converted).all():
-            where = "holds NaN or Inf" if not torch.isfinite(tensor).all() else f"overflows {dtype} (Inf)"
-            raise GlmEngineError(f"tensor {name!r} in {model_dir} {where}; the checkpoint is damaged or "
-                                 "needs a wider --dtype")
-    missing = [name for name in shapes if name not in weights]
+        read[name] = checked_tensor(name, tensor, expected, seen, model_dir, dtype)
+        seen.add(name)
+        target = expected[name][0]
+        if all(part in read for part in parts_of[target]):
+            parts = [read.pop(part) for part in parts_of[target]]
+            weights[target] = parts[0] if len(parts) == 1 else torch.cat(parts).contiguous()
+    missing = [name for name in expected if name not in seen]
     if missing:
-        raise GlmEngineError(f"tensor {model_family.checkpoint_name(missing[0])!r} missing from {model_dir} "
-                             f"({len(missing)} missing in all)")
+        raise GlmEngineError(f"tensor {missing[0]!r} missing from {model_dir} ({len(missing)} missing in all)")
     return weights
+
+
+def checked_tensor(name: str, tensor: torch.Tensor, expected: dict[str, tuple[str, tuple[int, ...]]],
+                   seen: set[str], model_dir: str | Path, dtype: torch.dtype) -> torch.Tensor:
+    """One checkpoint tensor in `dtype`, checked to be expected, not `seen` before, of its
+    shape and finite."""
+    if name in seen:
+        raise GlmEngineError(f"tensor {name!r} appears twice in {model_dir}; remove the extra copy")
+    if name not in expected:
+        raise GlmEngineError(f"unexpected tensor {name!r} in {model_dir}: not part of a network with "
+                             "this config.json")
+    if tuple(tensor.shape) != expected[name][1]:
+        raise GlmEngineError(f"tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies "
+                             f"{expected[name][1]}")
+    if not tensor.is_floating_point():
+        raise GlmEngineError(f"tensor {name!r} has dtype {tensor.dtype}; expected floating-point "
+                             "weights (quantized checkpoints are not supported)")
+    converted = tensor.to(dtype).contiguous()
+    if not torch.isfinite(converted).all():
+        where = "holds NaN or Inf" if not torch.isfinite(tensor).all() else f"overflows {dtype} (Inf)"
+        raise GlmEngineError(f"tensor {name!r} in {model_dir} {where}; the checkpoint is damaged or "
+                             "needs a wider --dtype")
+    return converted
 
 
 def dummy_weights(config: ModelConfig, dtype: torch.dtype, seed: int | None,
@@ -171,8 +204,8 @@ def dummy_weights(config: ModelConfig, dtype: torch.dtype, seed: int | None,
 
 def load_hf_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
                   config: ModelConfig | None = None, trust_remote_code: bool = False):
-    """The Hugging Face model of a checkpoint: GlmForCausalLM filled with its tensors by
-    default; the checkpoint's own modeling code only with `trust_remote_code`. `config`
+    """The Hugging Face model of a checkpoint: its family's transformers model (GlmForCausalLM,
+    Glm4ForCausalLM for GLM-4-0414) filled with its tensors by default; the checkpoint's own modeling code only with `trust_remote_code`. `config`
     (default: read from the checkpoint) fixes how rope_ratio applies."""
     if trust_remote_code:
         from transformers import AutoModelForCausalLM

@@ -63,6 +63,9 @@ class ModelConfig:
     eos_token_id: int = 2
     pad_token_id: int = 0
     model_type: str = "chatglm"  # the family (glm_engine/models) that computes it
+    # Every id that ends a generation (config.json's and generation_config.json's);
+    # eos_token_id is the first. Empty: eos_token_id alone.
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         sizes = ("num_layers", "hidden_size", "num_attention_heads", "kv_channels", "multi_query_group_num",
@@ -88,9 +91,24 @@ class ModelConfig:
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise GlmEngineError(f"model config: {name} {getattr(self, name)} is outside the vocabulary "
                                      f"[0, {self.vocab_size})")
+        self._check_end_ids()
         for name in ("rope_ratio", "rope_base", "layernorm_epsilon"):
             if getattr(self, name) <= 0:
                 raise GlmEngineError(f"model config: {name} must be positive, got {getattr(self, name)}")
+
+    def _check_end_ids(self) -> None:
+        """eos_token_ids: integers in the vocabulary, eos_token_id first (a list from JSON becomes a tuple)."""
+        ids = self.eos_token_ids
+        if not isinstance(ids, (tuple, list)) or not all(is_integer(token) for token in ids):
+            raise GlmEngineError(f"model config: eos_token_ids must be a list of integers, got {ids!r}")
+        # The field is frozen: a list read from JSON is stored as the tuple it stands for.
+        object.__setattr__(self, "eos_token_ids", tuple(ids) or (self.eos_token_id,))
+        if self.eos_token_ids[0] != self.eos_token_id:
+            raise GlmEngineError(f"model config: eos_token_ids {list(self.eos_token_ids)} must start with "
+                                 f"eos_token_id {self.eos_token_id}")
+        outside = [token for token in self.eos_token_ids if not 0 <= token < self.vocab_size]
+        if outside:
+            raise GlmEngineError(f"model config: end id {outside[0]} is outside the vocabulary [0, {self.vocab_size})")
 
     @property
     def q_size(self) -> int:
@@ -121,12 +139,14 @@ class ModelConfig:
         return 1.0 / self.rope_ratio if self.rope_ratio_mode == "positions" else 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "eos_token_ids": list(self.eos_token_ids)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
         if isinstance(values, dict) and "model_type" not in values:
             values = {**values, "model_type": "chatglm"}  # written before there were several families
+        if isinstance(values, dict) and "eos_token_ids" not in values:
+            values = {**values, "eos_token_ids": []}  # written before every end id was kept: eos_token_id alone
         return cls(**_dataclass_fields(cls, values, "model"))
 
 

@@ -69,8 +69,9 @@ def model_config(hf_config: dict[str, Any], rope_ratio_mode: str | None = None) 
         add_qkv_bias=hf_config.get("add_qkv_bias", True),
         rope_ratio=hf_config.get("rope_ratio", 1.0),
         rope_ratio_mode=rope_ratio_mode or default_rope_ratio_mode(hf_config),
-        eos_token_id=_first_id(hf_config.get("eos_token_id", 2)),
-        pad_token_id=_first_id(hf_config.get("pad_token_id", 0)),
+        eos_token_id=first_id(hf_config.get("eos_token_id", 2)),
+        eos_token_ids=end_id_list(hf_config.get("eos_token_id", 2)),
+        pad_token_id=first_id(hf_config.get("pad_token_id", 0)),
         model_type=MODEL_TYPE,
     )
 
@@ -81,9 +82,16 @@ def default_rope_ratio_mode(hf_config: dict[str, Any]) -> str:
     return "positions" if "chatglm2" in name else "base" if "rope_ratio" in hf_config else "positions"
 
 
-def _first_id(value: Any) -> Any:
-    """A token id, or the first of a list of them (ChatGLM3 lists several end ids)."""
+def first_id(value: Any) -> Any:
+    """A token id, or the first of a list of them (ChatGLM3 and GLM-4 list several end ids);
+    ModelConfig checks what it is."""
     return value[0] if isinstance(value, list) and value else value
+
+
+def end_id_list(value: Any) -> tuple:
+    """Every end id of a config's eos_token_id (one id, or a list: GLM-4 lists three);
+    ModelConfig checks them."""
+    return tuple(value) if isinstance(value, list) else ()
 
 
 # --- the runtime layout -------------------------------------------------------------
@@ -136,6 +144,12 @@ def tensor_split(name: str) -> str | None:
 
 
 # --- the checkpoint's tensor names ----------------------------------------------------
+
+def checkpoint_tensors(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Checkpoint tensor name -> (runtime-layout name, shape): ChatGLM2 checkpoints hold
+    the runtime layout itself, one tensor for each."""
+    return {checkpoint_name(name): (name, shape) for name, shape in weight_shapes(config).items()}
+
 
 # Derivable from the config; present in ChatGLM2 checkpoints, not used.
 IGNORED_TENSORS = frozenset({"transformer.rotary_pos_emb.inv_freq"})
@@ -213,13 +227,15 @@ class DecoderLayer(nn.Module):
 class ChatGLM2Model(nn.Module):
     """Embedding, decoder layers, final RMSNorm and the (untied) output layer. Under
     tensor parallelism, one rank's share (glm_engine/engine_format/tensor_parallel.py): `config` is
-    the shape the rank computes, the output layer holds its share of the vocabulary."""
+    the shape the rank computes, the output layer holds its share of the vocabulary. A decoder
+    layer class takes (config, layer_index, ops) and is called as DecoderLayer is."""
 
-    def __init__(self, config: ModelConfig, ops: Ops) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, layer_class: type[nn.Module] | None = None) -> None:
         super().__init__()
         self.config = config
         self.word_embeddings = Table(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, ops) for i in range(config.num_layers))
+        layer_class = layer_class or DecoderLayer  # another family's decoder layer (glm4.py)
+        self.layers = nn.ModuleList(layer_class(config, i, ops) for i in range(config.num_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, ops)
         self.output_layer = Table(vocab_rows_per_rank(config, ops.build.world_size), config.hidden_size)
         self.gather_vocab = ops.gather_vocab
@@ -254,11 +270,16 @@ def reference_config(config: ModelConfig):
     """transformers' GlmConfig of the same network."""
     from transformers import GlmConfig
 
+    return GlmConfig(**reference_arguments(config))
+
+
+def reference_arguments(config: ModelConfig) -> dict:
+    """The GlmConfig (or Glm4Config) arguments of `config`'s shape and constants."""
     rope = {"rope_type": "default", "rope_theta": config.rotary_base, "partial_rotary_factor": 0.5}
     if config.position_scale != 1.0:
         # Dividing positions by rope_ratio equals dividing every frequency by it.
         rope = {**rope, "rope_type": "linear", "factor": 1.0 / config.position_scale}
-    return GlmConfig(
+    return dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_attention_heads, num_key_value_heads=config.multi_query_group_num,

@@ -77,14 +77,28 @@ def chat_prompt_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
     """Token ids of a chat (role, content) list ending with a user turn, in the format
     the tokenizer's model was trained on. ChatGLM2: "[Round i]\\n\\n问：...\\n\\n答：..."
     rounds (a system message opens the first question: ChatGLM2 has no system role).
-    ChatGLM3: a role token, "\\n" and the content per message, then <|assistant|>."""
+    ChatGLM3 and GLM-4: [gMASK] sop, a role token, "\\n" and the content per message,
+    then <|assistant|> (GLM-4's chat template: "[gMASK]<sop><|user|>\\n...<|assistant|>")."""
     if not messages or messages[-1][0] != "user":
         raise GlmEngineError("a chat must end with a user message")
-    if tokenizer.flavor == "chatglm3":
-        ids = tokenizer.encode("", add_prefix=True)
-        for role, content in messages:
-            ids += [tokenizer.special_token_ids[f"<|{role}|>"], *tokenizer.encode("\n" + content, add_prefix=False)]
-        return ids + [tokenizer.special_token_ids["<|assistant|>"]]
+    if tokenizer.flavor in ("chatglm3", "glm4"):
+        return _role_token_prompt(tokenizer, messages)
+    return _round_prompt(tokenizer, messages)
+
+
+def _role_token_prompt(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
+    """ChatGLM3's and GLM-4's format: a role token, "\\n" and the content per message."""
+    roles = tokenizer.special_token_ids
+    ids = tokenizer.encode("", add_prefix=True)
+    for role, content in messages:
+        if f"<|{role}|>" not in roles:
+            raise GlmEngineError(f"chat role {role!r} has no role token; use system, user, assistant or observation")
+        ids += [roles[f"<|{role}|>"], *tokenizer.encode("\n" + content, add_prefix=False)]
+    return ids + [roles["<|assistant|>"]]
+
+
+def _round_prompt(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
+    """ChatGLM2's "[Round i]" format (its system message opens the first question)."""
     system = "\n".join(content for role, content in messages if role == "system")
     turns = [(role, content) for role, content in messages if role != "system"]
     text, round_number, question = "", 1, None

@@ -4,7 +4,8 @@ The checkpoint's own ``tokenization_chatglm.py`` is never imported or run:
 the layout it implements is small enough to restate here.  Token ids are the
 SentencePiece pieces first, then a handful of special tokens appended after
 the SentencePiece vocabulary: [MASK] [gMASK] [sMASK] sop eop, then ChatGLM3's
-role tokens.
+role tokens. ``load_tokenizer`` picks a directory's tokenizer by its files: this one, or
+GLM-4's byte-level BPE (text/bpe_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -13,17 +14,23 @@ import io
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
-from glm_engine import GlmEngineError
+from glm_engine.text.errors import TokenizerError
+
+if TYPE_CHECKING:
+    from glm_engine.text.bpe_tokenizer import BPETokenizer
 
 __all__ = [
     "CHATGLM2_SPECIAL_TOKENS",
     "CHATGLM3_ROLE_TOKENS",
     "TOKENIZER_FILES",
+    "ALL_TOKENIZER_FILES",
     "ChatGLMTokenizer",
     "TokenizerError",
+    "load_tokenizer",
     "train_sentencepiece",
 ]
 
@@ -34,12 +41,12 @@ CHATGLM3_ROLE_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|
 # Files an engine copies from a checkpoint directory so it can tokenize on its
 # own.  Deliberately no ``*.py``: code shipped with a download is never run.
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# ...and, for GLM-4 checkpoints in transformers' layout, the BPE tokenizer's tokenizer.json.
+ALL_TOKENIZER_FILES: tuple[str, ...] = TOKENIZER_FILES + ("tokenizer.json",)
 
 FLAVORS: tuple[str, ...] = ("chatglm2", "chatglm3")
 _MARKER = "\u2603"  # a character no piece joins with the text after it (encode_within_text)
 
-class TokenizerError(GlmEngineError, ValueError):
-    """A tokenizer directory or its files are missing or unusable."""
 
 
 def _detect_flavor(model_dir: Path) -> str:
@@ -243,6 +250,21 @@ class ChatGLMTokenizer:
     def chat_prompt(query: str) -> str:
         """ChatGLM2's single-round chat prompt for ``query``."""
         return f"[Round 1]\n\n问：{query}\n\n答："
+
+
+def load_tokenizer(path: str | Path) -> ChatGLMTokenizer | BPETokenizer:
+    """The tokenizer of a checkpoint or engine directory, of the kind its files are:
+    tokenizer.model as SentencePiece (ChatGLM2/ChatGLM3) or as a tiktoken BPE file
+    (THUDM's GLM-4), else tokenizer.json (GLM-4 in transformers' layout)."""
+    from glm_engine.text.bpe_tokenizer import BPETokenizer, is_tiktoken_file
+
+    directory = Path(path)
+    model_file, json_file = directory / "tokenizer.model", directory / "tokenizer.json"
+    if model_file.is_file() and is_tiktoken_file(model_file):
+        return BPETokenizer.from_tiktoken_file(model_file, directory)
+    if not model_file.is_file() and json_file.is_file():
+        return BPETokenizer.from_tokenizer_json(json_file)
+    return ChatGLMTokenizer.from_dir(directory)
 
 
 def train_sentencepiece(

@@ -1,5 +1,5 @@
 """The Hugging Face reference: the transformers model that computes a family's
-network (ChatGLM: `GlmForCausalLM`), filled with runtime-layout weights (an
+network (ChatGLM and GLM-4: `GlmForCausalLM`; GLM-4-0414: `Glm4ForCausalLM`), filled with runtime-layout weights (an
 engine's, or a checkpoint's through weight.py) as the family maps them
 (reference_config, reference_state_dict in glm_engine/models), and its batched
 greedy generation."""
@@ -15,7 +15,7 @@ from glm_engine.quantization import dequantize_weights
 
 def build_glm_model(config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device | str,
                     dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"):
-    """The family's transformers model (GlmForCausalLM for ChatGLM) on `device` with exactly
+    """The family's transformers model (GlmForCausalLM or Glm4ForCausalLM) on `device` with exactly
     these weights, in `dtype` (default: the embedding's); weight-only quantized linears
     are dequantized to it here, once."""
     model_family = family(config.model_type)

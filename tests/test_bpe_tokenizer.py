@@ -87,6 +87,14 @@ def test_the_two_files_give_the_same_tokenizer(glm4_dirs):
     assert (thudm.eos_token_id, thudm.pad_token_id, thudm.vocab_size) == (first, first, first + 14)
     assert thudm.silent_ids == frozenset(range(first, first + 14))
     assert thudm.token_bytes()[first] == b"\xff<|endoftext|>"
+    longest = max(thudm.token_bytes()[:first], key=len)
+    assert thudm.max_token_chars() == hf.max_token_chars() == len(longest.decode("utf-8", errors="replace")) > 1
+
+
+def test_max_token_chars_of_sentencepiece_is_its_longest_text_piece(tiny_tokenizer_dir):
+    tokenizer = ChatGLMTokenizer.from_dir(tiny_tokenizer_dir)
+    pieces = [tokenizer.sp_model.id_to_piece(i) for i in range(tokenizer.sp_size)]
+    assert tokenizer.max_token_chars() == max(len(piece) for piece in pieces if not piece.startswith(("<0x", "<")))
 
 
 def test_without_tokenizer_config_the_specials_follow_the_ranks(glm4_dirs, tmp_path):

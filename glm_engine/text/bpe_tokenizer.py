@@ -161,6 +161,10 @@ class BPETokenizer:
                 else b"\xff" + names.get(token_id, f"<unused_{token_id}>").encode()
                 for token_id in range(self.vocab_size)]
 
+    def max_token_chars(self) -> int:
+        """Characters of the longest text one token stands for (a byte of a character counts one)."""
+        return max(len(piece.decode("utf-8", errors="replace")) for piece in self._pieces.values())
+
     def chat_prompt(self, query: str) -> str:
         """GLM-4's single-round chat prompt for `query`, as text (its special tokens encode as such)."""
         return f"[gMASK]<sop><|user|>\n{query}<|assistant|>"

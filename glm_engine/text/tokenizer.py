@@ -235,6 +235,13 @@ class ChatGLMTokenizer:
                 pieces.append(sp.id_to_piece(token_id).replace("\u2581", " ").encode())
         return pieces
 
+    def max_token_chars(self) -> int:
+        """Characters of the longest text piece (byte, control and unknown pieces aside): the
+        most text one token stands for, before Unicode normalization."""
+        sp = self.sp_model
+        return max(len(sp.id_to_piece(i)) for i in range(self.sp_size)
+                   if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)))
+
     def encode_within_text(self, text: str) -> list[int]:
         """Token ids of `text` as it is tokenized after other text: without the space
         SentencePiece puts before a text's first piece (encoded behind a marker that

@@ -109,6 +109,9 @@ class BPETokenizer:
                 raise TokenizerError(f"{path}: token {token[:20]!r} is not byte-level BPE; only byte-level "
                                      "tokenizers (GLM-4's) are read from tokenizer.json")
             pieces[token_id] = bytes(byte_of[char] for char in token)
+        for token_id, token in tokenizer.get_added_tokens_decoder().items():
+            if not token.special:  # an added token that prints as its text
+                pieces[token_id] = token.content.encode()
         return cls(pieces, specials, lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
 
     def __len__(self) -> int:

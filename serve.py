@@ -1,6 +1,7 @@
 """Serves an engine over HTTP with OpenAI's API (/v1/completions,
-/v1/chat/completions, /v1/models), plus /health and /metrics: one engine loop, in a
-process of its own, batches every client's requests in flight
+/v1/chat/completions, /v1/models), plus /tokenize, /detokenize, /health and /metrics:
+one engine loop, in a process of its own, batches every client's requests in flight
+with prefix caching on (--no_prefix_caching turns it off)
 (glm_engine/serving/openai_server.py, glm_engine/serving/engine_process.py)."""
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an "
                              "error (default: %(default)s)")
     add_scheduler_arguments(parser)
-    add_session_arguments(parser)
+    add_session_arguments(parser, prefix_caching=True)  # served prompts often share a system prompt
     return parser.parse_args(argv)
 
 

@@ -315,7 +315,7 @@ def test_sigterm_ends_every_running_request_as_promised(small_server):
     the usage chunk and [DONE]; the process exits 0."""
     with ThreadPoolExecutor(1) as pool:
         whole = pool.submit(small_server.post, LONG, timeout=120)
-        stream = OpenStream(small_server, {**LONG, "n": 2})
+        stream = OpenStream(small_server, {**LONG, "n": 2, "stream_options": {"include_usage": True}})
         small_server.wait_for(lambda health: health["requests_running"] == 3)
         stopped_at = time.monotonic()
         small_server.terminate()

@@ -1,15 +1,18 @@
 """Token choice beside the model runner: from one step's float32 logits [B, vocab] and
 their argmax, every row's token chosen on the logits' device, each kind of row all at
 once. Rows under a grammar (structured output) have the tokens it forbids masked
-first. Plain greedy rows keep the argmax; rows with penalties, bad words or a minimum
-length get their logits adjusted in a few batched ops (runtime/penalties.py, whose
-TokenHistory the sampler owns) and, when greedy, the adjusted argmax; sampled rows
-are drawn from their requests' seeds and output lengths (runtime/sampling.py). When
-any row asks, each row's log-probability under the distribution its token came from
-(the nucleus for sampled rows). A beam request's rows give their log-softmax to its
-BeamSearch, whose parents the scheduler turns into block tables. The result,
-SampledTokens (runtime/scheduler.py), is plain Python: the step's tokens and
-log-probs reach the host in one read; beam search reads its candidates itself."""
+first. Plain greedy rows keep the argmax; rows with penalties, bad words, a minimum
+length or a logit bias get their logits adjusted in a few batched ops
+(runtime/penalties.py, whose TokenHistory the sampler owns) and, when greedy, the
+adjusted argmax; sampled rows are drawn from their requests' seeds and output lengths
+(runtime/sampling.py), past their min_p floor. When any row asks, each row's
+log-probability under the distribution its token came from (the nucleus for sampled
+rows), and the likeliest tokens of that distribution for rows asking top_log_probs. A
+beam request's rows give their log-softmax to its BeamSearch, whose parents the
+scheduler turns into block tables. The result, SampledTokens (runtime/scheduler.py),
+is plain Python: the step's tokens and log-probs reach the host in one read (a
+request's stop_token_ids given as its end token, which the scheduler ends it at);
+beam search reads its candidates itself."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from glm_engine.runtime.penalties import TokenHistory, apply_penalties, forbid_end
-from glm_engine.runtime.sampling import nucleus_logits, sample_rows
+from glm_engine.runtime.sampling import LogProb, min_p_logits, nucleus_logits, sample_rows
 from glm_engine.runtime.scheduler import SampledTokens, Sequence, StepPlan
 from glm_engine.runtime.structured_output import fill_masks, mask_logits
 
@@ -61,11 +64,31 @@ class Sampler:
             self.history.record(slots, greedy[torch.tensor(adjusted, device=logits.device)].long())
         parents = self._beam_parents(plan, logits)
         if not wants_log_probs:
-            return SampledTokens(greedy.tolist(), None, parents)  # the step's one read
-        log_probs = chosen_logits.log_softmax(dim=-1).gather(1, greedy[:, None].long())[:, 0]
-        # Token ids below 2**53 and float32 log-probs are exact in float64: one read for both.
-        tokens, values = torch.stack([greedy.double(), log_probs.double()]).tolist()
-        return SampledTokens([int(token) for token in tokens], values, parents)
+            return SampledTokens(_stop_tokens_as_end(sequences, greedy.tolist()), None, parents)  # the one read
+        tokens, values = self._log_probs(sequences, chosen_logits, greedy)
+        return SampledTokens(_stop_tokens_as_end(sequences, tokens), values, parents)
+
+    @staticmethod
+    def _log_probs(sequences: list[Sequence], logits: torch.Tensor,
+                   greedy: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Each row's token and its log-probability under the distribution it came from; for
+        rows asking top_log_probs, a LogProb with the likeliest tokens of that distribution.
+        Token ids below 2**53 and float32 log-probs are exact in float64: one read for all."""
+        log_softmax = logits.log_softmax(dim=-1)
+        columns = [greedy.double()[:, None], log_softmax.gather(1, greedy[:, None].long()).double()]
+        top = min(max(sequence.sampling.top_log_probs for sequence in sequences), logits.shape[1])
+        if top:
+            values, ids = log_softmax.topk(top, dim=-1)
+            columns += [ids.double(), values.double()]
+        rows = torch.cat(columns, dim=1).tolist()
+        tokens = [int(row[0]) for row in rows]
+        log_probs: list[float] = []
+        for sequence, row in zip(sequences, rows):
+            asked = min(sequence.sampling.top_log_probs, top)
+            ids, values = row[2:2 + asked], row[2 + top:2 + top + asked]
+            alternatives = tuple((int(token), value) for token, value in zip(ids, values))
+            log_probs.append(LogProb(row[1], alternatives) if asked else row[1])
+        return tokens, log_probs
 
     @staticmethod
     def _constrain(sequences: list[Sequence], logits: torch.Tensor, greedy: torch.Tensor,
@@ -99,14 +122,19 @@ class Sampler:
                                    as_tensor([s.repetition_penalty for s in samplings]),
                                    as_tensor([s.presence_penalty for s in samplings]),
                                    as_tensor([s.frequency_penalty for s in samplings]))
+        biased = [(i, token, bias) for i, sampling in enumerate(samplings) for token, bias in sampling.logit_bias]
+        if biased:  # OpenAI's logit_bias: added to the logits before the choice
+            where = (as_tensor([i for i, _, _ in biased], torch.long), as_tensor([t for _, t, _ in biased], torch.long))
+            adjusted[where] += as_tensor([bias for _, _, bias in biased])
         banned = [(i, word[-1]) for i, sequence in enumerate(chosen) for word in sequence.sampling.bad_words
                   if sequence.ends_with(word[:-1])]
         if banned:
             adjusted[as_tensor([i for i, _ in banned], torch.long), as_tensor([t for _, t in banned], torch.long)] = \
                 float("-inf")
-        too_short = [i for i, sequence in enumerate(chosen)
-                     if len(sequence.output) < sequence.sampling.min_length and sequence.sampling.end_id >= 0]
-        adjusted = forbid_end(adjusted, too_short, [chosen[i].sampling.end_id for i in too_short])
+        # Before min_length, no token that would end the request: the end token and the stop token ids.
+        too_short = [(i, token) for i, sequence in enumerate(chosen)
+                     if len(sequence.output) < sequence.sampling.min_length for token in sequence.sampling.ending_ids]
+        adjusted = forbid_end(adjusted, [i for i, _ in too_short], [token for _, token in too_short])
         return logits.index_copy(0, index, adjusted), greedy.index_copy(0, index, adjusted.argmax(dim=-1))
 
     @staticmethod
@@ -117,6 +145,8 @@ class Sampler:
         index = torch.tensor(rows, device=logits.device)
         drawn = [sequences[row] for row in rows]
         samplings = [sequence.sampling for sequence in drawn]
+        if any(sampling.min_p > 0 for sampling in samplings):  # what min_p drops is never drawn nor counted
+            logits = logits.index_copy(0, index, min_p_logits(logits[index], samplings))
         tokens = sample_rows(logits[index], samplings, [sequence.seed for sequence in drawn],
                              [len(sequence.output) for sequence in drawn])
         greedy = greedy.index_copy(0, index, tokens.to(greedy.dtype))
@@ -134,3 +164,12 @@ class Sampler:
                 rows.setdefault(sequence.group, []).append(row)
         return {group: group.search.step(logits[torch.tensor(group_rows, device=logits.device)].log_softmax(dim=-1))
                 for group, group_rows in rows.items()}
+
+
+def _stop_tokens_as_end(sequences: list[Sequence], tokens: list[int]) -> list[int]:
+    """The step's tokens with each row's stop_token_ids given as its end token, which the
+    scheduler ends the request at without returning it (-1, no end token, ends it too)."""
+    if not any(sequence.sampling.stop_token_ids for sequence in sequences):
+        return tokens
+    return [sequence.sampling.end_id if token in sequence.sampling.stop_token_ids else token
+            for sequence, token in zip(sequences, tokens)]

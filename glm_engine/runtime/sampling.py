@@ -1,5 +1,5 @@
-"""Token selection: greedy (top_k 1), or sampling with temperature, top_k and
-top_p, for every sampled row of a step at once, reproducible per request from its
+"""Token selection: greedy (top_k 1), or sampling with temperature, top_k, top_p and
+min_p, for every sampled row of a step at once, reproducible per request from its
 seed. top_p 0 (the default, as in TensorRT-LLM) or 1 means no nucleus filtering.
 Any positive temperature works: the tiniest sample what greedy chooses (their limit),
 never overflowing into NaN."""
@@ -19,6 +19,8 @@ from glm_engine.kernels import reference
 # Penalties beyond these already outweigh any logit a model gives, and larger ones would
 # overflow float32 logits into inf and NaN: refused rather than saturated.
 MAX_PENALTY = 1e20  # |presence_penalty|, |frequency_penalty|; repetition_penalty within [1 / this, this]
+MAX_TOP_LOG_PROBS = 20  # OpenAI's top_logprobs limit
+MAX_LOGIT_BIAS = 100.0  # OpenAI's: -100 bans a token, 100 makes it the only choice
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,10 @@ class SamplingConfig:
     min_length: int = 0  # new tokens before the end token may come
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never completed (a word's last token is banned)
     output_log_probs: bool = False  # report each token's log-probability (StepResult.log_probs)
+    top_log_probs: int = 0  # with output_log_probs: also the N likeliest tokens of each step (LogProb.top)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, value added to its logit), as OpenAI's
+    min_p: float = 0.0  # sampled rows: drop tokens less likely than min_p times the likeliest (0: off)
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end a request as the end token does (not returned)
     stop_words: tuple[str, ...] = ()  # text that ends a request, not returned (text/stop_words.py)
     # Beam search (runtime/beam_search.py), as Hugging Face generate's; 1 beam: greedy or sampling.
     num_beams: int = 1
@@ -66,6 +72,7 @@ class SamplingConfig:
         if not 0.0 <= self.top_p <= 1.0:
             raise GlmEngineError(f"top_p must be within [0, 1], got {self.top_p}")
         self._check_penalties()
+        self._check_extras()
         if self.min_length < 0:
             raise GlmEngineError(f"min_length must be >= 0, got {self.min_length}")
         self._check_beams()
@@ -92,6 +99,20 @@ class SamplingConfig:
                 raise GlmEngineError(f"{name} must be within [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0: off; the bounds "
                                      f"already outweigh any logit), got {value}")
 
+    def _check_extras(self) -> None:
+        if not 0 <= self.top_log_probs <= MAX_TOP_LOG_PROBS:
+            raise GlmEngineError(f"top_log_probs must be within [0, {MAX_TOP_LOG_PROBS}], got {self.top_log_probs}")
+        if self.top_log_probs and not self.output_log_probs:
+            raise GlmEngineError("top_log_probs needs output_log_probs on")
+        for token, bias in self.logit_bias:
+            if not (isinstance(token, int) and token >= 0 and math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS):
+                raise GlmEngineError(f"logit_bias maps token ids >= 0 to numbers within [-{MAX_LOGIT_BIAS:g}, "
+                                     f"{MAX_LOGIT_BIAS:g}], got {token!r}: {bias!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise GlmEngineError(f"min_p must be within [0, 1], got {self.min_p}")
+        if not all(isinstance(token, int) and token >= 0 for token in self.stop_token_ids):
+            raise GlmEngineError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
+
     def _check_beams(self) -> None:
         if self.num_beams < 1:
             raise GlmEngineError(f"num_beams must be at least 1, got {self.num_beams}")
@@ -105,8 +126,9 @@ class SamplingConfig:
         if self.num_beams == 1:
             return
         others = [name for name, on in (("sampling (top_k != 1)", self.top_k != 1),
-                                         ("penalties, min_length or bad words", self.changes_logits),
-                                         ("stop words", bool(self.stop_words)),
+                                         ("penalties, min_length, bad words or logit_bias", self.changes_logits),
+                                         ("min_p", self.min_p > 0.0),
+                                         ("stop words or stop_token_ids", bool(self.stop_words or self.stop_token_ids)),
                                          ("log-probs", self.output_log_probs),
                                          ("response_format", self.response_format is not None)) if on]
         if others:
@@ -118,9 +140,31 @@ class SamplingConfig:
 
     @property
     def changes_logits(self) -> bool:
-        """Whether the logits change before the choice (penalties, bad words, a minimum length)."""
+        """Whether the logits change before the choice (penalties, bad words, a minimum length,
+        a logit bias)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.min_length > 0 or bool(self.bad_words))
+                or self.min_length > 0 or bool(self.bad_words) or bool(self.logit_bias))
+
+    @property
+    def ending_ids(self) -> tuple[int, ...]:
+        """The tokens that end the request: its end token (when it has one) and its stop_token_ids."""
+        return ((self.end_id,) if self.end_id >= 0 else ()) + self.stop_token_ids
+
+
+class LogProb(float):
+    """A token's log-probability, with the `top` likeliest tokens of its step as
+    ((token id, log-prob), ...), best first, when the request asked (top_log_probs).
+    A float, so that it goes wherever a log-probability goes."""
+
+    top: tuple[tuple[int, float], ...]
+
+    def __new__(cls, value: float, top: tuple[tuple[int, float], ...] = ()) -> LogProb:
+        made = super().__new__(cls, value)
+        made.top = top
+        return made
+
+    def __reduce__(self) -> tuple:  # pickles with its alternatives (the engine process sends it)
+        return LogProb, (float(self), self.top)
 
 
 def _splitmix64(values: np.ndarray) -> np.ndarray:
@@ -195,3 +239,13 @@ def nucleus_logits(logits: torch.Tensor, samplings: list[SamplingConfig]) -> tor
     # Drop a token past the row's top_k, or once the tokens ranked before it reach top_p.
     drop = ((top_k > 0) & (rank >= top_k)) | ((probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0))
     return logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+
+
+def min_p_logits(logits: torch.Tensor, samplings: list[SamplingConfig]) -> torch.Tensor:
+    """Float32 logits [R, vocab] with each row's tokens less likely than its min_p times its
+    likeliest token (after temperature) at -inf: p_i < min_p * p_max is
+    (l_i - l_max) / temperature < log(min_p). Rows with min_p 0 are unchanged."""
+    floor = torch.tensor([sampling.temperature * math.log(sampling.min_p) if sampling.min_p > 0 else -math.inf
+                          for sampling in samplings], dtype=torch.float32, device=logits.device)
+    top = logits.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(logits - top < floor[:, None], float("-inf"))

@@ -2,17 +2,19 @@
 server. Between steps it takes the server's commands from a pipe (submit: the
 session's add_request; cancel: its abort; close), runs a step while there is work,
 and sends back, once per turn that changed something, every request's news (new
-tokens, finished, error) with the engine's stats. The requests' callbacks, the queue
+tokens, their log-probs when asked, finished, error) with the engine's stats and its
+prefix cache's counters. The requests' callbacks, the queue
 limit and the metrics are the server's (serving/engine_process.py).
 
 Commands: ("submit", request_id, prompt, sampling), ("cancel", request_id),
 ("close", seconds running requests get). Events: ("step", news, EngineStats, commands
-taken), then ("stopped", the message that ends the requests still open)."""
+taken, PrefixCacheStats), then ("stopped", the message that ends the requests still open)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from glm_engine import GlmEngineError
@@ -20,7 +22,33 @@ from glm_engine.runtime.session import EngineStats, Session
 
 logger = logging.getLogger("engine_loop")
 
-News = tuple[int, list[int], bool, str | None]  # (request id, new tokens, finished, error)
+# A token's log-prob and the likeliest tokens of its step ((token id, log-prob), ...), when asked.
+TokenLogProb = tuple[float, tuple[tuple[int, float], ...]]
+# (request id, new tokens, finished, error, the new tokens' log-probs or None when not asked)
+News = tuple[int, list[int], bool, str | None, list[TokenLogProb] | None]
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    """The prefix cache's counters (runtime/block_manager.py): prompt tokens looked up at
+    admission and found, cached blocks handed out for new content, blocks cached now."""
+
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+    evicted_blocks: int = 0
+    cached_blocks: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of the prompt tokens looked up that were found (0 before any)."""
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+def prefix_cache_stats(session: Session) -> PrefixCacheStats:
+    """The session's prefix cache counters now (all 0 with prefix caching off)."""
+    manager = session.block_manager
+    return PrefixCacheStats(manager.queried_tokens, manager.hit_tokens, manager.evicted_blocks,
+                            manager.cached_blocks if manager.prefix_caching else 0)
 
 
 class EngineLoop:
@@ -32,7 +60,7 @@ class EngineLoop:
         self.taken = 0  # submits taken from the pipe: the server counts those not taken yet as waiting
         self.close_by: float | None = None  # once closing: when requests still running end
         self.news: list[News] = []
-        self.sent: tuple[EngineStats, int] | None = None
+        self.sent: tuple[EngineStats, int, PrefixCacheStats] | None = None
 
     def run(self) -> str:
         """Serves commands until told to close (and the running requests finished or ran
@@ -71,7 +99,7 @@ class EngineLoop:
             try:
                 self.session.add_request(prompt, sampling, request_id)
             except GlmEngineError as error:
-                self.news.append((request_id, [], True, str(error)))
+                self.news.append((request_id, [], True, str(error), None))
         elif kind == "cancel":
             self.session.abort(command[1])  # one that finished meanwhile is no longer there
         else:  # close
@@ -82,13 +110,17 @@ class EngineLoop:
         tokens: dict[int, list[int]] = {}
         for request_id, token in result.tokens:
             tokens.setdefault(request_id, []).append(token)
+        log_probs: dict[int, list[TokenLogProb]] = {}
+        for request_id, value in result.log_probs:
+            log_probs.setdefault(request_id, []).append((float(value), getattr(value, "top", ())))
         finished = set(result.finished)
-        self.news += [(request_id, tokens.get(request_id, []), request_id in finished, None)
+        self.news += [(request_id, tokens.get(request_id, []), request_id in finished, None,
+                       log_probs.get(request_id))
                       for request_id in tokens.keys() | finished]
 
     def _send(self) -> None:
         """Sends the news gathered and the stats, when either changed."""
-        state = (self.session.stats(), self.taken)
+        state = (self.session.stats(), self.taken, prefix_cache_stats(self.session))
         if not self.news and state == self.sent:
             return
         self.events.send(("step", self.news, *state))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from glm_engine import GlmEngineError
-from glm_engine.serving.engine_loop import EngineLoop, News
+from glm_engine.serving.engine_loop import EngineLoop, News, PrefixCacheStats, TokenLogProb
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import EngineLimits, EngineStats, Session
 
@@ -43,13 +43,14 @@ class EngineClosed(GlmEngineError):
 
 @dataclass
 class EngineRequest:
-    """A request and where its tokens go. `deliver(tokens, finished, error)` runs on the
-    receiving thread after each engine step that gives the request tokens or ends it.
-    The times and count are for the server's metrics."""
+    """A request and where its tokens go. `deliver(tokens, finished, error, log_probs)`
+    runs on the receiving thread after each engine step that gives the request tokens or
+    ends it (log_probs: the tokens' log-probs when the request asked, else None). The
+    times and count are for the server's metrics."""
 
     prompt: list[int]
     sampling: SamplingConfig
-    deliver: Callable[[list[int], bool, str | None], None]
+    deliver: Callable[[list[int], bool, str | None, list[TokenLogProb] | None], None]
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     generated: int = 0
@@ -83,6 +84,7 @@ class EngineProcess:
             raise
         self.max_queue = max_queue
         self.on_step = on_step
+        self.prefix_cache = PrefixCacheStats()  # the engine's latest counters
         self._send_lock = threading.Lock()
         self._active: dict[int, EngineRequest] = {}
         self._submitted = 0  # requests sent; the engine process counts those it has taken
@@ -195,7 +197,7 @@ class EngineProcess:
         if orphans:
             logger.error("%s; ending %d requests", message, len(orphans))
         for request in orphans:
-            request.deliver([], True, message)
+            request.deliver([], True, message, None)
 
     def _reap(self) -> None:
         """Waits for the engine process to exit (it has closed its pipe or said it stops),
@@ -206,15 +208,15 @@ class EngineProcess:
             self.process.kill()
             self.process.join()
 
-    def _deliver(self, news: list[News], stats: EngineStats, taken: int) -> None:
+    def _deliver(self, news: list[News], stats: EngineStats, taken: int, prefix_cache: PrefixCacheStats) -> None:
         now = time.monotonic()
         with self._send_lock:
-            self.stats, self._taken = stats, taken
+            self.stats, self._taken, self.prefix_cache = stats, taken, prefix_cache
             requests = [self._active.get(request_id) for request_id, *_ in news]
-            for request_id, _, finished, _ in news:
+            for request_id, _, finished, *_ in news:
                 if finished:
                     self._active.pop(request_id, None)
-        for request, (_, tokens, finished, error) in zip(requests, news):
+        for request, (_, tokens, finished, error, log_probs) in zip(requests, news):
             if request is None:  # cancelled meanwhile
                 continue
             if tokens and request.first_token_at is None:
@@ -222,7 +224,7 @@ class EngineProcess:
             request.generated += len(tokens)
             if self.on_step is not None:
                 self.on_step(request, len(tokens), finished)
-            request.deliver(tokens, finished, error)
+            request.deliver(tokens, finished, error, log_probs)
 
 
 def _exit_reason(exit_code: int | None) -> str:

@@ -55,7 +55,8 @@ async def _run(server_url: str, model: str, prompts: list[list[int]], arrivals: 
     limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         tasks = [_one_request(client, url, {"model": model, "prompt": prompt, "max_tokens": output_len,
-                                            "min_tokens": output_len, "stream": True, **sampling}, arrival, start)
+                                            "min_tokens": output_len, "stream": True,
+                                            "stream_options": {"include_usage": True}, **sampling}, arrival, start)
                  for prompt, arrival in zip(prompts, arrivals)]
         results = await asyncio.gather(*tasks, return_exceptions=True)
     for result in results:

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API of serve.py, on FastAPI: /v1/completions,
-/v1/chat/completions (streamed as server-sent events or whole), /v1/models, /health
-and /metrics (Prometheus text). Every request goes to the one engine process
-(serving/engine_process.py), whose loop batches them in flight; a client that
-disconnects is cancelled (its KV blocks freed before the next step); errors have
-OpenAI's body: {"error": {"message", "type", "param", "code"}}.
+/v1/chat/completions (streamed as server-sent events or whole), /v1/models, vLLM's
+/tokenize and /detokenize, /health and /metrics (Prometheus text). Every request goes
+to the one engine process (serving/engine_process.py), whose loop batches them in
+flight; a client that disconnects is cancelled (its KV blocks freed before the next
+step); errors have OpenAI's body: {"error": {"message", "type", "param", "code"}}.
+The request bodies and their sampling fields are serving/protocol.py's.
 
 One request cannot hold up the others: bodies, prompt text and stop strings have
 limits checked before any work, JSON is parsed with types as strict as OpenAI's, and
@@ -27,85 +28,33 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Literal, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from glm_engine import GlmEngineError
+from glm_engine.serving.engine_loop import TokenLogProb
+from glm_engine.serving.engine_process import EngineClosed, EngineProcess, EngineRequest, QueueFull
+from glm_engine.serving.protocol import (MAX_STOP_CHARS, MAX_STOP_STRINGS, ApiError, ChatRequest,  # noqa: F401
+                                         CompletionRequest, DetokenizeRequest, TokenizeRequest, _Generation,
+                                         error_response, read_body, samplings)
 from glm_engine.text.detokenizer import IncrementalDetokenizer
 from glm_engine.text.prompts import chat_prompt_ids
-from glm_engine.serving.engine_process import EngineClosed, EngineProcess, EngineRequest, QueueFull
-from glm_engine.config import MAX_SEED
-from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.text.tokenizer import ChatGLMTokenizer
 
 
 logger = logging.getLogger("openai_server")
 
 DISCONNECT_POLL_SECONDS = 0.5  # how often a whole (not streamed) answer's client is checked
-MAX_STOP_STRINGS = 4  # OpenAI's limit
-MAX_STOP_CHARS = 256  # each stop string's; the engine searches every step's new text for each
 COMPOSED_CHARS = 4  # code points Unicode normalization (NFKC) may compose into one: a Greek vowel and 3 marks
 JSON_BYTES_PER_CHAR = 12  # the most one character takes in JSON: a pair of \uXXXX escapes
 MESSAGE_JSON_BYTES = 64  # a chat message's JSON around its content (each message adds a token at least)
 OTHER_FIELDS_BYTES = 64 * 1024  # the body's other fields, stop strings included
 CONNECTIONS_CLOSE_SECONDS = 5.0  # once the engine is closed, for the last events to reach their clients
-
-
-class _Strict(BaseModel):
-    # A field we do not implement is an error, never ignored; types are OpenAI's: no 8.0 or true
-    # for an integer, no "yes" for a boolean (an integer is still a number).
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class _Generation(_Strict):
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stream: bool = False
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end token before this many tokens
-
-
-class CompletionRequest(_Generation):
-    prompt: str | list[int]
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Generation):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-_Body = TypeVar("_Body", bound=_Strict)
-_UNION_TYPES = {"str", "list[int]", "list[str]"}  # of prompt and stop, as pydantic names them in a field's path
-
-
-class ApiError(Exception):
-    """A request refused with HTTP `status` and OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def error_response(status: int, message: str, kind: str = "invalid_request_error",
-                   param: str | None = None) -> JSONResponse:
-    """OpenAI's error body with HTTP `status`."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+LOWEST_LOG_PROB = -9999.0  # what a log-prob of -inf (a token the request's filters exclude) shows as, as vLLM's
 
 
 def longest_piece_chars(tokenizer: ChatGLMTokenizer) -> int:
@@ -142,50 +91,6 @@ class RequestLimits:
                                 f"{self.chars_per_token} a token); shorten it", param=param)
 
 
-async def read_body(request: Request, model: type[_Body], max_bytes: int) -> _Body:
-    """The request's JSON body as a `model`. Refused with 413 past `max_bytes` (before it
-    is read when its Content-Length says so), with 400 when it is not JSON of the
-    model's fields and types."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(max_bytes)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
-    try:
-        return model.model_validate_json(b"".join(chunks))
-    except ValidationError as error:
-        raise _invalid(error) from None
-
-
-def _too_large(max_bytes: int) -> ApiError:
-    return ApiError(413, f"the body is over this server's {max_bytes} bytes, more than a prompt of the "
-                         "engine's max_input_len tokens takes; shorten the prompt")
-
-
-def _invalid(error: ValidationError) -> ApiError:
-    """400 naming the problems of a body's first wrong field (each type a field may take,
-    for one such as prompt's `str | list[int]`); param names the field (a JSON syntax
-    error's place in the text is part of the message, not a field)."""
-    problems = error.errors(include_url=False)
-    if problems[0]["type"] == "json_invalid":
-        return ApiError(400, f"the body is not valid JSON: {problems[0]['msg'].removeprefix('Invalid JSON: ')}; "
-                             "send one UTF-8 JSON object")
-    field = problems[0]["loc"][:1]
-    said = dict.fromkeys(f"{_where(problem['loc']) or 'body'}: {problem['msg']}" for problem in problems
-                         if problem["loc"][:1] == field)
-    return ApiError(400, "; ".join(said), param=_where(problems[0]["loc"]))
-
-
-def _where(loc: tuple) -> str | None:
-    """A field's path as `messages.0.content`, without the names pydantic gives a union's
-    types in it (`prompt.list[int].0`)."""
-    return ".".join(str(part) for part in loc if part not in _UNION_TYPES) or None
-
-
 class Metrics:
     """The Prometheus series of one server (its own registry); the gauges read `engine`'s
     latest stats."""
@@ -204,7 +109,17 @@ class Metrics:
                                  ("glm_queue_length", "requests waiting for a slot", lambda: engine.stats.waiting),
                                  ("glm_kv_blocks_free", "free blocks of the KV pool",
                                   lambda: engine.stats.free_blocks),
-                                 ("glm_kv_blocks_total", "blocks of the KV pool", lambda: engine.stats.total_blocks)):
+                                 ("glm_kv_blocks_total", "blocks of the KV pool", lambda: engine.stats.total_blocks),
+                                 ("glm_prefix_cache_queried_tokens", "prompt tokens looked up in the prefix cache",
+                                  lambda: engine.prefix_cache.queried_tokens),
+                                 ("glm_prefix_cache_hit_tokens", "prompt tokens found in the prefix cache",
+                                  lambda: engine.prefix_cache.hit_tokens),
+                                 ("glm_prefix_cache_hit_rate", "hit tokens / queried tokens (0 before any)",
+                                  lambda: engine.prefix_cache.hit_rate),
+                                 ("glm_prefix_cache_evicted_blocks", "cached blocks handed out for new content",
+                                  lambda: engine.prefix_cache.evicted_blocks),
+                                 ("glm_prefix_cache_cached_blocks", "blocks held under their content now",
+                                  lambda: engine.prefix_cache.cached_blocks)):
             Gauge(name, text, registry=registry).set_function(read)
 
     def record_step(self, request: EngineRequest, new_tokens: int, finished: bool) -> None:
@@ -225,10 +140,11 @@ class _Inbox:
         self.lock = threading.Lock()
         self.pending: list[tuple[asyncio.Queue, tuple]] = []
 
-    def put(self, queue: asyncio.Queue, choice: int, tokens: list[int], finished: bool, error: str | None) -> None:
+    def put(self, queue: asyncio.Queue, choice: int, tokens: list[int], finished: bool, error: str | None,
+            log_probs: list[TokenLogProb] | None) -> None:
         """A choice's news (its request's deliver), for `queue` on the event loop."""
         with self.lock:
-            self.pending.append((queue, (choice, tokens, finished, error)))
+            self.pending.append((queue, (choice, tokens, finished, error, log_probs)))
             if len(self.pending) > 1:  # a wake-up is already on its way
                 return
         self.loop.call_soon_threadsafe(self._drain)
@@ -259,7 +175,9 @@ def create_app(engine: EngineProcess, tokenizer: ChatGLMTokenizer, model_name: s
     limits = RequestLimits.of(tokenizer, engine.limits.build_config.max_input_len)
     logger.info("requests: bodies up to %d bytes, prompt text up to %d characters", limits.max_body_bytes,
                 limits.max_prompt_chars)
-    _add_generation_routes(app, _Generations(engine, tokenizer, model_name, metrics, limits))
+    generations = _Generations(engine, tokenizer, model_name, metrics, limits)
+    _add_generation_routes(app, generations)
+    _add_token_routes(app, generations)
     return app
 
 
@@ -352,20 +270,50 @@ def _add_generation_routes(app: FastAPI, generations: _Generations) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request, CompletionRequest, generations.limits.max_body_bytes)
-        if isinstance(body.prompt, str):
-            text = body.prompt
-            prompt = await generations.tokenize(lambda: generations.tokenizer.encode(text), len(text), "prompt")
-        else:
-            prompt = list(body.prompt)
-        return await generations.answer(prompt, body, "text_completion", request)
+        prompts, texts = await generations.completion_prompts(body.prompt)
+        if body.echo and body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs would need the prompt's log-probs, which the engine does not "
+                                "compute; drop one of them", param="echo")
+        return await generations.answer(prompts, body, "text_completion", request, texts if body.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_body(request, ChatRequest, generations.limits.max_body_bytes)
-        messages = [(message.role, message.content) for message in body.messages]
-        prompt = await generations.tokenize(lambda: chat_prompt_ids(generations.tokenizer, messages),
-                                            sum(len(content) for _, content in messages), "messages")
-        return await generations.answer(prompt, body, "chat.completion", request)
+        return await generations.answer([await generations.chat_prompt(body.messages)], body, "chat.completion",
+                                        request)
+
+
+def _add_token_routes(app: FastAPI, generations: _Generations) -> None:
+    """vLLM's /tokenize and /detokenize."""
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = await read_body(request, TokenizeRequest, generations.limits.max_body_bytes)
+        generations.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "send either prompt (text) or messages (a chat)", param="prompt")
+        if body.messages is not None:
+            if body.add_special_tokens is not None:
+                raise ApiError(400, "add_special_tokens applies to a prompt; a chat is formatted as "
+                                    "/v1/chat/completions formats it", param="add_special_tokens")
+            tokens = await generations.chat_prompt(body.messages)
+        else:
+            prefix, text = body.add_special_tokens is not False, body.prompt
+            tokens = await generations.tokenize(lambda: generations.tokenizer.encode(text, add_prefix=prefix),
+                                                len(text), "prompt")
+        build = generations.engine.limits.build_config
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": build.max_input_len + build.max_output_len,
+                "max_input_len": build.max_input_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        body = await read_body(request, DetokenizeRequest, generations.limits.max_body_bytes)
+        generations.check_model(body.model)
+        vocab = generations.engine.limits.vocab_size
+        bad = [token for token in body.tokens if not 0 <= token < vocab]
+        if bad:
+            raise ApiError(400, f"tokens holds token id {bad[0]}, outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": await asyncio.to_thread(generations.tokenizer.decode, body.tokens)}
 
 
 class _Generations:
@@ -377,7 +325,14 @@ class _Generations:
                  limits: RequestLimits) -> None:
         self.engine, self.tokenizer, self.model_name, self.metrics = engine, tokenizer, model_name, metrics
         self.limits = limits
+        self.token_texts = TokenTexts(tokenizer)
         self.inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
+
+    def check_model(self, model: str | None) -> None:
+        """Refuses another model's name (None: a field that may be left out was)."""
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"model {model!r} is not served here; /v1/models lists {self.model_name!r}",
+                           param="model")
 
     async def tokenize(self, encode: Callable[[], list[int]], chars: int, param: str) -> list[int]:
         """`encode()`'s token ids of a request's `chars` characters of text, on a worker
@@ -388,46 +343,57 @@ class _Generations:
         except GlmEngineError as error:
             raise ApiError(400, str(error), param=param) from None
 
-    def samplings(self, body: _Generation) -> list[SamplingConfig]:
-        """One SamplingConfig per choice (n) of a request; refuses another model's name and
-        lengths outside the engine's."""
-        if body.model != self.model_name:
-            raise ApiError(404, f"model {body.model!r} is not served here; /v1/models lists {self.model_name!r}",
-                           param="model")
-        build = self.engine.limits.build_config
-        max_tokens = build.max_output_len if body.max_tokens is None else body.max_tokens
-        if max_tokens > build.max_output_len:
-            raise ApiError(400, f"max_tokens {max_tokens} is over the engine's max_output_len {build.max_output_len}",
-                           param="max_tokens")
-        if body.min_tokens > max_tokens:
-            raise ApiError(400, f"min_tokens {body.min_tokens} is over max_tokens {max_tokens}", param="min_tokens")
-        stop = _stop_strings(body.stop)
-        greedy = body.temperature == 0.0
-        return [SamplingConfig(max_new_tokens=max_tokens, temperature=1.0 if greedy else body.temperature,
-                               top_k=1 if greedy else 0, top_p=body.top_p, end_id=self.engine.limits.end_id,
-                               stop_words=stop,
-                               random_seed=None if body.seed is None else (body.seed + choice) % (MAX_SEED + 1),
-                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                               min_length=body.min_tokens)
-                for choice in range(body.n)]
+    async def completion_prompts(self, prompt: str | list) -> tuple[list[list[int]], list[str]]:
+        """The token ids and text of each prompt of /v1/completions: a string, a list of
+        strings, a token list or a list of token lists."""
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise ApiError(400, "prompt is an empty list; send a prompt", param="prompt")
+        ids, texts = [], []
+        for index, one in enumerate(prompt):
+            if isinstance(one, str):
+                ids.append(await self.tokenize(functools.partial(self.tokenizer.encode, one), len(one),
+                                               "prompt" if len(prompt) == 1 else f"prompt.{index}"))
+                texts.append(one)
+            else:
+                ids.append(list(one))
+                texts.append(self.tokenizer.decode(one))
+        return ids, texts
 
-    async def answer(self, prompt: list[int], body: _Generation, kind: str, request: Request):
-        """Sends the request's choices to the engine; the streamed events or the whole answer."""
+    async def chat_prompt(self, messages: list) -> list[int]:
+        """The token ids of a chat, in the model's chat format."""
+        turns = [(message.prompt_role, message.text) for message in messages]
+        return await self.tokenize(lambda: chat_prompt_ids(self.tokenizer, turns),
+                                   sum(len(text) for _, text in turns), "messages")
+
+    async def answer(self, prompts: list[list[int]], body: _Generation, kind: str, request: Request,
+                     echo: list[str] | None = None):
+        """Sends each prompt's choices to the engine (choice index: prompt index * n + its
+        choice, as OpenAI's); the streamed events or the whole answer."""
+        self.check_model(body.model)
         loop = asyncio.get_running_loop()
         inbox = self.inboxes.get(loop) or self.inboxes.setdefault(loop, _Inbox(loop))
-        queue: asyncio.Queue = asyncio.Queue()  # (choice, tokens, finished, error) of all the request's choices
-        samplings = self.samplings(body)
+        queue: asyncio.Queue = asyncio.Queue()  # (choice, tokens, finished, error, log-probs) of all its choices
+        configs = samplings(body, self.engine.limits)
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options applies to streamed answers; set stream true", param="stream_options")
+        requests = [(prompt, sampling) for prompt in prompts for sampling in configs]
         try:
             ids = self.engine.submit([EngineRequest(prompt, sampling, functools.partial(inbox.put, queue, choice))
-                                      for choice, sampling in enumerate(samplings)])
+                                      for choice, (prompt, sampling) in enumerate(requests)])
         except QueueFull as error:
             raise ApiError(429, str(error), "rate_limit_exceeded") from None
         except EngineClosed as error:
             raise ApiError(503, str(error), "server_error") from None
         except GlmEngineError as error:
             raise ApiError(400, str(error)) from None
-        self.metrics.prompt_tokens.inc(len(prompt) * len(ids))
-        answer = _Answer(kind, self.model_name, len(prompt), body.n, samplings[0].max_new_tokens, self.tokenizer)
+        self.metrics.prompt_tokens.inc(sum(len(prompt) for prompt, _ in requests))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        answer = _Answer(kind, self.model_name, sum(map(len, prompts)), len(requests), configs[0].max_new_tokens,
+                         self.tokenizer, echo=[text for text in echo for _ in configs] if echo else None,
+                         token_texts=self.token_texts if configs[0].output_log_probs else None,
+                         include_usage=include_usage)
         if body.stream:
             return StreamingResponse(self.events(answer, queue, ids), media_type="text/event-stream")
         return await self.whole_unless_left(request, answer, queue, ids)
@@ -438,37 +404,40 @@ class _Generations:
             self.engine.cancel(request_id)
 
     async def news(self, queue: asyncio.Queue, open_choices: set[int]) -> list[tuple]:
-        """The request's news (choice, tokens, finished, error) waiting in `queue`, at least
-        one, merged per choice: when this side falls behind the engine, several steps' tokens
-        go out as one event instead of one event per step. A choice that ends or fails
-        leaves `open_choices` and is counted."""
+        """The request's news (choice, tokens, finished, error, log-probs) waiting in
+        `queue`, at least one, merged per choice: when this side falls behind the engine,
+        several steps' tokens go out as one event instead of one event per step. A choice
+        that ends or fails leaves `open_choices` and is counted."""
         items = [await queue.get()]
         while not queue.empty():
             items.append(queue.get_nowait())
         merged: dict[int, tuple] = {}
-        for choice, tokens, finished, error in items:
-            _, before, was_finished, was_error = merged.get(choice, (choice, [], False, None))
-            merged[choice] = (choice, before + tokens, was_finished or finished, was_error or error)
-        for choice, _, finished, error in merged.values():
+        for choice, tokens, finished, error, log_probs in items:
+            _, before, was_finished, was_error, logged = merged.get(choice, (choice, [], False, None, []))
+            merged[choice] = (choice, before + tokens, was_finished or finished, was_error or error,
+                              logged + (log_probs or []))
+        for choice, _, finished, error, _ in merged.values():
             if finished or error is not None:
                 open_choices.discard(choice)
                 self.metrics.requests.labels("ok" if error is None else "error").inc()
         return list(merged.values())
 
     async def events(self, answer: _Answer, queue: asyncio.Queue, ids: list[int]) -> AsyncIterator[str]:
-        """The request's server-sent events. A client that leaves closes this generator
-        (Starlette cancels it, or the next send fails): its open choices are cancelled."""
+        """The request's server-sent events, the usage last when asked (include_usage). A
+        client that leaves closes this generator (Starlette cancels it, or the next send
+        fails): its open choices are cancelled."""
         open_choices = set(range(len(ids)))
         try:
             while open_choices:
-                for choice, tokens, finished, error in await self.news(queue, open_choices):
+                for choice, tokens, finished, error, log_probs in await self.news(queue, open_choices):
                     if error is not None:
                         yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": None}})
                         continue
-                    chunk = answer.add(choice, tokens, finished, streaming=True)
+                    chunk = answer.add(choice, tokens, finished, streaming=True, log_probs=log_probs)
                     if chunk is not None:
                         yield _sse(chunk)
-            yield _sse(answer.usage_chunk())
+            if answer.include_usage:
+                yield _sse(answer.usage_chunk())
             yield "data: [DONE]\n\n"
         finally:  # the client left: free its blocks now
             self.cancel([ids[choice] for choice in open_choices])
@@ -493,40 +462,60 @@ class _Generations:
         """Every choice's text, once all have finished."""
         try:
             while open_choices:
-                for choice, tokens, finished, error in await self.news(queue, open_choices):
+                for choice, tokens, finished, error, log_probs in await self.news(queue, open_choices):
                     if error is not None:
                         raise ApiError(503, error, "server_error")
-                    answer.add(choice, tokens, finished, streaming=False)
+                    answer.add(choice, tokens, finished, streaming=False, log_probs=log_probs)
         finally:
             self.cancel([ids[choice] for choice in open_choices])
         return answer.whole()
-
-
-def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
-    """A request's stop strings; refuses more than MAX_STOP_STRINGS, empty ones and ones
-    over MAX_STOP_CHARS characters (the engine searches each step's text for each)."""
-    strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if len(strings) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"stop holds {len(strings)} strings; at most {MAX_STOP_STRINGS} are allowed",
-                       param="stop")
-    for index, string in enumerate(strings):
-        if not 1 <= len(string) <= MAX_STOP_CHARS:
-            raise ApiError(400, f"stop string {index} has {len(string)} characters; each must have 1 to "
-                                f"{MAX_STOP_CHARS}", param="stop")
-    return strings
 
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+class TokenTexts:
+    """How tokens show in log-probs: a token's text (its SentencePiece piece, "▁" as a
+    space; a byte piece that is not a whole character as vLLM's "bytes:\\xe5"; a special
+    token its name), and its UTF-8 bytes (None for a special token)."""
+
+    def __init__(self, tokenizer: ChatGLMTokenizer) -> None:
+        self.pieces = tokenizer.token_bytes()
+
+    def text(self, token: int) -> str:
+        """The token's text."""
+        if not 0 <= token < len(self.pieces):
+            return "⁇"  # outside the tokenizer (an engine vocabulary larger than it): decode()'s mark
+        piece = self.pieces[token]
+        if piece.startswith(b"\xff"):
+            return piece[1:].decode()
+        try:
+            return piece.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{byte:02x}" for byte in piece)
+
+    def bytes(self, token: int) -> list[int] | None:
+        """The token's bytes in a text."""
+        if not 0 <= token < len(self.pieces) or self.pieces[token].startswith(b"\xff"):
+            return None
+        return list(self.pieces[token])
+
+
+def _finite(log_prob: float) -> float:
+    return max(log_prob, LOWEST_LOG_PROB)  # JSON has no -inf
+
+
 class _Answer:
-    """The response of one request (its n choices), built as tokens arrive: each choice's
+    """The response of one request (its choices), built as tokens arrive: each choice's
     tokens become text once, as they come (IncrementalDetokenizer), for the stream and
-    the whole answer alike."""
+    the whole answer alike. With `echo`, each choice's text starts with its prompt's; with
+    `token_texts`, choices carry their tokens' log-probs in the endpoint's shape; with
+    `include_usage`, the stream ends with a chunk of the usage and no choices."""
 
     def __init__(self, kind: str, model: str, prompt_tokens: int, choices: int, max_tokens: int,
-                 tokenizer: ChatGLMTokenizer) -> None:
+                 tokenizer: ChatGLMTokenizer, echo: list[str] | None = None, token_texts: TokenTexts | None = None,
+                 include_usage: bool = False) -> None:
         self.kind, self.model, self.prompt_tokens = kind, model, prompt_tokens
         self.max_tokens = max_tokens
         self.id = ("chatcmpl-" if kind != "text_completion" else "cmpl-") + uuid.uuid4().hex
@@ -534,24 +523,59 @@ class _Answer:
         self.generated = [0] * choices
         self.texts = [IncrementalDetokenizer(tokenizer) for _ in range(choices)]
         self.finish: list[str | None] = [None] * choices
+        self.echo = echo or [""] * choices
+        self.echoed = [False] * choices  # streaming: whether the choice's echo went out
+        self.token_texts, self.include_usage = token_texts, include_usage
+        self.logged: list[list[dict]] = [[] for _ in range(choices)]  # log-prob parts of whole answers
 
-    def add(self, choice: int, tokens: list[int], finished: bool, streaming: bool) -> dict | None:
-        """Takes a step's tokens of a choice; when streaming, the chunk of its new text, if any."""
+    def add(self, choice: int, tokens: list[int], finished: bool, streaming: bool,
+            log_probs: list[TokenLogProb] | None = None) -> dict | None:
+        """Takes a step's tokens of a choice (and their log-probs, when asked); when
+        streaming, the chunk of its new text, if any."""
+        first = self.generated[choice]
         self.generated[choice] += len(tokens)
         delta = self.texts[choice].add(tokens)
         if finished:
             delta += self.texts[choice].finish()
             self.finish[choice] = "length" if self.generated[choice] >= self.max_tokens else "stop"
-        if not streaming or (not delta and not finished):
+        logged = self._log_probs(choice, first, tokens, log_probs or []) if self.token_texts and tokens else None
+        if not streaming:
+            if logged is not None:
+                self.logged[choice].append(logged)
             return None
-        return self._chunk(choice, delta, self.finish[choice])
+        if not self.echoed[choice]:
+            delta, self.echoed[choice] = self.echo[choice] + delta, True
+        if not delta and not finished and logged is None:
+            return None
+        return self._chunk(choice, delta, self.finish[choice], logged)
 
-    def _chunk(self, choice: int, delta: str, finish: str | None) -> dict:
+    def _log_probs(self, choice: int, first: int, tokens: list[int], log_probs: list[TokenLogProb]) -> dict:
+        """The log-probs of a choice's `tokens` (its first-th on), in the endpoint's shape."""
+        texts = self.token_texts
+        if self.kind != "text_completion":
+            content = [{"token": texts.text(token), "logprob": _finite(value), "bytes": texts.bytes(token),
+                        "top_logprobs": [{"token": texts.text(other), "logprob": _finite(other_value),
+                                          "bytes": texts.bytes(other)} for other, other_value in top]}
+                       for token, (value, top) in zip(tokens, log_probs)]
+            return {"content": content, "refusal": None}
+        detokenizer, echo = self.texts[choice], len(self.echo[choice])
+        ends = detokenizer.ends  # where each released token's text ends; one not released starts at the end
+        starts = [ends[index - 1] if 0 < index <= len(ends) else (0 if index == 0 else detokenizer.length)
+                  for index in range(first, first + len(tokens))]
+        return {"tokens": [texts.text(token) for token in tokens],
+                "token_logprobs": [_finite(value) for value, _ in log_probs],
+                "top_logprobs": [{texts.text(token): _finite(value),
+                                  **{texts.text(other): _finite(other_value) for other, other_value in top}}
+                                 for token, (value, top) in zip(tokens, log_probs)],
+                "text_offset": [echo + start for start in starts]}
+
+    def _chunk(self, choice: int, delta: str, finish: str | None, logged: dict | None) -> dict:
         if self.kind == "text_completion":
-            body = {"index": choice, "text": delta, "logprobs": None, "finish_reason": finish}
+            body = {"index": choice, "text": delta, "logprobs": logged, "finish_reason": finish}
             return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                     "choices": [body]}
-        body = {"index": choice, "delta": {"role": "assistant", "content": delta}, "finish_reason": finish}
+        body = {"index": choice, "delta": {"role": "assistant", "content": delta}, "logprobs": logged,
+                "finish_reason": finish}
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [body]}
 
@@ -561,18 +585,30 @@ class _Answer:
                 "total_tokens": self.prompt_tokens + completion}
 
     def usage_chunk(self) -> dict:
-        chunk = self._chunk(0, "", None)
+        """OpenAI's last chunk of a stream asking include_usage: no choices, the usage."""
+        chunk = self._chunk(0, "", None, None)
         chunk["choices"] = []
         chunk["usage"] = self.usage()
         return chunk
 
+    def _whole_log_probs(self, choice: int) -> dict | None:
+        parts = self.logged[choice]
+        if self.token_texts is None:
+            return None
+        if self.kind != "text_completion":
+            return {"content": [entry for part in parts for entry in part["content"]], "refusal": None}
+        keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        return {key: [value for part in parts for value in part[key]] for key in keys}
+
     def whole(self) -> dict:
-        texts = [text.text for text in self.texts]
+        """The whole answer: every choice's text (after its echo), finish reason and log-probs, and the usage."""
+        texts = [echo + text.text for echo, text in zip(self.echo, self.texts)]
         if self.kind == "text_completion":
-            choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": self.finish[i]}
-                       for i, text in enumerate(texts)]
+            choices = [{"index": i, "text": text, "logprobs": self._whole_log_probs(i),
+                        "finish_reason": self.finish[i]} for i, text in enumerate(texts)]
         else:
             choices = [{"index": i, "message": {"role": "assistant", "content": text},
-                        "finish_reason": self.finish[i]} for i, text in enumerate(texts)]
+                        "logprobs": self._whole_log_probs(i), "finish_reason": self.finish[i]}
+                       for i, text in enumerate(texts)]
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}

@@ -138,17 +138,28 @@ def run_tool(main: Callable[[], None], writes_stdout: bool = False) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def add_session_arguments(parser: argparse.ArgumentParser, log_level: str = "info") -> None:
+def add_session_arguments(parser: argparse.ArgumentParser, log_level: str = "info",
+                          prefix_caching: bool = False) -> None:
     """The flags of a tool that loads one session: --device, --log_level (default
-    `log_level`) and the KV pool's sizing."""
+    `log_level`) and the KV pool's sizing and prefix caching (default `prefix_caching`)."""
     parser.add_argument("--device", type=str, default=None,
                         help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--log_level", choices=list(LOG_LEVELS), default=log_level, help="(default: %(default)s)")
-    add_kv_cache_arguments(parser)
+    add_kv_cache_arguments(parser, prefix_caching)
 
 
-def add_kv_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """The run-time sizing of a paged KV cache (engines built with --paged_kv_cache)."""
+def add_kv_cache_arguments(parser: argparse.ArgumentParser, prefix_caching: bool = False) -> None:
+    """The run-time sizing of a paged KV cache (engines built with --paged_kv_cache) and
+    prefix caching: --enable_prefix_caching where it is off by default, --no_prefix_caching
+    where it is on (`prefix_caching`, serve.py's)."""
+    caching_help = ("requests reuse the cached K/V of the prompt prefix they share with earlier ones (same "
+                    "tokens, less prompt work)")
+    if prefix_caching:
+        parser.add_argument("--no_prefix_caching", dest="enable_prefix_caching", action="store_false",
+                            help=f"turn prefix caching off; with it, {caching_help} (default: on)")
+    else:
+        parser.add_argument("--enable_prefix_caching", action="store_true",
+                            help=f"{caching_help} (default: off)")
     parser.add_argument("--kv_cache_free_gpu_mem_fraction", type=float, default=None,
                         help="paged engines: share of the GPU memory free after loading that the KV pool takes "
                              "(default: 0.9)")
@@ -177,9 +188,10 @@ def scheduler_options(args: argparse.Namespace) -> dict:
 
 
 def kv_cache_options(args: argparse.Namespace) -> dict:
-    """Session keyword arguments from add_kv_cache_arguments' flags."""
+    """Session keyword arguments from add_kv_cache_arguments' flags (prefix caching included)."""
     return {"kv_cache_free_gpu_mem_fraction": args.kv_cache_free_gpu_mem_fraction,
-            "max_tokens_in_paged_kv_cache": args.max_tokens_in_paged_kv_cache}
+            "max_tokens_in_paged_kv_cache": args.max_tokens_in_paged_kv_cache,
+            "prefix_caching": args.enable_prefix_caching}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, words: bool = True) -> None:

@@ -230,46 +230,43 @@ def prompt_ids(path: str, line_number: int, text: str) -> list[int]:
     return [int(cell) for cell in cells]
 
 
-def read_input_tokens(path: str, max_input_len: int, batch_limit: int | None) -> list[list[int]]:
+def read_input_tokens(path: str, max_input_len: int) -> list[list[int]]:
     """--input_tokens: one prompt of comma-separated token ids per line, from a file or a
     pipe, read a line at a time with the limits checked as it goes, so that no input,
     an endless one included, takes more memory than a run can use: a line longer than
     max_input_len ids can be (csv's field limit, plus 32 bytes an id) is refused as soon
-    as it is; an engine without in-flight batching keeps `batch_limit` prompts and
-    counts the lines after them; at most MAX_PROMPTS prompts, MAX_PROMPT_TOKENS tokens
-    in all. Text that is not UTF-8 is named before a line that is not token ids."""
+    as it is; at most MAX_PROMPTS prompts, MAX_PROMPT_TOKENS tokens in all (prompts beyond
+    max_batch_size wait in the engine's queue). Text that is not UTF-8 is named before a
+    line that is not token ids."""
     source = Path(path)
     if not source.exists():
         raise GlmEngineError(f"--input_tokens {path}: no such file")
     if source.is_dir():
         raise GlmEngineError(f"--input_tokens {path} is a directory; give a CSV file")
     line_limit = csv.field_size_limit() + 32 * max_input_len
-    prompts, count, tokens, lines, offset, bad_line = [], 0, 0, 0, 0, None  # count: prompts read, kept or not
+    prompts, tokens, lines, offset, bad_line = [], 0, 0, 0, None
     try:
         with open(source, "rb") as stream:
-            while count <= MAX_PROMPTS and tokens <= MAX_PROMPT_TOKENS and (line := stream.readline(line_limit + 1)):
+            while len(prompts) <= MAX_PROMPTS and tokens <= MAX_PROMPT_TOKENS and \
+                    (line := stream.readline(line_limit + 1)):
                 lines += 1
                 if len(line) > line_limit:
                     raise GlmEngineError(f"--input_tokens {path} is not a CSV file of prompts this engine takes: line "
                                          f"{lines} runs past {line_limit} bytes, more than {max_input_len} token ids "
                                          "(its max_input_len) can take")
                 text = decoded_line(path, line, offset)
-                if bad_line is None and (batch_limit is None or len(prompts) < batch_limit):
+                if bad_line is None:
                     try:
                         prompts.append(prompt_ids(path, lines, text))
                         tokens += len(prompts[-1])
                     except GlmEngineError as error:  # told once the rest is known to be text
                         bad_line = error
-                count, offset = count + bool(text.strip()), offset + len(line)  # past the batch: only counted
+                offset += len(line)
     except OSError as error:
         raise GlmEngineError(f"--input_tokens {path}: {error.strerror}") from None
     if bad_line is not None:
         raise bad_line
-    if count > len(prompts):
-        many = f"more than {MAX_PROMPTS}" if count > MAX_PROMPTS else str(count)
-        raise GlmEngineError(f"{many} prompts exceed the engine's max_batch_size {batch_limit}; send fewer or "
-                             "rebuild with a larger --max_batch_size")
-    if count > MAX_PROMPTS or tokens > MAX_PROMPT_TOKENS:
+    if len(prompts) > MAX_PROMPTS or tokens > MAX_PROMPT_TOKENS:
         raise GlmEngineError(f"--input_tokens {path} holds more than {MAX_PROMPTS} prompts or {MAX_PROMPT_TOKENS} "
                              "tokens, more than one run takes; split it into several runs")
     if not prompts:
@@ -281,8 +278,7 @@ def read_prompts(args: argparse.Namespace, tokenizer: ChatGLMTokenizer | None,
                  build_config: BuildConfig) -> tuple[list[list[int]], list[str]]:
     """The prompts' token ids and the texts shown for them (--input_tokens or --input_text)."""
     if args.input_tokens is not None:
-        batch_limit = None if build_config.use_inflight_batching else build_config.max_batch_size
-        prompts = read_input_tokens(args.input_tokens, build_config.max_input_len, batch_limit)
+        prompts = read_input_tokens(args.input_tokens, build_config.max_input_len)
         return prompts, [tokenizer.decode(p) if tokenizer else ",".join(map(str, p)) for p in prompts]
     texts = args.input_text or [DEFAULT_INPUT_TEXT]
     if not all(text.strip() for text in texts):

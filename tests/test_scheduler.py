@@ -207,14 +207,18 @@ def test_benchmark_serving_modes_complete_every_request(paged_engine, tmp_path, 
     assert "output tok/s" in result.stdout
 
 
-def test_run_py_on_an_inflight_engine_takes_more_prompts_than_max_batch_size(paged_engine, tmp_path):
-    """A paged engine without --use_inflight_batching refuses 6 prompts (max_batch_size 4);
-    one with it queues them and gives each its alone tokens."""
+def test_run_py_takes_more_prompts_than_max_batch_size(paged_engine, tmp_path):
+    """6 prompts on engines of max_batch_size 4 (static) and 2 (in flight): the prompts
+    beyond the batch wait in the queue, and each gets its alone tokens."""
     prompts = mixed_prompts(6, seed=8)
     (tmp_path / "prompts.csv").write_text("\n".join(",".join(map(str, p)) for p in prompts) + "\n")
-    refused = run_tool("run.py", "--engine_dir", paged_engine, "--input_tokens", tmp_path / "prompts.csv",
-                       "--max_output_len", "4", "--device", "cpu")
-    assert_one_line_error(refused, "6 prompts exceed the engine's max_batch_size 4")
+    static = run_tool("run.py", "--engine_dir", paged_engine, "--input_tokens", tmp_path / "prompts.csv",
+                      "--max_output_len", "4", "--device", "cpu", "--output_csv", tmp_path / "static.csv")
+    assert static.returncode == 0, static.stderr
+    roomy = load_session(paged_engine, "cpu")
+    sampling = SamplingConfig(max_new_tokens=4, end_id=roomy.model_config.eos_token_id)
+    written = [list(map(int, line.split(","))) for line in (tmp_path / "static.csv").read_text().split()]
+    assert written == [alone(roomy, prompt, sampling) for prompt in prompts]
     engine_dir = tmp_path / "inflight"
     built = run_tool("build.py", "--output_dir", engine_dir, *TINY_SHAPE_FLAGS, "--dtype", "float32",
                      "--max_batch_size", "2", "--max_input_len", "32", "--max_output_len", "8",

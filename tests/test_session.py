@@ -114,7 +114,6 @@ def test_filtered_sampling_draws_from_the_renormalized_nucleus(setting, nucleus)
 
 
 @pytest.mark.parametrize("prompts, max_new, message", [
-    ([[1]] * 4, 4, "exceed the engine's max_batch_size 3"),
     ([list(range(3, 20))], 4, "17 tokens, over the engine's max_input_len 16"),
     ([[5], []], 4, "prompt 1 is empty"),
     ([[5, 1024]], 4, "token id 1024, outside the vocabulary"),

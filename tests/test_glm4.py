@@ -229,3 +229,13 @@ def test_two_ranks_give_the_one_rank_tokens_and_logits(tmp_path):
         results.append(run_worker(engine_dir, world_size, tmp_path))
     assert results[1]["tokens"] == results[0]["tokens"]
     assert torch.allclose(results[1]["logits"], results[0]["logits"], rtol=0, atol=1e-5)
+
+
+def test_the_reference_generation_stops_at_any_end_id(glm_checkpoint):
+    _, reference = glm_checkpoint
+    prompts = random_prompts([6, 11], 1000, 10)
+    free = hf_generate(reference, prompts, 8, -1, 0)
+    ends = [free[0][3], free[1][5]]
+    cut = [row[:min([i for i, token in enumerate(row) if token in ends] + [len(row)])] for row in free]
+    assert hf_generate(reference, prompts, 8, ends, 0) == cut
+    assert len(cut[0]) <= 3 and len(cut[1]) <= 5

@@ -41,15 +41,18 @@ def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device | st
 
 
 @torch.inference_mode()
-def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, pad_id: int,
+def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, end_id: int | list[int], pad_id: int,
                 num_beams: int = 1) -> list[list[int]]:
     """Greedy (or, with num_beams, the best beam's) outputs of the Hugging Face model for
-    a batch (left-padded, with its attention mask), each cut before the first end token."""
+    a batch (left-padded, with its attention mask), each cut before the first end token;
+    `end_id` is one id or every end id of the model (GLM-4 has three)."""
+    end_ids = list(end_id) if isinstance(end_id, (list, tuple)) else [end_id]
     input_ids, attention_mask = left_padded(prompts, pad_id, next(model.parameters()).device)
     generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                               max_new_tokens=max_new_tokens, eos_token_id=end_id, pad_token_id=pad_id,
+                               max_new_tokens=max_new_tokens, eos_token_id=end_ids, pad_token_id=pad_id,
                                num_beams=num_beams, top_k=None, top_p=None, temperature=None)
     outputs = []
     for row in generated[:, input_ids.shape[1]:].tolist():
-        outputs.append(row[:row.index(end_id)] if end_id in row else row)
+        ends = [index for index, token in enumerate(row) if token in end_ids]
+        outputs.append(row[:ends[0]] if ends else row)
     return outputs

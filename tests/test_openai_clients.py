@@ -193,17 +193,17 @@ def test_log_probs_are_the_engines(server, local):
 
 
 def test_logit_bias_changes_the_output_as_it_must(server, local):
-    plain = local.output(PROMPTS[1], 6).token_ids
+    """+100 makes a token the only choice; -100 on the greedy answer's first tokens makes
+    another first token, the engine's own answer under that bias."""
     forced = server.client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0,
                                               logit_bias={"300": 100})
     assert forced.choices[0].text == local.tokenizer.decode([300] * 6)
-    banned = server.client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=6, temperature=0,
-                                                   logit_bias={str(token): -100 for token in plain[:2]})
-    chat_plain = local.output(CHAT, 6).token_ids
-    bias = tuple((token, -100.0) for token in plain[:2])
-    assert banned.choices[0].message.content == local.text(CHAT, 6, logit_bias=bias)
-    assert local.output(CHAT, 6, logit_bias=bias).token_ids != chat_plain or not set(plain[:2]) & set(chat_plain)
-    assert local.output(PROMPTS[1], 6, logit_bias=bias).token_ids[0] != plain[0]
+    plain = local.output(CHAT, 6).token_ids
+    banned = dict.fromkeys(plain[:2], -100.0)
+    answer = server.client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=6, temperature=0,
+                                                   logit_bias={str(token): bias for token, bias in banned.items()})
+    expected = local.output(CHAT, 6, logit_bias=tuple(banned.items())).token_ids
+    assert expected[0] not in banned and answer.choices[0].message.content == local.tokenizer.decode(expected)
 
 
 def test_vllm_sampling_fields_equal_the_engine(server, local):
@@ -235,13 +235,22 @@ def test_beam_search_equals_the_engines_best_beam(server, local):
     assert answer.choices[0].text == local.tokenizer.decode(best)
 
 
-def test_response_format_json_object_is_parseable(server):
+def test_response_format_gives_parseable_json(server):
+    """json_object: the answer is JSON text from its first character, an object once it
+    ends by itself; a json_schema whose objects are short ends and validates."""
     for temperature in (0, 1):
         answer = server.client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=24,
                                                        temperature=temperature, seed=1,
-                                                       response_format={"type": "json_object"})
-        if answer.choices[0].finish_reason == "stop":
-            assert isinstance(json.loads(answer.choices[0].message.content), dict)
+                                                       response_format={"type": "json_object"}).choices[0]
+        assert answer.message.content.startswith("{")
+        if answer.finish_reason == "stop":
+            assert isinstance(json.loads(answer.message.content), dict)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    answer = server.client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=24, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "flag", "schema": schema}}).choices[0]
+    assert answer.finish_reason == "stop" and isinstance(json.loads(answer.message.content)["ok"], bool)
 
 
 @pytest.mark.parametrize("path, body, param, fragment", [

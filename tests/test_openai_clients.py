@@ -90,6 +90,12 @@ def test_sync_client_completions_and_chat_equal_the_engine(server, local):
     chat = client.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=9, temperature=0)
     assert chat.choices[0].message.content == local.text(CHAT, 9)
     assert chat.usage.completion_tokens == len(local.output(CHAT, 9).token_ids)
+    # OpenAI's newer shapes of the same chat: a developer message, content as text parts.
+    parts = [{"role": "developer", "content": CHAT[0]["content"]},
+             {"role": "user", "content": [{"type": "text", "text": CHAT[1]["content"][:1]},
+                                          {"type": "text", "text": CHAT[1]["content"][1:]}]}]
+    same = client.chat.completions.create(model="tiny", messages=parts, max_completion_tokens=9, temperature=0)
+    assert same.choices[0].message.content == chat.choices[0].message.content
 
 
 def test_prompt_lists_give_a_choice_set_per_prompt(server, local):

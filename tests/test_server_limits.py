@@ -264,6 +264,15 @@ def test_integer_temperature_and_chat_content_types(server):
     assert_openai_error(chat, 400, "messages.0.content", "messages.0.content")
 
 
+def test_a_tiny_temperature_samples_what_greedy_chooses(server):
+    """temperature 1e-45 is sampling in the limit of greedy: the greedy text, never "" from NaN logits."""
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 6, "seed": 1}
+    greedy = server.post({**body, "temperature": 0})
+    tiny = server.post({**body, "temperature": 1e-45})
+    assert greedy.status_code == tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"] != ""
+
+
 @pytest.mark.parametrize("method, path, status", [("GET", "/nowhere", 404), ("GET", "/v1/completions", 405),
                                                   ("POST", "/health", 405)])
 def test_unknown_paths_and_methods_get_openai_errors(server, method, path, status):

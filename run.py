@@ -23,7 +23,8 @@ try:
                                       kv_cache_options, run_tool, sampling_options, setup_logging)
     from glm_engine.text.detokenizer import IncrementalDetokenizer
     from glm_engine.text.prompts import clean_response, write_token_csv
-    from glm_engine.text.tokenizer import ChatGLMTokenizer
+    from glm_engine.text.tokenizer import ChatGLMTokenizer, has_tokenizer
+    from glm_engine.text.tokenizer import load_tokenizer as load_tokenizer_dir
 except ModuleNotFoundError as error:
     missing_package(error)
 
@@ -62,12 +63,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_tokenizer(args: argparse.Namespace, required: bool) -> ChatGLMTokenizer | None:
     directory = Path(args.tokenizer_dir or args.engine_dir)
-    if not (directory / "tokenizer.model").is_file():
+    if not has_tokenizer(directory):
         if required:
-            raise GlmEngineError(f"no tokenizer.model in {directory}: pass --tokenizer_dir, or give "
-                                 "token ids with --input_tokens")
+            raise GlmEngineError(f"no tokenizer.model or tokenizer.json in {directory}: pass "
+                                 "--tokenizer_dir, or give token ids with --input_tokens")
         return None
-    return ChatGLMTokenizer.from_dir(directory)
+    return load_tokenizer_dir(directory)
 
 
 def response_text(tokenizer: ChatGLMTokenizer | None, output: list[int]) -> str:

@@ -67,16 +67,17 @@ def main() -> None:
     from glm_engine.engine_format.engine import engine_configs
     from glm_engine.serving.openai_server import create_app, run_server
     from glm_engine.serving.engine_process import EngineProcess
-    from glm_engine.text.tokenizer import ChatGLMTokenizer
+    from glm_engine.text.tokenizer import has_tokenizer, load_tokenizer
     from model import load_session
 
     _, build_config = engine_configs(args.engine_dir)  # a clear error before any other work
     if build_config.world_size > 1:
         raise GlmEngineError(f"serve.py runs one-GPU engines; {args.engine_dir} has {build_config.world_size} ranks")
     tokenizer_dir = Path(args.tokenizer_dir or args.engine_dir)
-    if not (tokenizer_dir / "tokenizer.model").is_file():
-        raise GlmEngineError(f"no tokenizer.model in {tokenizer_dir}: the API takes text; pass --tokenizer_dir")
-    tokenizer = ChatGLMTokenizer.from_dir(tokenizer_dir)
+    if not has_tokenizer(tokenizer_dir):
+        raise GlmEngineError(f"no tokenizer.model or tokenizer.json in {tokenizer_dir}: the API takes "
+                             "text; pass --tokenizer_dir")
+    tokenizer = load_tokenizer(tokenizer_dir)
     # Both run in the engine process: module-level functions, so that they pickle however serve.py was started.
     session_factory = functools.partial(load_session, args.engine_dir, args.device, tokenizer=tokenizer,
                                         **kv_cache_options(args), **scheduler_options(args))

@@ -23,7 +23,8 @@ try:
     from glm_engine.tools.compare import first_divergence
     from glm_engine.config import ModelConfig
     from glm_engine.text.dataset import load_articles
-    from glm_engine.text.tokenizer import ChatGLMTokenizer
+    from glm_engine.text.tokenizer import ChatGLMTokenizer, has_tokenizer
+    from glm_engine.text.tokenizer import load_tokenizer as load_tokenizer_dir
 except ModuleNotFoundError as error:
     missing_package(error)
 
@@ -126,9 +127,10 @@ def run_side(side: SideResult, generate, batches: list[list[list[int]]], tokeniz
 def load_tokenizer(args: argparse.Namespace) -> ChatGLMTokenizer:
     candidates = [args.tokenizer] if args.tokenizer else [args.hf_model_location, args.engine_dir]
     for directory in filter(None, candidates):
-        if (Path(directory) / "tokenizer.model").is_file():
-            return ChatGLMTokenizer.from_dir(directory)
-    raise GlmEngineError(f"no tokenizer.model in {' or '.join(filter(None, candidates))}; pass --tokenizer")
+        if has_tokenizer(directory):
+            return load_tokenizer_dir(directory)
+    where = " or ".join(filter(None, candidates))
+    raise GlmEngineError(f"no tokenizer.model or tokenizer.json in {where}; pass --tokenizer")
 
 
 def hf_model(args: argparse.Namespace, device):

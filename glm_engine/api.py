@@ -1,7 +1,8 @@
 """The Python API in one import, wherever glm_engine is installed (no repository files
 needed): load_session opens an engine directory as a Session running its model
-family's network; SamplingConfig, ChatGLMTokenizer and RequestOutput are what a caller
-passes and gets back."""
+family's network; load_tokenizer reads an engine's or checkpoint's tokenizer (SentencePiece
+for ChatGLM2/3, GLM-4's BPE); SamplingConfig, ChatGLMTokenizer and RequestOutput are what
+a caller passes and gets back."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from glm_engine.models import family
 from glm_engine.runtime.ops import Ops
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import RequestOutput, Session
-from glm_engine.text.tokenizer import ChatGLMTokenizer
+from glm_engine.text.tokenizer import ChatGLMTokenizer, load_tokenizer
 
-__all__ = ["ChatGLMTokenizer", "RequestOutput", "SamplingConfig", "Session", "build_network", "load_session"]
+__all__ = ["ChatGLMTokenizer", "RequestOutput", "SamplingConfig", "Session", "build_network", "load_session",
+           "load_tokenizer"]
 
 
 def build_network(config: ModelConfig, ops: Ops, weights: dict[str, torch.Tensor], device: torch.device) -> nn.Module:

@@ -281,8 +281,8 @@ def test_an_engine_process_that_dies_ends_its_requests_and_health(engine):
 
 @pytest.mark.parametrize("flags, message", [
     (["--max_tokens_per_step", "0"], "--max_tokens_per_step must be at least 1, got 0"),  # from the engine process
-    (["--tokenizer_dir", "{engine}/nowhere"], "no tokenizer.model in {engine}/nowhere: the API takes text; pass "
-                                              "--tokenizer_dir"),
+    (["--tokenizer_dir", "{engine}/nowhere"], "no tokenizer.model or tokenizer.json in {engine}/nowhere: the API "
+                                              "takes text; pass --tokenizer_dir"),
 ])
 def test_a_server_that_cannot_start_says_why_in_one_line(engine, flags, message):
     flags = [flag.format(engine=engine) for flag in flags]
@@ -305,7 +305,10 @@ def test_chat_formats_of_both_flavors(tiny_tokenizer_dir):
     ids = chat_prompt_ids(three, [("system", "be brief"), ("user", "hi")])
     assert ids[:2] == [role["[gMASK]"], role["sop"]] and ids[-1] == role["<|assistant|>"]
     assert ids[2] == role["<|system|>"] and ids.index(role["<|user|>"]) > 2
-    assert three.decode(ids[3:ids.index(role["<|user|>"])]) == "\nbe brief"
+    # As ChatGLM3's build_chat_input: "\n" and the content encoded apart, each after SentencePiece's space.
+    assert ids[3:ids.index(role["<|user|>"])] == (three.encode("\n", add_prefix=False)
+                                                  + three.encode("be brief", add_prefix=False))
+    assert three.decode(ids[3:ids.index(role["<|user|>"])]) == "\n be brief"
     two = ChatGLMTokenizer.from_dir(tiny_tokenizer_dir, flavor="chatglm2")
     assert two.decode(chat_prompt_ids(two, [("system", "S"), ("user", "Q")])) == "[Round 1]\n\n问：S\nQ\n\n答："
     for messages, fragment in (([("user", "a"), ("user", "b")], "two user messages"),

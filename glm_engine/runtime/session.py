@@ -40,7 +40,7 @@ from glm_engine.runtime.scheduler import Scheduler, Sequence, StepResult
 from glm_engine.runtime.structured_output import GrammarTokenizer, response_format_grammar
 from glm_engine.text.stop_words import StopStrings
 from glm_engine.engine_format.tensor_parallel import rank_model_config
-from glm_engine.text.tokenizer import ChatGLMTokenizer
+from glm_engine.text.tokenizer import ChatGLMTokenizer, has_tokenizer, load_tokenizer
 
 # (model config, op table, runtime-layout weights, device) -> the network on that device
 NetworkBuilder = Callable[[ModelConfig, Ops, dict[str, torch.Tensor], torch.device], nn.Module]
@@ -315,10 +315,10 @@ class Session:
     def _text_tokenizer(self, index: int, needs: str) -> ChatGLMTokenizer:
         """The session's tokenizer, loaded from the engine on first need."""
         if self.tokenizer is None:
-            if not (Path(self.engine_dir) / "tokenizer.model").is_file():
+            if not has_tokenizer(self.engine_dir):
                 raise GlmEngineError(f"request {index} has {needs}, and the engine has no tokenizer; pass one "
                                      "(run.py --tokenizer_dir)")
-            self.tokenizer = ChatGLMTokenizer.from_dir(self.engine_dir)
+            self.tokenizer = load_tokenizer(self.engine_dir)
         return self.tokenizer
 
     @torch.inference_mode()

@@ -57,14 +57,6 @@ CONNECTIONS_CLOSE_SECONDS = 5.0  # once the engine is closed, for the last event
 LOWEST_LOG_PROB = -9999.0  # what a log-prob of -inf (a token the request's filters exclude) shows as, as vLLM's
 
 
-def longest_piece_chars(tokenizer: ChatGLMTokenizer) -> int:
-    """Characters of the tokenizer's longest text piece (byte, control and unknown pieces
-    aside): the most text one token stands for, before Unicode normalization."""
-    pieces = tokenizer.sp_model
-    return max(len(pieces.id_to_piece(i)) for i in range(pieces.get_piece_size())
-               if not (pieces.is_byte(i) or pieces.is_control(i) or pieces.is_unknown(i)))
-
-
 @dataclass(frozen=True)
 class RequestLimits:
     """What a request may hold, checked before any work is done on it: the characters of
@@ -79,7 +71,7 @@ class RequestLimits:
     @classmethod
     def of(cls, tokenizer: ChatGLMTokenizer, max_input_len: int) -> RequestLimits:
         """The limits of an engine taking `max_input_len` tokens with `tokenizer`."""
-        chars_per_token = COMPOSED_CHARS * longest_piece_chars(tokenizer)
+        chars_per_token = COMPOSED_CHARS * tokenizer.max_token_chars()
         body_bytes = OTHER_FIELDS_BYTES + max_input_len * (JSON_BYTES_PER_CHAR * chars_per_token + MESSAGE_JSON_BYTES)
         return cls(max_input_len, chars_per_token, max_input_len * chars_per_token, body_bytes)
 

@@ -87,13 +87,19 @@ def chat_prompt_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
 
 
 def _role_token_prompt(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
-    """ChatGLM3's and GLM-4's format: a role token, "\\n" and the content per message."""
+    """ChatGLM3's and GLM-4's format: a role token, "\\n" and the content per message.
+    ChatGLM3's tokenizer encodes the "\\n" and the content apart, each after SentencePiece's
+    leading space (its build_chat_input); GLM-4's encodes them as one text."""
     roles = tokenizer.special_token_ids
     ids = tokenizer.encode("", add_prefix=True)
     for role, content in messages:
         if f"<|{role}|>" not in roles:
             raise GlmEngineError(f"chat role {role!r} has no role token; use system, user, assistant or observation")
-        ids += [roles[f"<|{role}|>"], *tokenizer.encode("\n" + content, add_prefix=False)]
+        if getattr(tokenizer, "flavor", None) == "chatglm3":
+            body = tokenizer.encode("\n", add_prefix=False) + tokenizer.encode(content, add_prefix=False)
+        else:
+            body = tokenizer.encode("\n" + content, add_prefix=False)
+        ids += [roles[f"<|{role}|>"], *body]
     return ids + [roles["<|assistant|>"]]
 
 

@@ -259,6 +259,11 @@ class ChatGLMTokenizer:
         return f"[Round 1]\n\n问：{query}\n\n答："
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether a directory holds a tokenizer load_tokenizer reads."""
+    return any((Path(path) / name).is_file() for name in ("tokenizer.model", "tokenizer.json"))
+
+
 def load_tokenizer(path: str | Path) -> ChatGLMTokenizer | BPETokenizer:
     """The tokenizer of a checkpoint or engine directory, of the kind its files are:
     tokenizer.model as SentencePiece (ChatGLM2/ChatGLM3) or as a tiktoken BPE file

@@ -314,8 +314,9 @@ def main() -> None:
     model_config, build_config = engine_configs(args.engine_dir)  # a clear error before any other work
     tokenizer = load_tokenizer(args, required=args.input_tokens is None)
     sampling = SamplingConfig(max_new_tokens=build_config.max_output_len if args.max_output_len is None
-                              else args.max_output_len, random_seed=args.random_seed, end_id=model_config.eos_token_id,
-                              output_log_probs=args.output_log_probs is not None, **sampling_options(args, tokenizer))
+                              else args.max_output_len, random_seed=args.random_seed,
+                              output_log_probs=args.output_log_probs is not None, **sampling_options(args, tokenizer),
+                              **model_config.end_options(args.num_beams))
     if args.streaming and sampling.num_beams > 1:
         raise GlmEngineError("--streaming shows tokens as they come, and beams are known only when the search ends; "
                              "drop --streaming or --num_beams")

@@ -192,8 +192,8 @@ def main() -> None:
     sides = []
     if args.test_engine:
         session = load_session(args.engine_dir, device, **kv_cache_options(args))
-        sampling = SamplingConfig(max_new_tokens=args.output_len, end_id=session.model_config.eos_token_id,
-                                  num_beams=args.num_beams)
+        sampling = SamplingConfig(max_new_tokens=args.output_len, num_beams=args.num_beams,
+                                  **session.model_config.end_options(args.num_beams))
         for batch in batches:  # every batch checked before the first is generated
             session.check_requests(batch, sampling)
         inflight = session.build_config.use_inflight_batching
@@ -207,8 +207,7 @@ def main() -> None:
         del session
     if args.test_hf:
         model = hf_model(args, device)
-        end_id, pad_id = model.config.eos_token_id, model.config.pad_token_id
-        end_id = end_id[0] if isinstance(end_id, list) else end_id
+        end_id, pad_id = model.config.eos_token_id, model.config.pad_token_id  # every end id of the model
         sides.append(SideResult("Hugging Face"))
         run_side(sides[-1], lambda batch: hf_generate(model, batch, args.output_len, end_id, pad_id, args.num_beams),
                  batches, tokenizer)

@@ -110,6 +110,12 @@ class ModelConfig:
         if outside:
             raise GlmEngineError(f"model config: end id {outside[0]} is outside the vocabulary [0, {self.vocab_size})")
 
+    def end_options(self, num_beams: int = 1) -> dict:
+        """SamplingConfig's end_id and stop_token_ids for this model: its first end id, and
+        the others as stop tokens (GLM-4 also ends at <|user|> and <|observation|>). Beam
+        search takes one end id."""
+        return {"end_id": self.eos_token_id, "stop_token_ids": self.eos_token_ids[1:] if num_beams == 1 else ()}
+
     @property
     def q_size(self) -> int:
         return self.num_attention_heads * self.kv_channels

@@ -79,6 +79,20 @@ def test_every_end_id_is_recorded(glm_checkpoint, tmp_path):
     assert (model_config.eos_token_id, model_config.eos_token_ids) == (5, (5, 7, 9, 11))
 
 
+def test_every_end_id_ends_generation(glm_checkpoint, tmp_path):
+    """With the model's end options every end id ends a request (not returned); without
+    them the same biased request writes that token on."""
+    model_dir, _ = glm_checkpoint
+    session = load_session(build_engine(model_dir, tmp_path / "engine"), "cpu")
+    for end in session.model_config.eos_token_ids:
+        bias = ((end, 100.0),)  # the token every step chooses
+        ended = session.generate([[3, 4, 5]], SamplingConfig(max_new_tokens=6, logit_bias=bias,
+                                                             **session.model_config.end_options()))
+        assert ended[0].token_ids == []
+        endless = session.generate([[3, 4, 5]], SamplingConfig(max_new_tokens=6, end_id=-1, logit_bias=bias))
+        assert endless[0].token_ids == [end] * 6
+
+
 def test_weight_only_in_flight_engine_equals_the_reference_on_its_weights(tmp_path):
     """GLM-4-0414 with int8 weight-only, in-flight batching and every plugin: on the CPU the
     reference ops over the dequantized weights, whose Glm4ForCausalLM gives the same greedy tokens."""

@@ -103,6 +103,7 @@ class EngineLimits:
     block_size: int
     max_in_flight: int
     pool_flags: str  # the flags that size the KV pool on the engine's device
+    more_end_ids: tuple[int, ...] = ()  # the model's other end ids (GLM-4's), requests' stop tokens unless beams
 
     def check_prompt(self, prompt: list[int], max_new_tokens: int, index: int = 0) -> None:
         """Raises GlmEngineError when request `index`'s prompt or length breaks the engine's limits."""
@@ -262,7 +263,8 @@ class Session:
         flags = "--max_tokens_in_paged_kv_cache" if self.device.type != "cuda" else \
             "--kv_cache_free_gpu_mem_fraction or --max_tokens_in_paged_kv_cache"  # the CPU takes only the first
         self.limits = EngineLimits(self.build_config, self.model_config.vocab_size, self.model_config.eos_token_id,
-                                   manager.num_blocks, manager.block_size, max_in_flight, flags)
+                                   manager.num_blocks, manager.block_size, max_in_flight, flags,
+                                   self.model_config.eos_token_ids[1:])
 
     @property
     def has_work(self) -> bool:

@@ -297,6 +297,8 @@ def samplings(body: _Generation, limits: EngineLimits) -> list[SamplingConfig]:
                    logit_bias=logit_bias(body.logit_bias, limits.vocab_size),
                    stop_token_ids=_token_ids(body.stop_token_ids or [], limits.vocab_size, "stop_token_ids"),
                    response_format=check_response_format(body.response_format), **token_choice(body), **beams(body))
+    if options.get("num_beams", 1) == 1:  # the model's other end ids end a request too (beam search takes one)
+        options["stop_token_ids"] = tuple(dict.fromkeys((*options["stop_token_ids"], *limits.more_end_ids)))
     seeds = [None if body.seed is None else (body.seed + choice) % (MAX_SEED + 1) for choice in range(body.choices)]
     try:
         return [SamplingConfig(**options, random_seed=seed) for seed in seeds]

@@ -332,18 +332,22 @@ def arrival_times(args: argparse.Namespace, count: int) -> list[float]:
 
 
 def http_sampling(args: argparse.Namespace) -> dict:
-    """The request fields of the sampling flags that the HTTP API has (others refused)."""
+    """The request fields of the sampling flags: OpenAI's, and vLLM's top_k and
+    repetition_penalty (the load generator sets min_tokens itself; beams are not sent)."""
     options = sampling_options(args, None)
-    unsupported = [flag for flag, value, plain in (("--repetition_penalty", args.repetition_penalty, 1.0),
-                                                   ("--min_length", args.min_length, 0),
-                                                   ("--num_beams", args.num_beams, 1))
-                   if value != plain] + (["--top_k"] if options["top_k"] not in (0, 1) else [])
+    unsupported = [flag for flag, value, plain in (("--min_length", args.min_length, 0),
+                                                   ("--num_beams", args.num_beams, 1),
+                                                   ("--enable_prefix_caching", args.enable_prefix_caching, False))
+                   if value != plain]
     if unsupported:
-        raise GlmEngineError(f"{unsupported[0]} has no field in the HTTP API; drop it with --server_url")
+        raise GlmEngineError(f"{unsupported[0]} is not sent over HTTP (the server's own flags choose prefix caching); "
+                             "drop it with --server_url")
+    fields = {"presence_penalty": options["presence_penalty"], "frequency_penalty": options["frequency_penalty"],
+              "repetition_penalty": options["repetition_penalty"]}
     if options["top_k"] == 1:
-        return {"temperature": 0.0}
-    return {"temperature": options["temperature"], "top_p": options["top_p"] if 0 < options["top_p"] < 1 else 1.0,
-            "presence_penalty": options["presence_penalty"], "frequency_penalty": options["frequency_penalty"]}
+        return {**fields, "temperature": 0.0}
+    return {**fields, "temperature": options["temperature"], "top_k": options["top_k"],
+            "top_p": options["top_p"] if 0 < options["top_p"] < 1 else 1.0}
 
 
 def serve_over_http(args: argparse.Namespace, prompts: list[list[int]]) -> dict:

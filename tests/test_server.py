@@ -327,10 +327,14 @@ def test_benchmark_measures_a_server_over_http(server, engine, tmp_path):
     assert result.returncode == 0, result.stderr
     row = json.loads((tmp_path / "http.json").read_text())["rows"][0]
     assert row["side"] == "serve.py over HTTP" and row["requests"] == 12 and row["output_tokens_per_s"] > 0
-    refused = run_tool("benchmark.py", "--engine_dir", engine, "--mode", "throughput", "--num_requests", "2",
+    sampled = run_tool("benchmark.py", "--engine_dir", engine, "--mode", "throughput", "--num_requests", "2",
                        "--input_len_range", "4", "8", "--output_len", "4", "--repetition_penalty", "1.1",
+                       "--top_k", "5", "--temperature", "0.8", "--server_url", server.url)
+    assert sampled.returncode == 0, sampled.stderr
+    refused = run_tool("benchmark.py", "--engine_dir", engine, "--mode", "throughput", "--num_requests", "2",
+                       "--input_len_range", "4", "8", "--output_len", "4", "--num_beams", "2",
                        "--server_url", server.url)
-    assert refused.returncode != 0 and "--repetition_penalty has no field in the HTTP API" in refused.stderr
+    assert refused.returncode != 0 and "--num_beams is not sent over HTTP" in refused.stderr
 
 
 def test_streamed_text_adds_up_to_the_whole_text(tiny_tokenizer_dir):

@@ -89,6 +89,18 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serving modes: prompt lengths, uniform (default: 400 800)")
     parser.add_argument("--request_rate", type=float, default=None,
                         help="rate mode: requests per second (required there)")
+    parser.add_argument("--shared_prefix_len", type=int, default=0,
+                        help="serving modes: every prompt starts with the same N random tokens, a system prompt "
+                             "(default: %(default)s)")
+    parser.add_argument("--turns", type=int, default=1,
+                        help="serving modes: the requests are --num_requests / T conversations of T turns; turn t's "
+                             "prompt is the shared prefix, the conversation's earlier user texts each followed by "
+                             "--output_len fixed answer tokens, then its new user text (--input_len_range); every "
+                             "conversation's first turn comes first, then every second turn, ... (default: 1)")
+    parser.add_argument("--response_format", type=response_format_argument, default=None, metavar="JSON",
+                        help="serving modes: each request's OpenAI response_format, e.g. '{\"type\": \"json_object\"}'; "
+                             "a request then ends when its JSON is complete, at most --output_len tokens (needs the "
+                             "engine's tokenizer; default: free text)")
     add_scheduler_arguments(parser, "serving modes: ")
     parser.add_argument("--server_url", type=str, default=None,
                         help="serving modes: send the requests, streamed, to the serve.py server at this URL (e.g. "
@@ -101,6 +113,17 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     add_sampling_arguments(parser, words=False)
     add_kv_cache_arguments(parser)
     return parser.parse_args(argv)
+
+
+def response_format_argument(text: str) -> dict:
+    """--response_format's value: a JSON object (its fields are checked with the first request)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; give one such as '{{\"type\": \"json_object\"}}'")
+    return value
 
 
 def progress(message: str) -> None:
@@ -305,13 +328,32 @@ def plot_throughput(rows: list[dict], environment: dict, path: str) -> None:
 
 
 def serving_requests(args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
-    """--num_requests random prompts, lengths uniform over --input_len_range (seeded)."""
+    """--num_requests seeded random prompts: user texts of lengths uniform over
+    --input_len_range, after --shared_prefix_len common tokens and, with --turns, after
+    the conversation's earlier turns (see --turns)."""
     import torch
 
     low, high = args.input_len_range
-    progress(f"making {args.num_requests} prompts of {low} to {high} tokens")
+    progress(f"making {args.num_requests} prompts of {low} to {high} new tokens")
     lengths = torch.randint(low, high + 1, (args.num_requests,), generator=torch.Generator().manual_seed(0)).tolist()
-    return random_prompts(lengths, min(vocab_size, 60000), seed=1)
+    user_texts = random_prompts(lengths, min(vocab_size, 60000), seed=1)
+    if args.shared_prefix_len == 0 and args.turns == 1:
+        return user_texts
+    system, *answers = random_prompts([args.shared_prefix_len] + [args.output_len] * args.num_requests,
+                                      min(vocab_size, 60000), seed=2)
+    conversations = args.num_requests // args.turns
+    prompts = []
+    for index, user_text in enumerate(user_texts):  # turn-major: request index = turn * conversations + conversation
+        history = list(system)
+        for earlier in range(index % conversations, index, conversations):
+            history += user_texts[earlier] + answers[earlier]
+        prompts.append(history + user_text)
+    return prompts
+
+
+def longest_prompt(args: argparse.Namespace) -> int:
+    """The most tokens a serving-mode prompt can have."""
+    return args.shared_prefix_len + args.turns * args.input_len_range[1] + (args.turns - 1) * args.output_len
 
 
 def percentiles(values: list[float]) -> dict:
@@ -344,6 +386,8 @@ def http_sampling(args: argparse.Namespace) -> dict:
                              "drop it with --server_url")
     fields = {"presence_penalty": options["presence_penalty"], "frequency_penalty": options["frequency_penalty"],
               "repetition_penalty": options["repetition_penalty"]}
+    if args.response_format is not None:
+        fields["response_format"] = args.response_format
     if options["top_k"] == 1:
         return {**fields, "temperature": 0.0}
     return {**fields, "temperature": options["temperature"], "top_k": options["top_k"],
@@ -358,18 +402,28 @@ def serve_over_http(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
     results, elapsed = run_http_load(args.server_url, prompts, arrival_times(args, len(prompts)), args.output_len,
                                      http_sampling(args))
     produced = sum(result["tokens"] for result in results)
-    if produced != len(prompts) * args.output_len:
+    if not all_lengths_right([result["tokens"] for result in results], args):
         raise GlmEngineError(f"the server returned {produced} tokens, not {len(prompts)} x {args.output_len}")
-    return {"side": "serve.py over HTTP", "requests": len(prompts), "seconds": elapsed,
+    return {"side": "serve.py over HTTP", "requests": len(prompts), "seconds": elapsed, "output_tokens": produced,
             "output_tokens_per_s": produced / elapsed, "ttft_s": percentiles([r["ttft"] for r in results]),
             "tpot_s": percentiles([r["tpot"] for r in results])}
 
 
+def all_lengths_right(produced: list[int], args: argparse.Namespace) -> bool:
+    """Each request got --output_len tokens (with --response_format: 1 to --output_len, as
+    a complete JSON text ends it)."""
+    if args.response_format is None:
+        return all(count == args.output_len for count in produced)
+    return all(1 <= count <= args.output_len for count in produced)
+
+
 def serving_sampling(args: argparse.Namespace) -> SamplingConfig:
-    """The serving modes' requests' sampling: exactly --output_len tokens, the sampling flags."""
+    """The serving modes' requests' sampling: exactly --output_len tokens (fewer only where
+    --response_format's JSON is complete), the sampling flags."""
     from glm_engine.runtime.sampling import SamplingConfig
 
-    return SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS, **sampling_options(args, None))
+    return SamplingConfig(max_new_tokens=args.output_len, end_id=NEVER_ENDS, response_format=args.response_format,
+                          **sampling_options(args, None))
 
 
 def run_serving(session: Session, prompts: list[list[int]], args: argparse.Namespace) -> dict:
@@ -409,15 +463,16 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
         for index in step.finished:
             finish[index] = now
     elapsed = time.perf_counter() - start
-    if None in finish or sum(produced) != len(prompts) * args.output_len:
+    if None in finish or not all_lengths_right(produced, args):
         raise GlmEngineError("a request was lost or cut short")  # the scheduler's contract
     ttft = [first - arrival for first, arrival in zip(first_token, arrivals)]
     tpot = [(end - first) / max(1, count - 1) for end, first, count in zip(finish, first_token, produced)]
     manager = session.block_manager
-    return {"side": "glm_engine", "requests": len(prompts), "seconds": elapsed,
+    return {"side": "glm_engine", "requests": len(prompts), "seconds": elapsed, "output_tokens": sum(produced),
             "output_tokens_per_s": sum(produced) / elapsed, "steps": steps,
             "preemptions": session.scheduler.preemptions,
             "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
+            "prefix_cache_hit_tokens": manager.hit_tokens, "prompt_tokens": sum(map(len, prompts)),
             "kv_pool_tokens": manager.num_blocks * manager.block_size, "blocks_free_at_end": manager.free_blocks,
             "blocks_total": manager.num_blocks, **split}
 
@@ -494,10 +549,13 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
     for row in rows:
         line = (f"{row['side']:<16} {row['requests']:>5} requests in {row['seconds']:8.2f} s: "
                 f"{row['output_tokens_per_s']:9.1f} output tok/s, peak {gib_text(row['peak_gib'])} GiB")
+        if args.response_format is not None and "output_tokens" in row:
+            line += f", {row['output_tokens'] / row['requests']:.1f} tokens a request"
         if "ttft_s" in row:
             line += (f"; TTFT p50 {row['ttft_s']['p50'] * 1e3:.0f} ms p99 {row['ttft_s']['p99'] * 1e3:.0f} ms, "
                      f"TPOT p50 {row['tpot_s']['p50'] * 1e3:.1f} ms p99 {row['tpot_s']['p99'] * 1e3:.1f} ms, "
-                     f"{row['preemptions']} preemptions, KV pool {row['kv_pool_tokens']} tokens, "
+                     f"{row['preemptions']} preemptions, {row['prefix_cache_hit_tokens']} of {row['prompt_tokens']} "
+                     f"prompt tokens from the prefix cache, KV pool {row['kv_pool_tokens']} tokens, "
                      f"{row['blocks_free_at_end']}/{row['blocks_total']} blocks free at the end")
             for kind in ("prefill_steps", "decode_steps"):
                 part = row[kind]
@@ -530,7 +588,16 @@ def check_arguments(args: argparse.Namespace) -> None:
     low, high = args.input_len_range
     if not 1 <= low <= high:
         raise GlmEngineError(f"--input_len_range {low} {high}: need 1 <= MIN <= MAX")
-    if args.mode != "latency" and (args.num_requests > MAX_PROMPTS or args.num_requests * high > MAX_PROMPT_TOKENS):
+    if args.shared_prefix_len < 0 or args.turns < 1 or args.num_requests % args.turns:
+        raise GlmEngineError(f"--shared_prefix_len {args.shared_prefix_len} --turns {args.turns}: need a length of at "
+                             "least 0 and a number of turns of at least 1 that divides --num_requests")
+    if args.mode == "latency" and (args.shared_prefix_len or args.turns > 1 or args.response_format is not None):
+        raise GlmEngineError("--shared_prefix_len, --turns and --response_format shape the serving modes' requests; "
+                             "add --mode throughput or rate")
+    if args.response_format is not None and args.hf:
+        raise GlmEngineError("--response_format: the HF baseline has no grammar; drop --hf")
+    if args.mode != "latency" and (args.num_requests > MAX_PROMPTS
+                                   or args.num_requests * longest_prompt(args) > MAX_PROMPT_TOKENS):
         raise GlmEngineError(f"--num_requests {args.num_requests} of up to {high} prompt tokens is more than one run "
                              f"holds ({MAX_PROMPTS} requests, {MAX_PROMPT_TOKENS} prompt tokens); use fewer requests "
                              "or shorter prompts")

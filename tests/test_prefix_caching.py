@@ -6,11 +6,12 @@ and nothing is lost when they are evicted."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
-from conftest import TINY_SHAPE_FLAGS
+from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine.runtime.block_manager import BlockManager
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.runtime.session import Session
@@ -117,3 +118,42 @@ def test_free_blocks_without_content_go_first_then_the_least_recently_freed():
     assert manager.cached_prefix([1, 2, 3, 4], 1)[0] == []
     assert len(manager.cached_prefix([5, 6, 7, 8], 1)[0]) == 1
     assert manager.evicted_blocks == 1
+
+
+def test_benchmark_conversations_share_their_history_and_hit_the_cache(engine, tmp_path):
+    """benchmark.py --turns/--shared_prefix_len: each turn's prompt is the system prompt, the
+    conversation's earlier user texts and answers, then its own text; with
+    --enable_prefix_caching the turns find their history in the cache, without it nothing."""
+    import argparse
+
+    from benchmark import serving_requests
+
+    args = argparse.Namespace(num_requests=6, turns=3, shared_prefix_len=5, input_len_range=[2, 4], output_len=3)
+    prompts = serving_requests(args, VOCAB)
+    plain = serving_requests(argparse.Namespace(**{**vars(args), "turns": 1, "shared_prefix_len": 0}), VOCAB)
+    system = prompts[0][:5]
+    for index, prompt in enumerate(prompts):  # request = turn * 2 + conversation
+        earlier = prompts[index - 2] if index >= 2 else system
+        assert prompt[:len(earlier)] == earlier and prompt[-len(plain[index]):] == plain[index]
+        answer_len = len(prompt) - len(earlier) - len(plain[index])
+        assert answer_len == (3 if index >= 2 else 0)
+    hits = {}
+    for caching in ([], ["--enable_prefix_caching"]):
+        result = run_tool("benchmark.py", "--engine_dir", engine, "--mode", "rate", "--request_rate", "20",
+                          "--num_requests", "8", "--turns", "4", "--shared_prefix_len", "40", "--input_len_range",
+                          "3", "9", "--output_len", "4", "--device", "cpu", "--output_json", tmp_path / "b.json",
+                          *caching)
+        assert result.returncode == 0, result.stderr
+        row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
+        hits[bool(caching)] = row["prefix_cache_hit_tokens"]
+    assert hits[False] == 0 and hits[True] >= 40  # a later request found at least the system prompt
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--turns", "3"], "divides --num_requests"),
+    (["--mode", "latency", "--shared_prefix_len", "4"], "add --mode throughput or rate"),
+])
+def test_benchmark_conversation_flags_are_checked(engine, flags, fragment):
+    result = run_tool("benchmark.py", "--engine_dir", engine, "--mode", "throughput", "--num_requests", "8",
+                      "--device", "cpu", *flags)
+    assert_one_line_error(result, fragment)

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from conftest import TINY_SHAPE_FLAGS
+from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
 from glm_engine.text.tokenizer import ChatGLMTokenizer
 
@@ -159,3 +159,25 @@ def test_constrained_requests_in_flight_give_valid_json_greedy_and_sampled(tiny_
         jsonschema.validate(json.loads(session.tokenizer.decode(output)), schema)
     for (prompt, _), output in zip(requests[:4], outputs[:4]):
         assert output == session.generate([prompt], free)[0].token_ids
+
+
+def test_benchmark_response_format_serves_json_requests(tiny_engine_factory, tmp_path):
+    """benchmark.py --response_format: every request constrained; a request ends when its
+    JSON is complete, so it gets 1 to --output_len tokens; bad values are one-line errors."""
+    engine = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_batch_size", "8",
+                                 "--max_input_len", "16", "--max_output_len", "128", "--paged_kv_cache",
+                                 "--remove_input_padding", "--random_seed", "3")
+    common = ["--engine_dir", engine, "--mode", "throughput", "--num_requests", "6", "--input_len_range", "3", "9",
+              "--output_len", "40", "--device", "cpu"]
+    boolean = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}}
+    for response_format in ({"type": "json_object"}, boolean):
+        result = run_tool("benchmark.py", *common, "--response_format", json.dumps(response_format),
+                          "--output_json", tmp_path / "json.json")
+        assert result.returncode == 0, result.stderr
+        row = json.loads((tmp_path / "json.json").read_text())["rows"][0]
+        assert 6 <= row["output_tokens"] <= 6 * 40
+    assert row["output_tokens"] <= 6 * len("false")  # "true" or "false" ended each request
+    assert_one_line_error(run_tool("benchmark.py", *common, "--response_format", "json_object"),
+                          "is not a JSON object")
+    assert_one_line_error(run_tool("benchmark.py", *common, "--response_format", '{"type": "json_object"}', "--hf"),
+                          "drop --hf")

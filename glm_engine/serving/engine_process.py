@@ -31,6 +31,7 @@ from glm_engine.runtime.session import EngineLimits, EngineStats, Session
 logger = logging.getLogger("engine_process")
 
 REAP_SECONDS = 30.0  # how long an engine process that is ending may take before it is killed
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class QueueFull(GlmEngineError):
@@ -72,15 +73,17 @@ class EngineProcess:
         events, self._child_events = context.Pipe(duplex=False)
         self.process = context.Process(target=_engine_main, name="glm-engine",
                                        args=(session_factory, process_setup, child_commands, self._child_events))
-        self.process.start()
-        child_commands.close()
-        self._child_events.close()
-        self._events = events
         try:
+            with _stop_signals_deferred():  # a stop amid start() left the child half-told what to run (a traceback)
+                self.process.start()
+            child_commands.close()
+            self._child_events.close()
+            self._events = events
             self.limits, self.stats = self._wait_ready()  # stats: the engine's latest, replaced at each step
         except BaseException:  # SIGTERM or Ctrl-C while it loads: it must not load on, nobody to serve
-            self.process.kill()
-            self.process.join()
+            if self.process.pid is not None:
+                self.process.kill()
+                self.process.join()
             raise
         self.max_queue = max_queue
         self.on_step = on_step
@@ -243,6 +246,27 @@ def _leave_a_core() -> None:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred():
+    """SIGTERM and SIGINT noted and raised again when the block ends, to the handlers
+    of before (a signal mask would not do: another thread may take the signal). Only the
+    main thread sets handlers: elsewhere nothing is deferred."""
+    caught: list[int] = []
+    try:
+        previous = {number: signal.signal(number, lambda number, frame: caught.append(number))
+                    for number in STOP_SIGNALS}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def _engine_main(session_factory: Callable[[], Session], process_setup: Callable[[], None] | None,

@@ -2,13 +2,16 @@
 /v1/chat/completions, /v1/models), plus /tokenize, /detokenize, /health and /metrics:
 one engine loop, in a process of its own, batches every client's requests in flight
 with prefix caching on (--no_prefix_caching turns it off)
-(glm_engine/serving/openai_server.py, glm_engine/serving/engine_process.py)."""
+(glm_engine/serving/openai_server.py, glm_engine/serving/engine_process.py).
+Tensor-parallel engines: `torchrun --nproc_per_node N serve.py ...`; rank 0 serves
+HTTP, every rank steps the engine."""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import math
+import signal
 import socket
 from pathlib import Path
 
@@ -55,6 +58,18 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return listener
 
 
+def follow_rank0(session_factory: functools.partial) -> None:
+    """A tensor-parallel rank other than 0: loads its part of the engine and steps with
+    rank 0's engine loop until that loop ends (rank 0 alone decides when: a stop signal
+    reaches every rank of a torchrun launch, and rank 0 drains its requests first)."""
+    from glm_engine.serving.engine_loop import follow
+
+    session = session_factory()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    follow(session)
+
+
 def main() -> None:
     args = parse_arguments()
     setup_logging(args.log_level)
@@ -63,16 +78,17 @@ def main() -> None:
     if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
         raise GlmEngineError(f"--shutdown_timeout must be a finite number of seconds, 0 or more, got "
                              f"{args.shutdown_timeout}")
-    listener = listening_socket(args.host, args.port)
+    from glm_engine.runtime.distributed import launch_from_environment
+
+    rank = launch_from_environment().rank
+    listener = listening_socket(args.host, args.port) if rank == 0 else None
     from glm_engine.engine_format.engine import engine_configs
     from glm_engine.serving.openai_server import create_app, run_server
     from glm_engine.serving.engine_process import EngineProcess
     from glm_engine.text.tokenizer import has_tokenizer, load_tokenizer
     from model import load_session
 
-    _, build_config = engine_configs(args.engine_dir)  # a clear error before any other work
-    if build_config.world_size > 1:
-        raise GlmEngineError(f"serve.py runs one-GPU engines; {args.engine_dir} has {build_config.world_size} ranks")
+    engine_configs(args.engine_dir)  # a clear error before any other work
     tokenizer_dir = Path(args.tokenizer_dir or args.engine_dir)
     if not has_tokenizer(tokenizer_dir):
         raise GlmEngineError(f"no tokenizer.model or tokenizer.json in {tokenizer_dir}: the API takes "
@@ -81,6 +97,9 @@ def main() -> None:
     # Both run in the engine process: module-level functions, so that they pickle however serve.py was started.
     session_factory = functools.partial(load_session, args.engine_dir, args.device, tokenizer=tokenizer,
                                         **kv_cache_options(args), **scheduler_options(args))
+    if rank > 0:
+        follow_rank0(session_factory)
+        return
     engine = EngineProcess(session_factory, args.max_queue,
                            process_setup=functools.partial(setup_logging, args.log_level))
     try:

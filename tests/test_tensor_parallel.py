@@ -295,3 +295,68 @@ def test_benchmark_rate_mode_under_torchrun(engines, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads(output.read_text())["rows"][0]
     assert row["requests"] == 6 and row["blocks_free_at_end"] == row["blocks_total"]
+
+
+def test_serve_py_under_torchrun_answers_with_the_one_rank_tokens(engines):
+    """serve.py over 2 ranks: rank 0 serves HTTP, both step; concurrent requests (and one
+    after an idle spell longer than the idle turn) give the one-rank engine's greedy
+    tokens; SIGTERM to torchrun ends every rank."""
+    import signal
+    import socket
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from glm_engine.runtime.sampling import SamplingConfig
+    from glm_engine.text.tokenizer import load_tokenizer
+    from model import load_session
+
+    flags = ("--use_inflight_batching", "--max_batch_size", "2")
+    prompts = [[1000, 1001, 5, 17, 300], [9, 8, 7], [100, 200, 300, 400, 500, 600, 700], [42]]
+    one_rank = load_session(engines(1, *flags), "cpu")
+    tokenizer = load_tokenizer(engines(1, *flags))
+    expected = [tokenizer.decode(output.token_ids) for output in
+                one_rank.generate(prompts, SamplingConfig(max_new_tokens=6, end_id=-1))]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    server = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(REPO_ROOT / "serve.py"), "--engine_dir", str(engines(2, *flags)), "--port",
+                               str(port), "--model_name", "tp", "--log_level", "warning"],
+                              env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def complete(prompt: list[int]) -> str:
+        body = {"model": "tp", "prompt": prompt, "max_tokens": 6, "min_tokens": 6, "temperature": 0}
+        return httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(url + "/health"):
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()[-3000:]
+            time.sleep(0.2)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            assert list(pool.map(complete, prompts)) == expected
+        time.sleep(2.5)  # idle turns keep the other rank in step
+        assert complete(prompts[2]) == expected[2]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=90)
+        finally:
+            server.kill()
+    stderr = server.stderr.read()
+    assert f'File "{REPO_ROOT}' not in stderr, stderr[-3000:]  # no rank's traceback (torchrun prints its own stop)
+    assert subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True).stdout == b""
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False

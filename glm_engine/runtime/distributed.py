@@ -14,6 +14,7 @@ import atexit
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -171,6 +172,15 @@ class TensorParallel:
         shared = torch.tensor([value], dtype=torch.int64, device=self.device)
         self.dist.broadcast(shared, src=0)
         return int(shared.item())
+
+    def rank0_object(self, value: Any) -> Any:
+        """Rank 0's picklable `value` on every rank (what only rank 0 was told, such as a
+        server's requests, so that every rank plans the same steps)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        self.dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
 
     def minimum(self, value: int) -> int:
         """The smallest of the ranks' `value`s, on every rank (e.g. KV pool blocks sized from

@@ -8,7 +8,13 @@ limit and the metrics are the server's (serving/engine_process.py).
 
 Commands: ("submit", request_id, prompt, sampling), ("cancel", request_id),
 ("close", seconds running requests get). Events: ("step", news, EngineStats, commands
-taken, PrefixCacheStats), then ("stopped", the message that ends the requests still open)."""
+taken, PrefixCacheStats), then ("stopped", the message that ends the requests still open).
+
+A tensor-parallel engine (serve.py under torchrun) runs this loop on rank 0, which
+alone hears the server; each turn it sends the commands it obeyed, and whether the
+loop goes on, to the other ranks, which obey the same commands and step with it
+(`follow`). While idle it sends an empty turn every IDLE_TURN_SECONDS, so that the
+other ranks' wait never reaches the collectives' timeout."""
 
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from glm_engine import GlmEngineError
 from glm_engine.runtime.session import EngineStats, Session
 
 logger = logging.getLogger("engine_loop")
+
+IDLE_TURN_SECONDS = 1.0
 
 # A token's log-prob and the likeliest tokens of its step ((token id, log-prob), ...), when asked.
 TokenLogProb = tuple[float, tuple[tuple[int, float], ...]]
@@ -61,6 +69,7 @@ class EngineLoop:
         self.close_by: float | None = None  # once closing: when requests still running end
         self.news: list[News] = []
         self.sent: tuple[EngineStats, int, PrefixCacheStats] | None = None
+        self.parallel = session.parallel if session.parallel.world_size > 1 else None
 
     def run(self) -> str:
         """Serves commands until told to close (and the running requests finished or ran
@@ -77,19 +86,27 @@ class EngineLoop:
         return "the server shut down before the request finished"
 
     def _take_commands(self) -> bool:
-        """Takes every command waiting; with no work and no close pending, waits for one.
-        False when the loop ends."""
+        """Takes every command waiting; with no work and no close pending, waits for one
+        (at most IDLE_TURN_SECONDS with other ranks to keep in step). False when the loop
+        ends. The other ranks get the commands obeyed and the verdict."""
         wait = not self.session.has_work and self.close_by is None
+        obeyed, going = [], True
         while wait or self.commands.poll():
+            if wait and self.parallel is not None and not self.commands.poll(IDLE_TURN_SECONDS):
+                break
             wait = False
             try:
                 command = self.commands.recv()
             except EOFError:  # the server is gone: nobody waits for the rest
-                return False
+                going = False
+                break
             self._obey(command)
-        if self.close_by is None:
-            return True
-        return self.session.has_work and time.monotonic() < self.close_by
+            obeyed.append(command)
+        if going and self.close_by is not None:
+            going = self.session.has_work and time.monotonic() < self.close_by
+        if self.parallel is not None:
+            self.parallel.rank0_object((obeyed, going))
+        return going
 
     def _obey(self, command: tuple) -> None:
         kind = command[0]
@@ -125,3 +142,24 @@ class EngineLoop:
             return
         self.events.send(("step", self.news, *state))
         self.news, self.sent = [], state
+
+
+def follow(session: Session) -> None:
+    """A tensor-parallel server's rank other than 0: obeys the commands rank 0's loop
+    obeyed and steps when it does, until rank 0's loop ends. Rank 0 reports every error,
+    so a request this rank refuses is refused there too."""
+    while True:
+        commands, going = session.parallel.rank0_object(None)
+        for command in commands:
+            if command[0] == "submit":
+                _, request_id, prompt, sampling = command
+                try:
+                    session.add_request(prompt, sampling, request_id)
+                except GlmEngineError:
+                    pass
+            elif command[0] == "cancel":
+                session.abort(command[1])
+        if not going:
+            return
+        if session.has_work:
+            session.step()

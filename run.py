@@ -22,14 +22,14 @@ try:
     from glm_engine.tools.cli import (MAX_PROMPT_TOKENS, MAX_PROMPTS, add_sampling_arguments, add_session_arguments,
                                       kv_cache_options, run_tool, sampling_options, setup_logging)
     from glm_engine.text.detokenizer import IncrementalDetokenizer
-    from glm_engine.text.prompts import clean_response, write_token_csv
+    from glm_engine.text.prompts import chat_prompt_ids, clean_response, write_token_csv
     from glm_engine.text.tokenizer import ChatGLMTokenizer, has_tokenizer
     from glm_engine.text.tokenizer import load_tokenizer as load_tokenizer_dir
 except ModuleNotFoundError as error:
     missing_package(error)
 
 if TYPE_CHECKING:
-    from glm_engine.config import BuildConfig
+    from glm_engine.config import BuildConfig, ModelConfig
     from glm_engine.runtime.scheduler import StepResult
     from glm_engine.runtime.session import RequestOutput
 
@@ -45,8 +45,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"prompts; [gMASK] sop is prepended (default: {DEFAULT_INPUT_TEXT})")
     parser.add_argument("--input_tokens", type=str, default=None,
                         help="CSV file, one prompt of token ids per line, used exactly as given (default: none)")
+    parser.add_argument("--chat", action="store_true",
+                        help="each --input_text is a user message, put in the model family's chat format (ChatGLM2's "
+                             "rounds, ChatGLM3's and GLM-4's role tokens), as serve.py's chat endpoint does "
+                             "(default: plain prompts)")
     parser.add_argument("--max_output_len", type=int, default=None,
                         help="most tokens to generate per prompt (default: the engine's max_output_len)")
+    parser.add_argument("--end_id", type=int, nargs="+", default=None, metavar="ID",
+                        help="token ids that end generation, in place of the model's (default: config.json's "
+                             "eos_token_id, every id of its list); beam search takes one")
     add_sampling_arguments(parser)
     parser.add_argument("--random_seed", type=int, default=None,
                         help="seed of sampling, in [0, 2**64) (default: a fresh one per run)")
@@ -284,7 +291,22 @@ def read_prompts(args: argparse.Namespace, tokenizer: ChatGLMTokenizer | None,
     texts = args.input_text or [DEFAULT_INPUT_TEXT]
     if not all(text.strip() for text in texts):
         raise GlmEngineError("--input_text holds an empty prompt")
+    if args.chat:
+        return [chat_prompt_ids(tokenizer, [("user", text)]) for text in texts], texts
     return [tokenizer.encode(text) for text in texts], texts
+
+
+def end_options(args: argparse.Namespace, model_config: ModelConfig) -> dict:
+    """SamplingConfig's end_id and stop_token_ids: --end_id's, or the model's."""
+    if args.end_id is None:
+        return model_config.end_options(args.num_beams)
+    outside = [token for token in args.end_id if not 0 <= token < model_config.vocab_size]
+    if outside:
+        raise GlmEngineError(f"--end_id {outside[0]} is not a token id of this engine (0 to "
+                             f"{model_config.vocab_size - 1})")
+    if args.num_beams > 1 and len(args.end_id) > 1:
+        raise GlmEngineError("--num_beams: beam search ends at one --end_id; give one")
+    return {"end_id": args.end_id[0], "stop_token_ids": tuple(args.end_id[1:])}
 
 
 def print_summary(args: argparse.Namespace, prompts: int, tokens: int, seconds: float) -> None:
@@ -307,6 +329,8 @@ def main() -> None:
 
     if args.input_tokens is not None and args.input_text is not None:
         raise GlmEngineError("give the prompts as --input_text or as --input_tokens, not both")
+    if args.chat and args.input_tokens is not None:
+        raise GlmEngineError("--chat formats --input_text as chat messages; --input_tokens are used as given")
     for flag, path in (("--output_csv", args.output_csv), ("--output_log_probs", args.output_log_probs)):
         if path is not None:
             check_output_file(path, flag)
@@ -316,7 +340,7 @@ def main() -> None:
     sampling = SamplingConfig(max_new_tokens=build_config.max_output_len if args.max_output_len is None
                               else args.max_output_len, random_seed=args.random_seed,
                               output_log_probs=args.output_log_probs is not None, **sampling_options(args, tokenizer),
-                              **model_config.end_options(args.num_beams))
+                              **end_options(args, model_config))
     if args.streaming and sampling.num_beams > 1:
         raise GlmEngineError("--streaming shows tokens as they come, and beams are known only when the search ends; "
                              "drop --streaming or --num_beams")

@@ -294,3 +294,41 @@ def test_run_takes_cpu_with_an_index_and_prompts_from_a_pipe(dummy_engine, tmp_p
     writer.join(timeout=60)
     assert result.returncode == 0, result.stderr
     assert "Output --->" in result.stdout
+
+
+def test_run_chat_formats_each_prompt_as_a_user_message(dummy_engine, tmp_path):
+    """--chat: the output is the engine's answer to the family's chat prompt of the text,
+    as given to --input_tokens."""
+    from glm_engine.text.prompts import chat_prompt_ids
+    from glm_engine.text.tokenizer import load_tokenizer
+
+    chat = run_tool("run.py", "--engine_dir", dummy_engine, "--max_output_len", "8", "--chat", "--input_text",
+                    "你好", "--output_csv", tmp_path / "chat.csv")
+    assert chat.returncode == 0, chat.stderr
+    ids = chat_prompt_ids(load_tokenizer(dummy_engine), [("user", "你好")])
+    assert ids != load_tokenizer(dummy_engine).encode("你好")
+    (tmp_path / "ids.csv").write_text(",".join(map(str, ids)) + "\n")
+    given = run_tool("run.py", "--engine_dir", dummy_engine, "--max_output_len", "8", "--input_tokens",
+                     tmp_path / "ids.csv", "--output_csv", tmp_path / "given.csv")
+    assert given.returncode == 0, given.stderr
+    assert (tmp_path / "chat.csv").read_text() == (tmp_path / "given.csv").read_text()
+    assert_one_line_error(run_tool("run.py", "--engine_dir", dummy_engine, "--chat", "--input_tokens",
+                                   tmp_path / "ids.csv"), "--input_tokens are used as given")
+
+
+def test_run_end_id_ends_generation_at_the_ids_given(dummy_engine, tmp_path):
+    """--end_id replaces the model's end ids: the output stops before the first of them."""
+    def output(*flags):
+        result = run_tool("run.py", "--engine_dir", dummy_engine, "--max_output_len", "12", "--output_csv",
+                          tmp_path / "o.csv", *flags)
+        assert result.returncode == 0, result.stderr
+        return [int(token) for token in (tmp_path / "o.csv").read_text().split(",")]
+
+    free = output()
+    assert len(free) == 12
+    assert output("--end_id", str(free[3])) == free[:free.index(free[3])]
+    assert output("--end_id", "1", str(free[5])) == free[:free.index(free[5])]
+    assert_one_line_error(run_tool("run.py", "--engine_dir", dummy_engine, "--end_id", "99999999"),
+                          "--end_id 99999999 is not a token id of this engine")
+    assert_one_line_error(run_tool("run.py", "--engine_dir", dummy_engine, "--num_beams", "2", "--end_id", "5", "6"),
+                          "beam search ends at one --end_id")

@@ -40,7 +40,7 @@ from glm_engine.serving.engine_loop import TokenLogProb
 from glm_engine.serving.engine_process import EngineClosed, EngineProcess, EngineRequest, QueueFull
 from glm_engine.serving.protocol import (MAX_STOP_CHARS, MAX_STOP_STRINGS, ApiError, ChatRequest,  # noqa: F401
                                          CompletionRequest, DetokenizeRequest, TokenizeRequest, _Generation,
-                                         error_response, read_body, samplings)
+                                         check_no_tools, error_response, read_body, samplings)
 from glm_engine.text.detokenizer import IncrementalDetokenizer
 from glm_engine.text.prompts import chat_prompt_ids
 from glm_engine.text.tokenizer import ChatGLMTokenizer
@@ -271,6 +271,7 @@ def _add_generation_routes(app: FastAPI, generations: _Generations) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_body(request, ChatRequest, generations.limits.max_body_bytes)
+        check_no_tools(body)
         return await generations.answer([await generations.chat_prompt(body.messages)], body, "chat.completion",
                                         request)
 

@@ -115,6 +115,12 @@ class ChatRequest(_Generation):
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name of max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOG_PROBS)
+    # Function calling: not built yet, refused by name (check_no_tools) rather than as unknown fields.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
 
     def output_limit(self) -> int | None:
         if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
@@ -237,6 +243,14 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[in
         raise ApiError(400, f"logit_bias keys are token ids, got {wrong!r}", param="logit_bias")
     ids = _token_ids([int(key) for key in bias], vocab_size, "logit_bias")
     return tuple(zip(ids, bias.values()))
+
+
+def check_no_tools(body: ChatRequest) -> None:
+    """Function calling is not built yet: a request that asks for it gets a 400 naming the field."""
+    for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"):
+        if getattr(body, name) is not None:
+            raise ApiError(400, f"{name}: function calling (tools) is not implemented yet; send the request without "
+                                "tools, tool_choice, parallel_tool_calls, functions and function_call", param=name)
 
 
 def token_choice(body: _Generation) -> dict:

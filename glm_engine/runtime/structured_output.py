@@ -13,6 +13,7 @@ llguidance's own threads."""
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ def response_format_grammar(response_format: dict) -> str | None:
     kind = response_format.get("type")
     if kind == "text":
         return None
+    if kind == "lark":  # the server's own grammars (a required tool call), never a client's
+        return _checked(_llguidance().LLMatcher.grammar_from_lark(response_format["lark"]))
     if kind == "json_object":
         schema: Any = {"type": "object"}
     elif kind == "json_schema":
@@ -50,15 +53,29 @@ def response_format_grammar(response_format: dict) -> str | None:
         schema = spec.get("schema", {})
     else:
         raise GlmEngineError(f'response_format.type must be "text", "json_object" or "json_schema", got {kind!r}')
-    llguidance = _llguidance()
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+        grammar = _llguidance().LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
     except (ValueError, TypeError) as error:
         raise GlmEngineError(f"response_format's JSON schema cannot be used: {error}") from None
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    return _checked(grammar)
+
+
+def _checked(grammar: str) -> str:
+    """`grammar`, once llguidance finds no error in it (else GlmEngineError naming it)."""
+    is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
         raise GlmEngineError(f"response_format's JSON schema cannot be used: {messages[0]}")
     return grammar
+
+
+def tool_call_format(calls: dict[str, dict]) -> dict:
+    """The response_format that keeps an answer to one function call in GLM-4's format,
+    "name\\n" then arguments valid under that function's JSON schema, for any of
+    `calls` (function name -> parameters schema)."""
+    rules = [f"call{index}: {json.dumps(name + chr(10))} args{index}\nargs{index}: %json "
+             f"{json.dumps({**schema, 'x-guidance': JSON_OPTIONS})}" for index, (name, schema) in enumerate(calls.items())]
+    start = " | ".join(f"call{index}" for index in range(len(calls)))
+    return {"type": "lark", "lark": f"start: {start}\n" + "\n".join(rules) + "\n"}
 
 
 class _Vocabulary:

@@ -41,6 +41,7 @@ from glm_engine.serving.engine_process import EngineClosed, EngineProcess, Engin
 from glm_engine.serving.protocol import (MAX_STOP_CHARS, MAX_STOP_STRINGS, ApiError, ChatRequest,  # noqa: F401
                                          CompletionRequest, DetokenizeRequest, TokenizeRequest, _Generation,
                                          check_no_tools, error_response, read_body, samplings)
+from glm_engine.serving.tool_calls import chat_turns, message_turns, read_call
 from glm_engine.text.detokenizer import IncrementalDetokenizer
 from glm_engine.text.prompts import chat_prompt_ids
 from glm_engine.text.tokenizer import ChatGLMTokenizer
@@ -272,8 +273,9 @@ def _add_generation_routes(app: FastAPI, generations: _Generations) -> None:
     async def chat(request: Request):
         body = await read_body(request, ChatRequest, generations.limits.max_body_bytes)
         check_no_tools(body)
-        return await generations.answer([await generations.chat_prompt(body.messages)], body, "chat.completion",
-                                        request)
+        turns, tool_format, tool_names = chat_turns(body, generations.tokenizer.flavor)
+        return await generations.answer([await generations.chat_prompt(turns)], body, "chat.completion", request,
+                                        tool_format=tool_format, tool_names=tool_names)
 
 
 def _add_token_routes(app: FastAPI, generations: _Generations) -> None:
@@ -289,7 +291,7 @@ def _add_token_routes(app: FastAPI, generations: _Generations) -> None:
             if body.add_special_tokens is not None:
                 raise ApiError(400, "add_special_tokens applies to a prompt; a chat is formatted as "
                                     "/v1/chat/completions formats it", param="add_special_tokens")
-            tokens = await generations.chat_prompt(body.messages)
+            tokens = await generations.chat_prompt(message_turns(body.messages))
         else:
             prefix, text = body.add_special_tokens is not False, body.prompt
             tokens = await generations.tokenize(lambda: generations.tokenizer.encode(text, add_prefix=prefix),
@@ -354,21 +356,22 @@ class _Generations:
                 texts.append(self.tokenizer.decode(one))
         return ids, texts
 
-    async def chat_prompt(self, messages: list) -> list[int]:
-        """The token ids of a chat, in the model's chat format."""
-        turns = [(message.prompt_role, message.text) for message in messages]
+    async def chat_prompt(self, turns: list[tuple[str, ...]]) -> list[int]:
+        """The token ids of a chat's (role, content[, metadata]) turns, in the model's chat format."""
         return await self.tokenize(lambda: chat_prompt_ids(self.tokenizer, turns),
-                                   sum(len(text) for _, text in turns), "messages")
+                                   sum(len(text) for _, text, *_ in turns), "messages")
 
     async def answer(self, prompts: list[list[int]], body: _Generation, kind: str, request: Request,
-                     echo: list[str] | None = None):
+                     echo: list[str] | None = None, tool_format: dict | None = None,
+                     tool_names: list[str] | None = None):
         """Sends each prompt's choices to the engine (choice index: prompt index * n + its
-        choice, as OpenAI's); the streamed events or the whole answer."""
+        choice, as OpenAI's); the streamed events or the whole answer. `tool_format`: the
+        grammar of a required function call; `tool_names`: the functions an answer may call."""
         self.check_model(body.model)
         loop = asyncio.get_running_loop()
         inbox = self.inboxes.get(loop) or self.inboxes.setdefault(loop, _Inbox(loop))
         queue: asyncio.Queue = asyncio.Queue()  # (choice, tokens, finished, error, log-probs) of all its choices
-        configs = samplings(body, self.engine.limits)
+        configs = samplings(body, self.engine.limits, tool_format)
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options applies to streamed answers; set stream true", param="stream_options")
         requests = [(prompt, sampling) for prompt in prompts for sampling in configs]
@@ -386,7 +389,7 @@ class _Generations:
         answer = _Answer(kind, self.model_name, sum(map(len, prompts)), len(requests), configs[0].max_new_tokens,
                          self.tokenizer, echo=[text for text in echo for _ in configs] if echo else None,
                          token_texts=self.token_texts if configs[0].output_log_probs else None,
-                         include_usage=include_usage)
+                         include_usage=include_usage, tool_names=tool_names)
         if body.stream:
             return StreamingResponse(self.events(answer, queue, ids), media_type="text/event-stream")
         return await self.whole_unless_left(request, answer, queue, ids)
@@ -504,11 +507,13 @@ class _Answer:
     tokens become text once, as they come (IncrementalDetokenizer), for the stream and
     the whole answer alike. With `echo`, each choice's text starts with its prompt's; with
     `token_texts`, choices carry their tokens' log-probs in the endpoint's shape; with
-    `include_usage`, the stream ends with a chunk of the usage and no choices."""
+    `include_usage`, the stream ends with a chunk of the usage and no choices. With
+    `tool_names`, a choice whose text is a call of one of them (serving/tool_calls.py)
+    answers with that call; streamed, its text is held until it is known to be plain."""
 
     def __init__(self, kind: str, model: str, prompt_tokens: int, choices: int, max_tokens: int,
                  tokenizer: ChatGLMTokenizer, echo: list[str] | None = None, token_texts: TokenTexts | None = None,
-                 include_usage: bool = False) -> None:
+                 include_usage: bool = False, tool_names: list[str] | None = None) -> None:
         self.kind, self.model, self.prompt_tokens = kind, model, prompt_tokens
         self.max_tokens = max_tokens
         self.id = ("chatcmpl-" if kind != "text_completion" else "cmpl-") + uuid.uuid4().hex
@@ -520,6 +525,8 @@ class _Answer:
         self.echoed = [False] * choices  # streaming: whether the choice's echo went out
         self.token_texts, self.include_usage = token_texts, include_usage
         self.logged: list[list[dict]] = [[] for _ in range(choices)]  # log-prob parts of whole answers
+        self.tool_names = tool_names
+        self.held = [tool_names is not None] * choices  # streaming: text held, as it may be a call
 
     def add(self, choice: int, tokens: list[int], finished: bool, streaming: bool,
             log_probs: list[TokenLogProb] | None = None) -> dict | None:
@@ -536,11 +543,26 @@ class _Answer:
             if logged is not None:
                 self.logged[choice].append(logged)
             return None
+        if self.held[choice]:
+            return self._held(choice, finished)
         if not self.echoed[choice]:
             delta, self.echoed[choice] = self.echo[choice] + delta, True
         if not delta and not finished and logged is None:
             return None
         return self._chunk(choice, delta, self.finish[choice], logged)
+
+    def _held(self, choice: int, finished: bool) -> dict | None:
+        """The chunk of a choice whose text may be a function call: nothing until its text
+        shows a plain answer (all of it then) or ends (its call, or its text)."""
+        text = self.texts[choice].text
+        call = read_call(text, self.tool_names) if finished else None
+        if call is not None:
+            self.finish[choice] = "tool_calls"
+            return self._chunk(choice, None, "tool_calls", None, [{"index": 0, **call}])
+        if not (finished or text.startswith("\n")):  # GLM-4's plain answers open with a newline
+            return None
+        self.held[choice] = False
+        return self._chunk(choice, text, self.finish[choice], None)
 
     def _log_probs(self, choice: int, first: int, tokens: list[int], log_probs: list[TokenLogProb]) -> dict:
         """The log-probs of a choice's `tokens` (its first-th on), in the endpoint's shape."""
@@ -562,13 +584,14 @@ class _Answer:
                                  for token, (value, top) in zip(tokens, log_probs)],
                 "text_offset": [echo + start for start in starts]}
 
-    def _chunk(self, choice: int, delta: str, finish: str | None, logged: dict | None) -> dict:
+    def _chunk(self, choice: int, delta: str | None, finish: str | None, logged: dict | None,
+               tool_calls: list[dict] | None = None) -> dict:
         if self.kind == "text_completion":
             body = {"index": choice, "text": delta, "logprobs": logged, "finish_reason": finish}
             return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                     "choices": [body]}
-        body = {"index": choice, "delta": {"role": "assistant", "content": delta}, "logprobs": logged,
-                "finish_reason": finish}
+        message = {"role": "assistant", "content": delta, **({"tool_calls": tool_calls} if tool_calls else {})}
+        body = {"index": choice, "delta": message, "logprobs": logged, "finish_reason": finish}
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [body]}
 
@@ -593,6 +616,14 @@ class _Answer:
         keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
         return {key: [value for part in parts for value in part[key]] for key in keys}
 
+    def _whole_message(self, choice: int, text: str) -> dict:
+        """A chat choice of the whole answer: its text, or the function call it holds."""
+        call = read_call(text, self.tool_names) if self.tool_names is not None else None
+        message = {"role": "assistant", "content": text} if call is None else \
+            {"role": "assistant", "content": None, "tool_calls": [call]}
+        return {"index": choice, "message": message, "logprobs": self._whole_log_probs(choice),
+                "finish_reason": self.finish[choice] if call is None else "tool_calls"}
+
     def whole(self) -> dict:
         """The whole answer: every choice's text (after its echo), finish reason and log-probs, and the usage."""
         texts = [echo + text.text for echo, text in zip(self.echo, self.texts)]
@@ -600,8 +631,6 @@ class _Answer:
             choices = [{"index": i, "text": text, "logprobs": self._whole_log_probs(i),
                         "finish_reason": self.finish[i]} for i, text in enumerate(texts)]
         else:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text},
-                        "logprobs": self._whole_log_probs(i), "finish_reason": self.finish[i]}
-                       for i, text in enumerate(texts)]
+            choices = [self._whole_message(i, text) for i, text in enumerate(texts)]
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}

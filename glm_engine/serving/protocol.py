@@ -96,13 +96,29 @@ class TextPart(_Strict):
     text: str
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name of system
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's newer name of system
+    content: str | list[TextPart] | None = None  # None only beside an assistant's tool_calls
+    tool_calls: list[ToolCall] | None = None  # an assistant's function calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None  # a hint OpenAI takes (the participant's name)
 
     @property
     def text(self) -> str:
         """The message's text (its text parts joined)."""
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
     @property
@@ -110,15 +126,36 @@ class ChatMessage(_Strict):
         return "system" if self.role == "developer" else self.role
 
 
+class FunctionSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name of max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOG_PROBS)
-    # Function calling: not built yet, refused by name (check_no_tools) rather than as unknown fields.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=128)  # function calling, in GLM-4's format (serving/tool_calls.py)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # a hint: GLM-4 calls one function a turn
+    # OpenAI's deprecated names of tools and tool_choice: refused by name (check_no_tools).
     functions: list[Any] | None = None
     function_call: Any = None
 
@@ -246,11 +283,10 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[in
 
 
 def check_no_tools(body: ChatRequest) -> None:
-    """Function calling is not built yet: a request that asks for it gets a 400 naming the field."""
-    for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"):
+    """OpenAI's deprecated function-calling fields get a 400 naming them and their successors."""
+    for name, successor in (("functions", "tools"), ("function_call", "tool_choice")):
         if getattr(body, name) is not None:
-            raise ApiError(400, f"{name}: function calling (tools) is not implemented yet; send the request without "
-                                "tools, tool_choice, parallel_tool_calls, functions and function_call", param=name)
+            raise ApiError(400, f"{name} is OpenAI's deprecated name of {successor}; send {successor}", param=name)
 
 
 def token_choice(body: _Generation) -> dict:
@@ -283,6 +319,9 @@ def check_response_format(response_format: dict | None) -> dict | None:
     """The body's response_format, checked (a schema that cannot be compiled is a 400)."""
     if response_format is None:
         return None
+    if response_format.get("type") == "lark":  # the server's own grammars only
+        raise ApiError(400, 'response_format.type must be "text", "json_object" or "json_schema", got \'lark\'',
+                       param="response_format")
     try:
         response_format_grammar(response_format)
     except GlmEngineError as error:
@@ -290,9 +329,10 @@ def check_response_format(response_format: dict | None) -> dict | None:
     return response_format
 
 
-def samplings(body: _Generation, limits: EngineLimits) -> list[SamplingConfig]:
-    """One SamplingConfig per choice (n) of a request; refuses lengths outside the
-    engine's and combinations the engine refuses (400 with its reason)."""
+def samplings(body: _Generation, limits: EngineLimits, tool_format: dict | None = None) -> list[SamplingConfig]:
+    """One SamplingConfig per choice (n) of a request (`tool_format`: the grammar of a
+    required function call, in place of the body's response_format); refuses lengths
+    outside the engine's and combinations the engine refuses (400 with its reason)."""
     max_output_len = limits.build_config.max_output_len
     asked = body.output_limit()
     max_tokens = max_output_len if asked is None else asked
@@ -310,7 +350,8 @@ def samplings(body: _Generation, limits: EngineLimits) -> list[SamplingConfig]:
                    min_length=min_tokens, output_log_probs=output_log_probs, top_log_probs=top_log_probs,
                    logit_bias=logit_bias(body.logit_bias, limits.vocab_size),
                    stop_token_ids=_token_ids(body.stop_token_ids or [], limits.vocab_size, "stop_token_ids"),
-                   response_format=check_response_format(body.response_format), **token_choice(body), **beams(body))
+                   response_format=tool_format or check_response_format(body.response_format), **token_choice(body),
+                   **beams(body))
     if options.get("num_beams", 1) == 1:  # the model's other end ids end a request too (beam search takes one)
         options["stop_token_ids"] = tuple(dict.fromkeys((*options["stop_token_ids"], *limits.more_end_ids)))
     seeds = [None if body.seed is None else (body.seed + choice) % (MAX_SEED + 1) for choice in range(body.choices)]

@@ -14,6 +14,7 @@ import binascii
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from glm_engine.text.errors import TokenizerError
 
@@ -89,7 +90,7 @@ class BPETokenizer:
         except ValueError as error:
             raise TokenizerError(f"{path}: the tokens do not make a tiktoken encoding ({error})") from None
         pieces = {rank: token for token, rank in ranks.items()}
-        return cls(pieces, specials, lambda text: encoding.encode(text, allowed_special="all"))
+        return cls(pieces, specials, _TiktokenEncode(encoding))
 
     @classmethod
     def from_tokenizer_json(cls, path: str | Path) -> BPETokenizer:
@@ -112,7 +113,7 @@ class BPETokenizer:
         for token_id, token in tokenizer.get_added_tokens_decoder().items():
             if not token.special:  # an added token that prints as its text
                 pieces[token_id] = token.content.encode()
-        return cls(pieces, specials, lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
+        return cls(pieces, specials, _TokenizersEncode(tokenizer))
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -225,3 +226,24 @@ def _byte_characters() -> dict[int, str]:
             characters[byte] = chr(256 + extra)
             extra += 1
     return characters
+
+
+class _TiktokenEncode:
+    """Text -> ids with a tiktoken encoding, special tokens read as such (a class, not a
+    lambda: the tokenizer is pickled into serve.py's engine process)."""
+
+    def __init__(self, encoding: Any) -> None:
+        self.encoding = encoding
+
+    def __call__(self, text: str) -> list[int]:
+        return self.encoding.encode(text, allowed_special="all")
+
+
+class _TokenizersEncode:
+    """Text -> ids with a `tokenizers` Tokenizer, no special tokens added (picklable)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from pathlib import Path
 
@@ -73,17 +74,43 @@ def random_prompts(lengths: list[int], high: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, high, (length,), generator=generator).tolist() for length in lengths]
 
 
-def chat_prompt_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
-    """Token ids of a chat (role, content) list ending with a user turn, in the format
-    the tokenizer's model was trained on. ChatGLM2: "[Round i]\\n\\n问：...\\n\\n答：..."
+# GLM-4-9B-chat's chat template: the system message that lists the tools.
+GLM4_TOOLS_PREAMBLE = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+                       "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具")
+GLM4_TOOL_NOTE = "\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+
+
+def chat_prompt_ids(tokenizer, messages: list[tuple[str, ...]]) -> list[int]:
+    """Token ids of a chat, (role, content) or (role, content, metadata) messages ending
+    with a user turn (or, with role tokens, a tool's observation), in the format the
+    tokenizer's model was trained on. ChatGLM2: "[Round i]\\n\\n问：...\\n\\n答：..."
     rounds (a system message opens the first question: ChatGLM2 has no system role).
-    ChatGLM3 and GLM-4: [gMASK] sop, a role token, "\\n" and the content per message,
-    then <|assistant|> (GLM-4's chat template: "[gMASK]<sop><|user|>\\n...<|assistant|>")."""
-    if not messages or messages[-1][0] != "user":
+    ChatGLM3 and GLM-4: [gMASK] sop, a role token, the metadata (a called function's
+    name), "\\n" and the content per message, then <|assistant|> (GLM-4's chat
+    template: "[gMASK]<sop><|user|>\\n...<|assistant|>")."""
+    role_tokens = tokenizer.flavor in ("chatglm3", "glm4")
+    if not messages or messages[-1][0] not in (("user", "observation") if role_tokens else ("user",)):
         raise GlmEngineError("a chat must end with a user message")
-    if tokenizer.flavor in ("chatglm3", "glm4"):
+    if role_tokens:
         return _role_token_prompt(tokenizer, messages)
+    if any(len(message) > 2 and message[2] for message in messages):
+        raise GlmEngineError("ChatGLM2's rounds have no function calls")
     return _round_prompt(tokenizer, messages)
+
+
+def glm4_tools_message(functions: list[dict]) -> str:
+    """The system message GLM-4-9B-chat's chat template writes for `functions` (OpenAI's
+    tools[].function objects): each under its name as the template's tojson writes it."""
+    return GLM4_TOOLS_PREAMBLE + "".join(f"\n\n## {function['name']}\n\n{_template_json(function)}{GLM4_TOOL_NOTE}"
+                                         for function in functions)
+
+
+def _template_json(value: object) -> str:
+    """jinja2's `tojson(indent=4)`: sorted keys, ASCII, HTML's special characters escaped."""
+    text = json.dumps(value, indent=4, sort_keys=True)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("'", "\\u0027")):
+        text = text.replace(char, escaped)
+    return text
 
 
 def _role_token_prompt(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
@@ -92,13 +119,14 @@ def _role_token_prompt(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
     leading space (its build_chat_input); GLM-4's encodes them as one text."""
     roles = tokenizer.special_token_ids
     ids = tokenizer.encode("", add_prefix=True)
-    for role, content in messages:
+    for role, content, *metadata in messages:
         if f"<|{role}|>" not in roles:
             raise GlmEngineError(f"chat role {role!r} has no role token; use system, user, assistant or observation")
+        head = (metadata[0] if metadata else "") + "\n"
         if getattr(tokenizer, "flavor", None) == "chatglm3":
-            body = tokenizer.encode("\n", add_prefix=False) + tokenizer.encode(content, add_prefix=False)
+            body = tokenizer.encode(head, add_prefix=False) + tokenizer.encode(content, add_prefix=False)
         else:
-            body = tokenizer.encode("\n" + content, add_prefix=False)
+            body = tokenizer.encode(head + content, add_prefix=False)
         ids += [roles[f"<|{role}|>"], *body]
     return ids + [roles["<|assistant|>"]]
 

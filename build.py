@@ -18,7 +18,7 @@ try:
     from glm_engine.tools.cli import LOG_LEVELS, run_tool, setup_logging
     from glm_engine.config import DTYPES, ROPE_RATIO_MODES, BuildConfig, ModelConfig
     from glm_engine.engine_format.engine_dir import check_output_dir, restore_interrupted_build
-    from glm_engine.presets import CHATGLM2_6B, CHATGLM_SHAPE_FIELDS, MODEL_NAMES, shape_fields
+    from glm_engine.presets import CHATGLM2_6B, CHATGLM_SHAPE_FIELDS, GLM4_MODEL_NAMES, MODEL_NAMES, shape_fields
     from glm_engine.engine_format.source_files import file_inside
     from glm_engine.text.tokenizer import (ALL_TOKENIZER_FILES, CHATGLM2_SPECIAL_TOKENS, ChatGLMTokenizer,
                                            TokenizerError, load_tokenizer)
@@ -156,10 +156,11 @@ def dummy_model_config(args: argparse.Namespace) -> ModelConfig:
         hf_config[head_size] = hidden // heads
     ids = hf_config["eos_token_id"] if isinstance(hf_config["eos_token_id"], list) else [hf_config["eos_token_id"]]
     if max(ids + [hf_config["pad_token_id"]]) >= hf_config[fields["vocab_size"]] and args.model_name:
-        # A vocabulary cut below the model's special ids: the bundled demo tokenizer's end and pad ids.
-        logger.info("--vocab_size %d leaves out %s's end ids: using end id 2 and pad id 0",
-                    hf_config[fields["vocab_size"]], args.model_name)
-        hf_config.update(eos_token_id=2, pad_token_id=0)
+        # A vocabulary cut below the model's special ids: the demo tokenizer's end and pad ids.
+        end_ids, pad_id = demo_end_ids(args.model_name, hf_config[fields["vocab_size"]])
+        logger.info("--vocab_size %d leaves out %s's end ids: using the demo tokenizer's end ids %s and pad id %d",
+                    hf_config[fields["vocab_size"]], args.model_name, end_ids, pad_id)
+        hf_config.update(eos_token_id=end_ids if len(end_ids) > 1 else end_ids[0], pad_token_id=pad_id)
     from glm_engine.models import read_model_config
 
     return read_model_config(hf_config)
@@ -372,6 +373,25 @@ def convert_ranks_in_parallel(args: argparse.Namespace, model_config: ModelConfi
     return dict(written)
 
 
+def glm4_demo_tokenizer(model_name: str | None, vocab_size: int) -> Path | None:
+    """The bundled GLM-4 demo tokenizer, for a dummy GLM-4 engine whose vocabulary holds it."""
+    from scripts.make_demo_tokenizer import GLM4_BUNDLED_DIR
+
+    if model_name not in GLM4_MODEL_NAMES or load_tokenizer(GLM4_BUNDLED_DIR).vocab_size > vocab_size:
+        return None
+    return GLM4_BUNDLED_DIR
+
+
+def demo_end_ids(model_name: str, vocab_size: int) -> tuple[list[int], int]:
+    """(end ids, pad id) of the demo tokenizer a dummy engine of `model_name` gets: GLM-4's
+    <|endoftext|>, <|user|> and <|observation|> (pad: <|endoftext|>), or ChatGLM2's 2 (pad 0)."""
+    directory = glm4_demo_tokenizer(model_name, vocab_size)
+    if directory is None:
+        return [2], 0
+    specials = load_tokenizer(directory).special_token_ids
+    return [specials[name] for name in ("<|endoftext|>", "<|user|>", "<|observation|>")], specials["<|endoftext|>"]
+
+
 def tokenizer_source(args: argparse.Namespace, vocab_size: int, scratch: Path) -> Path | None:
     """Where the engine's tokenizer comes from, logged: --tokenizer_dir, the checkpoint's,
     or for dummy weights the demo tokenizer (bundled, or trained into `scratch` to fit
@@ -389,6 +409,10 @@ def tokenizer_source(args: argparse.Namespace, vocab_size: int, scratch: Path) -
         return Path(args.model_dir)
     from scripts.make_demo_tokenizer import BUNDLED_DIR, train_demo_tokenizer
 
+    glm4 = glm4_demo_tokenizer(args.model_name, vocab_size)
+    if glm4 is not None:
+        logger.info("tokenizer: the bundled GLM-4 demo tokenizer (%s; dummy weights print random text)", glm4)
+        return glm4
     if ChatGLMTokenizer.from_dir(BUNDLED_DIR).vocab_size <= vocab_size:
         logger.info("tokenizer: the bundled demo tokenizer (%s; dummy weights print random text)", BUNDLED_DIR)
         return BUNDLED_DIR

@@ -62,6 +62,8 @@ GLM_4_9B_0414 = {
 # TensorRT-LLM's --model_name values for dummy engines, by config.json.
 MODEL_NAMES = {"chatglm2_6b": CHATGLM2_6B, "chatglm3_6b": CHATGLM3_6B, "glm_4_9b": GLM_4_9B,
                "glm_4_9b_0414": GLM_4_9B_0414}
+# The ones whose dummy engines get GLM-4's kind of demo tokenizer (tiktoken BPE, role tokens).
+GLM4_MODEL_NAMES = ("glm_4_9b", "glm_4_9b_0414")
 
 # build.py's dummy-shape flags -> the config.json field each sets, in each layout.
 CHATGLM_SHAPE_FIELDS = {"n_layer": "num_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",

@@ -1,10 +1,12 @@
-"""Trains the small ChatGLM2-format tokenizer the demo, the tests and dummy engines
-use: a SentencePiece model of 1000 pieces (byte fallback, so any text encodes) on
-the bundled cnn_dailymail sample and a few Chinese lines, plus ChatGLM2's special
-tokens on top; data/demo_tokenizer/ holds it, made by
-`python scripts/make_demo_tokenizer.py data/demo_tokenizer`. build.py trains a
-smaller one for a dummy vocabulary it does not fit. The real ChatGLM2 tokenizer
-comes with a checkpoint."""
+"""Trains the small tokenizers the demo, the tests and dummy engines use, on the
+bundled cnn_dailymail sample and a few Chinese lines. ChatGLM2's kind: a SentencePiece
+model of 1000 pieces (byte fallback, so any text encodes) plus ChatGLM2's special
+tokens on top, in data/demo_tokenizer/ (`python scripts/make_demo_tokenizer.py
+data/demo_tokenizer`); build.py trains a smaller one for a dummy vocabulary it does
+not fit. GLM-4's kind: THUDM's tiktoken tokenizer.model of a byte-level BPE of 1000
+ranks, GLM-4's special tokens after them, in data/demo_tokenizer_glm4/ (`... --flavor
+glm4 data/demo_tokenizer_glm4`), for dummy GLM-4 engines. The real tokenizers come
+with a checkpoint."""
 
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from glm_engine.text.bpe_tokenizer import GLM4_PATTERN, byte_characters  # noqa: E402
 from glm_engine.text.tokenizer import TokenizerError, train_sentencepiece  # noqa: E402
 
 SAMPLE_DATA = REPO_ROOT / "data" / "cnn_dailymail_sample.jsonl"
 BUNDLED_DIR = REPO_ROOT / "data" / "demo_tokenizer"
+GLM4_BUNDLED_DIR = REPO_ROOT / "data" / "demo_tokenizer_glm4"
 # Chinese text so the tiny vocabulary has Chinese pieces, and ChatGLM2's chat
 # prompt so its markers encode compactly.
 CHINESE_TEXTS = (
@@ -30,6 +34,7 @@ CHINESE_TEXTS = (
     "[Round 1]\n\n问：你好\n\n答：你好！有什么可以帮你的吗？",
 )
 DEMO_SP_VOCAB_SIZE = 1000
+DEMO_BPE_VOCAB_SIZE = 1000
 
 
 def demo_corpus() -> list[str]:
@@ -60,9 +65,37 @@ def train_demo_tokenizer(output_dir: str | Path, flavor: str = "chatglm2",
                          "byte pieces and the text's characters)")
 
 
+def train_glm4_demo_tokenizer(output_dir: str | Path, vocab_size: int = DEMO_BPE_VOCAB_SIZE) -> Path:
+    """Writes GLM-4's kind of demo tokenizer into `output_dir` and returns it: a byte-level
+    BPE of `vocab_size` ranks trained by the tokenizers library with GLM-4's split
+    pattern, as THUDM's tokenizer.model ("base64 bytes, rank" lines); GLM-4's special
+    tokens follow the ranks (no tokenizer_config.json needed)."""
+    import base64
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GLM4_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(demo_corpus(), trainer)
+    byte_of = {char: byte for byte, char in byte_characters().items()}
+    ranks = sorted(tokenizer.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
+    lines = [f"{base64.b64encode(bytes(byte_of[char] for char in token)).decode()} {rank}" for token, rank in ranks]
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "tokenizer.model").write_text("\n".join(lines) + "\n", encoding="ascii")
+    return output_dir
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("output_dir")
-    parser.add_argument("--flavor", choices=["chatglm2", "chatglm3"], default="chatglm2")
+    parser.add_argument("--flavor", choices=["chatglm2", "chatglm3", "glm4"], default="chatglm2")
     args = parser.parse_args()
-    print(train_demo_tokenizer(args.output_dir, args.flavor))
+    if args.flavor == "glm4":
+        print(train_glm4_demo_tokenizer(args.output_dir))
+    else:
+        print(train_demo_tokenizer(args.output_dir, args.flavor))

@@ -43,6 +43,13 @@ def test_the_bundled_demo_tokenizer_is_the_one_the_script_makes(tmp_path):
     assert (fresh / "tokenizer.model").read_bytes() == (BUNDLED_DIR / "tokenizer.model").read_bytes()
 
 
+def test_the_bundled_glm4_demo_tokenizer_is_the_one_the_script_makes(tmp_path):
+    from make_demo_tokenizer import GLM4_BUNDLED_DIR, train_glm4_demo_tokenizer
+
+    fresh = train_glm4_demo_tokenizer(tmp_path)
+    assert (fresh / "tokenizer.model").read_bytes() == (GLM4_BUNDLED_DIR / "tokenizer.model").read_bytes()
+
+
 def test_streaming_several_prompts_prints_each_block_once(tiny_engine_factory, tmp_path):
     engine_dir = tiny_engine_factory(*SMALL, "--vocab_size", "1024")
     prompts = ["Hello", "北京", "The weather"]

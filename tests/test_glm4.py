@@ -25,6 +25,7 @@ from glm_engine.engine_format.tensor_parallel import merge_weights, split_weight
 from glm_engine.models import family, read_model_config
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.text.prompts import random_prompts
+from glm_engine.text.tokenizer import load_tokenizer
 from glm_engine.tools.compare import relative_error
 from glm_engine.tools.hf_reference import build_glm_model, hf_generate
 from model import load_session
@@ -182,10 +183,16 @@ def test_dummy_engines_of_each_model_name(tmp_path, model_name, model_type, voca
     assert result.returncode == 0, result.stderr
     model_config, _ = engine_configs(tmp_path / "e")
     assert (model_config.model_type, model_config.vocab_size, model_config.num_layers) == (model_type, vocab, 2)
-    assert model_config.kv_channels == 16 and model_config.eos_token_id == 2  # the demo tokenizer's, in 1024
-    if model_type == "glm4":  # the new network through the tools
-        generated = run_tool("run.py", "--engine_dir", tmp_path / "e", "--max_output_len", "4")
-        assert generated.returncode == 0, generated.stderr
+    tokenizer = load_tokenizer(tmp_path / "e")
+    if model_name == "chatglm3_6b":  # ChatGLM2's demo tokenizer: end id 2
+        assert model_config.eos_token_ids == (2,) and tokenizer.flavor == "chatglm2"
+    else:  # GLM-4's kind: its <|endoftext|>, <|user|> and <|observation|> end generation
+        specials = tokenizer.special_token_ids
+        assert tokenizer.flavor == "glm4" and model_config.eos_token_ids == tuple(
+            specials[name] for name in ("<|endoftext|>", "<|user|>", "<|observation|>"))
+    assert model_config.kv_channels == 16
+    generated = run_tool("run.py", "--engine_dir", tmp_path / "e", "--max_output_len", "4", "--chat")
+    assert generated.returncode == 0, generated.stderr
 
 
 def test_model_name_shapes_a_dummy_engine_only(tmp_path):

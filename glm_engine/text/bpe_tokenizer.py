@@ -103,7 +103,7 @@ class BPETokenizer:
             raise TokenizerError(f"{path} is not a tokenizer.json ({str(error)[:200]}); re-copy it") from None
         specials = {token.content: token_id for token_id, token in tokenizer.get_added_tokens_decoder().items()
                     if token.special}
-        byte_of = {char: byte for byte, char in _byte_characters().items()}
+        byte_of = {char: byte for byte, char in byte_characters().items()}
         pieces = {}
         for token, token_id in tokenizer.get_vocab(with_added_tokens=False).items():
             if any(char not in byte_of for char in token):
@@ -215,7 +215,7 @@ def _configured_specials(directory: Path) -> dict[str, int]:
         raise TokenizerError(f"{path}: added_tokens_decoder is not a map of ids to tokens; re-copy it") from None
 
 
-def _byte_characters() -> dict[int, str]:
+def byte_characters() -> dict[int, str]:
     """GPT-2's byte -> printable character map, in which byte-level BPE vocabularies are written."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     characters, extra = {}, 0

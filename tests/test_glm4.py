@@ -74,6 +74,18 @@ def test_greedy_tokens_equal_transformers_generate(glm_checkpoint, tmp_path):
         assert output.token_ids == expected
 
 
+def test_beam_search_equals_transformers_generate(glm_checkpoint, tmp_path):
+    """Beams, static and in flight, give the best beam transformers' generate(num_beams=3)
+    gives (no end id: the full length)."""
+    model_dir, reference = glm_checkpoint
+    prompts = random_prompts([5, 14], 1000, 6)
+    expected = [hf_generate(reference, [prompt], 10, -1, 0, num_beams=3)[0] for prompt in prompts]
+    for flags in ([], ["--use_inflight_batching"]):
+        session = load_session(build_engine(model_dir, tmp_path / f"engine{len(flags)}", *flags), "cpu")
+        outputs = session.generate(prompts, SamplingConfig(max_new_tokens=10, end_id=-1, num_beams=3))
+        assert [output.token_ids for output in outputs] == expected
+
+
 def test_every_end_id_is_recorded(glm_checkpoint, tmp_path):
     model_dir, _ = glm_checkpoint
     model_config, _ = engine_configs(build_engine(model_dir, tmp_path / "engine"))

@@ -132,6 +132,15 @@ def progress(message: str) -> None:
         print(f"benchmark.py: {message}", file=sys.stderr, flush=True)
 
 
+def progress_bar(total: int, description: str):
+    """A tqdm bar on stderr for a phase's runs or requests: shown on a terminal (rank 0),
+    silent when stderr is a file or a pipe (the phase's line says it began)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, file=sys.stderr, leave=False,
+                disable=None if launched_rank() == 0 else True)
+
+
 def synchronize() -> None:
     import torch
 
@@ -144,16 +153,18 @@ def timed_runs(run: Callable[[Callable[[], None]], None], batch_size: int, outpu
     (the rest, over output_len - 1 steps): medians of `repeats` runs after a warm-up.
     `run(first_token_out)` generates output_len tokens and calls first_token_out once."""
     prefills, decodes = [], []
-    for attempt in range(repeats + 1):
-        marks = []
-        synchronize()
-        start = time.perf_counter()
-        run(lambda: marks.append(time.perf_counter()))
-        synchronize()
-        end = time.perf_counter()
-        if attempt:  # attempt 0 warms up
-            prefills.append(marks[0] - start)
-            decodes.append((end - marks[0]) / max(1, output_len - 1))
+    with progress_bar(repeats + 1, f"batch {batch_size}, runs") as bar:
+        for attempt in range(repeats + 1):
+            marks = []
+            synchronize()
+            start = time.perf_counter()
+            run(lambda: marks.append(time.perf_counter()))
+            synchronize()
+            end = time.perf_counter()
+            if attempt:  # attempt 0 warms up
+                prefills.append(marks[0] - start)
+                decodes.append((end - marks[0]) / max(1, output_len - 1))
+            bar.update()
     prefill, decode = statistics.median(prefills), statistics.median(decodes)
     return {"batch_size": batch_size, "prefill_ms": 1000 * prefill, "decode_ms_per_step": 1000 * decode,
             "decode_tokens_per_s": batch_size / decode}
@@ -436,6 +447,7 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
     arrivals = arrival_times(args, len(prompts))
     first_token, finish, produced = [None] * len(prompts), [None] * len(prompts), [0] * len(prompts)
     submitted = steps = 0
+    bar = progress_bar(len(prompts), "requests finished")
     synchronize()
     start = time.perf_counter()
     while submitted < len(prompts) or session.has_work:
@@ -462,7 +474,9 @@ def run_serving(session: Session, prompts: list[list[int]], args: argparse.Names
                 first_token[index] = now
         for index in step.finished:
             finish[index] = now
+        bar.update(len(step.finished))
     elapsed = time.perf_counter() - start
+    bar.close()
     if None in finish or not all_lengths_right(produced, args):
         raise GlmEngineError("a request was lost or cut short")  # the scheduler's contract
     ttft = [first - arrival for first, arrival in zip(first_token, arrivals)]

@@ -239,7 +239,7 @@ def test_run_py_with_stdout_closed_says_so_in_one_line(engine, prompts_csv):
 
 
 @pytest.mark.parametrize("command", ["build.py --help", "run.py --help", "summarize.py --help",
-                                     "benchmark.py --engine_dir nowhere"])
+                                     "benchmark.py --engine_dir nowhere", "serve.py --engine_dir nowhere"])
 def test_a_python_without_the_dependencies_is_told_to_use_the_venv(command):
     script, *args = command.split()
     # -S: no site-packages, as a bare system python3 has none of the project's packages.

@@ -237,6 +237,9 @@ def test_tools_need_a_glm4_model(server):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "tools" and "follows GLM-4's chat format" in error["message"]
+    messages = [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "c", "content": "{}"}]
+    response = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={"model": "tiny", "messages": messages})
+    assert response.status_code == 400 and "no function calls or tool results" in response.json()["error"]["message"]
 
 
 def test_chat_without_a_final_user_message_is_refused(server):

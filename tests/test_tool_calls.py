@@ -129,6 +129,8 @@ def test_the_call_and_its_result_make_the_next_turn(server, engine):
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
      "send one"),
     ({"functions": [{"name": "f"}]}, "functions", "deprecated name of tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+      "tool_choice": "required"}, "tools", "a function's parameters schema"),
     ({"response_format": {"type": "lark", "lark": "start: \"a\""}}, "response_format", "got 'lark'"),
 ])
 def test_bad_tool_requests_are_refused_by_name(server, body, param, fragment):

@@ -43,7 +43,7 @@ def response_format_grammar(response_format: dict) -> str | None:
     if kind == "text":
         return None
     if kind == "lark":  # the server's own grammars (a required tool call), never a client's
-        return _checked(_llguidance().LLMatcher.grammar_from_lark(response_format["lark"]))
+        return _checked(_llguidance().LLMatcher.grammar_from_lark(response_format["lark"]), "the tool call's grammar")
     if kind == "json_object":
         schema: Any = {"type": "object"}
     elif kind == "json_schema":
@@ -57,14 +57,14 @@ def response_format_grammar(response_format: dict) -> str | None:
         grammar = _llguidance().LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
     except (ValueError, TypeError) as error:
         raise GlmEngineError(f"response_format's JSON schema cannot be used: {error}") from None
-    return _checked(grammar)
+    return _checked(grammar, "response_format's JSON schema")
 
 
-def _checked(grammar: str) -> str:
-    """`grammar`, once llguidance finds no error in it (else GlmEngineError naming it)."""
+def _checked(grammar: str, what: str) -> str:
+    """`grammar`, once llguidance finds no error in it (else GlmEngineError naming `what`)."""
     is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise GlmEngineError(f"response_format's JSON schema cannot be used: {messages[0]}")
+        raise GlmEngineError(f"{what} cannot be used: {messages[0].splitlines()[0]}")  # its first line: one-line errors
     return grammar
 
 

@@ -74,7 +74,7 @@ def _required_call(body: ChatRequest, functions: dict) -> dict | None:
     try:
         response_format_grammar(grammar)
     except GlmEngineError as error:
-        raise ApiError(400, str(error).replace("response_format's", "a tool's parameters"), param="tools") from None
+        raise ApiError(400, f"{str(error)} (a function's parameters schema)", param="tools") from None
     return grammar
 
 

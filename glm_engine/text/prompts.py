@@ -89,13 +89,13 @@ def chat_prompt_ids(tokenizer, messages: list[tuple[str, ...]]) -> list[int]:
     name), "\\n" and the content per message, then <|assistant|> (GLM-4's chat
     template: "[gMASK]<sop><|user|>\\n...<|assistant|>")."""
     role_tokens = tokenizer.flavor in ("chatglm3", "glm4")
+    if not role_tokens and any(len(message) > 2 and message[2] or message[0] not in ("system", "user", "assistant")
+                               for message in messages):
+        raise GlmEngineError("ChatGLM2's rounds have no function calls or tool results; send system, user and "
+                             "assistant messages")
     if not messages or messages[-1][0] not in (("user", "observation") if role_tokens else ("user",)):
         raise GlmEngineError("a chat must end with a user message")
-    if role_tokens:
-        return _role_token_prompt(tokenizer, messages)
-    if any(len(message) > 2 and message[2] for message in messages):
-        raise GlmEngineError("ChatGLM2's rounds have no function calls")
-    return _round_prompt(tokenizer, messages)
+    return _role_token_prompt(tokenizer, messages) if role_tokens else _round_prompt(tokenizer, messages)
 
 
 def glm4_tools_message(functions: list[dict]) -> str:

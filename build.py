@@ -41,6 +41,8 @@ SWITCH_HELP = {
     "enable_context_fmha": "flash attention for prompts, P.V accumulated in float16 (needs the attention plugin)",
     "enable_context_fmha_fp32_acc": "flash attention for prompts, accumulated in float32 (wins over the above)",
     "use_weight_only": "quantize every decoder linear's weights (see --weight_only_precision)",
+    "enable_fp8": "FP8 (E4M3) decoder linears: weights per output channel, activations per token, FP8 tensor "
+                  "cores (compute capability 8.9+)",
     "use_inflight_batching": "queue requests, max_batch_size in flight; implies the attention plugin, "
                              "--paged_kv_cache, --remove_input_padding and fp32 context FMHA",
     "paged_kv_cache": "one KV pool of blocks shared by all sequences, sized when the engine runs",
@@ -197,7 +199,8 @@ def build_config_of(args: argparse.Namespace) -> BuildConfig:
                        world_size=args.world_size, use_layernorm_plugin=args.use_layernorm_plugin,
                        use_gemm_plugin=args.use_gemm_plugin,
                        weight_only_precision=(args.weight_only_precision or "int8") if args.use_weight_only
-                       else None, weight_only_group_size=args.weight_only_group_size or 0, **serving_flags(args))
+                       else None, weight_only_group_size=args.weight_only_group_size or 0,
+                       enable_fp8=bool(args.enable_fp8), **serving_flags(args))
 
 
 def model_config_of(args: argparse.Namespace) -> ModelConfig:

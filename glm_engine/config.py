@@ -190,6 +190,9 @@ class BuildConfig:
     weight_only_precision: str | None = None  # int8 or int4 with --use_weight_only, None without
     # Input channels per weight scale (--weight_only_group_size); 0: one scale per output channel.
     weight_only_group_size: int = 0
+    # FP8 (E4M3) decoder linears (--enable_fp8): weights with per-channel scales, activations
+    # quantized per token as each linear reads them.
+    enable_fp8: bool = False
     # Context FMHA as TensorRT-LLM names it: "enabled" (float16 accumulation of P.V
     # in float16 engines), "enabled_with_fp32_acc", or None (the unfused reference).
     context_fmha: str | None = None
@@ -203,7 +206,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         check_field_types("build config", self, ("max_batch_size", "max_input_len", "max_output_len",
                                                  "world_size", "tokens_per_block", "weight_only_group_size"),
-                          flags=("paged_kv_cache", "remove_input_padding", "use_inflight_batching"))
+                          flags=("paged_kv_cache", "remove_input_padding", "use_inflight_batching", "enable_fp8"))
         if self.random_seed is not None and not (is_integer(self.random_seed) and 0 <= self.random_seed <= MAX_SEED):
             raise GlmEngineError(f"--random_seed must be an integer in [0, 2**64), got {self.random_seed!r}")
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
@@ -217,6 +220,9 @@ class BuildConfig:
         if group and self.weight_only_precision is None:
             raise GlmEngineError("--weight_only_group_size applies to --use_weight_only; add --use_weight_only or "
                                  "drop it")
+        if self.enable_fp8 and self.weight_only_precision is not None:
+            raise GlmEngineError("--enable_fp8 and --use_weight_only are two ways to store the decoder linears; "
+                                 "pick one")
         for plugin in ("use_gpt_attention_plugin", "use_layernorm_plugin", "use_gemm_plugin"):
             value = getattr(self, plugin)
             if value is not None and value != self.dtype:
@@ -249,8 +255,9 @@ class BuildConfig:
 
     @property
     def uses_triton(self) -> bool:
-        return any(value is not None for value in (self.use_gpt_attention_plugin, self.use_layernorm_plugin,
-                                                    self.use_gemm_plugin, self.weight_only_precision))
+        """Whether any op of the engine is a Triton kernel (FP8: the per-token activation quantizer)."""
+        return self.enable_fp8 or any(value is not None for value in (
+            self.use_gpt_attention_plugin, self.use_layernorm_plugin, self.use_gemm_plugin, self.weight_only_precision))
 
     @property
     def max_sequence_len(self) -> int:
@@ -264,4 +271,6 @@ class BuildConfig:
         if isinstance(values, dict) and "weight_only_group_size" not in values:
             # Written before the flag existed: such an engine's scales are per output channel.
             values = {**values, "weight_only_group_size": 0}
+        if isinstance(values, dict) and "enable_fp8" not in values:
+            values = {**values, "enable_fp8": False}  # written before FP8 engines existed
         return cls(**_dataclass_fields(cls, values, "build"))

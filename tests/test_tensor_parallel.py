@@ -19,7 +19,7 @@ from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.engine_format.layout import engine_tensor_specs
 from glm_engine.engine_format.layout import linear_weight_names
-from glm_engine.quantization import WeightOnly, quantize_weights
+from glm_engine.quantization import WeightOnly, linear_method, quantize_weights
 from glm_engine.runtime import distributed
 from glm_engine.runtime.distributed import Launch, launch_from_environment, rank_device
 from glm_engine.engine_format.tensor_parallel import check_world_size, merge_weights, split_weights
@@ -64,13 +64,18 @@ def engines(checkpoint, tmp_path_factory):
     return make
 
 
+def quantized_build(precision: str | None, **fields) -> BuildConfig:
+    """A float32 build storing the decoder linears as `precision` says (None, int8, int4, fp8)."""
+    if precision == "fp8":
+        return BuildConfig(dtype="float32", enable_fp8=True, **fields)
+    return BuildConfig(dtype="float32", weight_only_precision=precision, **fields)
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-@pytest.mark.parametrize("precision", [None, "int8", "int4"])
+@pytest.mark.parametrize("precision", [None, "int8", "int4", "fp8"])
 def test_rank_slices_have_the_layout_shapes(world_size, precision):
-    weights = dummy_weights(TINY, torch.float32, 0)
-    if precision:
-        weights = quantize_weights(weights, linear_weight_names(TINY), WeightOnly(precision))
-    build = BuildConfig(dtype="float32", world_size=world_size, weight_only_precision=precision)
+    build = quantized_build(precision, world_size=world_size)
+    weights = quantize_weights(dummy_weights(TINY, torch.float32, 0), linear_weight_names(TINY), linear_method(build))
     specs = engine_tensor_specs(TINY, build)
     for rank in range(world_size):
         shard = split_weights(weights, TINY, world_size, rank)
@@ -78,15 +83,16 @@ def test_rank_slices_have_the_layout_shapes(world_size, precision):
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("precision", [None, "int4"])
+@pytest.mark.parametrize("precision", [None, "int4", "fp8"])
 def test_merging_the_rank_slices_gives_the_whole_model(world_size, precision):
     """What the Hugging Face reference of a tensor-parallel engine is built from."""
-    weights = dummy_weights(TINY, torch.float32, 0)
-    if precision:
-        weights = quantize_weights(weights, linear_weight_names(TINY), WeightOnly(precision))
+    weights = quantize_weights(dummy_weights(TINY, torch.float32, 0), linear_weight_names(TINY),
+                               linear_method(quantized_build(precision)))
     merged = merge_weights([split_weights(weights, TINY, world_size, rank) for rank in range(world_size)], TINY)
     assert merged.keys() == weights.keys()
-    assert all(torch.equal(merged[name], weights[name]) for name in weights)
+    as_bytes = {torch.float8_e4m3fn: torch.uint8}  # (torch.equal takes no float8 on the CPU)
+    assert all(torch.equal(merged[name].view(as_bytes.get(tensor.dtype, tensor.dtype)),
+                           tensor.view(as_bytes.get(tensor.dtype, tensor.dtype))) for name, tensor in weights.items())
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -147,6 +153,18 @@ def test_ranks_give_the_one_rank_tokens_and_logits(engines, tmp_path, world_size
     assert torch.allclose(many["logits"], one["logits"], rtol=0, atol=1e-5), \
         (many["logits"] - one["logits"]).abs().max()
     assert [len(tokens) for tokens in many["sampled"]] == [6, 6]  # unseeded sampling kept the ranks in step
+
+
+def test_fp8_ranks_stay_close_to_one_rank(engines, tmp_path):
+    """A row-parallel FP8 linear quantizes each rank's share of a token's inputs with a
+    scale of its own, so the ranks' logits are close to one rank's, not equal."""
+    from glm_engine.tools.compare import relative_error
+
+    one = run_worker(engines(1, "--enable_fp8"), 1, tmp_path)
+    two = run_worker(engines(2, "--enable_fp8"), 2, tmp_path)
+    dense = run_worker(engines(1), 1, tmp_path)
+    error = relative_error(two["logits"], one["logits"])
+    assert 0 < error < relative_error(one["logits"], dense["logits"]), error
 
 
 def test_parallel_build_writes_the_serial_bytes(engines, checkpoint, tmp_path):

@@ -97,6 +97,11 @@ def _vocab_rows(tensor: torch.Tensor, config: ModelConfig, world_size: int, rank
     return torch.cat([shard, padding]).contiguous()
 
 
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A one-byte tensor viewed as uint8; others as they are."""
+    return tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor
+
+
 def split_weights(weights: dict[str, torch.Tensor], config: ModelConfig, world_size: int,
                   rank: int) -> dict[str, torch.Tensor]:
     """Rank `rank`'s runtime-layout weights (quantized or not) out of the whole model's,
@@ -137,8 +142,8 @@ def merge_weights(rank_weights: list[dict[str, torch.Tensor]], config: ModelConf
             # Replicated K/V groups are written once per rank holding them, with equal values.
             size = config.qkv_size if split == "qkv" else 2 * config.ffn_hidden_size
             tensor = first.new_empty((size, *first.shape[1:]))
-            for rank, part in enumerate(slices):
-                tensor.index_copy_(0, rows(config, world_size, rank), part)
+            for rank, part in enumerate(slices):  # (as bytes: index_copy_ takes no float8 on the CPU)
+                _bytes(tensor).index_copy_(0, rows(config, world_size, rank), _bytes(part))
             whole[name] = tensor
         elif split == "row_parallel" and first.dim() == 2:
             whole[name] = torch.cat(slices, dim=1)

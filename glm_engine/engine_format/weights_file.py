@@ -20,7 +20,7 @@ from glm_engine import GlmEngineError
 from glm_engine.engine_format.checksums import CHECKSUM_CHUNK_BYTES, checksum_error, verify_checksums
 
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int8: "I8",
-                      torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
+                      torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64", torch.float8_e4m3fn: "F8_E4M3"}
 _MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 
 TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]

@@ -69,6 +69,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x [M, K] as float8_e4m3fn values [M, K] (round to nearest even) and a
+    float32 scale [M, 1] = max|row| / 448 (a row of zeros: 1e-12 / 448), so that the
+    row's largest magnitude maps to 448 (the reference of kernels/fp8.py quantize_rows)."""
+    scales = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scales).to(torch.float8_e4m3fn), scales
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor,
+               quant_bits: int = 0) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) in FP8: x quantized per row (quantize_rows_fp8), W [N, K]
+    float8_e4m3fn with float32 scales [N]; the exact products summed in float32, scaled by
+    both scales, cast to x's dtype, then the bias added, in the order of kernels/fp8.py."""
+    values, scales = quantize_rows_fp8(x)
+    product = values.float() @ weight.float().t()
+    out = (product * scales * weight_scales.float()[None, :]).to(x.dtype)
+    return out + bias if bias is not None else out
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(a) * b where gate_up = [a, b] along the last dim."""
     gate, up = gate_up.chunk(2, dim=-1)

@@ -14,9 +14,14 @@ from typing import TYPE_CHECKING
 from glm_engine import GlmEngineError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from glm_engine.config import BuildConfig
+
+    # (x, weight, bias, weight_scales, quant_bits) -> x @ W^T + bias, as runtime/op_table.py's
+    Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, int], torch.Tensor]
 
 Shape = tuple[int, ...]
 SCALES = "_scales"  # suffix of a quantized weight's scales: `<name>_scales`
@@ -44,6 +49,12 @@ class Unquantized:
     def parameter_shapes(self, out_features: int, in_features: int) -> dict[str, Shape]:
         """The network module's parameters: `weight`, and `weight_scales` when quantized."""
         return {"weight": (out_features, in_features)}
+
+    def linear_op(self, device: torch.device, kernels: bool) -> Linear | None:
+        """The linear op this method computes with on `device` (`kernels`: whether the
+        engine's Triton kernels run there), or None to let runtime/ops.py choose among the
+        dense and weight-only kernels by the plugin flags."""
+        return None
 
 
 class WeightOnly(Unquantized):
@@ -86,8 +97,47 @@ class WeightOnly(Unquantized):
 BITS = {"int8": 8, "int4": 4}
 
 
+class Fp8(Unquantized):
+    """FP8 (E4M3) weights with a float32 scale per output channel (max|w| / 448) and
+    activations quantized alike per token as each linear reads them; the products
+    accumulate in float32 and are scaled back per (token, channel). On a GPU: FP8 tensor
+    cores (kernels/fp8.py); elsewhere its plain-PyTorch emulation, which rounds alike."""
+
+    name = "fp8"
+    tensor_core_gemm = False
+
+    def tensor_specs(self, name: str, shape: Shape, dtype: torch.dtype) -> dict[str, tuple[Shape, torch.dtype]]:
+        import torch
+
+        return {name: (shape, torch.float8_e4m3fn), name + SCALES: ((shape[0],), torch.float32)}
+
+    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        from glm_engine.kernels import reference
+
+        values, scales = reference.quantize_rows_fp8(weight)
+        return {"": values, SCALES: scales[:, 0]}
+
+    def dequantize(self, weight: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        return (weight.float() * scales[:, None]).to(dtype)
+
+    def parameter_shapes(self, out_features: int, in_features: int) -> dict[str, Shape]:
+        return {"weight": (out_features, in_features), "weight_scales": (out_features,)}
+
+    def linear_op(self, device: torch.device, kernels: bool) -> Linear:
+        from glm_engine.kernels import reference
+
+        if not kernels:
+            return reference.fp8_linear
+        from glm_engine.kernels import fp8
+
+        fp8.check_device(device)
+        return fp8.linear
+
+
 def linear_method(build: BuildConfig) -> Unquantized:
     """The linear method of an engine built with `build`."""
+    if build.enable_fp8:
+        return Fp8()
     if build.weight_only_precision is None:
         return Unquantized()
     return WeightOnly(build.weight_only_precision, build.weight_only_group_size)

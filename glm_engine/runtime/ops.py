@@ -39,7 +39,8 @@ def runs_kernels(build: BuildConfig, device: torch.device) -> bool:
 
 
 def reference_build(build: BuildConfig) -> BuildConfig:
-    """`build` with every kernel choice off (sizes and scheduling flags kept)."""
+    """`build` with every kernel choice off (sizes, scheduling flags and FP8 storage kept:
+    FP8 linears have a reference of their own)."""
     return dataclasses.replace(build, use_gpt_attention_plugin=None, use_layernorm_plugin=None,
                                use_gemm_plugin=None, context_fmha=None, weight_only_precision=None,
                                weight_only_group_size=0, use_inflight_batching=False)
@@ -94,12 +95,13 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
     """The op table for one rank's network (`config`: the shape it computes) on `device`
     (kernel modules imported only when chosen); `parallel` gives the collectives when
     the engine has several ranks."""
-    if build.uses_triton and not runs_kernels(build, device):
+    kernels = runs_kernels(build, device)
+    if build.uses_triton and not kernels:
         logger.info("the engine's plugins are Triton kernels, which need a GPU: running the reference ops on the "
                     "%s%s", device, ", weight-only layers dequantized to " + build.dtype
                     if build.weight_only_precision else "")
         build = reference_build(build)
-    if build.uses_triton:
+    if kernels:
         check_triton()
     dtype = build.torch_dtype
     add_rms_norm, swiglu, linear = reference.add_rms_norm, reference.swiglu, reference_linear
@@ -109,7 +111,10 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
         add_rms_norm, swiglu = norm.add_rms_norm, swiglu_kernel.swiglu
     prepare_weights = Ops.prepare_weights
     gated_linear = None
-    if uses_mma_gemm(config, build, device):
+    method_linear = linear_method(build).linear_op(device, kernels)
+    if method_linear is not None:
+        linear = method_linear
+    elif uses_mma_gemm(config, build, device):
         from glm_engine.kernels import weight_only_mma
 
         linear = kernel_linear(weight_only_mma.gemm, weight_only_mma.dequantize, weight_only_mma.MAX_ROWS,

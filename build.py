@@ -90,8 +90,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                             help=f"{text}; the value must equal --dtype (default: off; given alone: float16)")
     for switch, text in SWITCH_HELP.items():
         parser.add_argument(f"--{switch}", action="store_true", default=None, help=f"{text} (default: off)")
-    parser.add_argument("--weight_only_precision", choices=["int8", "int4"], default=None,
-                        help="with --use_weight_only (default: int8)")
+    parser.add_argument("--weight_only_precision", choices=["int8", "int4", "int4_awq"], default=None,
+                        help="with --use_weight_only (default: int8); int4_awq: int4 after activation-aware "
+                             "scaling calibrated on --calib_dataset (group size 128 unless given)")
+    parser.add_argument("--calib_dataset", type=str, default=None,
+                        help="with int4_awq: cnn_dailymail-style file of texts to calibrate on (default: the "
+                             "bundled sample, data/cnn_dailymail_sample.jsonl)")
+    parser.add_argument("--calib_size", type=int, default=None,
+                        help="with int4_awq: texts to calibrate on, each cut to 512 tokens (default: 32)")
     parser.add_argument("--weight_only_group_size", type=int, default=None,
                         help="with --use_weight_only: one scale per this many input channels of each output "
                              "channel, a power of two >= 32, e.g. 128 (default: 0, one scale per output channel)")
@@ -108,6 +114,15 @@ def check_supported(args: argparse.Namespace) -> None:
     for flag in ("weight_only_precision", "weight_only_group_size"):
         if getattr(args, flag) is not None and not args.use_weight_only:
             raise GlmEngineError(f"--{flag} applies to --use_weight_only; add --use_weight_only or drop it")
+    awq = args.use_weight_only and args.weight_only_precision == "int4_awq"
+    for flag in ("calib_dataset", "calib_size"):
+        if getattr(args, flag) is not None and not awq:
+            raise GlmEngineError(f"--{flag} calibrates --weight_only_precision int4_awq; add it or drop --{flag}")
+    if awq and args.parallel_build:
+        raise GlmEngineError("int4_awq calibrates the whole model once, and --parallel_build converts each rank "
+                             "in a process of its own: drop --parallel_build")
+    if args.calib_size is not None and args.calib_size < 1:
+        raise GlmEngineError(f"--calib_size must be positive, got {args.calib_size}")
     if args.tokens_per_block is not None and not (args.paged_kv_cache or args.use_inflight_batching):
         raise GlmEngineError("--tokens_per_block sets the paged KV cache's block size; add --paged_kv_cache")
 
@@ -199,8 +214,15 @@ def build_config_of(args: argparse.Namespace) -> BuildConfig:
                        world_size=args.world_size, use_layernorm_plugin=args.use_layernorm_plugin,
                        use_gemm_plugin=args.use_gemm_plugin,
                        weight_only_precision=(args.weight_only_precision or "int8") if args.use_weight_only
-                       else None, weight_only_group_size=args.weight_only_group_size or 0,
+                       else None, weight_only_group_size=weight_only_group_size(args),
                        enable_fp8=bool(args.enable_fp8), **serving_flags(args))
+
+
+def weight_only_group_size(args: argparse.Namespace) -> int:
+    """--weight_only_group_size, or its default: 128 for int4_awq, else 0 (per output channel)."""
+    if args.weight_only_group_size is not None:
+        return args.weight_only_group_size
+    return 128 if args.use_weight_only and args.weight_only_precision == "int4_awq" else 0
 
 
 def model_config_of(args: argparse.Namespace) -> ModelConfig:
@@ -238,11 +260,30 @@ def build(args: argparse.Namespace) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         files = tokenizer_files(tokenizer_source(args, model_config.vocab_size, Path(scratch)),
                                 model_config.vocab_size)
-        return convert_and_save(args, output_dir, sources, model_config, build_config, files)
+        calibration = calibration_prompts_of(args, files) if build_config.weight_only_precision == "int4_awq" \
+            else None
+        return convert_and_save(args, output_dir, sources, model_config, build_config, files, calibration)
+
+
+def calibration_prompts_of(args: argparse.Namespace, files: list[Path]) -> list[list[int]]:
+    """int4_awq's calibration texts (--calib_dataset, --calib_size) as token ids of the
+    engine's tokenizer."""
+    from glm_engine.text.dataset import BUNDLED_SAMPLE, load_articles
+    from glm_engine.tools.calibration import calibration_prompts
+
+    if not files:
+        raise GlmEngineError("int4_awq calibrates on text, and this build has no tokenizer: give --tokenizer_dir")
+    records = load_articles(args.calib_dataset or str(BUNDLED_SAMPLE))
+    prompts = calibration_prompts(load_tokenizer(files[0].parent), [record["article"] for record in records],
+                                  args.calib_size or 32)
+    if not prompts:
+        raise GlmEngineError(f"--calib_dataset {args.calib_dataset or BUNDLED_SAMPLE} has no text to calibrate on")
+    logger.info("int4_awq: calibrating on %d texts (%d tokens)", len(prompts), sum(map(len, prompts)))
+    return prompts
 
 
 def convert_and_save(args: argparse.Namespace, output_dir: Path, sources: dict[str, Path], model_config: ModelConfig,
-                     build_config: BuildConfig, files: list[Path]) -> Path:
+                     build_config: BuildConfig, files: list[Path], calibration: list[list[int]] | None = None) -> Path:
     """Converts (or makes) the weights and writes the engine, every input being checked."""
     import torch
 
@@ -257,7 +298,7 @@ def convert_and_save(args: argparse.Namespace, output_dir: Path, sources: dict[s
         if args.parallel_build:
             logger.info("converting %d ranks in %d processes", world_size, world_size)
             return convert_ranks_in_parallel(args, model_config, build_config, staging)
-        weights = convert_weights(args, model_config, build_config, progress=True)
+        weights = convert_weights(args, model_config, build_config, progress=True, calibration=calibration)
         return dict(write_rank(weights, model_config, build_config, rank, staging, progress=True)
                     for rank in range(world_size))
 
@@ -331,9 +372,11 @@ def run_engine_once(engine_dir: Path) -> None:
 
 
 def convert_weights(args: argparse.Namespace, model_config: ModelConfig, build_config: BuildConfig,
-                    progress: bool) -> dict:
+                    progress: bool, calibration: list[list[int]] | None = None) -> dict:
     """The whole model's runtime-layout weights: dummy or the checkpoint's, quantized
-    when asked."""
+    when asked (int4_awq: scaled first, calibrated on the `calibration` prompts)."""
+    import torch
+
     from glm_engine.engine_format.layout import linear_weight_names
     from glm_engine.quantization import linear_method, quantize_weights
     from weight import dummy_weights, load_hf_weights
@@ -342,6 +385,13 @@ def convert_weights(args: argparse.Namespace, model_config: ModelConfig, build_c
         weights = dummy_weights(model_config, build_config.torch_dtype, args.random_seed, progress=progress)
     else:
         weights = load_hf_weights(args.model_dir, model_config, build_config.torch_dtype, progress=progress)
+    if calibration is not None:
+        from glm_engine.tools.calibration import scale_for_awq
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        alphas = scale_for_awq(weights, model_config, calibration, linear_method(build_config), device)
+        logger.info("int4_awq: scaled %d linears on %s (alpha median %.2f)", len(alphas), device,
+                    sorted(alphas.values())[len(alphas) // 2])
     return quantize_weights(weights, linear_weight_names(model_config), linear_method(build_config), progress)
 
 

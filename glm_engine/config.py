@@ -187,7 +187,8 @@ class BuildConfig:
     use_gpt_attention_plugin: str | None = None
     use_layernorm_plugin: str | None = None
     use_gemm_plugin: str | None = None
-    weight_only_precision: str | None = None  # int8 or int4 with --use_weight_only, None without
+    # int8, int4 or int4_awq (int4 after activation-aware scaling) with --use_weight_only, None without
+    weight_only_precision: str | None = None
     # Input channels per weight scale (--weight_only_group_size); 0: one scale per output channel.
     weight_only_group_size: int = 0
     # FP8 (E4M3) decoder linears (--enable_fp8): weights with per-channel scales, activations
@@ -211,12 +212,16 @@ class BuildConfig:
             raise GlmEngineError(f"--random_seed must be an integer in [0, 2**64), got {self.random_seed!r}")
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise GlmEngineError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.weight_only_precision not in (None, "int8", "int4"):
-            raise GlmEngineError(f"--weight_only_precision must be int8 or int4, got {self.weight_only_precision!r}")
+        if self.weight_only_precision not in (None, "int8", "int4", "int4_awq"):
+            raise GlmEngineError(f"--weight_only_precision must be int8, int4 or int4_awq, got "
+                                 f"{self.weight_only_precision!r}")
         group = self.weight_only_group_size
         if group and (group < 32 or group & (group - 1)):
             raise GlmEngineError(f"--weight_only_group_size must be 0 (per output channel) or a power of two of at "
                                  f"least 32, got {group}")
+        if self.weight_only_precision == "int4_awq" and not group:
+            raise GlmEngineError("int4_awq scales and quantizes per group of input channels: set "
+                                 "--weight_only_group_size (e.g. 128)")
         if group and self.weight_only_precision is None:
             raise GlmEngineError("--weight_only_group_size applies to --use_weight_only; add --use_weight_only or "
                                  "drop it")

@@ -195,3 +195,20 @@ def write_checkpoint(
             if source.is_file():
                 shutil.copyfile(source, out / file_name)
     return out
+
+
+def inject_outliers(state: dict[str, torch.Tensor], config: dict, factor: float = 30.0,
+                    hidden_channels: tuple[int, ...] = (3, 17, 40), ffn_channels: tuple[int, ...] = (5, 60)) -> None:
+    """Gives the network the activation outliers real LLMs have, without changing what it
+    computes: a few hidden channels' norm weights times `factor` and the matching input
+    columns of the linears they feed divided by it; a few MLP channels' up rows times it
+    and the down projection's columns divided by it."""
+    ffn = config["ffn_hidden_size"]
+    for i in range(config["num_layers"]):
+        prefix = f"transformer.encoder.layers.{i}."
+        for norm, linear in (("input_layernorm", "self_attention.query_key_value"),
+                             ("post_attention_layernorm", "mlp.dense_h_to_4h")):
+            state[prefix + norm + ".weight"][list(hidden_channels)] *= factor
+            state[prefix + linear + ".weight"][:, list(hidden_channels)] /= factor
+        state[prefix + "mlp.dense_h_to_4h.weight"][[ffn + channel for channel in ffn_channels]] *= factor
+        state[prefix + "mlp.dense_4h_to_h.weight"][:, list(ffn_channels)] /= factor

@@ -84,11 +84,12 @@ def test_compile_kernels_compiles_what_gemm_will_launch(monkeypatch):
     monkeypatch.setattr(weight_only_mma, "_dequantize_kernel", lambda *variant: compiled.append(("dequantize",
                                                                                                *variant)))
     linears = [(4608, 4096, False), (4096, 4096, False), (27392, 4096, True), (4096, 13696, False)]
-    for bits, dequantized in ((4, {("dequantize", 0, 4)}), (16, set())):  # fp16: nothing to dequantize
+    # fp16 and FP8 weights: nothing to dequantize (FP8 prompts multiply them on the FP8 tensor cores)
+    for bits, fp8, dequantized in ((4, False, {("dequantize", 0, 4)}), (16, False, set()), (8, True, set())):
         compiled.clear()
-        weight_only_mma.compile_kernels(torch.device("cuda", 0), bits, linears)
-        expected = {(0, bits, *weight_only_mma.launch_config(n, k, bits, swiglu), row_blocks, 2 if swiglu else 1)
-                    for n, k, swiglu in linears for row_blocks in (1, 2)}
+        weight_only_mma.compile_kernels(torch.device("cuda", 0), bits, linears, fp8)
+        expected = {(0, bits, *weight_only_mma.launch_config(n, k, bits, swiglu), row_blocks, 2 if swiglu else 1,
+                     fp8) for n, k, swiglu in linears for row_blocks in (1, 2)}
         assert set(compiled) == expected | dequantized
 
 def test_shuffle_refuses_weights_that_do_not_tile():

@@ -43,7 +43,7 @@ def check_world_size(config: ModelConfig, world_size: int, weight_only_precision
     if ffn % world_size:
         raise GlmEngineError(f"--world_size {world_size} does not divide the MLP's {ffn} channels "
                              "(ffn_hidden_size); choose another world size")
-    if weight_only_precision == "int4" and (config.q_size // world_size % 2 or ffn // world_size % 2):
+    if weight_only_precision in ("int4", "int4_awq") and (config.q_size // world_size % 2 or ffn // world_size % 2):
         raise GlmEngineError(f"int4 weight-only packs two input channels per byte: each of the {world_size} ranks "
                              "needs an even share of the attention and MLP channels; choose another world size")
     group = weight_only_group_size

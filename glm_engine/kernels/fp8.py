@@ -1,7 +1,9 @@
-"""FP8 (E4M3) linears: activations quantized per row by one Triton kernel, then
-torch._scaled_mm (cuBLASLt's FP8 GEMM on the tensor cores, float32 accumulation)
-with the activation's per-row and the weight's per-channel scales applied to the
-product. FP8 tensor cores need compute capability 8.9 (Ada) or later.
+"""FP8 (E4M3) linears. Prompt-sized steps: activations quantized per row by one Triton
+kernel, then torch._scaled_mm (cuBLASLt's FP8 GEMM on the tensor cores, float32
+accumulation) with the activation's per-row and the weight's per-channel scales
+applied to the product. Decode-sized steps, where the time is the weight stream:
+the activations as they are times the FP8 weights, converted in registers
+(weight_only_mma.py). FP8 tensor cores need compute capability 8.9 (Ada) or later.
 
 The quantizer rounds each value to the nearest FP8 number (ties to even) with
 float32 arithmetic before it converts, so the conversion itself is exact: Triton's
@@ -11,12 +13,17 @@ Reference: `reference.quantize_rows_fp8` and `reference.fp8_linear`."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 
 from glm_engine import GlmEngineError
+from glm_engine.kernels import reference
 from glm_engine.kernels.launch import dependent_launch, wait_for_previous_kernel
+from glm_engine.kernels.reference import FP8_WEIGHT_ONLY_ROWS
 
 MIN_CAPABILITY = (8, 9)
 
@@ -40,8 +47,9 @@ def _quantize_rows_kernel(x, values, scales, K: tl.constexpr, BLOCK: tl.constexp
     columns = tl.arange(0, BLOCK)
     inside = columns < K
     row_values = tl.load(x + row * K + columns, mask=inside, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(row_values), axis=0), 1e-12) / 448.0  # reference.FP8_MAX
-    rounded = _round_to_e4m3(row_values / scale)
+    # IEEE divisions, as torch's (Triton's `/` on float32 is approximate on a GPU)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(row_values), axis=0), 1e-12), 448.0)  # reference.FP8_MAX
+    rounded = _round_to_e4m3(tl.math.div_rn(row_values, scale))
     tl.store(values + row * K + columns, rounded.to(values.dtype.element_ty), mask=inside)
     tl.store(scales + row, scale)
 
@@ -58,13 +66,44 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, scales
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor,
-           quant_bits: int = 0) -> torch.Tensor:
-    """x [M, K] @ W^T (+ bias): W [N, K] float8_e4m3fn with float32 scales [N]; returns x's dtype."""
+def make_linear(decode_gemm: Callable | None) -> Callable:
+    """The FP8 linear op: steps of more than FP8_WEIGHT_ONLY_ROWS rows through `scaled_linear`;
+    decode-sized ones through `decode_gemm` (the tensor-core GEMM of float16 engines, which
+    reads FP8 weights as they are), else through the reference (it dequantizes the weight)."""
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor,
+               quant_bits: int = 0) -> torch.Tensor:
+        if x.shape[0] > FP8_WEIGHT_ONLY_ROWS:
+            return scaled_linear(x, weight, bias, weight_scales)
+        if decode_gemm is not None:
+            return decode_gemm(x, weight, bias, weight_scales, 0)
+        return reference.fp8_linear(x, weight, bias, weight_scales)
+
+    return linear
+
+
+def scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor,
+                  quant_bits: int = 0) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) with x quantized per row: W [N, K] float8_e4m3fn with float32
+    scales [N]; returns x's dtype."""
     values, scales = quantize_rows(x)
+    out_dtype = product_dtype(x.dtype, x.device)
     out = torch._scaled_mm(values, weight.t(), scale_a=scales, scale_b=weight_scales.view(1, -1),
-                           out_dtype=x.dtype)
+                           out_dtype=out_dtype).to(x.dtype)
     return out.add_(bias) if bias is not None else out
+
+
+@functools.cache
+def product_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """`dtype` where torch._scaled_mm returns it with per-row scales on `device`, else
+    bfloat16 (some torch releases return only bfloat16 there; the product is then cast)."""
+    one = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+    scale = torch.ones(16, 1, device=device)
+    try:
+        torch._scaled_mm(one, one.t(), scale_a=scale, scale_b=scale.t(), out_dtype=dtype)
+    except RuntimeError:
+        return torch.bfloat16
+    return dtype
 
 
 def check_device(device: torch.device) -> None:

@@ -80,11 +80,20 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scales).to(torch.float8_e4m3fn), scales
 
 
+FP8_WEIGHT_ONLY_ROWS = 16  # steps of at most this many rows (decode) keep their activations as they are
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor,
                quant_bits: int = 0) -> torch.Tensor:
-    """x [M, K] @ W^T (+ bias) in FP8: x quantized per row (quantize_rows_fp8), W [N, K]
-    float8_e4m3fn with float32 scales [N]; the exact products summed in float32, scaled by
-    both scales, cast to x's dtype, then the bias added, in the order of kernels/fp8.py."""
+    """x [M, K] @ W^T (+ bias) on W [N, K] float8_e4m3fn with float32 scales [N]. Over
+    FP8_WEIGHT_ONLY_ROWS rows, x is quantized per row too (quantize_rows_fp8): the exact
+    products summed in float32, scaled by both scales, cast to x's dtype, then the bias
+    added, as torch._scaled_mm in kernels/fp8.py. Decode-sized steps multiply x as it is by
+    the FP8 weights (weight-only), the bias added in float32 before the cast, as the
+    tensor-core GEMM (kernels/weight_only_mma.py) does."""
+    if x.shape[0] <= FP8_WEIGHT_ONLY_ROWS:
+        product = (x.float() @ weight.float().t()) * weight_scales.float()[None, :]
+        return (product + bias.float() if bias is not None else product).to(x.dtype)
     values, scales = quantize_rows_fp8(x)
     product = values.float() @ weight.float().t()
     out = (product * scales * weight_scales.float()[None, :]).to(x.dtype)

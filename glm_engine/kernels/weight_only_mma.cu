@@ -18,8 +18,15 @@
 // TILES 2 (weight_only_mma.gemm(..., swiglu=True)) takes gate tile t and up tile t + n / 32 of the fused
 // up projection in one block and writes silu(gate) * up: the SwiGLU kernel after it is not needed.
 
+// FP8 1 (with BITS 8) takes FP8 E4M3 weights row-major [n, k], as FP8 prefill GEMMs read them: lane 4g + c
+// reads input channels 16c..16c+15 of the chunk from rows g and g + 8 (16 bytes each), turns each byte pair into
+// an fp16 pair with one cvt (compute capability 8.9 and later), and the scales apply per channel as for int8.
+
 #ifndef TILES
 #define TILES 1
+#endif
+#ifndef FP8
+#define FP8 0
 #endif
 
 // acc += A B: A the 16 x 16 fp16 fragment pairs a0-a3 (rows g / g + 8, inputs 2c, 2c + 1 / + 8), B the 16 x 8 ones
@@ -62,6 +69,23 @@ __device__ __forceinline__ void mma_words8(float* acc, unsigned int row_g, unsig
   mma_halves(acc, a0, a1, a2, a3, b0, b1);
 }
 
+__device__ __forceinline__ unsigned int e4m3_pair_to_halves(unsigned int pair) {  // bytes 0-1 of `pair`
+  unsigned int halves;
+#if FP8
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(halves) : "h"((unsigned short)(pair & 0xFFFF)));
+#else
+  halves = pair;  // (unused: the cvt needs compute capability 8.9)
+#endif
+  return halves;
+}
+
+__device__ __forceinline__ void mma_words_fp8(float* acc, unsigned int row_g, unsigned int row_g8, unsigned int b0,
+                                              unsigned int b1) {
+  // bytes 0-1 of a row word: input channels +0/+1 (a0, a1); bytes 2-3: +2/+3 (a2, a3)
+  mma_halves(acc, e4m3_pair_to_halves(row_g), e4m3_pair_to_halves(row_g8), e4m3_pair_to_halves(row_g >> 16),
+             e4m3_pair_to_halves(row_g8 >> 16), b0, b1);
+}
+
 __device__ __forceinline__ float half_to_float(unsigned short h) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -81,7 +105,7 @@ struct Chunk {  // one lane's share of one 64-channel chunk: its weight words pe
   uint4 x[ROW_BLOCKS][2];
 };
 
-// row_words: uint4 a weight row (BITS 16: vectors 0-1 from row g, 2-3 from row g + 8)
+// row_words: uint4 a row-major weight row (BITS 16: vectors 0-1 from row g, 2-3 from row g + 8; FP8: 0 and 1)
 __device__ __forceinline__ void load_words(Chunk& chunk, const uint4* const* weight, int q, int chunks,
                                            int row_words) {
 #pragma unroll
@@ -90,6 +114,8 @@ __device__ __forceinline__ void load_words(Chunk& chunk, const uint4* const* wei
     for (int v = 0; v < VECTORS; ++v) {
 #if BITS == 16
       const size_t offset = (size_t)(v >> 1) * 8 * row_words + (size_t)q * 8 + (v & 1);
+#elif FP8  // vector 0 from row g, 1 from row g + 8
+      const size_t offset = (size_t)v * 8 * row_words + (size_t)q * 4;
 #else
       const size_t offset = (size_t)q * 32 * VECTORS + v;
 #endif
@@ -118,6 +144,8 @@ __device__ __forceinline__ void mma_chunk(float (*acc)[ROW_BLOCKS][4], const Chu
       for (int j = 0; j < 4; ++j) {  // step j: inputs 16c + 4j + 0..3 as two fp16 pairs
 #if BITS == 4
         mma_word(acc[t][b], words[j], x[2 * j], x[2 * j + 1]);
+#elif FP8  // row g's words 0-3, row g + 8's words 4-7
+        mma_words_fp8(acc[t][b], words[j], words[4 + j], x[2 * j], x[2 * j + 1]);
 #elif BITS == 8
         mma_words8(acc[t][b], words[2 * j], words[2 * j + 1], x[2 * j], x[2 * j + 1]);
 #else  // fp16 pairs: row g's words 0-7, row g + 8's words 8-15
@@ -146,11 +174,14 @@ weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int chunks = k >> 6;
+  const int row_words = k >> (FP8 ? 4 : 3);  // uint4 a row-major weight row (fp16 or FP8)
   const uint4* lane_weight[TILES];
 #pragma unroll
   for (int t = 0; t < TILES; ++t)  // gate tile t = blockIdx.x, up tile t + gridDim.x
 #if BITS == 16
     lane_weight[t] = weight + ((size_t)(blockIdx.x + t * gridDim.x) * 16 + g) * (k >> 3) + 2 * c;
+#elif FP8
+    lane_weight[t] = weight + ((size_t)(blockIdx.x + t * gridDim.x) * 16 + g) * (k >> 4) + c;
 #else
     lane_weight[t] = weight + ((size_t)(blockIdx.x + t * gridDim.x) * chunks * 32 + lane) * VECTORS;
 #endif
@@ -166,7 +197,7 @@ weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__
   Chunk current[UNROLL];
   // The weights never change: their first loads go out before the wait for the kernel ahead (PDL), x after it.
 #pragma unroll
-  for (int u = 0; u < UNROLL; ++u) load_words(current[u], lane_weight, warp * UNROLL + u, chunks, k >> 3);
+  for (int u = 0; u < UNROLL; ++u) load_words(current[u], lane_weight, warp * UNROLL + u, chunks, row_words);
 #if PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
@@ -177,7 +208,7 @@ weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__
     Chunk next[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      load_words(next[u], lane_weight, first + stride + u, chunks, k >> 3);
+      load_words(next[u], lane_weight, first + stride + u, chunks, row_words);
       load_inputs(next[u], x_rows, has_row, first + stride + u, chunks);
     }
 #endif
@@ -188,7 +219,7 @@ weight_only_mma_gemm(const uint4* __restrict__ weight, const uint4* __restrict__
 #if PIPE
       current[u] = next[u];
 #else
-      load_words(current[u], lane_weight, first + stride + u, chunks, k >> 3);
+      load_words(current[u], lane_weight, first + stride + u, chunks, row_words);
       load_inputs(current[u], x_rows, has_row, first + stride + u, chunks);
 #endif
     }

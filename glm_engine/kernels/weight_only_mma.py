@@ -166,23 +166,26 @@ LAUNCH_CONFIGS = tuple(dict.fromkeys((choice["warps"], choice["unroll"], choice[
                                      for choice in launch_configs.choices("weight_only_mma")))
 
 
-def compile_kernels(device: torch.device, bits: int, linears: Iterable[tuple[int, int, bool]]) -> None:
+def compile_kernels(device: torch.device, bits: int, linears: Iterable[tuple[int, int, bool]],
+                    fp8: bool = False) -> None:
     """Compiles for `device` the variants `gemm` launches for these linears ((n, k, swiglu)
-    each; bits 4, 8, or 16 for fp16 weights) at one and two row blocks, and the dequantize
-    kernel: NVRTC errors surface here, at load, not while decode graphs are captured."""
+    each; bits 4, 8 (int8, or FP8 with `fp8`), or 16 for fp16 weights) at one and two row
+    blocks, and the dequantize kernel of int8/int4: NVRTC errors surface here, at load, not
+    while decode graphs are captured."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     arch = launch_configs.architecture(device)
     for n, k, swiglu in set(linears):
         warps, unroll, pipe = launch_config(n, k, bits, swiglu, arch)
         for row_blocks in (1, 2):
-            _gemm_kernel(index, bits, warps, unroll, pipe, row_blocks, 2 if swiglu else 1)
-    if bits != 16:
+            _gemm_kernel(index, bits, warps, unroll, pipe, row_blocks, 2 if swiglu else 1, fp8)
+    if bits != 16 and not fp8:
         _dequantize_kernel(index, bits)
 
 
-def _gemm_kernel(device_index: int, bits: int, warps: int, unroll: int, pipe: int, row_blocks: int, tiles: int):
+def _gemm_kernel(device_index: int, bits: int, warps: int, unroll: int, pipe: int, row_blocks: int, tiles: int,
+                 fp8: bool = False):
     return _compiled(device_index, "weight_only_mma_gemm", BITS=bits, WARPS=warps, UNROLL=unroll, PIPE=pipe,
-                     ROW_BLOCKS=row_blocks, TILES=tiles)
+                     ROW_BLOCKS=row_blocks, TILES=tiles, FP8=int(fp8))
 
 
 def _dequantize_kernel(device_index: int, bits: int):
@@ -199,30 +202,33 @@ def swiglu_fits(n: int) -> bool:
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor | None,
          quant_bits: int, config: tuple[int, int, int] | None = None, swiglu: bool = False) -> torch.Tensor:
     """x [M <= 16, K] fp16 @ W^T * scales (+ bias) -> [M, N] fp16, W an mma-layout int8 or
-    int4 weight with float32 `weight_scales` [N], or (quant_bits 0) an fp16 [N, K] weight as
-    it is, without scales (the op table's linear signature); with `swiglu`, silu(a) * b of
+    int4 weight or a row-major FP8 E4M3 one (any quant_bits) with float32 `weight_scales`
+    [N], or (quant_bits 0) an fp16 [N, K] weight as it is, without scales (the op table's
+    linear signature); with `swiglu`, silu(a) * b of
     that [a, b] -> [M, N / 2] (the fused up projection's SwiGLU, in the same kernel).
     `config` (one of LAUNCH_CONFIGS) overrides `launch_config` (tests cover each)."""
     rows, k = x.shape
     n = weight.shape[0]
-    quantized_ok = quant_bits in (4, 8) and weight_scales is not None and weight_scales.dim() == 1
+    fp8 = weight.dtype == torch.float8_e4m3fn
+    per_channel = weight_scales is not None and weight_scales.dim() == 1
+    quantized_ok = (quant_bits in (4, 8) or fp8) and per_channel
     fp16_ok = quant_bits == 0 and weight.dtype == torch.float16 and weight_scales is None
     if not (quantized_ok or fp16_ok) or x.dtype != torch.float16 or rows > MAX_ROWS:
-        raise ValueError(f"the mma GEMM takes up to {MAX_ROWS} fp16 rows on int8/int4 weights with one scale per "
+        raise ValueError(f"the mma GEMM takes up to {MAX_ROWS} fp16 rows on int8/int4/FP8 weights with one scale per "
                          f"channel or on fp16 weights, got {rows} {x.dtype} rows, {quant_bits}-bit {weight.dtype} "
                          f"weights, scales {None if weight_scales is None else tuple(weight_scales.shape)}")
-    if quant_bits == 0 and (not weight.is_contiguous() or weight.data_ptr() % 16):
-        raise ValueError("the mma GEMM reads fp16 weights row-major, 16 bytes at a time: the weight must be "
+    if (quant_bits == 0 or fp8) and (not weight.is_contiguous() or weight.data_ptr() % 16):
+        raise ValueError("the mma GEMM reads fp16 and FP8 weights row-major, 16 bytes at a time: the weight must be "
                          "contiguous and 16-byte aligned")
     if swiglu and not swiglu_fits(n):
         raise ValueError(f"the SwiGLU epilogue pairs 16-channel tiles of both halves: {n} outputs are not 32 x m")
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()  # read 16 bytes at a time
-    bits = quant_bits or 16
+    bits = 8 if fp8 else quant_bits or 16
     warps, unroll, pipe = config or launch_config(n, k, bits, swiglu, launch_configs.architecture(x.device))
     tiles = 2 if swiglu else 1
-    kernel = _gemm_kernel(x.device.index, bits, warps, unroll, pipe, 1 if rows <= 8 else 2, tiles)
+    kernel = _gemm_kernel(x.device.index, bits, warps, unroll, pipe, 1 if rows <= 8 else 2, tiles, fp8)
     out = torch.empty(rows, n // tiles, dtype=torch.float16, device=x.device)
     _launch(kernel, x.device.index, n // (16 * tiles), 32 * warps,
             [weight, x, weight_scales, bias, out, rows, n, k, int(bias is not None)])

@@ -50,10 +50,11 @@ class Unquantized:
         """The network module's parameters: `weight`, and `weight_scales` when quantized."""
         return {"weight": (out_features, in_features)}
 
-    def linear_op(self, device: torch.device, kernels: bool) -> Linear | None:
+    def linear_op(self, device: torch.device, kernels: bool, decode_gemm: Linear | None) -> Linear | None:
         """The linear op this method computes with on `device` (`kernels`: whether the
-        engine's Triton kernels run there), or None to let runtime/ops.py choose among the
-        dense and weight-only kernels by the plugin flags."""
+        engine's Triton kernels run there; `decode_gemm`: the tensor-core GEMM when it takes
+        this engine's linears), or None to let runtime/ops.py choose among the dense and
+        weight-only kernels by the plugin flags."""
         return None
 
 
@@ -64,7 +65,7 @@ class WeightOnly(Unquantized):
 
     def __init__(self, precision: str, group_size: int = 0) -> None:
         if precision not in BITS:
-            raise GlmEngineError(f"--weight_only_precision must be int8 or int4, got {precision!r}")
+            raise GlmEngineError(f"--weight_only_precision must be int8, int4 or int4_awq, got {precision!r}")
         self.name, self.bits, self.group_size = precision, BITS[precision], group_size
         self.tensor_core_gemm = not group_size  # its dequantizing steps read one scale per channel
 
@@ -94,17 +95,16 @@ class WeightOnly(Unquantized):
         return {"weight": (out_features, packed), "weight_scales": self._scale_shape(out_features, in_features)}
 
 
-BITS = {"int8": 8, "int4": 4}
+BITS = {"int8": 8, "int4": 4, "int4_awq": 4}  # int4_awq: int4 weights scaled by AWQ at build (awq.py)
 
 
 class Fp8(Unquantized):
-    """FP8 (E4M3) weights with a float32 scale per output channel (max|w| / 448) and
-    activations quantized alike per token as each linear reads them; the products
-    accumulate in float32 and are scaled back per (token, channel). On a GPU: FP8 tensor
-    cores (kernels/fp8.py); elsewhere its plain-PyTorch emulation, which rounds alike."""
+    """FP8 (E4M3) weights with a float32 scale per output channel (max|w| / 448). Prompt-sized
+    steps quantize the activations alike per token and run on FP8 tensor cores; decode-sized
+    ones, bound by the weight stream, multiply the activations as they are by the FP8 weights
+    (kernels/fp8.py). Elsewhere its plain-PyTorch reference, which rounds alike."""
 
     name = "fp8"
-    tensor_core_gemm = False
 
     def tensor_specs(self, name: str, shape: Shape, dtype: torch.dtype) -> dict[str, tuple[Shape, torch.dtype]]:
         import torch
@@ -123,7 +123,7 @@ class Fp8(Unquantized):
     def parameter_shapes(self, out_features: int, in_features: int) -> dict[str, Shape]:
         return {"weight": (out_features, in_features), "weight_scales": (out_features,)}
 
-    def linear_op(self, device: torch.device, kernels: bool) -> Linear:
+    def linear_op(self, device: torch.device, kernels: bool, decode_gemm: Linear | None) -> Linear:
         from glm_engine.kernels import reference
 
         if not kernels:
@@ -131,7 +131,7 @@ class Fp8(Unquantized):
         from glm_engine.kernels import fp8
 
         fp8.check_device(device)
-        return fp8.linear
+        return fp8.make_linear(decode_gemm)
 
 
 def linear_method(build: BuildConfig) -> Unquantized:

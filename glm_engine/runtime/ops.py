@@ -111,12 +111,16 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
         add_rms_norm, swiglu = norm.add_rms_norm, swiglu_kernel.swiglu
     prepare_weights = Ops.prepare_weights
     gated_linear = None
-    method_linear = linear_method(build).linear_op(device, kernels)
+    mma = uses_mma_gemm(config, build, device)
+    if mma:
+        from glm_engine.kernels import weight_only_mma
+    method_linear = linear_method(build).linear_op(device, kernels, weight_only_mma.gemm if mma else None)
     if method_linear is not None:
         linear = method_linear
-    elif uses_mma_gemm(config, build, device):
-        from glm_engine.kernels import weight_only_mma
-
+        if mma:  # decode-sized up projections with their SwiGLU in the GEMM
+            gated_linear = fused_gated_linear(weight_only_mma.gemm, weight_only_mma.MAX_ROWS,
+                                              composed_gated_linear(linear, swiglu))
+    elif mma:
         linear = kernel_linear(weight_only_mma.gemm, weight_only_mma.dequantize, weight_only_mma.MAX_ROWS,
                                lambda *shape: False)
         gated_linear = fused_gated_linear(weight_only_mma.gemm, weight_only_mma.MAX_ROWS,
@@ -141,17 +145,19 @@ def select_ops(config: ModelConfig, build: BuildConfig, device: torch.device,
 
 def uses_mma_gemm(config: ModelConfig, build: BuildConfig, device: torch.device) -> bool:
     """Whether the engine's decoder linears run on the tensor-core GEMM (kernels/weight_only_mma.py):
-    an fp16 engine, int8 or int4 with one scale per channel or unquantized with the GEMM
-    plugin, on a GPU it runs on, every decoder linear tiling into it (N % 16, K % 64), and
-    its kernels compiled (else the Triton GEMV, with a log line why)."""
+    an fp16 engine, int8 or int4 with one scale per channel, FP8 (decode-sized steps), or
+    unquantized with the GEMM plugin, on a GPU it runs on, every decoder linear tiling into
+    it (N % 16, K % 64), and its kernels compiled (else the Triton GEMV, with a log line why)."""
     method = linear_method(build)
-    if build.dtype != "float16" or not method.tensor_core_gemm or not (method.bits or build.use_gemm_plugin):
+    if build.dtype != "float16" or not method.tensor_core_gemm or not (method.name or build.use_gemm_plugin):
         return False
     from glm_engine.kernels import weight_only_mma
 
-    if not weight_only_mma.runs_on(device):
+    fp8 = method.name == "fp8"
+    if not weight_only_mma.runs_on(device) or (fp8 and torch.cuda.get_device_capability(device) < (8, 9)):
         return False
     precision = method.name or "float16"
+    fallback = "decode steps dequantize them" if fp8 else "on the Triton GEMV"
     # The decoder linears (quantized or not) as (n, k, with SwiGLU): decode steps run the up projection only
     # through gated_linear.
     shape_of = weight_shapes(config)
@@ -161,13 +167,13 @@ def uses_mma_gemm(config: ModelConfig, build: BuildConfig, device: torch.device)
     # (The down projection's K = F tiling by 64 makes the up projection's halves whole 16-output tiles, as its
     # SwiGLU epilogue needs.)
     if not all(weight_only_mma.fits(n, k) for n, k in shapes):
-        logger.info("%s linears on the Triton GEMV: the tensor-core GEMM tiles 16 outputs by 64 inputs, and "
-                    "the shapes %s do not all tile", precision, shapes)
+        logger.info("%s linears %s: the tensor-core GEMM tiles 16 outputs by 64 inputs, and the shapes %s do not "
+                    "all tile", precision, fallback, shapes)
         return False
     try:
-        weight_only_mma.compile_kernels(device, method.bits or 16, linears)
-    except Exception as error:  # NVRTC missing or failing on this box: the Triton GEMV still serves
-        logger.warning("%s linears on the Triton GEMV: the tensor-core GEMM did not compile (%s)", precision, error)
+        weight_only_mma.compile_kernels(device, 8 if fp8 else method.bits or 16, linears, fp8)
+    except Exception as error:  # NVRTC missing or failing on this box: the fallback still serves
+        logger.warning("%s linears %s: the tensor-core GEMM did not compile (%s)", precision, fallback, error)
         return False
     logger.info("%s linears on the tensor-core GEMM (kernels/weight_only_mma.py)", precision)
     return True

@@ -1,0 +1,85 @@
+"""Activation-aware weight quantization (AWQ, Lin et al. 2023) for int4 with group
+scales: input channels that carry large activations matter most, so before rounding
+each such column of W is scaled up by s (its quantization error shrinks relative to
+it) and the input divided by s, folded into the op that produces the input, so the
+network computes the same function. s = mean|x|^alpha per input channel, alpha
+searched on a grid for the smallest output error of the quantized linear on
+calibration inputs (glm_engine/tools/calibration.py gathers them).
+
+Folds, in the runtime layout of every GLM family:
+- query_key_value: input = input_layernorm's output: the norm's weight / s
+- dense_h_to_4h: input = post_attention_layernorm's output: the norm's weight / s
+- dense_4h_to_h: input = silu(gate) * up: dense_h_to_4h's up rows / s
+- dense: input = attention output, whose channels several query heads share through
+  their K/V group; its weight is rounded to nearest, as AutoAWQ does for grouped-query
+  attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from glm_engine.quantization.methods import WeightOnly
+
+ALPHA_GRID = 20  # alpha in 0, 1/20, ... 19/20
+
+# (linear, the tensor that makes its input, and how: "norm" weight or "up" rows of the up projection)
+FOLDS = (("self_attention.query_key_value", "input_layernorm.weight", "norm"),
+         ("mlp.dense_h_to_4h", "post_attention_layernorm.weight", "norm"),
+         ("mlp.dense_4h_to_h", "mlp.dense_h_to_4h.weight", "up"))
+
+
+@dataclass
+class LinearInputs:
+    """Calibration statistics of one linear's input: mean |x| per input channel, and a
+    sample of input rows [rows, K] to measure the output error on."""
+
+    mean_magnitude: torch.Tensor
+    sample: torch.Tensor
+
+
+def quantization_error(weight: torch.Tensor, scales: torch.Tensor, sample: torch.Tensor, method: WeightOnly) -> float:
+    """Mean squared output error on `sample` of `weight` [N, K] quantized by `method` after
+    its columns are multiplied by `scales` [K] (and the input divided by them)."""
+    quantized = method.quantize(weight * scales)
+    dense = method.dequantize(quantized[""], quantized["_scales"], torch.float32) / scales
+    return (sample @ (dense - weight).t()).pow(2).mean().item()
+
+
+def search_scales(weight: torch.Tensor, inputs: LinearInputs, method: WeightOnly) -> tuple[torch.Tensor, float]:
+    """The input-channel scales [K] of the grid's best alpha, and that alpha."""
+    weight, sample = weight.float(), inputs.sample.float()
+    magnitude = inputs.mean_magnitude.float().clamp(min=1e-8)
+    best = (quantization_error(weight, torch.ones_like(magnitude), sample, method), torch.ones_like(magnitude), 0.0)
+    for step in range(1, ALPHA_GRID):
+        alpha = step / ALPHA_GRID
+        scales = magnitude.pow(alpha)
+        scales = scales / (scales.max() * scales.min()).sqrt()  # centred around 1 in log scale
+        error = quantization_error(weight, scales, sample, method)
+        if error < best[0]:
+            best = (error, scales, alpha)
+    return best[1], best[2]
+
+
+def apply_awq(weights: dict[str, torch.Tensor], num_layers: int, ffn_hidden_size: int,
+              inputs: dict[str, LinearInputs], method: WeightOnly) -> dict[str, float]:
+    """Scales the dense `weights` in place for `method` (each fold of FOLDS, layer by layer;
+    `inputs` keyed by linear name, e.g. "layers.0.mlp.dense_4h_to_h"); quantize them after.
+    Returns each scaled linear's alpha."""
+    alphas = {}
+    for layer in range(num_layers):
+        prefix = f"layers.{layer}."
+        for linear, producer, kind in FOLDS:
+            name = prefix + linear
+            weight = weights[name + ".weight"]
+            scales, alphas[name] = search_scales(weight, inputs[name], method)
+            weights[name + ".weight"] = (weight.float() * scales).to(weight.dtype)
+            source = weights[prefix + producer]
+            if kind == "norm":
+                weights[prefix + producer] = (source.float() / scales).to(source.dtype)
+            else:  # the up half of [gate; up]
+                folded = source.float()
+                folded[ffn_hidden_size:] /= scales[:, None]
+                weights[prefix + producer] = folded.to(source.dtype)
+    return alphas

@@ -1,0 +1,76 @@
+"""Calibration for the activation-aware quantization schemes: the dense network (plain
+PyTorch reference ops) runs over calibration text, and each decoder linear's inputs
+are recorded: mean |x| per input channel over every token, and a sample of whole
+input rows (the same rows of each prompt for every linear)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from glm_engine.api import load_session
+from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.engine_format.engine import Engine
+from glm_engine.models import family
+from glm_engine.models.layers import DecoderLinear
+from glm_engine.quantization.awq import LinearInputs, apply_awq
+from glm_engine.quantization.methods import WeightOnly
+
+MAX_TOKENS = 512  # of each calibration text
+SAMPLE_ROWS = 512  # input rows kept per linear, spread over the texts
+
+
+def calibration_prompts(tokenizer, texts: list[str], size: int) -> list[list[int]]:
+    """The first `size` texts that hold more than white space, as token ids, each cut to
+    MAX_TOKENS tokens."""
+    return [tokenizer.encode(text)[:MAX_TOKENS] for text in [text for text in texts if text.strip()][:size]]
+
+
+def linear_inputs(config: ModelConfig, weights: dict[str, torch.Tensor], prompts: list[list[int]],
+                  device: torch.device, dtype: str = "float32", seed: int = 0) -> dict[str, LinearInputs]:
+    """Each decoder linear's calibration inputs (keyed like "layers.0.mlp.dense_4h_to_h"),
+    from the dense runtime-layout `weights` run in `dtype` on `device`."""
+    build = BuildConfig(dtype=dtype, max_batch_size=1, max_input_len=max(map(len, prompts)), max_output_len=1)
+    dense = {name: tensor.to(build.torch_dtype) for name, tensor in weights.items()}
+    sums: dict[str, torch.Tensor] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
+    generator = torch.Generator().manual_seed(seed)
+    rows_per_prompt = -(-SAMPLE_ROWS // len(prompts))
+    picked = torch.empty(0, dtype=torch.long)
+
+    def recorder(name: str):
+        def record(module: DecoderLinear, args: tuple) -> None:
+            x = args[0].float()
+            sums[name] = sums.get(name, 0) + x.abs().sum(dim=0)
+            samples.setdefault(name, []).append(x[picked.to(x.device)].cpu())
+        return record
+
+    with tempfile.TemporaryDirectory() as scratch:
+        session = load_session(Engine(Path(scratch), config, build, dense), device, cuda_graphs=False)
+        hooks = [module.register_forward_pre_hook(recorder(name))
+                 for name, module in session.runner.network.named_modules() if isinstance(module, DecoderLinear)]
+        with torch.inference_mode():
+            for prompt in prompts:
+                picked = torch.randperm(len(prompt), generator=generator)[:rows_per_prompt]
+                session.prompt_logits(prompt)
+        for hook in hooks:
+            hook.remove()
+    tokens = sum(map(len, prompts))
+    linears = family(config.model_type).LINEARS
+    missing = [f"layers.0.{linear}" for linear in linears if f"layers.0.{linear}" not in sums]
+    if missing:
+        raise RuntimeError(f"calibration recorded no input of {missing[0]}: the network's module names are not "
+                           "the runtime layout's")
+    return {name: LinearInputs((total / tokens).cpu(), torch.cat(samples[name])) for name, total in sums.items()}
+
+
+def scale_for_awq(weights: dict[str, torch.Tensor], config: ModelConfig, prompts: list[list[int]],
+                  method: WeightOnly, device: torch.device) -> dict[str, float]:
+    """AWQ's scaling of the dense `weights` in place (quantization/awq.py), calibrated on
+    `prompts` with the network in float32 (the CPU) or its weights' dtype (a GPU);
+    returns each scaled linear's alpha."""
+    dtype = "float32" if device.type == "cpu" else str(next(iter(weights.values())).dtype).removeprefix("torch.")
+    inputs = linear_inputs(config, weights, prompts, device, dtype)
+    return apply_awq(weights, config.num_layers, config.ffn_hidden_size, inputs, method)

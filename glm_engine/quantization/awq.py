@@ -48,8 +48,10 @@ def quantization_error(weight: torch.Tensor, scales: torch.Tensor, sample: torch
 
 
 def search_scales(weight: torch.Tensor, inputs: LinearInputs, method: WeightOnly) -> tuple[torch.Tensor, float]:
-    """The input-channel scales [K] of the grid's best alpha, and that alpha."""
-    weight, sample = weight.float(), inputs.sample.float()
+    """The input-channel scales [K] of the grid's best alpha (on the calibration inputs'
+    device), and that alpha."""
+    sample = inputs.sample.float()
+    weight = weight.to(sample.device).float()
     magnitude = inputs.mean_magnitude.float().clamp(min=1e-8)
     best = (quantization_error(weight, torch.ones_like(magnitude), sample, method), torch.ones_like(magnitude), 0.0)
     for step in range(1, ALPHA_GRID):
@@ -74,6 +76,7 @@ def apply_awq(weights: dict[str, torch.Tensor], num_layers: int, ffn_hidden_size
             name = prefix + linear
             weight = weights[name + ".weight"]
             scales, alphas[name] = search_scales(weight, inputs[name], method)
+            scales = scales.to(weight.device)
             weights[name + ".weight"] = (weight.float() * scales).to(weight.dtype)
             source = weights[prefix + producer]
             if kind == "norm":

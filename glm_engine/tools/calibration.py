@@ -44,7 +44,7 @@ def linear_inputs(config: ModelConfig, weights: dict[str, torch.Tensor], prompts
         def record(module: DecoderLinear, args: tuple) -> None:
             x = args[0].float()
             sums[name] = sums.get(name, 0) + x.abs().sum(dim=0)
-            samples.setdefault(name, []).append(x[picked.to(x.device)].cpu())
+            samples.setdefault(name, []).append(x[picked.to(x.device)])
         return record
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -63,7 +63,8 @@ def linear_inputs(config: ModelConfig, weights: dict[str, torch.Tensor], prompts
     if missing:
         raise RuntimeError(f"calibration recorded no input of {missing[0]}: the network's module names are not "
                            "the runtime layout's")
-    return {name: LinearInputs((total / tokens).cpu(), torch.cat(samples[name])) for name, total in sums.items()}
+    # (On the calibration device: the scale search quantizes each weight there, ALPHA_GRID times.)
+    return {name: LinearInputs(total / tokens, torch.cat(samples[name])) for name, total in sums.items()}
 
 
 def scale_for_awq(weights: dict[str, torch.Tensor], config: ModelConfig, prompts: list[list[int]],

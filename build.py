@@ -93,11 +93,19 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight_only_precision", choices=["int8", "int4", "int4_awq"], default=None,
                         help="with --use_weight_only (default: int8); int4_awq: int4 after activation-aware "
                              "scaling calibrated on --calib_dataset (group size 128 unless given)")
+    parser.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                        help="INT8 SmoothQuant with migration strength ALPHA in [0, 1] (e.g. 0.5), calibrated on "
+                             "--calib_dataset; needs --per_channel and --per_token (default: off)")
+    parser.add_argument("--per_channel", action="store_true", default=None,
+                        help="with --smoothquant: one weight scale per output channel (default: off)")
+    parser.add_argument("--per_token", action="store_true", default=None,
+                        help="with --smoothquant: one activation scale per token, computed as it runs (default: off)")
     parser.add_argument("--calib_dataset", type=str, default=None,
-                        help="with int4_awq: cnn_dailymail-style file of texts to calibrate on (default: the "
-                             "bundled sample, data/cnn_dailymail_sample.jsonl)")
+                        help="with int4_awq or --smoothquant: cnn_dailymail-style file of texts to calibrate on "
+                             "(default: the bundled sample, data/cnn_dailymail_sample.jsonl)")
     parser.add_argument("--calib_size", type=int, default=None,
-                        help="with int4_awq: texts to calibrate on, each cut to 512 tokens (default: 32)")
+                        help="with int4_awq or --smoothquant: texts to calibrate on, each cut to 512 tokens "
+                             "(default: 32)")
     parser.add_argument("--weight_only_group_size", type=int, default=None,
                         help="with --use_weight_only: one scale per this many input channels of each output "
                              "channel, a power of two >= 32, e.g. 128 (default: 0, one scale per output channel)")
@@ -114,17 +122,29 @@ def check_supported(args: argparse.Namespace) -> None:
     for flag in ("weight_only_precision", "weight_only_group_size"):
         if getattr(args, flag) is not None and not args.use_weight_only:
             raise GlmEngineError(f"--{flag} applies to --use_weight_only; add --use_weight_only or drop it")
-    awq = args.use_weight_only and args.weight_only_precision == "int4_awq"
-    for flag in ("calib_dataset", "calib_size"):
-        if getattr(args, flag) is not None and not awq:
-            raise GlmEngineError(f"--{flag} calibrates --weight_only_precision int4_awq; add it or drop --{flag}")
-    if awq and args.parallel_build:
-        raise GlmEngineError("int4_awq calibrates the whole model once, and --parallel_build converts each rank "
-                             "in a process of its own: drop --parallel_build")
+    check_calibration_flags(args)
     if args.calib_size is not None and args.calib_size < 1:
         raise GlmEngineError(f"--calib_size must be positive, got {args.calib_size}")
     if args.tokens_per_block is not None and not (args.paged_kv_cache or args.use_inflight_batching):
         raise GlmEngineError("--tokens_per_block sets the paged KV cache's block size; add --paged_kv_cache")
+
+
+def check_calibration_flags(args: argparse.Namespace) -> None:
+    """Refuses calibration and SmoothQuant flags that would do nothing or are not built."""
+    calibrated = args.smoothquant is not None or (args.use_weight_only and args.weight_only_precision == "int4_awq")
+    for flag in ("calib_dataset", "calib_size"):
+        if getattr(args, flag) is not None and not calibrated:
+            raise GlmEngineError(f"--{flag} calibrates --weight_only_precision int4_awq or --smoothquant; add one "
+                                 f"or drop --{flag}")
+    for flag in ("per_channel", "per_token"):
+        if getattr(args, flag) and args.smoothquant is None:
+            raise GlmEngineError(f"--{flag} sets SmoothQuant's scales; add --smoothquant ALPHA or drop it")
+    if args.smoothquant is not None and not (args.per_channel and args.per_token):
+        raise GlmEngineError("--smoothquant is built with per-channel weight and per-token activation scales only "
+                             "(per-tensor static scales are not): add --per_channel --per_token")
+    if calibrated and args.parallel_build:
+        raise GlmEngineError("calibration runs the whole model once, and --parallel_build converts each rank in a "
+                             "process of its own: drop --parallel_build")
 
 
 def context_fmha(args: argparse.Namespace) -> str | None:
@@ -215,7 +235,7 @@ def build_config_of(args: argparse.Namespace) -> BuildConfig:
                        use_gemm_plugin=args.use_gemm_plugin,
                        weight_only_precision=(args.weight_only_precision or "int8") if args.use_weight_only
                        else None, weight_only_group_size=weight_only_group_size(args),
-                       enable_fp8=bool(args.enable_fp8), **serving_flags(args))
+                       enable_fp8=bool(args.enable_fp8), smoothquant=args.smoothquant, **serving_flags(args))
 
 
 def weight_only_group_size(args: argparse.Namespace) -> int:
@@ -260,25 +280,25 @@ def build(args: argparse.Namespace) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         files = tokenizer_files(tokenizer_source(args, model_config.vocab_size, Path(scratch)),
                                 model_config.vocab_size)
-        calibration = calibration_prompts_of(args, files) if build_config.weight_only_precision == "int4_awq" \
-            else None
+        calibrated = build_config.weight_only_precision == "int4_awq" or build_config.smoothquant is not None
+        calibration = calibration_prompts_of(args, files) if calibrated else None
         return convert_and_save(args, output_dir, sources, model_config, build_config, files, calibration)
 
 
 def calibration_prompts_of(args: argparse.Namespace, files: list[Path]) -> list[list[int]]:
-    """int4_awq's calibration texts (--calib_dataset, --calib_size) as token ids of the
-    engine's tokenizer."""
+    """The calibration texts of int4_awq or SmoothQuant (--calib_dataset, --calib_size) as
+    token ids of the engine's tokenizer."""
     from glm_engine.text.dataset import BUNDLED_SAMPLE, load_articles
     from glm_engine.tools.calibration import calibration_prompts
 
     if not files:
-        raise GlmEngineError("int4_awq calibrates on text, and this build has no tokenizer: give --tokenizer_dir")
+        raise GlmEngineError("calibration runs on text, and this build has no tokenizer: give --tokenizer_dir")
     records = load_articles(args.calib_dataset or str(BUNDLED_SAMPLE))
     prompts = calibration_prompts(load_tokenizer(files[0].parent), [record["article"] for record in records],
                                   args.calib_size or 32)
     if not prompts:
         raise GlmEngineError(f"--calib_dataset {args.calib_dataset or BUNDLED_SAMPLE} has no text to calibrate on")
-    logger.info("int4_awq: calibrating on %d texts (%d tokens)", len(prompts), sum(map(len, prompts)))
+    logger.info("calibrating on %d texts (%d tokens)", len(prompts), sum(map(len, prompts)))
     return prompts
 
 
@@ -374,9 +394,8 @@ def run_engine_once(engine_dir: Path) -> None:
 def convert_weights(args: argparse.Namespace, model_config: ModelConfig, build_config: BuildConfig,
                     progress: bool, calibration: list[list[int]] | None = None) -> dict:
     """The whole model's runtime-layout weights: dummy or the checkpoint's, quantized
-    when asked (int4_awq: scaled first, calibrated on the `calibration` prompts)."""
-    import torch
-
+    when asked (int4_awq and SmoothQuant: scaled first, calibrated on the `calibration`
+    prompts)."""
     from glm_engine.engine_format.layout import linear_weight_names
     from glm_engine.quantization import linear_method, quantize_weights
     from weight import dummy_weights, load_hf_weights
@@ -386,13 +405,27 @@ def convert_weights(args: argparse.Namespace, model_config: ModelConfig, build_c
     else:
         weights = load_hf_weights(args.model_dir, model_config, build_config.torch_dtype, progress=progress)
     if calibration is not None:
-        from glm_engine.tools.calibration import scale_for_awq
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        alphas = scale_for_awq(weights, model_config, calibration, linear_method(build_config), device)
-        logger.info("int4_awq: scaled %d linears on %s (alpha median %.2f)", len(alphas), device,
-                    sorted(alphas.values())[len(alphas) // 2])
+        scale_inputs(weights, model_config, build_config, calibration)
     return quantize_weights(weights, linear_weight_names(model_config), linear_method(build_config), progress)
+
+
+def scale_inputs(weights: dict, model_config: ModelConfig, build_config: BuildConfig,
+                 calibration: list[list[int]]) -> None:
+    """AWQ's or SmoothQuant's input-channel scaling of the dense weights, in place, calibrated
+    on a GPU when there is one."""
+    import torch
+
+    from glm_engine.quantization import linear_method
+    from glm_engine.tools.calibration import scale_for_awq, smooth_for_smoothquant
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if build_config.smoothquant is not None:
+        smooth_for_smoothquant(weights, model_config, calibration, build_config.smoothquant, device)
+        logger.info("SmoothQuant: smoothed the linears on %s (alpha %s)", device, build_config.smoothquant)
+        return
+    alphas = scale_for_awq(weights, model_config, calibration, linear_method(build_config), device)
+    logger.info("int4_awq: scaled %d linears on %s (alpha median %.2f)", len(alphas), device,
+                sorted(alphas.values())[len(alphas) // 2])
 
 
 def write_rank(weights: dict, model_config: ModelConfig, build_config: BuildConfig, rank: int, staging: Path,

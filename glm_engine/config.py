@@ -194,6 +194,10 @@ class BuildConfig:
     # FP8 (E4M3) decoder linears (--enable_fp8): weights with per-channel scales, activations
     # quantized per token as each linear reads them.
     enable_fp8: bool = False
+    # INT8 SmoothQuant (--smoothquant ALPHA --per_channel --per_token): the migration strength
+    # alpha of the smoothing folded in at build; int8 weights per output channel, activations
+    # quantized to int8 per token as each linear reads them. None: off.
+    smoothquant: float | None = None
     # Context FMHA as TensorRT-LLM names it: "enabled" (float16 accumulation of P.V
     # in float16 engines), "enabled_with_fp32_acc", or None (the unfused reference).
     context_fmha: str | None = None
@@ -225,9 +229,13 @@ class BuildConfig:
         if group and self.weight_only_precision is None:
             raise GlmEngineError("--weight_only_group_size applies to --use_weight_only; add --use_weight_only or "
                                  "drop it")
-        if self.enable_fp8 and self.weight_only_precision is not None:
-            raise GlmEngineError("--enable_fp8 and --use_weight_only are two ways to store the decoder linears; "
-                                 "pick one")
+        schemes = [flag for flag, on in (("--enable_fp8", self.enable_fp8), ("--smoothquant", self.smoothquant
+                   is not None), ("--use_weight_only", self.weight_only_precision is not None)) if on]
+        if len(schemes) > 1:
+            raise GlmEngineError(f"{schemes[0]} and {schemes[1]} are two ways to store the decoder linears; pick one")
+        if self.smoothquant is not None and not (is_finite_number(self.smoothquant) and 0 <= self.smoothquant <= 1):
+            raise GlmEngineError(f"--smoothquant takes the migration strength alpha in [0, 1], got "
+                                 f"{self.smoothquant!r}")
         for plugin in ("use_gpt_attention_plugin", "use_layernorm_plugin", "use_gemm_plugin"):
             value = getattr(self, plugin)
             if value is not None and value != self.dtype:
@@ -260,9 +268,11 @@ class BuildConfig:
 
     @property
     def uses_triton(self) -> bool:
-        """Whether any op of the engine is a Triton kernel (FP8: the per-token activation quantizer)."""
+        """Whether any op of the engine is a Triton kernel (FP8, SmoothQuant: the per-token
+        activation quantizer)."""
         return self.enable_fp8 or any(value is not None for value in (
-            self.use_gpt_attention_plugin, self.use_layernorm_plugin, self.use_gemm_plugin, self.weight_only_precision))
+            self.use_gpt_attention_plugin, self.use_layernorm_plugin, self.use_gemm_plugin, self.weight_only_precision,
+            self.smoothquant))
 
     @property
     def max_sequence_len(self) -> int:
@@ -278,4 +288,6 @@ class BuildConfig:
             values = {**values, "weight_only_group_size": 0}
         if isinstance(values, dict) and "enable_fp8" not in values:
             values = {**values, "enable_fp8": False}  # written before FP8 engines existed
+        if isinstance(values, dict) and "smoothquant" not in values:
+            values = {**values, "smoothquant": None}  # written before SmoothQuant engines existed
         return cls(**_dataclass_fields(cls, values, "build"))

@@ -23,7 +23,7 @@ for _path in (str(REPO_ROOT), str(TESTS_DIR), str(REPO_ROOT / "scripts")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from checkpoints import chatglm2_state_dict, tiny_config, write_checkpoint  # noqa: E402
+from checkpoints import chatglm2_state_dict, inject_outliers, tiny_config, write_checkpoint  # noqa: E402
 from make_demo_tokenizer import train_demo_tokenizer  # noqa: E402
 
 # ---------------------------------------------------------------------------
@@ -58,6 +58,17 @@ def tiny_checkpoint_factory(
 
 
 # ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def outlier_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A tiny checkpoint whose activations have the outlier channels of real LLMs
+    (checkpoints.inject_outliers), for the calibrated quantization schemes."""
+    config = tiny_config()
+    state = chatglm2_state_dict(config, seed=51)
+    inject_outliers(state, config)
+    return write_checkpoint(tmp_path_factory.mktemp("outliers"), config, state, "safetensors",
+                            tokenizer_dir=tiny_tokenizer_dir)
+
+
 # End of tiny tokenizer and tiny checkpoints
 # ---------------------------------------------------------------------------
 

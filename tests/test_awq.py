@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpoints import chatglm2_state_dict, inject_outliers, tiny_config, write_checkpoint
 from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig
@@ -18,15 +17,6 @@ from model import load_session
 from test_model import build_engine, random_prompt
 
 GROUP = ["--weight_only_group_size", "32"]
-
-
-@pytest.fixture(scope="module")
-def outlier_checkpoint(tmp_path_factory, tiny_tokenizer_dir):
-    config = tiny_config()
-    state = chatglm2_state_dict(config, seed=51)
-    inject_outliers(state, config)
-    return write_checkpoint(tmp_path_factory.mktemp("outliers"), config, state, "safetensors",
-                            tokenizer_dir=tiny_tokenizer_dir)
 
 
 def test_awq_is_closer_to_the_dense_model_than_round_to_nearest(outlier_checkpoint, tmp_path):

@@ -71,7 +71,7 @@ def test_quantized_rows_stand_for_the_input_within_fp8_precision():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows, n, k, bias", [(17, 64, 64, True), (20, 96, 160, False), (33, 48, 256, True)])
 def test_prompt_sized_fp8_linear_equals_its_reference(rows, n, k, bias, dtype):
-    """More than FP8_WEIGHT_ONLY_ROWS rows: activations quantized per row, FP8 GEMM."""
+    """More than WEIGHT_ONLY_ROWS rows: activations quantized per row, FP8 GEMM."""
     x = rows_with_outliers(rows, k, dtype)
     weight_values, weight_scales = reference.quantize_rows_fp8(torch.randn(n, k, device=DEVICE) / k ** 0.5)
     bias_values = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
@@ -118,14 +118,14 @@ def test_fp8_engine_on_its_kernels_gives_the_reference_engines_tokens(tiny_check
 
 
 def test_decode_sized_steps_keep_their_activations():
-    """Up to FP8_WEIGHT_ONLY_ROWS rows the reference is x times the dequantized weight."""
+    """Up to WEIGHT_ONLY_ROWS rows the reference is x times the dequantized weight."""
     weight_values, weight_scales = reference.quantize_rows_fp8(torch.randn(48, 64))
     dense = weight_values.float() * weight_scales
-    for rows in (1, reference.FP8_WEIGHT_ONLY_ROWS, reference.FP8_WEIGHT_ONLY_ROWS + 1):
+    for rows in (1, reference.WEIGHT_ONLY_ROWS, reference.WEIGHT_ONLY_ROWS + 1):
         x = torch.randn(rows, 64)
         out = reference.fp8_linear(x, weight_values, None, weight_scales[:, 0])
         weight_only = relative_error(out, x @ dense.t()) < 1e-6
-        assert weight_only == (rows <= reference.FP8_WEIGHT_ONLY_ROWS)
+        assert weight_only == (rows <= reference.WEIGHT_ONLY_ROWS)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and weight_only_mma.runs_on(torch.device("cuda"))

@@ -23,7 +23,7 @@ import triton.language as tl
 from glm_engine import GlmEngineError
 from glm_engine.kernels import reference
 from glm_engine.kernels.launch import dependent_launch, wait_for_previous_kernel
-from glm_engine.kernels.reference import FP8_WEIGHT_ONLY_ROWS
+from glm_engine.kernels.reference import WEIGHT_ONLY_ROWS
 
 MIN_CAPABILITY = (8, 9)
 
@@ -67,13 +67,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_linear(decode_gemm: Callable | None) -> Callable:
-    """The FP8 linear op: steps of more than FP8_WEIGHT_ONLY_ROWS rows through `scaled_linear`;
+    """The FP8 linear op: steps of more than WEIGHT_ONLY_ROWS rows through `scaled_linear`;
     decode-sized ones through `decode_gemm` (the tensor-core GEMM of float16 engines, which
     reads FP8 weights as they are), else through the reference (it dequantizes the weight)."""
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor,
                quant_bits: int = 0) -> torch.Tensor:
-        if x.shape[0] > FP8_WEIGHT_ONLY_ROWS:
+        if x.shape[0] > WEIGHT_ONLY_ROWS:
             return scaled_linear(x, weight, bias, weight_scales)
         if decode_gemm is not None:
             return decode_gemm(x, weight, bias, weight_scales, 0)

@@ -80,23 +80,47 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scales).to(torch.float8_e4m3fn), scales
 
 
-FP8_WEIGHT_ONLY_ROWS = 16  # steps of at most this many rows (decode) keep their activations as they are
+WEIGHT_ONLY_ROWS = 16  # FP8 and SmoothQuant steps of at most this many rows (decode) keep their activations
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor,
                quant_bits: int = 0) -> torch.Tensor:
     """x [M, K] @ W^T (+ bias) on W [N, K] float8_e4m3fn with float32 scales [N]. Over
-    FP8_WEIGHT_ONLY_ROWS rows, x is quantized per row too (quantize_rows_fp8): the exact
+    WEIGHT_ONLY_ROWS rows, x is quantized per row too (quantize_rows_fp8): the exact
     products summed in float32, scaled by both scales, cast to x's dtype, then the bias
     added, as torch._scaled_mm in kernels/fp8.py. Decode-sized steps multiply x as it is by
     the FP8 weights (weight-only), the bias added in float32 before the cast, as the
     tensor-core GEMM (kernels/weight_only_mma.py) does."""
-    if x.shape[0] <= FP8_WEIGHT_ONLY_ROWS:
+    if x.shape[0] <= WEIGHT_ONLY_ROWS:
         product = (x.float() @ weight.float().t()) * weight_scales.float()[None, :]
         return (product + bias.float() if bias is not None else product).to(x.dtype)
     values, scales = quantize_rows_fp8(x)
     product = values.float() @ weight.float().t()
     out = (product * scales * weight_scales.float()[None, :]).to(x.dtype)
+    return out + bias if bias is not None else out
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x [M, K] as int8 values [M, K] (round half to even) and a float32 scale
+    [M, 1] = max|row| / 127 (a row of zeros: 1e-12 / 127) (the reference of
+    kernels/int8_gemm.py quantize_rows)."""
+    scales = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+    return torch.round(x.float() / scales).clamp(-127, 127).to(torch.int8), scales
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scales: torch.Tensor,
+                quant_bits: int = 8) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) on W [N, K] int8 with float32 scales [N] (SmoothQuant). Over
+    WEIGHT_ONLY_ROWS rows, x is quantized per row to int8 too: the exact integer sums,
+    scaled by both scales, cast to x's dtype, then the bias added, as kernels/int8_gemm.py
+    does. Decode-sized steps multiply x as it is (weight-only int8), the bias added in
+    float32 before the cast, as the skinny GEMM (kernels/gemv.py) does."""
+    if x.shape[0] <= WEIGHT_ONLY_ROWS:
+        product = (x.float() @ weight.float().t()) * weight_scales.float()[None, :]
+        return (product + bias.float() if bias is not None else product).to(x.dtype)
+    values, scales = quantize_rows_int8(x)
+    sums = (values.long() @ weight.long().t()).float()
+    out = (sums * scales * weight_scales.float()[None, :]).to(x.dtype)
     return out + bias if bias is not None else out
 
 

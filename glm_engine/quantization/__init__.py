@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from glm_engine.quantization.methods import (BITS, SCALES, Fp8, Unquantized, WeightOnly, linear_method,
-                                             quantize_symmetric)
+from glm_engine.quantization.methods import (BITS, SCALES, Fp8, SmoothQuant, Unquantized, WeightOnly,
+                                             linear_method, quantize_symmetric)
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BITS", "SCALES", "Fp8", "Unquantized", "WeightOnly", "linear_method", "quantize_symmetric",
-           "quantize_weights", "dequantize_weights"]
+__all__ = ["BITS", "SCALES", "Fp8", "SmoothQuant", "Unquantized", "WeightOnly", "linear_method",
+           "quantize_symmetric", "quantize_weights", "dequantize_weights"]
 
 
 def quantize_weights(weights: dict[str, torch.Tensor], linear_names: list[str], method: Unquantized,

@@ -6,37 +6,17 @@ network computes the same function. s = mean|x|^alpha per input channel, alpha
 searched on a grid for the smallest output error of the quantized linear on
 calibration inputs (glm_engine/tools/calibration.py gathers them).
 
-Folds, in the runtime layout of every GLM family:
-- query_key_value: input = input_layernorm's output: the norm's weight / s
-- dense_h_to_4h: input = post_attention_layernorm's output: the norm's weight / s
-- dense_4h_to_h: input = silu(gate) * up: dense_h_to_4h's up rows / s
-- dense: input = attention output, whose channels several query heads share through
-  their K/V group; its weight is rounded to nearest, as AutoAWQ does for grouped-query
-  attention."""
+The scales are folded as input_scaling.py says (the attention output projection is
+rounded to nearest, as AutoAWQ does for grouped-query attention)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from glm_engine.quantization.input_scaling import LinearInputs, fold, scaled_linears
 from glm_engine.quantization.methods import WeightOnly
 
 ALPHA_GRID = 20  # alpha in 0, 1/20, ... 19/20
-
-# (linear, the tensor that makes its input, and how: "norm" weight or "up" rows of the up projection)
-FOLDS = (("self_attention.query_key_value", "input_layernorm.weight", "norm"),
-         ("mlp.dense_h_to_4h", "post_attention_layernorm.weight", "norm"),
-         ("mlp.dense_4h_to_h", "mlp.dense_h_to_4h.weight", "up"))
-
-
-@dataclass
-class LinearInputs:
-    """Calibration statistics of one linear's input: mean |x| per input channel, and a
-    sample of input rows [rows, K] to measure the output error on."""
-
-    mean_magnitude: torch.Tensor
-    sample: torch.Tensor
 
 
 def quantization_error(weight: torch.Tensor, scales: torch.Tensor, sample: torch.Tensor, method: WeightOnly) -> float:
@@ -66,23 +46,11 @@ def search_scales(weight: torch.Tensor, inputs: LinearInputs, method: WeightOnly
 
 def apply_awq(weights: dict[str, torch.Tensor], num_layers: int, ffn_hidden_size: int,
               inputs: dict[str, LinearInputs], method: WeightOnly) -> dict[str, float]:
-    """Scales the dense `weights` in place for `method` (each fold of FOLDS, layer by layer;
-    `inputs` keyed by linear name, e.g. "layers.0.mlp.dense_4h_to_h"); quantize them after.
-    Returns each scaled linear's alpha."""
+    """Scales the dense `weights` in place for `method` (input_scaling.py's folds, layer by
+    layer; `inputs` keyed by linear name, e.g. "layers.0.mlp.dense_4h_to_h"); quantize them
+    after. Returns each scaled linear's alpha."""
     alphas = {}
-    for layer in range(num_layers):
-        prefix = f"layers.{layer}."
-        for linear, producer, kind in FOLDS:
-            name = prefix + linear
-            weight = weights[name + ".weight"]
-            scales, alphas[name] = search_scales(weight, inputs[name], method)
-            scales = scales.to(weight.device)
-            weights[name + ".weight"] = (weight.float() * scales).to(weight.dtype)
-            source = weights[prefix + producer]
-            if kind == "norm":
-                weights[prefix + producer] = (source.float() / scales).to(source.dtype)
-            else:  # the up half of [gate; up]
-                folded = source.float()
-                folded[ffn_hidden_size:] /= scales[:, None]
-                weights[prefix + producer] = folded.to(source.dtype)
+    for linear, producer, kind in scaled_linears(num_layers):
+        scales, alphas[linear] = search_scales(weights[linear + ".weight"], inputs[linear], method)
+        fold(weights, linear, producer, kind, scales, ffn_hidden_size)
     return alphas

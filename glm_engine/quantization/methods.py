@@ -134,10 +134,47 @@ class Fp8(Unquantized):
         return fp8.make_linear(decode_gemm)
 
 
+class SmoothQuant(Unquantized):
+    """INT8 SmoothQuant: int8 weights with a float32 scale per output channel (max|w| / 127),
+    smoothed at build (smoothquant.py); prompt-sized steps quantize the activations to int8
+    per token and run on int8 tensor cores, decode-sized ones multiply the activations as
+    they are by the int8 weights (kernels/int8_gemm.py). Elsewhere its plain-PyTorch
+    reference, which rounds alike."""
+
+    name = "smoothquant"
+    tensor_core_gemm = False  # the int8 GEMM of prompts reads the weights row-major, not in the mma layout
+
+    def tensor_specs(self, name: str, shape: Shape, dtype: torch.dtype) -> dict[str, tuple[Shape, torch.dtype]]:
+        import torch
+
+        return {name: (shape, torch.int8), name + SCALES: ((shape[0],), torch.float32)}
+
+    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        values, scales = quantize_symmetric(weight, 8)
+        return {"": values, SCALES: scales}
+
+    def dequantize(self, weight: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        return (weight.float() * scales[:, None]).to(dtype)
+
+    def parameter_shapes(self, out_features: int, in_features: int) -> dict[str, Shape]:
+        return {"weight": (out_features, in_features), "weight_scales": (out_features,)}
+
+    def linear_op(self, device: torch.device, kernels: bool, decode_gemm: Linear | None) -> Linear:
+        from glm_engine.kernels import reference
+
+        if not kernels:
+            return reference.int8_linear
+        from glm_engine.kernels import gemv, int8_gemm
+
+        return int8_gemm.make_linear(gemv.gemv)
+
+
 def linear_method(build: BuildConfig) -> Unquantized:
     """The linear method of an engine built with `build`."""
     if build.enable_fp8:
         return Fp8()
+    if build.smoothquant is not None:
+        return SmoothQuant()
     if build.weight_only_precision is None:
         return Unquantized()
     return WeightOnly(build.weight_only_precision, build.weight_only_group_size)

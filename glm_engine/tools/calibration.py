@@ -1,6 +1,6 @@
 """Calibration for the activation-aware quantization schemes: the dense network (plain
 PyTorch reference ops) runs over calibration text, and each decoder linear's inputs
-are recorded: mean |x| per input channel over every token, and a sample of whole
+are recorded: mean and max |x| per input channel over every token, and a sample of whole
 input rows (the same rows of each prompt for every linear)."""
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.engine_format.engine import Engine
 from glm_engine.models import family
 from glm_engine.models.layers import DecoderLinear
-from glm_engine.quantization.awq import LinearInputs, apply_awq
+from glm_engine.quantization.awq import apply_awq
+from glm_engine.quantization.input_scaling import LinearInputs
 from glm_engine.quantization.methods import WeightOnly
+from glm_engine.quantization.smoothquant import apply_smoothquant
 
 MAX_TOKENS = 512  # of each calibration text
 SAMPLE_ROWS = 512  # input rows kept per linear, spread over the texts
@@ -35,6 +37,7 @@ def linear_inputs(config: ModelConfig, weights: dict[str, torch.Tensor], prompts
     build = BuildConfig(dtype=dtype, max_batch_size=1, max_input_len=max(map(len, prompts)), max_output_len=1)
     dense = {name: tensor.to(build.torch_dtype) for name, tensor in weights.items()}
     sums: dict[str, torch.Tensor] = {}
+    maxima: dict[str, torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = {}
     generator = torch.Generator().manual_seed(seed)
     rows_per_prompt = -(-SAMPLE_ROWS // len(prompts))
@@ -44,6 +47,7 @@ def linear_inputs(config: ModelConfig, weights: dict[str, torch.Tensor], prompts
         def record(module: DecoderLinear, args: tuple) -> None:
             x = args[0].float()
             sums[name] = sums.get(name, 0) + x.abs().sum(dim=0)
+            maxima[name] = torch.maximum(maxima.get(name, torch.zeros_like(x[0])), x.abs().amax(dim=0))
             samples.setdefault(name, []).append(x[picked.to(x.device)])
         return record
 
@@ -64,14 +68,27 @@ def linear_inputs(config: ModelConfig, weights: dict[str, torch.Tensor], prompts
         raise RuntimeError(f"calibration recorded no input of {missing[0]}: the network's module names are not "
                            "the runtime layout's")
     # (On the calibration device: the scale search quantizes each weight there, ALPHA_GRID times.)
-    return {name: LinearInputs(total / tokens, torch.cat(samples[name])) for name, total in sums.items()}
+    return {name: LinearInputs(total / tokens, maxima[name], torch.cat(samples[name])) for name, total in sums.items()}
+
+
+def calibrated_inputs(weights: dict[str, torch.Tensor], config: ModelConfig, prompts: list[list[int]],
+                      device: torch.device) -> dict[str, LinearInputs]:
+    """linear_inputs with the network in float32 (on the CPU) or its weights' dtype (a GPU)."""
+    dtype = "float32" if device.type == "cpu" else str(next(iter(weights.values())).dtype).removeprefix("torch.")
+    return linear_inputs(config, weights, prompts, device, dtype)
 
 
 def scale_for_awq(weights: dict[str, torch.Tensor], config: ModelConfig, prompts: list[list[int]],
                   method: WeightOnly, device: torch.device) -> dict[str, float]:
     """AWQ's scaling of the dense `weights` in place (quantization/awq.py), calibrated on
-    `prompts` with the network in float32 (the CPU) or its weights' dtype (a GPU);
-    returns each scaled linear's alpha."""
-    dtype = "float32" if device.type == "cpu" else str(next(iter(weights.values())).dtype).removeprefix("torch.")
-    inputs = linear_inputs(config, weights, prompts, device, dtype)
+    `prompts`; returns each scaled linear's alpha."""
+    inputs = calibrated_inputs(weights, config, prompts, device)
     return apply_awq(weights, config.num_layers, config.ffn_hidden_size, inputs, method)
+
+
+def smooth_for_smoothquant(weights: dict[str, torch.Tensor], config: ModelConfig, prompts: list[list[int]],
+                           alpha: float, device: torch.device) -> None:
+    """SmoothQuant's smoothing of the dense `weights` in place (quantization/smoothquant.py),
+    calibrated on `prompts`."""
+    inputs = calibrated_inputs(weights, config, prompts, device)
+    apply_smoothquant(weights, config.num_layers, config.ffn_hidden_size, inputs, alpha)

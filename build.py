@@ -43,6 +43,7 @@ SWITCH_HELP = {
     "use_weight_only": "quantize every decoder linear's weights (see --weight_only_precision)",
     "enable_fp8": "FP8 (E4M3) decoder linears: weights per output channel, activations per token, FP8 tensor "
                   "cores (compute capability 8.9+)",
+    "fp8_kv_cache": "K/V cache in FP8 (E4M3, values saturated to +-448): twice the tokens in the same memory",
     "use_inflight_batching": "queue requests, max_batch_size in flight; implies the attention plugin, "
                              "--paged_kv_cache, --remove_input_padding and fp32 context FMHA",
     "paged_kv_cache": "one KV pool of blocks shared by all sequences, sized when the engine runs",
@@ -235,7 +236,8 @@ def build_config_of(args: argparse.Namespace) -> BuildConfig:
                        use_gemm_plugin=args.use_gemm_plugin,
                        weight_only_precision=(args.weight_only_precision or "int8") if args.use_weight_only
                        else None, weight_only_group_size=weight_only_group_size(args),
-                       enable_fp8=bool(args.enable_fp8), smoothquant=args.smoothquant, **serving_flags(args))
+                       enable_fp8=bool(args.enable_fp8), smoothquant=args.smoothquant,
+                       fp8_kv_cache=bool(args.fp8_kv_cache), **serving_flags(args))
 
 
 def weight_only_group_size(args: argparse.Namespace) -> int:

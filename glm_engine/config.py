@@ -198,6 +198,8 @@ class BuildConfig:
     # alpha of the smoothing folded in at build; int8 weights per output channel, activations
     # quantized to int8 per token as each linear reads them. None: off.
     smoothquant: float | None = None
+    # K/V cache in FP8 E4M3 (--fp8_kv_cache): one byte a value, saturated to +-448, unscaled.
+    fp8_kv_cache: bool = False
     # Context FMHA as TensorRT-LLM names it: "enabled" (float16 accumulation of P.V
     # in float16 engines), "enabled_with_fp32_acc", or None (the unfused reference).
     context_fmha: str | None = None
@@ -211,7 +213,8 @@ class BuildConfig:
     def __post_init__(self) -> None:
         check_field_types("build config", self, ("max_batch_size", "max_input_len", "max_output_len",
                                                  "world_size", "tokens_per_block", "weight_only_group_size"),
-                          flags=("paged_kv_cache", "remove_input_padding", "use_inflight_batching", "enable_fp8"))
+                          flags=("paged_kv_cache", "remove_input_padding", "use_inflight_batching", "enable_fp8",
+                                 "fp8_kv_cache"))
         if self.random_seed is not None and not (is_integer(self.random_seed) and 0 <= self.random_seed <= MAX_SEED):
             raise GlmEngineError(f"--random_seed must be an integer in [0, 2**64), got {self.random_seed!r}")
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
@@ -290,4 +293,6 @@ class BuildConfig:
             values = {**values, "enable_fp8": False}  # written before FP8 engines existed
         if isinstance(values, dict) and "smoothquant" not in values:
             values = {**values, "smoothquant": None}  # written before SmoothQuant engines existed
+        if isinstance(values, dict) and "fp8_kv_cache" not in values:
+            values = {**values, "fp8_kv_cache": False}  # written before FP8 K/V caches existed
         return cls(**_dataclass_fields(cls, values, "build"))

@@ -27,7 +27,7 @@ def _attend_key_tile(q, acc, running_max, running_sum, key_start, last_key, posi
     blocks = tl.load(table_row + keys // BLOCK_SIZE, mask=key_ok, other=0)
     slots = blocks.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE
     offsets = (slots * GROUPS + group)[:, None] * HEAD_DIM + dims[None, :]
-    k = tl.load(key_cache + offsets, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+    k = tl.load(key_cache + offsets, mask=key_ok[:, None] & dim_ok[None, :], other=0.0).to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if CAUSAL_MASK:
         allowed = (keys[None, :] <= positions[:, None]) & key_ok[None, :]
@@ -37,7 +37,7 @@ def _attend_key_tile(q, acc, running_max, running_sum, key_start, last_key, posi
     probs = tl.exp2(scores - tile_max[:, None])
     correction = tl.exp2(running_max - tile_max)
     running_sum = running_sum * correction + tl.sum(probs, axis=1)
-    v = tl.load(value_cache + offsets, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+    v = tl.load(value_cache + offsets, mask=key_ok[:, None] & dim_ok[None, :], other=0.0).to(q.dtype)
     if FP16_ACC:
         acc = acc * correction[:, None].to(tl.float16) + tl.dot(probs.to(v.dtype), v, out_dtype=tl.float16)
     else:

@@ -47,14 +47,14 @@ def _split_kernel(query, key_cache, value_cache, block_tables, context_lengths, 
         blocks = tl.load(block_tables + sequence * stride_table + positions // BLOCK_SIZE, mask=token_ok, other=0)
         slots = blocks.to(tl.int64) * BLOCK_SIZE + positions % BLOCK_SIZE
         offsets = (slots * GROUPS + group)[:, None] * HEAD_DIM + dims[None, :]
-        k = tl.load(key_cache + offsets, mask=token_ok[:, None] & dim_ok[None, :], other=0.0)
+        k = tl.load(key_cache + offsets, mask=token_ok[:, None] & dim_ok[None, :], other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         scores = tl.where(token_ok[None, :], scores, float("-inf"))
         tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
         probs = tl.exp(scores - tile_max[:, None])
         correction = tl.exp(running_max - tile_max)
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
-        v = tl.load(value_cache + offsets, mask=token_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(value_cache + offsets, mask=token_ok[:, None] & dim_ok[None, :], other=0.0).to(q.dtype)
         acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
         running_max = tile_max
     out_rows = (sequence * num_heads + heads) * NUM_SPLITS + split

@@ -29,7 +29,7 @@ MIN_CAPABILITY = (8, 9)
 
 
 @triton.jit
-def _round_to_e4m3(value):
+def round_to_e4m3(value):
     """`value` (float32, |value| <= 448) rounded to the nearest E4M3 number, ties to even.
     Adding and subtracting 1.5 * 2^23 ulp rounds to a multiple of the ulp in the float32
     adder; E4M3's ulp is 2^(exponent - 3), and 2^-9 below its smallest normal 2^-6."""
@@ -49,7 +49,7 @@ def _quantize_rows_kernel(x, values, scales, K: tl.constexpr, BLOCK: tl.constexp
     row_values = tl.load(x + row * K + columns, mask=inside, other=0.0).to(tl.float32)
     # IEEE divisions, as torch's (Triton's `/` on float32 is approximate on a GPU)
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(row_values), axis=0), 1e-12), 448.0)  # reference.FP8_MAX
-    rounded = _round_to_e4m3(tl.math.div_rn(row_values, scale))
+    rounded = round_to_e4m3(tl.math.div_rn(row_values, scale))
     tl.store(values + row * K + columns, rounded.to(values.dtype.element_ty), mask=inside)
     tl.store(scales + row, scale)
 

@@ -130,13 +130,21 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache[slots] in `dtype` (an FP8 cache gathered as bytes: the CPU indexes no float8)."""
+    if cache.dtype != torch.float8_e4m3fn:
+        return cache[slots]
+    return cache.view(torch.uint8)[slots].view(torch.float8_e4m3fn).to(dtype)
+
+
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     query_index: torch.Tensor, output_rows: torch.Tensor, key_slots: torch.Tensor,
                     attention_bias: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal grouped-query attention of packed queries over a slot-addressed cache.
 
     query: [N, heads, D] packed new tokens of B sequences.
-    key_cache/value_cache: [num_slots, groups, D], already holding the new tokens.
+    key_cache/value_cache: [num_slots, groups, D], already holding the new tokens, in the
+    query's dtype or FP8 (read as the query's dtype).
     query_index: [B, T] index into the N packed queries (padding repeats a valid index).
     output_rows: [N] row of each packed query in the flattened [B * T] grid.
     key_slots: [B, L] cache slot of each key position (padding repeats a valid slot).
@@ -153,8 +161,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     one_token_each = max_queries == 1 and query.shape[0] == batch
     q = query.unsqueeze(1) if one_token_each else query[query_index]  # [B, T, H, D]
     q = (q * scale).view(batch, max_queries, groups, heads // groups, head_dim)
-    k = key_cache[key_slots]  # [B, L, G, D]
-    v = value_cache[key_slots]
+    k = _gather(key_cache, key_slots, query.dtype)  # [B, L, G, D]
+    v = _gather(value_cache, key_slots, query.dtype)
     scores = torch.einsum("btgqd,blgd->bgqtl", q, k).add_(attention_bias[:, None, None])
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bgqtl,blgd->btgqd", probs, v).reshape(batch, max_queries, heads, head_dim)

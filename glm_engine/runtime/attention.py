@@ -329,7 +329,7 @@ class PagedAttention(AttentionBackend):
         query = self.rotary_kv_write(qkv, meta.positions, self.inv_freq, self.position_scale, meta.slot_mapping,
                                      keys, values, self.heads)
         if meta.fresh_prompt_lengths is not None:
-            return self._flash_prompts(qkv, query, keys, meta)
+            return self._flash_prompts(qkv, query, keys, values, meta)
         if meta.max_new_tokens == 1:
             context = self.decode_attention(query, keys, values, meta.block_tables, meta.context_lengths,
                                             kv_cache.block_size, self.scale, meta.max_context)
@@ -341,14 +341,18 @@ class PagedAttention(AttentionBackend):
             return attend_reference(query, layer_index, meta.reference, kv_cache, self.scale)
         return context.flatten(1)
 
-    def _flash_prompts(self, qkv: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
+    def _flash_prompts(self, qkv: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        meta: PagedMetadata) -> torch.Tensor:
         """Causal attention of fresh prompts packed one after another, each over its own tokens, by SDPA.
-        The rotated keys come back from their cache slots; the values are the QKV rows' last heads."""
+        The rotated keys come back from their cache slots; the values are the QKV rows' last heads
+        (an FP8 cache's values from their slots too: attention reads what the cache holds)."""
         tokens, heads, head_dim = query.shape
         groups = keys.shape[1]
-        new_keys = keys.index_select(0, meta.slot_mapping).transpose(0, 1)  # [groups, N, D]
-        new_values = qkv.unflatten(1, (heads + 2 * groups, head_dim))[:, heads + groups:].transpose(0, 1)
+        new_keys = keys.index_select(0, meta.slot_mapping).to(query.dtype).transpose(0, 1)  # [groups, N, D]
+        if values.dtype == query.dtype:
+            new_values = qkv.unflatten(1, (heads + 2 * groups, head_dim))[:, heads + groups:].transpose(0, 1)
+        else:
+            new_values = values.index_select(0, meta.slot_mapping).to(query.dtype).transpose(0, 1)
         queries = query.transpose(0, 1)  # [heads, N, D]: views, as SDPA's fused kernels read them
         parts, start = [], 0
         for length in meta.fresh_prompt_lengths:

@@ -12,6 +12,24 @@ from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.runtime.memory import check_fits
 
 
+def kv_cache_dtype(build: BuildConfig) -> torch.dtype:
+    """The dtype the K/V cache stores: FP8 E4M3 with --fp8_kv_cache, else the engine's."""
+    return torch.float8_e4m3fn if build.fp8_kv_cache else build.torch_dtype
+
+
+def to_cache_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """K/V `values` as the cache stores them: FP8 saturated to +-448 and rounded to nearest
+    even (the reference of the rotary kernels' cache stores), else cast."""
+    if dtype == torch.float8_e4m3fn:
+        return values.float().clamp(-448.0, 448.0).to(dtype)
+    return values.to(dtype)
+
+
+def as_bytes(cache: torch.Tensor) -> torch.Tensor:
+    """An FP8 cache viewed as uint8 (indexing ops take no float8 on the CPU); others as they are."""
+    return cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+
+
 class KVCache:
     """K and V of every layer: [num_layers, num_blocks * block_size, groups, head_dim] each,
     so that a token's cache slot is `block * block_size + offset`."""
@@ -36,19 +54,19 @@ class KVCache:
                    + offsets).reshape(-1)
         targets = (torch.tensor([copy for _, copy in copies], device=device)[:, None] * self.block_size
                    + offsets).reshape(-1)
-        self.keys[:, targets] = self.keys[:, sources]
-        self.values[:, targets] = self.values[:, sources]
+        for cache in (as_bytes(self.keys), as_bytes(self.values)):
+            cache[:, targets] = cache[:, sources]
 
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Stores key/value [N, groups, head_dim] of N new tokens at their slots."""
-        self.keys[layer].index_copy_(0, slot_mapping, key)
-        self.values[layer].index_copy_(0, slot_mapping, value)
+        for cache, new in ((self.keys[layer], key), (self.values[layer], value)):
+            as_bytes(cache).index_copy_(0, slot_mapping, as_bytes(to_cache_dtype(new, cache.dtype)))
 
 
 def block_bytes(config: ModelConfig, build: BuildConfig) -> int:
     """Bytes of one block of every layer's K and V."""
     return (2 * config.num_layers * build.tokens_per_block * config.multi_query_group_num * config.kv_channels
-            * build.torch_dtype.itemsize)
+            * kv_cache_dtype(build).itemsize)
 
 
 def pool_blocks(build: BuildConfig, config: ModelConfig, device: torch.device, free_fraction: float | None,

@@ -15,7 +15,7 @@ from glm_engine.runtime.attention import AttentionBackend, StepLayout
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.runtime.ops import Ops
 from glm_engine.runtime.cuda_graphs import DecodeGraphs, PromptGraphs
-from glm_engine.runtime.kv_cache import KVCache, blocks_per_sequence
+from glm_engine.runtime.kv_cache import KVCache, blocks_per_sequence, kv_cache_dtype
 
 PAD_TOKEN = 0  # what padded prompts are filled with (never attended to)
 
@@ -41,7 +41,7 @@ class ModelRunner:
         self.scratch_block = num_blocks
         self.remove_input_padding = build.remove_input_padding
         self.kv_cache = KVCache(config.num_layers, num_blocks + 1, self.block_size, config.multi_query_group_num,
-                                config.kv_channels, build.torch_dtype, device)
+                                config.kv_channels, kv_cache_dtype(build), device)
         self.decode_graphs = self.prompt_graphs = None
         decode_graphs, prompt_graphs = graphs_to_capture(self.attention, build, device, cuda_graphs)
         if decode_graphs:

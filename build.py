@@ -44,6 +44,8 @@ SWITCH_HELP = {
     "enable_fp8": "FP8 (E4M3) decoder linears: weights per output channel, activations per token, FP8 tensor "
                   "cores (compute capability 8.9+)",
     "fp8_kv_cache": "K/V cache in FP8 (E4M3, values saturated to +-448): twice the tokens in the same memory",
+    "int8_kv_cache": "K/V cache in INT8 with a scale per layer and K/V group, calibrated on --calib_dataset: "
+                     "twice the tokens in the same memory",
     "use_inflight_batching": "queue requests, max_batch_size in flight; implies the attention plugin, "
                              "--paged_kv_cache, --remove_input_padding and fp32 context FMHA",
     "paged_kv_cache": "one KV pool of blocks shared by all sequences, sized when the engine runs",
@@ -132,11 +134,12 @@ def check_supported(args: argparse.Namespace) -> None:
 
 def check_calibration_flags(args: argparse.Namespace) -> None:
     """Refuses calibration and SmoothQuant flags that would do nothing or are not built."""
-    calibrated = args.smoothquant is not None or (args.use_weight_only and args.weight_only_precision == "int4_awq")
+    calibrated = args.smoothquant is not None or args.int8_kv_cache or (
+        args.use_weight_only and args.weight_only_precision == "int4_awq")
     for flag in ("calib_dataset", "calib_size"):
         if getattr(args, flag) is not None and not calibrated:
-            raise GlmEngineError(f"--{flag} calibrates --weight_only_precision int4_awq or --smoothquant; add one "
-                                 f"or drop --{flag}")
+            raise GlmEngineError(f"--{flag} calibrates --weight_only_precision int4_awq, --smoothquant or "
+                                 f"--int8_kv_cache; add one or drop --{flag}")
     for flag in ("per_channel", "per_token"):
         if getattr(args, flag) and args.smoothquant is None:
             raise GlmEngineError(f"--{flag} sets SmoothQuant's scales; add --smoothquant ALPHA or drop it")
@@ -237,7 +240,8 @@ def build_config_of(args: argparse.Namespace) -> BuildConfig:
                        weight_only_precision=(args.weight_only_precision or "int8") if args.use_weight_only
                        else None, weight_only_group_size=weight_only_group_size(args),
                        enable_fp8=bool(args.enable_fp8), smoothquant=args.smoothquant,
-                       fp8_kv_cache=bool(args.fp8_kv_cache), **serving_flags(args))
+                       fp8_kv_cache=bool(args.fp8_kv_cache), int8_kv_cache=bool(args.int8_kv_cache),
+                       **serving_flags(args))
 
 
 def weight_only_group_size(args: argparse.Namespace) -> int:
@@ -282,7 +286,8 @@ def build(args: argparse.Namespace) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         files = tokenizer_files(tokenizer_source(args, model_config.vocab_size, Path(scratch)),
                                 model_config.vocab_size)
-        calibrated = build_config.weight_only_precision == "int4_awq" or build_config.smoothquant is not None
+        calibrated = build_config.weight_only_precision == "int4_awq" or build_config.smoothquant is not None \
+            or build_config.int8_kv_cache
         calibration = calibration_prompts_of(args, files) if calibrated else None
         return convert_and_save(args, output_dir, sources, model_config, build_config, files, calibration)
 
@@ -413,21 +418,24 @@ def convert_weights(args: argparse.Namespace, model_config: ModelConfig, build_c
 
 def scale_inputs(weights: dict, model_config: ModelConfig, build_config: BuildConfig,
                  calibration: list[list[int]]) -> None:
-    """AWQ's or SmoothQuant's input-channel scaling of the dense weights, in place, calibrated
-    on a GPU when there is one."""
+    """The calibrated parts of a build, on the dense weights in place, calibrated on a GPU
+    when there is one: the INT8 K/V cache's scales, AWQ's or SmoothQuant's input scaling."""
     import torch
 
     from glm_engine.quantization import linear_method
-    from glm_engine.tools.calibration import scale_for_awq, smooth_for_smoothquant
+    from glm_engine.tools.calibration import kv_cache_scales, scale_for_awq, smooth_for_smoothquant
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if build_config.smoothquant is not None:
         smooth_for_smoothquant(weights, model_config, calibration, build_config.smoothquant, device)
         logger.info("SmoothQuant: smoothed the linears on %s (alpha %s)", device, build_config.smoothquant)
-        return
-    alphas = scale_for_awq(weights, model_config, calibration, linear_method(build_config), device)
-    logger.info("int4_awq: scaled %d linears on %s (alpha median %.2f)", len(alphas), device,
-                sorted(alphas.values())[len(alphas) // 2])
+    elif build_config.weight_only_precision == "int4_awq":
+        alphas = scale_for_awq(weights, model_config, calibration, linear_method(build_config), device)
+        logger.info("int4_awq: scaled %d linears on %s (alpha median %.2f)", len(alphas), device,
+                    sorted(alphas.values())[len(alphas) // 2])
+    if build_config.int8_kv_cache:  # last: on the network as it will run
+        weights.update(kv_cache_scales(weights, model_config, calibration, device))
+        logger.info("INT8 K/V cache: scales calibrated on %s", device)
 
 
 def write_rank(weights: dict, model_config: ModelConfig, build_config: BuildConfig, rank: int, staging: Path,

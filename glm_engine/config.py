@@ -198,8 +198,10 @@ class BuildConfig:
     # alpha of the smoothing folded in at build; int8 weights per output channel, activations
     # quantized to int8 per token as each linear reads them. None: off.
     smoothquant: float | None = None
-    # K/V cache in FP8 E4M3 (--fp8_kv_cache): one byte a value, saturated to +-448, unscaled.
+    # K/V cache in FP8 E4M3 (--fp8_kv_cache): one byte a value, saturated to +-448, unscaled;
+    # or in INT8 (--int8_kv_cache) with a scale per layer, K/V and group from calibration.
     fp8_kv_cache: bool = False
+    int8_kv_cache: bool = False
     # Context FMHA as TensorRT-LLM names it: "enabled" (float16 accumulation of P.V
     # in float16 engines), "enabled_with_fp32_acc", or None (the unfused reference).
     context_fmha: str | None = None
@@ -214,7 +216,7 @@ class BuildConfig:
         check_field_types("build config", self, ("max_batch_size", "max_input_len", "max_output_len",
                                                  "world_size", "tokens_per_block", "weight_only_group_size"),
                           flags=("paged_kv_cache", "remove_input_padding", "use_inflight_batching", "enable_fp8",
-                                 "fp8_kv_cache"))
+                                 "fp8_kv_cache", "int8_kv_cache"))
         if self.random_seed is not None and not (is_integer(self.random_seed) and 0 <= self.random_seed <= MAX_SEED):
             raise GlmEngineError(f"--random_seed must be an integer in [0, 2**64), got {self.random_seed!r}")
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
@@ -236,6 +238,11 @@ class BuildConfig:
                    is not None), ("--use_weight_only", self.weight_only_precision is not None)) if on]
         if len(schemes) > 1:
             raise GlmEngineError(f"{schemes[0]} and {schemes[1]} are two ways to store the decoder linears; pick one")
+        if self.fp8_kv_cache and self.int8_kv_cache:
+            raise GlmEngineError("--fp8_kv_cache and --int8_kv_cache are two K/V cache formats; pick one")
+        if self.int8_kv_cache and self.world_size > 1:
+            raise GlmEngineError("--int8_kv_cache is not built for tensor-parallel engines yet (its per-group "
+                                 "scales are not split across ranks): drop it or use --fp8_kv_cache")
         if self.smoothquant is not None and not (is_finite_number(self.smoothquant) and 0 <= self.smoothquant <= 1):
             raise GlmEngineError(f"--smoothquant takes the migration strength alpha in [0, 1], got "
                                  f"{self.smoothquant!r}")
@@ -295,4 +302,6 @@ class BuildConfig:
             values = {**values, "smoothquant": None}  # written before SmoothQuant engines existed
         if isinstance(values, dict) and "fp8_kv_cache" not in values:
             values = {**values, "fp8_kv_cache": False}  # written before FP8 K/V caches existed
+        if isinstance(values, dict) and "int8_kv_cache" not in values:
+            values = {**values, "int8_kv_cache": False}
         return cls(**_dataclass_fields(cls, values, "build"))

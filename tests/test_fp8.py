@@ -4,19 +4,16 @@ flags and GPUs it refuses."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
 import torch
 
-from checkpoints import tiny_config
 from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig
 from glm_engine.engine_format.engine import load_engine
 from glm_engine.kernels import fp8, reference, weight_only_mma
-from glm_engine.models import read_model_config
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.tools.compare import relative_error
 from test_model import build_engine, random_prompt
@@ -166,76 +163,3 @@ def test_engines_written_before_fp8_load_as_not_fp8():
     fields = BuildConfig().to_dict()
     del fields["enable_fp8"]
     assert BuildConfig.from_dict(fields).enable_fp8 is False
-
-
-@interpreted
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("tokens", [3, 37])  # one token a program, and tiles of several with a ragged last one
-def test_rotary_kernel_stores_an_fp8_cache_as_the_reference(dtype, tokens):
-    """The FP8 cache holds exactly to_cache_dtype of what an unquantized cache holds
-    (saturated at +-448, rounded to nearest even), and the query is unchanged."""
-    from glm_engine.kernels import rotary_kv
-    from glm_engine.runtime.kv_cache import to_cache_dtype
-
-    heads, groups, head_dim, num_slots = 4, 2, 64, 48
-    qkv = torch.randn(tokens, (heads + 2 * groups) * head_dim, device=DEVICE) * torch.logspace(-3, 3, tokens,
-                                                                                               device=DEVICE)[:, None]
-    qkv = qkv.to(dtype)
-    positions, slots = torch.arange(tokens, device=DEVICE) * 7, torch.randperm(num_slots, device=DEVICE)[:tokens]
-    inv_freq = reference.rotary_inv_freq(head_dim // 2, 10000.0).to(DEVICE)
-    caches = {}
-    for cache_dtype in (dtype, torch.float8_e4m3fn):
-        keys = torch.zeros(num_slots, groups, head_dim, device=DEVICE).to(cache_dtype)
-        values = torch.zeros_like(keys)
-        query = rotary_kv.rotary_kv_write(qkv, positions, inv_freq, 1.0, slots, keys, values, heads)
-        caches[cache_dtype] = (query, keys, values)
-    (query, keys, values), (fp8_query, fp8_keys, fp8_values) = caches[dtype], caches[torch.float8_e4m3fn]
-    assert torch.equal(fp8_query, query)
-    for quantized, exact in ((fp8_keys, keys), (fp8_values, values)):
-        assert torch.equal(quantized.view(torch.uint8), to_cache_dtype(exact, torch.float8_e4m3fn).view(torch.uint8))
-    assert fp8_keys.float().abs().max() == 448.0  # the largest tokens saturate
-
-
-def test_an_fp8_kv_cache_holds_twice_the_tokens():
-    from glm_engine.runtime.kv_cache import block_bytes
-
-    config = read_model_config(tiny_config())
-    build = BuildConfig(dtype="float16", paged_kv_cache=True)
-    assert block_bytes(config, dataclasses.replace(build, fp8_kv_cache=True)) * 2 == block_bytes(config, build)
-
-
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="CPU sessions run the kernels only under TRITON_INTERPRET=1")
-def test_fp8_kv_cache_engine_on_its_kernels_gives_the_reference_engines_tokens(tiny_checkpoint_factory, tmp_path,
-                                                                               monkeypatch):
-    """Rotary + FP8 cache store, context FMHA and decode attention reading the FP8 cache,
-    against the reference attention over the same cache; both close to the unquantized cache."""
-    model_dir = tiny_checkpoint_factory("safetensors", seed=43)
-    flags = ["--fp8_kv_cache", "--use_gpt_attention_plugin", "float32", "--enable_context_fmha_fp32_acc"]
-    kernels = build_engine(model_dir, tmp_path / "kernels", "float32", *flags)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    references = build_engine(model_dir, tmp_path / "reference", "float32", "--fp8_kv_cache")
-    plain = build_engine(model_dir, tmp_path / "plain", "float32")
-    assert kernels.runner.kv_cache.keys.dtype == torch.float8_e4m3fn
-    prompts = [random_prompt(length, seed) for seed, length in enumerate([6, 19, 2])]
-    sampling = SamplingConfig(max_new_tokens=8, end_id=-1)
-    assert kernels.generate(prompts, sampling) == references.generate(prompts, sampling)
-    prompt = random_prompt(24, 9)
-    assert relative_error(kernels.decode_logits(prompt, 6), references.decode_logits(prompt, 6)) < 1e-4
-    error = relative_error(references.prompt_logits(prompt), plain.prompt_logits(prompt))
-    assert 0 < error < 5e-2, error
-
-
-def test_an_fp8_kv_cache_copies_blocks_and_writes_slots():
-    """Copy-on-write of a shared block (beam search) and the reference write, on the CPU,
-    where indexing takes no float8."""
-    from glm_engine.runtime.kv_cache import KVCache, to_cache_dtype
-
-    cache = KVCache(2, 4, 8, 2, 16, torch.float8_e4m3fn, torch.device("cpu"))
-    key, value = torch.randn(3, 2, 16) * 300, torch.randn(3, 2, 16)
-    cache.write(1, torch.tensor([8, 9, 15]), key, value)
-    expected = to_cache_dtype(key[:2], cache.keys.dtype)
-    assert torch.equal(cache.keys[1, 8:10].view(torch.uint8), expected.view(torch.uint8))
-    cache.copy_blocks([(1, 3)])
-    assert torch.equal(cache.keys[:, 24:32].view(torch.uint8), cache.keys[:, 8:16].view(torch.uint8))
-    assert torch.equal(cache.values[:, 24:32].view(torch.uint8), cache.values[:, 8:16].view(torch.uint8))

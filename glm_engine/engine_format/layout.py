@@ -40,6 +40,9 @@ def engine_tensor_specs(config: ModelConfig, build: BuildConfig) -> dict[str, tu
     method = linear_method(build)
     for name in linear_weight_names(config):
         specs.update(method.tensor_specs(name, specs[name][0], dtype))
+    if build.int8_kv_cache:  # each layer's K/V scales per group (runtime/kv_cache.py)
+        for layer in range(config.num_layers):
+            specs[f"layers.{layer}.self_attention.kv_cache_scale"] = ((2, config.multi_query_group_num), torch.float32)
     return specs
 
 

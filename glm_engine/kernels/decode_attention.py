@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from glm_engine.kernels.cache_format import from_cache
 from glm_engine.kernels.launch import dependent_launch, wait_for_previous_kernel
 
 TOKENS_PER_TILE = 64  # keys per loop step; a tile may span several cache blocks
@@ -22,10 +23,11 @@ TOKENS_PER_TILE = 64  # keys per loop step; a tile may span several cache blocks
 
 @triton.jit
 def _split_kernel(query, key_cache, value_cache, block_tables, context_lengths, partial_out, partial_max,
-                  partial_sum, scale, stride_table, tokens_per_split,
+                  partial_sum, scale, stride_table, tokens_per_split, key_scales, value_scales,
                   GROUPS: tl.constexpr, HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                  BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, CACHE_INT8: tl.constexpr,
+                  PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     sequence, group, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = group * HEADS_PER_GROUP + tl.arange(0, BLOCK_H)
@@ -47,14 +49,16 @@ def _split_kernel(query, key_cache, value_cache, block_tables, context_lengths, 
         blocks = tl.load(block_tables + sequence * stride_table + positions // BLOCK_SIZE, mask=token_ok, other=0)
         slots = blocks.to(tl.int64) * BLOCK_SIZE + positions % BLOCK_SIZE
         offsets = (slots * GROUPS + group)[:, None] * HEAD_DIM + dims[None, :]
-        k = tl.load(key_cache + offsets, mask=token_ok[:, None] & dim_ok[None, :], other=0.0).to(q.dtype)
+        k = from_cache(tl.load(key_cache + offsets, mask=token_ok[:, None] & dim_ok[None, :], other=0.0), key_scales,
+                       group, q.dtype, CACHE_INT8)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         scores = tl.where(token_ok[None, :], scores, float("-inf"))
         tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
         probs = tl.exp(scores - tile_max[:, None])
         correction = tl.exp(running_max - tile_max)
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
-        v = tl.load(value_cache + offsets, mask=token_ok[:, None] & dim_ok[None, :], other=0.0).to(q.dtype)
+        v = from_cache(tl.load(value_cache + offsets, mask=token_ok[:, None] & dim_ok[None, :], other=0.0),
+                       value_scales, group, q.dtype, CACHE_INT8)
         acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
         running_max = tile_max
     out_rows = (sequence * num_heads + heads) * NUM_SPLITS + split
@@ -92,13 +96,16 @@ def choose_num_splits(batch: int, groups: int, max_context: int, block_n: int = 
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lengths: torch.Tensor, block_size: int,
                      scale: float, max_context: int, num_splits: int | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, key_scales: torch.Tensor | None = None,
+                     value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its paged cache.
 
     query: [B, heads, D]; key_cache/value_cache: [num_blocks * block_size, groups, D];
     block_tables: [B, max_blocks] int32/int64; context_lengths: [B] (keys per sequence,
     the new token's included; at most `max_context`). Returns [B, heads, D].
-    Shapes depend only on B and `max_context`, so a CUDA graph can capture the call.
+    Shapes depend only on B and `max_context`, so a CUDA graph can capture the call. An
+    FP8 cache is read as the query's dtype, an INT8 one times `key_scales`/`value_scales`
+    [groups].
     `out`, when given, receives the result."""
     batch, heads, head_dim = query.shape
     groups = key_cache.shape[1]
@@ -113,10 +120,10 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     block_tables, context_lengths = block_tables.contiguous(), context_lengths.contiguous()
     _split_kernel[(batch, groups, splits)](
         query.contiguous(), key_cache, value_cache, block_tables, context_lengths, partial_out, partial_max,
-        partial_sum, scale, block_tables.stride(0), tokens_per_split,
+        partial_sum, scale, block_tables.stride(0), tokens_per_split, key_scales, value_scales,
         GROUPS=groups, HEADS_PER_GROUP=heads_per_group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_H=max(16, triton.next_power_of_2(heads_per_group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=TOKENS_PER_TILE, NUM_SPLITS=splits, PRECISION=precision,
+        BLOCK_N=TOKENS_PER_TILE, NUM_SPLITS=splits, PRECISION=precision, CACHE_INT8=key_cache.dtype == torch.int8,
         **dependent_launch(_split_kernel, query.device))
     out = torch.empty_like(query) if out is None else out
     _merge_kernel[(batch * heads,)](partial_out, partial_max, partial_sum, out, HEAD_DIM=head_dim,

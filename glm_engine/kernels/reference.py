@@ -130,8 +130,11 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """cache[slots] in `dtype` (an FP8 cache gathered as bytes: the CPU indexes no float8)."""
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype, scales: torch.Tensor | None) -> torch.Tensor:
+    """cache[slots] [B, L, G, D] in `dtype`: an FP8 cache gathered as bytes (the CPU indexes
+    no float8), an INT8 one times its groups' `scales` [G]."""
+    if cache.dtype == torch.int8:
+        return (cache[slots].float() * scales[:, None]).to(dtype)
     if cache.dtype != torch.float8_e4m3fn:
         return cache[slots]
     return cache.view(torch.uint8)[slots].view(torch.float8_e4m3fn).to(dtype)
@@ -139,12 +142,14 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> tor
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     query_index: torch.Tensor, output_rows: torch.Tensor, key_slots: torch.Tensor,
-                    attention_bias: torch.Tensor, scale: float) -> torch.Tensor:
+                    attention_bias: torch.Tensor, scale: float, key_scales: torch.Tensor | None = None,
+                    value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal grouped-query attention of packed queries over a slot-addressed cache.
 
     query: [N, heads, D] packed new tokens of B sequences.
     key_cache/value_cache: [num_slots, groups, D], already holding the new tokens, in the
-    query's dtype or FP8 (read as the query's dtype).
+    query's dtype, FP8, or INT8 with per-group `key_scales`/`value_scales` [groups] (read
+    as the query's dtype).
     query_index: [B, T] index into the N packed queries (padding repeats a valid index).
     output_rows: [N] row of each packed query in the flattened [B * T] grid.
     key_slots: [B, L] cache slot of each key position (padding repeats a valid slot).
@@ -161,8 +166,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     one_token_each = max_queries == 1 and query.shape[0] == batch
     q = query.unsqueeze(1) if one_token_each else query[query_index]  # [B, T, H, D]
     q = (q * scale).view(batch, max_queries, groups, heads // groups, head_dim)
-    k = _gather(key_cache, key_slots, query.dtype)  # [B, L, G, D]
-    v = _gather(value_cache, key_slots, query.dtype)
+    k = _gather(key_cache, key_slots, query.dtype, key_scales)  # [B, L, G, D]
+    v = _gather(value_cache, key_slots, query.dtype, value_scales)
     scores = torch.einsum("btgqd,blgd->bgqtl", q, k).add_(attention_bias[:, None, None])
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bgqtl,blgd->btgqd", probs, v).reshape(batch, max_queries, heads, head_dim)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glm_engine.kernels.fp8 import round_to_e4m3
+from glm_engine.kernels.cache_format import to_cache
 from glm_engine.kernels.launch import dependent_launch, wait_for_previous_kernel
 
 TOKENS_PER_PROGRAM = 16  # in steps of more than SMALL_STEP tokens
@@ -22,18 +22,11 @@ SMALL_STEP = 8
 
 
 @triton.jit
-def _cache_values(x, CACHE_FP8: tl.constexpr):
-    """K/V values as an FP8 cache stores them: saturated to +-448, rounded to nearest even
-    (exactly, so the conversion that follows is exact); as they are for other caches."""
-    if CACHE_FP8:
-        x = round_to_e4m3(tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0))
-    return x
-
-
-@triton.jit
 def _rotary_kv_kernel(qkv, positions, inv_freq, slot_mapping, query_out, key_cache, value_cache, position_scale,
+                      key_scales, value_scales,
                       HEADS: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, CACHE_FP8: tl.constexpr, PDL: tl.constexpr):
+                      BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, CACHE_FP8: tl.constexpr, CACHE_INT8: tl.constexpr,
+                      PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -59,19 +52,24 @@ def _rotary_kv_kernel(qkv, positions, inv_freq, slot_mapping, query_out, key_cac
         tl.store(destination + 2 * ROT_HALF + rest, tail, mask=rest_ok)
     else:
         slot = tl.load(slot_mapping + token).to(tl.int64)
-        offset = (slot * GROUPS + (head - HEADS) % GROUPS) * HEAD_DIM
+        group = (head - HEADS) % GROUPS
+        offset = (slot * GROUPS + group) * HEAD_DIM
         destination = tl.where(head < HEADS + GROUPS, key_cache + offset, value_cache + offset)
-        tl.store(destination + 2 * pairs, _cache_values(even, CACHE_FP8), mask=pair_ok)
-        tl.store(destination + 2 * pairs + 1, _cache_values(odd, CACHE_FP8), mask=pair_ok)
-        tl.store(destination + 2 * ROT_HALF + rest, _cache_values(tail, CACHE_FP8), mask=rest_ok)
+        scales = key_scales
+        if CACHE_INT8:
+            scales = tl.where(head < HEADS + GROUPS, key_scales, value_scales)
+        tl.store(destination + 2 * pairs, to_cache(even, scales, group, CACHE_FP8, CACHE_INT8), mask=pair_ok)
+        tl.store(destination + 2 * pairs + 1, to_cache(odd, scales, group, CACHE_FP8, CACHE_INT8), mask=pair_ok)
+        tl.store(destination + 2 * ROT_HALF + rest, to_cache(tail, scales, group, CACHE_FP8, CACHE_INT8),
+                 mask=rest_ok)
 
 
 @triton.jit
 def _rotary_kv_tile_kernel(qkv, positions, inv_freq, slot_mapping, query_out, key_cache, value_cache, position_scale,
-                           tokens,
+                           key_scales, value_scales, tokens,
                            HEADS: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_PAIRS: tl.constexpr, CACHE_FP8: tl.constexpr,
-                           PDL: tl.constexpr):
+                           CACHE_INT8: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)
@@ -96,37 +94,40 @@ def _rotary_kv_tile_kernel(qkv, positions, inv_freq, slot_mapping, query_out, ke
         tl.store(query_out + (token * HEADS + head)[:, None] * HEAD_DIM + dims[None, :], x, mask=mask)
     else:
         slot = tl.load(slot_mapping + token, mask=token_ok, other=0).to(tl.int64)
-        offsets = (slot * GROUPS + (head - HEADS) % GROUPS)[:, None] * HEAD_DIM + dims[None, :]
+        group = (head - HEADS) % GROUPS
+        offsets = (slot * GROUPS + group)[:, None] * HEAD_DIM + dims[None, :]
         if head < HEADS + GROUPS:
-            tl.store(key_cache + offsets, _cache_values(x, CACHE_FP8), mask=mask)
+            tl.store(key_cache + offsets, to_cache(x, key_scales, group, CACHE_FP8, CACHE_INT8), mask=mask)
         else:
-            tl.store(value_cache + offsets, _cache_values(x, CACHE_FP8), mask=mask)
+            tl.store(value_cache + offsets, to_cache(x, value_scales, group, CACHE_FP8, CACHE_INT8), mask=mask)
 
 
 def rotary_kv_write(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, position_scale: float,
                     slot_mapping: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                    heads: int) -> torch.Tensor:
+                    heads: int, key_scales: torch.Tensor | None = None,
+                    value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Rotated query [N, heads, D] of the packed QKV rows [N, (heads + 2 * groups) * D];
     the rotated keys and the values land in key_cache/value_cache [slots, groups, D]
-    at `slot_mapping` (an FP8 cache: saturated and rounded as kv_cache.to_cache_dtype). `inv_freq`
-    [rotary_dim // 2] float32 holds the rotary frequencies."""
+    at `slot_mapping` (FP8 or INT8 caches: as kv_cache.to_cache_dtype, INT8 with the groups'
+    `key_scales`/`value_scales` [groups]). `inv_freq` [rotary_dim // 2] float32 holds the
+    rotary frequencies."""
     tokens = qkv.shape[0]
     groups, head_dim = key_cache.shape[1], key_cache.shape[2]
     query = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     rot_half = inv_freq.shape[0]
-    cache_fp8 = key_cache.dtype == torch.float8_e4m3fn
+    cache = {"CACHE_FP8": key_cache.dtype == torch.float8_e4m3fn, "CACHE_INT8": key_cache.dtype == torch.int8}
     # The kernels index positions and slots densely; a strided view is copied first
     # (the CUDA graphs pass dense rows of their static inputs: no copy).
     inputs = (qkv.contiguous(), positions.contiguous(), inv_freq.contiguous(), slot_mapping.contiguous(), query,
-              key_cache, value_cache, position_scale)
+              key_cache, value_cache, position_scale, key_scales, value_scales)
     if tokens <= SMALL_STEP:
         _rotary_kv_kernel[(tokens, heads + 2 * groups)](
             *inputs, HEADS=heads, GROUPS=groups, HEAD_DIM=head_dim, ROT_HALF=rot_half,
             BLOCK_R=triton.next_power_of_2(rot_half), BLOCK_P=max(1, triton.next_power_of_2(head_dim - 2 * rot_half)),
-            CACHE_FP8=cache_fp8, **dependent_launch(_rotary_kv_kernel, qkv.device))
+            **cache, **dependent_launch(_rotary_kv_kernel, qkv.device))
     else:
         _rotary_kv_tile_kernel[(triton.cdiv(tokens, TOKENS_PER_PROGRAM), heads + 2 * groups)](
             *inputs, tokens, HEADS=heads, GROUPS=groups, HEAD_DIM=head_dim, ROT_HALF=rot_half,
             BLOCK_T=TOKENS_PER_PROGRAM, BLOCK_PAIRS=max(1, triton.next_power_of_2(head_dim) // 2),
-            CACHE_FP8=cache_fp8, **dependent_launch(_rotary_kv_tile_kernel, qkv.device))
+            **cache, **dependent_launch(_rotary_kv_tile_kernel, qkv.device))
     return query

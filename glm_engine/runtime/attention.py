@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from glm_engine.config import ModelConfig
 from glm_engine.kernels import reference
-from glm_engine.runtime.kv_cache import KVCache
+from glm_engine.runtime.kv_cache import KVCache, from_cache_dtype
 
 FLASH_MIN_TOKENS = 1024  # shortest prompt SDPA takes: its host work a call is hidden from there on (PERFORMANCE.md)
 SEQUENCE_COLUMNS = 3  # a graph-input row's leading columns: context length, new tokens, last token's index
@@ -269,7 +269,7 @@ def attend_reference(query: torch.Tensor, layer_index: int, fields: ReferenceFie
                      scale: float) -> torch.Tensor:
     context = reference.paged_attention(query, kv_cache.keys[layer_index], kv_cache.values[layer_index],
                                         fields.query_index, fields.output_rows, fields.key_slots,
-                                        fields.attention_bias, scale)
+                                        fields.attention_bias, scale, *kv_cache.layer_scales(layer_index))
     return context.flatten(1)
 
 
@@ -326,33 +326,37 @@ class PagedAttention(AttentionBackend):
 
     def __call__(self, qkv: torch.Tensor, layer_index: int, meta: PagedMetadata, kv_cache: KVCache) -> torch.Tensor:
         keys, values = kv_cache.keys[layer_index], kv_cache.values[layer_index]
+        scales = kv_cache.layer_scales(layer_index)  # INT8 caches' per-group scales, else Nones
         query = self.rotary_kv_write(qkv, meta.positions, self.inv_freq, self.position_scale, meta.slot_mapping,
-                                     keys, values, self.heads)
+                                     keys, values, self.heads, *scales)
         if meta.fresh_prompt_lengths is not None:
-            return self._flash_prompts(qkv, query, keys, values, meta)
+            return self._flash_prompts(qkv, query, keys, values, scales, meta)
+        cache_scales = {"key_scales": scales[0], "value_scales": scales[1]}
         if meta.max_new_tokens == 1:
             context = self.decode_attention(query, keys, values, meta.block_tables, meta.context_lengths,
-                                            kv_cache.block_size, self.scale, meta.max_context)
+                                            kv_cache.block_size, self.scale, meta.max_context, **cache_scales)
         elif self.context_attention is not None:
             context = self.context_attention(query, keys, values, meta.block_tables, meta.context_lengths,
                                              meta.new_token_counts, meta.last_token_index, meta.max_new_tokens,
-                                             kv_cache.block_size, self.scale, self.fp16_accumulation)
+                                             kv_cache.block_size, self.scale, self.fp16_accumulation, **cache_scales)
         else:
             return attend_reference(query, layer_index, meta.reference, kv_cache, self.scale)
         return context.flatten(1)
 
     def _flash_prompts(self, qkv: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                       meta: PagedMetadata) -> torch.Tensor:
+                       scales: tuple, meta: PagedMetadata) -> torch.Tensor:
         """Causal attention of fresh prompts packed one after another, each over its own tokens, by SDPA.
         The rotated keys come back from their cache slots; the values are the QKV rows' last heads
-        (an FP8 cache's values from their slots too: attention reads what the cache holds)."""
+        (a quantized cache's values from their slots too: attention reads what the cache holds)."""
         tokens, heads, head_dim = query.shape
         groups = keys.shape[1]
-        new_keys = keys.index_select(0, meta.slot_mapping).to(query.dtype).transpose(0, 1)  # [groups, N, D]
+        key_scales, value_scales = scales
+        new_keys = from_cache_dtype(keys.index_select(0, meta.slot_mapping), query.dtype, key_scales).transpose(0, 1)
         if values.dtype == query.dtype:
             new_values = qkv.unflatten(1, (heads + 2 * groups, head_dim))[:, heads + groups:].transpose(0, 1)
         else:
-            new_values = values.index_select(0, meta.slot_mapping).to(query.dtype).transpose(0, 1)
+            new_values = from_cache_dtype(values.index_select(0, meta.slot_mapping), query.dtype,
+                                          value_scales).transpose(0, 1)
         queries = query.transpose(0, 1)  # [heads, N, D]: views, as SDPA's fused kernels read them
         parts, start = [], 0
         for length in meta.fresh_prompt_lengths:

@@ -12,17 +12,39 @@ from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.runtime.memory import check_fits
 
 
+SCALE_SUFFIX = "self_attention.kv_cache_scale"  # layers.{i}.<this>: [2, groups] float32, INT8 caches
+
+
 def kv_cache_dtype(build: BuildConfig) -> torch.dtype:
-    """The dtype the K/V cache stores: FP8 E4M3 with --fp8_kv_cache, else the engine's."""
-    return torch.float8_e4m3fn if build.fp8_kv_cache else build.torch_dtype
+    """The dtype the K/V cache stores: FP8 E4M3 or INT8 with their flags, else the engine's."""
+    return torch.float8_e4m3fn if build.fp8_kv_cache else torch.int8 if build.int8_kv_cache else build.torch_dtype
 
 
-def to_cache_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """K/V `values` as the cache stores them: FP8 saturated to +-448 and rounded to nearest
-    even (the reference of the rotary kernels' cache stores), else cast."""
+def to_cache_dtype(values: torch.Tensor, dtype: torch.dtype, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """K/V `values` [N, groups, D] as the cache stores them (the reference of the rotary
+    kernels' cache stores): FP8 saturated to +-448 and rounded to nearest even; INT8 as
+    round(value / its group's scale) (half to even) within +-127; else cast."""
     if dtype == torch.float8_e4m3fn:
         return values.float().clamp(-448.0, 448.0).to(dtype)
+    if dtype == torch.int8:
+        return torch.round(values.float() / scales[:, None]).clamp(-127, 127).to(dtype)
     return values.to(dtype)
+
+
+def from_cache_dtype(stored: torch.Tensor, dtype: torch.dtype, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Cached K/V [..., groups, D] read as `dtype`: INT8 times its group's scale."""
+    if stored.dtype == torch.int8:
+        return (stored.float() * scales[:, None]).to(dtype)
+    return stored.to(dtype)
+
+
+def pop_kv_cache_scales(weights: dict[str, torch.Tensor], num_layers: int) -> torch.Tensor | None:
+    """An INT8 cache's scales [layers, 2, groups] (keys, values), taken out of the engine's
+    weights (the network has no such parameter); None for other caches."""
+    names = [f"layers.{layer}.{SCALE_SUFFIX}" for layer in range(num_layers)]
+    if names[0] not in weights:
+        return None
+    return torch.stack([weights.pop(name).float() for name in names])
 
 
 def as_bytes(cache: torch.Tensor) -> torch.Tensor:
@@ -35,11 +57,21 @@ class KVCache:
     so that a token's cache slot is `block * block_size + offset`."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, groups: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+                 head_dim: int, dtype: torch.dtype, device: torch.device, scales: torch.Tensor | None = None) -> None:
         self.block_size = block_size
         shape = (num_layers, num_blocks * block_size, groups, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        if (dtype == torch.int8) != (scales is not None):
+            raise ValueError("an INT8 K/V cache takes scales [layers, 2, groups]; other caches none")
+        # INT8: [layers, 2, groups] float32, keys' then values' scale of each group
+        self.scales = scales.to(device).contiguous() if scales is not None else None
+
+    def layer_scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(key scales [groups], value scales [groups]) of a layer of an INT8 cache, else Nones."""
+        if self.scales is None:
+            return None, None
+        return self.scales[layer, 0], self.scales[layer, 1]
 
     @property
     def nbytes(self) -> int:
@@ -59,8 +91,8 @@ class KVCache:
 
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Stores key/value [N, groups, head_dim] of N new tokens at their slots."""
-        for cache, new in ((self.keys[layer], key), (self.values[layer], value)):
-            as_bytes(cache).index_copy_(0, slot_mapping, as_bytes(to_cache_dtype(new, cache.dtype)))
+        for cache, new, scales in zip((self.keys[layer], self.values[layer]), (key, value), self.layer_scales(layer)):
+            as_bytes(cache).index_copy_(0, slot_mapping, as_bytes(to_cache_dtype(new, cache.dtype, scales)))
 
 
 def block_bytes(config: ModelConfig, build: BuildConfig) -> int:

@@ -34,14 +34,14 @@ class ModelRunner:
     that takes the K/V of padding: graph padding rows and padded prompts)."""
 
     def __init__(self, network: nn.Module, ops: Ops, config: ModelConfig, build: BuildConfig, device: torch.device,
-                 num_blocks: int, cuda_graphs: bool = True) -> None:
+                 num_blocks: int, cuda_graphs: bool = True, kv_cache_scales: torch.Tensor | None = None) -> None:
         self.network, self.attention, self.device = network, ops.attention, device
         self.block_size = build.tokens_per_block
         self.blocks_per_sequence = blocks_per_sequence(build)
         self.scratch_block = num_blocks
         self.remove_input_padding = build.remove_input_padding
         self.kv_cache = KVCache(config.num_layers, num_blocks + 1, self.block_size, config.multi_query_group_num,
-                                config.kv_channels, kv_cache_dtype(build), device)
+                                config.kv_channels, kv_cache_dtype(build), device, kv_cache_scales)
         self.decode_graphs = self.prompt_graphs = None
         decode_graphs, prompt_graphs = graphs_to_capture(self.attention, build, device, cuda_graphs)
         if decode_graphs:

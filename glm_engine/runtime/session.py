@@ -32,7 +32,7 @@ from glm_engine.runtime.beam_search import BeamGroup, BeamSearch
 from glm_engine.runtime.block_manager import BlockManager
 from glm_engine.runtime.distributed import Launch, TensorParallel, launch_from_environment, rank_device
 from glm_engine.runtime.model_runner import ModelRunner
-from glm_engine.runtime.kv_cache import pool_blocks
+from glm_engine.runtime.kv_cache import pool_blocks, pop_kv_cache_scales
 from glm_engine.runtime.memory import check_fits
 from glm_engine.runtime.sampler import Sampler
 from glm_engine.runtime.sampling import SamplingConfig
@@ -210,6 +210,7 @@ class Session:
         if ops.build.uses_triton and self.device.type == "cuda":
             seed_triton_cache(engine.directory, self.device)  # the kernels compiled at build, before any compiles
         weights = engine.weights
+        kv_cache_scales = pop_kv_cache_scales(weights, config.num_layers)
         if build.weight_only_precision and not ops.build.weight_only_precision:
             weights = dequantize_weights(weights, build.torch_dtype)  # the reference ops take dense weights
         prepared = ops.prepare_weights(weights)
@@ -222,7 +223,8 @@ class Session:
                                                        max_tokens_in_paged_kv_cache))
         self.block_manager = BlockManager(num_blocks, build.tokens_per_block, prefix_caching)
         built = time.perf_counter()
-        self.runner = ModelRunner(network, ops, rank_config, build, self.device, num_blocks, cuda_graphs)
+        self.runner = ModelRunner(network, ops, rank_config, build, self.device, num_blocks, cuda_graphs,
+                                  kv_cache_scales)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB%s)%s", num_blocks, build.tokens_per_block,
                     num_blocks * build.tokens_per_block, self.runner.kv_cache.nbytes / 2**30,
                     " on each rank" if build.world_size > 1 else "",

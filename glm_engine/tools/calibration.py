@@ -92,3 +92,29 @@ def smooth_for_smoothquant(weights: dict[str, torch.Tensor], config: ModelConfig
     calibrated on `prompts`."""
     inputs = calibrated_inputs(weights, config, prompts, device)
     apply_smoothquant(weights, config.num_layers, config.ffn_hidden_size, inputs, alpha)
+
+
+def kv_cache_scales(weights: dict[str, torch.Tensor], config: ModelConfig, prompts: list[list[int]],
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """An INT8 K/V cache's scales, max|value| / 127 over the calibration prompts' keys
+    (rotated) and values, per layer and K/V group: engine tensors
+    layers.{i}.self_attention.kv_cache_scale [2, groups] float32 (runtime/kv_cache.py)."""
+    dtype = "float32" if device.type == "cpu" else str(next(iter(weights.values())).dtype).removeprefix("torch.")
+    build = BuildConfig(dtype=dtype, max_batch_size=1, max_input_len=max(map(len, prompts)), max_output_len=1)
+    dense = {name: tensor.to(build.torch_dtype) for name, tensor in weights.items()}
+    maxima = torch.zeros(config.num_layers, 2, config.multi_query_group_num, device=device)
+    with tempfile.TemporaryDirectory() as scratch:
+        session = load_session(Engine(Path(scratch), config, build, dense), device, cuda_graphs=False)
+        cache, write = session.runner.kv_cache, session.runner.kv_cache.write
+
+        def record(layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+            for index, values in enumerate((key, value)):  # [N, groups, D]
+                maxima[layer, index] = torch.maximum(maxima[layer, index], values.float().abs().amax(dim=(0, 2)))
+            write(layer, slots, key, value)
+
+        cache.write = record  # the reference attention stores every layer's rotated keys and values through it
+        with torch.inference_mode():
+            for prompt in prompts:
+                session.prompt_logits(prompt)
+    scales = (maxima.clamp(min=1e-6) / 127.0).cpu()
+    return {f"layers.{layer}.self_attention.kv_cache_scale": scales[layer] for layer in range(config.num_layers)}

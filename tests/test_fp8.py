@@ -47,12 +47,13 @@ def rows_with_outliers(rows: int, columns: int, dtype: torch.dtype) -> torch.Ten
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows, columns", [(1, 64), (3, 100), (5, 4096), (2, 13696)])
 def test_quantizer_kernel_rounds_as_the_reference(rows, columns, dtype):
-    """Bit for bit: every FP8 value (ties to even, across exponent boundaries) and scale."""
+    """Every FP8 value (ties to even, across exponent boundaries) and scale exactly (zeros of
+    either sign alike: the GPU's conversion writes -0 as +0)."""
     x = rows_with_outliers(rows, columns, dtype)
     values, scales = fp8.quantize_rows(x)
     expected_values, expected_scales = reference.quantize_rows_fp8(x)
     assert values.dtype == torch.float8_e4m3fn and scales.shape == (rows, 1)
-    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+    assert torch.equal(values.float(), expected_values.float())
     assert torch.equal(scales, expected_scales)
     largest = values.float().abs().amax(dim=1)  # each nonzero row's largest value maps to 448
     assert torch.equal(largest, torch.where(x.abs().amax(dim=1) > 0, reference.FP8_MAX, 0.0).to(largest))
@@ -78,9 +79,10 @@ def test_prompt_sized_fp8_linear_equals_its_reference(rows, n, k, bias, dtype):
     out = fp8.make_linear(None)(x, weight_values, bias_values, weight_scales[:, 0])
     expected = reference.fp8_linear(x, weight_values, bias_values, weight_scales[:, 0])
     assert out.dtype == dtype and out.shape == (rows, n)
-    # Only the float32 accumulation order differs; half-precision outputs may round one ulp apart (float32
-    # ones too where torch._scaled_mm returns only bfloat16 with per-row scales).
-    tolerance = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[fp8.product_dtype(dtype, x.device)]
+    # Only the accumulation differs (the CPU's in float32 order; Hopper's FP8 tensor cores keep fewer bits:
+    # 8.5e-5 measured on an H100); half-precision outputs may round one ulp apart (float32 ones too where
+    # torch._scaled_mm returns only bfloat16 with per-row scales).
+    tolerance = {torch.float32: 2e-4, torch.bfloat16: 8e-3, torch.float16: 1e-3}[fp8.product_dtype(dtype, x.device)]
     assert relative_error(out.float(), expected.float()) < tolerance
 
 

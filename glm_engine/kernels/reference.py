@@ -76,7 +76,9 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of x [M, K] as float8_e4m3fn values [M, K] (round to nearest even) and a
     float32 scale [M, 1] = max|row| / 448 (a row of zeros: 1e-12 / 448), so that the
     row's largest magnitude maps to 448 (the reference of kernels/fp8.py quantize_rows)."""
-    scales = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    largest = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+    # A tensor divisor: torch on a GPU divides by a Python number as a multiply by its reciprocal.
+    scales = largest / torch.full_like(largest, FP8_MAX)
     return (x.float() / scales).to(torch.float8_e4m3fn), scales
 
 
@@ -104,7 +106,8 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of x [M, K] as int8 values [M, K] (round half to even) and a float32 scale
     [M, 1] = max|row| / 127 (a row of zeros: 1e-12 / 127) (the reference of
     kernels/int8_gemm.py quantize_rows)."""
-    scales = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+    largest = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+    scales = largest / torch.full_like(largest, 127.0)  # a tensor divisor, as quantize_rows_fp8's
     return torch.round(x.float() / scales).clamp(-127, 127).to(torch.int8), scales
 
 
@@ -119,7 +122,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         product = (x.float() @ weight.float().t()) * weight_scales.float()[None, :]
         return (product + bias.float() if bias is not None else product).to(x.dtype)
     values, scales = quantize_rows_int8(x)
-    sums = (values.long() @ weight.long().t()).float()
+    sums = (values.double() @ weight.double().t()).float()  # exact: |sums| < 2^53 (and CUDA has no int64 matmul)
     out = (sums * scales * weight_scales.float()[None, :]).to(x.dtype)
     return out + bias if bias is not None else out
 

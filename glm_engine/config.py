@@ -173,6 +173,15 @@ def vocab_rows_per_rank(config: ModelConfig, world_size: int) -> int:
     return -(-config.vocab_size // world_size)
 
 
+KV_CACHE_SCALE = "self_attention.kv_cache_scale"
+
+
+def kv_cache_scale_name(layer: int) -> str:
+    """The engine tensor of layer `layer`'s INT8 K/V cache scales: [2, groups] float32, the
+    keys' then the values' scale of each K/V group."""
+    return f"layers.{layer}.{KV_CACHE_SCALE}"
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """The build flags that change the engine."""
@@ -240,9 +249,6 @@ class BuildConfig:
             raise GlmEngineError(f"{schemes[0]} and {schemes[1]} are two ways to store the decoder linears; pick one")
         if self.fp8_kv_cache and self.int8_kv_cache:
             raise GlmEngineError("--fp8_kv_cache and --int8_kv_cache are two K/V cache formats; pick one")
-        if self.int8_kv_cache and self.world_size > 1:
-            raise GlmEngineError("--int8_kv_cache is not built for tensor-parallel engines yet (its per-group "
-                                 "scales are not split across ranks): drop it or use --fp8_kv_cache")
         if self.smoothquant is not None and not (is_finite_number(self.smoothquant) and 0 <= self.smoothquant <= 1):
             raise GlmEngineError(f"--smoothquant takes the migration strength alpha in [0, 1], got "
                                  f"{self.smoothquant!r}")

@@ -13,7 +13,7 @@ import torch
 from checkpoints import tiny_config
 from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
-from glm_engine.config import BuildConfig
+from glm_engine.config import BuildConfig, kv_cache_scale_name
 from glm_engine.engine_format.engine import load_engine
 from glm_engine.kernels import reference
 from glm_engine.models import read_model_config
@@ -99,7 +99,7 @@ def test_int8_cache_scales_come_from_calibration_and_ride_in_the_engine(tiny_che
     session = build_engine(model_dir, tmp_path / "engine", "float32", "--int8_kv_cache")
     engine = load_engine(tmp_path / "engine")
     groups = engine.model_config.multi_query_group_num
-    scales = [engine.weights[f"layers.{layer}.self_attention.kv_cache_scale"]
+    scales = [engine.weights[kv_cache_scale_name(layer)]
               for layer in range(engine.model_config.num_layers)]
     assert all(scale.shape == (2, groups) and scale.dtype == torch.float32 and (scale > 0).all() for scale in scales)
     assert torch.equal(session.runner.kv_cache.scales, torch.stack(scales))
@@ -128,7 +128,6 @@ def test_an_int8_cache_needs_its_scales():
 
 @pytest.mark.parametrize("flags, message", [
     (["--fp8_kv_cache", "--int8_kv_cache"], "two K/V cache formats"),
-    (["--int8_kv_cache", "--world_size", "2"], "--int8_kv_cache is not built for tensor-parallel engines"),
 ])
 def test_kv_cache_flags_are_checked(tmp_path, flags, message):
     result = run_tool("build.py", "--output_dir", tmp_path / "engine", *TINY_SHAPE_FLAGS, *flags)
@@ -143,3 +142,18 @@ def test_engines_written_before_quantized_caches_load_with_the_engine_dtype():
     assert not build.fp8_kv_cache and not build.int8_kv_cache
     with pytest.raises(GlmEngineError, match="two K/V cache formats"):
         BuildConfig(fp8_kv_cache=True, int8_kv_cache=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_int8_cache_scales_split_with_the_groups_their_ranks_read(world_size):
+    """Tiny: 4 heads, 2 groups; at 4 ranks each group's scales go to the two ranks reading it."""
+    from glm_engine.engine_format.tensor_parallel import merge_weights, split_weights
+
+    config = read_model_config(tiny_config())
+    name = kv_cache_scale_name(0)
+    scales = {name: torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
+    shards = [split_weights(scales, config, world_size, rank)[name] for rank in range(world_size)]
+    expected = [[0], [1]] if world_size == 2 else [[0], [0], [1], [1]]
+    assert [shard.tolist() for shard in shards] == [scales[name][:, groups].tolist() for groups in expected]
+    assert torch.equal(merge_weights([{name: shard} for shard in shards], config)[name], scales[name])
+

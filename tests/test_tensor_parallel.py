@@ -167,6 +167,16 @@ def test_fp8_ranks_stay_close_to_one_rank(engines, tmp_path):
     assert 0 < error < relative_error(one["logits"], dense["logits"]), error
 
 
+def test_int8_kv_cache_ranks_stay_close_to_one_rank(engines, tmp_path):
+    """Each rank's K/V groups quantized with their scales from the one calibration."""
+    from glm_engine.tools.compare import relative_error
+
+    one = run_worker(engines(1, "--int8_kv_cache"), 1, tmp_path)
+    two = run_worker(engines(2, "--int8_kv_cache"), 2, tmp_path)
+    assert relative_error(two["logits"], one["logits"]) < 1e-3
+    assert [len(tokens) for tokens in two["tokens"]] == [len(tokens) for tokens in one["tokens"]]
+
+
 def test_parallel_build_writes_the_serial_bytes(engines, checkpoint, tmp_path):
     serial = engines(2)
     output_dir = tmp_path / "parallel"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.config import BuildConfig, ModelConfig, kv_cache_scale_name
 from glm_engine.models import family
 from glm_engine.quantization import linear_method
 from glm_engine.engine_format.tensor_parallel import rank_model_config, vocab_rows_per_rank
@@ -40,9 +40,10 @@ def engine_tensor_specs(config: ModelConfig, build: BuildConfig) -> dict[str, tu
     method = linear_method(build)
     for name in linear_weight_names(config):
         specs.update(method.tensor_specs(name, specs[name][0], dtype))
-    if build.int8_kv_cache:  # each layer's K/V scales per group (runtime/kv_cache.py)
+    if build.int8_kv_cache:  # each layer's K/V scales per group of the rank (runtime/kv_cache.py)
+        groups = rank_model_config(config, build.world_size).multi_query_group_num
         for layer in range(config.num_layers):
-            specs[f"layers.{layer}.self_attention.kv_cache_scale"] = ((2, config.multi_query_group_num), torch.float32)
+            specs[kv_cache_scale_name(layer)] = ((2, groups), torch.float32)
     return specs
 
 

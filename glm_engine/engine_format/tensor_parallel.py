@@ -13,6 +13,8 @@ cut (its tensor_split); for ChatGLM:
 - output_layer: vocab-parallel, ceil(vocab / N) rows per rank (the last padded with
   zero rows; the runtime gathers the logits and drops the padding).
 - embedding and norms: replicated.
+- an INT8 K/V cache's scales [2, groups] (every family): the columns of the groups the
+  rank's heads read, as query_key_value's K/V rows.
 The slices are taken after quantization, so a rank holds exactly the bytes of the
 one-rank engine's rows and columns."""
 
@@ -23,7 +25,7 @@ import dataclasses
 import torch
 
 from glm_engine import GlmEngineError
-from glm_engine.config import ModelConfig, vocab_rows_per_rank
+from glm_engine.config import KV_CACHE_SCALE, ModelConfig, vocab_rows_per_rank
 from glm_engine.models import family
 
 
@@ -66,15 +68,28 @@ def rank_model_config(config: ModelConfig, world_size: int) -> ModelConfig:
                                ffn_hidden_size=config.ffn_hidden_size // world_size)
 
 
+def _rank_groups(config: ModelConfig, world_size: int, rank: int) -> slice:
+    """The K/V groups that rank `rank`'s query heads read."""
+    heads, groups = config.num_attention_heads, config.multi_query_group_num
+    first_group = rank * (heads // world_size) // (heads // groups)  # the group of this rank's first query head
+    return slice(first_group, first_group + max(1, groups // world_size))
+
+
 def _qkv_rows(config: ModelConfig, world_size: int, rank: int) -> torch.Tensor:
     """Rows of the fused [query; key; value] projection that rank `rank` holds."""
-    head_dim, heads, groups = config.kv_channels, config.num_attention_heads, config.multi_query_group_num
-    rank_heads = heads // world_size
-    rank_groups = max(1, groups // world_size)
-    first_group = rank * rank_heads // (heads // groups)  # the group of this rank's first query head
+    head_dim, rank_heads = config.kv_channels, config.num_attention_heads // world_size
+    groups = _rank_groups(config, world_size, rank)
     query = torch.arange(rank * rank_heads * head_dim, (rank + 1) * rank_heads * head_dim)
-    key = config.q_size + torch.arange(first_group * head_dim, (first_group + rank_groups) * head_dim)
+    key = config.q_size + torch.arange(groups.start * head_dim, groups.stop * head_dim)
     return torch.cat([query, key, key + config.kv_size])
+
+
+def _split(config: ModelConfig, name: str) -> str | None:
+    """How tensor parallelism cuts `name`: its family's tensor_split, or "kv_groups" for an
+    INT8 K/V cache's scales [2, groups] (columns by the K/V groups each rank reads)."""
+    if name.endswith("." + KV_CACHE_SCALE):
+        return "kv_groups"
+    return family(config.model_type).tensor_split(name)
 
 
 def _gate_up_rows(config: ModelConfig, world_size: int, rank: int) -> torch.Tensor:
@@ -108,12 +123,13 @@ def split_weights(weights: dict[str, torch.Tensor], config: ModelConfig, world_s
     each cut as its family's tensor_split says."""
     if world_size == 1:
         return weights
-    split_of = family(config.model_type).tensor_split
     rows = {"qkv": _qkv_rows(config, world_size, rank), "gate_up": _gate_up_rows(config, world_size, rank)}
     shard = {}
     for name, tensor in weights.items():
-        split = split_of(name)
-        if split == "vocab":
+        split = _split(config, name)
+        if split == "kv_groups":
+            shard[name] = tensor[:, _rank_groups(config, world_size, rank)].contiguous()
+        elif split == "vocab":
             shard[name] = _vocab_rows(tensor, config, world_size, rank)
         elif split in rows:
             shard[name] = tensor.index_select(0, rows[split])
@@ -130,12 +146,15 @@ def merge_weights(rank_weights: list[dict[str, torch.Tensor]], config: ModelConf
     world_size = len(rank_weights)
     if world_size == 1:
         return rank_weights[0]
-    split_of = family(config.model_type).tensor_split
     whole = {}
     for name, first in rank_weights[0].items():
         slices = [weights[name] for weights in rank_weights]
-        split = split_of(name)
-        if split == "vocab":
+        split = _split(config, name)
+        if split == "kv_groups":  # replicated groups are written once per rank holding them, with equal values
+            whole[name] = first.new_empty((first.shape[0], config.multi_query_group_num))
+            for rank, part in enumerate(slices):
+                whole[name][:, _rank_groups(config, world_size, rank)] = part
+        elif split == "vocab":
             whole[name] = torch.cat(slices)[:config.vocab_size]
         elif split in ("qkv", "gate_up"):
             rows = _qkv_rows if split == "qkv" else _gate_up_rows

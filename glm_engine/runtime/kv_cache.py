@@ -8,11 +8,8 @@ from __future__ import annotations
 import torch
 
 from glm_engine import GlmEngineError
-from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.config import BuildConfig, ModelConfig, kv_cache_scale_name
 from glm_engine.runtime.memory import check_fits
-
-
-SCALE_SUFFIX = "self_attention.kv_cache_scale"  # layers.{i}.<this>: [2, groups] float32, INT8 caches
 
 
 def kv_cache_dtype(build: BuildConfig) -> torch.dtype:
@@ -41,7 +38,7 @@ def from_cache_dtype(stored: torch.Tensor, dtype: torch.dtype, scales: torch.Ten
 def pop_kv_cache_scales(weights: dict[str, torch.Tensor], num_layers: int) -> torch.Tensor | None:
     """An INT8 cache's scales [layers, 2, groups] (keys, values), taken out of the engine's
     weights (the network has no such parameter); None for other caches."""
-    names = [f"layers.{layer}.{SCALE_SUFFIX}" for layer in range(num_layers)]
+    names = [kv_cache_scale_name(layer) for layer in range(num_layers)]
     if names[0] not in weights:
         return None
     return torch.stack([weights.pop(name).float() for name in names])

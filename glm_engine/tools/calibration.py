@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from glm_engine.api import load_session
-from glm_engine.config import BuildConfig, ModelConfig
+from glm_engine.config import BuildConfig, ModelConfig, kv_cache_scale_name
 from glm_engine.engine_format.engine import Engine
 from glm_engine.models import family
 from glm_engine.models.layers import DecoderLinear
@@ -117,4 +117,4 @@ def kv_cache_scales(weights: dict[str, torch.Tensor], config: ModelConfig, promp
             for prompt in prompts:
                 session.prompt_logits(prompt)
     scales = (maxima.clamp(min=1e-6) / 127.0).cpu()
-    return {f"layers.{layer}.self_attention.kv_cache_scale": scales[layer] for layer in range(config.num_layers)}
+    return {kv_cache_scale_name(layer): scales[layer] for layer in range(config.num_layers)}

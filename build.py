@@ -134,6 +134,7 @@ def check_supported(args: argparse.Namespace) -> None:
 
 def check_calibration_flags(args: argparse.Namespace) -> None:
     """Refuses calibration and SmoothQuant flags that would do nothing or are not built."""
+    # (From the flags: this runs before the build config is made, as the other flag checks.)
     calibrated = args.smoothquant is not None or args.int8_kv_cache or (
         args.use_weight_only and args.weight_only_precision == "int4_awq")
     for flag in ("calib_dataset", "calib_size"):
@@ -286,9 +287,7 @@ def build(args: argparse.Namespace) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         files = tokenizer_files(tokenizer_source(args, model_config.vocab_size, Path(scratch)),
                                 model_config.vocab_size)
-        calibrated = build_config.weight_only_precision == "int4_awq" or build_config.smoothquant is not None \
-            or build_config.int8_kv_cache
-        calibration = calibration_prompts_of(args, files) if calibrated else None
+        calibration = calibration_prompts_of(args, files) if build_config.calibrated else None
         return convert_and_save(args, output_dir, sources, model_config, build_config, files, calibration)
 
 

@@ -291,6 +291,12 @@ class BuildConfig:
             self.smoothquant))
 
     @property
+    def calibrated(self) -> bool:
+        """Whether the build runs the dense network over calibration text (AWQ, SmoothQuant,
+        an INT8 K/V cache's scales)."""
+        return self.weight_only_precision == "int4_awq" or self.smoothquant is not None or self.int8_kv_cache
+
+    @property
     def max_sequence_len(self) -> int:
         return self.max_input_len + self.max_output_len
 

@@ -17,6 +17,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Triton kernels run on a GPU, or on the CPU in Triton's interpreter.
+needs_triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                  reason="Triton kernels run on a GPU or under TRITON_INTERPRET=1")
+# Engines loaded on the CPU run their kernels only in the interpreter (on a GPU machine: the reference ops).
+cpu_sessions_run_kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                              reason="CPU sessions run the kernels only under TRITON_INTERPRET=1")
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 for _path in (str(REPO_ROOT), str(TESTS_DIR), str(REPO_ROOT / "scripts")):

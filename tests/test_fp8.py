@@ -4,22 +4,21 @@ flags and GPUs it refuses."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
+from conftest import (TINY_SHAPE_FLAGS, assert_one_line_error, cpu_sessions_run_kernels, needs_triton,
+                      run_tool)
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig
 from glm_engine.engine_format.engine import load_engine
 from glm_engine.kernels import fp8, reference, weight_only_mma
+from glm_engine.kernels.quantize import quantize_rows
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.tools.compare import relative_error
 from test_model import build_engine, random_prompt
 
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                 reason="the quantizer is a Triton kernel: a GPU or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -43,14 +42,14 @@ def rows_with_outliers(rows: int, columns: int, dtype: torch.dtype) -> torch.Ten
     return x.to(dtype).to(DEVICE)
 
 
-@interpreted
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows, columns", [(1, 64), (3, 100), (5, 4096), (2, 13696)])
 def test_quantizer_kernel_rounds_as_the_reference(rows, columns, dtype):
     """Every FP8 value (ties to even, across exponent boundaries) and scale exactly (zeros of
     either sign alike: the GPU's conversion writes -0 as +0)."""
     x = rows_with_outliers(rows, columns, dtype)
-    values, scales = fp8.quantize_rows(x)
+    values, scales = quantize_rows(x, torch.float8_e4m3fn)
     expected_values, expected_scales = reference.quantize_rows_fp8(x)
     assert values.dtype == torch.float8_e4m3fn and scales.shape == (rows, 1)
     assert torch.equal(values.float(), expected_values.float())
@@ -67,7 +66,7 @@ def test_quantized_rows_stand_for_the_input_within_fp8_precision():
     assert ((restored - x).abs() <= x.abs() / 16 + scales * 2 ** -10).all()
 
 
-@interpreted
+@needs_triton
 @pytest.mark.skipif(not scaled_mm_runs(), reason="torch._scaled_mm does not run here")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows, n, k, bias", [(17, 64, 64, True), (20, 96, 160, False), (33, 48, 256, True)])
@@ -102,8 +101,8 @@ def test_fp8_engine_stores_a_byte_per_weight_and_stays_close_to_the_dense_engine
     assert 1e-2 < error < 5e-2, error  # quantized (3.5e-2 here), and close
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or not scaled_mm_runs(),
-                    reason="CPU sessions run the quantizer only under TRITON_INTERPRET=1, with torch._scaled_mm")
+@cpu_sessions_run_kernels
+@pytest.mark.skipif(not scaled_mm_runs(), reason="torch._scaled_mm does not run here")
 def test_fp8_engine_on_its_kernels_gives_the_reference_engines_tokens(tiny_checkpoint_factory, tmp_path,
                                                                       monkeypatch):
     calls = []

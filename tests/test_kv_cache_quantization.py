@@ -5,13 +5,13 @@ attention over the same cache, the pool's size, and the flags refused."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 
 from checkpoints import tiny_config
-from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
+from conftest import (TINY_SHAPE_FLAGS, assert_one_line_error, cpu_sessions_run_kernels, needs_triton,
+                      run_tool)
 from glm_engine import GlmEngineError
 from glm_engine.config import BuildConfig, kv_cache_scale_name
 from glm_engine.engine_format.engine import load_engine
@@ -23,14 +23,10 @@ from glm_engine.tools.compare import relative_error
 from test_model import build_engine, random_prompt
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                 reason="the rotary kernels are Triton: a GPU or TRITON_INTERPRET=1")
-on_kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="CPU sessions run the kernels only under TRITON_INTERPRET=1")
 CACHES = {"fp8": (torch.float8_e4m3fn, ["--fp8_kv_cache"]), "int8": (torch.int8, ["--int8_kv_cache"])}
 
 
-@interpreted
+@needs_triton
 @pytest.mark.parametrize("cache", list(CACHES))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("tokens", [3, 37])  # one token a program, and tiles of several with a ragged last one
@@ -71,7 +67,7 @@ def test_a_quantized_cache_holds_twice_the_tokens(cache):
     assert block_bytes(config, quantized) * 2 == block_bytes(config, build)
 
 
-@on_kernels
+@cpu_sessions_run_kernels
 @pytest.mark.parametrize("cache", list(CACHES))
 def test_quantized_cache_engine_on_its_kernels_gives_the_reference_engines_tokens(tiny_checkpoint_factory, tmp_path,
                                                                                   monkeypatch, cache):
@@ -157,3 +153,19 @@ def test_int8_cache_scales_split_with_the_groups_their_ranks_read(world_size):
     assert [shard.tolist() for shard in shards] == [scales[name][:, groups].tolist() for groups in expected]
     assert torch.equal(merge_weights([{name: shard} for shard in shards], config)[name], scales[name])
 
+
+
+def test_calibration_texts_set_the_int8_cache_scales(tiny_checkpoint_factory, tmp_path):
+    """--calib_size and --calib_dataset choose what calibration runs over (here: the scales it gives)."""
+    import json
+
+    model_dir = tiny_checkpoint_factory("safetensors", seed=45)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"article": article, "highlights": ""}) + "\n" for article in
+                             ("Numbers: 1 2 3 4 5 6 7 8 9 10 11 12.", "A short line of other words.")))
+    scales = {}
+    for name, flags in {"default": [], "one_text": ["--calib_size", "1"], "own_file": ["--calib_dataset", texts]}.items():
+        build_engine(model_dir, tmp_path / name, "float32", "--int8_kv_cache", *map(str, flags))
+        scales[name] = load_engine(tmp_path / name).weights[kv_cache_scale_name(0)]
+    assert not torch.equal(scales["one_text"], scales["default"])
+    assert not torch.equal(scales["own_file"], scales["default"])

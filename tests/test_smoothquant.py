@@ -4,16 +4,17 @@ the smoothing on a checkpoint with activation outliers, and the flags it refuses
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
+from conftest import (TINY_SHAPE_FLAGS, assert_one_line_error, cpu_sessions_run_kernels, needs_triton,
+                      run_tool)
 from glm_engine.config import BuildConfig
 from glm_engine.engine_format.engine import Engine, load_engine
 from glm_engine.engine_format.layout import linear_weight_names
 from glm_engine.kernels import int8_gemm, reference
+from glm_engine.kernels.quantize import quantize_rows
 from glm_engine.quantization import SmoothQuant, quantize_weights
 from glm_engine.runtime.sampling import SamplingConfig
 from glm_engine.tools.compare import relative_error
@@ -23,22 +24,20 @@ from test_model import build_engine, random_prompt
 
 SMOOTHQUANT = ["--smoothquant", "0.5", "--per_channel", "--per_token"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                 reason="the quantizer is a Triton kernel: a GPU or TRITON_INTERPRET=1")
 
 
-@interpreted
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows, columns", [(1, 64), (3, 100), (5, 4096), (2, 13696)])
 def test_quantizer_kernel_rounds_as_the_reference(rows, columns, dtype):
     x = rows_with_outliers(rows, columns, dtype)
-    values, scales = int8_gemm.quantize_rows(x)
+    values, scales = quantize_rows(x, torch.int8)
     expected_values, expected_scales = reference.quantize_rows_int8(x)
     assert values.dtype == torch.int8 and torch.equal(values, expected_values)
     assert torch.equal(scales, expected_scales)
 
 
-@interpreted
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows, n, k, bias", [(17, 64, 64, True), (33, 96, 160, False)])
 def test_prompt_sized_int8_linear_equals_its_reference(rows, n, k, bias, dtype):
@@ -86,8 +85,7 @@ def test_smoothing_keeps_the_dense_function(outlier_checkpoint, tmp_path):
     assert relative_error(after.prompt_logits(prompt), before.prompt_logits(prompt)) < 1e-5
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="CPU sessions run the kernels only under TRITON_INTERPRET=1")
+@cpu_sessions_run_kernels
 def test_smoothquant_engine_on_its_kernels_gives_the_reference_engines_tokens(outlier_checkpoint, tmp_path,
                                                                              monkeypatch):
     calls = []

@@ -1,8 +1,7 @@
 """How the attention kernels store and read K/V in a quantized cache, inside Triton
 kernels: FP8 E4M3 (saturated to +-448, rounded to nearest even, unscaled) or INT8 (a
-scale per layer, K/V and group, round half to even within +-127). Both round with
-float32 arithmetic whose results are exact in the target type, so the conversion
-itself is exact on the GPU and in Triton's interpreter.
+scale per layer, K/V and group, round half to even within +-127), rounded by
+quantize.py's helpers.
 Reference: `runtime/kv_cache.py` to_cache_dtype and from_cache_dtype."""
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from glm_engine.kernels.fp8 import round_to_e4m3
+from glm_engine.kernels.quantize import round_to_e4m3, round_to_int8
 
 
 @triton.jit
@@ -20,8 +19,7 @@ def to_cache(x, scales, group, CACHE_FP8: tl.constexpr, CACHE_INT8: tl.constexpr
     if CACHE_FP8:
         x = round_to_e4m3(tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0))
     if CACHE_INT8:
-        scaled = tl.math.div_rn(x.to(tl.float32), tl.load(scales + group))
-        x = tl.minimum(tl.maximum((scaled + 12582912.0) - 12582912.0, -127.0), 127.0)  # round half to even
+        x = round_to_int8(tl.math.div_rn(x.to(tl.float32), tl.load(scales + group)))
     return x
 
 

@@ -98,30 +98,39 @@ class WeightOnly(Unquantized):
 BITS = {"int8": 8, "int4": 4, "int4_awq": 4}  # int4_awq: int4 weights scaled by AWQ at build (awq.py)
 
 
-class Fp8(Unquantized):
-    """FP8 (E4M3) weights with a float32 scale per output channel (max|w| / 448). Prompt-sized
-    steps quantize the activations alike per token and run on FP8 tensor cores; decode-sized
-    ones, bound by the weight stream, multiply the activations as they are by the FP8 weights
-    (kernels/fp8.py). Elsewhere its plain-PyTorch reference, which rounds alike."""
+class PerChannelW8A8(Unquantized):
+    """One byte a weight (`storage`: a torch dtype's name) with a float32 scale per output
+    channel; the subclasses quantize activations per token in prompt-sized steps and own
+    their linear op."""
 
-    name = "fp8"
+    storage = ""
 
     def tensor_specs(self, name: str, shape: Shape, dtype: torch.dtype) -> dict[str, tuple[Shape, torch.dtype]]:
         import torch
 
-        return {name: (shape, torch.float8_e4m3fn), name + SCALES: ((shape[0],), torch.float32)}
-
-    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        from glm_engine.kernels import reference
-
-        values, scales = reference.quantize_rows_fp8(weight)
-        return {"": values, SCALES: scales[:, 0]}
+        return {name: (shape, getattr(torch, self.storage)), name + SCALES: ((shape[0],), torch.float32)}
 
     def dequantize(self, weight: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         return (weight.float() * scales[:, None]).to(dtype)
 
     def parameter_shapes(self, out_features: int, in_features: int) -> dict[str, Shape]:
         return {"weight": (out_features, in_features), "weight_scales": (out_features,)}
+
+
+class Fp8(PerChannelW8A8):
+    """FP8 (E4M3) weights with a float32 scale per output channel (max|w| / 448). Prompt-sized
+    steps quantize the activations alike per token and run on FP8 tensor cores; decode-sized
+    ones, bound by the weight stream, multiply the activations as they are by the FP8 weights
+    (kernels/fp8.py). Elsewhere its plain-PyTorch reference, which rounds alike."""
+
+    name = "fp8"
+    storage = "float8_e4m3fn"
+
+    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        from glm_engine.kernels import reference
+
+        values, scales = reference.quantize_rows_fp8(weight)
+        return {"": values, SCALES: scales[:, 0]}
 
     def linear_op(self, device: torch.device, kernels: bool, decode_gemm: Linear | None) -> Linear:
         from glm_engine.kernels import reference
@@ -134,7 +143,7 @@ class Fp8(Unquantized):
         return fp8.make_linear(decode_gemm)
 
 
-class SmoothQuant(Unquantized):
+class SmoothQuant(PerChannelW8A8):
     """INT8 SmoothQuant: int8 weights with a float32 scale per output channel (max|w| / 127),
     smoothed at build (smoothquant.py); prompt-sized steps quantize the activations to int8
     per token and run on int8 tensor cores, decode-sized ones multiply the activations as
@@ -142,22 +151,12 @@ class SmoothQuant(Unquantized):
     reference, which rounds alike."""
 
     name = "smoothquant"
+    storage = "int8"
     tensor_core_gemm = False  # the int8 GEMM of prompts reads the weights row-major, not in the mma layout
-
-    def tensor_specs(self, name: str, shape: Shape, dtype: torch.dtype) -> dict[str, tuple[Shape, torch.dtype]]:
-        import torch
-
-        return {name: (shape, torch.int8), name + SCALES: ((shape[0],), torch.float32)}
 
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         values, scales = quantize_symmetric(weight, 8)
         return {"": values, SCALES: scales}
-
-    def dequantize(self, weight: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        return (weight.float() * scales[:, None]).to(dtype)
-
-    def parameter_shapes(self, out_features: int, in_features: int) -> dict[str, Shape]:
-        return {"weight": (out_features, in_features), "weight_scales": (out_features,)}
 
     def linear_op(self, device: torch.device, kernels: bool, decode_gemm: Linear | None) -> Linear:
         from glm_engine.kernels import reference

@@ -5,7 +5,9 @@ input rows (the same rows of each prompt for every linear)."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from glm_engine.quantization.awq import apply_awq
 from glm_engine.quantization.input_scaling import LinearInputs
 from glm_engine.quantization.methods import WeightOnly
 from glm_engine.quantization.smoothquant import apply_smoothquant
+from glm_engine.runtime.session import Session
 
 MAX_TOKENS = 512  # of each calibration text
 SAMPLE_ROWS = 512  # input rows kept per linear, spread over the texts
@@ -30,12 +33,22 @@ def calibration_prompts(tokenizer, texts: list[str], size: int) -> list[list[int
     return [tokenizer.encode(text)[:MAX_TOKENS] for text in [text for text in texts if text.strip()][:size]]
 
 
-def linear_inputs(config: ModelConfig, weights: dict[str, torch.Tensor], prompts: list[list[int]],
-                  device: torch.device, dtype: str = "float32", seed: int = 0) -> dict[str, LinearInputs]:
-    """Each decoder linear's calibration inputs (keyed like "layers.0.mlp.dense_4h_to_h"),
-    from the dense runtime-layout `weights` run in `dtype` on `device`."""
+@contextlib.contextmanager
+def dense_session(config: ModelConfig, weights: dict[str, torch.Tensor], prompts: list[list[int]],
+                  device: torch.device) -> Iterator[Session]:
+    """The dense runtime-layout `weights` loaded as a session on the reference ops, in
+    float32 on the CPU or in the weights' dtype on a GPU, for `prompts` one at a time."""
+    dtype = "float32" if device.type == "cpu" else str(next(iter(weights.values())).dtype).removeprefix("torch.")
     build = BuildConfig(dtype=dtype, max_batch_size=1, max_input_len=max(map(len, prompts)), max_output_len=1)
     dense = {name: tensor.to(build.torch_dtype) for name, tensor in weights.items()}
+    with tempfile.TemporaryDirectory() as scratch:
+        yield load_session(Engine(Path(scratch), config, build, dense), device, cuda_graphs=False)
+
+
+def linear_inputs(config: ModelConfig, weights: dict[str, torch.Tensor], prompts: list[list[int]],
+                  device: torch.device, seed: int = 0) -> dict[str, LinearInputs]:
+    """Each decoder linear's calibration inputs (keyed like "layers.0.mlp.dense_4h_to_h"),
+    from the dense network (dense_session) run over `prompts`."""
     sums: dict[str, torch.Tensor] = {}
     maxima: dict[str, torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = {}
@@ -51,8 +64,7 @@ def linear_inputs(config: ModelConfig, weights: dict[str, torch.Tensor], prompts
             samples.setdefault(name, []).append(x[picked.to(x.device)])
         return record
 
-    with tempfile.TemporaryDirectory() as scratch:
-        session = load_session(Engine(Path(scratch), config, build, dense), device, cuda_graphs=False)
+    with dense_session(config, weights, prompts, device) as session:
         hooks = [module.register_forward_pre_hook(recorder(name))
                  for name, module in session.runner.network.named_modules() if isinstance(module, DecoderLinear)]
         with torch.inference_mode():
@@ -71,18 +83,11 @@ def linear_inputs(config: ModelConfig, weights: dict[str, torch.Tensor], prompts
     return {name: LinearInputs(total / tokens, maxima[name], torch.cat(samples[name])) for name, total in sums.items()}
 
 
-def calibrated_inputs(weights: dict[str, torch.Tensor], config: ModelConfig, prompts: list[list[int]],
-                      device: torch.device) -> dict[str, LinearInputs]:
-    """linear_inputs with the network in float32 (on the CPU) or its weights' dtype (a GPU)."""
-    dtype = "float32" if device.type == "cpu" else str(next(iter(weights.values())).dtype).removeprefix("torch.")
-    return linear_inputs(config, weights, prompts, device, dtype)
-
-
 def scale_for_awq(weights: dict[str, torch.Tensor], config: ModelConfig, prompts: list[list[int]],
                   method: WeightOnly, device: torch.device) -> dict[str, float]:
     """AWQ's scaling of the dense `weights` in place (quantization/awq.py), calibrated on
     `prompts`; returns each scaled linear's alpha."""
-    inputs = calibrated_inputs(weights, config, prompts, device)
+    inputs = linear_inputs(config, weights, prompts, device)
     return apply_awq(weights, config.num_layers, config.ffn_hidden_size, inputs, method)
 
 
@@ -90,7 +95,7 @@ def smooth_for_smoothquant(weights: dict[str, torch.Tensor], config: ModelConfig
                            alpha: float, device: torch.device) -> None:
     """SmoothQuant's smoothing of the dense `weights` in place (quantization/smoothquant.py),
     calibrated on `prompts`."""
-    inputs = calibrated_inputs(weights, config, prompts, device)
+    inputs = linear_inputs(config, weights, prompts, device)
     apply_smoothquant(weights, config.num_layers, config.ffn_hidden_size, inputs, alpha)
 
 
@@ -99,12 +104,8 @@ def kv_cache_scales(weights: dict[str, torch.Tensor], config: ModelConfig, promp
     """An INT8 K/V cache's scales, max|value| / 127 over the calibration prompts' keys
     (rotated) and values, per layer and K/V group: engine tensors
     layers.{i}.self_attention.kv_cache_scale [2, groups] float32 (runtime/kv_cache.py)."""
-    dtype = "float32" if device.type == "cpu" else str(next(iter(weights.values())).dtype).removeprefix("torch.")
-    build = BuildConfig(dtype=dtype, max_batch_size=1, max_input_len=max(map(len, prompts)), max_output_len=1)
-    dense = {name: tensor.to(build.torch_dtype) for name, tensor in weights.items()}
     maxima = torch.zeros(config.num_layers, 2, config.multi_query_group_num, device=device)
-    with tempfile.TemporaryDirectory() as scratch:
-        session = load_session(Engine(Path(scratch), config, build, dense), device, cuda_graphs=False)
+    with dense_session(config, weights, prompts, device) as session:
         cache, write = session.runner.kv_cache, session.runner.kv_cache.write
 
         def record(layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 # each function imports what it measures with.
 from glm_engine import GlmEngineError
 from glm_engine.tools.cli import (MAX_PROMPT_TOKENS, MAX_PROMPTS, add_kv_cache_arguments, add_sampling_arguments,
-                                  add_scheduler_arguments, kv_cache_options, launched_rank, run_tool, sampling_options,
-                                  scheduler_options)
+                                  add_scheduler_arguments, add_speculative_arguments, kv_cache_options, launched_rank,
+                                  run_tool, sampling_options, scheduler_options, speculative_options)
 from glm_engine.tools.compare import relative_error
 from glm_engine.tools.output_file import check_output_file, output_stream
 from glm_engine.text.prompts import random_prompts
@@ -112,6 +112,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serving modes with --hf: requests HF runs (default: %(default)s)")
     add_sampling_arguments(parser, words=False)
     add_kv_cache_arguments(parser)
+    add_speculative_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -539,7 +540,7 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
 
     progress(f"loading the engine {args.engine_dir}")
     session = load_session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args),
-                           **scheduler_options(args))
+                           **speculative_options(args), **scheduler_options(args))
     result["cuda_graphs"] = session.runner.decode_graphs is not None
     result["prompt_graphs"] = session.runner.prompt_graphs is not None
     prompts = serving_requests(args, session.model_config.vocab_size)
@@ -676,7 +677,8 @@ def main() -> None:
     progress(f"loading the engine {args.engine_dir}")
     synchronize()
     start = time.perf_counter()
-    session = load_session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args))
+    session = load_session(args.engine_dir, device, cuda_graphs=not args.no_cuda_graphs, **kv_cache_options(args),
+                           **speculative_options(args))
     synchronize()
     result["startup_s"] = time.perf_counter() - start
     result["startup_stages_s"] = session.startup_seconds

@@ -67,6 +67,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_output_len", type=int, default=1024,
                         help="most generated tokens per prompt (default: %(default)s)")
     parser.add_argument("--random_seed", type=int, default=None, help="seed of dummy weights (default: 0)")
+    parser.add_argument("--max_draft_len", type=int, default=0,
+                        help="speculative decoding: the most draft tokens a sequence feeds one verify step "
+                             "(run.py --speculative_decoding_mode); 0: none (default: %(default)s)")
     parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info",
                         help="(default: %(default)s)")
     parser.add_argument("--tokenizer_dir", type=str, default=None,
@@ -242,7 +245,7 @@ def build_config_of(args: argparse.Namespace) -> BuildConfig:
                        else None, weight_only_group_size=weight_only_group_size(args),
                        enable_fp8=bool(args.enable_fp8), smoothquant=args.smoothquant,
                        fp8_kv_cache=bool(args.fp8_kv_cache), int8_kv_cache=bool(args.int8_kv_cache),
-                       **serving_flags(args))
+                       max_draft_len=args.max_draft_len, **serving_flags(args))
 
 
 def weight_only_group_size(args: argparse.Namespace) -> int:

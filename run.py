@@ -20,7 +20,8 @@ from glm_engine.tools.cli import missing_package  # the standard library only: i
 try:
     from glm_engine import GlmEngineError
     from glm_engine.tools.cli import (MAX_PROMPT_TOKENS, MAX_PROMPTS, add_sampling_arguments, add_session_arguments,
-                                      kv_cache_options, run_tool, sampling_options, setup_logging)
+                                      kv_cache_options, run_tool, sampling_options, setup_logging,
+                                      speculative_options)
     from glm_engine.text.detokenizer import IncrementalDetokenizer
     from glm_engine.text.prompts import chat_prompt_ids, clean_response, write_token_csv
     from glm_engine.text.tokenizer import ChatGLMTokenizer, has_tokenizer
@@ -345,7 +346,8 @@ def main() -> None:
         raise GlmEngineError("--streaming shows tokens as they come, and beams are known only when the search ends; "
                              "drop --streaming or --num_beams")
     prompts, texts = read_prompts(args, tokenizer, build_config)
-    session = load_session(args.engine_dir, device, tokenizer=tokenizer, **kv_cache_options(args))
+    session = load_session(args.engine_dir, device, tokenizer=tokenizer, **kv_cache_options(args),
+                           **speculative_options(args))
     session.check_requests(prompts, sampling)  # before anything is printed
     # Tensor parallelism: every rank computes the same steps, rank 0 prints.
     display = StreamDisplay(texts, tokenizer) if args.streaming and session.is_main_rank else None

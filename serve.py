@@ -18,7 +18,7 @@ from pathlib import Path
 # Light imports only up here: --help answers without loading torch; main() imports the rest.
 from glm_engine import GlmEngineError
 from glm_engine.tools.cli import (add_scheduler_arguments, add_session_arguments, kv_cache_options, run_tool,
-                            scheduler_options, setup_logging)
+                                  scheduler_options, setup_logging, speculative_options)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,7 +96,8 @@ def main() -> None:
     tokenizer = load_tokenizer(tokenizer_dir)
     # Both run in the engine process: module-level functions, so that they pickle however serve.py was started.
     session_factory = functools.partial(load_session, args.engine_dir, args.device, tokenizer=tokenizer,
-                                        **kv_cache_options(args), **scheduler_options(args))
+                                        **kv_cache_options(args), **speculative_options(args),
+                                        **scheduler_options(args))
     if rank > 0:
         follow_rank0(session_factory)
         return

@@ -19,7 +19,8 @@ try:
     from tqdm import tqdm
 
     from glm_engine import GlmEngineError
-    from glm_engine.tools.cli import add_session_arguments, kv_cache_options, launched_rank, run_tool, setup_logging
+    from glm_engine.tools.cli import (add_session_arguments, kv_cache_options, launched_rank, run_tool, setup_logging,
+                                      speculative_options)
     from glm_engine.tools.compare import first_divergence
     from glm_engine.config import ModelConfig
     from glm_engine.text.dataset import load_articles
@@ -191,7 +192,7 @@ def main() -> None:
     references = [r["highlights"] for r in records]
     sides = []
     if args.test_engine:
-        session = load_session(args.engine_dir, device, **kv_cache_options(args))
+        session = load_session(args.engine_dir, device, **kv_cache_options(args), **speculative_options(args))
         sampling = SamplingConfig(max_new_tokens=args.output_len, num_beams=args.num_beams,
                                   **session.model_config.end_options(args.num_beams))
         for batch in batches:  # every batch checked before the first is generated

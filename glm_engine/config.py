@@ -17,6 +17,7 @@ DTYPES = ("float16", "bfloat16", "float32")
 ROPE_RATIO_MODES = ("positions", "base")
 MAX_SEED = 2**64 - 1  # seeds are unsigned 64-bit, as TensorRT-LLM's
 MAX_SEQUENCE_LEN = 2**31 - 1  # context lengths and block indices are int32 in the kernels
+MAX_DRAFT_LEN = 64  # past it a verify step is a prompt step: no longer nearly free at batch 1
 
 
 def is_integer(value: Any) -> bool:
@@ -220,10 +221,14 @@ class BuildConfig:
     tokens_per_block: int = 64
     remove_input_padding: bool = False  # pack prompts into one stream instead of padding to the longest
     use_inflight_batching: bool = False  # the tools feed requests through the scheduler's queue
+    # Speculative decoding (--max_draft_len): the most draft tokens a sequence feeds a verify
+    # step, whose shapes the engine captures as CUDA graphs; 0: no speculative decoding.
+    max_draft_len: int = 0
 
     def __post_init__(self) -> None:
         check_field_types("build config", self, ("max_batch_size", "max_input_len", "max_output_len",
-                                                 "world_size", "tokens_per_block", "weight_only_group_size"),
+                                                 "world_size", "tokens_per_block", "weight_only_group_size",
+                                                 "max_draft_len"),
                           flags=("paged_kv_cache", "remove_input_padding", "use_inflight_batching", "enable_fp8",
                                  "fp8_kv_cache", "int8_kv_cache"))
         if self.random_seed is not None and not (is_integer(self.random_seed) and 0 <= self.random_seed <= MAX_SEED):
@@ -268,6 +273,8 @@ class BuildConfig:
                                                and self.use_gpt_attention_plugin):
             raise GlmEngineError("in-flight batching needs the attention plugin, the paged KV cache and packed "
                                  "inputs; build with --use_inflight_batching alone to turn them all on")
+        if not 0 <= self.max_draft_len <= MAX_DRAFT_LEN:
+            raise GlmEngineError(f"--max_draft_len must be within [0, {MAX_DRAFT_LEN}], got {self.max_draft_len}")
         for name in ("max_batch_size", "max_input_len", "max_output_len", "world_size"):
             if getattr(self, name) <= 0:
                 raise GlmEngineError(f"--{name} must be positive, got {getattr(self, name)}")

@@ -71,6 +71,15 @@ class BlockManager:
             block_table.append(self._take())
         return True
 
+    def shrink(self, block_table: list[int], tokens: int) -> None:
+        """Gives back the table's last blocks beyond those that hold `tokens` tokens (blocks
+        a speculative draft took for tokens that were rejected)."""
+        keep = self.blocks_for(tokens)
+        if len(block_table) > keep:
+            tail = block_table[keep:]
+            del block_table[keep:]
+            self.release(tail)
+
     def share(self, block_table: list[int]) -> list[int]:
         """A second table over the same blocks (a beam forking from another)."""
         for block in block_table:

@@ -53,32 +53,34 @@ class ModelRunner:
                                               self.decode_graphs.pool)
 
     def forward(self, block_tables: list[list[int]], cached: list[int], new_tokens: list[list[int]],
-                logit_rows: list[int] | None = None) -> torch.Tensor:
+                logit_rows: list[list[int]] | None = None) -> torch.Tensor:
         """Eager forward of the packed new tokens of sequences with `cached` tokens already
-        in their cache blocks `block_tables`; float32 logits [B, vocab] of each sequence's
-        last new token, or of its token number `logit_rows[i]` when given."""
+        in their cache blocks `block_tables`; float32 logits [R, vocab] of each sequence's
+        last new token, or of its token numbers `logit_rows[i]` when given (R rows in all)."""
         counts = list(map(len, new_tokens))
         metadata = self.attention.metadata(StepLayout.of(block_tables, cached, counts, self.block_size))
         input_ids = torch.tensor([token for tokens in new_tokens for token in tokens], device=self.device)
         starts = accumulate(counts[:-1], initial=0)
-        picks = logit_rows if logit_rows is not None else [count - 1 for count in counts]
-        rows = torch.tensor([start + pick for start, pick in zip(starts, picks)], device=self.device)
+        picks = logit_rows if logit_rows is not None else [[count - 1] for count in counts]
+        rows = torch.tensor([start + pick for start, chosen in zip(starts, picks) for pick in chosen],
+                            device=self.device)
         return self.network.logits(self.network(input_ids, metadata, self.kv_cache)[rows])
 
-    def execute(self, block_tables: list[list[int]], cached: list[int],
-                new_tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def execute(self, block_tables: list[list[int]], cached: list[int], new_tokens: list[list[int]],
+                logit_counts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One scheduled step: float32 logits [B, vocab] of each sequence's last new token
-        and their argmax. A captured decode graph when every sequence has one new token, a
-        prompt graph for one sequence's short prompt (or chunk); without
-        --remove_input_padding, prompts are padded to the longest."""
+        and their argmax; with `logit_counts` (a speculative verify step), of each sequence's
+        last logit_counts[i] new tokens, packed [sum, vocab]. A captured decode graph when
+        every sequence has one new token, a prompt graph for one sequence's short prompt (or
+        chunk); without --remove_input_padding, prompts are padded to the longest."""
         if self.decode_graphs is not None and all(len(tokens) == 1 for tokens in new_tokens):
             return self.decode_graphs.run(block_tables, cached, new_tokens)
-        if self.prompt_graphs is not None and self.prompt_graphs.takes(new_tokens):
+        if logit_counts is None and self.prompt_graphs is not None and self.prompt_graphs.takes(new_tokens):
             return self.prompt_graphs.run(block_tables, cached, new_tokens)
-        logit_rows = None
+        counts = logit_counts or [1] * len(new_tokens)
+        logit_rows = [list(range(len(tokens) - count, len(tokens))) for tokens, count in zip(new_tokens, counts)]
         if not self.remove_input_padding and any(len(tokens) > 1 for tokens in new_tokens):
             longest = max(map(len, new_tokens))
-            logit_rows = [len(tokens) - 1 for tokens in new_tokens]
             # Padding runs like the original's padded mode: computed, its K/V written to the scratch block.
             block_tables = [table + [self.scratch_block] * (-(-(done + longest) // self.block_size) - len(table))
                             for table, done in zip(block_tables, cached)]

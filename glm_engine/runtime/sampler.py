@@ -16,6 +16,7 @@ beam search reads its candidates itself."""
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +25,7 @@ from glm_engine.runtime.penalties import TokenHistory, apply_penalties, forbid_e
 from glm_engine.runtime.sampling import LogProb, min_p_logits, nucleus_logits, sample_rows
 from glm_engine.runtime.scheduler import SampledTokens, Sequence, StepPlan
 from glm_engine.runtime.structured_output import fill_masks, mask_logits
+from glm_engine.runtime.verification import DraftedRow, verify
 
 if TYPE_CHECKING:
     from glm_engine.runtime.beam_search import BeamGroup
@@ -43,7 +45,25 @@ class Sampler:
 
     def sample(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor) -> SampledTokens:
         """Each row's token of a step from its float32 `logits` [B, vocab] and `greedy`
-        argmax [B], with log-probs when any row asks and each beam request's parents."""
+        argmax [B], with log-probs when any row asks and each beam request's parents. In a
+        speculative verify step (plan.logit_counts), the logits hold each row's last
+        logit_counts[row] positions: drafted rows get their verified tokens
+        (runtime/verification.py), the others their token from their one position."""
+        counts = plan.logit_counts
+        if counts is None:
+            return self._sample(plan, logits, greedy)
+        ends = list(accumulate(counts))
+        last = torch.tensor([end - 1 for end in ends], device=logits.device)
+        sampled = self._sample(plan, logits[last], greedy[last])
+        rows = [row for row, draft in enumerate(plan.drafts) if draft]
+        drafted = [DraftedRow(ends[row] - counts[row], plan.drafts[row], plan.sequences[row].sampling,
+                              plan.sequences[row].seed, len(plan.sequences[row].output)) for row in rows]
+        for row, tokens in zip(rows, verify(logits, greedy, drafted)):
+            sampled.verified[row] = _stop_tokens_as_end([plan.sequences[row]] * len(tokens), tokens)
+        return sampled
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor) -> SampledTokens:
+        """sample() of one logits row per plan row."""
         sequences, reading = plan.sequences, plan.reading
         chosen_logits = logits
         # First: the grammar masks are made on the host while the GPU still runs the forward.

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from glm_engine import GlmEngineError
 from glm_engine.runtime.block_manager import BlockManager
+from glm_engine.runtime.drafting import DraftState, Drafter, SpeculativeConfig
 
 if TYPE_CHECKING:  # types only: beam_search and sampling import torch
     from glm_engine.runtime.beam_search import BeamGroup
@@ -48,6 +49,18 @@ class Sequence:
     group: BeamGroup | None = None  # its beam request, when it is one of its beams
     block_contents: list[int] = field(default_factory=list)  # content ids of its leading full blocks (prefix caching)
     grammar: Any = None  # its structured-output matcher (runtime/structured_output.py), when constrained
+    drafting: DraftState | None = None  # its speculative drafting, once it has drafted
+
+    @property
+    def draftable(self) -> bool:
+        """Whether speculative decoding may verify drafts of its tokens: a plain greedy or
+        sampled request (penalties, logit bias, bad words, a minimum length, log-probs, a
+        grammar or beams choose each token from the ones before: those decode one at a
+        time) whose acceptance so far is worth it."""
+        sampling = self.sampling
+        plain = (self.group is None and self.grammar is None and not sampling.changes_logits
+                 and not sampling.output_log_probs)
+        return plain and (self.drafting is None or self.drafting.keeps_drafting)
 
     @property
     def tokens(self) -> list[int]:
@@ -83,10 +96,21 @@ class StepPlan:
     new_tokens: list[list[int]]
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, copy) before the forward
     reading: list[bool] = field(default_factory=list)  # rows whose step reads a chunk of their prompt: no token yet
+    drafts: list[list[int]] = field(default_factory=list)  # each row's draft tokens (fed after its last token)
 
     def __post_init__(self) -> None:
         if not self.reading:
             self.reading = [False] * len(self.sequences)
+        if not self.drafts:
+            self.drafts = [[] for _ in self.sequences]
+
+    @property
+    def logit_counts(self) -> list[int] | None:
+        """Each row's logits wanted from the forward (its draft's tokens and one more), when
+        any row has a draft; None when each row wants its last token's only."""
+        if not any(self.drafts):
+            return None
+        return [len(draft) + 1 for draft in self.drafts]
 
     @property
     def block_tables(self) -> list[list[int]]:
@@ -114,6 +138,7 @@ class SampledTokens:
     tokens: list[int]  # rows still reading a prompt and beam rows hold their argmax, unused
     log_probs: list[float] | None = None  # of each row's token, when any row asks
     beam_parents: dict[BeamGroup, list[int]] = field(default_factory=dict)  # per beam request: each new beam's parent
+    verified: dict[int, list[int]] = field(default_factory=dict)  # drafted rows: accepted draft tokens and one more
 
 
 class TokenSampler(Protocol):
@@ -135,10 +160,13 @@ class Scheduler:
 
     def __init__(self, block_manager: BlockManager, max_in_flight: int,
                  tokens_per_step: int | None = None, chunked_prefill: bool = False,
-                 sampler: TokenSampler | None = None) -> None:
+                 sampler: TokenSampler | None = None, speculative: SpeculativeConfig | None = None,
+                 drafter: Drafter | None = None) -> None:
         """`tokens_per_step`: the prompt tokens admitted per step (a longer prompt runs
         alone), or with `chunked_prefill` the step's whole budget, decode tokens included:
-        prompts are read in chunks that fill what the decoding sequences leave."""
+        prompts are read in chunks that fill what the decoding sequences leave. With
+        `speculative` and its `drafter`, decoding sequences feed drafts of their next
+        tokens for the step to verify (runtime/drafting.py)."""
         for name, value in (("--max_in_flight", max_in_flight), ("--max_tokens_per_step", tokens_per_step)):
             if value is not None and value < 1:
                 raise GlmEngineError(f"{name} must be at least 1, got {value}")
@@ -151,6 +179,8 @@ class Scheduler:
         self.requests: set[int] = set()  # the indices of queued and running requests
         self.preemptions = 0
         self.sampler = sampler
+        self.speculative, self.drafter = speculative, drafter
+        self.drafted_tokens = self.accepted_tokens = self.verify_steps = 0  # speculative decoding's counts
 
     def fits(self, tokens: int, copies: int = 1) -> bool:
         """Whether `copies` sequences of `tokens` tokens can ever hold their blocks."""
@@ -275,16 +305,44 @@ class Scheduler:
         return copies
 
     def schedule(self) -> StepPlan:
-        """The next step: admits first, then every running sequence's uncached tokens."""
+        """The next step: admits first, then every running sequence's uncached tokens (and
+        the drafts of decoding ones, with speculative decoding)."""
         self._admit()
         copies = self._reserve_decode_slots()
         if not self.running:
             raise GlmEngineError("no request fits the KV cache pool")  # callers check fits() first
         if not self.chunked_prefill:
-            return StepPlan(list(self.running), [sequence.uncached_tokens() for sequence in self.running], copies)
-        new_tokens = self._chunks()  # only chunked steps cut prompts
-        reading = [sequence.cached + len(fed) < sequence.length for sequence, fed in zip(self.running, new_tokens)]
-        return StepPlan(list(self.running), new_tokens, copies, reading)
+            plan = StepPlan(list(self.running), [sequence.uncached_tokens() for sequence in self.running], copies)
+        else:
+            new_tokens = self._chunks()  # only chunked steps cut prompts
+            reading = [sequence.cached + len(fed) < sequence.length for sequence, fed in zip(self.running, new_tokens)]
+            plan = StepPlan(list(self.running), new_tokens, copies, reading)
+        if self.drafter is not None and len(plan.sequences) <= self.speculative.max_batch:
+            self._draft(plan)
+        return plan
+
+    def _draft(self, plan: StepPlan) -> None:
+        """Adds drafts to the plan's decoding rows that may have them: each as long as its
+        request's length limit and the pool's free blocks allow (a draft never preempts)."""
+        rows = [row for row, (sequence, fed) in enumerate(zip(plan.sequences, plan.new_tokens))
+                if len(fed) == 1 and not plan.reading[row] and sequence.draftable]
+        room = [min(self.speculative.max_draft_len,
+                    plan.sequences[row].sampling.max_new_tokens - len(plan.sequences[row].output) - 1) for row in rows]
+        rows, room = [row for row, length in zip(rows, room) if length > 0], [length for length in room if length > 0]
+        if not rows:
+            return
+        sequences = [plan.sequences[row] for row in rows]
+        for sequence in sequences:
+            sequence.drafting = sequence.drafting or DraftState()
+        drafts = self.drafter.propose([sequence.tokens for sequence in sequences],
+                                      [sequence.drafting for sequence in sequences], room)
+        manager = self.block_manager
+        for row, sequence, draft in zip(rows, sequences, drafts):
+            if draft and not manager.grow(sequence.block_table, sequence.length + len(draft)):
+                draft = draft[:len(sequence.block_table) * manager.block_size - sequence.length]
+            plan.drafts[row] = draft
+            plan.new_tokens[row] = plan.new_tokens[row] + draft
+        self.verify_steps += any(plan.drafts)
 
     def _chunks(self) -> list[list[int]]:
         """Each running sequence's tokens for a chunked step, in admission order: decoding
@@ -310,9 +368,11 @@ class Scheduler:
         still_running: list[Sequence] = []  # a beam request's first beam stands for all its beams
         caching = self.block_manager.prefix_caching
         for row, (sequence, fed) in enumerate(zip(plan.sequences, plan.new_tokens, strict=True)):
-            sequence.cached += len(fed)
-            if caching and sequence.group is None:
-                self._register_full_blocks(sequence)
+            draft = plan.drafts[row]
+            if not draft:
+                sequence.cached += len(fed)
+                if caching and sequence.group is None:
+                    self._register_full_blocks(sequence)
             if plan.reading[row]:  # a chunk of its prompt: no token yet
                 still_running.append(sequence)
                 continue
@@ -320,24 +380,19 @@ class Scheduler:
                 if sequence is sequence.group.sequences[0]:
                     still_running.append(sequence)
                 continue
-            sampling = sequence.sampling
-            token = sampled.tokens[row]
-            done = token == sampling.end_id
-            if not done:
-                sequence.output.append(token)
-                if sampling.output_log_probs:
-                    sequence.log_probs.append(sampled.log_probs[row])
-                done = len(sequence.output) >= sampling.max_new_tokens
-                if sequence.grammar is not None:  # a complete text ends the request, end token or not
-                    sequence.grammar.consume_token(token)
-                    done = done or sequence.grammar.is_stopped()
+            chosen = sampled.verified[row] if draft else [sampled.tokens[row]]
+            if draft:
+                self._count_draft(sequence.drafting, len(draft), len(chosen) - 1)
+            done = self._record(sequence, chosen, sampled.log_probs[row] if sampled.log_probs else None)
             done = self._report(sequence, done, result)
             if done:
                 self._retire(sequence)
                 result.finished.append(sequence.index)
                 self.requests.discard(sequence.index)
-            else:
-                still_running.append(sequence)
+                continue
+            if draft:
+                self._settle_draft(sequence, draft, chosen)
+            still_running.append(sequence)
         self.running = []
         for sequence in still_running:
             group = sequence.group  # none while reading: a beam request reads its prompt whole
@@ -347,6 +402,41 @@ class Scheduler:
             self._advance_beams(group, sampled.beam_parents[group], result)
             self.running += group.sequences
         return result
+
+    @staticmethod
+    def _record(sequence: Sequence, tokens: list[int], log_prob: float | None) -> bool:
+        """Appends a row's chosen tokens (one, or a verified draft's accepted tokens and one
+        more) to its output, up to its end token, its length limit or its grammar's end;
+        whether it is done."""
+        sampling = sequence.sampling
+        for token in tokens:
+            if token == sampling.end_id:
+                return True
+            sequence.output.append(token)
+            if sampling.output_log_probs:
+                sequence.log_probs.append(log_prob)
+            if len(sequence.output) >= sampling.max_new_tokens:
+                return True
+            if sequence.grammar is not None:  # a complete text ends the request, end token or not
+                sequence.grammar.consume_token(token)
+                if sequence.grammar.is_stopped():
+                    return True
+        return False
+
+    def _count_draft(self, state: DraftState, drafted: int, accepted: int) -> None:
+        state.drafted += drafted
+        state.accepted += accepted
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+
+    def _settle_draft(self, sequence: Sequence, draft: list[int], chosen: list[int]) -> None:
+        """After a verify step of a running sequence: the K/V of its last token and accepted
+        draft tokens count as cached (the rejected ones' slots are written over later), and
+        the blocks that only rejected tokens reached go back."""
+        sequence.cached += len(chosen)  # its last token's and the accepted draft tokens'
+        if self.block_manager.prefix_caching:
+            self._register_full_blocks(sequence)
+        self.block_manager.shrink(sequence.block_table, sequence.length)
 
     def _advance_beams(self, group: BeamGroup, parents: list[int], result: StepResult) -> None:
         """A beam request after its search's step (the sampler's): its running beams become

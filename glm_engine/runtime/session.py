@@ -10,6 +10,7 @@ prompt_logits and decode_logits serve accuracy checks."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -30,6 +31,7 @@ from glm_engine.runtime.ops import Ops, select_ops
 from glm_engine.quantization import dequantize_weights
 from glm_engine.runtime.beam_search import BeamGroup, BeamSearch
 from glm_engine.runtime.block_manager import BlockManager
+from glm_engine.runtime.drafting import Drafter, PromptLookup, SpeculativeConfig
 from glm_engine.runtime.distributed import Launch, TensorParallel, launch_from_environment, rank_device
 from glm_engine.runtime.model_runner import ModelRunner
 from glm_engine.runtime.kv_cache import pool_blocks, pop_kv_cache_scales
@@ -78,6 +80,25 @@ def check_launch(engine_world_size: int, launch: Launch) -> None:
     raise GlmEngineError(f"{launch.world_size} ranks were started but the engine was built with --world_size "
                          f"{engine_world_size}; start {engine_world_size}, or rebuild with --world_size "
                          f"{launch.world_size}")
+
+
+def speculative_drafter(speculative: SpeculativeConfig | None,
+                        build: BuildConfig) -> tuple[SpeculativeConfig | None, Drafter | None]:
+    """A session's speculative decoding (its draft length resolved against the engine's
+    --max_draft_len) and drafter; (None, None) without."""
+    if speculative is None:
+        return None, None
+    if not build.max_draft_len:
+        raise GlmEngineError("speculative decoding needs an engine built with --max_draft_len K (the most draft "
+                             "tokens a verify step takes); rebuild with it")
+    if speculative.max_draft_len is None:
+        speculative = dataclasses.replace(speculative, max_draft_len=build.max_draft_len)
+    if speculative.max_draft_len > build.max_draft_len:
+        raise GlmEngineError(f"--max_draft_len {speculative.max_draft_len} exceeds the engine's "
+                             f"{build.max_draft_len}; ask for fewer or rebuild with a larger --max_draft_len")
+    if speculative.mode == "draft_model":
+        raise GlmEngineError("--speculative_decoding_mode draft_model is not built yet; use prompt_lookup")
+    return speculative, PromptLookup(speculative.max_ngram)
 
 
 def check_weights_fit(engine_dir: Path, rank: int) -> None:
@@ -187,14 +208,17 @@ class Session:
                  kv_cache_free_gpu_mem_fraction: float | None = None,
                  max_tokens_in_paged_kv_cache: int | None = None, tokenizer: ChatGLMTokenizer | None = None,
                  max_in_flight: int | None = None, tokens_per_step: int | None = None,
-                 chunked_prefill: bool = False, prefix_caching: bool = False) -> None:
+                 chunked_prefill: bool = False, prefix_caching: bool = False,
+                 speculative: SpeculativeConfig | None = None) -> None:
         """`tokenizer` decodes text for stop strings (default: the engine's own, when it has
         one); the scheduler's options as configure_scheduler's; `prefix_caching`: requests
         reuse the cached K/V blocks of the prompt prefix they share with earlier ones
-        (runtime/block_manager.py)."""
+        (runtime/block_manager.py); `speculative`: decoding steps verify drafts of the next
+        tokens (runtime/drafting.py; the engine built with --max_draft_len)."""
         launch = launch_from_environment()
         _, build = (engine.model_config, engine.build_config) if isinstance(engine, Engine) else engine_configs(engine)
         check_launch(build.world_size, launch)  # on every rank, before any waits for the others
+        self.speculative, self.drafter = speculative_drafter(speculative, build)  # refused before loading
         self.device = resolve_device(rank_device(launch, str(device) if device is not None else None))
         start = time.perf_counter()
         if not isinstance(engine, Engine):
@@ -259,7 +283,7 @@ class Session:
         ceiling = self.build_config.max_batch_size
         max_in_flight = ceiling if max_in_flight is None else min(max_in_flight, ceiling)
         self.scheduler = Scheduler(self.block_manager, max_in_flight, tokens_per_step, chunked_prefill,
-                                   Sampler(max_in_flight))
+                                   Sampler(max_in_flight), self.speculative, self.drafter)
         self._scheduler_options = (max_in_flight, tokens_per_step, chunked_prefill)
         manager = self.block_manager
         flags = "--max_tokens_in_paged_kv_cache" if self.device.type != "cuda" else \
@@ -289,6 +313,9 @@ class Session:
             raise GlmEngineError(f"request id {request_id} is already queued or running; give each live request "
                                  "its own id")
         self.limits.check(prompt, sampling, request_id)
+        if self.speculative is not None and sampling.num_beams > 1:
+            raise GlmEngineError(f"request {request_id}: beam search with speculative decoding is not built; use "
+                                 "num_beams 1 or drop --speculative_decoding_mode")
         seed = self.seeds.getrandbits(63) if sampling.random_seed is None else sampling.random_seed
         group = None
         if sampling.num_beams > 1:
@@ -334,7 +361,7 @@ class Session:
         plan = scheduler.schedule()
         if plan.block_copies:  # beams about to write into blocks they shared
             self.runner.kv_cache.copy_blocks(plan.block_copies)
-        logits, greedy = self.runner.execute(plan.block_tables, plan.cached, plan.new_tokens)
+        logits, greedy = self.runner.execute(plan.block_tables, plan.cached, plan.new_tokens, plan.logit_counts)
         return scheduler.postprocess(plan, scheduler.sampler.sample(plan, logits, greedy))
 
     def abort(self, request_id: int) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from glm_engine import GlmEngineError
+from glm_engine.runtime.drafting import MODES as SPECULATIVE_MODES, SpeculativeConfig
 
 LOG_LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
               "warning": logging.WARNING, "error": logging.ERROR, "internal_error": logging.ERROR}
@@ -146,6 +147,33 @@ def add_session_arguments(parser: argparse.ArgumentParser, log_level: str = "inf
                         help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--log_level", choices=list(LOG_LEVELS), default=log_level, help="(default: %(default)s)")
     add_kv_cache_arguments(parser, prefix_caching)
+    add_speculative_arguments(parser)
+
+
+def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    """Speculative decoding's flags (runtime/drafting.py), as TensorRT-LLM's run.py spells them."""
+    parser.add_argument("--speculative_decoding_mode", choices=list(SPECULATIVE_MODES), default=None,
+                        help="decoding steps verify drafts of several next tokens at once: prompt_lookup drafts "
+                             "the tokens that followed the latest earlier match of the sequence's last tokens; "
+                             "greedy output is unchanged, sampled output keeps its distribution; needs an engine "
+                             "built with --max_draft_len (default: off)")
+    parser.add_argument("--max_draft_len", type=int, default=None,
+                        help="with --speculative_decoding_mode: the most draft tokens a sequence feeds a step "
+                             "(default: the engine's --max_draft_len)")
+    parser.add_argument("--prompt_lookup_max_ngram", type=int, default=3,
+                        help="prompt_lookup: the longest n-gram matched, tried down to 1 (default: %(default)s)")
+
+
+def speculative_options(args: argparse.Namespace) -> dict:
+    """Session keyword arguments from add_speculative_arguments' flags."""
+    if args.speculative_decoding_mode is None:
+        for flag in ("max_draft_len",):
+            if getattr(args, flag) is not None:
+                raise GlmEngineError(f"--{flag} applies to speculative decoding; add --speculative_decoding_mode "
+                                     "or drop it")
+        return {}
+    return {"speculative": SpeculativeConfig(args.speculative_decoding_mode, args.max_draft_len,
+                                             args.prompt_lookup_max_ngram)}
 
 
 def add_kv_cache_arguments(parser: argparse.ArgumentParser, prefix_caching: bool = False) -> None:

@@ -1,0 +1,170 @@
+"""Speculative decoding (--speculative_decoding_mode): prompt lookup's drafts, greedy
+output identical to plain decoding on static and in-flight engines (with preemption,
+on the reference ops and the interpreted kernels), rejection sampling that keeps the
+target's distribution, the KV pool whole afterwards, and the errors a user can meet."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, cpu_sessions_run_kernels, run_tool
+
+from glm_engine import GlmEngineError
+from glm_engine.api import SamplingConfig, load_session
+from glm_engine.runtime.drafting import DraftState, PromptLookup, SpeculativeConfig
+from glm_engine.runtime.sampling import nucleus_logits
+from glm_engine.runtime.verification import DraftedRow, verify
+
+LOOKUP = SpeculativeConfig("prompt_lookup", 4)
+SMALL = (*TINY_SHAPE_FLAGS[:-2], "--vocab_size", "64")  # a small vocabulary repeats itself: drafts get accepted
+
+
+def repeating_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    """Prompts that repeat a random span, as summaries copy their article."""
+    rng = random.Random(seed)
+    prompts = []
+    for index in range(count):
+        span = [rng.randrange(3, 64) for _ in range(rng.randrange(4, 12))]
+        prompts.append((span * 4)[:rng.randrange(12, 30)] + [index + 3])
+    return prompts
+
+
+def brute_force_lookup(tokens: list[int], max_ngram: int, length: int) -> list[int]:
+    """Prompt lookup by scanning: the latest earlier match of the longest tail n-gram."""
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tail:
+                return tokens[start + n:start + n + length]
+    return []
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_longest_match() -> None:
+    lookup = PromptLookup(max_ngram=3)
+    assert lookup.propose([[1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3]], [DraftState()], [3]) == [[7, 5, 1]]
+    assert lookup.propose([[4, 5, 6]], [DraftState()], [2]) == [[]]  # no earlier match
+    rng = random.Random(1)
+    state, tokens = DraftState(), [rng.randrange(5) for _ in range(6)]
+    for _ in range(60):  # the index grows with the sequence, as the scheduler calls it
+        assert lookup.propose([tokens], [state], [4]) == [brute_force_lookup(tokens, 3, 4)]
+        tokens += [rng.randrange(5) for _ in range(rng.randrange(1, 4))]
+
+
+def generate_both(engine_dir, prompts, sampling, **options):
+    plain = load_session(engine_dir, "cpu", **options).generate(prompts, sampling)
+    session = load_session(engine_dir, "cpu", speculative=LOOKUP, **options)
+    drafted = session.generate(prompts, sampling)
+    return plain, drafted, session
+
+
+@pytest.mark.parametrize("engine_flags", [(), ("--use_inflight_batching",)], ids=["static", "inflight"])
+def test_greedy_output_is_plain_decodings(tiny_engine_factory, engine_flags) -> None:
+    engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "24",
+                                     "--random_seed", "5", "--max_draft_len", "4", *engine_flags)
+    prompts = repeating_prompts(6)
+    sampling = SamplingConfig(max_new_tokens=24, end_id=-1)
+    plain, drafted, session = generate_both(engine_dir, prompts, sampling)
+    assert [output.token_ids for output in drafted] == [output.token_ids for output in plain]
+    scheduler = session.scheduler
+    assert scheduler.accepted_tokens > 0 and scheduler.verify_steps > 0  # drafts ran and some were kept
+    assert session.block_manager.free_blocks == session.block_manager.num_blocks
+
+
+def test_greedy_with_preemption_end_tokens_and_stop_ids_matches(tiny_engine_factory) -> None:
+    """A pool too small for all in flight (preemptions), end and stop tokens inside accepted drafts."""
+    engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "24",
+                                     "--random_seed", "5", "--max_draft_len", "4", "--use_inflight_batching",
+                                     "--tokens_per_block", "4")
+    prompts = repeating_prompts(8, seed=2)
+    plain_outputs = load_session(engine_dir, "cpu").generate(prompts, SamplingConfig(max_new_tokens=24, end_id=-1))
+    common = Counter(token for output in plain_outputs for token in output.token_ids).most_common(2)
+    sampling = SamplingConfig(max_new_tokens=24, end_id=common[0][0], stop_token_ids=(common[1][0],))
+    plain, drafted, session = generate_both(engine_dir, prompts, sampling, max_tokens_in_paged_kv_cache=96)
+    assert [output.token_ids for output in drafted] == [output.token_ids for output in plain]
+    assert session.scheduler.preemptions > 0
+    assert session.block_manager.free_blocks == session.block_manager.num_blocks
+
+
+@cpu_sessions_run_kernels
+def test_greedy_output_on_the_interpreted_kernels(tiny_engine_factory) -> None:
+    engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "12",
+                                     "--random_seed", "5", "--max_draft_len", "4", "--use_inflight_batching",
+                                     "--enable_context_fmha_fp32_acc", "--tokens_per_block", "8")
+    prompts = repeating_prompts(3, seed=4)
+    plain, drafted, session = generate_both(engine_dir, prompts, SamplingConfig(max_new_tokens=12, end_id=-1))
+    assert [output.token_ids for output in drafted] == [output.token_ids for output in plain]
+    assert session.scheduler.accepted_tokens > 0
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(1, top_k=0, temperature=0.8),
+                                      SamplingConfig(1, top_k=4, top_p=0.9), SamplingConfig(1, top_k=0, min_p=0.2)],
+                         ids=["temperature", "top_k_top_p", "min_p"])
+def test_rejection_sampling_keeps_the_target_distribution(sampling) -> None:
+    """The first kept token of a verified one-token draft, over many seeds, is distributed
+    as the target's (the draft token itself, likely or not, and the others)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 8, generator=generator) * 1.5  # the last token's position, then the draft's
+    target = nucleus_logits(logits[:1], [sampling])
+    if sampling.min_p:
+        target = nucleus_logits(logits[:1].masked_fill(logits[:1].softmax(-1) < 0.2 * logits[:1].softmax(-1).max(),
+                                                       float("-inf")), [sampling])
+    expected = target.softmax(dim=-1)[0]
+    draws = 6000
+    for draft in (int(expected.argmax()), int(expected.argsort()[-3])):
+        rows = [DraftedRow(2 * i, [draft], sampling, seed, 0) for i, seed in enumerate(range(draws))]
+        chosen = verify(logits.repeat(draws, 1), logits.argmax(dim=-1).repeat(draws), rows)
+        first = Counter(tokens[0] for tokens in chosen)
+        observed = torch.tensor([first[token] / draws for token in range(8)])
+        assert (observed - expected).abs().max() < 0.025, (draft, observed, expected)
+        assert all(len(tokens) == 2 for tokens in chosen if tokens[0] == draft)  # accepted: the bonus token follows
+
+
+def test_sampled_requests_run_with_drafts_and_are_reproducible(tiny_engine_factory) -> None:
+    engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "24",
+                                     "--random_seed", "5", "--max_draft_len", "4", "--use_inflight_batching")
+    prompts = repeating_prompts(4, seed=3)
+    sampling = SamplingConfig(max_new_tokens=24, end_id=-1, top_k=0, temperature=0.3, random_seed=11)
+    session = load_session(engine_dir, "cpu", speculative=LOOKUP)
+    first = [output.token_ids for output in session.generate(prompts, sampling)]
+    assert [output.token_ids for output in session.generate(prompts, sampling)] == first
+    assert all(len(tokens) == 24 for tokens in first)
+    assert session.scheduler.accepted_tokens > 0
+    assert session.block_manager.free_blocks == session.block_manager.num_blocks
+
+
+def test_speculative_decoding_errors(tiny_engine_factory, tmp_path) -> None:
+    plain_engine = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "8")
+    with pytest.raises(GlmEngineError, match="--max_draft_len"):
+        load_session(plain_engine, "cpu", speculative=LOOKUP)
+    engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "8",
+                                     "--max_draft_len", "2")
+    with pytest.raises(GlmEngineError, match="exceeds the engine's 2"):
+        load_session(engine_dir, "cpu", speculative=LOOKUP)
+    session = load_session(engine_dir, "cpu", speculative=SpeculativeConfig("prompt_lookup"))
+    assert session.speculative.max_draft_len == 2
+    with pytest.raises(GlmEngineError, match="beam search"):
+        session.add_request([5, 6, 7], SamplingConfig(4, num_beams=2))
+    with pytest.raises(GlmEngineError, match="--max_draft_len must be"):
+        SpeculativeConfig("prompt_lookup", 0)
+    (tmp_path / "prompt.csv").write_text("5,6,7\n")
+    result = run_tool("run.py", "--engine_dir", engine_dir, "--input_tokens", tmp_path / "prompt.csv",
+                      "--max_output_len", "4", "--device", "cpu", "--max_draft_len", "2")
+    assert_one_line_error(result, "--speculative_decoding_mode")
+
+
+def test_run_py_prints_the_same_tokens_with_prompt_lookup(tiny_engine_factory, tmp_path) -> None:
+    engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "16",
+                                     "--random_seed", "5", "--max_draft_len", "4")
+    prompt_csv = tmp_path / "prompt.csv"
+    prompt_csv.write_text(",".join(map(str, repeating_prompts(1, seed=6)[0])) + "\n")
+    outputs = []
+    for flags in ((), ("--speculative_decoding_mode", "prompt_lookup", "--prompt_lookup_max_ngram", "2")):
+        output_csv = tmp_path / f"out{len(flags)}.csv"
+        result = run_tool("run.py", "--engine_dir", engine_dir, "--input_tokens", prompt_csv, "--max_output_len", "16",
+                          "--device", "cpu", "--output_csv", output_csv, *flags)
+        assert result.returncode == 0, result.stderr
+        outputs.append(output_csv.read_text())
+    assert outputs[0] == outputs[1] and outputs[0].strip()

@@ -14,6 +14,7 @@ from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, cpu_sessions_run_k
 
 from glm_engine import GlmEngineError
 from glm_engine.api import SamplingConfig, load_session
+from glm_engine.runtime.cuda_graphs import VerifyGraphs
 from glm_engine.runtime.drafting import DraftState, PromptLookup, SpeculativeConfig
 from glm_engine.runtime.sampling import nucleus_logits
 from glm_engine.runtime.verification import DraftedRow, verify
@@ -168,3 +169,39 @@ def test_run_py_prints_the_same_tokens_with_prompt_lookup(tiny_engine_factory, t
         assert result.returncode == 0, result.stderr
         outputs.append(output_csv.read_text())
     assert outputs[0] == outputs[1] and outputs[0].strip()
+
+
+@cpu_sessions_run_kernels
+def test_verify_graph_inputs_give_the_eager_step(tiny_engine_factory) -> None:
+    """The verify graphs' static-input step (run eagerly on the CPU), its sequences padded
+    to the draft bucket and the batch to the batch bucket, gives the eager verify step's
+    logits at every drafted position and the same K/V in the sequences' slots."""
+    engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "12",
+                                     "--random_seed", "5", "--max_draft_len", "4", "--use_inflight_batching",
+                                     "--enable_context_fmha_fp32_acc", "--tokens_per_block", "8")
+    session = load_session(engine_dir, "cpu")
+    runner, manager = session.runner, session.block_manager
+    graphs = VerifyGraphs(runner.network, runner.attention, runner.kv_cache, 4, 4, runner.blocks_per_sequence,
+                          runner.scratch_block, session.device)
+    assert sorted(graphs.graphs) == [(s, t) for s in (1, 2, 4) for t in (2, 3, 5)]
+    assert graphs.takes([[1, 2, 3]] * 4) and not graphs.takes([[1] * 6]) and not graphs.takes([[1, 2]] * 5)
+    prompts = repeating_prompts(3, seed=8)
+    tables = []
+    for prompt in prompts:  # the prompts' K/V cached but their last token
+        table: list[int] = []
+        assert manager.grow(table, len(prompt) + 4)
+        runner.forward([table], [0], [prompt[:-1]])
+        tables.append(table)
+    cached = [len(prompt) - 1 for prompt in prompts]
+    fed = [[prompts[0][-1], 5, 6], [prompts[1][-1]], [prompts[2][-1], 7, 8, 9, 10]]  # drafts of 2, 0 and 4
+    counts = [len(tokens) for tokens in fed]
+    logits, greedy = graphs.run(tables, cached, fed, counts)
+    cache = runner.kv_cache
+    graph_keys = cache.keys.clone()
+    eager = runner.forward(tables, cached, fed, [list(range(count)) for count in counts])
+    assert logits.shape == eager.shape == (sum(counts), 64)
+    assert (logits - eager).abs().max() < 1e-4 * eager.abs().max()
+    assert torch.equal(greedy, eager.argmax(-1))
+    slots = torch.tensor([table[p // cache.block_size] * cache.block_size + p % cache.block_size
+                          for table, done, tokens in zip(tables, cached, fed) for p in range(done + len(tokens))])
+    assert torch.allclose(graph_keys[:, slots], cache.keys[:, slots], atol=1e-5)

@@ -46,12 +46,13 @@ class _Graph:
     fills: the tokens' ids, then the attention backend's part (`attention_inputs`)."""
 
     def __init__(self, network: nn.Module, kv_cache: KVCache, attention_inputs: GraphInputs, sequences: int,
-                 tokens: int, device: torch.device, pool) -> None:
+                 tokens: int, device: torch.device, pool, every_token: bool = False) -> None:
+        """`every_token`: the logits of every token (verify steps), not of each sequence's last."""
         self.sequences, self.tokens, self.attention_inputs = sequences, tokens, attention_inputs
         self.inputs = torch.tensor(self.static_inputs([], [], []), dtype=torch.int64).to(device)
         input_ids = self.inputs[:tokens]
         metadata = attention_inputs.bind(self.inputs[tokens:])
-        last_token_index = attention_inputs.last_token_index
+        last_token_index = None if every_token else attention_inputs.last_token_index
 
         def step() -> tuple[torch.Tensor, torch.Tensor]:
             attention_inputs.prepare()
@@ -101,16 +102,21 @@ class _GraphSet:
         self.graphs: dict[int, _Graph] = {}
 
     def capture(self, network: nn.Module, kv_cache: KVCache, shapes: list[tuple[int, int]], device: torch.device,
-                pool=None):
+                pool=None, every_token: bool = False):
         """Captures a graph for each (sequences, tokens), largest first, sharing `pool`
-        (a new one when None); returns the pool."""
+        (a new one when None), keyed by `key_of` its shape; returns the pool."""
         for sequences, tokens in sorted(shapes, reverse=True):
             attention_inputs = self.attention.graph_inputs(sequences, tokens, self.width, self.block_size,
                                                            self.scratch)
-            graph = _Graph(network, kv_cache, attention_inputs, sequences, tokens, device, pool)
-            self.graphs[tokens] = graph
+            graph = _Graph(network, kv_cache, attention_inputs, sequences, tokens, device, pool, every_token)
+            self.graphs[self.key_of(sequences, tokens)] = graph
             pool = graph.graph.pool() if graph.graph is not None else None
         return pool
+
+    @staticmethod
+    def key_of(sequences: int, tokens: int):
+        """A graph's key in `graphs`: its token count (decode and prompt graphs)."""
+        return tokens
 
     def run_in(self, graph: _Graph, block_tables: list[list[int]], cached: list[int],
                new_tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,3 +167,66 @@ class PromptGraphs(_GraphSet):
         """Float32 logits [1, vocab] of the sequence's last new token and its argmax."""
         bucket = min(size for size in self.graphs if size >= len(new_tokens[0]))
         return self.run_in(self.graphs[bucket], block_tables, cached, new_tokens)
+
+
+def draft_buckets(max_draft_len: int) -> list[int]:
+    """The tokens a sequence feeds a verify step, by bucket: 1 + 1, 2, 4, ... drafts, and
+    1 + max_draft_len."""
+    buckets = [2]
+    while buckets[-1] - 1 < max_draft_len:
+        buckets.append(min(2 * (buckets[-1] - 1), max_draft_len) + 1)
+    return buckets
+
+
+class VerifyGraphs(_GraphSet):
+    """The graphs of speculative verify steps: S sequences (a batch bucket up to
+    `max_sequences`) of T tokens each (a draft bucket), the logits of every token. A step
+    fits the smallest graph that holds it: each sequence's tokens are padded to T (the
+    padding's K/V go to its own slots past its tokens, written over before any step reads
+    them, or to the scratch block past its table) and the missing sequences are padding
+    sequences over the scratch block. Off the GPU they run eagerly."""
+
+    def __init__(self, network: nn.Module, attention: AttentionBackend, kv_cache: KVCache, max_sequences: int,
+                 max_draft_len: int, blocks_per_sequence: int, scratch_block: int, device: torch.device,
+                 pool=None) -> None:
+        # Room in the tables for padding past a sequence that ends at the engine's longest.
+        width = blocks_per_sequence + -(-max_draft_len // kv_cache.block_size)
+        super().__init__(attention, kv_cache, width, scratch_block)
+        shapes = [(sequences, sequences * tokens) for sequences in batch_buckets(max_sequences)
+                  for tokens in draft_buckets(max_draft_len)]
+        self.capture(network, kv_cache, shapes, device, pool, every_token=True)
+
+    @staticmethod
+    def key_of(sequences: int, tokens: int) -> tuple[int, int]:
+        """(sequences, tokens a sequence)."""
+        return sequences, tokens // sequences
+
+    def takes(self, new_tokens: list[list[int]]) -> bool:
+        """Whether a graph holds this step."""
+        return any(len(new_tokens) <= sequences and max(map(len, new_tokens)) <= tokens
+                   for sequences, tokens in self.graphs)
+
+    def run(self, block_tables: list[list[int]], cached: list[int], new_tokens: list[list[int]],
+            logit_counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits [sum(logit_counts), vocab] of each sequence's last logit_counts[i]
+        new tokens, packed, and their argmax."""
+        longest = max(map(len, new_tokens))
+        sequences, tokens = min(key for key in self.graphs if key[0] >= len(new_tokens) and key[1] >= longest)
+        graph = self.graphs[sequences, tokens]
+        block_size, scratch = self.block_size, self.scratch
+        padded_tables, padded_tokens, padded_cached = [], [], []
+        for table, done, fed in zip(block_tables, cached, new_tokens):
+            padded_tables.append(table + [scratch] * (-(-(done + tokens) // block_size) - len(table)))
+            padded_tokens.append(fed + [0] * (tokens - len(fed)))
+            padded_cached.append(done)
+        spare = sequences - len(new_tokens)
+        padded_tables += [[scratch] * -(-tokens // block_size)] * spare
+        padded_tokens += [[0] * tokens] * spare
+        padded_cached += [0] * spare
+        inputs = graph.static_inputs(padded_tables, padded_cached, padded_tokens)
+        graph.inputs.copy_(torch.tensor(inputs, dtype=torch.int64), non_blocking=True)
+        graph.replay()
+        rows = [row * tokens + index for row, (fed, count) in enumerate(zip(new_tokens, logit_counts))
+                for index in range(len(fed) - count, len(fed))]
+        index = torch.tensor(rows, device=graph.logits.device)
+        return graph.logits[index], graph.greedy[index]

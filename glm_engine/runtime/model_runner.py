@@ -14,7 +14,7 @@ from torch import nn
 from glm_engine.runtime.attention import AttentionBackend, StepLayout
 from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.runtime.ops import Ops
-from glm_engine.runtime.cuda_graphs import DecodeGraphs, PromptGraphs
+from glm_engine.runtime.cuda_graphs import DecodeGraphs, PromptGraphs, VerifyGraphs
 from glm_engine.runtime.kv_cache import KVCache, blocks_per_sequence, kv_cache_dtype
 
 PAD_TOKEN = 0  # what padded prompts are filled with (never attended to)
@@ -34,7 +34,10 @@ class ModelRunner:
     that takes the K/V of padding: graph padding rows and padded prompts)."""
 
     def __init__(self, network: nn.Module, ops: Ops, config: ModelConfig, build: BuildConfig, device: torch.device,
-                 num_blocks: int, cuda_graphs: bool = True, kv_cache_scales: torch.Tensor | None = None) -> None:
+                 num_blocks: int, cuda_graphs: bool = True, kv_cache_scales: torch.Tensor | None = None,
+                 verify_shapes: tuple[int, int] | None = None) -> None:
+        """`verify_shapes`: (most sequences, most draft tokens a sequence) of the speculative
+        verify steps to capture, where prompt steps are captured too."""
         self.network, self.attention, self.device = network, ops.attention, device
         self.block_size = build.tokens_per_block
         self.blocks_per_sequence = blocks_per_sequence(build)
@@ -42,7 +45,7 @@ class ModelRunner:
         self.remove_input_padding = build.remove_input_padding
         self.kv_cache = KVCache(config.num_layers, num_blocks + 1, self.block_size, config.multi_query_group_num,
                                 config.kv_channels, kv_cache_dtype(build), device, kv_cache_scales)
-        self.decode_graphs = self.prompt_graphs = None
+        self.decode_graphs = self.prompt_graphs = self.verify_graphs = None
         decode_graphs, prompt_graphs = graphs_to_capture(self.attention, build, device, cuda_graphs)
         if decode_graphs:
             self.decode_graphs = DecodeGraphs(network, self.attention, self.kv_cache, build.max_batch_size,
@@ -51,6 +54,10 @@ class ModelRunner:
             self.prompt_graphs = PromptGraphs(network, self.attention, self.kv_cache, build.max_input_len,
                                               self.blocks_per_sequence, self.scratch_block, device,
                                               self.decode_graphs.pool)
+            if verify_shapes is not None:
+                self.verify_graphs = VerifyGraphs(network, self.attention, self.kv_cache, *verify_shapes,
+                                                  self.blocks_per_sequence, self.scratch_block, device,
+                                                  self.decode_graphs.pool)
 
     def forward(self, block_tables: list[list[int]], cached: list[int], new_tokens: list[list[int]],
                 logit_rows: list[list[int]] | None = None) -> torch.Tensor:
@@ -77,6 +84,8 @@ class ModelRunner:
             return self.decode_graphs.run(block_tables, cached, new_tokens)
         if logit_counts is None and self.prompt_graphs is not None and self.prompt_graphs.takes(new_tokens):
             return self.prompt_graphs.run(block_tables, cached, new_tokens)
+        if logit_counts is not None and self.verify_graphs is not None and self.verify_graphs.takes(new_tokens):
+            return self.verify_graphs.run(block_tables, cached, new_tokens, logit_counts)
         counts = logit_counts or [1] * len(new_tokens)
         logit_rows = [list(range(len(tokens) - count, len(tokens))) for tokens, count in zip(new_tokens, counts)]
         if not self.remove_input_padding and any(len(tokens) > 1 for tokens in new_tokens):

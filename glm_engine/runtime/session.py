@@ -247,8 +247,11 @@ class Session:
                                                        max_tokens_in_paged_kv_cache))
         self.block_manager = BlockManager(num_blocks, build.tokens_per_block, prefix_caching)
         built = time.perf_counter()
+        verify_shapes = None
+        if self.speculative is not None:
+            verify_shapes = (min(self.speculative.max_batch, build.max_batch_size), self.speculative.max_draft_len)
         self.runner = ModelRunner(network, ops, rank_config, build, self.device, num_blocks, cuda_graphs,
-                                  kv_cache_scales)
+                                  kv_cache_scales, verify_shapes)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB%s)%s", num_blocks, build.tokens_per_block,
                     num_blocks * build.tokens_per_block, self.runner.kv_cache.nbytes / 2**30,
                     " on each rank" if build.world_size > 1 else "",

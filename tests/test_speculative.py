@@ -61,7 +61,10 @@ def generate_both(engine_dir, prompts, sampling, **options):
     return plain, drafted, session
 
 
-@pytest.mark.parametrize("engine_flags", [(), ("--use_inflight_batching",)], ids=["static", "inflight"])
+PAGED = ("--paged_kv_cache", "--remove_input_padding")  # the scheduler's pool on the reference ops
+
+
+@pytest.mark.parametrize("engine_flags", [(), PAGED], ids=["static", "paged"])
 def test_greedy_output_is_plain_decodings(tiny_engine_factory, engine_flags) -> None:
     engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "24",
                                      "--random_seed", "5", "--max_draft_len", "4", *engine_flags)
@@ -77,8 +80,7 @@ def test_greedy_output_is_plain_decodings(tiny_engine_factory, engine_flags) -> 
 def test_greedy_with_preemption_end_tokens_and_stop_ids_matches(tiny_engine_factory) -> None:
     """A pool too small for all in flight (preemptions), end and stop tokens inside accepted drafts."""
     engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "24",
-                                     "--random_seed", "5", "--max_draft_len", "4", "--use_inflight_batching",
-                                     "--tokens_per_block", "4")
+                                     "--random_seed", "5", "--max_draft_len", "4", *PAGED, "--tokens_per_block", "4")
     prompts = repeating_prompts(8, seed=2)
     plain_outputs = load_session(engine_dir, "cpu").generate(prompts, SamplingConfig(max_new_tokens=24, end_id=-1))
     common = Counter(token for output in plain_outputs for token in output.token_ids).most_common(2)
@@ -125,7 +127,7 @@ def test_rejection_sampling_keeps_the_target_distribution(sampling) -> None:
 
 def test_sampled_requests_run_with_drafts_and_are_reproducible(tiny_engine_factory) -> None:
     engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "24",
-                                     "--random_seed", "5", "--max_draft_len", "4", "--use_inflight_batching")
+                                     "--random_seed", "5", "--max_draft_len", "4", *PAGED)
     prompts = repeating_prompts(4, seed=3)
     sampling = SamplingConfig(max_new_tokens=24, end_id=-1, top_k=0, temperature=0.3, random_seed=11)
     session = load_session(engine_dir, "cpu", speculative=LOOKUP)

@@ -55,6 +55,7 @@ def verify(logits: torch.Tensor, greedy: torch.Tensor, rows: list[DraftedRow]) -
                                           _steps(rows, sampled), _is_last(rows, sampled))
         tokens = tokens.index_copy(0, where, drawn)
         accepted = accepted.index_copy(0, where, passed)
+        tokens = torch.where(accepted, drafts, tokens)  # a passed draft token is kept as it is
     values = torch.stack([tokens, accepted.long()]).tolist()  # the one read
     chosen, position = [], 0
     for row in rows:

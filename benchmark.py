@@ -142,6 +142,17 @@ def progress_bar(total: int, description: str):
                 disable=None if launched_rank() == 0 else True)
 
 
+def report_speculation(session: Session, result: dict) -> None:
+    """With speculative decoding: its counts in the JSON and one line (drafted and accepted
+    tokens, forward steps per generated token)."""
+    if session.speculative is None:
+        return
+    counts = result["speculative"] = session.scheduler.speculative_counts()
+    print(f"speculative decoding ({session.speculative.mode}): {counts['drafted_tokens']} tokens drafted, "
+          f"{counts['accepted_tokens']} accepted ({counts['acceptance']:.1%}), "
+          f"{counts['forward_steps_per_token']:.3f} forward steps per generated token")
+
+
 def synchronize() -> None:
     import torch
 
@@ -555,6 +566,7 @@ def serving_main(args: argparse.Namespace, device: torch.device, result: dict) -
     rows[0]["peak_gib"] = peak_gib(device)
     if not session.is_main_rank:  # tensor parallelism: rank 0 alone runs the reference and reports
         return
+    report_speculation(session, result)
     del session
     if args.hf:
         reset_peak(device)
@@ -695,6 +707,7 @@ def main() -> None:
         result["accuracy_reference_engine_dir"] = args.reference_engine_dir or args.engine_dir
     if not session.is_main_rank:  # tensor parallelism: rank 0 alone runs the reference and reports
         return
+    report_speculation(session, result)
     session_stages = session.startup_seconds
     del session, measure  # `measure` holds the session too: free its weights before HF loads
     reset_peak(device)

@@ -207,3 +207,20 @@ def test_verify_graph_inputs_give_the_eager_step(tiny_engine_factory) -> None:
     slots = torch.tensor([table[p // cache.block_size] * cache.block_size + p % cache.block_size
                           for table, done, tokens in zip(tables, cached, fed) for p in range(done + len(tokens))])
     assert torch.allclose(graph_keys[:, slots], cache.keys[:, slots], atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs are captured on a GPU")
+def test_verify_graphs_give_plain_decodings_tokens_on_a_gpu(tiny_engine_factory, monkeypatch) -> None:
+    engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "24",
+                                     "--random_seed", "5", "--max_draft_len", "4", "--use_inflight_batching")
+    runs = []
+    original = VerifyGraphs.run
+    monkeypatch.setattr(VerifyGraphs, "run", lambda self, *args: runs.append(1) or original(self, *args))
+    prompts = repeating_prompts(6, seed=9)
+    sampling = SamplingConfig(max_new_tokens=24, end_id=-1)
+    plain = load_session(engine_dir, "cuda").generate(prompts, sampling)
+    session = load_session(engine_dir, "cuda", speculative=LOOKUP)
+    drafted = session.generate(prompts, sampling)
+    assert [output.token_ids for output in drafted] == [output.token_ids for output in plain]
+    assert runs and session.scheduler.accepted_tokens > 0
+    assert session.block_manager.free_blocks == session.block_manager.num_blocks

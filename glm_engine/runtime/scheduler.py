@@ -180,7 +180,8 @@ class Scheduler:
         self.preemptions = 0
         self.sampler = sampler
         self.speculative, self.drafter = speculative, drafter
-        self.drafted_tokens = self.accepted_tokens = self.verify_steps = 0  # speculative decoding's counts
+        # Speculative decoding's counts (benchmark.py and serve.py report them).
+        self.drafted_tokens = self.accepted_tokens = self.verify_steps = self.forward_steps = self.generated_tokens = 0
 
     def fits(self, tokens: int, copies: int = 1) -> bool:
         """Whether `copies` sequences of `tokens` tokens can ever hold their blocks."""
@@ -308,6 +309,7 @@ class Scheduler:
         """The next step: admits first, then every running sequence's uncached tokens (and
         the drafts of decoding ones, with speculative decoding)."""
         self._admit()
+        self.forward_steps += 1
         copies = self._reserve_decode_slots()
         if not self.running:
             raise GlmEngineError("no request fits the KV cache pool")  # callers check fits() first
@@ -403,8 +405,7 @@ class Scheduler:
             self.running += group.sequences
         return result
 
-    @staticmethod
-    def _record(sequence: Sequence, tokens: list[int], log_prob: float | None) -> bool:
+    def _record(self, sequence: Sequence, tokens: list[int], log_prob: float | None) -> bool:
         """Appends a row's chosen tokens (one, or a verified draft's accepted tokens and one
         more) to its output, up to its end token, its length limit or its grammar's end;
         whether it is done."""
@@ -413,6 +414,7 @@ class Scheduler:
             if token == sampling.end_id:
                 return True
             sequence.output.append(token)
+            self.generated_tokens += 1
             if sampling.output_log_probs:
                 sequence.log_probs.append(log_prob)
             if len(sequence.output) >= sampling.max_new_tokens:
@@ -480,6 +482,13 @@ class Scheduler:
             result.log_probs += [(sequence.index, value) for value in sequence.log_probs[sequence.reported:count]]
         sequence.reported = count
         return done
+
+    def speculative_counts(self) -> dict[str, float]:
+        """Drafted and accepted tokens, verify steps, and forward steps per generated token
+        (prompt steps included) so far."""
+        return {"drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
+                "acceptance": self.accepted_tokens / max(1, self.drafted_tokens), "verify_steps": self.verify_steps,
+                "forward_steps_per_token": self.forward_steps / max(1, self.generated_tokens)}
 
     def holds(self, index: int) -> bool:
         """Whether request `index` is queued or running."""

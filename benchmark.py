@@ -147,10 +147,10 @@ def report_speculation(session: Session, result: dict) -> None:
     tokens, forward steps per generated token)."""
     if session.speculative is None:
         return
-    counts = result["speculative"] = session.scheduler.speculative_counts()
-    print(f"speculative decoding ({session.speculative.mode}): {counts['drafted_tokens']} tokens drafted, "
-          f"{counts['accepted_tokens']} accepted ({counts['acceptance']:.1%}), "
-          f"{counts['forward_steps_per_token']:.3f} forward steps per generated token")
+    from glm_engine.runtime.drafting import describe
+
+    result["speculative"] = session.scheduler.speculative_counts()
+    print(describe(session.speculative.mode, result["speculative"]))
 
 
 def synchronize() -> None:

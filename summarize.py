@@ -205,6 +205,10 @@ def main() -> None:
                  [prompts] if inflight else batches, tokenizer)
         if not session.is_main_rank:  # tensor parallelism: rank 0 alone runs the reference and scores
             return
+        if session.speculative is not None:
+            from glm_engine.runtime.drafting import describe
+
+            print(describe(session.speculative.mode, session.scheduler.speculative_counts()))
         del session
     if args.test_hf:
         model = hf_model(args, device)

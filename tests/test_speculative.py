@@ -6,6 +6,7 @@ target's distribution, the KV pool whole afterwards, and the errors a user can m
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -224,3 +225,29 @@ def test_verify_graphs_give_plain_decodings_tokens_on_a_gpu(tiny_engine_factory,
     assert [output.token_ids for output in drafted] == [output.token_ids for output in plain]
     assert runs and session.scheduler.accepted_tokens > 0
     assert session.block_manager.free_blocks == session.block_manager.num_blocks
+
+
+@pytest.fixture(scope="module")
+def copying_engine(tmp_path_factory) -> Path:
+    """A float32 engine of the tiny ChatGLM2 trained to copy (scripts/train_copying_checkpoint.py)."""
+    from train_copying_checkpoint import write_copying_checkpoint
+
+    checkpoint = write_copying_checkpoint(tmp_path_factory.mktemp("copying") / "checkpoint", steps=700)
+    engine_dir = checkpoint.parent / "engine"
+    result = run_tool("build.py", "--model_dir", checkpoint, "--output_dir", engine_dir, "--dtype", "float32",
+                      "--max_input_len", "64", "--max_output_len", "32", "--max_draft_len", "6", *PAGED,
+                      "--log_level", "error")
+    assert result.returncode == 0, result.stderr
+    return engine_dir
+
+
+def test_prompt_lookup_accepts_most_drafts_of_a_model_that_copies(copying_engine) -> None:
+    """On its task (continuing a repeated span) the copying model's greedy tokens are prompt
+    lookup's drafts: most are accepted, and the output is plain decoding's."""
+    prompts = [prompt[:-1] for prompt in repeating_prompts(6, seed=10)]  # spans repeated, unbroken
+    sampling = SamplingConfig(max_new_tokens=32, end_id=-1)
+    plain, drafted, session = generate_both(copying_engine, prompts, sampling)
+    assert [output.token_ids for output in drafted] == [output.token_ids for output in plain]
+    counts = session.scheduler.speculative_counts()
+    assert counts["acceptance"] > 0.5, counts
+    assert counts["forward_steps_per_token"] < 0.5, counts  # over two tokens a forward step

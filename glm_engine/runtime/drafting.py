@@ -48,6 +48,13 @@ class SpeculativeConfig:
             raise GlmEngineError(f"the speculative batch limit must be at least 1, got {self.max_batch}")
 
 
+def describe(mode: str, counts: dict[str, float]) -> str:
+    """One line of a run's speculative counts (Scheduler.speculative_counts)."""
+    return (f"speculative decoding ({mode}): {counts['drafted_tokens']} tokens drafted, {counts['accepted_tokens']} "
+            f"accepted ({counts['acceptance']:.1%}), {counts['forward_steps_per_token']:.3f} forward steps per "
+            "generated token")
+
+
 @dataclass
 class DraftState:
     """One sequence's drafting: its tokens drafted and accepted so far, and prompt lookup's

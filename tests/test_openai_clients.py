@@ -339,3 +339,22 @@ def test_prefix_caching_on_and_off_give_the_same_tokens_and_hits_show(server, en
         assert prefix_cache(off)["hit_tokens"] == 0 and prefix_cache(off)["cached_blocks"] == 0
     finally:
         assert off.stop().returncode == 0
+
+
+def test_speculative_serving_gives_the_same_answers_and_metrics_count_drafts(tiny_engine_factory, local):
+    """serve.py --speculative_decoding_mode prompt_lookup answers a prompt that repeats itself
+    as the engine alone does, and /metrics counts the drafts it verified."""
+    engine_dir = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_batch_size", "8",
+                                     "--max_input_len", "64", "--max_output_len", "24", "--use_inflight_batching",
+                                     "--tokens_per_block", "8", "--random_seed", "3", "--max_draft_len", "4")
+    prompt = "hello world, hello world, hello world, hello"
+    expected = local.text(prompt, 16)  # the same weights (--random_seed 3) without --max_draft_len
+    served = Server(engine_dir, "--speculative_decoding_mode", "prompt_lookup")
+    try:
+        answer = served.client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0)
+        assert answer.choices[0].text == expected
+        metrics = httpx.get(served.url + "/metrics", timeout=5).text
+        counts = {name: float(value) for name, value in re.findall(r"^glm_speculative_(\w+) (\S+)$", metrics, re.M)}
+        assert counts["drafted_tokens"] > 0 and counts["verify_steps"] > 0, counts
+    finally:
+        assert served.stop().returncode == 0

@@ -8,7 +8,7 @@ limit and the metrics are the server's (serving/engine_process.py).
 
 Commands: ("submit", request_id, prompt, sampling), ("cancel", request_id),
 ("close", seconds running requests get). Events: ("step", news, EngineStats, commands
-taken, PrefixCacheStats), then ("stopped", the message that ends the requests still open).
+taken, PrefixCacheStats, the scheduler's speculative counts), then ("stopped", the message that ends the requests still open).
 
 A tensor-parallel engine (serve.py under torchrun) runs this loop on rank 0, which
 alone hears the server; each turn it sends the commands it obeyed, and whether the
@@ -68,7 +68,7 @@ class EngineLoop:
         self.taken = 0  # submits taken from the pipe: the server counts those not taken yet as waiting
         self.close_by: float | None = None  # once closing: when requests still running end
         self.news: list[News] = []
-        self.sent: tuple[EngineStats, int, PrefixCacheStats] | None = None
+        self.sent: tuple[EngineStats, int, PrefixCacheStats, dict[str, float]] | None = None
         self.parallel = session.parallel if session.parallel.world_size > 1 else None
 
     def run(self) -> str:
@@ -137,7 +137,8 @@ class EngineLoop:
 
     def _send(self) -> None:
         """Sends the news gathered and the stats, when either changed."""
-        state = (self.session.stats(), self.taken, prefix_cache_stats(self.session))
+        state = (self.session.stats(), self.taken, prefix_cache_stats(self.session),
+                 self.session.scheduler.speculative_counts())
         if not self.news and state == self.sent:
             return
         self.events.send(("step", self.news, *state))

@@ -88,6 +88,7 @@ class EngineProcess:
         self.max_queue = max_queue
         self.on_step = on_step
         self.prefix_cache = PrefixCacheStats()  # the engine's latest counters
+        self.speculative: dict[str, float] = {}  # and its speculative decoding's (Scheduler.speculative_counts)
         self._send_lock = threading.Lock()
         self._active: dict[int, EngineRequest] = {}
         self._submitted = 0  # requests sent; the engine process counts those it has taken
@@ -211,10 +212,11 @@ class EngineProcess:
             self.process.kill()
             self.process.join()
 
-    def _deliver(self, news: list[News], stats: EngineStats, taken: int, prefix_cache: PrefixCacheStats) -> None:
+    def _deliver(self, news: list[News], stats: EngineStats, taken: int, prefix_cache: PrefixCacheStats,
+                 speculative: dict[str, float]) -> None:
         now = time.monotonic()
         with self._send_lock:
-            self.stats, self._taken, self.prefix_cache = stats, taken, prefix_cache
+            self.stats, self._taken, self.prefix_cache, self.speculative = stats, taken, prefix_cache, speculative
             requests = [self._active.get(request_id) for request_id, *_ in news]
             for request_id, _, finished, *_ in news:
                 if finished:

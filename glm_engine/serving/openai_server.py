@@ -112,8 +112,19 @@ class Metrics:
                                  ("glm_prefix_cache_evicted_blocks", "cached blocks handed out for new content",
                                   lambda: engine.prefix_cache.evicted_blocks),
                                  ("glm_prefix_cache_cached_blocks", "blocks held under their content now",
-                                  lambda: engine.prefix_cache.cached_blocks)):
+                                  lambda: engine.prefix_cache.cached_blocks),
+                                 *self._speculative_gauges(engine)):
             Gauge(name, text, registry=registry).set_function(read)
+
+    @staticmethod
+    def _speculative_gauges(engine) -> list[tuple]:
+        """Speculative decoding's counts (0 with it off): Scheduler.speculative_counts'."""
+        return [(f"glm_speculative_{name}", text, lambda name=name: engine.speculative.get(name, 0))
+                for name, text in (("drafted_tokens", "draft tokens verified"),
+                                   ("accepted_tokens", "draft tokens accepted"),
+                                   ("acceptance", "accepted / drafted tokens (0 before any)"),
+                                   ("verify_steps", "forward steps that verified drafts"),
+                                   ("forward_steps_per_token", "forward steps per generated token"))]
 
     def record_step(self, request: EngineRequest, new_tokens: int, finished: bool) -> None:
         """The engine's on_step: token counts, and the latencies of a finished request."""

@@ -251,3 +251,33 @@ def test_prompt_lookup_accepts_most_drafts_of_a_model_that_copies(copying_engine
     counts = session.scheduler.speculative_counts()
     assert counts["acceptance"] > 0.5, counts
     assert counts["forward_steps_per_token"] < 0.5, counts  # over two tokens a forward step
+
+
+def test_draft_model_drafting_gives_plain_decodings_tokens(tiny_engine_factory) -> None:
+    """A different, smaller draft engine: plain decoding's tokens; the target drafting for
+    itself: every guess accepted. Both pools whole afterwards."""
+    flags = (*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "24", *PAGED)
+    engine_dir = tiny_engine_factory(*flags, "--random_seed", "5", "--max_draft_len", "4")
+    draft_dir = tiny_engine_factory(*flags, "--random_seed", "6", "--n_layer", "1")
+    prompts = repeating_prompts(5, seed=12)
+    sampling = SamplingConfig(max_new_tokens=24, end_id=-1)
+    plain = [output.token_ids for output in load_session(engine_dir, "cpu").generate(prompts, sampling)]
+    for draft, all_accepted in ((draft_dir, False), (engine_dir, True)):
+        session = load_session(engine_dir, "cpu", speculative=SpeculativeConfig("draft_model", 4,
+                                                                                draft_engine_dir=str(draft)))
+        assert [output.token_ids for output in session.generate(prompts, sampling)] == plain
+        counts = session.scheduler.speculative_counts()
+        assert counts["drafted_tokens"] > 0
+        if all_accepted:
+            assert counts["accepted_tokens"] == counts["drafted_tokens"], counts
+        for manager in (session.block_manager, session.drafter.block_manager):
+            assert manager.free_blocks == manager.num_blocks
+
+
+def test_a_draft_engine_of_another_vocabulary_is_refused(tiny_engine_factory) -> None:
+    engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "8",
+                                     "--max_draft_len", "2")
+    other = tiny_engine_factory(*TINY_SHAPE_FLAGS, "--dtype", "float32", "--max_input_len", "32",
+                                "--max_output_len", "8")
+    with pytest.raises(GlmEngineError, match="same tokenizer"):
+        load_session(engine_dir, "cpu", speculative=SpeculativeConfig("draft_model", draft_engine_dir=str(other)))

@@ -64,6 +64,11 @@ class DraftState:
     accepted: int = 0
     last_end: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> index after its latest end
     indexed: int = 0  # tokens whose n-grams ending at them are in last_end
+    # Draft-model drafting (runtime/draft_model.py): its block table in the draft engine's
+    # pool, the tokens whose K/V it holds there, and its guesses fed after them.
+    draft_table: list[int] = field(default_factory=list)
+    draft_cached: int = 0
+    draft_guesses: list[int] = field(default_factory=list)
 
     @property
     def keeps_drafting(self) -> bool:
@@ -78,6 +83,9 @@ class Drafter(Protocol):
         """Up to lengths[i] guessed next tokens of each sequence whose prompt and output
         are tokens[i]."""
 
+    def release(self, state: DraftState) -> None:
+        """Frees what a retired (finished or preempted) sequence's drafting holds."""
+
 
 class PromptLookup:
     """Drafts the tokens that followed the latest earlier match of a sequence's last n
@@ -89,6 +97,9 @@ class PromptLookup:
     def propose(self, tokens: list[list[int]], states: list[DraftState], lengths: list[int]) -> list[list[int]]:
         """See Drafter.propose."""
         return [self._one(sequence, state, length) for sequence, state, length in zip(tokens, states, lengths)]
+
+    def release(self, state: DraftState) -> None:
+        """Nothing to free: the n-gram index stays valid for the sequence's tokens."""
 
     def _one(self, tokens: list[int], state: DraftState, length: int) -> list[int]:
         self._index(tokens, state)

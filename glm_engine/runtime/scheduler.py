@@ -264,6 +264,8 @@ class Scheduler:
     def _retire(self, sequence: Sequence) -> None:
         """Frees a sequence's blocks and penalty slot (it finished, was preempted or dropped)."""
         self.block_manager.release(sequence.block_table)
+        if sequence.drafting is not None:
+            self.drafter.release(sequence.drafting)
         if sequence.penalty_slot is not None:
             self.sampler.give_back(sequence.penalty_slot)
             sequence.penalty_slot = None

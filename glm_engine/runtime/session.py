@@ -31,6 +31,7 @@ from glm_engine.runtime.ops import Ops, select_ops
 from glm_engine.quantization import dequantize_weights
 from glm_engine.runtime.beam_search import BeamGroup, BeamSearch
 from glm_engine.runtime.block_manager import BlockManager
+from glm_engine.runtime.draft_model import DraftModel
 from glm_engine.runtime.drafting import Drafter, PromptLookup, SpeculativeConfig
 from glm_engine.runtime.distributed import Launch, TensorParallel, launch_from_environment, rank_device
 from glm_engine.runtime.model_runner import ModelRunner
@@ -82,12 +83,11 @@ def check_launch(engine_world_size: int, launch: Launch) -> None:
                          f"{launch.world_size}")
 
 
-def speculative_drafter(speculative: SpeculativeConfig | None,
-                        build: BuildConfig) -> tuple[SpeculativeConfig | None, Drafter | None]:
-    """A session's speculative decoding (its draft length resolved against the engine's
-    --max_draft_len) and drafter; (None, None) without."""
+def resolve_speculative(speculative: SpeculativeConfig | None, build: BuildConfig) -> SpeculativeConfig | None:
+    """A session's speculative decoding, its draft length resolved against the engine's
+    --max_draft_len (and checked against it)."""
     if speculative is None:
-        return None, None
+        return None
     if not build.max_draft_len:
         raise GlmEngineError("speculative decoding needs an engine built with --max_draft_len K (the most draft "
                              "tokens a verify step takes); rebuild with it")
@@ -96,9 +96,10 @@ def speculative_drafter(speculative: SpeculativeConfig | None,
     if speculative.max_draft_len > build.max_draft_len:
         raise GlmEngineError(f"--max_draft_len {speculative.max_draft_len} exceeds the engine's "
                              f"{build.max_draft_len}; ask for fewer or rebuild with a larger --max_draft_len")
-    if speculative.mode == "draft_model":
-        raise GlmEngineError("--speculative_decoding_mode draft_model is not built yet; use prompt_lookup")
-    return speculative, PromptLookup(speculative.max_ngram)
+    if speculative.mode == "draft_model" and build.world_size > 1:
+        raise GlmEngineError("--speculative_decoding_mode draft_model runs on one GPU; use prompt_lookup with "
+                             "tensor parallelism")
+    return speculative
 
 
 def check_weights_fit(engine_dir: Path, rank: int) -> None:
@@ -216,11 +217,14 @@ class Session:
         (runtime/block_manager.py); `speculative`: decoding steps verify drafts of the next
         tokens (runtime/drafting.py; the engine built with --max_draft_len)."""
         launch = launch_from_environment()
-        _, build = (engine.model_config, engine.build_config) if isinstance(engine, Engine) else engine_configs(engine)
+        target, build = (engine.model_config, engine.build_config) if isinstance(engine, Engine) \
+            else engine_configs(engine)
         check_launch(build.world_size, launch)  # on every rank, before any waits for the others
-        self.speculative, self.drafter = speculative_drafter(speculative, build)  # refused before loading
+        self.speculative = resolve_speculative(speculative, build)  # refused before loading
         self.device = resolve_device(rank_device(launch, str(device) if device is not None else None))
         start = time.perf_counter()
+        # The draft engine first: its small KV pool is sized before this engine's takes the rest.
+        self.drafter = self._drafter(build_network, cuda_graphs, target, build)
         if not isinstance(engine, Engine):
             check_weights_fit(Path(engine), launch.rank)
             engine = load_engine(engine, self.device, launch.rank)
@@ -264,6 +268,21 @@ class Session:
         # Seconds per start-up stage, for benchmark.py (a lazy CUDA-graph capture would hide in the first step).
         self.startup_seconds = {"load_engine": loaded - start, "build_model": built - loaded,
                                 "capture_graphs": time.perf_counter() - built}
+
+    def _drafter(self, build_network: NetworkBuilder, cuda_graphs: bool, target: ModelConfig,
+                 build: BuildConfig) -> Drafter | None:
+        """The drafter of the session's speculative decoding (None without): prompt lookup, or
+        the draft engine loaded as a session of its own with a pool for its drafting sequences."""
+        speculative = self.speculative
+        if speculative is None:
+            return None
+        if speculative.mode == "prompt_lookup":
+            return PromptLookup(speculative.max_ngram)
+        _, draft_build = engine_configs(speculative.draft_engine_dir)
+        longest = build.max_sequence_len
+        pool = {"max_tokens_in_paged_kv_cache": speculative.max_batch * longest} if draft_build.paged_kv_cache else {}
+        draft = Session(speculative.draft_engine_dir, build_network, self.device, cuda_graphs, **pool)
+        return DraftModel(draft, target.vocab_size, longest)
 
     @property
     def is_main_rank(self) -> bool:

@@ -154,7 +154,8 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
     """Speculative decoding's flags (runtime/drafting.py), as TensorRT-LLM's run.py spells them."""
     parser.add_argument("--speculative_decoding_mode", choices=list(SPECULATIVE_MODES), default=None,
                         help="decoding steps verify drafts of several next tokens at once: prompt_lookup drafts "
-                             "the tokens that followed the latest earlier match of the sequence's last tokens; "
+                             "the tokens that followed the latest earlier match of the sequence's last tokens, "
+                             "draft_model the greedy guesses of --draft_engine_dir; "
                              "greedy output is unchanged, sampled output keeps its distribution; needs an engine "
                              "built with --max_draft_len (default: off)")
     parser.add_argument("--max_draft_len", type=int, default=None,
@@ -162,18 +163,21 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the engine's --max_draft_len)")
     parser.add_argument("--prompt_lookup_max_ngram", type=int, default=3,
                         help="prompt_lookup: the longest n-gram matched, tried down to 1 (default: %(default)s)")
+    parser.add_argument("--draft_engine_dir", type=str, default=None,
+                        help="draft_model: the engine that drafts, built from a smaller checkpoint with the same "
+                             "tokenizer (e.g. a 2-layer model of the same family) (default: none)")
 
 
 def speculative_options(args: argparse.Namespace) -> dict:
     """Session keyword arguments from add_speculative_arguments' flags."""
     if args.speculative_decoding_mode is None:
-        for flag in ("max_draft_len",):
+        for flag in ("max_draft_len", "draft_engine_dir"):
             if getattr(args, flag) is not None:
                 raise GlmEngineError(f"--{flag} applies to speculative decoding; add --speculative_decoding_mode "
                                      "or drop it")
         return {}
     return {"speculative": SpeculativeConfig(args.speculative_decoding_mode, args.max_draft_len,
-                                             args.prompt_lookup_max_ngram)}
+                                             args.prompt_lookup_max_ngram, args.draft_engine_dir)}
 
 
 def add_kv_cache_arguments(parser: argparse.ArgumentParser, prefix_caching: bool = False) -> None:

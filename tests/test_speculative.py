@@ -90,6 +90,14 @@ def test_greedy_with_preemption_end_tokens_and_stop_ids_matches(tiny_engine_fact
     assert [output.token_ids for output in drafted] == [output.token_ids for output in plain]
     assert session.scheduler.preemptions > 0
     assert session.block_manager.free_blocks == session.block_manager.num_blocks
+    # The engine drafting for itself: preempted sequences give their draft-side blocks back too.
+    session = load_session(engine_dir, "cpu", max_tokens_in_paged_kv_cache=96,
+                           speculative=SpeculativeConfig("draft_model", 4, draft_engine_dir=str(engine_dir)))
+    assert [output.token_ids for output in session.generate(prompts, sampling)] == \
+        [output.token_ids for output in plain]
+    assert session.scheduler.preemptions > 0
+    for manager in (session.block_manager, session.drafter.block_manager):
+        assert manager.free_blocks == manager.num_blocks
 
 
 @cpu_sessions_run_kernels

@@ -76,6 +76,9 @@ def test_greedy_output_is_plain_decodings(tiny_engine_factory, engine_flags) -> 
     scheduler = session.scheduler
     assert scheduler.accepted_tokens > 0 and scheduler.verify_steps > 0  # drafts ran and some were kept
     assert session.block_manager.free_blocks == session.block_manager.num_blocks
+    if engine_flags:  # prompts read in chunks beside the verify steps of the sequences decoding
+        _, chunked, _ = generate_both(engine_dir, prompts, sampling, chunked_prefill=True, tokens_per_step=12)
+        assert [output.token_ids for output in chunked] == [output.token_ids for output in plain]
 
 
 def test_greedy_with_preemption_end_tokens_and_stop_ids_matches(tiny_engine_factory) -> None:

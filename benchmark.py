@@ -645,6 +645,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise GlmEngineError(f"{scheduling[0]} sets the serving modes' scheduler; add --mode throughput or rate")
     if scheduling and args.server_url is not None:
         raise GlmEngineError(f"{scheduling[0]} sets the in-process scheduler; pass it to serve.py instead")
+    speculative_options(args)  # its flags checked before any work
+    if args.speculative_decoding_mode is not None and args.server_url is not None:
+        raise GlmEngineError("--speculative_decoding_mode sets the in-process engine; pass it to serve.py instead")
     if args.mode != "latency" and (args.plot is not None or args.accuracy):
         raise GlmEngineError(f"--{'accuracy' if args.accuracy else 'plot'} applies to --mode latency")
     for flag, path in (("--output_json", args.output_json), ("--plot", args.plot)):

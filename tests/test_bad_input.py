@@ -403,6 +403,12 @@ CASES = [
     ("benchmark.py", "--engine_dir {w}/engine --enable_chunked_context", "add --mode throughput or rate"),
     ("benchmark.py", "--engine_dir {w}/engine --mode throughput --server_url http://127.0.0.1:9 --max_in_flight 2",
      "--max_in_flight sets the in-process scheduler; pass it to serve.py instead"),
+    ("benchmark.py", "--engine_dir {w}/engine --mode throughput --server_url http://127.0.0.1:9 "
+                     "--speculative_decoding_mode prompt_lookup", "pass it to serve.py instead"),
+    ("benchmark.py", "--engine_dir {w}/engine --max_draft_len 2", "add --speculative_decoding_mode"),
+    ("run.py", "--engine_dir {w}/engine --speculative_decoding_mode prompt_lookup --input_text hi",
+     "rebuild with it"),
+    ("build.py", "--output_dir {w}/built --max_draft_len 65", "--max_draft_len must be within [0, 64]"),
 ]
 
 

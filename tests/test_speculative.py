@@ -130,22 +130,41 @@ def test_rejection_sampling_keeps_the_target_distribution(sampling) -> None:
     draws = 6000
     for draft in (int(expected.argmax()), int(expected.argsort()[-3])):
         rows = [DraftedRow(2 * i, [draft], sampling, seed, 0) for i, seed in enumerate(range(draws))]
-        chosen = verify(logits.repeat(draws, 1), logits.argmax(dim=-1).repeat(draws), rows)
+        chosen, _ = verify(logits.repeat(draws, 1), logits.argmax(dim=-1).repeat(draws), rows)
         first = Counter(tokens[0] for tokens in chosen)
         observed = torch.tensor([first[token] / draws for token in range(8)])
         assert (observed - expected).abs().max() < 0.025, (draft, observed, expected)
         assert all(len(tokens) == 2 for tokens in chosen if tokens[0] == draft)  # accepted: the bonus token follows
 
 
+def test_log_probs_with_drafts_are_plain_decodings(tiny_engine_factory) -> None:
+    """Greedy requests asking for log-probs (and the likeliest alternatives) draft too, and
+    report the log-probs plain decoding reports."""
+    engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "24",
+                                     "--random_seed", "5", "--max_draft_len", "4", *PAGED)
+    sampling = SamplingConfig(max_new_tokens=24, end_id=-1, output_log_probs=True, top_log_probs=2)
+    plain, drafted, session = generate_both(engine_dir, repeating_prompts(4, seed=13), sampling)
+    assert session.scheduler.accepted_tokens > 0
+    for ours, theirs in zip(drafted, plain):
+        assert ours.token_ids == theirs.token_ids
+        assert ours.log_probs == pytest.approx(theirs.log_probs, abs=1e-4)
+        assert [[token for token, _ in value.top] for value in ours.log_probs] == \
+            [[token for token, _ in value.top] for value in theirs.log_probs]
+
+
 def test_sampled_requests_run_with_drafts_and_are_reproducible(tiny_engine_factory) -> None:
     engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "24",
                                      "--random_seed", "5", "--max_draft_len", "4", *PAGED)
     prompts = repeating_prompts(4, seed=3)
-    sampling = SamplingConfig(max_new_tokens=24, end_id=-1, top_k=0, temperature=0.3, random_seed=11)
+    sampling = SamplingConfig(max_new_tokens=24, end_id=-1, top_k=0, temperature=0.3, random_seed=11,
+                              output_log_probs=True)
     session = load_session(engine_dir, "cpu", speculative=LOOKUP)
-    first = [output.token_ids for output in session.generate(prompts, sampling)]
+    outputs = session.generate(prompts, sampling)
+    first = [output.token_ids for output in outputs]
     assert [output.token_ids for output in session.generate(prompts, sampling)] == first
     assert all(len(tokens) == 24 for tokens in first)
+    assert all(len(output.log_probs) == 24 and all(-100 < value <= 0 for value in output.log_probs)
+               for output in outputs)
     assert session.scheduler.accepted_tokens > 0
     assert session.block_manager.free_blocks == session.block_manager.num_blocks
 

@@ -58,8 +58,11 @@ class Sampler:
         rows = [row for row, draft in enumerate(plan.drafts) if draft]
         drafted = [DraftedRow(ends[row] - counts[row], plan.drafts[row], plan.sequences[row].sampling,
                               plan.sequences[row].seed, len(plan.sequences[row].output)) for row in rows]
-        for row, tokens in zip(rows, verify(logits, greedy, drafted)):
+        chosen, log_probs = verify(logits, greedy, drafted)
+        for index, (row, tokens) in enumerate(zip(rows, chosen)):
             sampled.verified[row] = _stop_tokens_as_end([plan.sequences[row]] * len(tokens), tokens)
+            if log_probs is not None:
+                sampled.verified_log_probs[row] = log_probs[index]
         return sampled
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor, greedy: torch.Tensor) -> SampledTokens:

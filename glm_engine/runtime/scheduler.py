@@ -54,12 +54,11 @@ class Sequence:
     @property
     def draftable(self) -> bool:
         """Whether speculative decoding may verify drafts of its tokens: a plain greedy or
-        sampled request (penalties, logit bias, bad words, a minimum length, log-probs, a
-        grammar or beams choose each token from the ones before: those decode one at a
-        time) whose acceptance so far is worth it."""
+        sampled request (penalties, logit bias, bad words, a minimum length, a grammar or
+        beams choose each token from the ones before: those decode one at a time) whose
+        acceptance so far is worth it."""
         sampling = self.sampling
-        plain = (self.group is None and self.grammar is None and not sampling.changes_logits
-                 and not sampling.output_log_probs)
+        plain = self.group is None and self.grammar is None and not sampling.changes_logits
         return plain and (self.drafting is None or self.drafting.keeps_drafting)
 
     @property
@@ -139,6 +138,7 @@ class SampledTokens:
     log_probs: list[float] | None = None  # of each row's token, when any row asks
     beam_parents: dict[BeamGroup, list[int]] = field(default_factory=dict)  # per beam request: each new beam's parent
     verified: dict[int, list[int]] = field(default_factory=dict)  # drafted rows: accepted draft tokens and one more
+    verified_log_probs: dict[int, list[float]] = field(default_factory=dict)  # their log-probs, when asked
 
 
 class TokenSampler(Protocol):
@@ -384,10 +384,12 @@ class Scheduler:
                 if sequence is sequence.group.sequences[0]:
                     still_running.append(sequence)
                 continue
-            chosen = sampled.verified[row] if draft else [sampled.tokens[row]]
             if draft:
+                chosen, log_probs = sampled.verified[row], sampled.verified_log_probs.get(row)
                 self._count_draft(sequence.drafting, len(draft), len(chosen) - 1)
-            done = self._record(sequence, chosen, sampled.log_probs[row] if sampled.log_probs else None)
+            else:
+                chosen, log_probs = [sampled.tokens[row]], [sampled.log_probs[row]] if sampled.log_probs else None
+            done = self._record(sequence, chosen, log_probs)
             done = self._report(sequence, done, result)
             if done:
                 self._retire(sequence)
@@ -407,18 +409,18 @@ class Scheduler:
             self.running += group.sequences
         return result
 
-    def _record(self, sequence: Sequence, tokens: list[int], log_prob: float | None) -> bool:
+    def _record(self, sequence: Sequence, tokens: list[int], log_probs: list[float] | None) -> bool:
         """Appends a row's chosen tokens (one, or a verified draft's accepted tokens and one
         more) to its output, up to its end token, its length limit or its grammar's end;
         whether it is done."""
         sampling = sequence.sampling
-        for token in tokens:
+        for index, token in enumerate(tokens):
             if token == sampling.end_id:
                 return True
             sequence.output.append(token)
             self.generated_tokens += 1
             if sampling.output_log_probs:
-                sequence.log_probs.append(log_prob)
+                sequence.log_probs.append(log_probs[index])
             if len(sequence.output) >= sampling.max_new_tokens:
                 return True
             if sequence.grammar is not None:  # a complete text ends the request, end token or not

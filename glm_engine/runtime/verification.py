@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glm_engine.runtime.sampling import SamplingConfig, min_p_logits, nucleus_logits, row_keys, sample_rows
+from glm_engine.runtime.sampling import LogProb, SamplingConfig, min_p_logits, nucleus_logits, row_keys, sample_rows
 
 ACCEPT_SALT = 0x5BD1E9955BD1E995  # keys the acceptance tests' noise apart from the draws'
 _FREE_DRAW = SamplingConfig(max_new_tokens=1, top_k=0)  # temperature 1, no filter: the logits as given
@@ -39,34 +39,60 @@ class DraftedRow:
     output_length: int
 
 
-def verify(logits: torch.Tensor, greedy: torch.Tensor, rows: list[DraftedRow]) -> list[list[int]]:
+def verify(logits: torch.Tensor, greedy: torch.Tensor,
+           rows: list[DraftedRow]) -> tuple[list[list[int]], list[list[float]] | None]:
     """For each drafted row, its accepted draft tokens and the token after them, from a
-    verify step's float32 `logits` [R, vocab] and their argmax `greedy` [R]."""
+    verify step's float32 `logits` [R, vocab] and their argmax `greedy` [R]; with them, when
+    any row asks (output_log_probs), each kept token's log-probability under the
+    distribution it is distributed as (the logits for greedy rows, the tempered nucleus for
+    sampled ones: what plain decoding reports), a LogProb with the likeliest alternatives
+    where asked."""
     device = logits.device
     index = torch.tensor([row.start + i for row in rows for i in range(len(row.draft) + 1)], device=device)
     drafts = torch.tensor([token for row in rows for token in row.draft + [0]], device=device)
     tokens = greedy[index].long()
     accepted = tokens == drafts
+    distributions = logits[index]  # what each position's token is distributed as, as logits
     owners = _positions(rows)
     sampled = [position for position, row in enumerate(owners) if not row.sampling.greedy]
     if sampled:
         where = torch.tensor(sampled, device=device)
-        drawn, passed = _rejection_sample(logits[index[where]], drafts[where], [owners[p] for p in sampled],
-                                          _steps(rows, sampled), _is_last(rows, sampled))
+        drawn, passed, target = _rejection_sample(distributions[where], drafts[where], [owners[p] for p in sampled],
+                                                  _steps(rows, sampled), _is_last(rows, sampled))
         tokens = tokens.index_copy(0, where, drawn)
         accepted = accepted.index_copy(0, where, passed)
         tokens = torch.where(accepted, drafts, tokens)  # a passed draft token is kept as it is
-    values = torch.stack([tokens, accepted.long()]).tolist()  # the one read
-    chosen, position = [], 0
+        distributions = distributions.index_copy(0, where, target)
+    top = min(max(row.sampling.top_log_probs for row in rows), logits.shape[1])
+    asking = any(row.sampling.output_log_probs for row in rows)
+    columns = [tokens.double()[:, None], accepted.double()[:, None]]
+    if asking:  # ids below 2**53 and float32 log-probs are exact in float64: one read for all
+        log_softmax = distributions.log_softmax(dim=-1)
+        columns.append(log_softmax.gather(1, tokens[:, None]).double())
+        if top:
+            values, ids = log_softmax.topk(top, dim=-1)
+            columns += [ids.double(), values.double()]
+    table = torch.cat(columns, dim=1).tolist()  # the one read
+    chosen, log_probs, position = [], [], 0
     for row in rows:
-        kept = []
-        for i in range(len(row.draft) + 1):
-            kept.append(values[0][position + i])
-            if i == len(row.draft) or not values[1][position + i]:
+        kept: list[int] = []
+        for entry in table[position:position + len(row.draft) + 1]:
+            kept.append(int(entry[0]))
+            if len(kept) == len(row.draft) + 1 or not entry[1]:
                 break
         chosen.append(kept)
+        log_probs.append([_log_prob(entry, row.sampling.top_log_probs, top) for entry in
+                          table[position:position + len(kept)]] if asking else [])
         position += len(row.draft) + 1
-    return chosen
+    return chosen, log_probs if asking else None
+
+
+def _log_prob(entry: list[float], asked: int, top: int) -> float:
+    """A kept token's log-prob from its row of the read table, with `asked` alternatives."""
+    if not asked:
+        return entry[2]
+    ids, values = entry[3:3 + asked], entry[3 + top:3 + top + asked]
+    return LogProb(entry[2], tuple((int(token), value) for token, value in zip(ids, values)))
 
 
 def _positions(rows: list[DraftedRow]) -> list[DraftedRow]:
@@ -87,9 +113,10 @@ def _is_last(rows: list[DraftedRow], positions: list[int]) -> list[bool]:
 
 
 def _rejection_sample(logits: torch.Tensor, drafts: torch.Tensor, rows: list[DraftedRow], steps: list[int],
-                      last: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+                      last: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sampled positions: (the token drawn from the target without the draft token, or from
-    the whole target at a row's last position; whether the draft token passed)."""
+    the whole target at a row's last position; whether the draft token passed; the target
+    as logits)."""
     device = logits.device
     samplings = [row.sampling for row in rows]
     if any(sampling.min_p > 0 for sampling in samplings):
@@ -106,4 +133,4 @@ def _rejection_sample(logits: torch.Tensor, drafts: torch.Tensor, rows: list[Dra
     removed = remove.nonzero()[:, 0]
     residual[removed, drafts[removed]] = float("-inf")
     drawn = sample_rows(residual, [_FREE_DRAW] * len(rows), seeds, steps)
-    return drawn.long(), passed
+    return drawn.long(), passed, target

@@ -10,7 +10,9 @@ stop strings, advances beam requests and retires finished sequences, whose block
 free for the next step.
 When a running sequence needs a block and none is free, the newest running sequence
 is preempted: its blocks are freed and it goes back to the head of the queue with
-its tokens so far, to be recomputed. Pure bookkeeping in plain Python: it holds the
+its tokens so far, to be recomputed. With speculative decoding, decoding sequences
+also feed their drafter's guesses (runtime/drafting.py), and postprocess keeps the
+accepted ones (runtime/verification.py chose them). Pure bookkeeping in plain Python: it holds the
 block manager and the sequences, never a tensor, and does not import torch."""
 
 from __future__ import annotations

@@ -20,19 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from glm_engine.runtime.drafting import SpeculativeConfig  # noqa: E402
 from model import load_session  # noqa: E402
-
-
-def step_ms(run, repeats: int) -> float:
-    """Median milliseconds of `run` (CUDA events around each call)."""
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from sampling_gpu import millis  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def main() -> None:
@@ -64,7 +52,7 @@ def main() -> None:
     with torch.inference_mode():
         for _ in range(3):  # turns, so that clocks and the other steps affect all alike
             for name, run in steps.items():
-                times[name].append(step_ms(run, args.repeats))
+                times[name].append(millis(run, args.repeats))
     result = {name: sorted(values)[1] for name, values in times.items()}
     graphs = runner.verify_graphs is not None and all(runner.verify_graphs.takes([[7] * t] * args.batch_size)
                                                       for t in args.tokens)

@@ -406,6 +406,9 @@ CASES = [
     ("benchmark.py", "--engine_dir {w}/engine --mode throughput --server_url http://127.0.0.1:9 "
                      "--speculative_decoding_mode prompt_lookup", "pass it to serve.py instead"),
     ("benchmark.py", "--engine_dir {w}/engine --max_draft_len 2", "add --speculative_decoding_mode"),
+    ("benchmark.py", "--engine_dir {w}/engine --prompt_lookup_max_ngram 2", "add --speculative_decoding_mode"),
+    ("benchmark.py", "--engine_dir {w}/engine --speculative_decoding_mode draft_model --draft_engine_dir "
+                     "{w}/engine --prompt_lookup_max_ngram 2", "applies to --speculative_decoding_mode prompt_lookup"),
     ("run.py", "--engine_dir {w}/engine --speculative_decoding_mode prompt_lookup --input_text hi",
      "rebuild with it"),
     ("build.py", "--output_dir {w}/built --max_draft_len 65", "--max_draft_len must be within [0, 64]"),

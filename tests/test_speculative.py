@@ -48,6 +48,16 @@ def test_prompt_lookup_drafts_what_followed_the_latest_longest_match() -> None:
     lookup = PromptLookup(max_ngram=3)
     assert lookup.propose([[1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3]], [DraftState()], [3]) == [[7, 5, 1]]
     assert lookup.propose([[4, 5, 6]], [DraftState()], [2]) == [[]]  # no earlier match
+    # --prompt_lookup_max_ngram: the trigram 1 2 3 matches at the start, the unigram 3 matches later.
+    tokens = [1, 2, 3, 7, 9, 3, 8, 1, 2, 3]
+    assert lookup.propose([tokens], [DraftState()], [2]) == [[7, 9]]
+    assert PromptLookup(max_ngram=1).propose([tokens], [DraftState()], [2]) == [[8, 1]]
+    from run import parse_arguments
+    from glm_engine.tools.cli import speculative_options
+
+    options = speculative_options(parse_arguments(["--speculative_decoding_mode", "prompt_lookup",
+                                                   "--prompt_lookup_max_ngram", "1", "--max_draft_len", "2"]))
+    assert options["speculative"] == SpeculativeConfig("prompt_lookup", 2, 1)
     rng = random.Random(1)
     state, tokens = DraftState(), [rng.randrange(5) for _ in range(6)]
     for _ in range(60):  # the index grows with the sequence, as the scheduler calls it
@@ -76,6 +86,9 @@ def test_greedy_output_is_plain_decodings(tiny_engine_factory, engine_flags) -> 
     scheduler = session.scheduler
     assert scheduler.accepted_tokens > 0 and scheduler.verify_steps > 0  # drafts ran and some were kept
     assert session.block_manager.free_blocks == session.block_manager.num_blocks
+    one = load_session(engine_dir, "cpu", speculative=SpeculativeConfig("prompt_lookup", 1))  # a run-time limit
+    assert one.generate(prompts[:1], sampling)[0].token_ids == plain[0].token_ids
+    assert 0 < one.scheduler.drafted_tokens <= one.scheduler.verify_steps < scheduler.drafted_tokens
     if engine_flags:  # prompts read in chunks beside the verify steps of the sequences decoding
         _, chunked, _ = generate_both(engine_dir, prompts, sampling, chunked_prefill=True, tokens_per_step=12)
         assert [output.token_ids for output in chunked] == [output.token_ids for output in plain]

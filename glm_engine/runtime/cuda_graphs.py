@@ -214,16 +214,11 @@ class VerifyGraphs(_GraphSet):
         sequences, tokens = min(key for key in self.graphs if key[0] >= len(new_tokens) and key[1] >= longest)
         graph = self.graphs[sequences, tokens]
         block_size, scratch = self.block_size, self.scratch
-        padded_tables, padded_tokens, padded_cached = [], [], []
-        for table, done, fed in zip(block_tables, cached, new_tokens):
-            padded_tables.append(table + [scratch] * (-(-(done + tokens) // block_size) - len(table)))
-            padded_tokens.append(fed + [0] * (tokens - len(fed)))
-            padded_cached.append(done)
         spare = sequences - len(new_tokens)
-        padded_tables += [[scratch] * -(-tokens // block_size)] * spare
-        padded_tokens += [[0] * tokens] * spare
-        padded_cached += [0] * spare
-        inputs = graph.static_inputs(padded_tables, padded_cached, padded_tokens)
+        padded_tables = [table + [scratch] * (-(-(done + tokens) // block_size) - len(table))
+                         for table, done in zip(block_tables, cached)] + [[scratch] * -(-tokens // block_size)] * spare
+        padded_tokens = [fed + [0] * (tokens - len(fed)) for fed in new_tokens] + [[0] * tokens] * spare
+        inputs = graph.static_inputs(padded_tables, list(cached) + [0] * spare, padded_tokens)
         graph.inputs.copy_(torch.tensor(inputs, dtype=torch.int64), non_blocking=True)
         graph.replay()
         rows = [row * tokens + index for row, (fed, count) in enumerate(zip(new_tokens, logit_counts))

@@ -12,24 +12,30 @@ from __future__ import annotations
 from typing import Any
 
 from glm_engine import GlmEngineError
+from glm_engine.config import BuildConfig, ModelConfig
 from glm_engine.runtime.drafting import DraftState
 
 
-class DraftModel:
-    """Drafts with `draft`, a Session of the draft engine (its runner and block manager are
-    used; its scheduler is not)."""
+def check_draft_engine(draft: ModelConfig, draft_build: BuildConfig, target: ModelConfig,
+                       target_build: BuildConfig) -> None:
+    """Raises GlmEngineError when the draft engine cannot draft for the target: another
+    vocabulary, or positions short of the target's longest sequence (a draft never goes
+    past it)."""
+    if draft.vocab_size != target.vocab_size:
+        raise GlmEngineError(f"--draft_engine_dir has a vocabulary of {draft.vocab_size} tokens and the engine "
+                             f"{target.vocab_size}; build the draft from a checkpoint with the same tokenizer")
+    if draft_build.max_sequence_len < target_build.max_sequence_len:
+        raise GlmEngineError(f"--draft_engine_dir holds sequences of {draft_build.max_sequence_len} tokens, fewer "
+                             f"than the engine's {target_build.max_sequence_len}; rebuild the draft with larger "
+                             "--max_input_len/--max_output_len")
 
-    def __init__(self, draft: Any, vocab_size: int, longest_sequence: int) -> None:
-        """`longest_sequence`: the target's longest sequence, which the draft engine's positions
-        must reach (a draft never goes past it)."""
-        if draft.model_config.vocab_size != vocab_size:
-            raise GlmEngineError(f"--draft_engine_dir has a vocabulary of {draft.model_config.vocab_size} tokens and "
-                                 f"the engine {vocab_size}; build the draft from a checkpoint with the same tokenizer")
-        if draft.build_config.max_sequence_len < longest_sequence:
-            raise GlmEngineError(f"--draft_engine_dir holds sequences of {draft.build_config.max_sequence_len} tokens, "
-                                 f"fewer than the engine's {longest_sequence}; rebuild the draft with larger "
-                                 "--max_input_len/--max_output_len")
-        self.draft, self.runner, self.block_manager = draft, draft.runner, draft.block_manager
+
+class DraftModel:
+    """Drafts with `draft`, a Session of the draft engine (checked by check_draft_engine; its
+    runner and block manager are used, its scheduler is not)."""
+
+    def __init__(self, draft: Any) -> None:
+        self.runner, self.block_manager = draft.runner, draft.block_manager
 
     def propose(self, tokens: list[list[int]], states: list[DraftState], lengths: list[int]) -> list[list[int]]:
         """See Drafter.propose: each sequence's greedy guesses by the draft engine (none for

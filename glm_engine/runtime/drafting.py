@@ -19,20 +19,21 @@ MODES = ("prompt_lookup", "draft_model")
 # does not copy (random weights) would pay that on every step.
 ADAPTIVE_WINDOW = 16
 MIN_ACCEPTANCE = 0.25
+# Steps of more sequences draft nothing: at large batches decode is no longer memory-bound,
+# and verify steps are captured as CUDA graphs for up to this many sequences.
+DRAFTING_BATCH = 16
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """How a session drafts: `mode` (prompt_lookup or draft_model), up to `max_draft_len`
-    tokens a sequence a step (None: as many as the engine's verify steps take), prompt lookup's longest n-gram `max_ngram`, the draft
-    engine's directory (draft_model), and `max_batch`: steps with more decoding sequences
-    draft nothing (at large batches decode is no longer memory-bound)."""
+    tokens a sequence a step (None: as many as the engine's verify steps take), prompt
+    lookup's longest n-gram `max_ngram`, and the draft engine's directory (draft_model)."""
 
     mode: str
     max_draft_len: int | None = None  # None: the engine's --max_draft_len
     max_ngram: int = 3
     draft_engine_dir: str | None = None
-    max_batch: int = 16
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -44,8 +45,6 @@ class SpeculativeConfig:
         if (self.mode == "draft_model") != (self.draft_engine_dir is not None):
             raise GlmEngineError("--draft_engine_dir goes with --speculative_decoding_mode draft_model (and it "
                                  "needs one)")
-        if self.max_batch < 1:
-            raise GlmEngineError(f"the speculative batch limit must be at least 1, got {self.max_batch}")
 
 
 def describe(mode: str, counts: dict[str, float]) -> str:

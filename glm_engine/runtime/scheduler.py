@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from glm_engine import GlmEngineError
 from glm_engine.runtime.block_manager import BlockManager
-from glm_engine.runtime.drafting import DraftState, Drafter, SpeculativeConfig
+from glm_engine.runtime.drafting import DRAFTING_BATCH, DraftState, Drafter, SpeculativeConfig
 
 if TYPE_CHECKING:  # types only: beam_search and sampling import torch
     from glm_engine.runtime.beam_search import BeamGroup
@@ -323,7 +323,7 @@ class Scheduler:
             new_tokens = self._chunks()  # only chunked steps cut prompts
             reading = [sequence.cached + len(fed) < sequence.length for sequence, fed in zip(self.running, new_tokens)]
             plan = StepPlan(list(self.running), new_tokens, copies, reading)
-        if self.drafter is not None and len(plan.sequences) <= self.speculative.max_batch:
+        if self.drafter is not None and len(plan.sequences) <= DRAFTING_BATCH:
             self._draft(plan)
         return plan
 

@@ -31,8 +31,8 @@ from glm_engine.runtime.ops import Ops, select_ops
 from glm_engine.quantization import dequantize_weights
 from glm_engine.runtime.beam_search import BeamGroup, BeamSearch
 from glm_engine.runtime.block_manager import BlockManager
-from glm_engine.runtime.draft_model import DraftModel
-from glm_engine.runtime.drafting import Drafter, PromptLookup, SpeculativeConfig
+from glm_engine.runtime.draft_model import DraftModel, check_draft_engine
+from glm_engine.runtime.drafting import DRAFTING_BATCH, Drafter, PromptLookup, SpeculativeConfig
 from glm_engine.runtime.distributed import Launch, TensorParallel, launch_from_environment, rank_device
 from glm_engine.runtime.model_runner import ModelRunner
 from glm_engine.runtime.kv_cache import pool_blocks, pop_kv_cache_scales
@@ -126,6 +126,7 @@ class EngineLimits:
     max_in_flight: int
     pool_flags: str  # the flags that size the KV pool on the engine's device
     more_end_ids: tuple[int, ...] = ()  # the model's other end ids (GLM-4's), requests' stop tokens unless beams
+    speculative: bool = False  # the engine decodes speculatively: beams are refused
 
     def check_prompt(self, prompt: list[int], max_new_tokens: int, index: int = 0) -> None:
         """Raises GlmEngineError when request `index`'s prompt or length breaks the engine's limits."""
@@ -150,6 +151,9 @@ class EngineLimits:
         if any(token >= vocab for word in sampling.bad_words for token in word):
             raise GlmEngineError(f"a bad word of request {index} holds a token id outside the vocabulary [0, {vocab})")
         beams = sampling.num_beams
+        if beams > 1 and self.speculative:
+            raise GlmEngineError(f"request {index}: beam search with speculative decoding is not built; use num_beams 1 "
+                                 "or drop --speculative_decoding_mode")
         if beams > self.max_in_flight:
             raise GlmEngineError(f"request {index} asks for {beams} beams, more than the {self.max_in_flight} "
                                  "sequences in flight; use fewer beams or a larger --max_batch_size")
@@ -253,7 +257,7 @@ class Session:
         built = time.perf_counter()
         verify_shapes = None
         if self.speculative is not None:
-            verify_shapes = (min(self.speculative.max_batch, build.max_batch_size), self.speculative.max_draft_len)
+            verify_shapes = (min(DRAFTING_BATCH, build.max_batch_size), self.speculative.max_draft_len)
         self.runner = ModelRunner(network, ops, rank_config, build, self.device, num_blocks, cuda_graphs,
                                   kv_cache_scales, verify_shapes)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB%s)%s", num_blocks, build.tokens_per_block,
@@ -278,11 +282,11 @@ class Session:
             return None
         if speculative.mode == "prompt_lookup":
             return PromptLookup(speculative.max_ngram)
-        _, draft_build = engine_configs(speculative.draft_engine_dir)
-        longest = build.max_sequence_len
-        pool = {"max_tokens_in_paged_kv_cache": speculative.max_batch * longest} if draft_build.paged_kv_cache else {}
-        draft = Session(speculative.draft_engine_dir, build_network, self.device, cuda_graphs, **pool)
-        return DraftModel(draft, target.vocab_size, longest)
+        draft_config, draft_build = engine_configs(speculative.draft_engine_dir)
+        check_draft_engine(draft_config, draft_build, target, build)  # before loading it
+        pool = {"max_tokens_in_paged_kv_cache": DRAFTING_BATCH * build.max_sequence_len} \
+            if draft_build.paged_kv_cache else {}
+        return DraftModel(Session(speculative.draft_engine_dir, build_network, self.device, cuda_graphs, **pool))
 
     @property
     def is_main_rank(self) -> bool:
@@ -312,7 +316,7 @@ class Session:
             "--kv_cache_free_gpu_mem_fraction or --max_tokens_in_paged_kv_cache"  # the CPU takes only the first
         self.limits = EngineLimits(self.build_config, self.model_config.vocab_size, self.model_config.eos_token_id,
                                    manager.num_blocks, manager.block_size, max_in_flight, flags,
-                                   self.model_config.eos_token_ids[1:])
+                                   self.model_config.eos_token_ids[1:], self.speculative is not None)
 
     @property
     def has_work(self) -> bool:
@@ -335,9 +339,6 @@ class Session:
             raise GlmEngineError(f"request id {request_id} is already queued or running; give each live request "
                                  "its own id")
         self.limits.check(prompt, sampling, request_id)
-        if self.speculative is not None and sampling.num_beams > 1:
-            raise GlmEngineError(f"request {request_id}: beam search with speculative decoding is not built; use "
-                                 "num_beams 1 or drop --speculative_decoding_mode")
         seed = self.seeds.getrandbits(63) if sampling.random_seed is None else sampling.random_seed
         group = None
         if sampling.num_beams > 1:

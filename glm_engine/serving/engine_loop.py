@@ -8,7 +8,8 @@ limit and the metrics are the server's (serving/engine_process.py).
 
 Commands: ("submit", request_id, prompt, sampling), ("cancel", request_id),
 ("close", seconds running requests get). Events: ("step", news, EngineStats, commands
-taken, PrefixCacheStats, the scheduler's speculative counts), then ("stopped", the message that ends the requests still open).
+taken, PrefixCacheStats, the scheduler's speculative counts), then ("stopped", the
+message that ends the requests still open).
 
 A tensor-parallel engine (serve.py under torchrun) runs this loop on rank 0, which
 alone hears the server; each turn it sends the commands it obeyed, and whether the

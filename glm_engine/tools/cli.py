@@ -161,8 +161,8 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_draft_len", type=int, default=None,
                         help="with --speculative_decoding_mode: the most draft tokens a sequence feeds a step "
                              "(default: the engine's --max_draft_len)")
-    parser.add_argument("--prompt_lookup_max_ngram", type=int, default=3,
-                        help="prompt_lookup: the longest n-gram matched, tried down to 1 (default: %(default)s)")
+    parser.add_argument("--prompt_lookup_max_ngram", type=int, default=None,
+                        help="prompt_lookup: the longest n-gram matched, tried down to 1 (default: 3)")
     parser.add_argument("--draft_engine_dir", type=str, default=None,
                         help="draft_model: the engine that drafts, built from a smaller checkpoint with the same "
                              "tokenizer (e.g. a 2-layer model of the same family) (default: none)")
@@ -170,14 +170,19 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
 
 def speculative_options(args: argparse.Namespace) -> dict:
     """Session keyword arguments from add_speculative_arguments' flags."""
-    if args.speculative_decoding_mode is None:
-        for flag in ("max_draft_len", "draft_engine_dir"):
+    mode = args.speculative_decoding_mode
+    if mode is None:
+        for flag in ("max_draft_len", "draft_engine_dir", "prompt_lookup_max_ngram"):
             if getattr(args, flag) is not None:
                 raise GlmEngineError(f"--{flag} applies to speculative decoding; add --speculative_decoding_mode "
                                      "or drop it")
         return {}
-    return {"speculative": SpeculativeConfig(args.speculative_decoding_mode, args.max_draft_len,
-                                             args.prompt_lookup_max_ngram, args.draft_engine_dir)}
+    max_ngram = args.prompt_lookup_max_ngram
+    if max_ngram is not None and mode != "prompt_lookup":
+        raise GlmEngineError(f"--prompt_lookup_max_ngram applies to --speculative_decoding_mode prompt_lookup, not "
+                             f"{mode}; drop it")
+    return {"speculative": SpeculativeConfig(mode, args.max_draft_len, 3 if max_ngram is None else max_ngram,
+                                             args.draft_engine_dir)}
 
 
 def add_kv_cache_arguments(parser: argparse.ArgumentParser, prefix_caching: bool = False) -> None:

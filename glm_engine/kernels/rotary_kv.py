@@ -54,13 +54,14 @@ def _rotary_kv_kernel(qkv, positions, inv_freq, slot_mapping, query_out, key_cac
         slot = tl.load(slot_mapping + token).to(tl.int64)
         group = (head - HEADS) % GROUPS
         offset = (slot * GROUPS + group) * HEAD_DIM
-        destination = tl.where(head < HEADS + GROUPS, key_cache + offset, value_cache + offset)
+        # Its own name: a name bound in both branches must have one type (the query's and the cache's differ).
+        cache_row = tl.where(head < HEADS + GROUPS, key_cache + offset, value_cache + offset)
         scales = key_scales
         if CACHE_INT8:
             scales = tl.where(head < HEADS + GROUPS, key_scales, value_scales)
-        tl.store(destination + 2 * pairs, to_cache(even, scales, group, CACHE_FP8, CACHE_INT8), mask=pair_ok)
-        tl.store(destination + 2 * pairs + 1, to_cache(odd, scales, group, CACHE_FP8, CACHE_INT8), mask=pair_ok)
-        tl.store(destination + 2 * ROT_HALF + rest, to_cache(tail, scales, group, CACHE_FP8, CACHE_INT8),
+        tl.store(cache_row + 2 * pairs, to_cache(even, scales, group, CACHE_FP8, CACHE_INT8), mask=pair_ok)
+        tl.store(cache_row + 2 * pairs + 1, to_cache(odd, scales, group, CACHE_FP8, CACHE_INT8), mask=pair_ok)
+        tl.store(cache_row + 2 * ROT_HALF + rest, to_cache(tail, scales, group, CACHE_FP8, CACHE_INT8),
                  mask=rest_ok)
 
 

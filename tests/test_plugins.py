@@ -19,7 +19,7 @@ import glm_engine.kernels.swiglu as swiglu_module
 from checkpoints import tiny_config
 from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, run_tool
 from glm_engine import GlmEngineError
-from glm_engine.runtime.attention import PagedAttention, ReferenceAttention, StepLayout
+from glm_engine.runtime.attention import TOKEN_ROWS_MAX, PagedAttention, ReferenceAttention, StepLayout
 from glm_engine.config import BuildConfig
 from glm_engine.engine_format.engine import Engine
 from glm_engine.engine_format.layout import weight_shapes
@@ -393,3 +393,9 @@ def test_graph_metadata_equals_the_eager_metadata(sequences, tokens):
             assert meta.max_new_tokens == tokens >= eager.max_new_tokens
         assert meta.positions[packed:].eq(0).all() and meta.slot_mapping[packed:].eq(scratch * block_size).all()
         assert meta.context_lengths[rows:].eq(1).all() and meta.block_tables[rows:].eq(scratch).all()
+        assert (meta.token_tables is not None) == (sequences < tokens <= TOKEN_ROWS_MAX)  # a token a decode-kernel row
+        if meta.token_tables is not None:
+            assert torch.equal(meta.token_context_lengths[:packed], eager.token_context_lengths)
+            for token, table in enumerate(eager.token_tables.tolist()):
+                used = -(-int(eager.token_context_lengths[token]) // block_size)
+                assert meta.token_tables[token, :used].tolist() == table[:used]

@@ -9,7 +9,10 @@ calls `backend(qkv, layer_index, metadata, kv_cache)` and never asks which one i
   (--enable_context_fmha[_fp32_acc]) or, without it, the reference attention. With
   float32 accumulation, steps of fresh prompts (no cached tokens) of at least
   FLASH_MIN_TOKENS each run torch's fused attention (SDPA) instead, one call a
-  prompt: faster than our FMHA there (docs/PERFORMANCE.md).
+  prompt: faster than our FMHA there (docs/PERFORMANCE.md). Steps of 2..TOKEN_ROWS_MAX
+  new tokens a sequence (speculative verify steps, short chunks) run the decode kernel
+  with a row per new token over its own prefix: the context FMHA's one program a head
+  walks a long cache serially, the decode kernel splits it across the card.
 
 A new backend is a new AttentionBackend subclass with metadata(), __call__ and, if
 its kernels take fixed shapes, the CUDA-graph hooks (supports_cuda_graphs,
@@ -32,6 +35,7 @@ from glm_engine.kernels import reference
 from glm_engine.runtime.kv_cache import KVCache, from_cache_dtype
 
 FLASH_MIN_TOKENS = 1024  # shortest prompt SDPA takes: its host work a call is hidden from there on (PERFORMANCE.md)
+TOKEN_ROWS_MAX = 16  # most new tokens a sequence that the decode kernel takes as rows of their own
 SEQUENCE_COLUMNS = 3  # a graph-input row's leading columns: context length, new tokens, last token's index
 
 
@@ -124,6 +128,10 @@ class PagedMetadata:
     max_new_tokens: int = 1  # the largest of new_token_counts: 1 in decode steps
     fresh_prompt_lengths: list[int] | None = None  # a step of fresh prompts that SDPA takes: their lengths
     reference: ReferenceFields | None = None  # prompts without context FMHA run the reference attention
+    # Steps of 2..TOKEN_ROWS_MAX new tokens a sequence: each token's block table [N, max_blocks] int32 and
+    # keys [N] int32 (its position + 1), its decode-kernel row.
+    token_tables: torch.Tensor | None = None
+    token_context_lengths: torch.Tensor | None = None
 
 
 class GraphInputs(Protocol):
@@ -186,6 +194,8 @@ class PagedGraphInputs:
         self.sequences, self.tokens, self.block_size = sequences, tokens, block_size
         self.width, self.scratch, self.max_context = blocks_per_sequence, scratch_block, max_context
         self.decode = sequences == tokens  # one new token a sequence: the decode-attention kernel
+        # Every sequence fed tokens // sequences tokens (verify graphs; prompt graphs are one sequence).
+        self.token_rows = not self.decode and tokens % sequences == 0 and tokens // sequences <= TOKEN_ROWS_MAX
         self.padding_row = [1, 1, 0] + [scratch_block] * blocks_per_sequence
         self.last_token_index: torch.Tensor | None = None
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (dense tensor, static column), once bound
@@ -224,15 +234,26 @@ class PagedGraphInputs:
             new_token_counts = torch.zeros_like(context_lengths)
             self.last_token_index = torch.zeros(sequences, dtype=torch.int64, device=device)
             self.copies += [(new_token_counts, rows[:, 1]), (self.last_token_index, rows[:, 2])]
-        return PagedMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
+        meta = PagedMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
                              context_lengths=context_lengths, max_context=self.max_context,
                              new_token_counts=new_token_counts, last_token_index=self.last_token_index,
                              max_new_tokens=1 if self.decode else tokens)
+        if self.token_rows:
+            self.token_sequence = torch.arange(tokens, device=device) // (tokens // sequences)
+            meta.token_tables = torch.zeros(tokens, self.width, dtype=torch.int32, device=device)
+            meta.token_context_lengths = torch.zeros(tokens, dtype=torch.int32, device=device)
+            self.token_fields = (meta.token_tables, meta.token_context_lengths, block_tables, positions)
+        return meta
 
     def prepare(self) -> None:
-        """The kernels take dense int32 copies of the sequence columns, made inside the graph."""
+        """The kernels take dense int32 copies of the sequence columns, made inside the graph
+        (with token rows, each token's table and keys too)."""
         for dense, column in self.copies:
             dense.copy_(column)
+        if self.token_rows:
+            token_tables, token_context_lengths, block_tables, positions = self.token_fields
+            torch.index_select(block_tables, 0, self.token_sequence, out=token_tables)
+            token_context_lengths.copy_(positions + 1)
 
 
 class ReferenceAttention(AttentionBackend):
@@ -299,7 +320,7 @@ class PagedAttention(AttentionBackend):
     def metadata(self, layout: StepLayout) -> PagedMetadata:
         to_device = lambda tensor: tensor.to(self.device, non_blocking=True)  # noqa: E731
         max_new = int(layout.new.max())
-        return PagedMetadata(
+        meta = PagedMetadata(
             positions=to_device(layout.query_positions[layout.valid]),
             slot_mapping=to_device(layout.slots(layout.query_positions)[layout.valid]),
             block_tables=to_device(layout.tables.to(torch.int32)),
@@ -311,6 +332,11 @@ class PagedAttention(AttentionBackend):
             fresh_prompt_lengths=layout.new.tolist() if self._takes_flash(layout) else None,
             reference=ReferenceFields.of(layout, self.device, self.dtype)
             if max_new > 1 and self.context_attention is None else None)
+        if 1 < max_new <= TOKEN_ROWS_MAX and self.context_attention is not None and meta.fresh_prompt_lengths is None:
+            token_sequence = torch.repeat_interleave(torch.arange(len(layout.new)), layout.new)
+            meta.token_tables = to_device(layout.tables[token_sequence].to(torch.int32))
+            meta.token_context_lengths = to_device((layout.query_positions[layout.valid] + 1).to(torch.int32))
+        return meta
 
     def graph_inputs(self, sequences: int, tokens: int, blocks_per_sequence: int, block_size: int,
                      scratch_block: int) -> PagedGraphInputs:
@@ -334,6 +360,9 @@ class PagedAttention(AttentionBackend):
         cache_scales = {"key_scales": scales[0], "value_scales": scales[1]}
         if meta.max_new_tokens == 1:
             context = self.decode_attention(query, keys, values, meta.block_tables, meta.context_lengths,
+                                            kv_cache.block_size, self.scale, meta.max_context, **cache_scales)
+        elif meta.token_tables is not None:
+            context = self.decode_attention(query, keys, values, meta.token_tables, meta.token_context_lengths,
                                             kv_cache.block_size, self.scale, meta.max_context, **cache_scales)
         elif self.context_attention is not None:
             context = self.context_attention(query, keys, values, meta.block_tables, meta.context_lengths,

@@ -39,9 +39,10 @@ def test_quantizer_kernel_rounds_as_the_reference(rows, columns, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows, n, k, bias", [(17, 64, 64, True), (33, 96, 160, False)])
+@pytest.mark.parametrize("rows, n, k, bias", [(17, 64, 64, True), (33, 96, 160, False), (70, 200, 96, True)])
 def test_prompt_sized_int8_linear_equals_its_reference(rows, n, k, bias, dtype):
-    """More than WEIGHT_ONLY_ROWS rows: per-token int8 activations, exact int32 sums."""
+    """More than WEIGHT_ONLY_ROWS rows: per-token int8 activations, exact int32 sums, scaled
+    (and the bias added) by one kernel in the reference's order: equal to the bit."""
     x = rows_with_outliers(rows, k, dtype)
     weight = SmoothQuant().quantize(torch.randn(n, k, device=DEVICE) / k ** 0.5)
     bias_values = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None

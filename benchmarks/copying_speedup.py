@@ -1,10 +1,11 @@
 """Speculative decoding on a model that copies: trains the tiny copying ChatGLM2
-(scripts/train_copying_checkpoint.py), builds a float32 engine of it (--max_draft_len 8),
+(scripts/train_copying_checkpoint.py), builds a float32 engine of it (--max_draft_len 8;
+with --plugins float16 and the plugins, whose steps a GPU runs as CUDA graphs),
 then generates 48 tokens for each of 8 prompts that repeat a random span, one prompt at
 a time (batch 1), without and with prompt lookup in turns (two runs each). Prints tokens/s
 of each run, the acceptance and forward steps per generated token, and whether the tokens
 are identical. On the CPU by default (its engine runs the reference ops there).
-Usage: copying_speedup.py [--device cpu|cuda] [--steps 700]"""
+Usage: copying_speedup.py [--device cpu|cuda] [--steps 700] [--plugins]"""
 
 from __future__ import annotations
 
@@ -37,11 +38,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--plugins", action="store_true",
+                        help="a float16 engine with the attention, context FMHA and GEMM plugins (a GPU's CUDA graphs)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     checkpoint = write_copying_checkpoint(work / "checkpoint", steps=args.steps, device=args.device)
+    engine_flags = (["--dtype", "float16", "--use_gpt_attention_plugin", "float16", "--enable_context_fmha_fp32_acc",
+                     "--use_gemm_plugin", "float16"] if args.plugins else ["--dtype", "float32"])
     subprocess.run([sys.executable, str(ROOT / "build.py"), "--model_dir", str(checkpoint), "--output_dir",
-                    str(work / "engine"), "--dtype", "float32", "--max_input_len", "64", "--max_output_len", "64",
+                    str(work / "engine"), *engine_flags, "--max_input_len", "64", "--max_output_len", "64",
                     "--max_draft_len", "8", "--paged_kv_cache", "--remove_input_padding", "--log_level", "error"],
                    check=True)
     prompts, sampling = repeated_spans(8, 64), SamplingConfig(max_new_tokens=48, end_id=-1)

@@ -2,13 +2,14 @@
 (config.json, model.safetensors, and the tokenizer of --tokenizer_dir when given).
 Random weights copy nothing, so speculative decoding's acceptance is measured on this
 model instead: its training text is random spans of tokens, each repeated until the
-sequence is full, so it learns to continue a span it has seen (an induction head),
-as a summary copies from its article. Trained as transformers' GlmForCausalLM (the
+sequence is full, so it learns to continue a span it has seen (an induction head), as a summary
+copies from its article. The demo tokenizer's 1024 ids learn with --batch 64 (800 steps,
+~6 min on 2 CPU cores; 16 a step do not). Trained as transformers' GlmForCausalLM (the
 network our engine computes, glm_engine/models/chatglm.py's reference) on the CPU in
-under a minute (the default tiny vocabulary; the demo tokenizer's 1024 ids take a GPU
-and more steps); its weights then take the checkpoint's names.
+under a minute (the default tiny vocabulary); its weights then take the checkpoint's names.
 Usage: python scripts/train_copying_checkpoint.py OUTPUT_DIR [--steps 800] [--seed 0]
-[--vocab_size 64] [--hidden_size 64] [--tokenizer_dir DIR] [--device cpu]"""
+[--vocab_size 64] [--hidden_size 64] [--tokenizer_dir DIR] [--device cpu] [--batch 16] [--length 64]
+[--learning_rate 3e-3]"""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from glm_engine.models import chatglm, read_model_config  # noqa: E402
 from glm_engine.text.tokenizer import TOKENIZER_FILES  # noqa: E402
 
 FIRST_TOKEN = 3  # spans avoid the special tokens below it (padding, start, end)
+LONGEST_SPAN = 24  # the loss starts past it: from there on every token repeats an earlier one
 
 
 def copying_config(vocab_size: int, hidden_size: int) -> dict:
@@ -39,29 +41,30 @@ def copying_config(vocab_size: int, hidden_size: int) -> dict:
 
 
 def copying_batch(generator: torch.Generator, batch: int, length: int, vocab_size: int) -> torch.Tensor:
-    """[batch, length] token ids: each row a random span of 4-24 tokens repeated to the end."""
+    """[batch, length] token ids: each row a random span of 4-LONGEST_SPAN tokens repeated to the end."""
     rows = []
     for _ in range(batch):
-        span = int(torch.randint(4, 25, (1,), generator=generator))
+        span = int(torch.randint(4, LONGEST_SPAN + 1, (1,), generator=generator))
         tokens = torch.randint(FIRST_TOKEN, vocab_size, (span,), generator=generator)
         rows.append(tokens.repeat(-(-length // span))[:length])
     return torch.stack(rows)
 
 
 def train(config: dict, steps: int, seed: int, device: str = "cpu", batch: int = 16,
-          length: int = 64) -> dict[str, torch.Tensor]:
+          length: int = 64, learning_rate: float = 3e-3) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of the network trained to copy (loss on every position after a
-    span's first occurrence could be known: from the 25th token on)."""
+    span's first occurrence could be known: past LONGEST_SPAN)."""
     torch.manual_seed(seed)
     model_config = read_model_config(config)
     model = chatglm.reference_model(chatglm.reference_config(model_config)).float().to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
         tokens = copying_batch(generator, batch, length, model_config.vocab_size).to(device)
-        logits = model(input_ids=tokens).logits[:, 24:-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 25:].reshape(-1))
+        logits = model(input_ids=tokens).logits[:, LONGEST_SPAN:-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 tokens[:, LONGEST_SPAN + 1:].reshape(-1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -90,12 +93,13 @@ def checkpoint_tensors(config, state: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def write_copying_checkpoint(output_dir: Path, steps: int = 800, seed: int = 0, vocab_size: int = 64,
-                             hidden_size: int = 64, tokenizer_dir: Path | None = None, device: str = "cpu") -> Path:
+                             hidden_size: int = 64, tokenizer_dir: Path | None = None, device: str = "cpu",
+                             batch: int = 16, length: int = 64, learning_rate: float = 3e-3) -> Path:
     """Trains the copying network and writes its checkpoint to `output_dir` (a new directory)."""
     from safetensors.torch import save_file
 
     config = copying_config(vocab_size, hidden_size)
-    tensors = train(config, steps, seed, device)
+    tensors = train(config, steps, seed, device, batch, length, learning_rate)
     output_dir.mkdir(parents=True)
     (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(output_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -114,11 +118,15 @@ def main() -> None:
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--tokenizer_dir", type=Path, default=None)
     parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--batch", type=int, default=16, help="sequences a training step")
+    parser.add_argument("--length", type=int, default=64, help="tokens a training sequence (positions it learns)")
+    parser.add_argument("--learning_rate", type=float, default=3e-3, help="peak of the one-cycle schedule")
     args = parser.parse_args()
     if args.output_dir.exists():
         sys.exit(f"train_copying_checkpoint.py: error: {args.output_dir} exists; name a new directory")
     write_copying_checkpoint(args.output_dir, args.steps, args.seed, args.vocab_size, args.hidden_size,
-                             args.tokenizer_dir, args.device)
+                             args.tokenizer_dir, args.device, args.batch, args.length,
+                             args.learning_rate)
 
 
 if __name__ == "__main__":

@@ -466,13 +466,15 @@ def test_chained_kernels_see_each_others_writes():
     ("enabled", [5, 17], [0, 0], False),  # fp16 accumulation stays on our FMHA
     ("enabled_with_fp32_acc", [3, 16, 1], [9, 2, 5], False),  # <= TOKEN_ROWS_MAX a sequence: token rows
     ("enabled", [2, 5], [0, 7], False),
+    ("enabled_with_fp32_acc", [16, 16, 3], [4, 0, 6], False),  # over TOKEN_ROWS_STEP_MAX in all: the FMHA
 ])
 def test_prompt_attention_matches_reference(monkeypatch, context_fmha, lengths, cached, takes_flash):
     """A prompt step of the attention plugin (rotary, cache write, attention) equals the
     reference attention, whether SDPA takes it (fresh prompts of at least FLASH_MIN_TOKENS,
     lowered to 4 here, float32 accumulation), the Triton FMHA does, or (steps of at most
-    TOKEN_ROWS_MAX new tokens a sequence, as speculative verify steps) the decode kernel with
-    a row a token; the cache holds the same keys and values either way."""
+    TOKEN_ROWS_MAX new tokens a sequence and TOKEN_ROWS_STEP_MAX in all, as speculative verify
+    steps) the decode kernel with a row a token; the cache holds the same keys and values
+    either way."""
     from glm_engine.runtime.attention import PagedAttention, ReferenceAttention
     from glm_engine.config import ModelConfig
     from glm_engine.runtime.kv_cache import KVCache
@@ -495,7 +497,8 @@ def test_prompt_attention_matches_reference(monkeypatch, context_fmha, lengths, 
     paged = PagedAttention(config, dtype, DEVICE, context_fmha, 64)
     meta = paged.metadata(layout)
     assert (meta.fresh_prompt_lengths is not None) == takes_flash
-    assert (meta.token_tables is not None) == (not takes_flash and max(lengths) <= attention_module.TOKEN_ROWS_MAX)
+    assert (meta.token_tables is not None) == (not takes_flash and max(lengths) <= attention_module.TOKEN_ROWS_MAX
+                                               and sum(lengths) <= attention_module.TOKEN_ROWS_STEP_MAX)
     out = paged(qkv, 0, meta, caches[0])
     reference_backend = ReferenceAttention(config, dtype, DEVICE)
     expected = reference_backend(qkv, 0, reference_backend.metadata(layout), caches[1])

@@ -67,7 +67,8 @@ def scale_sums(sums: torch.Tensor, row_scales: torch.Tensor, weight_scales: torc
     block_m, block_n = 32, 128
     _scale_sums_kernel[(triton.cdiv(rows, block_m), triton.cdiv(columns, block_n))](
         sums, row_scales, weight_scales, bias, out, rows, columns, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **dependent_launch(_scale_sums_kernel, sums.device))
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, enable_fp_fusion=False,  # no FMA: the reference rounds twice
+        **dependent_launch(_scale_sums_kernel, sums.device))
     return out
 
 

@@ -10,9 +10,11 @@ calls `backend(qkv, layer_index, metadata, kv_cache)` and never asks which one i
   float32 accumulation, steps of fresh prompts (no cached tokens) of at least
   FLASH_MIN_TOKENS each run torch's fused attention (SDPA) instead, one call a
   prompt: faster than our FMHA there (docs/PERFORMANCE.md). Steps of 2..TOKEN_ROWS_MAX
-  new tokens a sequence (speculative verify steps, short chunks) run the decode kernel
-  with a row per new token over its own prefix: the context FMHA's one program a head
-  walks a long cache serially, the decode kernel splits it across the card.
+  new tokens a sequence and at most TOKEN_ROWS_STEP_MAX in all (speculative verify
+  steps, short chunks) run the decode kernel with a row per new token over its own
+  prefix: the context FMHA's one program a head walks a long cache serially, the decode
+  kernel splits it across the card; past 32 rows re-reading each sequence's cache a row
+  costs more than that (docs/PERFORMANCE.md, speculative decoding).
 
 A new backend is a new AttentionBackend subclass with metadata(), __call__ and, if
 its kernels take fixed shapes, the CUDA-graph hooks (supports_cuda_graphs,
@@ -36,6 +38,7 @@ from glm_engine.runtime.kv_cache import KVCache, from_cache_dtype
 
 FLASH_MIN_TOKENS = 1024  # shortest prompt SDPA takes: its host work a call is hidden from there on (PERFORMANCE.md)
 TOKEN_ROWS_MAX = 16  # most new tokens a sequence that the decode kernel takes as rows of their own
+TOKEN_ROWS_STEP_MAX = 32  # ... and most new tokens in the step
 SEQUENCE_COLUMNS = 3  # a graph-input row's leading columns: context length, new tokens, last token's index
 
 
@@ -128,8 +131,8 @@ class PagedMetadata:
     max_new_tokens: int = 1  # the largest of new_token_counts: 1 in decode steps
     fresh_prompt_lengths: list[int] | None = None  # a step of fresh prompts that SDPA takes: their lengths
     reference: ReferenceFields | None = None  # prompts without context FMHA run the reference attention
-    # Steps of 2..TOKEN_ROWS_MAX new tokens a sequence: each token's block table [N, max_blocks] int32 and
-    # keys [N] int32 (its position + 1), its decode-kernel row.
+    # Steps of 2..TOKEN_ROWS_MAX new tokens a sequence, TOKEN_ROWS_STEP_MAX in all: each token's block
+    # table [N, max_blocks] int32 and keys [N] int32 (its position + 1), its decode-kernel row.
     token_tables: torch.Tensor | None = None
     token_context_lengths: torch.Tensor | None = None
 
@@ -195,7 +198,8 @@ class PagedGraphInputs:
         self.width, self.scratch, self.max_context = blocks_per_sequence, scratch_block, max_context
         self.decode = sequences == tokens  # one new token a sequence: the decode-attention kernel
         # Every sequence fed tokens // sequences tokens (verify graphs; prompt graphs are one sequence).
-        self.token_rows = not self.decode and tokens % sequences == 0 and tokens // sequences <= TOKEN_ROWS_MAX
+        self.token_rows = (not self.decode and tokens % sequences == 0 and tokens // sequences <= TOKEN_ROWS_MAX
+                           and tokens <= TOKEN_ROWS_STEP_MAX)
         self.padding_row = [1, 1, 0] + [scratch_block] * blocks_per_sequence
         self.last_token_index: torch.Tensor | None = None
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (dense tensor, static column), once bound
@@ -332,7 +336,8 @@ class PagedAttention(AttentionBackend):
             fresh_prompt_lengths=layout.new.tolist() if self._takes_flash(layout) else None,
             reference=ReferenceFields.of(layout, self.device, self.dtype)
             if max_new > 1 and self.context_attention is None else None)
-        if 1 < max_new <= TOKEN_ROWS_MAX and self.context_attention is not None and meta.fresh_prompt_lengths is None:
+        if (1 < max_new <= TOKEN_ROWS_MAX and int(layout.new.sum()) <= TOKEN_ROWS_STEP_MAX
+                and self.context_attention is not None and meta.fresh_prompt_lengths is None):
             token_sequence = torch.repeat_interleave(torch.arange(len(layout.new)), layout.new)
             meta.token_tables = to_device(layout.tables[token_sequence].to(torch.int32))
             meta.token_context_lengths = to_device((layout.query_positions[layout.valid] + 1).to(torch.int32))

@@ -223,5 +223,5 @@ class VerifyGraphs(_GraphSet):
         graph.replay()
         rows = [row * tokens + index for row, (fed, count) in enumerate(zip(new_tokens, logit_counts))
                 for index in range(len(fed) - count, len(fed))]
-        index = torch.tensor(rows, device=graph.logits.device)
+        index = torch.tensor(rows).to(graph.logits.device, non_blocking=True)  # queued: no wait for the replay
         return graph.logits[index], graph.greedy[index]

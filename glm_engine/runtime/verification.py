@@ -48,15 +48,15 @@ def verify(logits: torch.Tensor, greedy: torch.Tensor,
     sampled ones: what plain decoding reports), a LogProb with the likeliest alternatives
     where asked."""
     device = logits.device
-    index = torch.tensor([row.start + i for row in rows for i in range(len(row.draft) + 1)], device=device)
-    drafts = torch.tensor([token for row in rows for token in row.draft + [0]], device=device)
+    index = _on(device, [row.start + i for row in rows for i in range(len(row.draft) + 1)])
+    drafts = _on(device, [token for row in rows for token in row.draft + [0]])
     tokens = greedy[index].long()
     accepted = tokens == drafts
     distributions = logits[index]  # what each position's token is distributed as, as logits
     owners = _positions(rows)
     sampled = [position for position, row in enumerate(owners) if not row.sampling.greedy]
     if sampled:
-        where = torch.tensor(sampled, device=device)
+        where = _on(device, sampled)
         drawn, passed, target = _rejection_sample(distributions[where], drafts[where], [owners[p] for p in sampled],
                                                   _steps(rows, sampled), _is_last(rows, sampled))
         tokens = tokens.index_copy(0, where, drawn)
@@ -85,6 +85,12 @@ def verify(logits: torch.Tensor, greedy: torch.Tensor,
                           table[position:position + len(kept)]] if asking else [])
         position += len(row.draft) + 1
     return chosen, log_probs if asking else None
+
+
+def _on(device: torch.device, values: list) -> torch.Tensor:
+    """`values` as a tensor on `device`, queued behind the verify step's kernels (torch.tensor(...,
+    device=) would wait for them: the host then idles through the step instead of queueing the rest)."""
+    return torch.tensor(values).to(device, non_blocking=True)
 
 
 def _log_prob(entry: list[float], asked: int, top: int) -> float:
@@ -125,10 +131,11 @@ def _rejection_sample(logits: torch.Tensor, drafts: torch.Tensor, rows: list[Dra
     draft_probability = target.double().softmax(dim=-1).gather(1, drafts[:, None])[:, 0]
     seeds = [row.seed for row in rows]
     noise = row_keys([seed ^ ACCEPT_SALT for seed in seeds], steps).numpy().view(np.uint64) >> np.uint64(11)
-    uniform = torch.from_numpy(noise.astype(np.float64) * 2.0**-53).to(device)
-    passed = (uniform < draft_probability) & ~torch.tensor(last, device=device)
+    uniform = torch.from_numpy(noise.astype(np.float64) * 2.0**-53).to(device, non_blocking=True)
+    not_last = ~_on(device, last)
+    passed = (uniform < draft_probability) & not_last
     # Without the draft token, unless it is all the target holds (then it always passes).
-    remove = ~torch.tensor(last, device=device) & (draft_probability < 1.0)
+    remove = not_last & (draft_probability < 1.0)
     residual = target.clone()
     removed = remove.nonzero()[:, 0]
     residual[removed, drafts[removed]] = float("-inf")

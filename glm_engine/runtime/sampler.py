@@ -53,7 +53,7 @@ class Sampler:
         if counts is None:
             return self._sample(plan, logits, greedy)
         ends = list(accumulate(counts))
-        last = torch.tensor([end - 1 for end in ends], device=logits.device)
+        last = torch.tensor([end - 1 for end in ends]).to(logits.device, non_blocking=True)  # no wait for the step
         sampled = self._sample(plan, logits[last], greedy[last])
         rows = [row for row, draft in enumerate(plan.drafts) if draft]
         drafted = [DraftedRow(ends[row] - counts[row], plan.drafts[row], plan.sequences[row].sampling,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from glm_engine.runtime.penalties import TokenHistory, apply_penalties, forbid_end
-from glm_engine.runtime.sampling import LogProb, min_p_logits, nucleus_logits, sample_rows
+from glm_engine.runtime.sampling import log_prob_columns, min_p_logits, nucleus_logits, read_log_prob, sample_rows
 from glm_engine.runtime.scheduler import SampledTokens, Sequence, StepPlan
 from glm_engine.runtime.structured_output import fill_masks, mask_logits
 from glm_engine.runtime.verification import DraftedRow, verify
@@ -96,22 +96,12 @@ class Sampler:
                    greedy: torch.Tensor) -> tuple[list[int], list[float]]:
         """Each row's token and its log-probability under the distribution it came from; for
         rows asking top_log_probs, a LogProb with the likeliest tokens of that distribution.
-        Token ids below 2**53 and float32 log-probs are exact in float64: one read for all."""
-        log_softmax = logits.log_softmax(dim=-1)
-        columns = [greedy.double()[:, None], log_softmax.gather(1, greedy[:, None].long()).double()]
+        One read for all."""
         top = min(max(sequence.sampling.top_log_probs for sequence in sequences), logits.shape[1])
-        if top:
-            values, ids = log_softmax.topk(top, dim=-1)
-            columns += [ids.double(), values.double()]
-        rows = torch.cat(columns, dim=1).tolist()
+        rows = torch.cat([greedy.double()[:, None]] + log_prob_columns(logits, greedy, top), dim=1).tolist()
         tokens = [int(row[0]) for row in rows]
-        log_probs: list[float] = []
-        for sequence, row in zip(sequences, rows):
-            asked = min(sequence.sampling.top_log_probs, top)
-            ids, values = row[2:2 + asked], row[2 + top:2 + top + asked]
-            alternatives = tuple((int(token), value) for token, value in zip(ids, values))
-            log_probs.append(LogProb(row[1], alternatives) if asked else row[1])
-        return tokens, log_probs
+        return tokens, [read_log_prob(row[1:], sequence.sampling.top_log_probs, top)
+                        for sequence, row in zip(sequences, rows)]
 
     @staticmethod
     def _constrain(sequences: list[Sequence], logits: torch.Tensor, greedy: torch.Tensor,

@@ -167,6 +167,29 @@ class LogProb(float):
         return LogProb, (float(self), self.top)
 
 
+def log_prob_columns(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[torch.Tensor]:
+    """float64 columns [R, 1 (+ 2 * top)]: each row's log-probability of `tokens` [R] under
+    `logits` [R, vocab] and, with `top`, the ids and log-probs of its `top` likeliest tokens.
+    Token ids below 2**53 and float32 log-probs are exact in float64: read with the tokens
+    in one read."""
+    log_softmax = logits.log_softmax(dim=-1)
+    columns = [log_softmax.gather(1, tokens[:, None].long()).double()]
+    if top:
+        values, ids = log_softmax.topk(top, dim=-1)
+        columns += [ids.double(), values.double()]
+    return columns
+
+
+def read_log_prob(entry: list[float], asked: int, top: int) -> float:
+    """A row's log-probability from `entry`, its log_prob_columns as read: a LogProb with its
+    likeliest `asked` tokens (at most `top`) when asked, else the float."""
+    asked = min(asked, top)
+    if not asked:
+        return entry[0]
+    ids, values = entry[1:1 + asked], entry[1 + top:1 + top + asked]
+    return LogProb(entry[0], tuple((int(token), value) for token, value in zip(ids, values)))
+
+
 def _splitmix64(values: np.ndarray) -> np.ndarray:
     """splitmix64's finalizer on uint64 values (the host twin of reference.splitmix64)."""
     values = (values ^ (values >> np.uint64(30))) * np.uint64(reference.MIX1 % 2**64)

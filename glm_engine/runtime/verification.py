@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glm_engine.runtime.sampling import LogProb, SamplingConfig, min_p_logits, nucleus_logits, row_keys, sample_rows
+from glm_engine.runtime.sampling import (SamplingConfig, log_prob_columns, min_p_logits, nucleus_logits,
+                                         read_log_prob, row_keys, sample_rows)
 
 ACCEPT_SALT = 0x5BD1E9955BD1E995  # keys the acceptance tests' noise apart from the draws'
 _FREE_DRAW = SamplingConfig(max_new_tokens=1, top_k=0)  # temperature 1, no filter: the logits as given
@@ -66,12 +67,8 @@ def verify(logits: torch.Tensor, greedy: torch.Tensor,
     top = min(max(row.sampling.top_log_probs for row in rows), logits.shape[1])
     asking = any(row.sampling.output_log_probs for row in rows)
     columns = [tokens.double()[:, None], accepted.double()[:, None]]
-    if asking:  # ids below 2**53 and float32 log-probs are exact in float64: one read for all
-        log_softmax = distributions.log_softmax(dim=-1)
-        columns.append(log_softmax.gather(1, tokens[:, None]).double())
-        if top:
-            values, ids = log_softmax.topk(top, dim=-1)
-            columns += [ids.double(), values.double()]
+    if asking:
+        columns += log_prob_columns(distributions, tokens, top)
     table = torch.cat(columns, dim=1).tolist()  # the one read
     chosen, log_probs, position = [], [], 0
     for row in rows:
@@ -81,7 +78,7 @@ def verify(logits: torch.Tensor, greedy: torch.Tensor,
             if len(kept) == len(row.draft) + 1 or not entry[1]:
                 break
         chosen.append(kept)
-        log_probs.append([_log_prob(entry, row.sampling.top_log_probs, top) for entry in
+        log_probs.append([read_log_prob(entry[2:], row.sampling.top_log_probs, top) for entry in
                           table[position:position + len(kept)]] if asking else [])
         position += len(row.draft) + 1
     return chosen, log_probs if asking else None
@@ -91,14 +88,6 @@ def _on(device: torch.device, values: list) -> torch.Tensor:
     """`values` as a tensor on `device`, queued behind the verify step's kernels (torch.tensor(...,
     device=) would wait for them: the host then idles through the step instead of queueing the rest)."""
     return torch.tensor(values).to(device, non_blocking=True)
-
-
-def _log_prob(entry: list[float], asked: int, top: int) -> float:
-    """A kept token's log-prob from its row of the read table, with `asked` alternatives."""
-    if not asked:
-        return entry[2]
-    ids, values = entry[3:3 + asked], entry[3 + top:3 + top + asked]
-    return LogProb(entry[2], tuple((int(token), value) for token, value in zip(ids, values)))
 
 
 def _positions(rows: list[DraftedRow]) -> list[DraftedRow]:

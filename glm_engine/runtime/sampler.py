@@ -53,9 +53,12 @@ class Sampler:
         if counts is None:
             return self._sample(plan, logits, greedy)
         ends = list(accumulate(counts))
-        last = torch.tensor([end - 1 for end in ends]).to(logits.device, non_blocking=True)  # no wait for the step
-        sampled = self._sample(plan, logits[last], greedy[last])
         rows = [row for row, draft in enumerate(plan.drafts) if draft]
+        if len(rows) == len(counts):  # every row verified: no row's token comes from _sample (nor a read)
+            sampled = SampledTokens([-1] * len(counts))
+        else:
+            last = torch.tensor([end - 1 for end in ends]).to(logits.device, non_blocking=True)  # no wait for the step
+            sampled = self._sample(plan, logits[last], greedy[last])
         drafted = [DraftedRow(ends[row] - counts[row], plan.drafts[row], plan.sequences[row].sampling,
                               plan.sequences[row].seed, len(plan.sequences[row].output)) for row in rows]
         chosen, log_probs = verify(logits, greedy, drafted)

@@ -53,9 +53,11 @@ def verify(logits: torch.Tensor, greedy: torch.Tensor,
     drafts = _on(device, [token for row in rows for token in row.draft + [0]])
     tokens = greedy[index].long()
     accepted = tokens == drafts
-    distributions = logits[index]  # what each position's token is distributed as, as logits
     owners = _positions(rows)
     sampled = [position for position, row in enumerate(owners) if not row.sampling.greedy]
+    asking = any(row.sampling.output_log_probs for row in rows)
+    # What each position's token is distributed as, as logits (a copy only sampled rows and log-probs need).
+    distributions = logits[index] if sampled or asking else None
     if sampled:
         where = _on(device, sampled)
         drawn, passed, target = _rejection_sample(distributions[where], drafts[where], [owners[p] for p in sampled],
@@ -65,7 +67,6 @@ def verify(logits: torch.Tensor, greedy: torch.Tensor,
         tokens = torch.where(accepted, drafts, tokens)  # a passed draft token is kept as it is
         distributions = distributions.index_copy(0, where, target)
     top = min(max(row.sampling.top_log_probs for row in rows), logits.shape[1])
-    asking = any(row.sampling.output_log_probs for row in rows)
     columns = [tokens.double()[:, None], accepted.double()[:, None]]
     if asking:
         columns += log_prob_columns(distributions, tokens, top)

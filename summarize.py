@@ -153,7 +153,10 @@ def hf_model(args: argparse.Namespace, device):
 
 def print_side(side: SideResult, references: list[str]) -> dict[str, float]:
     scores = rouge_scores(side.summaries, references)
+    tokens = sum(map(len, side.output_ids))
     print(f"{side.name} (total latency: {side.seconds:.3f} sec)")
+    print(f"{side.name} (total output tokens: {tokens})")
+    print(f"{side.name} (tokens per second: {tokens / side.seconds:.1f})")
     for key in ROUGE_KEYS:
         print(f"  {key} : {scores[key]:.4f}")
     return scores

@@ -83,6 +83,8 @@ def test_summarize_with_hf_and_accuracy_check(dummy_engine):
     assert result.returncode == 0, result.stderr
     for header in ("glm_engine (total latency:", "Hugging Face (total latency:"):
         assert header in result.stdout
+    # 4 summaries of 8 tokens (no end token in so few of a dummy model's tokens).
+    assert result.stdout.count("(total output tokens: 32)") == 2 and "(tokens per second: " in result.stdout
     assert result.stdout.count("rouge1 :") == 2 and result.stdout.count("rougeLsum :") == 2
     assert "Token agreement: 100.0% of outputs identical" in result.stdout
     assert "accuracy check passed" in result.stdout

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from glm_engine.runtime.sampling import on_device
+
 
 class TokenHistory:
     """The device-side token tables of up to `slots` penalized sequences."""
@@ -31,10 +33,10 @@ class TokenHistory:
         slot = self.free.pop()
         device = self.output_counts.device
         self.in_prompt[slot].zero_()
-        self.in_prompt[slot, torch.tensor(prompt, device=device)] = True
+        self.in_prompt[slot, on_device(prompt, device)] = True
         self.output_counts[slot].zero_()
         if output:
-            self.output_counts[slot].index_put_((torch.tensor(output, device=device),),
+            self.output_counts[slot].index_put_((on_device(output, device),),
                                                 torch.ones(len(output), dtype=torch.int32, device=device),
                                                 accumulate=True)
         return slot
@@ -63,5 +65,5 @@ def forbid_end(logits: torch.Tensor, rows: list[int], end_ids: list[int]) -> tor
     host (their lengths are known there), so no step waits on the device for them."""
     if rows:
         device = logits.device
-        logits[torch.tensor(rows, device=device), torch.tensor(end_ids, device=device)] = float("-inf")
+        logits[on_device(rows, device), on_device(end_ids, device)] = float("-inf")
     return logits

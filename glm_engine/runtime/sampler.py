@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from glm_engine.runtime.penalties import TokenHistory, apply_penalties, forbid_end
-from glm_engine.runtime.sampling import log_prob_columns, min_p_logits, nucleus_logits, read_log_prob, sample_rows
+from glm_engine.runtime.sampling import (log_prob_columns, min_p_logits, nucleus_logits, on_device, read_log_prob,
+                                         sample_rows)
 from glm_engine.runtime.scheduler import SampledTokens, Sequence, StepPlan
 from glm_engine.runtime.structured_output import fill_masks, mask_logits
 from glm_engine.runtime.verification import DraftedRow, verify
@@ -57,7 +58,7 @@ class Sampler:
         if len(rows) == len(counts):  # every row verified: no row's token comes from _sample (nor a read)
             sampled = SampledTokens([-1] * len(counts))
         else:
-            last = torch.tensor([end - 1 for end in ends]).to(logits.device, non_blocking=True)  # no wait for the step
+            last = on_device([end - 1 for end in ends], logits.device)
             sampled = self._sample(plan, logits[last], greedy[last])
         drafted = [DraftedRow(ends[row] - counts[row], plan.drafts[row], plan.sequences[row].sampling,
                               plan.sequences[row].seed, len(plan.sequences[row].output)) for row in rows]
@@ -86,8 +87,8 @@ class Sampler:
         if drawn:
             chosen_logits, greedy = self._draw(sequences, chosen_logits, greedy, drawn, wants_log_probs)
         if adjusted:  # on the device: the counts need no read of the tokens
-            slots = torch.tensor([sequences[row].penalty_slot for row in adjusted], device=logits.device)
-            self.history.record(slots, greedy[torch.tensor(adjusted, device=logits.device)].long())
+            slots = on_device([sequences[row].penalty_slot for row in adjusted], logits.device)
+            self.history.record(slots, greedy[on_device(adjusted, logits.device)].long())
         parents = self._beam_parents(plan, logits)
         if not wants_log_probs:
             return SampledTokens(_stop_tokens_as_end(sequences, greedy.tolist()), None, parents)  # the one read
@@ -114,7 +115,7 @@ class Sampler:
         log-probs all see the masked logits."""
         words = fill_masks([sequences[row].grammar for row in rows], logits.shape[1],
                            [sequences[row].sampling.end_id for row in rows])
-        index = torch.tensor(rows, device=logits.device)
+        index = on_device(rows, logits.device)
         masked = mask_logits(logits[index], words)
         greedy = greedy.index_copy(0, index, masked.argmax(dim=-1).to(greedy.dtype))
         return logits.index_copy(0, index, masked), greedy
@@ -130,7 +131,7 @@ class Sampler:
             if sequence.penalty_slot is None:
                 sequence.penalty_slot = self.history.take(sequence.prompt, sequence.output)
         device = logits.device
-        as_tensor = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        as_tensor = lambda values, dtype=torch.float32: on_device(values, device, dtype)  # noqa: E731
         samplings = [sequence.sampling for sequence in chosen]
         index = as_tensor(rows, torch.long)
         adjusted = apply_penalties(logits[index], self.history,
@@ -158,7 +159,7 @@ class Sampler:
               wants_log_probs: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The argmax with the given rows' tokens drawn from their seeds; with log-probs
         wanted, the logits with those rows' nucleus distributions (what they were drawn from)."""
-        index = torch.tensor(rows, device=logits.device)
+        index = on_device(rows, logits.device)
         drawn = [sequences[row] for row in rows]
         samplings = [sequence.sampling for sequence in drawn]
         if any(sampling.min_p > 0 for sampling in samplings):  # what min_p drops is never drawn nor counted

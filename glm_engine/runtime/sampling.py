@@ -197,6 +197,14 @@ def _splitmix64(values: np.ndarray) -> np.ndarray:
     return values ^ (values >> np.uint64(31))
 
 
+def on_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`values` (a list, or a host tensor) as a tensor on `device`, its copy queued behind the
+    kernels already queued there: torch.tensor(values, device=) would make the host wait for
+    them (the step's forward), where it could be queueing the token choice instead."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return host.to(device, non_blocking=True)
+
+
 def row_keys(seeds: list[int], steps: list[int]) -> torch.Tensor:
     """The noise keys (int64 bit patterns) of requests' `steps`-th tokens: each seed, then
     its step, mixed in, on the host in one vectorized pass. Counter-based, so a request's
@@ -220,7 +228,7 @@ def tempered_logits(logits: torch.Tensor, samplings: list[SamplingConfig]) -> to
     tiniest temperatures draw what greedy chooses. Below float32's smallest normal
     number a temperature acts as that number, which draws the same."""
     tiny = torch.finfo(torch.float32).tiny
-    temperature = torch.tensor([max(sampling.temperature, tiny) for sampling in samplings], device=logits.device)
+    temperature = on_device([max(sampling.temperature, tiny) for sampling in samplings], logits.device)
     top = logits.max(dim=-1, keepdim=True).values
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row of -inf has nothing to shift
     return (logits - top) / temperature[:, None]
@@ -234,9 +242,9 @@ def sample_rows(logits: torch.Tensor, samplings: list[SamplingConfig], seeds: li
     both take the same tempered logits)."""
     device = logits.device
     logits = tempered_logits(logits, samplings)
-    keys = row_keys(seeds, steps).to(device)
-    top_k = torch.tensor([sampling.top_k for sampling in samplings], dtype=torch.int32, device=device)
-    top_p = torch.tensor([_top_p(sampling) for sampling in samplings], dtype=torch.float64, device=device)
+    keys = on_device(row_keys(seeds, steps), device)
+    top_k = on_device([sampling.top_k for sampling in samplings], device, torch.int32)
+    top_p = on_device([_top_p(sampling) for sampling in samplings], device, torch.float64)
     if device.type == "cuda":
         from glm_engine.kernels.draw_tokens import draw_tokens
 
@@ -250,7 +258,7 @@ def nucleus_logits(logits: torch.Tensor, samplings: list[SamplingConfig]) -> tor
     log-probabilities). Sorted, so tied logits at the nucleus' edge fall in sort order,
     where the draw keeps the whole tie."""
     device = logits.device
-    column = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)[:, None]  # noqa: E731
+    column = lambda values, dtype=torch.float32: on_device(values, device, dtype)[:, None]  # noqa: E731
     logits = tempered_logits(logits, samplings)
     top_ps = [_top_p(sampling) for sampling in samplings]
     if not any(sampling.top_k > 0 for sampling in samplings) and min(top_ps) >= 1.0:
@@ -268,7 +276,7 @@ def min_p_logits(logits: torch.Tensor, samplings: list[SamplingConfig]) -> torch
     """Float32 logits [R, vocab] with each row's tokens less likely than its min_p times its
     likeliest token (after temperature) at -inf: p_i < min_p * p_max is
     (l_i - l_max) / temperature < log(min_p). Rows with min_p 0 are unchanged."""
-    floor = torch.tensor([sampling.temperature * math.log(sampling.min_p) if sampling.min_p > 0 else -math.inf
-                          for sampling in samplings], dtype=torch.float32, device=logits.device)
+    floor = on_device([sampling.temperature * math.log(sampling.min_p) if sampling.min_p > 0 else -math.inf
+                       for sampling in samplings], logits.device, torch.float32)
     top = logits.max(dim=-1, keepdim=True).values
     return logits.masked_fill(logits - top < floor[:, None], float("-inf"))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from glm_engine.runtime.sampling import (SamplingConfig, log_prob_columns, min_p_logits, nucleus_logits,
-                                         read_log_prob, row_keys, sample_rows)
+                                         on_device, read_log_prob, row_keys, sample_rows)
 
 ACCEPT_SALT = 0x5BD1E9955BD1E995  # keys the acceptance tests' noise apart from the draws'
 _FREE_DRAW = SamplingConfig(max_new_tokens=1, top_k=0)  # temperature 1, no filter: the logits as given
@@ -49,8 +49,8 @@ def verify(logits: torch.Tensor, greedy: torch.Tensor,
     sampled ones: what plain decoding reports), a LogProb with the likeliest alternatives
     where asked."""
     device = logits.device
-    index = _on(device, [row.start + i for row in rows for i in range(len(row.draft) + 1)])
-    drafts = _on(device, [token for row in rows for token in row.draft + [0]])
+    index = on_device([row.start + i for row in rows for i in range(len(row.draft) + 1)], device)
+    drafts = on_device([token for row in rows for token in row.draft + [0]], device)
     tokens = greedy[index].long()
     accepted = tokens == drafts
     owners = _positions(rows)
@@ -59,7 +59,7 @@ def verify(logits: torch.Tensor, greedy: torch.Tensor,
     # What each position's token is distributed as, as logits (a copy only sampled rows and log-probs need).
     distributions = logits[index] if sampled or asking else None
     if sampled:
-        where = _on(device, sampled)
+        where = on_device(sampled, device)
         drawn, passed, target = _rejection_sample(distributions[where], drafts[where], [owners[p] for p in sampled],
                                                   _steps(rows, sampled), _is_last(rows, sampled))
         tokens = tokens.index_copy(0, where, drawn)
@@ -83,12 +83,6 @@ def verify(logits: torch.Tensor, greedy: torch.Tensor,
                           table[position:position + len(kept)]] if asking else [])
         position += len(row.draft) + 1
     return chosen, log_probs if asking else None
-
-
-def _on(device: torch.device, values: list) -> torch.Tensor:
-    """`values` as a tensor on `device`, queued behind the verify step's kernels (torch.tensor(...,
-    device=) would wait for them: the host then idles through the step instead of queueing the rest)."""
-    return torch.tensor(values).to(device, non_blocking=True)
 
 
 def _positions(rows: list[DraftedRow]) -> list[DraftedRow]:
@@ -121,8 +115,8 @@ def _rejection_sample(logits: torch.Tensor, drafts: torch.Tensor, rows: list[Dra
     draft_probability = target.double().softmax(dim=-1).gather(1, drafts[:, None])[:, 0]
     seeds = [row.seed for row in rows]
     noise = row_keys([seed ^ ACCEPT_SALT for seed in seeds], steps).numpy().view(np.uint64) >> np.uint64(11)
-    uniform = torch.from_numpy(noise.astype(np.float64) * 2.0**-53).to(device, non_blocking=True)
-    not_last = ~_on(device, last)
+    uniform = on_device(torch.from_numpy(noise.astype(np.float64) * 2.0**-53), device)
+    not_last = ~on_device(last, device)
     passed = (uniform < draft_probability) & not_last
     # Without the draft token, unless it is all the target holds (then it always passes).
     remove = not_last & (draft_probability < 1.0)

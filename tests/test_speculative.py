@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import TINY_SHAPE_FLAGS, assert_one_line_error, cpu_sessions_run_kernels, run_tool
+from conftest import REPO_ROOT, TINY_SHAPE_FLAGS, assert_one_line_error, cpu_sessions_run_kernels, run_tool
 
 from glm_engine import GlmEngineError
 from glm_engine.api import SamplingConfig, load_session
@@ -294,6 +294,27 @@ def test_prompt_lookup_accepts_most_drafts_of_a_model_that_copies(copying_engine
     counts = session.scheduler.speculative_counts()
     assert counts["acceptance"] > 0.5, counts
     assert counts["forward_steps_per_token"] < 0.5, counts  # over two tokens a forward step
+
+
+def test_lead_task_rows_are_summarize_prompts_followed_by_their_article() -> None:
+    """The lead task's training rows (scripts/train_copying_checkpoint.py --task lead): summarize.py's
+    prompt of an article, then the article again from its start; labels from the marker's last token."""
+    from summarize import summarize_prompt
+    from train_copying_checkpoint import IGNORED, LeadTask
+
+    from glm_engine.text.tokenizer import ChatGLMTokenizer
+
+    tokenizer_dir = REPO_ROOT / "data" / "demo_tokenizer"
+    task = LeadTask.from_tokenizer(tokenizer_dir, 1024)
+    prompt = summarize_prompt("A storm hit the town.", ChatGLMTokenizer.from_dir(tokenizer_dir), 800)
+    assert prompt[:len(task.prefix)] == task.prefix and prompt[-len(task.marker):] == task.marker
+    tokens, labels = task.batch(torch.Generator().manual_seed(0), 8, 96)
+    for row, row_labels in zip(tokens.tolist(), labels.tolist()):
+        assert row[:len(task.prefix)] == task.prefix
+        end = next(i for i in range(len(task.prefix) + 1, len(row)) if row[i - len(task.marker):i] == task.marker)
+        article = row[len(task.prefix):end - len(task.marker)]
+        assert len(article) >= 4 and row[end:end + len(article)] == article[:len(row) - end]
+        assert set(row_labels[:end - 1]) == {IGNORED} and row_labels[end - 1:-1] == row[end:]
 
 
 def test_draft_model_drafting_gives_plain_decodings_tokens(tiny_engine_factory) -> None:

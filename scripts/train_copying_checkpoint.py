@@ -8,10 +8,9 @@ model instead. Two tasks:
   tiny vocabulary in under a minute.
 - lead: summarize.py's prompt (`[gMASK] sop` ARTICLE `TL;DR:`, --tokenizer_dir's ids) followed
   by the article again from its start (and again after another marker), as a lead-sentences
-  summary copies its article. The
-  "articles" are random tokens drawn with the frequencies of the bundled cnn_dailymail
-  articles' tokens, so the model learns to copy, not to remember the articles it is then
-  measured on; --length 832 covers their 550-650 token prompts and 100-token summaries.
+  summary copies its article. The "articles" are random tokens drawn with the frequencies of
+  the bundled cnn_dailymail articles' tokens, so the model learns to copy, not to remember the
+  articles it is then measured on (their prompts are 550-650 demo-tokenizer tokens).
 Trained as transformers' GlmForCausalLM (the network our engine computes,
 glm_engine/models/chatglm.py's reference); its weights then take the checkpoint's names.
 Usage: python scripts/train_copying_checkpoint.py OUTPUT_DIR [--task spans|lead] [--steps 800]
@@ -90,8 +89,8 @@ class LeadTask:
     def batch(self, generator: torch.Generator, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[batch, length] rows of `prefix ARTICLE marker ARTICLE marker ...` and their labels:
         the next token from the first marker's last on. Articles of 4 tokens up to all but
-        SHORTEST_LEAD of the row, log-uniform: the short ones repeat often, which is how the copying is found;
-        the long ones teach copying from far back, and to start the copy from the article's start."""
+        SHORTEST_LEAD of the row, log-uniform: short ones repeat often, which is how the copying
+        is found; long ones teach copying from far back, and starting at the article's start."""
         fixed = len(self.prefix) + len(self.marker)
         tokens = torch.empty(batch, length, dtype=torch.long)
         labels = torch.full_like(tokens, IGNORED)

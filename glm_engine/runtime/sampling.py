@@ -197,7 +197,7 @@ def _splitmix64(values: np.ndarray) -> np.ndarray:
     return values ^ (values >> np.uint64(31))
 
 
-def on_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+def on_device(values: list | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`values` (a list, or a host tensor) as a tensor on `device`, its copy queued behind the
     kernels already queued there: torch.tensor(values, device=) would make the host wait for
     them (the step's forward), where it could be queueing the token choice instead."""

@@ -47,7 +47,8 @@ def copying_config(vocab_size: int, hidden_size: int) -> dict:
     """The config.json of the tiny ChatGLM2 trained here (ChatGLM2-6B's fields, tiny sizes)."""
     return {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": 2, "hidden_size": hidden_size,
             "num_attention_heads": 4, "kv_channels": hidden_size // 4, "multi_query_attention": True,
-            "multi_query_group_num": 2, "ffn_hidden_size": 2 * hidden_size, "padded_vocab_size": vocab_size, "seq_length": 512, "layernorm_epsilon": 1e-5,
+            "multi_query_group_num": 2, "ffn_hidden_size": 2 * hidden_size, "padded_vocab_size": vocab_size,
+            "seq_length": 512, "layernorm_epsilon": 1e-5,
             "rmsnorm": True, "add_qkv_bias": True, "add_bias_linear": False,
             "apply_residual_connection_post_layernorm": False, "post_layer_norm": True, "original_rope": True,
             "tie_word_embeddings": False, "torch_dtype": "float32", "eos_token_id": 2, "pad_token_id": 0}
@@ -85,8 +86,11 @@ class LeadTask:
         for record in load_articles(str(BUNDLED_SAMPLE)):
             ids = torch.tensor(tokenizer.encode(record["article"], add_prefix=False))
             frequencies += torch.bincount(ids, minlength=vocab_size)[:vocab_size]
-        marker = tokenizer.encode(LEAD_MARKER.strip(), add_prefix=False)
-        return cls(tokenizer.encode("", add_prefix=True), marker, frequencies)
+        prefix, marker = tokenizer.encode("", add_prefix=True), tokenizer.encode(LEAD_MARKER.strip(), add_prefix=False)
+        if max(prefix + marker) >= vocab_size:
+            raise ValueError(f"{tokenizer_dir}'s ids reach {max(prefix + marker)}: pass --vocab_size above it "
+                             "(1024 for data/demo_tokenizer)")
+        return cls(prefix, marker, frequencies)
 
     def batch(self, generator: torch.Generator, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[batch, length] rows of `prefix ARTICLE marker ARTICLE marker ...` and their labels:
@@ -96,8 +100,8 @@ class LeadTask:
         fixed = len(self.prefix) + len(self.marker)
         tokens = torch.empty(batch, length, dtype=torch.long)
         labels = torch.full_like(tokens, IGNORED)
+        longest = length - fixed - SHORTEST_LEAD
         for row in range(batch):
-            longest = length - fixed - SHORTEST_LEAD
             body = int(4 * (longest / 4) ** float(torch.rand((), generator=generator)))  # log-uniform in [4, longest]
             article = torch.multinomial(self.frequencies, body, replacement=True, generator=generator)
             period = torch.cat([article, torch.tensor(self.marker)])
@@ -192,9 +196,12 @@ def main() -> None:
     if args.task == "lead" and args.tokenizer_dir is None:
         sys.exit("train_copying_checkpoint.py: error: --task lead needs --tokenizer_dir (the ids of summarize.py's "
                  "prompts), e.g. data/demo_tokenizer with --vocab_size 1024")
-    write_copying_checkpoint(args.output_dir, args.steps, args.seed, args.vocab_size, args.hidden_size,
-                             args.tokenizer_dir, args.device, args.batch, args.length,
-                             args.learning_rate, args.task)
+    try:
+        write_copying_checkpoint(args.output_dir, args.steps, args.seed, args.vocab_size, args.hidden_size,
+                                 args.tokenizer_dir, args.device, args.batch, args.length,
+                                 args.learning_rate, args.task)
+    except ValueError as error:
+        sys.exit(f"train_copying_checkpoint.py: error: {error}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from glm_engine.kernels.gemv import GemvConfig
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import tune_gemv  # noqa: E402
+import tune_int8_gemm  # noqa: E402
 
 FMA_4 = GemvConfig(4, 512, 1, use_dot=False)
 FMA_8 = GemvConfig(8, 512, 1, use_dot=False)
@@ -230,6 +231,25 @@ def test_tuning_script_keeps_the_mma_config_fastest_over_all_rows():
                                         (8, (8, 2, 1), 7.0), (1, (16, 1, 1), 1.0)]]  # (16, 1, 1): one row only
     assert tune_gemv.mma_entries(timings) == [{"n": 5120, "k": 5120, "bits": 4, "swiglu": False,
                                                "choice": {"warps": 8, "unroll": 2, "pipe": 1}}]
+
+
+def test_int8_tuning_keeps_the_fused_gemm_only_where_it_beat_int_mm_over_all_rows():
+    small = {"fused": True, "block_m": 64, "block_n": 128, "block_k": 128, "group_m": 8, "num_warps": 4,
+             "num_stages": 4}
+    large = {**small, "block_m": 128, "num_warps": 8}
+    timings = [{"rows": 512, "n": 4096, "k": 4096, "int_mm": 30.0, "fused": [(small, 20.0), (large, 25.0)]},
+               {"rows": 2048, "n": 4096, "k": 4096, "int_mm": 100.0, "fused": [(small, 90.0), (large, 70.0)]},
+               {"rows": 512, "n": 4608, "k": 4096, "int_mm": 30.0, "fused": [(small, 35.0), (large, 10.0)]},
+               {"rows": 2048, "n": 4608, "k": 4096, "int_mm": 100.0, "fused": [(small, 96.0)]}]  # large failed
+    assert tune_int8_gemm.entries(timings) == [{"n": 4096, "k": 4096, "choice": large},
+                                               {"n": 4608, "k": 4096, "choice": {"fused": False}}]
+
+
+def test_unmeasured_shapes_keep_int_mm():
+    """The int8 prompt GEMM's default (a shape or GPU tune_int8_gemm.py has not measured,
+    and off the GPU) is the path measured: torch._int_mm and the scaling kernel."""
+    for arch in ("sm_90", "sm_80", launch_configs.NO_GPU):
+        assert launch_configs.choice("int8_gemm", arch, n=123, k=456) == {"fused": False}
 
 
 @pytest.fixture

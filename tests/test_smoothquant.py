@@ -51,6 +51,41 @@ def test_prompt_sized_int8_linear_equals_its_reference(rows, n, k, bias, dtype):
     assert out.dtype == dtype and torch.equal(out, expected)  # integer sums: no order to differ in
 
 
+FUSED_CHOICES = [  # small blocks for the interpreter; ragged in M, N and K against them
+    {"fused": True, "block_m": 16, "block_n": 32, "block_k": 32, "group_m": 2, "num_warps": 4, "num_stages": 2},
+    {"fused": True, "block_m": 64, "block_n": 64, "block_k": 64, "group_m": 8, "num_warps": 4, "num_stages": 3},
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("choice", FUSED_CHOICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows, n, k, bias", [(17, 64, 64, True), (70, 200, 160, False), (130, 48, 96, True)])
+def test_fused_int8_gemm_equals_the_reference(rows, n, k, bias, dtype, choice):
+    """The Triton GEMM with the scaling in its epilogue: equal to the bit, over row blocks
+    walked in groups, a last group, column block and K step that are cut short."""
+    x = rows_with_outliers(rows, k, dtype)
+    weight = SmoothQuant().quantize(torch.randn(n, k, device=DEVICE) / k ** 0.5)
+    bias_values = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
+    values, scales = quantize_rows(x, torch.int8)
+    out = int8_gemm.fused_gemm(values, weight[""], scales, weight["_scales"], bias_values, dtype, choice)
+    expected = reference.int8_linear(x, weight[""], bias_values, weight["_scales"])
+    assert out.dtype == dtype and torch.equal(out, expected)
+
+
+@needs_triton
+def test_a_fused_choice_in_the_launch_table_runs_prompts_on_the_fused_gemm(monkeypatch):
+    calls = []
+    original = int8_gemm.fused_gemm
+    monkeypatch.setattr(int8_gemm, "fused_gemm", lambda *args: calls.append(args[-1]) or original(*args))
+    monkeypatch.setattr(int8_gemm.launch_configs, "choice", lambda kernel, arch, **key: FUSED_CHOICES[0])
+    x = rows_with_outliers(40, 96, torch.float16)
+    weight = SmoothQuant().quantize(torch.randn(80, 96, device=DEVICE) / 10)
+    out = int8_gemm.make_linear(None)(x, weight[""], None, weight["_scales"])
+    assert calls == [FUSED_CHOICES[0]]
+    assert torch.equal(out, reference.int8_linear(x, weight[""], None, weight["_scales"]))
+
+
 def test_smoothing_beats_plain_int8_on_activation_outliers(outlier_checkpoint, tmp_path):
     """Against W8A8 on the unsmoothed weights (the same runtime), relative logits error."""
     dense = build_engine(outlier_checkpoint, tmp_path / "dense")

@@ -1,11 +1,12 @@
-"""The decode kernels' launch choices (gemv.py's block sizes, K splits and path, and
-whether cuBLAS serves the shape instead; weight_only_mma.py's warps and loads) per GPU
-architecture and shape, read from launch_configs.json.
+"""The kernels' launch choices (gemv.py's block sizes, K splits and path, and whether
+cuBLAS serves the shape instead; weight_only_mma.py's warps and loads; int8_gemm.py's
+prompt GEMM, cuBLAS or fused, and its blocks) per GPU architecture and shape, read from
+launch_configs.json.
 
-benchmarks/tune_gemv.py (`--write`, and `--mma` for the tensor-core GEMM) times the
-candidates on the GPU it runs on and merges the fastest into that file under the GPU's
-architecture ("sm_90" for compute capability 9.0); the file's "provenance" says what
-was measured where.
+benchmarks/tune_gemv.py (`--write`, and `--mma` for the tensor-core GEMM) and
+benchmarks/tune_int8_gemm.py time the candidates on the GPU they run on and merge the
+fastest into that file under the GPU's architecture ("sm_90" for compute capability
+9.0); the file's "provenance" says what was measured where.
 
 The file holds, per kernel, a list of entries per architecture and a "default" list.
 An entry's fields but "rows" and "choice" are its key: the weight's shape (n, k) and the

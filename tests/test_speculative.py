@@ -345,3 +345,28 @@ def test_a_draft_engine_of_another_vocabulary_is_refused(tiny_engine_factory) ->
                                 "--max_output_len", "8")
     with pytest.raises(GlmEngineError, match="same tokenizer"):
         load_session(engine_dir, "cpu", speculative=SpeculativeConfig("draft_model", draft_engine_dir=str(other)))
+
+
+def test_prefix_caching_reuses_blocks_that_verify_steps_filled(tiny_engine_factory) -> None:
+    """serve.py's default pairing: a second turn (the first turn's prompt, its answer and
+    more) starts from blocks the first turn's verify steps filled with accepted draft
+    tokens; both turns give plain decoding's tokens without caching, and the pool is whole."""
+    engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "64", "--max_output_len", "24",
+                                     "--random_seed", "5", "--max_draft_len", "4", *PAGED, "--tokens_per_block", "4")
+    sampling = SamplingConfig(max_new_tokens=24, end_id=-1)
+    # Prompt lengths of every remainder by the block size: some answers end a block with a token never fed.
+    first_turns = [prompt[:len(prompt) - (len(prompt) + index) % 4]
+                   for index, prompt in enumerate(repeating_prompts(4, seed=3))]
+    plain = load_session(engine_dir, "cpu")
+    cached = load_session(engine_dir, "cpu", speculative=LOOKUP, prefix_caching=True)
+    answers = [output.token_ids for output in plain.generate(first_turns, sampling)]
+    assert [output.token_ids for output in cached.generate(first_turns, sampling)] == answers
+    assert cached.scheduler.accepted_tokens > 0
+    second_turns = [prompt + answer + [7, 8, 9] for prompt, answer in zip(first_turns, answers)]
+    hits_before = cached.block_manager.hit_tokens
+    assert [output.token_ids for output in cached.generate(second_turns, sampling)] == \
+        [output.token_ids for output in plain.generate(second_turns, sampling)]
+    # Each second turn finds its first turn's prompt and answer, as far as full blocks reach.
+    reusable = sum((len(prompt) + len(answer) - 1) // 4 * 4 for prompt, answer in zip(first_turns, answers))
+    assert cached.block_manager.hit_tokens - hits_before == reusable
+    assert cached.block_manager.free_blocks == cached.block_manager.num_blocks

@@ -392,14 +392,16 @@ class Scheduler:
             else:
                 chosen, log_probs = [sampled.tokens[row]], [sampled.log_probs[row]] if sampled.log_probs else None
             done = self._record(sequence, chosen, log_probs)
+            if draft:
+                self._count_verified(sequence, len(chosen))
             done = self._report(sequence, done, result)
             if done:
                 self._retire(sequence)
                 result.finished.append(sequence.index)
                 self.requests.discard(sequence.index)
                 continue
-            if draft:
-                self._settle_draft(sequence, draft, chosen)
+            if draft:  # the blocks that only rejected tokens reached go back
+                self.block_manager.shrink(sequence.block_table, sequence.length)
             still_running.append(sequence)
         self.running = []
         for sequence in still_running:
@@ -437,14 +439,15 @@ class Scheduler:
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
 
-    def _settle_draft(self, sequence: Sequence, draft: list[int], chosen: list[int]) -> None:
-        """After a verify step of a running sequence: the K/V of its last token and accepted
-        draft tokens count as cached (the rejected ones' slots are written over later), and
-        the blocks that only rejected tokens reached go back."""
-        sequence.cached += len(chosen)  # its last token's and the accepted draft tokens'
+    def _count_verified(self, sequence: Sequence, chosen: int) -> None:
+        """After a verify step that chose `chosen` tokens (accepted drafts and one more) and
+        recorded them: the K/V of the last token fed and of the accepted draft tokens count as
+        cached, those of tokens a finished request did not record excepted (the rejected
+        ones' slots are written over later); full blocks are registered for prefix caching
+        before a finished request frees them."""
+        sequence.cached = min(sequence.cached + chosen, sequence.length)
         if self.block_manager.prefix_caching:
             self._register_full_blocks(sequence)
-        self.block_manager.shrink(sequence.block_table, sequence.length)
 
     def _advance_beams(self, group: BeamGroup, parents: list[int], result: StepResult) -> None:
         """A beam request after its search's step (the sampler's): its running beams become

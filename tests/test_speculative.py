@@ -117,10 +117,13 @@ def test_greedy_with_preemption_end_tokens_and_stop_ids_matches(tiny_engine_fact
 
 
 @cpu_sessions_run_kernels
-def test_greedy_output_on_the_interpreted_kernels(tiny_engine_factory) -> None:
+@pytest.mark.parametrize("cache_flags", [(), ("--fp8_kv_cache",)], ids=["cache_dtype", "fp8_cache"])
+def test_greedy_output_on_the_interpreted_kernels(tiny_engine_factory, cache_flags) -> None:
+    """The verify steps' attention (a row per token over its own prefix) and K/V writes, on an
+    FP8 cache too, whose rejected slots hold quantized values until written over."""
     engine_dir = tiny_engine_factory(*SMALL, "--dtype", "float32", "--max_input_len", "32", "--max_output_len", "12",
                                      "--random_seed", "5", "--max_draft_len", "4", "--use_inflight_batching",
-                                     "--enable_context_fmha_fp32_acc", "--tokens_per_block", "8")
+                                     "--enable_context_fmha_fp32_acc", "--tokens_per_block", "8", *cache_flags)
     prompts = repeating_prompts(3, seed=4)
     plain, drafted, session = generate_both(engine_dir, prompts, SamplingConfig(max_new_tokens=12, end_id=-1))
     assert [output.token_ids for output in drafted] == [output.token_ids for output in plain]

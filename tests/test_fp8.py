@@ -78,10 +78,11 @@ def test_prompt_sized_fp8_linear_equals_its_reference(rows, n, k, bias, dtype):
     out = fp8.make_linear(None)(x, weight_values, bias_values, weight_scales[:, 0])
     expected = reference.fp8_linear(x, weight_values, bias_values, weight_scales[:, 0])
     assert out.dtype == dtype and out.shape == (rows, n)
-    # Only the accumulation differs (the CPU's in float32 order; Hopper's FP8 tensor cores keep fewer bits:
-    # 8.5e-5 measured on an H100); half-precision outputs may round one ulp apart (float32 ones too where
-    # torch._scaled_mm returns only bfloat16 with per-row scales).
-    tolerance = {torch.float32: 2e-4, torch.bfloat16: 8e-3, torch.float16: 1e-3}[fp8.product_dtype(dtype, x.device)]
+    # Only the accumulation differs (the CPU's in float32 order; Hopper's FP8 tensor cores keep ~14 bits between
+    # promotions to float32: 8.5e-5 measured on an H100; emulating 13-14 truncated bits, promoted every 128
+    # products, gives 1e-4 to 2.8e-4 on these shapes); half-precision outputs may round one ulp apart (float32
+    # ones too where torch._scaled_mm returns only bfloat16 with per-row scales).
+    tolerance = {torch.float32: 5e-4, torch.bfloat16: 8e-3, torch.float16: 1e-3}[fp8.product_dtype(dtype, x.device)]
     assert relative_error(out.float(), expected.float()) < tolerance
 
 

@@ -61,13 +61,14 @@ def time_us(call) -> float:
     return statistics.median(runs)
 
 
-def time_shape(rows: int, n: int, k: int) -> dict:
-    """Timings of one (rows, n, k): 'int_mm', 'fp8', 'fp16' and 'fused' [(config, us)]."""
+def time_shape(rows: int, n: int, k: int, has_bias: bool) -> dict:
+    """Timings of one (rows, n, k), with a bias when `has_bias`: 'int_mm', 'fp8', 'fp16' and
+    'fused' [(config, us)]."""
     values = torch.randint(-127, 128, (rows, k), dtype=torch.int8, device="cuda")
     weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
     row_scales = torch.rand(rows, 1, device="cuda") / 100
     weight_scales = torch.rand(n, device="cuda") / 100
-    bias = torch.randn(n, dtype=torch.float16, device="cuda") if n != k else None  # only the QKV projection has one
+    bias = torch.randn(n, dtype=torch.float16, device="cuda") if has_bias else None
 
     def unfused() -> torch.Tensor:
         return int8_gemm.scale_sums(torch._int_mm(values, weight.t()), row_scales, weight_scales, bias,
@@ -130,7 +131,8 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("times GPU kernels: run it on a CUDA GPU")
-    timings = [time_shape(rows, n, k) for rows in args.rows for n, k in shapes(args.world_size).values()]
+    timings = [time_shape(rows, n, k, name == "qkv")  # ChatGLM2's QKV projection alone has a bias
+               for rows in args.rows for name, (n, k) in shapes(args.world_size).items()]
     report(timings)
     if args.json:
         args.json.write_text(json.dumps(timings, indent=1))

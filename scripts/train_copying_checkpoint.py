@@ -43,12 +43,12 @@ SHORTEST_LEAD = 32  # a lead-task row copies at least this many tokens of its ar
 IGNORED = -100  # a label the loss skips
 
 
-def copying_config(vocab_size: int, hidden_size: int) -> dict:
+def copying_config(vocab_size: int, hidden_size: int, seq_length: int = 512) -> dict:
     """The config.json of the tiny ChatGLM2 trained here (ChatGLM2-6B's fields, tiny sizes)."""
     return {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": 2, "hidden_size": hidden_size,
             "num_attention_heads": 4, "kv_channels": hidden_size // 4, "multi_query_attention": True,
             "multi_query_group_num": 2, "ffn_hidden_size": 2 * hidden_size, "padded_vocab_size": vocab_size,
-            "seq_length": 512, "layernorm_epsilon": 1e-5,
+            "seq_length": seq_length, "layernorm_epsilon": 1e-5,
             "rmsnorm": True, "add_qkv_bias": True, "add_bias_linear": False,
             "apply_residual_connection_post_layernorm": False, "post_layer_norm": True, "original_rope": True,
             "tie_word_embeddings": False, "torch_dtype": "float32", "eos_token_id": 2, "pad_token_id": 0}
@@ -163,7 +163,7 @@ def write_copying_checkpoint(output_dir: Path, steps: int = 800, seed: int = 0, 
     its checkpoint to `output_dir` (a new directory)."""
     from safetensors.torch import save_file
 
-    config = copying_config(vocab_size, hidden_size)
+    config = copying_config(vocab_size, hidden_size, max(512, length))  # at least the positions trained on
     lead = LeadTask.from_tokenizer(tokenizer_dir, vocab_size) if task == "lead" else None
     tensors = train(config, steps, seed, device, batch, length, learning_rate, lead)
     output_dir.mkdir(parents=True)
